@@ -1,0 +1,55 @@
+# Baton: the two commands are `make run` and `make test`; both set up what is missing first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.baton-setup
+TORCH_CPU_VERSION := 2.13.0
+
+.PHONY: help setup run test lint clean
+
+help:
+	@echo "make run    - set up if needed, then serve one request end to end on a tiny random model"
+	@echo "make test   - set up if needed, then run the whole test suite"
+	@echo "make lint   - ruff"
+
+setup: $(STAMP)
+
+# A GPU image brings its own CUDA torch: reuse it through --system-site-packages instead of
+# downloading another one. Elsewhere install the CPU build (the multi-GB CUDA wheel is useless
+# without a GPU): first from pip's local find-links, then from the PyTorch CPU index.
+$(STAMP): pyproject.toml requirements-lock.txt Makefile
+	@set -e; \
+	if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "[setup] system torch with CUDA found: venv shares it"; \
+	  [ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  $(PIP) install -q --no-build-isolation --no-deps -e . ; \
+	else \
+	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	  $(PIP) install -q --upgrade pip >/dev/null; \
+	  if ! $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "[setup] installing torch $(TORCH_CPU_VERSION) (CPU build)"; \
+	    $(PIP) install -q --no-index torch==$(TORCH_CPU_VERSION) 2>/dev/null || \
+	    $(PIP) install -q torch==$(TORCH_CPU_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	  fi; \
+	  echo "[setup] installing pinned dependencies"; \
+	  $(PIP) install -q -r requirements-lock.txt; \
+	  $(PIP) install -q --no-deps -e . ; \
+	fi
+	@touch $(STAMP)
+
+run: setup
+	$(PY) -m services.cli demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

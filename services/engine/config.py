@@ -1,0 +1,55 @@
+"""The engine's configuration: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = field(
+        default="tiny-qwen3.5-moe",
+        metadata={"help": "HF model directory, or a preset name (tiny-qwen3.5-moe, qwen3.5-35b-a3b[:layers])"},
+    )
+    load_format: str = field(default="auto", metadata={"help": "auto (read safetensors) or dummy (random)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    seed: int = field(default=0, metadata={"help": "seed for dummy weights and unseeded sampling"})
+    page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
+    max_num_seqs: int = field(default=64, metadata={"help": "requests running at once"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per forward pass"})
+    prefill_chunk_size: int = field(default=512, metadata={"help": "most prompt tokens of one request per step"})
+    max_model_len: int = field(default=0, metadata={"help": "prompt + output limit (0: what memory allows)"})
+    cache_memory_mb: int = field(
+        default=0,
+        metadata={"help": "MiB for KV pages + GDN states (0: auto from gpu_memory_utilization; 256 on CPU)"},
+    )
+    gpu_memory_utilization: float = field(default=0.90, metadata={"help": "fraction of GPU memory Baton may use"})
+    num_pages: int = field(default=0, metadata={"help": "override the KV page count (tests)"})
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

@@ -1,0 +1,214 @@
+"""The engine: requests in, token streams out. ``step()`` runs one scheduled forward pass; the services
+drive it from a loop thread (``AsyncEngine``), tests and scripts call ``generate()``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from .allocator import IdPool
+from .config import EngineConfig
+from .model_config import ModelConfig
+from .model_runner import ModelRunner
+from .presets import PRESETS, preset_config
+from .request import FinishReason, InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .tokenizer import IncrementalDetokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_config(config: EngineConfig) -> ModelConfig:
+    if config.model.partition(":")[0] in PRESETS:
+        if config.load_format != "dummy":
+            raise ValueError(f"preset {config.model!r} has no weights: use --load-format dummy")
+        return preset_config(config.model)
+    return ModelConfig.from_model_dir(config.model)
+
+
+@dataclass
+class Completion:
+    """A finished request, as ``Engine.generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: FinishReason
+    num_cached_tokens: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        self.config = config
+        self.model_config = model_config or resolve_model_config(config)
+        self.runner = ModelRunner(config, self.model_config, num_state_slots=config.max_num_seqs)
+        model_dir = None if config.load_format == "dummy" else config.model
+        self.tokenizer = load_tokenizer(model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        capacity = self.runner.num_pages * config.page_size
+        limit = config.max_model_len or capacity
+        self.max_model_len = min(limit, capacity, self.model_config.max_position_embeddings)
+        self.pages = IdPool(self.runner.num_pages, "kv pages")
+        self.slots = IdPool(self.runner.num_state_slots, "state slots")
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                prefill_chunk_size=config.prefill_chunk_size,
+                page_size=config.page_size,
+            ),
+            self.pages,
+            self.slots,
+        )
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queue a request; raises InvalidRequestError (nothing queued) if it can never be served."""
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids out of range [0, {vocab}): {bad[:8]}")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the maximum "
+                f"context of {self.max_model_len} tokens"
+            )
+        request = Request(request_id, token_ids, params)
+        self.requests[request_id] = request
+        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        request.finish_reason = FinishReason.ABORT
+        self._finish(request)
+        return self._output(request, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        sampled = self.runner.execute(seqs)
+        outputs = []
+        for seq in seqs:
+            request = seq.request
+            request.num_computed_tokens += seq.num_new_tokens
+            if request.request_id not in sampled:
+                continue
+            token, logprob = sampled[request.request_id]
+            outputs.append(self._append_token(request, token, logprob))
+        return outputs
+
+    def _append_token(self, request: Request, token: int, logprob: float | None) -> RequestOutput:
+        params = request.params
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        request.output_token_ids.append(token)
+        if logprob is not None:
+            request.output_logprobs.append(logprob)
+        stop_ids = params.stop_token_ids + (() if params.ignore_eos else self.model_config.eos_token_ids)
+        if token in stop_ids:
+            request.finish_reason = FinishReason.STOP
+        else:
+            request.text += self._detokenizers[request.request_id].add(token)
+            cut = _find_stop(request.text, params.stop, request.num_text_sent)
+            if cut is not None:
+                request.text = request.text[:cut]
+                request.finish_reason = FinishReason.STOP
+        if request.finish_reason is None and len(request.output_token_ids) >= params.max_tokens:
+            request.finish_reason = FinishReason.LENGTH
+        if request.finish_reason is not None:
+            self._finish(request)
+        new_tokens = request.output_token_ids[request.num_tokens_sent :]
+        new_logprobs = request.output_logprobs[request.num_tokens_sent :] if params.logprobs else None
+        return self._output(request, new_tokens, new_logprobs)
+
+    def _output(self, request: Request, new_tokens: list[int], new_logprobs: list[float] | None) -> RequestOutput:
+        # While a stop string could still complete, hold back the text that might turn out to be its start.
+        holdback = 0 if request.is_finished else max((len(s) - 1 for s in request.params.stop), default=0)
+        visible = max(request.num_text_sent, len(request.text) - holdback)
+        new_text = request.text[request.num_text_sent : visible]
+        request.num_text_sent = visible
+        request.num_tokens_sent += len(new_tokens)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            new_logprobs=new_logprobs,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_token_ids),
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def _finish(self, request: Request) -> None:
+        if request.status != RequestStatus.FINISHED:
+            self.scheduler.remove(request)
+        self.requests.pop(request.request_id, None)
+        self._detokenizers.pop(request.request_id, None)
+        self.runner.sampler.forget(request.request_id)
+
+    # ---- convenience --------------------------------------------------------------------------------
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        """Run the prompts to completion together (continuous batching) and return them in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        requests = {i: self.requests[i] for i in ids}
+        while any(not r.is_finished for r in requests.values()):
+            self.step()
+        return [
+            Completion(
+                request_id=i,
+                prompt_token_ids=r.prompt_token_ids,
+                token_ids=r.output_token_ids,
+                text=r.text,
+                logprobs=r.output_logprobs if r.params.logprobs else None,
+                finish_reason=r.finish_reason,
+                num_cached_tokens=r.num_cached_tokens,
+            )
+            for i, r in requests.items()
+        ]
+
+    def resource_usage(self) -> dict[str, int]:
+        return {
+            "pages_used": self.pages.num_used,
+            "pages_total": self.pages.capacity,
+            "slots_used": self.slots.num_used,
+            "slots_total": self.slots.capacity,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+
+
+def _find_stop(text: str, stops: tuple[str, ...], already_sent: int) -> int | None:
+    """Index where the earliest stop string starts, searching only text that could contain a new match."""
+    best = None
+    for stop in stops:
+        idx = text.find(stop, max(0, already_sent - len(stop) + 1))
+        if idx != -1 and (best is None or idx < best):
+            best = idx
+    return best

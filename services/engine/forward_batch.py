@@ -1,0 +1,44 @@
+"""What one forward pass needs to know about the sequences in it, built per step by the model runner.
+
+Tokens of all sequences are packed back to back (no padding). Sequence ``i`` contributes
+``query_lens[i]`` new tokens, has ``kv_lens[i]`` tokens in the cache once they are written, and owns
+the GDN state slot ``state_slots[i]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
+    query_lens: list[int]
+    kv_lens: list[int]
+    page_tables: list[torch.Tensor]  # per sequence: int64 page ids covering kv_lens tokens
+    kv_slot_ids: torch.Tensor  # [T] int64, page_id * page_size + offset where each token's K/V goes
+    state_slots: torch.Tensor  # [B] int64
+    # False for a sequence starting at position 0: its GDN conv/SSM state starts from zeros instead of
+    # whatever a recycled slot holds.
+    has_initial_state: list[bool]
+    logits_indices: torch.Tensor  # [S] rows of the packed tokens whose logits are wanted
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds one token to an existing state: the batched recurrent path applies."""
+        return all(q == 1 for q in self.query_lens) and all(self.has_initial_state)
+
+    @property
+    def query_starts(self) -> list[int]:
+        starts, total = [], 0
+        for q in self.query_lens:
+            starts.append(total)
+            total += q
+        return starts

@@ -1,0 +1,249 @@
+"""Qwen3.5 hybrid model (Gated DeltaNet + gated full attention, MoE or dense MLP) over packed tokens.
+
+Parameters are stored fused where that saves a GEMM (q/k/v, the four GDN input projections, gate/up),
+and the loader (``loader.py``) maps HF checkpoint tensors into those slices. Layers read and write the
+KV pages and GDN state slots through the ForwardBatch indices; they keep no per-request state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import attention as attn_ops
+from kernels import conv1d as conv_ops
+from kernels import gdn as gdn_ops
+from kernels import moe as moe_ops
+from kernels.norm import gated_rms_norm, gemma_rms_norm, gemma_rms_norm_residual
+from kernels.rope import apply_partial_rope, rope_cos_sin_cache
+
+from .forward_batch import ForwardBatch
+from .model_config import FULL_ATTENTION, ModelConfig
+from .state_cache import KVCache, StateCache
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class GemmaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.weight = _param(dim, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemma_rms_norm(x, self.weight, self.eps)
+
+
+class GatedAttention(nn.Module):
+    """Full attention with QK RMSNorm, partial RoPE, GQA and a sigmoid output gate."""
+
+    def __init__(self, cfg: ModelConfig, attn_index: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.attn_index = attn_index  # position of this layer's KV among the full-attention layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim * 2  # query and gate, interleaved per head
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size, dtype=dtype, device=device)
+        qkv_rows = self.q_size + 2 * self.kv_size
+        self.qkv_bias = _param(qkv_rows, dtype=dtype, device=device) if cfg.attention_bias else None
+        self.o_proj = _param(cfg.hidden_size, self.num_heads * self.head_dim, dtype=dtype, device=device)
+        self.o_bias = _param(cfg.hidden_size, dtype=dtype, device=device) if cfg.attention_bias else None
+        self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+        self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        q_gate, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q_gate = q_gate.view(num_tokens, self.num_heads, 2 * self.head_dim)
+        q, gate = q_gate[..., : self.head_dim], q_gate[..., self.head_dim :]
+        q = self.q_norm(q)
+        k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q = apply_partial_rope(q, batch.positions, cos_sin)
+        k = apply_partial_rope(k, batch.positions, cos_sin)
+        layer_kv = kv_cache.layer(self.attn_index)
+        attn_ops.write_kv(layer_kv, k, v, batch.kv_slot_ids)
+        out = attn_ops.paged_attention(q, layer_kv, batch.page_tables, batch.query_lens, batch.kv_lens, self.scale)
+        out = out.reshape(num_tokens, -1) * torch.sigmoid(gate.reshape(num_tokens, -1))
+        return F.linear(out, self.o_proj, self.o_bias)
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention layer: causal conv1d + gated delta rule, with its state in a StateCache slot."""
+
+    def __init__(self, cfg: ModelConfig, gdn_index: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.gdn_index = gdn_index  # position of this layer's state among the GDN layers
+        self.num_k_heads = cfg.linear_num_key_heads
+        self.num_v_heads = cfg.linear_num_value_heads
+        self.k_dim = cfg.linear_key_head_dim
+        self.v_dim = cfg.linear_value_head_dim
+        self.key_size = cfg.gdn_key_dim
+        self.value_size = cfg.gdn_value_dim
+        self.conv_dim = cfg.gdn_conv_dim
+        self.eps = cfg.rms_norm_eps
+        # in_proj rows: [q | k | v] (the conv input), then z (output gate), then b (beta), then a (decay)
+        in_rows = self.conv_dim + self.value_size + 2 * self.num_v_heads
+        self.in_proj = _param(in_rows, cfg.hidden_size, dtype=dtype, device=device)
+        self.conv_weight = _param(self.conv_dim, cfg.linear_conv_kernel_dim, dtype=dtype, device=device)
+        # The decay parameters stay fp32: the reference computes the gate in fp32 from them.
+        self.A_log = _param(self.num_v_heads, dtype=torch.float32, device=device)
+        self.dt_bias = _param(self.num_v_heads, dtype=torch.float32, device=device)
+        self.norm_weight = _param(self.v_dim, dtype=dtype, device=device)
+        self.out_proj = _param(cfg.hidden_size, self.value_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, state_cache: StateCache) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        mixed_qkv, z, b, a = F.linear(x, self.in_proj).split(
+            [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
+        )
+        beta = b.sigmoid()
+        g = -self.A_log.exp() * F.softplus(a.float() + self.dt_bias)
+        conv_states = state_cache.conv_layer(self.gdn_index)  # [slots, conv_dim, K-1]
+        ssm_states = state_cache.ssm_layer(self.gdn_index)  # [slots, Hv, Dk, Dv]
+
+        if batch.is_decode:
+            slots = batch.state_slots
+            conv_in = conv_states[slots]
+            mixed = conv_ops.causal_conv1d_update(mixed_qkv, self.conv_weight, conv_in)
+            conv_states[slots] = conv_in
+            q, k, v = self._split_heads(mixed, num_tokens)
+            core, new_ssm = gdn_ops.recurrent_gated_delta_rule(
+                q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], ssm_states[slots]
+            )
+            ssm_states[slots] = new_ssm
+            core = core[:, 0]
+        else:
+            core = torch.empty(num_tokens, self.num_v_heads, self.v_dim, dtype=x.dtype, device=x.device)
+            for start, q_len, slot, has_state in zip(
+                batch.query_starts, batch.query_lens, batch.state_slots.tolist(), batch.has_initial_state,
+                strict=True,
+            ):
+                rows = slice(start, start + q_len)
+                conv_state = conv_states[slot] if has_state else None
+                mixed, new_conv = conv_ops.causal_conv1d_prefill(mixed_qkv[rows], self.conv_weight, conv_state)
+                conv_states[slot] = new_conv
+                q, k, v = self._split_heads(mixed, q_len)
+                ssm_state = ssm_states[slot][None] if has_state else None
+                rule = gdn_ops.recurrent_gated_delta_rule if q_len == 1 else gdn_ops.chunk_gated_delta_rule
+                out, new_ssm = rule(q[None], k[None], v[None], g[rows][None], beta[rows][None], ssm_state)
+                ssm_states[slot] = new_ssm[0]
+                core[rows] = out[0]
+
+        core = gated_rms_norm(core, z.reshape(num_tokens, self.num_v_heads, self.v_dim), self.norm_weight, self.eps)
+        return F.linear(core.reshape(num_tokens, self.value_size), self.out_proj)
+
+    def _split_heads(self, mixed: torch.Tensor, num_tokens: int):
+        q, k, v = mixed.split([self.key_size, self.key_size, self.value_size], dim=-1)
+        return (
+            q.reshape(num_tokens, self.num_k_heads, self.k_dim),
+            k.reshape(num_tokens, self.num_k_heads, self.k_dim),
+            v.reshape(num_tokens, self.num_v_heads, self.v_dim),
+        )
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with gate and up fused into one projection."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.gate_up_proj = _param(2 * intermediate, hidden, dtype=dtype, device=device)
+        self.down_proj = _param(hidden, intermediate, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj)
+
+
+class SparseMoE(nn.Module):
+    """Top-k softmax-routed experts plus a sigmoid-gated shared expert."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = cfg.norm_topk_prob
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size
+        self.router = _param(cfg.num_experts, h, dtype=dtype, device=device)
+        self.w13 = _param(cfg.num_experts, 2 * i, h, dtype=dtype, device=device)
+        self.w2 = _param(cfg.num_experts, h, i, dtype=dtype, device=device)
+        self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
+        self.shared_expert_gate = _param(1, h, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = moe_ops.topk_softmax(F.linear(x, self.router), self.top_k, self.renormalize)
+        routed = moe_ops.fused_experts(x, self.w13, self.w2, weights, expert_ids)
+        shared = torch.sigmoid(F.linear(x, self.shared_expert_gate)) * self.shared_expert(x)
+        return routed + shared
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.is_attention = cfg.layer_types[layer] == FULL_ATTENTION
+        if self.is_attention:
+            self.mixer = GatedAttention(cfg, cfg.attention_layers.index(layer), dtype, device)
+        else:
+            self.mixer = GatedDeltaNet(cfg, cfg.gdn_layers.index(layer), dtype, device)
+        if cfg.layer_is_moe(layer):
+            self.mlp = SparseMoE(cfg, dtype, device)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+        state_cache: StateCache,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.input_layernorm
+        h, residual = gemma_rms_norm_residual(x, residual, norm.weight, norm.eps)
+        if self.is_attention:
+            h = self.mixer(h, batch, kv_cache, cos_sin)
+        else:
+            h = self.mixer(h, batch, state_cache)
+        norm = self.post_attention_layernorm
+        h, residual = gemma_rms_norm_residual(h, residual, norm.weight, norm.eps)
+        return self.mlp(h), residual
+
+
+class Qwen35ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        max_positions = cfg.max_position_embeddings
+        self.register_buffer(
+            "cos_sin", rope_cos_sin_cache(cfg.rotary_dim, max_positions, cfg.rope_theta, device), persistent=False
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache, state_cache: StateCache) -> torch.Tensor:
+        """Run the packed batch, update KV pages and state slots, return fp32 logits of ``logits_indices``."""
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin)
+        x, _ = gemma_rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
+        x = x.index_select(0, batch.logits_indices)
+        return F.linear(x, self.lm_head).float()

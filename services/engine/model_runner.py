@@ -1,0 +1,115 @@
+"""Owns the model, its memory (KV pages, GDN state slots) and the sampler; turns scheduled requests into
+one forward pass and returns the sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig
+from .forward_batch import ForwardBatch
+from .loader import init_dummy_weights, load_weights
+from .model import Qwen35ForCausalLM
+from .model_config import ModelConfig
+from .sampler import Sampler
+from .scheduler import ScheduledSeq
+from .state_cache import KVCache, StateCache
+
+log = logging.getLogger(__name__)
+
+_MiB = 1 << 20
+# Headroom for activations of one step, kept out of the cache budget on GPUs.
+_ACTIVATION_RESERVE_BYTES = 2 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_state_slots: int) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.page_size = config.page_size
+
+        started = time.monotonic()
+        self.model = Qwen35ForCausalLM(model_config, self.dtype, self.device)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, Path(config.model))
+        log.info("model ready in %.1fs (%s, %s, %s)", time.monotonic() - started, model_config.family,
+                 self.dtype, self.device)
+
+        self.num_state_slots = num_state_slots
+        self.num_pages = self._size_kv_pool(num_state_slots)
+        self.kv_cache = KVCache(model_config, self.num_pages, self.page_size, self.dtype, self.device)
+        self.state_cache = StateCache(model_config, num_state_slots, self.dtype, self.device)
+        log.info("cache: %d pages of %d tokens, %d state slots (%.1f MiB per slot)", self.num_pages,
+                 self.page_size, num_state_slots, StateCache.bytes_per_slot(model_config, self.dtype) / _MiB)
+        self.sampler = Sampler(self.device, config.seed)
+
+    def _size_kv_pool(self, num_state_slots: int) -> int:
+        if self.config.num_pages:
+            return self.config.num_pages
+        cfg = self.model_config
+        if self.config.cache_memory_mb:
+            budget = self.config.cache_memory_mb * _MiB
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - int(total * (1 - self.config.gpu_memory_utilization)) - _ACTIVATION_RESERVE_BYTES
+        else:
+            budget = 256 * _MiB
+        budget -= num_state_slots * StateCache.bytes_per_slot(cfg, self.dtype)
+        num_pages = budget // max(1, KVCache.bytes_per_page(cfg, self.page_size, self.dtype))
+        if num_pages < 1:
+            raise MemoryError(
+                f"no memory left for KV pages after {num_state_slots} state slots; lower max_num_seqs or "
+                f"raise cache_memory_mb / gpu_memory_utilization"
+            )
+        return int(num_pages)
+
+    def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
+        page_size = self.page_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        kv_slot_ids: list[int] = []
+        logits_indices: list[int] = []
+        page_tables: list[torch.Tensor] = []
+        for seq in seqs:
+            req = seq.request
+            start, end = req.num_computed_tokens, req.num_computed_tokens + seq.num_new_tokens
+            all_ids = req.all_token_ids
+            input_ids.extend(all_ids[start:end])
+            positions.extend(range(start, end))
+            kv_slot_ids.extend(req.page_ids[p // page_size] * page_size + p % page_size for p in range(start, end))
+            if seq.samples:
+                logits_indices.append(len(input_ids) - 1)
+            num_pages = -(-end // page_size)
+            page_tables.append(torch.tensor(req.page_ids[:num_pages], dtype=torch.long, device=self.device))
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        return ForwardBatch(
+            input_ids=as_tensor(input_ids),
+            positions=as_tensor(positions),
+            query_lens=[s.num_new_tokens for s in seqs],
+            kv_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in seqs],
+            page_tables=page_tables,
+            kv_slot_ids=as_tensor(kv_slot_ids),
+            state_slots=as_tensor([s.request.state_slot for s in seqs]),
+            has_initial_state=[s.request.num_computed_tokens > 0 for s in seqs],
+            logits_indices=as_tensor(logits_indices),
+        )
+
+    def execute(self, seqs: list[ScheduledSeq]) -> dict[str, tuple[int, float | None]]:
+        """Run one step; returns ``{request_id: (token, logprob)}`` for the requests that sampled."""
+        batch = self.build_batch(seqs)
+        logits = self.model(batch, self.kv_cache, self.state_cache)
+        sampling = [s.request for s in seqs if s.samples]
+        if not sampling:
+            return {}
+        tokens, logprobs = self.sampler(logits, sampling)
+        return {r.request_id: (t, lp) for r, t, lp in zip(sampling, tokens, logprobs, strict=True)}

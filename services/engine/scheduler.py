@@ -1,0 +1,137 @@
+"""Continuous batching with chunked prefill.
+
+Each step takes, in order: one token for every running request that is decoding, the next prefill chunk
+of running requests that are part-way through their prompt, then new requests from the queue while a
+state slot, pages and token budget are left. A request that needs a page when none is free preempts the
+most recently arrived running request (its pages and slot are freed and it is recomputed later), so the
+engine never fails for lack of memory; a request that could never fit is refused when it is added.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .allocator import IdPool
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int  # running requests at once (= working state slots)
+    max_num_batched_tokens: int  # token budget of one forward pass
+    prefill_chunk_size: int  # most prompt tokens of one request in one step
+    page_size: int
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int  # computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The step computes the request's last known token, so a new one is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pages: IdPool, slots: IdPool) -> None:
+        self.config = config
+        self.pages = pages
+        self.slots = slots
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival order: the last one is preempted first
+
+    # ---- queue management ---------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out (finished or aborted) and return its pages and slot."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+
+    def _release(self, request: Request) -> None:
+        self.pages.free(request.page_ids)
+        request.page_ids = []
+        if request.state_slot is not None:
+            self.slots.free([request.state_slot])
+            request.state_slot = None
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.num_cached_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    # ---- paging -------------------------------------------------------------------------------------
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.page_size)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Make the request's pages cover ``num_tokens`` tokens, if enough pages are free."""
+        missing = self._pages_for(num_tokens) - len(request.page_ids)
+        if missing <= 0:
+            return True
+        if not self.pages.can_allocate(missing):
+            return False
+        request.page_ids.extend(self.pages.allocate(missing))
+        return True
+
+    def _grow_or_preempt(self, request: Request, num_tokens: int, scheduled: set[int]) -> bool:
+        """Grow, preempting the latest unscheduled running requests if needed. False if ``request``
+        itself had to be preempted (it was the latest)."""
+        while not self._grow(request, num_tokens):
+            victims = [r for r in self.running if id(r) not in scheduled and r is not request]
+            victim = victims[-1] if victims and self.running.index(victims[-1]) > self.running.index(request) else None
+            if victim is None:
+                self._preempt(request)
+                return False
+            self._preempt(victim)
+        return True
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledSeq]:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        scheduled: set[int] = set()
+
+        # Running requests first, oldest first: decodes take one token, prefills their next chunk.
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request not in self.running:  # preempted by an older request in this loop
+                continue
+            remaining = request.num_uncomputed_tokens
+            num_new = 1 if remaining == 1 else min(remaining, cfg.prefill_chunk_size, budget)
+            if not self._grow_or_preempt(request, request.num_computed_tokens + num_new, scheduled):
+                continue
+            batch.append(ScheduledSeq(request, num_new))
+            scheduled.add(id(request))
+            budget -= num_new
+
+        # Then new (or preempted) requests, first come first served, while resources last.
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_uncomputed_tokens, cfg.prefill_chunk_size, budget)
+            if not self.slots.can_allocate(1) or not self._grow(request, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.state_slot = self.slots.allocate_one()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.append(ScheduledSeq(request, num_new))
+            budget -= num_new
+        return batch
