@@ -44,7 +44,7 @@ class DirectSequence:
         missing = -(-end // runner.page_size) - len(req.page_ids)
         req.page_ids.extend(self.engine.pages.allocate(max(0, missing)))
         batch = runner.build_batch([ScheduledSeq(req, len(token_ids))])
-        batch.logits_indices = torch.arange(len(token_ids))
+        batch.logits_indices = torch.arange(len(token_ids), device=runner.device)
         logits = runner.model(batch, runner.kv_cache, runner.state_cache)
         req.num_computed_tokens = end
         return logits

@@ -90,24 +90,48 @@ def test_multimodal_checkpoint_layout_loads_text_model(family, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_bf16_matches_hf(family, tmp_path):
-    """bf16 on CUDA against HF in bf16 on the same GPU. bf16 rounding differs between implementations, so
-    the logits tolerance is 3e-2 relative and the greedy check is on the first 8 tokens."""
+def test_cuda_matches_hf(family, tmp_path):
+    """On CUDA. fp32: the same 1e-4 tolerance and token-identical greedy output as on CPU, so the device
+    code path itself is exact. bf16: rounding differs between any two implementations, so the yardstick is
+    HF's own bf16 run: Baton's bf16 logits may be at most 1.5x (+2e-3) as far from the fp32 reference as
+    HF's bf16 logits are, and its argmax must agree with the fp32 reference's at least as often as HF's
+    bf16 argmax does (-5 points). On these tiny random models HF's own bf16 logits are 9-33% away from
+    its fp32 ones: MoE routing flips under bf16 noise."""
+    import copy
+
     from tests.helpers import cuda_engine
 
-    hf_model = build_hf_model(family, seed=3)
-    path = save_checkpoint(hf_model, tmp_path / family)
-    hf_model = hf_model.to("cuda", torch.bfloat16)
-    engine = cuda_engine(str(path))
+    hf32 = build_hf_model(family, seed=3)
+    path = save_checkpoint(hf32, tmp_path / family)
+    hf32 = hf32.cuda()
     prompt = _prompt(0)
     with torch.no_grad():
-        expected = hf_model(prompt[None].cuda()).logits[0].float()
-    seq = DirectSequence(engine)
-    ours = torch.cat([seq.forward(prompt[:70].tolist()), seq.forward(prompt[70:].tolist())])
-    assert rel_err(ours, expected) < 3e-2, family
+        ref32 = hf32(prompt[None].cuda()).logits[0]
+
+    engine32 = cuda_engine(str(path), dtype="float32")
+    seq = DirectSequence(engine32)
+    ours32 = torch.cat([seq.forward(prompt[:70].tolist()), seq.forward(prompt[70:].tolist())])
     seq.close()
+    assert rel_err(ours32, ref32) < LOGITS_RTOL, family
     with torch.no_grad():
-        hf_tokens = hf_model.generate(prompt[None].cuda(), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    [completion] = engine.generate([prompt.tolist()], SamplingParams(max_tokens=8, temperature=0))
+        hf_tokens = hf32.generate(prompt[None].cuda(), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    [completion] = engine32.generate([prompt.tolist()], SamplingParams(max_tokens=16, temperature=0))
     assert completion.token_ids == hf_tokens[0, PROMPT_LEN:].tolist(), family
-    assert_no_leaks(engine)
+    assert_no_leaks(engine32)
+    del engine32
+
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    with torch.no_grad():
+        ref16 = hf16(prompt[None].cuda()).logits[0].float()
+    engine16 = cuda_engine(str(path))
+    seq = DirectSequence(engine16)
+    ours16 = torch.cat([seq.forward(prompt[:70].tolist()), seq.forward(prompt[70:].tolist())])
+    seq.close()
+    err_hf, err_ours = rel_err(ref16, ref32), rel_err(ours16, ref32)
+    print(f"{family}: bf16 rel err vs fp32 reference: HF {err_hf:.4f}, Baton {err_ours:.4f}")
+    assert err_ours < 1.5 * err_hf + 2e-3, (family, err_hf, err_ours)
+    agree_hf = (ref16.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+    agree_ours = (ours16.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+    print(f"{family}: bf16 argmax agreement with fp32 reference: HF {agree_hf:.3f}, Baton {agree_ours:.3f}")
+    assert agree_ours >= agree_hf - 0.05, (family, agree_hf, agree_ours)
+    assert_no_leaks(engine16)

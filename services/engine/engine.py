@@ -128,6 +128,7 @@ class Engine:
         if logprob is not None:
             request.output_logprobs.append(logprob)
         stop_ids = params.stop_token_ids + (() if params.ignore_eos else self.model_config.eos_token_ids)
+        cut = None
         if token in stop_ids:
             request.finish_reason = FinishReason.STOP
         else:
@@ -139,6 +140,8 @@ class Engine:
         if request.finish_reason is None and len(request.output_token_ids) >= params.max_tokens:
             request.finish_reason = FinishReason.LENGTH
         if request.finish_reason is not None:
+            if cut is None:  # text cut at a stop string is final; otherwise release what was held back
+                request.text += self._detokenizers[request.request_id].flush()
             self._finish(request)
         new_tokens = request.output_token_ids[request.num_tokens_sent :]
         new_logprobs = request.output_logprobs[request.num_tokens_sent :] if params.logprobs else None

@@ -93,3 +93,11 @@ class IncrementalDetokenizer:
             self.text += delta
             return delta
         return ""
+
+    def flush(self) -> str:
+        """At the end of the stream: whatever was held back (an incomplete character decodes as U+FFFD)."""
+        prefix_text = self._tok.decode(self._tokens[self._prefix_offset : self._read_offset])
+        rest = self._tok.decode(self._tokens[self._prefix_offset :])[len(prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._tokens)
+        self.text += rest
+        return rest

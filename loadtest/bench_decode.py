@@ -1,0 +1,170 @@
+"""Single-request decode speed of the engine, against the HBM roofline measured in the same run.
+
+    python -m loadtest.bench_decode --model qwen3.5-35b-a3b:20 --contexts 1024,32768 --out decode.json
+
+For each context length: prefill a random prompt of that length, then time each decode step (one
+``Engine.step()``, host included, as a user would see it). The roofline is the fewest bytes a decode
+step must move (weights actually read for one token: the dense parts, the top-k experts of each MoE
+layer, the LM head; the GDN states read and written; the KV of the context) over the device-to-device
+copy bandwidth measured in this run. Writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine
+from services.engine.model_config import ModelConfig
+from services.engine.request import SamplingParams
+
+log = logging.getLogger("bench_decode")
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_bytes_per_token(model: torch.nn.Module, cfg: ModelConfig, context: int, dtype: torch.dtype) -> dict:
+    """The fewest bytes one decode step of one request must move through device memory."""
+    weights = 0
+    for name, param in model.named_parameters():
+        nbytes = param.numel() * param.element_size()
+        if name == "embed_tokens" and not cfg.tie_word_embeddings:
+            nbytes = param.shape[1] * param.element_size()  # one row is gathered
+        elif name.endswith(".w13") or name.endswith(".w2"):
+            nbytes = nbytes * cfg.num_experts_per_tok // cfg.num_experts
+        weights += nbytes
+    num_gdn = len(cfg.gdn_layers)
+    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    conv = cfg.gdn_conv_dim * (cfg.linear_conv_kernel_dim - 1) * dtype.itemsize
+    state = 2 * num_gdn * (ssm + conv)  # read and write back
+    kv = len(cfg.attention_layers) * (context + 1) * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+    return {"weights": weights, "gdn_state": state, "kv": kv, "total": weights + state + kv}
+
+
+def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, seed: int) -> dict:
+    vocab = engine.model_config.vocab_size
+    prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(seed)).tolist()
+    params = SamplingParams(max_tokens=warmup + decode_tokens, temperature=0, ignore_eos=True)
+    engine.add_request(prompt, params)
+    t0 = time.perf_counter()
+    step_times, generated = [], 0
+    ttft = None
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        for out in outputs:
+            generated += len(out.new_token_ids)
+            if ttft is None and out.new_token_ids:
+                ttft = time.perf_counter() - t0
+                log.info("context %d: prefill done in %.2fs", context, ttft)
+            elif generated > warmup + 1:
+                step_times.append(elapsed)
+        if generated and generated % 32 == 0 and outputs:
+            log.info("context %d: %d/%d tokens", context, generated, warmup + decode_tokens)
+    median = statistics.median(step_times)
+    return {
+        "context": context,
+        "ttft_s": ttft,
+        "decode_steps_timed": len(step_times),
+        "step_ms_median": median * 1e3,
+        "step_ms_p90": sorted(step_times)[int(0.9 * (len(step_times) - 1))] * 1e3,
+        "tokens_per_s": 1.0 / median,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    labels = [f"{r['context'] // 1024}K" for r in runs]
+    xs = range(len(runs))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([x - 0.2 for x in xs], [r["tokens_per_s"] for r in runs], width=0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], [r["roofline_tokens_per_s"] for r in runs], width=0.4, label="HBM roofline")
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel("context")
+    ax.set_ylabel("decode tokens/s (1 request)")
+    ax.set_title(f"{results['model']} on {results['gpu']} ({results['backend']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3.5-35b-a3b:20")
+    parser.add_argument("--contexts", default="1024")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--prefill-chunk-size", type=int, default=4096)
+    parser.add_argument("--backend", default="torch", help="label for the results (which kernels ran)")
+    parser.add_argument("--out", default="decode.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    config = EngineConfig(
+        model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
+        prefill_chunk_size=args.prefill_chunk_size, max_num_batched_tokens=args.prefill_chunk_size,
+        max_model_len=max(contexts) + args.warmup + args.decode_tokens + 16,
+    )
+    device = config.torch_device
+    bandwidth = measure_copy_bandwidth(device)
+    log.info("device-to-device copy: %.0f GB/s (read + write)", bandwidth / 1e9)
+    engine = Engine(config)
+    results = {
+        "benchmark": "single-request decode",
+        "model": args.model,
+        "backend": args.backend,
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "runs": [],
+    }
+    for i, context in enumerate(contexts):
+        run = run_context(engine, context, args.decode_tokens, args.warmup, seed=i)
+        traffic = decode_bytes_per_token(engine.runner.model, engine.model_config, context, config.torch_dtype)
+        run["bytes_per_token"] = traffic
+        run["roofline_tokens_per_s"] = bandwidth / traffic["total"]
+        run["fraction_of_roofline"] = run["tokens_per_s"] / run["roofline_tokens_per_s"]
+        results["runs"].append(run)
+    out = Path(args.out)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"{'context':>8} {'tok/s':>8} {'roofline':>9} {'frac':>6} {'step ms':>8} {'ttft s':>7}")
+    for r in results["runs"]:
+        print(f"{r['context']:>8} {r['tokens_per_s']:>8.1f} {r['roofline_tokens_per_s']:>9.1f} "
+              f"{r['fraction_of_roofline']:>6.2f} {r['step_ms_median']:>8.2f} {r['ttft_s']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
