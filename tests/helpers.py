@@ -20,12 +20,20 @@ def cpu_engine(model: str, load_format: str = "auto", **overrides) -> Engine:
 
 
 def assert_no_leaks(engine: Engine) -> None:
-    """Every page and state slot is back in its pool and no request is left behind."""
+    """No request is left behind; every page and slot is either free or held by the prefix cache (which is
+    consistent and unlocked), and flushing the cache returns everything to the pools."""
     usage = engine.resource_usage()
-    assert usage["pages_used"] == 0, usage
-    assert usage["slots_used"] == 0, usage
     assert usage["running"] == 0 and usage["waiting"] == 0, usage
     assert not engine.requests
+    assert usage["slots_used"] == 0, usage
+    assert usage["pages_used"] == usage["pages_cached"], usage
+    assert usage["checkpoints_used"] == usage["checkpoints_cached"], usage
+    tree = engine.cache.tree
+    tree.check_integrity()
+    assert all(node.lock_ref == 0 for node in tree._nodes()), "a finished request left a lock behind"
+    engine.flush_cache()
+    usage = engine.resource_usage()
+    assert usage["pages_used"] == 0 and usage["checkpoints_used"] == 0, usage
 
 
 class DirectSequence:
@@ -36,6 +44,7 @@ class DirectSequence:
         self.engine = engine
         self.request = Request("direct", [], SamplingParams())
         self.request.state_slot = engine.slots.allocate_one()
+        self.start = 0
 
     def forward(self, token_ids: list[int]) -> torch.Tensor:
         req, runner = self.request, self.engine.runner
@@ -43,7 +52,7 @@ class DirectSequence:
         end = req.num_computed_tokens + len(token_ids)
         missing = -(-end // runner.page_size) - len(req.page_ids)
         req.page_ids.extend(self.engine.pages.allocate(max(0, missing)))
-        batch = runner.build_batch([ScheduledSeq(req, len(token_ids))])
+        batch = runner.build_batch([ScheduledSeq(req, len(token_ids), start=req.num_computed_tokens)])
         batch.logits_indices = torch.arange(len(token_ids), device=runner.device)
         logits = runner.model(batch, runner.kv_cache, runner.state_cache)
         req.num_computed_tokens = end

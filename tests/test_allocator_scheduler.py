@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.engine.allocator import IdPool, OutOfIdsError
+from services.engine.prefix_cache import HybridPrefixCache
 from services.engine.request import Request, SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -56,46 +57,57 @@ TestIdPool = IdPoolMachine.TestCase
 TestIdPool.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
 
+def _scheduler(max_seqs: int, budget: int, chunk: int, num_pages: int, checkpoints: int = 3, enabled=True):
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk,
+                             page_size=4)
+    pages, slots = IdPool(num_pages, "pages"), IdPool(max_seqs, "slots")
+    checkpoint_slots = IdPool(checkpoints, "checkpoints", first_id=max_seqs)
+    cache = HybridPrefixCache(4, pages, checkpoint_slots, checkpoint_interval=8, enabled=enabled)
+    return Scheduler(config, pages, slots, cache)
+
+
+def _run_step(scheduler: Scheduler, on_finish) -> list:
+    """What the engine does around a forward pass, minus the model: commit, sample a token, finish."""
+    batch = scheduler.schedule()
+    for seq in batch:
+        request = seq.request
+        samples = seq.samples
+        scheduler.commit(seq)
+        if samples:
+            request.output_token_ids.append(7)
+            if len(request.output_token_ids) >= request.params.max_tokens:
+                scheduler.remove(request)
+                on_finish(request)
+    return batch
+
+
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random arrivals, steps (which 'compute' what was scheduled and sometimes emit a token), finishes and
-    aborts. Invariants: budgets hold, page/slot accounting is exact, every running request's pages cover
-    its computed tokens."""
+    """Random arrivals (prompts sharing prefixes, so the cache hits), steps, finishes and aborts.
+    Invariants: budgets hold; every page and slot is accounted for exactly once (free, private to a
+    request, or cached in the tree); running requests' pages cover their computed tokens; locks balance."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, prefill_chunk_size=10, page_size=4)
-        self.pages = IdPool(30, "pages")
-        self.slots = IdPool(4, "slots")
-        self.scheduler = Scheduler(self.config, self.pages, self.slots)
+        self.scheduler = _scheduler(max_seqs=4, budget=24, chunk=10, num_pages=30)
         self.live: list[Request] = []
         self.counter = 0
 
-    @rule(prompt_len=st.integers(1, 60), max_tokens=st.integers(1, 40))
-    def arrive(self, prompt_len, max_tokens):
-        if prompt_len + max_tokens > 30 * 4:  # the engine refuses what could never fit
+    @rule(prefix=st.sampled_from([0, 1, 2]), prefix_len=st.integers(0, 40), suffix_len=st.integers(1, 30),
+          max_tokens=st.integers(1, 30))
+    def arrive(self, prefix, prefix_len, suffix_len, max_tokens):
+        if prefix_len + suffix_len + max_tokens > 30 * 4:  # the engine refuses what could never fit
             return
         self.counter += 1
-        request = Request(f"r{self.counter}", [1] * prompt_len, SamplingParams(max_tokens=max_tokens))
+        prompt = [prefix] * prefix_len + [100 + self.counter] * suffix_len
+        request = Request(f"r{self.counter}", prompt, SamplingParams(max_tokens=max_tokens))
         self.scheduler.add(request)
         self.live.append(request)
 
     @rule()
     def step(self):
-        batch = self.scheduler.schedule()
-        assert sum(s.num_new_tokens for s in batch) <= self.config.max_num_batched_tokens
+        batch = _run_step(self.scheduler, self.live.remove)
+        assert sum(s.num_new_tokens for s in batch) <= self.scheduler.config.max_num_batched_tokens
         assert len({id(s.request) for s in batch}) == len(batch)
-        for seq in batch:
-            request = seq.request
-            assert request.state_slot is not None
-            end = request.num_computed_tokens + seq.num_new_tokens
-            assert len(request.page_ids) * self.config.page_size >= end
-            samples = seq.samples
-            request.num_computed_tokens = end
-            if samples:
-                request.output_token_ids.append(2)
-                if len(request.output_token_ids) >= request.params.max_tokens:
-                    self.scheduler.remove(request)
-                    self.live.remove(request)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -103,50 +115,62 @@ class SchedulerMachine(RuleBasedStateMachine):
         request = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
         self.scheduler.remove(request)
 
+    @rule()
+    def evict_everything_unlocked(self):
+        self.scheduler.cache.evict_pages(1000)
+
     @invariant()
     def accounting(self):
-        running, waiting = self.scheduler.running, self.scheduler.waiting
-        assert len(running) <= self.config.max_num_seqs
+        sched = self.scheduler
+        tree = sched.cache.tree
+        tree.check_integrity()
+        running, waiting = sched.running, sched.waiting
+        assert len(running) <= sched.config.max_num_seqs
         assert {id(r) for r in running} | {id(r) for r in waiting} == {id(r) for r in self.live}
-        pages = [p for r in self.live for p in r.page_ids]
-        assert len(pages) == len(set(pages)) == self.pages.num_used
-        assert sum(r.state_slot is not None for r in self.live) == self.slots.num_used
+        private = [p for r in self.live for p in r.page_ids if not tree.owns_page(p)]
+        assert len(private) == len(set(private))
+        assert len(private) + tree.num_cached_pages == sched.pages.num_used
+        snapshots = [r.snapshot_slot for r in self.live if r.snapshot_slot is not None]
+        assert len(snapshots) + tree.num_cached_states == sched.cache.checkpoint_slots.num_used
+        assert sum(r.state_slot is not None for r in self.live) == sched.slots.num_used
         for r in waiting:
-            assert r.state_slot is None and not r.page_ids and r.num_computed_tokens == 0
+            assert r.state_slot is None and not r.page_ids and r.cache_node is None
         for r in running:
-            assert len(r.page_ids) * self.config.page_size >= r.num_computed_tokens
+            assert len(r.page_ids) * sched.config.page_size >= r.num_computed_tokens
+        locks = {}
+        for r in running:
+            node = r.cache_node
+            while node is not None and node is not tree.root:
+                locks[id(node)] = locks.get(id(node), 0) + 1
+                node = node.parent
+        for node in tree._nodes():
+            assert node.lock_ref == locks.get(id(node), 0), "locks must match the running requests' paths"
 
     def teardown(self):
-        # Everything still live finishes: all memory must come back.
         for request in list(self.live):
             self.scheduler.remove(request)
-        assert self.pages.num_used == 0 and self.slots.num_used == 0
+        self.scheduler.cache.flush()
+        assert self.scheduler.pages.num_used == 0 and self.scheduler.slots.num_used == 0
+        assert self.scheduler.cache.checkpoint_slots.num_used == 0
 
 
 TestScheduler = SchedulerMachine.TestCase
-TestScheduler.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+TestScheduler.settings = settings(max_examples=80, stateful_step_count=60, deadline=None)
 
 
-def test_scheduler_makes_progress_until_everything_finishes():
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scheduler_makes_progress_until_everything_finishes(enabled):
     """Liveness: with memory for only some requests at a time, every request still completes."""
-    config = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=16, prefill_chunk_size=8, page_size=4)
-    pages, slots = IdPool(12, "pages"), IdPool(3, "slots")
-    scheduler = Scheduler(config, pages, slots)
+    scheduler = _scheduler(max_seqs=3, budget=16, chunk=8, num_pages=12, enabled=enabled)
     requests = [Request(f"r{i}", [1] * (10 + 6 * i), SamplingParams(max_tokens=12)) for i in range(5)]
     for r in requests:
         scheduler.add(r)
     for _ in range(2000):
         if not scheduler.has_work():
             break
-        for seq in scheduler.schedule():
-            request = seq.request
-            samples = seq.samples
-            request.num_computed_tokens += seq.num_new_tokens
-            if samples:
-                request.output_token_ids.append(2)
-                if len(request.output_token_ids) >= 12:
-                    scheduler.remove(request)
+        _run_step(scheduler, lambda r: None)
     assert not scheduler.has_work()
     assert all(len(r.output_token_ids) == 12 for r in requests)
     assert any(r.num_preemptions for r in requests)
-    assert pages.num_used == 0 and slots.num_used == 0
+    scheduler.cache.flush()
+    assert scheduler.pages.num_used == 0 and scheduler.slots.num_used == 0

@@ -12,15 +12,16 @@ class OutOfIdsError(RuntimeError):
 
 
 class IdPool:
-    """A fixed set of integer ids ``0..capacity-1`` handed out and returned."""
+    """A fixed set of integer ids ``first_id .. first_id + capacity - 1`` handed out and returned."""
 
-    def __init__(self, capacity: int, name: str) -> None:
-        if capacity <= 0:
-            raise ValueError(f"{name} pool needs a positive capacity, got {capacity}")
+    def __init__(self, capacity: int, name: str, first_id: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"{name} pool needs a capacity >= 0, got {capacity}")
         self.name = name
         self.capacity = capacity
+        self.first_id = first_id
         # Pop from the end, so low ids are handed out first (easier to read in logs and tests).
-        self._free = list(range(capacity - 1, -1, -1))
+        self._free = list(range(first_id + capacity - 1, first_id - 1, -1))
         self._is_free = [True] * capacity
 
     @property
@@ -39,7 +40,7 @@ class IdPool:
             raise OutOfIdsError(f"{self.name}: asked for {count}, {len(self._free)} free of {self.capacity}")
         ids = [self._free.pop() for _ in range(count)]
         for i in ids:
-            self._is_free[i] = False
+            self._is_free[i - self.first_id] = False
         return ids
 
     def allocate_one(self) -> int:
@@ -47,12 +48,12 @@ class IdPool:
 
     def free(self, ids: list[int]) -> None:
         for i in ids:
-            if not 0 <= i < self.capacity:
+            if not self.first_id <= i < self.first_id + self.capacity:
                 raise ValueError(f"{self.name}: id {i} out of range")
-            if self._is_free[i]:
+            if self._is_free[i - self.first_id]:
                 raise ValueError(f"{self.name}: id {i} freed twice")
-            self._is_free[i] = True
+            self._is_free[i - self.first_id] = True
             self._free.append(i)
 
     def is_free(self, i: int) -> bool:
-        return self._is_free[i]
+        return self._is_free[i - self.first_id]

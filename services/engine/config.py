@@ -30,6 +30,15 @@ class EngineConfig:
     )
     gpu_memory_utilization: float = field(default=0.90, metadata={"help": "fraction of GPU memory Baton may use"})
     num_pages: int = field(default=0, metadata={"help": "override the KV page count (tests)"})
+    enable_prefix_cache: bool = field(
+        default=True, metadata={"help": "hybrid prefix cache (KV pages + GDN checkpoints)"}
+    )
+    num_checkpoint_slots: int = field(
+        default=0, metadata={"help": "GDN checkpoint slots for the cache (0: 2 x max_num_seqs, memory permitting)"}
+    )
+    checkpoint_interval: int = field(
+        default=128, metadata={"help": "tokens between state checkpoints in a long prefill (multiple of page_size)"}
+    )
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -41,6 +50,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.checkpoint_interval <= 0 or self.checkpoint_interval % self.page_size:
+            raise ValueError("checkpoint_interval must be a positive multiple of page_size")
 
     @property
     def torch_device(self) -> torch.device:

@@ -12,7 +12,9 @@ from .allocator import IdPool
 from .config import EngineConfig
 from .model_config import ModelConfig
 from .model_runner import ModelRunner
+from .prefix_cache import HybridPrefixCache
 from .presets import PRESETS, preset_config
+from .radix_cache import CacheEvent
 from .request import FinishReason, InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -45,14 +47,21 @@ class Engine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
         self.model_config = model_config or resolve_model_config(config)
-        self.runner = ModelRunner(config, self.model_config, num_state_slots=config.max_num_seqs)
+        self.runner = ModelRunner(config, self.model_config)
         model_dir = None if config.load_format == "dummy" else config.model
         self.tokenizer = load_tokenizer(model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
         capacity = self.runner.num_pages * config.page_size
         limit = config.max_model_len or capacity
         self.max_model_len = min(limit, capacity, self.model_config.max_position_embeddings)
         self.pages = IdPool(self.runner.num_pages, "kv pages")
-        self.slots = IdPool(self.runner.num_state_slots, "state slots")
+        self.slots = IdPool(self.runner.num_working_slots, "working state slots")
+        self.checkpoint_slots = IdPool(
+            self.runner.num_checkpoint_slots, "checkpoint state slots", first_id=self.runner.num_working_slots
+        )
+        self.cache = HybridPrefixCache(
+            config.page_size, self.pages, self.checkpoint_slots, config.checkpoint_interval,
+            enabled=config.enable_prefix_cache,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -62,6 +71,7 @@ class Engine:
             ),
             self.pages,
             self.slots,
+            self.cache,
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -113,7 +123,7 @@ class Engine:
         outputs = []
         for seq in seqs:
             request = seq.request
-            request.num_computed_tokens += seq.num_new_tokens
+            self.scheduler.commit(seq)
             if request.request_id not in sampled:
                 continue
             token, logprob = sampled[request.request_id]
@@ -199,12 +209,26 @@ class Engine:
     def resource_usage(self) -> dict[str, int]:
         return {
             "pages_used": self.pages.num_used,
+            "pages_cached": self.cache.tree.num_cached_pages,
             "pages_total": self.pages.capacity,
             "slots_used": self.slots.num_used,
             "slots_total": self.slots.capacity,
+            "checkpoints_used": self.checkpoint_slots.num_used,
+            "checkpoints_cached": self.cache.tree.num_cached_states,
+            "checkpoints_total": self.checkpoint_slots.capacity,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
+
+    def flush_cache(self) -> None:
+        """Drop every cached page and checkpoint that no running request holds."""
+        self.cache.flush()
+
+    def drain_cache_events(self) -> list[CacheEvent]:
+        """Stored/evicted page and checkpoint events since the last call (the router's index feed)."""
+        events = list(self.cache.tree.events)
+        self.cache.tree.events.clear()
+        return events
 
 
 def _find_stop(text: str, stops: tuple[str, ...], already_sent: int) -> int | None:

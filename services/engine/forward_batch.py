@@ -25,6 +25,9 @@ class ForwardBatch:
     # whatever a recycled slot holds.
     has_initial_state: list[bool]
     logits_indices: torch.Tensor  # [S] rows of the packed tokens whose logits are wanted
+    # Per sequence: (tokens into this step, state slot) where the GDN state must also be written, for
+    # prefix-cache checkpoints taken at exact positions.
+    snapshots: list[list[tuple[int, int]]] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -122,22 +122,38 @@ class GatedDeltaNet(nn.Module):
             )
             ssm_states[slots] = new_ssm
             core = core[:, 0]
+            if batch.snapshots is not None:  # a decode snapshot is the state after the step
+                for working, snaps in zip(slots.tolist(), batch.snapshots, strict=True):
+                    for _, snapshot_slot in snaps:
+                        conv_states[snapshot_slot] = conv_states[working]
+                        ssm_states[snapshot_slot] = ssm_states[working]
         else:
             core = torch.empty(num_tokens, self.num_v_heads, self.v_dim, dtype=x.dtype, device=x.device)
-            for start, q_len, slot, has_state in zip(
+            snapshots = batch.snapshots or [[]] * batch.num_seqs
+            for start, q_len, slot, has_state, snaps in zip(
                 batch.query_starts, batch.query_lens, batch.state_slots.tolist(), batch.has_initial_state,
-                strict=True,
+                snapshots, strict=True,
             ):
-                rows = slice(start, start + q_len)
                 conv_state = conv_states[slot] if has_state else None
-                mixed, new_conv = conv_ops.causal_conv1d_prefill(mixed_qkv[rows], self.conv_weight, conv_state)
-                conv_states[slot] = new_conv
-                q, k, v = self._split_heads(mixed, q_len)
                 ssm_state = ssm_states[slot][None] if has_state else None
-                rule = gdn_ops.recurrent_gated_delta_rule if q_len == 1 else gdn_ops.chunk_gated_delta_rule
-                out, new_ssm = rule(q[None], k[None], v[None], g[rows][None], beta[rows][None], ssm_state)
-                ssm_states[slot] = new_ssm[0]
-                core[rows] = out[0]
+                # Run the sequence in pieces ending at each snapshot offset, so the state exists there.
+                ends = sorted({offset for offset, _ in snaps if 0 < offset < q_len} | {q_len})
+                piece_start = 0
+                for piece_end in ends:
+                    rows = slice(start + piece_start, start + piece_end)
+                    length = piece_end - piece_start
+                    mixed, conv_state = conv_ops.causal_conv1d_prefill(mixed_qkv[rows], self.conv_weight, conv_state)
+                    q, k, v = self._split_heads(mixed, length)
+                    rule = gdn_ops.recurrent_gated_delta_rule if length == 1 else gdn_ops.chunk_gated_delta_rule
+                    out, ssm_state = rule(q[None], k[None], v[None], g[rows][None], beta[rows][None], ssm_state)
+                    core[rows] = out[0]
+                    for offset, snapshot_slot in snaps:
+                        if offset == piece_end:
+                            conv_states[snapshot_slot] = conv_state
+                            ssm_states[snapshot_slot] = ssm_state[0]
+                    piece_start = piece_end
+                conv_states[slot] = conv_state
+                ssm_states[slot] = ssm_state[0]
 
         core = gated_rms_norm(core, z.reshape(num_tokens, self.num_v_heads, self.v_dim), self.norm_weight, self.eps)
         return F.linear(core.reshape(num_tokens, self.value_size), self.out_proj)

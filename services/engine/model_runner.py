@@ -26,7 +26,7 @@ _ACTIVATION_RESERVE_BYTES = 2 << 30
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_state_slots: int) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
         self.config = config
         self.model_config = model_config
         self.device = config.torch_device
@@ -42,33 +42,45 @@ class ModelRunner:
         log.info("model ready in %.1fs (%s, %s, %s)", time.monotonic() - started, model_config.family,
                  self.dtype, self.device)
 
-        self.num_state_slots = num_state_slots
-        self.num_pages = self._size_kv_pool(num_state_slots)
+        # State slots: one working slot per running request, then the prefix cache's checkpoint slots.
+        self.num_working_slots = config.max_num_seqs
+        self.num_checkpoint_slots, self.num_pages = self._size_pools()
+        num_slots = self.num_working_slots + self.num_checkpoint_slots
         self.kv_cache = KVCache(model_config, self.num_pages, self.page_size, self.dtype, self.device)
-        self.state_cache = StateCache(model_config, num_state_slots, self.dtype, self.device)
-        log.info("cache: %d pages of %d tokens, %d state slots (%.1f MiB per slot)", self.num_pages,
-                 self.page_size, num_state_slots, StateCache.bytes_per_slot(model_config, self.dtype) / _MiB)
+        self.state_cache = StateCache(model_config, num_slots, self.dtype, self.device)
+        log.info(
+            "cache: %d pages of %d tokens, %d working + %d checkpoint state slots (%.1f MiB per slot)",
+            self.num_pages, self.page_size, self.num_working_slots, self.num_checkpoint_slots,
+            StateCache.bytes_per_slot(model_config, self.dtype) / _MiB,
+        )
         self.sampler = Sampler(self.device, config.seed)
 
-    def _size_kv_pool(self, num_state_slots: int) -> int:
-        if self.config.num_pages:
-            return self.config.num_pages
-        cfg = self.model_config
-        if self.config.cache_memory_mb:
-            budget = self.config.cache_memory_mb * _MiB
+    def _size_pools(self) -> tuple[int, int]:
+        """(checkpoint slots, KV pages) from the cache memory budget, after the working slots."""
+        cfg, config = self.model_config, self.config
+        if config.cache_memory_mb:
+            budget = config.cache_memory_mb * _MiB
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - int(total * (1 - self.config.gpu_memory_utilization)) - _ACTIVATION_RESERVE_BYTES
+            budget = free - int(total * (1 - config.gpu_memory_utilization)) - _ACTIVATION_RESERVE_BYTES
         else:
             budget = 256 * _MiB
-        budget -= num_state_slots * StateCache.bytes_per_slot(cfg, self.dtype)
-        num_pages = budget // max(1, KVCache.bytes_per_page(cfg, self.page_size, self.dtype))
+        slot_bytes = StateCache.bytes_per_slot(cfg, self.dtype)
+        budget -= self.num_working_slots * slot_bytes
+        if not config.enable_prefix_cache:
+            checkpoints = 0
+        elif config.num_checkpoint_slots:
+            checkpoints = config.num_checkpoint_slots
+        else:  # twice the running requests, but never more than half of what is left
+            checkpoints = max(1, min(2 * config.max_num_seqs, budget // 2 // max(1, slot_bytes)))
+        budget -= checkpoints * slot_bytes
+        num_pages = config.num_pages or budget // max(1, KVCache.bytes_per_page(cfg, self.page_size, self.dtype))
         if num_pages < 1:
             raise MemoryError(
-                f"no memory left for KV pages after {num_state_slots} state slots; lower max_num_seqs or "
-                f"raise cache_memory_mb / gpu_memory_utilization"
+                f"no memory left for KV pages after {self.num_working_slots + checkpoints} state slots; lower "
+                f"max_num_seqs / num_checkpoint_slots or raise cache_memory_mb / gpu_memory_utilization"
             )
-        return int(num_pages)
+        return int(checkpoints), int(num_pages)
 
     def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
         page_size = self.page_size
@@ -79,7 +91,7 @@ class ModelRunner:
         page_tables: list[torch.Tensor] = []
         for seq in seqs:
             req = seq.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + seq.num_new_tokens
+            start, end = seq.start, seq.start + seq.num_new_tokens
             all_ids = req.all_token_ids
             input_ids.extend(all_ids[start:end])
             positions.extend(range(start, end))
@@ -96,16 +108,20 @@ class ModelRunner:
             input_ids=as_tensor(input_ids),
             positions=as_tensor(positions),
             query_lens=[s.num_new_tokens for s in seqs],
-            kv_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in seqs],
+            kv_lens=[s.start + s.num_new_tokens for s in seqs],
             page_tables=page_tables,
             kv_slot_ids=as_tensor(kv_slot_ids),
             state_slots=as_tensor([s.request.state_slot for s in seqs]),
-            has_initial_state=[s.request.num_computed_tokens > 0 for s in seqs],
+            has_initial_state=[s.start > 0 for s in seqs],
             logits_indices=as_tensor(logits_indices),
+            snapshots=[s.snapshots for s in seqs] if any(s.snapshots for s in seqs) else None,
         )
 
     def execute(self, seqs: list[ScheduledSeq]) -> dict[str, tuple[int, float | None]]:
         """Run one step; returns ``{request_id: (token, logprob)}`` for the requests that sampled."""
+        for seq in seqs:
+            if seq.copy_state_from is not None:  # copy-on-write: never write a shared checkpoint
+                self.state_cache.copy_slot(seq.copy_state_from, seq.request.state_slot)
         batch = self.build_batch(seqs)
         logits = self.model(batch, self.kv_cache, self.state_cache)
         sampling = [s.request for s in seqs if s.samples]

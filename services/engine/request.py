@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class InvalidRequestError(ValueError):
@@ -79,7 +80,14 @@ class Request:
     # Of the prompt, tokens served from the prefix cache instead of computed.
     num_cached_tokens: int = 0
     page_ids: list[int] = field(default_factory=list)
-    state_slot: int | None = None
+    state_slot: int | None = None  # the working slot: this request's GDN state, written every step
+    # Prefix cache bookkeeping: chained hashes of the full pages of all_token_ids, the deepest tree node
+    # this request holds locked, and its decode snapshot (a checkpoint slot at a page boundary).
+    page_hashes: list[int] = field(default_factory=list)
+    cache_node: Any = None
+    checkpoint_node: Any = None  # the deepest checkpoint on its path that it started from or published
+    snapshot_slot: int | None = None
+    snapshot_position: int = 0
     num_preemptions: int = 0
     first_token_time: float | None = None
     # Streaming text bookkeeping (owned by the engine's output processing).

@@ -1,18 +1,21 @@
-"""Continuous batching with chunked prefill.
+"""Continuous batching with chunked prefill, on top of the hybrid prefix cache.
 
 Each step takes, in order: one token for every running request that is decoding, the next prefill chunk
 of running requests that are part-way through their prompt, then new requests from the queue while a
-state slot, pages and token budget are left. A request that needs a page when none is free preempts the
-most recently arrived running request (its pages and slot are freed and it is recomputed later), so the
-engine never fails for lack of memory; a request that could never fit is refused when it is added.
+working state slot, pages and token budget are left. A new request first takes its longest cached prefix
+(its working slot starts as a copy of the checkpoint there). When pages run short, unlocked cached pages
+are evicted first; if that is not enough, the most recently arrived running request is preempted (its
+computed pages go to the cache, it is recomputed later from there), so the engine never fails for lack
+of memory. A request that could never fit is refused when it is added.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .allocator import IdPool
+from .prefix_cache import HybridPrefixCache
 from .request import Request, RequestStatus
 
 
@@ -28,18 +31,22 @@ class SchedulerConfig:
 class ScheduledSeq:
     request: Request
     num_new_tokens: int  # computed this step, starting at request.num_computed_tokens
+    copy_state_from: int | None = None  # checkpoint slot to copy into the working slot before the step
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # (tokens into the step, checkpoint slot)
+    start: int = 0  # request.num_computed_tokens when scheduled
 
     @property
     def samples(self) -> bool:
         """The step computes the request's last known token, so a new one is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens == self.request.num_tokens
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pages: IdPool, slots: IdPool) -> None:
+    def __init__(self, config: SchedulerConfig, pages: IdPool, slots: IdPool, cache: HybridPrefixCache) -> None:
         self.config = config
         self.pages = pages
         self.slots = slots
+        self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order: the last one is preempted first
 
@@ -51,7 +58,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def remove(self, request: Request) -> None:
-        """Take a request out (finished or aborted) and return its pages and slot."""
+        """Take a request out (finished or aborted) and return its memory."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -60,8 +67,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
 
     def _release(self, request: Request) -> None:
-        self.pages.free(request.page_ids)
-        request.page_ids = []
+        self.cache.release(request)
         if request.state_slot is not None:
             self.slots.free([request.state_slot])
             request.state_slot = None
@@ -80,25 +86,26 @@ class Scheduler:
         return -(-num_tokens // self.config.page_size)
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
-        """Make the request's pages cover ``num_tokens`` tokens, if enough pages are free."""
+        """Make the request's pages cover ``num_tokens`` tokens, evicting cached pages if needed."""
         missing = self._pages_for(num_tokens) - len(request.page_ids)
         if missing <= 0:
             return True
         if not self.pages.can_allocate(missing):
-            return False
+            self.cache.evict_pages(missing - self.pages.num_free)
+            if not self.pages.can_allocate(missing):
+                return False
         request.page_ids.extend(self.pages.allocate(missing))
         return True
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, scheduled: set[int]) -> bool:
-        """Grow, preempting the latest unscheduled running requests if needed. False if ``request``
-        itself had to be preempted (it was the latest)."""
+        """Grow, preempting younger unscheduled running requests if needed. False if ``request`` itself
+        had to be preempted (nothing younger was left to take from)."""
         while not self._grow(request, num_tokens):
             victims = [r for r in self.running if id(r) not in scheduled and r is not request]
-            victim = victims[-1] if victims and self.running.index(victims[-1]) > self.running.index(request) else None
-            if victim is None:
+            if not victims or self.running.index(victims[-1]) < self.running.index(request):
                 self._preempt(request)
                 return False
-            self._preempt(victim)
+            self._preempt(victims[-1])
         return True
 
     # ---- one step -----------------------------------------------------------------------------------
@@ -123,15 +130,27 @@ class Scheduler:
             budget -= num_new
 
         # Then new (or preempted) requests, first come first served, while resources last.
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs and self.slots.can_allocate(1):
             request = self.waiting[0]
+            admission = self.cache.match(request)
             num_new = min(request.num_uncomputed_tokens, cfg.prefill_chunk_size, budget)
-            if not self.slots.can_allocate(1) or not self._grow(request, request.num_computed_tokens + num_new):
+            if not self._grow(request, request.num_computed_tokens + num_new):
+                self.cache.cancel(request)
                 break
             self.waiting.popleft()
+            self.cache.confirm(request, admission)
             request.state_slot = self.slots.allocate_one()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.append(ScheduledSeq(request, num_new))
+            batch.append(ScheduledSeq(request, num_new, copy_state_from=admission.copy_state_from))
             budget -= num_new
+
+        for seq in batch:
+            seq.start = seq.request.num_computed_tokens
+            seq.snapshots = self.cache.plan_snapshots(seq.request, seq.num_new_tokens, seq.samples)
         return batch
+
+    def commit(self, seq: ScheduledSeq) -> None:
+        """The step ran: advance the request and publish the checkpoints it took."""
+        seq.request.num_computed_tokens = seq.start + seq.num_new_tokens
+        self.cache.commit(seq.request, seq.start, seq.snapshots)
