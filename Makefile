@@ -8,15 +8,29 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.baton-setup
 TORCH_CPU_VERSION := 2.13.0
+# Debian packages the tests need: the RDMA/NUMA/curl libraries Mooncake's transfer engine links against.
+SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4
 
-.PHONY: help setup run test lint clean
+.PHONY: help setup sysdeps protos run test lint clean
 
 help:
 	@echo "make run    - set up if needed, then serve one request end to end on a tiny random model"
 	@echo "make test   - set up if needed, then run the whole test suite"
 	@echo "make lint   - ruff"
 
-setup: $(STAMP)
+setup: sysdeps $(STAMP) protos
+
+sysdeps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "[setup] installing system packages:" $$missing; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Generated gRPC code (protos/gen, never committed), rebuilt when a .proto changes.
+protos: $(STAMP)
+	@$(PY) -c "import services.common.protos"
 
 # A GPU image brings its own CUDA torch: reuse it through --system-site-packages instead of
 # downloading another one. Elsewhere install the CPU build (the multi-GB CUDA wheel is useless

@@ -2,12 +2,14 @@
 
     baton demo       serve one request end to end on a tiny random-weight model and print it
     baton generate   generate from a prompt with any model (HF directory or preset)
+    baton serve      run a prefill or decode pod (gRPC)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -72,6 +74,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.role == "prefill":
+        from services.prefill.server import PrefillConfig as config_cls
+        from services.prefill.server import serve
+    else:
+        from services.decode.server import DecodeConfig as config_cls
+        from services.decode.server import serve
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    config = config_from(config_cls, flags, yaml_path=args.config)
+    log.info("%s", format_config(config))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baton", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--log-level", default="info")
@@ -87,12 +104,23 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--temperature", type=float, default=0.8)
         add_config_args(p, EngineConfig)
         p.set_defaults(fn=fn)
+    from services.decode.server import DecodeConfig
+    from services.prefill.server import PrefillConfig
+
+    serve_parser = sub.add_parser("serve", help="run a pod: baton serve prefill|decode")
+    roles = serve_parser.add_subparsers(dest="role", required=True)
+    for role, config_cls in (("prefill", PrefillConfig), ("decode", DecodeConfig)):
+        p = roles.add_parser(role, help=f"the {role} pod (gRPC)")
+        p.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields")
+        add_config_args(p, config_cls)
+        p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     fn = args.fn
     for key in ("fn", "command", "log_level"):
         delattr(args, key)
     return fn(args)
+
 
 
 if __name__ == "__main__":

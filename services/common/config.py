@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,13 +39,28 @@ def _converter(field: dataclasses.Field):
     raise TypeError(f"config field {field.name} has unsupported type {kind.__name__}")
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _prefix(field: dataclasses.Field, prefix: str) -> str:
+    """Nested config fields are flags of their own, prefixed by the field's name (``transfer`` ->
+    ``--transfer-hostname``) unless marked ``flatten`` (the engine's settings read better unprefixed)."""
+    return prefix if field.metadata.get("flatten") else f"{prefix}{field.name}_"
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """One ``--field-name`` flag per field (default None, so unset flags don't override lower sources)."""
     group = parser.add_argument_group(cls.__name__)
-    for field in dataclasses.fields(cls):
+    for field, kind in _fields(cls):
+        if dataclasses.is_dataclass(kind):
+            add_config_args(parser, kind, _prefix(field, prefix))
+            continue
+        name = prefix + field.name
         group.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
+            "--" + name.replace("_", "-"),
+            dest=name,
             type=_converter(field),
             default=None,
             help=f"{field.metadata.get('help', '')} (default: {field.default})",
@@ -53,6 +69,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def config_from(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
                 yaml_path: str | None = None) -> T:
+    """``flags`` and the YAML file use the flat flag names (``transfer_hostname``)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if yaml_path:
@@ -60,21 +77,47 @@ def config_from(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str] |
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config fields")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - _all_names(cls))
     if unknown:
         raise ValueError(f"{yaml_path}: unknown config fields {unknown}")
-    for name, field in names.items():
+    return _build(cls, values, flags, env)
+
+
+def _all_names(cls: type, prefix: str = "") -> set[str]:
+    names = set()
+    for field, kind in _fields(cls):
+        if dataclasses.is_dataclass(kind):
+            names |= _all_names(kind, _prefix(field, prefix))
+        else:
+            names.add(prefix + field.name)
+    return names
+
+
+def _build(cls: type[T], yaml_values: dict[str, Any], flags: Mapping[str, Any], env: Mapping[str, str],
+           prefix: str = "") -> T:
+    values: dict[str, Any] = {}
+    for field, kind in _fields(cls):
+        if dataclasses.is_dataclass(kind):
+            values[field.name] = _build(kind, yaml_values, flags, env, _prefix(field, prefix))
+            continue
+        name = prefix + field.name
+        if name in yaml_values:
+            values[field.name] = yaml_values[name]
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:
-            values[name] = _converter(field)(raw)
+            values[field.name] = _converter(field)(raw)
         if flags.get(name) is not None:
-            values[name] = flags[name]
+            values[field.name] = flags[name]
     return cls(**values)
 
 
-def format_config(config: Any) -> str:
+def format_config(config: Any, indent: str = "  ") -> str:
     """One ``name = value`` line per field, for the log at start-up."""
-    title = type(config).__name__
-    lines = [f"{title}:"] + [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]
+    lines = [f"{type(config).__name__}:"]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(indent + format_config(value, indent + "  ").replace("\n", "\n"))
+        else:
+            lines.append(f"{indent}{field.name} = {value!r}")
     return "\n".join(lines)

@@ -13,11 +13,11 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .engine import Engine
-from .request import RequestOutput, SamplingParams
+from .request import Request, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,31 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (a bug, or a device error); the request was dropped."""
 
 
+@dataclass(frozen=True)
+class RemotePrefillTask:
+    """Decode side: what a prefill pod must compute and where to write it (copied off the engine thread)."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    num_cached_tokens: int
+    dest_page_ids: list[int]  # D's pages for tokens [num_cached_tokens, len(token_ids))
+    dest_state_slot: int
+
+    @classmethod
+    def of(cls, request: Request, page_size: int) -> RemotePrefillTask:
+        return cls(
+            request.request_id, list(request.all_token_ids), request.params, request.num_computed_tokens,
+            list(request.page_ids[request.num_computed_tokens // page_size :]), request.state_slot,
+        )
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_remote_prefill: Callable[[RemotePrefillTask], None] | None = None) -> None:
+        """``on_remote_prefill`` is called on the engine thread for each request a decode pod's scheduler
+        sends to a prefill pod; it must only hand the task over (e.g. ``loop.call_soon_threadsafe``)."""
         self.engine = engine
+        self._on_remote_prefill = on_remote_prefill
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
@@ -45,7 +67,8 @@ class AsyncEngine:
 
     # ---- caller side (any thread, any event loop) ----------------------------------------------------
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        hold_memory: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced; the last one has ``finished`` set.
 
@@ -55,7 +78,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", (prompt, params, request_id, stream, accepted)))
+        self._commands.put(("add", (prompt, params, request_id, hold_memory, stream, accepted)))
         await asyncio.wrap_future(accepted)
         finished = False
         try:
@@ -72,6 +95,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def complete_remote_prefill(self, request_id: str, token: int, logprob: float | None) -> None:
+        self._commands.put(("remote_done", (request_id, token, logprob)))
+
+    def fail_remote_prefill(self, request_id: str) -> None:
+        self._commands.put(("remote_failed", request_id))
+
+    def quarantine_remote_prefill(self, request_id: str) -> None:
+        self._commands.put(("remote_quarantine", request_id))
+
+    def release_held(self, request_id: str) -> None:
+        self._commands.put(("release_held", request_id))
+
     def call(self, fn, *args):
         """Run ``fn(engine, *args)`` on the engine thread and return a concurrent Future of its result
         (for reads of engine state that must not race with a step)."""
@@ -86,7 +121,9 @@ class AsyncEngine:
     # ---- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            block = not self.engine.has_unfinished()
+            # Block when there is nothing to run, or when the last step could schedule nothing (e.g. all
+            # requests wait on prefill pods): only a command can change that, so don't spin.
+            block = not self.engine.has_unfinished() or self.engine.last_step_scheduled == 0
             try:
                 while True:
                     kind, payload = self._commands.get(block=block)
@@ -101,22 +138,36 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+                self._dispatch_remote_prefills()
             except Exception as exc:  # keep serving: drop what was in flight, report it to its callers
                 log.exception("engine step failed; failing in-flight requests")
                 self._fail_all(EngineError(f"engine step failed: {exc}"))
                 continue
             for output in outputs:
-                stream = self._streams.get(output.request_id)
-                if stream is not None:
-                    stream.put(output)
-                    if output.finished:
-                        del self._streams[output.request_id]
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput | None) -> None:
+        if output is None:
+            return
+        stream = self._streams.get(output.request_id)
+        if stream is not None:
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _dispatch_remote_prefills(self) -> None:
+        page_size = self.engine.config.page_size
+        for request in self.engine.pop_remote_prefills():
+            if self._on_remote_prefill is None:  # nobody to send it to: prefill here
+                self.engine.fail_remote_prefill(request.request_id)
+            else:
+                self._on_remote_prefill(RemotePrefillTask.of(request, page_size))
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "add":
-            prompt, params, request_id, stream, accepted = payload
+            prompt, params, request_id, hold_memory, stream, accepted = payload
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, hold_memory=hold_memory)
             except Exception as exc:
                 accepted.set_exception(exc)
                 return
@@ -127,6 +178,14 @@ class AsyncEngine:
             stream = self._streams.pop(payload, None)
             if stream is not None and output is not None:
                 stream.put(output)
+        elif kind == "remote_done":
+            self._deliver(self.engine.complete_remote_prefill(*payload))
+        elif kind == "remote_failed":
+            self.engine.fail_remote_prefill(payload)
+        elif kind == "remote_quarantine":
+            self.engine.quarantine_remote_prefill(payload)
+        elif kind == "release_held":
+            self.engine.release_held(payload)
         elif kind == "call":
             fn, args, done = payload
             try:

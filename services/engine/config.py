@@ -36,6 +36,10 @@ class EngineConfig:
     num_checkpoint_slots: int = field(
         default=0, metadata={"help": "GDN checkpoint slots for the cache (0: 2 x max_num_seqs, memory permitting)"}
     )
+    remote_prefill_threshold: int = field(
+        default=512,
+        metadata={"help": "decode pods with prefill pods: prefill there when the uncached prompt is this long"},
+    )
     checkpoint_interval: int = field(
         default=128, metadata={"help": "tokens between state checkpoints in a long prefill (multiple of page_size)"}
     )

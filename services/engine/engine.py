@@ -44,7 +44,8 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None, remote_prefill: bool = False):
+        """``remote_prefill``: this engine is a decode pod with prefill pods to send long prompts to."""
         self.config = config
         self.model_config = model_config or resolve_model_config(config)
         self.runner = ModelRunner(config, self.model_config)
@@ -68,20 +69,27 @@ class Engine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 prefill_chunk_size=config.prefill_chunk_size,
                 page_size=config.page_size,
+                remote_prefill_threshold=config.remote_prefill_threshold if remote_prefill else 0,
             ),
             self.pages,
             self.slots,
             self.cache,
         )
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished, memory kept until the caller releases it
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self.last_step_scheduled = 0  # sequences in the last forward pass; 0 means only a command can help
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        hold_memory: bool = False,
     ) -> str:
-        """Queue a request; raises InvalidRequestError (nothing queued) if it can never be served."""
+        """Queue a request; raises InvalidRequestError (nothing queued) if it can never be served.
+
+        ``hold_memory``: when it finishes, keep its pages and state slot (listed in ``held``) until
+        ``release_held`` is called; a prefill pod hands them over in between."""
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -97,19 +105,86 @@ class Engine:
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the maximum "
                 f"context of {self.max_model_len} tokens"
             )
-        request = Request(request_id, token_ids, params)
+        request = Request(request_id, token_ids, params, hold_memory=hold_memory)
         self.requests[request_id] = request
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
         self.scheduler.add(request)
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its memory. The stream ends now either way; the memory of a request
+        whose prompt a prefill pod is writing is freed only when that pod is done with it."""
+        if request_id in self.held:
+            self.release_held(request_id)
+            return None
         request = self.requests.get(request_id)
-        if request is None:
+        if request is None or request.abort_requested:
             return None
         request.finish_reason = FinishReason.ABORT
+        if request.awaiting_remote_prefill:
+            request.abort_requested = True
+            request.status = RequestStatus.FINISHED
+            output = self._output(request, [], [])
+            request.status = RequestStatus.RUNNING
+            return output
         self._finish(request)
         return self._output(request, [], [])
+
+    # ---- prefill/decode disaggregation --------------------------------------------------------------
+    def pop_remote_prefills(self) -> list[Request]:
+        """Requests admitted for a prefill pod since the last call (decode side)."""
+        tasks, self.scheduler.remote_prefills = self.scheduler.remote_prefills, []
+        return tasks
+
+    def complete_remote_prefill(self, request_id: str, token: int, logprob: float | None) -> RequestOutput | None:
+        """A prefill pod wrote the prompt's KV pages and final state and sampled ``token``."""
+        request = self.requests.get(request_id)
+        if request is None or not request.awaiting_remote_prefill:
+            return None
+        request.awaiting_remote_prefill = False
+        if request.abort_requested:
+            self._finish(request)
+            return None
+        request.num_computed_tokens = request.num_tokens
+        # Keep a seeded request's random stream where a single engine would have it: the prefill pod
+        # drew the first token's noise.
+        self.runner.sampler.skip_draw(request, self.model_config.vocab_size)
+        return self._append_token(request, token, logprob)
+
+    def fail_remote_prefill(self, request_id: str) -> None:
+        """The prefill pod failed and will write nothing more: prefill here instead (or drop the request if
+        the client already left)."""
+        request = self.requests.get(request_id)
+        if request is None or not request.awaiting_remote_prefill:
+            return
+        if request.abort_requested:
+            request.awaiting_remote_prefill = False
+            self._finish(request)
+            return
+        request.local_prefill_only = True
+        self.scheduler.requeue(request)
+
+    def quarantine_remote_prefill(self, request_id: str) -> None:
+        """The prefill pod neither finished nor confirmed it stopped writing: its destination pages and slot
+        are taken out of use for good (a late write must never land in another request's memory), and the
+        request is prefilled here with fresh memory."""
+        request = self.requests.get(request_id)
+        if request is None or not request.awaiting_remote_prefill:
+            return
+        log.error("quarantining the memory of %s: its prefill pod did not confirm it stopped", request_id)
+        self.scheduler.quarantine(request)
+        if request.abort_requested:
+            self.requests.pop(request_id, None)
+            self._detokenizers.pop(request_id, None)
+        else:
+            request.local_prefill_only = True
+            self.scheduler.waiting.appendleft(request)
+
+    def release_held(self, request_id: str) -> None:
+        """Prefill side: the state was handed over (or the hand-over failed); free the memory."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.scheduler.release(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -117,6 +192,7 @@ class Engine:
     # ---- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         seqs = self.scheduler.schedule()
+        self.last_step_scheduled = len(seqs)
         if not seqs:
             return []
         sampled = self.runner.execute(seqs)
@@ -177,7 +253,10 @@ class Engine:
         )
 
     def _finish(self, request: Request) -> None:
-        if request.status != RequestStatus.FINISHED:
+        if request.hold_memory and request.finish_reason != FinishReason.ABORT:
+            self.scheduler.remove(request, release=False)
+            self.held[request.request_id] = request
+        elif request.status != RequestStatus.FINISHED:
             self.scheduler.remove(request)
         self.requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
@@ -218,6 +297,7 @@ class Engine:
             "checkpoints_total": self.checkpoint_slots.capacity,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "held": len(self.held),
         }
 
     def flush_cache(self) -> None:

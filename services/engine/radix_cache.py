@@ -96,6 +96,7 @@ class RadixCache:
         self._page_owner: dict[int, Node] = {}
         self._clock = itertools.count(1)
         self.events: deque[CacheEvent] = deque()
+        self.num_cached_states = 0
         self.num_evicted_pages = 0
         self.num_evicted_states = 0
 
@@ -103,10 +104,6 @@ class RadixCache:
     @property
     def num_cached_pages(self) -> int:
         return len(self._page_owner)
-
-    @property
-    def num_cached_states(self) -> int:
-        return sum(1 for n in self._nodes() if n.state_slot is not None)
 
     def owns_page(self, page_id: int) -> bool:
         return page_id in self._page_owner
@@ -169,6 +166,7 @@ class RadixCache:
         node.state_slot = slot
         node.state_last_used = next(self._clock)
         node.state_superseded = False
+        self.num_cached_states += 1
         self.events.append(CacheEvent("state_stored", node.page_hash, node.parent_hash, True))
         return True
 
@@ -238,6 +236,7 @@ class RadixCache:
     def _drop_state(self, node: Node) -> None:
         self.checkpoint_slots.free([node.state_slot])
         node.state_slot = None
+        self.num_cached_states -= 1
         self.num_evicted_states += 1
         self.events.append(CacheEvent("state_evicted", node.page_hash, node.parent_hash, False))
 
@@ -268,3 +267,4 @@ class RadixCache:
                 assert node.state_slot not in seen_slots
                 seen_slots.add(node.state_slot)
         assert len(seen_pages) == len(self._page_owner)
+        assert len(seen_slots) == self.num_cached_states

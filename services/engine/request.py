@@ -90,6 +90,14 @@ class Request:
     snapshot_position: int = 0
     num_preemptions: int = 0
     first_token_time: float | None = None
+    # Prefill/decode disaggregation. Decode side: the prompt is being computed by a prefill pod that
+    # writes into this request's pages and working slot; its memory must not be reused until that pod
+    # is done with it (finished, failed, or confirmed aborted). ``local_prefill_only`` after a failure.
+    awaiting_remote_prefill: bool = False
+    local_prefill_only: bool = False
+    abort_requested: bool = False
+    # Prefill side: keep pages and slot after finishing, until the state has been handed over.
+    hold_memory: bool = False
     # Streaming text bookkeeping (owned by the engine's output processing).
     text: str = ""
     num_text_sent: int = 0

@@ -19,6 +19,11 @@ class Sampler:
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
 
+    def skip_draw(self, request: Request, vocab_size: int) -> None:
+        """Advance a seeded request's generator past one draw that happened elsewhere (a prefill pod)."""
+        if request.params.seed is not None and not request.params.greedy:
+            torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator_for(request))
+
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 

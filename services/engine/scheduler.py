@@ -25,6 +25,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int  # token budget of one forward pass
     prefill_chunk_size: int  # most prompt tokens of one request in one step
     page_size: int
+    # Decode pods: a new request whose uncached prompt is at least this long is prefilled by a prefill
+    # pod (0 = never). Shorter suffixes (follow-up turns of a conversation) are prefilled locally.
+    remote_prefill_threshold: int = 0
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order: the last one is preempted first
+        self.remote_prefills: list[Request] = []  # admitted this step for a prefill pod to compute
+        self.quarantined_pages: list[int] = []  # never reused: a prefill pod may still write them
+        self.quarantined_slots: list[int] = []
 
     # ---- queue management ---------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -57,14 +63,41 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, request: Request) -> None:
-        """Take a request out (finished or aborted) and return its memory."""
+    def remove(self, request: Request, release: bool = True) -> None:
+        """Take a request out (finished or aborted) and return its memory, unless ``release`` is False
+        (a prefill pod holds it until the hand-over is done, then calls ``release``)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self._release(request)
+        if release:
+            self._release(request)
         request.status = RequestStatus.FINISHED
+
+    def release(self, request: Request) -> None:
+        self._release(request)
+
+    def quarantine(self, request: Request) -> None:
+        """Take the request out with its destination memory kept out of circulation (see Engine)."""
+        self.running.remove(request)
+        request.awaiting_remote_prefill = False
+        if request.cache_node is not None:  # the prefix it matched is not written by the prefill pod
+            self.cache.tree.unlock(request.cache_node)
+        self.quarantined_pages += [p for p in request.page_ids if not self.cache.tree.owns_page(p)]
+        self.quarantined_slots.append(request.state_slot)
+        request.page_ids, request.state_slot = [], None
+        request.cache_node = request.checkpoint_node = None
+        request.num_computed_tokens = request.num_cached_tokens = 0
+        request.status = RequestStatus.WAITING
+
+    def requeue(self, request: Request) -> None:
+        """A remote prefill failed: give the memory back and put the request first in line again."""
+        self.running.remove(request)
+        request.awaiting_remote_prefill = False
+        self._release(request)
+        request.num_computed_tokens = request.num_cached_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:
         self.cache.release(request)
@@ -101,7 +134,11 @@ class Scheduler:
         """Grow, preempting younger unscheduled running requests if needed. False if ``request`` itself
         had to be preempted (nothing younger was left to take from)."""
         while not self._grow(request, num_tokens):
-            victims = [r for r in self.running if id(r) not in scheduled and r is not request]
+            # A request waiting for a remote prefill cannot give its pages back: a pod is writing them.
+            victims = [
+                r for r in self.running
+                if id(r) not in scheduled and r is not request and not r.awaiting_remote_prefill
+            ]
             if not victims or self.running.index(victims[-1]) < self.running.index(request):
                 self._preempt(request)
                 return False
@@ -119,7 +156,7 @@ class Scheduler:
         for request in list(self.running):
             if budget == 0:
                 break
-            if request not in self.running:  # preempted by an older request in this loop
+            if request not in self.running or request.awaiting_remote_prefill:  # preempted, or on a prefill pod
                 continue
             remaining = request.num_uncomputed_tokens
             num_new = 1 if remaining == 1 else min(remaining, cfg.prefill_chunk_size, budget)
@@ -133,7 +170,15 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs and self.slots.can_allocate(1):
             request = self.waiting[0]
             admission = self.cache.match(request)
-            num_new = min(request.num_uncomputed_tokens, cfg.prefill_chunk_size, budget)
+            remote = (
+                cfg.remote_prefill_threshold > 0
+                and not request.local_prefill_only
+                and request.num_uncomputed_tokens >= cfg.remote_prefill_threshold
+            )
+            # A remote prefill needs pages for the whole prompt now (the pod writes them all at once).
+            num_new = request.num_uncomputed_tokens if remote else min(
+                request.num_uncomputed_tokens, cfg.prefill_chunk_size, budget
+            )
             if not self._grow(request, request.num_computed_tokens + num_new):
                 self.cache.cancel(request)
                 break
@@ -142,6 +187,10 @@ class Scheduler:
             request.state_slot = self.slots.allocate_one()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if remote:  # no compute here; the pod also sends the final state, so no checkpoint copy
+                request.awaiting_remote_prefill = True
+                self.remote_prefills.append(request)
+                continue
             batch.append(ScheduledSeq(request, num_new, copy_state_from=admission.copy_state_from))
             budget -= num_new
 
