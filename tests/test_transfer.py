@@ -265,6 +265,26 @@ def test_scattered_pages_land_exactly(sender, peer):
 
 
 @needs_mooncake
+def test_a_batch_larger_than_mooncakes_tcp_lanes_is_split_and_lands_exactly(sender, peer):
+    """Thousands of descriptors (scattered pages x attention layers) in one write: Mooncake's TCP lanes
+    reject a batch that large, so write() must cut it into batches of MAX_DESCRIPTORS_PER_BATCH."""
+    from services.transfer.engine import MAX_DESCRIPTORS_PER_BATCH
+
+    engine, src, base = sender
+    pieces = 3 * MAX_DESCRIPTORS_PER_BATCH + 5  # 16-byte pieces, every other one, so nothing coalesces
+    rng = random.Random(3)
+    offsets = rng.sample(range(NUM_PAGES * PAGE_BYTES // 32), pieces)
+    src_addrs = [base + 32 * o for o in offsets]
+    dst_addrs = [peer.base + 32 * o for o in offsets]
+    assert engine.write(peer.session, src_addrs, dst_addrs, [16] * pieces) == 16 * pieces
+    expected = _fresh_pool().view(torch.uint8).flatten()
+    source = src.view(torch.uint8).flatten()
+    for o in offsets:
+        expected[32 * o : 32 * o + 16] = source[32 * o : 32 * o + 16]
+    assert torch.equal(peer.pool().view(torch.uint8).flatten(), expected)
+
+
+@needs_mooncake
 def test_bad_arguments_are_refused_before_reaching_mooncake(sender, peer):
     engine, src, base = sender
     unregistered = torch.zeros(PAGE_FLOATS)

@@ -73,6 +73,11 @@ log = logging.getLogger(__name__)
 
 _PROTOCOLS = ("tcp", "rdma")
 _MOONCAKE_TIMEOUT_FLOOR_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
+# Mooncake's TCP transport queues each descriptor on a bounded per-connection lane; a batch with more
+# descriptors than the lanes hold fails as a whole ("TCP lane queue-full rejection", -1), seen here from
+# about 2,000 descriptors on (2,562 failed, 2,048 sometimes). A hand-over of scattered pages easily has
+# tens of thousands (pages x attention layers), so batches are cut to this many, sent one after another.
+MAX_DESCRIPTORS_PER_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -310,10 +315,14 @@ class TransferEngine:
             if rc != 0:
                 raise TransferError(f"{what}: the peer did not answer Mooncake's probe (code {rc})")
             target.probed = True
-        rc = engine.batch_transfer_sync_write(session, src, dst, lens)
-        if rc != 0:
-            target.probed = False  # Mooncake may have dropped the segment; probe before the next attempt
-            raise TransferError(f"{what}: Mooncake batch_transfer_sync_write returned {rc}")
+        for start in range(0, len(src), MAX_DESCRIPTORS_PER_BATCH):
+            stop = start + MAX_DESCRIPTORS_PER_BATCH
+            rc = engine.batch_transfer_sync_write(session, src[start:stop], dst[start:stop], lens[start:stop])
+            if rc != 0:
+                target.probed = False  # Mooncake may have dropped the segment; probe before the next attempt
+                raise TransferError(
+                    f"{what}: Mooncake batch_transfer_sync_write returned {rc} (descriptors {start}-{stop - 1})"
+                )
 
     def close(self) -> None:
         """Stop serving and writing. Mooncake has no explicit shutdown: dropping the last reference runs its
