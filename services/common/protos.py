@@ -36,7 +36,15 @@ def generate() -> None:
     (GEN_DIR / ".stamp").touch()
 
 
-if _stale():
+def _can_generate() -> bool:
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:  # e.g. a GPU image without grpcio-tools: use code generated elsewhere
+        return not (GEN_DIR / "baton" / "v1" / "pd_pb2.py").is_file()
+    return True
+
+
+if _stale() and _can_generate():
     generate()
 if str(GEN_DIR) not in sys.path:
     sys.path.insert(0, str(GEN_DIR))

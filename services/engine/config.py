@@ -18,6 +18,10 @@ class EngineConfig:
     load_format: str = field(default="auto", metadata={"help": "auto (read safetensors) or dummy (random)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    kernels: str = field(
+        default="auto",
+        metadata={"help": "auto (gpu on CUDA, else torch), torch (reference ops), gpu (Triton + flashinfer)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed for dummy weights and unseeded sampling"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
     max_num_seqs: int = field(default=64, metadata={"help": "requests running at once"})

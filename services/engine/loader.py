@@ -130,9 +130,9 @@ def _plan_swiglu(add, hf: str, ours: str, hidden: int, inter: int) -> None:
 
 def _plan_moe(cfg: ModelConfig, add, hf: str, ours: str, fused_experts: bool) -> None:
     h, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-    add(hf + "gate.weight", (experts, h), ours + "router")
+    add(hf + "gate.weight", (experts, h), ours + "router", _rows(0, experts))
     _plan_swiglu(add, hf + "shared_expert.", ours + "shared_expert.", h, cfg.shared_expert_intermediate_size)
-    add(hf + "shared_expert_gate.weight", (1, h), ours + "shared_expert_gate")
+    add(hf + "shared_expert_gate.weight", (1, h), ours + "router", _rows(experts, 1))
     if fused_experts:
         # Released Qwen3.5-MoE checkpoints: all experts of a layer in two stacked tensors.
         add(hf + "experts.gate_up_proj", (experts, 2 * inter, h), ours + "w13")

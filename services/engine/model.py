@@ -14,12 +14,12 @@ from torch import nn
 from kernels import attention as attn_ops
 from kernels import conv1d as conv_ops
 from kernels import gdn as gdn_ops
-from kernels import moe as moe_ops
-from kernels.norm import gated_rms_norm, gemma_rms_norm, gemma_rms_norm_residual
-from kernels.rope import apply_partial_rope, rope_cos_sin_cache
+from kernels.norm import gemma_rms_norm
+from kernels.rope import rope_cos_sin_cache
 
 from .forward_batch import ForwardBatch
 from .model_config import FULL_ATTENTION, ModelConfig
+from .ops import Ops
 from .state_cache import KVCache, StateCache
 
 
@@ -40,8 +40,10 @@ class GemmaRMSNorm(nn.Module):
 class GatedAttention(nn.Module):
     """Full attention with QK RMSNorm, partial RoPE, GQA and a sigmoid output gate."""
 
-    def __init__(self, cfg: ModelConfig, attn_index: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, attn_index: int, dtype: torch.dtype, device, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
+        self.eps = cfg.rms_norm_eps
         self.attn_index = attn_index  # position of this layer's KV among the full-attention layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -57,31 +59,28 @@ class GatedAttention(nn.Module):
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
 
-    def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: torch.Tensor,
+                attention) -> torch.Tensor:
+        """``attention``: the step's planned attention backend (see Ops.make_attention)."""
         num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
-        q_gate, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q_gate = q_gate.view(num_tokens, self.num_heads, 2 * self.head_dim)
-        q, gate = q_gate[..., : self.head_dim], q_gate[..., self.head_dim :]
-        q = self.q_norm(q)
-        k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_partial_rope(q, batch.positions, cos_sin)
-        k = apply_partial_rope(k, batch.positions, cos_sin)
+        # QK RMSNorm, partial RoPE, and the output gate split off (already passed through a sigmoid).
+        q, k, v, gate = self.ops.qk_norm_rope(
+            qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, batch.positions, self.num_heads,
+            self.num_kv_heads, self.head_dim, self.eps,
+        )
         layer_kv = kv_cache.layer(self.attn_index)
         attn_ops.write_kv(layer_kv, k, v, batch.kv_slot_ids)
-        out = attn_ops.paged_attention(q, layer_kv, batch.page_tables, batch.query_lens, batch.kv_lens, self.scale)
-        out = out.reshape(num_tokens, -1) * torch.sigmoid(gate.reshape(num_tokens, -1))
-        return F.linear(out, self.o_proj, self.o_bias)
+        out = attention.run(q, layer_kv)
+        return F.linear(out.reshape(num_tokens, -1) * gate, self.o_proj, self.o_bias)
 
 
 class GatedDeltaNet(nn.Module):
     """Linear attention layer: causal conv1d + gated delta rule, with its state in a StateCache slot."""
 
-    def __init__(self, cfg: ModelConfig, gdn_index: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, gdn_index: int, dtype: torch.dtype, device, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.gdn_index = gdn_index  # position of this layer's state among the GDN layers
         self.num_k_heads = cfg.linear_num_key_heads
         self.num_v_heads = cfg.linear_num_value_heads
@@ -155,7 +154,9 @@ class GatedDeltaNet(nn.Module):
                 conv_states[slot] = conv_state
                 ssm_states[slot] = ssm_state[0]
 
-        core = gated_rms_norm(core, z.reshape(num_tokens, self.num_v_heads, self.v_dim), self.norm_weight, self.eps)
+        core = self.ops.gated_rms_norm(
+            core, z.reshape(num_tokens, self.num_v_heads, self.v_dim), self.norm_weight, self.eps
+        )
         return F.linear(core.reshape(num_tokens, self.value_size), self.out_proj)
 
     def _split_heads(self, mixed: torch.Tensor, num_tokens: int):
@@ -183,34 +184,35 @@ class DenseMLP(nn.Module):
 class SparseMoE(nn.Module):
     """Top-k softmax-routed experts plus a sigmoid-gated shared expert."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         h, i = cfg.hidden_size, cfg.moe_intermediate_size
-        self.router = _param(cfg.num_experts, h, dtype=dtype, device=device)
+        # The experts' router and the shared expert's gate share one GEMM: rows [0, E) route, row E gates.
+        self.router = _param(cfg.num_experts + 1, h, dtype=dtype, device=device)
         self.w13 = _param(cfg.num_experts, 2 * i, h, dtype=dtype, device=device)
         self.w2 = _param(cfg.num_experts, h, i, dtype=dtype, device=device)
         self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
-        self.shared_expert_gate = _param(1, h, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = moe_ops.topk_softmax(F.linear(x, self.router), self.top_k, self.renormalize)
-        routed = moe_ops.fused_experts(x, self.w13, self.w2, weights, expert_ids)
-        shared = torch.sigmoid(F.linear(x, self.shared_expert_gate)) * self.shared_expert(x)
-        return routed + shared
+        weights, expert_ids, shared_gate = self.ops.route_topk(x, self.router, self.top_k, self.renormalize)
+        routed = self.ops.fused_experts(x, self.w13, self.w2, weights, expert_ids)
+        return routed + shared_gate.to(x.dtype) * self.shared_expert(x)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.is_attention = cfg.layer_types[layer] == FULL_ATTENTION
         if self.is_attention:
-            self.mixer = GatedAttention(cfg, cfg.attention_layers.index(layer), dtype, device)
+            self.mixer = GatedAttention(cfg, cfg.attention_layers.index(layer), dtype, device, ops)
         else:
-            self.mixer = GatedDeltaNet(cfg, cfg.gdn_layers.index(layer), dtype, device)
+            self.mixer = GatedDeltaNet(cfg, cfg.gdn_layers.index(layer), dtype, device, ops)
         if cfg.layer_is_moe(layer):
-            self.mlp = SparseMoE(cfg, dtype, device)
+            self.mlp = SparseMoE(cfg, dtype, device, ops)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -224,25 +226,33 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache,
         state_cache: StateCache,
         cos_sin: torch.Tensor,
+        attention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         norm = self.input_layernorm
-        h, residual = gemma_rms_norm_residual(x, residual, norm.weight, norm.eps)
+        h, residual = self.ops.rms_norm_residual(x, residual, norm.weight, norm.eps)
         if self.is_attention:
-            h = self.mixer(h, batch, kv_cache, cos_sin)
+            h = self.mixer(h, batch, kv_cache, cos_sin, attention)
         else:
             h = self.mixer(h, batch, state_cache)
         norm = self.post_attention_layernorm
-        h, residual = gemma_rms_norm_residual(h, residual, norm.weight, norm.eps)
+        h, residual = self.ops.rms_norm_residual(h, residual, norm.weight, norm.eps)
         return self.mlp(h), residual
 
 
 class Qwen35ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, ops: Ops,
+                 page_size: int) -> None:
         super().__init__()
         self.config = cfg
         self.dtype = dtype
+        self.ops = ops
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device, ops) for i in range(cfg.num_hidden_layers))
+        # One attention backend for all layers: the page table is planned once per step.
+        self.attention = ops.make_attention(
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, page_size, dtype, torch.device(device)
+        )
+        self.attention_scale = cfg.head_dim**-0.5
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
@@ -257,9 +267,11 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, state_cache: StateCache) -> torch.Tensor:
         """Run the packed batch, update KV pages and state slots, return fp32 logits of ``logits_indices``."""
         x = F.embedding(batch.input_ids, self.embed_tokens)
+        if self.config.attention_layers:
+            self.attention.plan(batch.query_lens, batch.kv_lens, batch.page_tables, self.attention_scale)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin)
-        x, _ = gemma_rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
+            x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin, self.attention)
+        x, _ = self.ops.rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
         x = x.index_select(0, batch.logits_indices)
         return F.linear(x, self.lm_head).float()

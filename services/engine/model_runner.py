@@ -14,6 +14,7 @@ from .forward_batch import ForwardBatch
 from .loader import init_dummy_weights, load_weights
 from .model import Qwen35ForCausalLM
 from .model_config import ModelConfig
+from .ops import select_ops
 from .sampler import Sampler
 from .scheduler import ScheduledSeq
 from .state_cache import KVCache, StateCache
@@ -34,13 +35,14 @@ class ModelRunner:
         self.page_size = config.page_size
 
         started = time.monotonic()
-        self.model = Qwen35ForCausalLM(model_config, self.dtype, self.device)
+        self.ops = select_ops(config.kernels, self.device)
+        self.model = Qwen35ForCausalLM(model_config, self.dtype, self.device, self.ops, config.page_size)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, Path(config.model))
-        log.info("model ready in %.1fs (%s, %s, %s)", time.monotonic() - started, model_config.family,
-                 self.dtype, self.device)
+        log.info("model ready in %.1fs (%s, %s, %s, %s kernels)", time.monotonic() - started, model_config.family,
+                 self.dtype, self.device, self.ops.name)
 
         # State slots: one working slot per running request, then the prefix cache's checkpoint slots.
         self.num_working_slots = config.max_num_seqs

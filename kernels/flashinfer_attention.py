@@ -1,0 +1,55 @@
+"""Paged attention on the KV pool with flashinfer (GPU), behind the same call as kernels.attention.
+
+Baton's per-layer KV pool ``[num_pages, 2, page_size, kv_heads, head_dim]`` is flashinfer's "NHD" paged
+layout with K and V in one tensor, so layers are passed as they are. The page table is the same for
+every attention layer of a step, so it is planned once per step (``plan``) and each layer only ``run``s.
+Decode steps (one query token per sequence) use the decode kernel with tensor cores (GQA groups of 8 make
+the query tile worth it); everything else uses the prefill kernel with causal masking, which also covers
+prefill on top of a cached prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttention:
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        import flashinfer  # GPU only: imported here so CPU installs never need it
+
+        self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.page_size, self.dtype, self.device = page_size, dtype, device
+        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self._wrapper = None
+
+    def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[torch.Tensor], scale: float) -> None:
+        """Describe this step's sequences (same for every layer)."""
+        pages_per_seq = [len(t) for t in page_tables]
+        kv_indptr = torch.tensor([0, *torch.tensor(pages_per_seq).cumsum(0).tolist()], dtype=torch.int32)
+        kv_indices = torch.cat(page_tables).to(device=self.device, dtype=torch.int32)
+        last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
+        common = dict(
+            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=scale,
+        )
+        if all(q == 1 for q in query_lens):
+            self.decode.plan(
+                kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device), self.num_qo_heads,
+                self.num_kv_heads, self.head_dim, self.page_size, **common,
+            )
+            self._wrapper = self.decode
+        else:
+            qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+            self.prefill.plan(
+                qo_indptr.to(self.device), kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device),
+                self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common,
+            )
+            self._wrapper = self.prefill
+
+    def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor) -> torch.Tensor:
+        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]`` over the planned page tables."""
+        return self._wrapper.run(q, kv_cache_layer)

@@ -1,0 +1,565 @@
+"""Triton MoE: router top-k and SwiGLU experts as a grouped GEMM over expert-sorted token blocks.
+
+Routing (``route_topk``): one cuBLAS GEMM gives the router logits and the shared-expert gate logit together
+(weights concatenated once at load time with ``concat_router_weights``); one Triton kernel then does, per token,
+the fp32 softmax (or sigmoid scoring), the top-k by repeated argmax, the optional renormalisation and the
+sigmoid of the shared gate.
+
+Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Triton kernels:
+
+1. ``moe_align_block_size``: the T*k (token, slot) pairs are sorted by expert, and each expert's run is padded
+   to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to exactly one expert. Padding slots hold the
+   sentinel ``T*k`` and are masked out. For decode-sized batches this is one single-program Triton kernel
+   (histogram + cumsum + bitonic sort of ``expert * 2^n + pair`` keys, so the order is the stable order of the
+   torch reference); for large batches it is a few torch ops (no host sync either way, so it can be captured
+   in a CUDA graph).
+2. ``_moe_gate_up_kernel``: for each block, ``x[tokens] @ w13[e, :I]^T`` and ``x[tokens] @ w13[e, I:]^T`` as two
+   accumulators of the same N columns, with the SwiGLU epilogue ``silu(gate) * up``, written per pair.
+3. ``_moe_down_kernel``: ``act @ w2[e]^T`` times the pair's routing weight, written per pair.
+4. ``_moe_sum_kernel``: sum over the k pairs of each token in fp32 (deterministic, no atomics).
+
+Weight traffic: each program reads one expert's weight tile for its block. An expert with at most BLOCK_M
+routed pairs has exactly one block, so at decode only the selected experts' weights are read, each once;
+experts nobody picked are never touched (their blocks do not exist).
+
+Rounding follows ``kernels.moe.fused_experts``: gate/up, silu, silu*up, the down projection, the routing
+weight (cast to the activation dtype) and weight*y are each rounded to the activation dtype; the k-sum is fp32.
+For fp32 inputs the dots run in full fp32 (``input_precision="ieee"``, no tf32), like torch's default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.triton.norm import round_to
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest number of (token, expert) pairs aligned by the single-program Triton kernel; beyond it, torch ops.
+_ALIGN_TRITON_MAX_PAIRS = 4096
+_MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile in registers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch.Tensor) -> torch.Tensor:
+    """``[E, H]`` router + ``[1, H]`` shared-expert gate -> one ``[E+1, H]`` weight (do this once, at load)."""
+    if router_weight.dim() != 2 or shared_gate_weight.shape != (1, router_weight.shape[1]):
+        raise ValueError(f"expected router [E, H] and shared gate [1, H], got {tuple(router_weight.shape)} and "
+                         f"{tuple(shared_gate_weight.shape)}")
+    return torch.cat([router_weight, shared_gate_weight.to(router_weight.dtype)], dim=0).contiguous()
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, weights_ptr, ids_ptr, shared_ptr,
+    num_experts, stride_logits,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < num_experts
+    row = logits_ptr + token * stride_logits
+    logits = tl.load(row + e, mask=valid, other=float("-inf")).to(tl.float32)
+    if SOFTMAX:
+        # kernels.moe.topk_softmax: softmax in fp32 over all experts, top-k on the probabilities.
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = tl.where(valid, p, 0.0)
+        scores = p / tl.sum(p, axis=0)
+    else:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    # Scores are >= 0, so -1 marks padding lanes and -2 experts already taken; neither can win a round.
+    scores = tl.where(valid, scores, -1.0)
+
+    k = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        # Highest score, ties to the lowest expert id; results come out in descending order like torch.topk.
+        best, idx = tl.max(scores, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        top_w = tl.where(k == i, best, top_w)
+        top_i = tl.where(k == i, idx.to(tl.int32), top_i)
+        scores = tl.where(e == idx, -2.0, scores)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= TOP_K are zero
+    tl.store(weights_ptr + token * TOP_K + k, top_w, mask=k < TOP_K)
+    tl.store(ids_ptr + token * TOP_K + k, top_i, mask=k < TOP_K)
+
+    if HAS_SHARED:
+        # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
+        dtype = shared_ptr.dtype.element_ty
+        g = tl.load(row + num_experts).to(tl.float32)
+        tl.store(shared_ptr + token, round_to(1.0 / (1.0 + tl.exp(-g)), dtype).to(dtype))
+
+
+def route_topk(
+    hidden: torch.Tensor,
+    router_weight: torch.Tensor,
+    shared_gate_weight: torch.Tensor | None,
+    top_k: int,
+    renormalize: bool,
+    *,
+    fused_shared_gate: bool = False,
+    scoring: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
+
+    Three ways to pass the weights:
+      * ``fused_shared_gate=True``: ``router_weight`` is ``concat_router_weights(router, shared_gate)``
+        ``[E+1, H]`` (its last row is the shared-expert gate) and ``shared_gate_weight`` must be None. One GEMM.
+        This is the serving path.
+      * ``router_weight [E, H]`` and ``shared_gate_weight [1, H]``: concatenated here on every call (an extra
+        copy of the router weight per call; fine for tests, use the fused form in the model).
+      * ``router_weight [E, H]`` and ``shared_gate_weight=None``: no shared expert; the third result is None.
+
+    ``scoring="softmax"`` (Qwen): fp32 softmax over all E experts, top-k, then ``w / sum(w)`` if
+    ``renormalize`` -- the same as ``kernels.moe.topk_softmax``. ``scoring="sigmoid"``: scores
+    ``sigmoid(logits)`` in fp32, top-k on the scores, optional renormalisation (no expert bias / group limit).
+    ``shared_gate`` is ``sigmoid(logit)`` in hidden's dtype. Weights are in descending order; ties pick the
+    lower expert id.
+    """
+    if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if router_weight.dim() != 2 or router_weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"router_weight must be [E, {hidden.shape[1]}], got {tuple(router_weight.shape)}")
+    if router_weight.dtype != hidden.dtype:
+        raise ValueError(f"router_weight dtype {router_weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if fused_shared_gate:
+        if shared_gate_weight is not None:
+            raise ValueError("fused_shared_gate=True: pass the concatenated weight and shared_gate_weight=None")
+        weight = router_weight
+        num_experts = router_weight.shape[0] - 1
+    elif shared_gate_weight is not None:
+        weight = concat_router_weights(router_weight, shared_gate_weight)
+        num_experts = router_weight.shape[0]
+    else:
+        weight = router_weight
+        num_experts = router_weight.shape[0]
+    has_shared = weight.shape[0] > num_experts
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if num_experts > _MAX_EXPERTS:
+        raise ValueError(f"at most {_MAX_EXPERTS} experts (one register tile per token), got {num_experts}")
+    if weight.device != hidden.device:
+        raise ValueError(f"router weight is on {weight.device}, hidden on {hidden.device}")
+
+    tokens = hidden.shape[0]
+    logits = F.linear(hidden, weight)  # [T, E(+1)] in hidden's dtype, like the reference's F.linear
+    topk_weights = torch.empty(tokens, top_k, dtype=torch.float32, device=hidden.device)
+    topk_ids = torch.empty(tokens, top_k, dtype=torch.int32, device=hidden.device)
+    shared = torch.empty(tokens, 1, dtype=hidden.dtype, device=hidden.device) if has_shared else None
+    if tokens == 0:
+        return topk_weights, topk_ids, shared
+    block_e = triton.next_power_of_2(num_experts)
+    _route_topk_kernel[(tokens,)](
+        logits, topk_weights, topk_ids, shared if has_shared else topk_weights,
+        num_experts, logits.stride(0),
+        TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
+        num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4,
+    )
+    return topk_weights, topk_ids, shared
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sorting token-expert pairs into expert blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _padded_sizes(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """Upper bounds (no device sync): each non-empty expert pads fewer than block_m slots."""
+    max_padded = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return max_padded, triton.cdiv(max_padded, block_m)
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr,
+    num_pairs, num_experts, max_padded, max_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_FILL: tl.constexpr,
+):
+    """One program: every pair's slot in the expert-sorted, block-padded order."""
+    i = tl.arange(0, BLOCK_PAIRS)
+    valid = i < num_pairs
+    ids = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
+
+    counts = tl.histogram(ids, BLOCK_E, mask=valid)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    count_end = tl.cumsum(counts, axis=0)
+    e = tl.arange(0, BLOCK_E)
+    # The j-th pair of expert e in sorted order (sorted position count_start[e] + j) goes to padded_start[e] + j.
+    tl.store(shift_ptr + e, (padded_end - padded) - (count_end - counts), mask=e < num_experts)
+    tl.store(num_post_ptr, tl.sum(padded, axis=0))
+
+    # Padding slots hold the sentinel num_pairs; blocks past the end (never read) get expert 0.
+    # (while rather than range(): not performance critical, and Triton 3.6's interpreter cannot iterate a
+    # range() over a runtime bound with numpy >= 2.4.)
+    start = 0
+    while start < max_padded:
+        f = start + tl.arange(0, BLOCK_FILL)
+        tl.store(sorted_ids_ptr + f, tl.full([BLOCK_FILL], 0, tl.int32) + num_pairs, mask=f < max_padded)
+        tl.store(expert_ids_ptr + f, tl.zeros([BLOCK_FILL], dtype=tl.int32), mask=f < max_blocks)
+        start += BLOCK_FILL
+    tl.debug_barrier()  # the shift table and the sentinel fill are visible to every thread from here on
+
+    # Stable sort by expert: key = expert * BLOCK_PAIRS + pair index (invalid lanes sort last).
+    keys = tl.where(valid, ids, num_experts) * BLOCK_PAIRS + i
+    keys = tl.sort(keys)
+    expert = keys // BLOCK_PAIRS
+    pair = keys % BLOCK_PAIRS
+    dest = i + tl.load(shift_ptr + expert, mask=valid, other=0)
+    tl.store(sorted_ids_ptr + dest, pair, mask=valid)
+    # Every block of an expert's padded run holds at least one real pair, so this covers all live blocks.
+    tl.store(expert_ids_ptr + dest // BLOCK_M, expert, mask=valid)
+
+
+def _moe_align_torch(
+    flat_ids: torch.Tensor, block_m: int, num_experts: int, max_padded: int, max_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same result as ``_moe_align_kernel`` with torch ops, for batches too large for one program."""
+    device = flat_ids.device
+    num_pairs = flat_ids.numel()
+    ids = flat_ids.long()
+    # scatter_add_ rather than bincount: bincount syncs with the host to size its output.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    count_end = torch.cumsum(counts, 0)
+    shift = (padded_end - padded) - (count_end - counts)
+    order = torch.argsort(ids, stable=True)
+    expert = ids[order]
+    dest = torch.arange(num_pairs, device=device) + shift[expert]
+    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids[dest] = order.to(torch.int32)
+    expert_ids = torch.zeros(max_blocks, dtype=torch.int32, device=device)
+    expert_ids[dest // block_m] = expert.to(torch.int32)
+    return sorted_ids, expert_ids, padded_end[-1:].to(torch.int32)
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the T*k (token, slot) pairs by expert into BLOCK_M-row blocks of one expert each.
+
+    Returns ``(sorted_pair_ids int32 [max_padded], block_expert_ids int32 [max_blocks], num_post_padded int32
+    [1])`` with ``max_padded = T*k + min(E, T*k) * (block_m - 1)``. ``sorted_pair_ids`` holds flat pair indices
+    ``t*k + j`` (stable order within an expert) and the sentinel ``T*k`` in padding slots; entries at or past
+    ``num_post_padded`` are padding, and so are the blocks starting there. ``topk_ids`` values must lie in
+    ``[0, num_experts)`` (not checked on the device).
+    """
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be an int32/int64 [T, k] tensor, got {topk_ids.dtype} "
+                         f"{tuple(topk_ids.shape)}")
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two, got {block_m}")
+    if not 1 <= num_experts <= _MAX_EXPERTS:
+        raise ValueError(f"num_experts must be in [1, {_MAX_EXPERTS}], got {num_experts}")
+    flat = topk_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    num_pairs = flat.numel()
+    max_padded, max_blocks = _padded_sizes(num_pairs, num_experts, block_m)
+    if num_pairs > _ALIGN_TRITON_MAX_PAIRS:
+        return _moe_align_torch(flat, block_m, num_experts, max_padded, max_blocks)
+
+    device = topk_ids.device
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_post = torch.empty(1, dtype=torch.int32, device=device)
+    shift = torch.empty(num_experts, dtype=torch.int32, device=device)  # scratch
+    block_pairs = max(16, triton.next_power_of_2(num_pairs))
+    _moe_align_kernel[(1,)](
+        flat, sorted_ids, expert_ids, num_post, shift,
+        num_pairs, num_experts, max_padded, max_blocks,
+        BLOCK_M=block_m, BLOCK_PAIRS=block_pairs, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_FILL=1024,
+        num_warps=4 if block_pairs <= 1024 else 8,
+    )
+    return sorted_ids, expert_ids, num_post
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert GEMMs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether to feed tl.dot fp32 copies of the operands: only under Triton's CPU interpreter with bf16.
+
+    Triton 3.6's interpreter keeps bf16 values as raw uint16 bits and its tl.dot multiplies those bits as
+    integers. Upcasting first gives exact bf16 products accumulated in fp32 -- what the GPU's bf16 MMA computes
+    (up to summation order). The compiled GPU kernels never take this path.
+    """
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """Tile shape and schedule of one of the two expert GEMMs."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 1  # M blocks per group in the program order (L2 reuse of weight tiles across M blocks)
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Launch configuration of ``fused_experts``; ``block_m`` is shared by the alignment and both GEMMs.
+
+    ``gate_up.block_n`` counts columns of *each* of gate and up (the tile reads 2 * block_n weight rows).
+    """
+
+    block_m: int
+    gate_up: GemmTile
+    down: GemmTile
+
+
+def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
+    """Heuristic configuration by pairs per active expert; the starting point for per-GPU tuning (NOTES_fused.md).
+
+    Decode (about one pair per expert): BLOCK_M=16 (the smallest tl.dot M) and narrow N tiles, so that the
+    few selected experts still spread their weight reads over many programs. Prefill: larger M tiles for
+    weight reuse, grouped program order for L2 reuse.
+    """
+    pairs = num_tokens * top_k
+    per_expert = pairs / max(1, min(num_experts, pairs))  # mean pairs per routed-to expert
+    if per_expert <= 8:
+        return MoeConfig(16, GemmTile(32, 128, num_warps=4, num_stages=4), GemmTile(64, 128, num_warps=4, num_stages=4))
+    if per_expert <= 32:
+        return MoeConfig(32, GemmTile(64, 64, num_warps=4, num_stages=4), GemmTile(128, 64, num_warps=4, num_stages=4))
+    if per_expert <= 96:
+        return MoeConfig(64, GemmTile(64, 64, num_warps=4, num_stages=4, group_m=8),
+                         GemmTile(128, 64, num_warps=4, num_stages=4, group_m=8))
+    return MoeConfig(128, GemmTile(64, 64, num_warps=8, num_stages=3, group_m=8),
+                     GemmTile(128, 64, num_warps=8, num_stages=3, group_m=8))
+
+
+def _check_config(cfg: MoeConfig) -> None:
+    sizes = {"block_m": cfg.block_m, "gate_up.block_n": cfg.gate_up.block_n, "gate_up.block_k": cfg.gate_up.block_k,
+             "down.block_n": cfg.down.block_n, "down.block_k": cfg.down.block_k}
+    for name, size in sizes.items():
+        if size < 16 or size & (size - 1):  # tl.dot needs every dimension >= 16
+            raise ValueError(f"MoeConfig.{name} must be a power of two >= 16, got {size}")
+    for name, tile in (("gate_up", cfg.gate_up), ("down", cfg.down)):
+        if tile.group_m < 1 or tile.num_warps not in (1, 2, 4, 8, 16) or tile.num_stages < 1:
+            raise ValueError(f"MoeConfig.{name} has an invalid schedule: {tile}")
+
+
+@triton.jit
+def _block_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (M block, N block), GROUP_M M blocks at a time (the Triton matmul tutorial's order)."""
+    group_size_total = GROUP_M * num_n
+    first_m = (pid // group_size_total) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size_total) % group_m
+    pid_n = (pid % group_size_total) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    num_pairs, max_padded,
+    stride_x, stride_we, stride_wn, stride_act,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m, pid_n = _block_coords(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+        return  # past the last live block (the grid is sized for the worst case)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_pairs
+    token = (pair // TOP_K).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)  # int64: E * 2I * H exceeds 2^31 for big models
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < INTER
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]
+    # Weight tiles [BLOCK_K, BLOCK_N] of w13[e]: gate rows offs_n, up rows inter + offs_n (contiguous along K).
+    g_ptrs = w13_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + INTER * stride_wn
+
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):  # constexpr bounds: a pipelined loop with a known trip count
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            g = tl.load(g_ptrs, mask=n_mask[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < HIDDEN - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter only, see _upcast_dot
+            a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+        acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+
+    # SwiGLU with the reference's roundings: F.linear output, silu(gate), silu(gate) * up, each in the dtype.
+    dtype = act_ptr.dtype.element_ty
+    gate = round_to(acc_g, dtype)
+    up = round_to(acc_u, dtype)
+    act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_act + offs_n[None, :]
+    tl.store(out_ptrs, act.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    act_ptr, w2_ptr, y_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    num_pairs, max_padded,
+    stride_act, stride_we, stride_wn, stride_y,
+    HIDDEN: tl.constexpr, INTER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m, pid_n = _block_coords(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(HIDDEN, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_pairs
+    pair64 = pair.to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < HIDDEN
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + pair64[:, None] * stride_act + offs_k[None, :]
+    w_ptrs = w2_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < INTER - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # Reference: y = F.linear(...) in the dtype; y * weights.to(dtype), rounded.
+    dtype = y_ptr.dtype.element_ty
+    routing = round_to(tl.load(topk_w_ptr + pair64, mask=row_mask, other=0.0).to(tl.float32), dtype)
+    y = round_to(round_to(acc, dtype) * routing[:, None], dtype)
+    y_ptrs = y_ptr + pair64[:, None] * stride_y + offs_n[None, :]
+    tl.store(y_ptrs, y.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_sum_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j y[t*k + j] in fp32, rounded once to the dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + token * hidden + cols, round_to(acc, dtype).to(dtype), mask=mask)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` with SwiGLU experts; new ``[T, H]``.
+
+    x: ``[T, H]`` (unit last stride); w13: ``[E, 2I, H]`` gate rows then up rows; w2: ``[E, H, I]`` (both with
+    unit last stride, same dtype as x); topk_weights: ``[T, k]`` float; topk_ids: ``[T, k]`` int32/int64 in
+    ``[0, E)`` (not checked on the device). ``config`` overrides ``default_moe_config``.
+    """
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float [T, H] tensor, got {x.dtype} {tuple(x.shape)}")
+    tokens, hidden = x.shape
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 must be [E, 2I, H] and w2 [E, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    num_experts, two_inter, w13_hidden = w13.shape
+    inter = two_inter // 2
+    if w13_hidden != hidden or two_inter % 2 or tuple(w2.shape) != (num_experts, hidden, inter):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, {hidden}]), "
+                         f"w2 {tuple(w2.shape)} (want [E, {hidden}, I])")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"weights must have x's dtype {x.dtype}, got w13 {w13.dtype}, w2 {w2.dtype}")
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {tuple(t.stride())}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must both "
+                         f"be [{tokens}, k]")
+    if not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
+    top_k = topk_ids.shape[1]
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    if tokens == 0 or top_k == 0:
+        return out.zero_()
+
+    cfg = config or default_moe_config(tokens, top_k, num_experts)
+    _check_config(cfg)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
+    max_padded = sorted_ids.numel()
+    num_pairs = tokens * top_k
+    num_m = triton.cdiv(max_padded, cfg.block_m)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only ever applies to fp32 operands
+    upcast = _upcast_dot(x.dtype)
+
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    t = cfg.gate_up
+    _moe_gate_up_kernel[(num_m * triton.cdiv(inter, t.block_n),)](
+        x, w13, act, sorted_ids, expert_ids, num_post,
+        num_pairs, max_padded,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=top_k, HIDDEN=hidden, INTER=inter,
+        BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=hidden % t.block_k == 0,
+        DOT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    t = cfg.down
+    _moe_down_kernel[(num_m * triton.cdiv(hidden, t.block_n),)](
+        act, w2, y, topk_weights.contiguous(), sorted_ids, expert_ids, num_post,
+        num_pairs, max_padded,
+        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        HIDDEN=hidden, INTER=inter,
+        BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=inter % t.block_k == 0,
+        DOT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        y, out, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+    )
+    return out

@@ -1,0 +1,403 @@
+"""Triton norm, fused QK-norm/RoPE/gate and MoE kernels against the plain-torch references.
+
+Runs the compiled kernels on a GPU and Triton's interpreter on CPU (tests/kernels/conftest.py). Every kernel
+output is allocated poisoned (NaN, or a garbage integer) so anything a kernel forgets to write fails the test.
+Shapes: small odd ones, plus the real Qwen3.5-35B-A3B / 397B head and hidden sizes (MoE expert counts cut
+down for the CPU's sake; the benchmark covers the full expert counts on the GPU).
+
+Tolerances: fp32 ~1e-5 (the kernels compute in fp32 with full-precision dots, no tf32); bf16 1e-2 relative
+(the kernels round at the same steps as the references, so under the interpreter most outputs are bit-equal;
+on the GPU exp/rsqrt and the GEMM summation order may move a value by one bf16 ulp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import moe as moe_ref
+from kernels import norm as norm_ref
+from kernels.rope import apply_partial_rope, rope_cos_sin_cache
+from kernels.triton import moe as moe_tk
+from kernels.triton import norm as norm_tk
+from kernels.triton.qk_norm_rope import qk_norm_rope
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+EPS = 1e-6
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Make every ``torch.empty`` inside the block come back filled with NaN (floats) or -999_999 (ints)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-999_999)
+        return t
+
+    with mock.patch.object(torch, "empty", empty):
+        yield
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, gen, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.isfinite(actual).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------ norms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 2048), (3, 4096), (7, 100)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_gemma_rms_norm_residual(dtype, tokens, hidden, with_residual):
+    gen = _gen(tokens * hidden)
+    x = _randn(tokens, hidden, gen=gen, dtype=dtype, scale=3.0)
+    residual = _randn(tokens, hidden, gen=gen, dtype=dtype, scale=3.0) if with_residual else None
+    weight = _randn(hidden, gen=gen, dtype=dtype, scale=0.2)
+    with poisoned_outputs():
+        normed, new_res = norm_tk.gemma_rms_norm_residual(x, residual, weight, EPS)
+    ref_normed, ref_res = norm_ref.gemma_rms_norm_residual(x, residual, weight, EPS)
+    _close(normed, ref_normed, dtype)
+    # The residual stream must round exactly like the unfused add (it is carried through every layer).
+    assert torch.equal(new_res, ref_res)
+    if not with_residual:
+        assert new_res is x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemma_rms_norm_strided_rows_and_3d(dtype):
+    gen = _gen(1)
+    base = _randn(5, 3000, gen=gen, dtype=dtype)
+    x = base[:, 100:100 + 2048]  # row stride 3000
+    weight = _randn(2048, gen=gen, dtype=torch.float32, scale=0.2)  # fp32 weight with bf16 x is allowed
+    with poisoned_outputs():
+        out = norm_tk.gemma_rms_norm(x, weight, EPS)
+    _close(out, norm_ref.gemma_rms_norm(x, weight, EPS), dtype)
+    x3 = _randn(2, 3, 24, gen=gen, dtype=dtype)
+    w3 = _randn(24, gen=gen, dtype=dtype)
+    with poisoned_outputs():
+        out3 = norm_tk.gemma_rms_norm(x3, w3, EPS)
+    _close(out3, norm_ref.gemma_rms_norm(x3, w3, EPS), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,dim", [(3, 32, 128), (2, 64, 128), (5, 3, 40)])
+@pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
+def test_gated_rms_norm(dtype, tokens, heads, dim, weight_dtype):
+    gen = _gen(tokens * heads * dim)
+    x = _randn(tokens, heads, dim, gen=gen, dtype=dtype, scale=2.0)
+    # The gate is a strided view of a wider projection output, as in GatedDeltaNet.forward.
+    proj = _randn(tokens, heads * dim + 37, gen=gen, dtype=dtype, scale=2.0)
+    gate = proj[:, 5:5 + heads * dim].reshape(tokens, heads, dim)
+    weight = _randn(dim, gen=gen, dtype=dtype if weight_dtype == "same" else torch.float32)
+    with poisoned_outputs():
+        out = norm_tk.gated_rms_norm(x, gate, weight, EPS)
+    _close(out, norm_ref.gated_rms_norm(x, gate, weight, EPS), dtype)
+
+
+def test_norm_argument_checks():
+    x = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        norm_tk.gemma_rms_norm(x, torch.zeros(8, device=DEVICE), EPS)
+    with pytest.raises(ValueError, match="unit stride"):
+        norm_tk.gemma_rms_norm(x.t(), torch.zeros(4, device=DEVICE), EPS)
+    with pytest.raises(ValueError, match="residual dtype"):
+        norm_tk.gemma_rms_norm_residual(x, x.double(), torch.zeros(16, device=DEVICE), EPS)
+    with pytest.raises(ValueError, match=r"\[tokens, heads, head_dim\]"):
+        norm_tk.gated_rms_norm(x, x, torch.zeros(16, device=DEVICE), EPS)
+
+
+# ------------------------------------------------------------------------------------- QK norm + RoPE
+
+
+def _reference_attention_prep(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, sigmoid_gate):
+    """The unfused sequence of GatedAttention.forward (services/engine/model.py)."""
+    tokens = qkv.shape[0]
+    q_size, kv_size = heads * head_dim * 2, kv_heads * head_dim
+    q_gate, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q_gate = q_gate.view(tokens, heads, 2 * head_dim)
+    q, gate = q_gate[..., :head_dim], q_gate[..., head_dim:]
+    q = norm_ref.gemma_rms_norm(q, q_w, EPS)
+    k = norm_ref.gemma_rms_norm(k.reshape(tokens, kv_heads, head_dim), k_w, EPS)
+    v = v.reshape(tokens, kv_heads, head_dim)
+    q = apply_partial_rope(q, positions, cos_sin)
+    k = apply_partial_rope(k, positions, cos_sin)
+    gate = gate.reshape(tokens, -1)
+    return q, k, v, torch.sigmoid(gate) if sigmoid_gate else gate
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,heads,kv_heads,head_dim,rotary_dim,per_program",
+    [
+        (2, 16, 2, 256, 64, None),  # Qwen3.5-35B-A3B
+        (1, 32, 2, 256, 64, 8),  # Qwen3.5-397B, several heads per program (the prefill layout)
+        (3, 3, 1, 40, 12, 2),  # odd: head_dim and pass-through width not powers of two, partial head block
+        (4, 4, 2, 32, 32, 4),  # rotary over the whole head (no pass-through part)
+    ],
+)
+def test_qk_norm_rope(dtype, tokens, heads, kv_heads, head_dim, rotary_dim, per_program):
+    gen = _gen(tokens * heads * head_dim + rotary_dim)
+    width = heads * 2 * head_dim + 2 * kv_heads * head_dim
+    qkv = _randn(tokens, width + 24, gen=gen, dtype=dtype, scale=3.0)[:, 8:8 + width]  # row stride != width
+    q_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
+    k_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
+    cos_sin = rope_cos_sin_cache(rotary_dim, 4096, 1e7, device=DEVICE)
+    positions = torch.randint(0, 4096, (tokens,), generator=_gen(7)).to(DEVICE)
+    with poisoned_outputs():
+        q, k, v, gate = qk_norm_rope(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, EPS,
+                                     heads_per_program=per_program)
+    ref = _reference_attention_prep(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, True)
+    for name, got, want in zip(("q", "k", "v", "gate"), (q, k, v, gate), ref, strict=True):
+        assert got.shape == want.shape, name
+        _close(got, want, dtype)
+    assert q.is_contiguous() and k.is_contiguous() and gate.is_contiguous()
+    # v is a zero-copy view into qkv.
+    assert v.data_ptr() == qkv.data_ptr() + (heads * 2 * head_dim + kv_heads * head_dim) * qkv.element_size()
+
+
+def test_qk_norm_rope_raw_gate_and_int32_positions():
+    gen = _gen(11)
+    heads, kv_heads, head_dim, tokens = 2, 1, 64, 3
+    qkv = _randn(tokens, heads * 2 * head_dim + 2 * kv_heads * head_dim, gen=gen, dtype=torch.bfloat16)
+    w = _randn(head_dim, gen=gen, dtype=torch.bfloat16)
+    cos_sin = rope_cos_sin_cache(16, 64, 1e4, device=DEVICE)
+    positions = torch.tensor([0, 63, 5], dtype=torch.int32, device=DEVICE)
+    with poisoned_outputs():
+        q, k, _, gate = qk_norm_rope(qkv, w, w, cos_sin, positions, heads, kv_heads, head_dim, EPS,
+                                     sigmoid_gate=False)
+    ref = _reference_attention_prep(qkv, w, w, cos_sin, positions.long(), heads, kv_heads, head_dim, False)
+    _close(q, ref[0], torch.bfloat16)
+    _close(k, ref[1], torch.bfloat16)
+    assert torch.equal(gate, ref[3])
+
+
+def test_qk_norm_rope_argument_checks():
+    qkv = torch.randn(2, 2 * 2 * 8 + 2 * 8, device=DEVICE)
+    w = torch.zeros(8, device=DEVICE)
+    cos_sin = rope_cos_sin_cache(4, 16, 1e4, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="features"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos, 3, 1, 8, EPS)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        qk_norm_rope(qkv, w, w, rope_cos_sin_cache(16, 16, 1e4, device=DEVICE), pos, 2, 1, 8, EPS)
+    with pytest.raises(ValueError, match="positions"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos.float(), 2, 1, 8, EPS)
+
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def _reference_route(logits, top_k, renormalize, scoring):
+    """Reference routing of given logits. The tests feed it the very GEMM output route_topk computes
+    (``F.linear`` with the same weight), so that a last-bit difference between two cuBLAS calls on the GPU
+    cannot flip a near-tie; the GEMM itself is not what is under test."""
+    if scoring == "softmax":
+        weights, ids = moe_ref.topk_softmax(logits, top_k, renormalize)
+        scores = torch.softmax(logits.float(), dim=-1)
+    else:  # the sigmoid-scoring variant (DeepSeek-V3 style, without bias or groups)
+        scores = torch.sigmoid(logits.float())
+        weights, ids = torch.topk(scores, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids, scores
+
+
+def _check_route(weights, ids, ref_weights, ref_scores, top_k, renormalize):
+    """Tie-tolerant: the chosen experts must carry the reference's top-k scores (in descending order)."""
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.isfinite(weights).all()
+    assert ((ids >= 0) & (ids < ref_scores.shape[1])).all()
+    assert all(len(set(row)) == top_k for row in ids.tolist()), "an expert was picked twice"
+    picked = ref_scores.gather(1, ids.long())
+    expected = torch.topk(ref_scores, top_k, dim=-1).values
+    torch.testing.assert_close(picked, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,hidden,experts,top_k,scoring,renormalize,shared",
+    [
+        (3, 2048, 256, 8, "softmax", True, "fused"),  # Qwen3.5-35B-A3B
+        (2, 4096, 512, 10, "softmax", True, "fused"),  # Qwen3.5-397B
+        (5, 72, 60, 7, "softmax", False, "separate"),
+        (4, 64, 33, 5, "sigmoid", True, "none"),
+        (3, 64, 16, 4, "sigmoid", False, "fused"),
+    ],
+)
+def test_route_topk(dtype, tokens, hidden, experts, top_k, scoring, renormalize, shared):
+    gen = _gen(tokens * experts + top_k)
+    x = _randn(tokens, hidden, gen=gen, dtype=dtype)
+    router = _randn(experts, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)
+    shared_gate = None if shared == "none" else _randn(1, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)
+    concat = router if shared == "none" else moe_tk.concat_router_weights(router, shared_gate)
+    args = (concat, None) if shared == "fused" else (router, shared_gate)
+    with poisoned_outputs():
+        weights, ids, gate = moe_tk.route_topk(x, *args, top_k, renormalize, scoring=scoring,
+                                               fused_shared_gate=shared == "fused")
+    logits = F.linear(x, concat)
+    ref_w, _, scores = _reference_route(logits[:, :experts], top_k, renormalize, scoring)
+    _check_route(weights, ids, ref_w, scores, top_k, renormalize)
+    if shared == "none":
+        assert gate is None
+    else:
+        assert gate.shape == (tokens, 1)
+        _close(gate, torch.sigmoid(logits[:, experts:]), dtype)
+        _close(gate, torch.sigmoid(F.linear(x, shared_gate)), torch.bfloat16)  # the unfused gate, loosely
+
+
+def test_route_topk_argument_checks():
+    x = torch.randn(2, 16, device=DEVICE)
+    router = torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_tk.route_topk(x, router, None, 9, True)
+    with pytest.raises(ValueError, match="shared_gate_weight=None"):
+        moe_tk.route_topk(x, router, router[:1], 2, True, fused_shared_gate=True)
+    with pytest.raises(ValueError, match="scoring"):
+        moe_tk.route_topk(x, router, None, 2, True, scoring="relu")
+
+
+# ----------------------------------------------------------------------------------- block alignment
+
+
+def _check_alignment(topk_ids, block_m, experts, sorted_ids, expert_ids, num_post):
+    num_pairs = topk_ids.numel()
+    flat = topk_ids.flatten().long().cpu()
+    sorted_ids, expert_ids = sorted_ids.long().cpu(), expert_ids.long().cpu()
+    total = int(num_post.item())
+    counts = torch.bincount(flat, minlength=experts)
+    assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert total <= sorted_ids.numel() and total % block_m == 0
+    live = sorted_ids[:total]
+    real = live[live < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs)), "every pair exactly once"
+    assert (live[live >= num_pairs] == num_pairs).all() and (sorted_ids[total:] == num_pairs).all()
+    for block in range(total // block_m):
+        rows = live[block * block_m:(block + 1) * block_m]
+        rows = rows[rows < num_pairs]
+        assert rows.numel() > 0, "a live block without pairs"
+        assert (flat[rows] == expert_ids[block]).all(), "a block mixes experts"
+    # Stable order: the torch reference's argsort(stable=True).
+    assert torch.equal(real, torch.argsort(flat, stable=True))
+
+
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,block_m",
+    [(1, 8, 256, 16), (4, 10, 512, 16), (37, 3, 11, 32), (64, 8, 16, 64), (600, 8, 64, 64)],
+)
+def test_moe_align_block_size(tokens, top_k, experts, block_m):
+    """The Triton (<= 4096 pairs) and torch (larger) paths against the invariants and against each other."""
+    gen = _gen(tokens * top_k)
+    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    topk_ids = topk_ids.to(torch.int32).to(DEVICE)
+    with poisoned_outputs():
+        result = moe_tk.moe_align_block_size(topk_ids, block_m, experts)
+    _check_alignment(topk_ids, block_m, experts, *result)
+    num_pairs = topk_ids.numel()
+    max_padded, max_blocks = moe_tk._padded_sizes(num_pairs, experts, block_m)
+    other = moe_tk._moe_align_torch(topk_ids.flatten(), block_m, experts, max_padded, max_blocks)
+    total = int(result[2].item())
+    assert torch.equal(result[0], other[0]) and torch.equal(result[2], other[2])
+    assert torch.equal(result[1][: total // block_m], other[1][: total // block_m])
+
+
+# --------------------------------------------------------------------------------------------- experts
+
+
+def _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed):
+    gen = _gen(seed)
+    x = _randn(tokens, hidden, gen=gen, dtype=dtype)
+    w13 = _randn(experts, 2 * inter, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)
+    w2 = _randn(experts, hidden, inter, gen=gen, dtype=dtype, scale=inter**-0.5)
+    logits = torch.randn(tokens, experts, generator=gen).to(DEVICE)
+    weights, ids = moe_ref.topk_softmax(logits, top_k, renormalize=True)
+    return x, w13, w2, weights, ids.to(torch.int32)
+
+
+# Big tiles keep the interpreter's program count (its main cost) down; the GPU runs the same code.
+_BIG_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(128, 256), moe_tk.GemmTile(256, 256))
+_SMALL_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(16, 32), moe_tk.GemmTile(32, 16, group_m=4))
+
+
+@pytest.mark.parametrize(
+    "dtype,tokens,hidden,inter,experts,top_k,config",
+    [
+        # Real expert GEMM shape (Qwen3.5-35B-A3B: hidden 2048, moe_intermediate 512), bf16 only and few experts:
+        # the interpreter's cost is per weight element read (the 397B shapes are left to the benchmark).
+        (torch.bfloat16, 1, 2048, 512, 3, 2, _BIG_TILES),
+        # Odd sizes (K and N not multiples of the tiles) with the default config, both dtypes.
+        (torch.float32, 13, 72, 40, 6, 3, None),
+        (torch.bfloat16, 13, 72, 40, 6, 3, None),
+        # Several blocks per expert, grouped program order, partial N tiles.
+        (torch.float32, 40, 64, 48, 4, 2, _SMALL_TILES),
+        (torch.bfloat16, 40, 64, 48, 4, 2, _SMALL_TILES),
+    ],
+)
+def test_fused_experts(dtype, tokens, hidden, inter, experts, top_k, config):
+    x, w13, w2, weights, ids = _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=tokens * hidden)
+    # Experts nobody picked get NaN weights: reading them (or mixing them into a block) poisons the output.
+    unused = torch.ones(experts, dtype=torch.bool, device=DEVICE)
+    unused[ids.flatten().long()] = False
+    w13[unused] = float("nan")
+    w2[unused] = float("nan")
+    with poisoned_outputs():
+        out = moe_tk.fused_experts(x, w13, w2, weights, ids, config=config)
+    ref = moe_ref.fused_experts(x, w13, w2, weights, ids.long())
+    _close(out, ref, dtype)
+
+
+def test_fused_experts_after_route_topk_bf16():
+    """The serving path end to end on one layer: fused router GEMM + top-k, then the experts."""
+    tokens, hidden, inter, experts, top_k = 4, 128, 64, 16, 4
+    gen = _gen(5)
+    x = _randn(tokens, hidden, gen=gen, dtype=torch.bfloat16)
+    router = _randn(experts, hidden, gen=gen, dtype=torch.bfloat16, scale=hidden**-0.5)
+    shared_gate = _randn(1, hidden, gen=gen, dtype=torch.bfloat16, scale=hidden**-0.5)
+    w13 = _randn(experts, 2 * inter, hidden, gen=gen, dtype=torch.bfloat16, scale=hidden**-0.5)
+    w2 = _randn(experts, hidden, inter, gen=gen, dtype=torch.bfloat16, scale=inter**-0.5)
+    fused = moe_tk.concat_router_weights(router, shared_gate)
+    with poisoned_outputs():
+        weights, ids, gate = moe_tk.route_topk(x, fused, None, top_k, True, fused_shared_gate=True)
+        out = moe_tk.fused_experts(x, w13, w2, weights, ids)
+    logits = F.linear(x, fused)  # the same GEMM route_topk ran (see _reference_route)
+    ref_w, ref_ids = moe_ref.topk_softmax(logits[:, :experts], top_k, True)
+    ref = moe_ref.fused_experts(x, w13, w2, ref_w, ref_ids)
+    _close(out, ref, torch.bfloat16)
+    _close(gate, torch.sigmoid(logits[:, experts:]), torch.bfloat16)
+
+
+def test_fused_experts_argument_checks():
+    x = torch.randn(2, 16, device=DEVICE)
+    w13 = torch.randn(4, 2 * 8, 16, device=DEVICE)
+    w2 = torch.randn(4, 16, 8, device=DEVICE)
+    ids = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    weights = torch.ones(2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        moe_tk.fused_experts(x, w13, w2.transpose(1, 2), weights, ids)
+    with pytest.raises(ValueError, match="dtype"):
+        moe_tk.fused_experts(x, w13.double(), w2, weights, ids)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_tk.fused_experts(x, w13, w2, weights[:1], ids)
+    with pytest.raises(ValueError, match="block_m"):
+        moe_tk.moe_align_block_size(ids, 24, 4)
