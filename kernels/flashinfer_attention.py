@@ -17,21 +17,32 @@ _WORKSPACE_BYTES = 256 << 20
 
 class FlashInferAttention:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, graph_batch_size: int = 0, graph_max_pages: int = 0) -> None:
+        """``graph_batch_size``: a decode-only backend for a CUDA graph of that batch size, whose page-table
+        buffers are static (``graph_max_pages`` entries) and re-filled by ``plan`` before each replay."""
         import flashinfer  # GPU only: imported here so CPU installs never need it
 
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        if graph_batch_size:
+            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(graph_batch_size + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.zeros(graph_max_pages, dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.zeros(graph_batch_size, dtype=torch.int32, device=device),
+            )
+            self.prefill = None
+        else:
+            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+            self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self._wrapper = None
 
-    def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[torch.Tensor], scale: float) -> None:
-        """Describe this step's sequences (same for every layer)."""
-        pages_per_seq = [len(t) for t in page_tables]
-        kv_indptr = torch.tensor([0, *torch.tensor(pages_per_seq).cumsum(0).tolist()], dtype=torch.int32)
-        kv_indices = torch.cat(page_tables).to(device=self.device, dtype=torch.int32)
+    def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[list[int]], scale: float) -> None:
+        """Describe this step's sequences (same for every layer); page tables are host lists."""
+        kv_indptr = torch.tensor([0, *torch.tensor([len(t) for t in page_tables]).cumsum(0).tolist()],
+                                 dtype=torch.int32)
+        kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
         last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
         common = dict(
             q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=scale,

@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--prefill-chunk-size", type=int, default=4096)
-    parser.add_argument("--backend", default="torch", help="label for the results (which kernels ran)")
+    parser.add_argument("--kernels", default="auto", help="auto (GPU kernels), torch, gpu")
+    parser.add_argument("--cuda-graphs", type=int, default=64, help="CUDA graphs up to this batch size (0: off)")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -135,16 +136,18 @@ def main() -> None:
     config = EngineConfig(
         model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
         prefill_chunk_size=args.prefill_chunk_size, max_num_batched_tokens=args.prefill_chunk_size,
-        max_model_len=max(contexts) + args.warmup + args.decode_tokens + 16,
+        max_model_len=max(contexts) + args.warmup + args.decode_tokens + 16, kernels=args.kernels,
+        cuda_graph_max_batch=args.cuda_graphs,
     )
     device = config.torch_device
     bandwidth = measure_copy_bandwidth(device)
     log.info("device-to-device copy: %.0f GB/s (read + write)", bandwidth / 1e9)
     engine = Engine(config)
+    graphs_on = engine.runner.graphs is not None and engine.runner.graphs.enabled
     results = {
         "benchmark": "single-request decode",
         "model": args.model,
-        "backend": args.backend,
+        "backend": f"{engine.runner.ops.name}, CUDA graphs {'on' if graphs_on else 'off'}",
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9,

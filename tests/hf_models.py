@@ -34,7 +34,8 @@ _COMMON = dict(
 
 
 def hf_config(family: str, tie_word_embeddings: bool = False, **overrides):
-    kw = dict(_COMMON, tie_word_embeddings=tie_word_embeddings, **overrides)
+    kw = dict(_COMMON, tie_word_embeddings=tie_word_embeddings)
+    kw.update(overrides)
     if family == "qwen3_5_moe":
         kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
         return transformers.Qwen3_5MoeTextConfig(**kw)

@@ -108,7 +108,8 @@ def test_cuda_matches_hf(family, tmp_path):
     with torch.no_grad():
         ref32 = hf32(prompt[None].cuda()).logits[0]
 
-    engine32 = cuda_engine(str(path), dtype="float32")
+    # The model's torch path on CUDA; the fast path (Triton, flashinfer, graphs) has tests/kernels/test_gpu_engine.py.
+    engine32 = cuda_engine(str(path), dtype="float32", kernels="torch")
     seq = DirectSequence(engine32)
     ours32 = torch.cat([seq.forward(prompt[:70].tolist()), seq.forward(prompt[70:].tolist())])
     seq.close()
@@ -123,7 +124,7 @@ def test_cuda_matches_hf(family, tmp_path):
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
     with torch.no_grad():
         ref16 = hf16(prompt[None].cuda()).logits[0].float()
-    engine16 = cuda_engine(str(path))
+    engine16 = cuda_engine(str(path), kernels="torch")
     seq = DirectSequence(engine16)
     ours16 = torch.cat([seq.forward(prompt[:70].tolist()), seq.forward(prompt[70:].tolist())])
     seq.close()

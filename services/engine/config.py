@@ -34,6 +34,9 @@ class EngineConfig:
     )
     gpu_memory_utilization: float = field(default=0.90, metadata={"help": "fraction of GPU memory Baton may use"})
     num_pages: int = field(default=0, metadata={"help": "override the KV page count (tests)"})
+    cuda_graph_max_batch: int = field(
+        default=64, metadata={"help": "capture decode steps as CUDA graphs up to this batch size (0: off)"}
+    )
     enable_prefix_cache: bool = field(
         default=True, metadata={"help": "hybrid prefix cache (KV pages + GDN checkpoints)"}
     )

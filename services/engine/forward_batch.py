@@ -18,7 +18,7 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
     query_lens: list[int]
     kv_lens: list[int]
-    page_tables: list[torch.Tensor]  # per sequence: int64 page ids covering kv_lens tokens
+    page_tables: list[list[int]]  # per sequence (host): page ids covering kv_lens tokens
     kv_slot_ids: torch.Tensor  # [T] int64, page_id * page_size + offset where each token's K/V goes
     state_slots: torch.Tensor  # [B] int64
     # False for a sequence starting at position 0: its GDN conv/SSM state starts from zeros instead of
@@ -28,6 +28,19 @@ class ForwardBatch:
     # Per sequence: (tokens into this step, state slot) where the GDN state must also be written, for
     # prefix-cache checkpoints taken at exact positions.
     snapshots: list[list[tuple[int, int]]] | None = None
+    # Set by the model once per forward pass: the GDN kernels' precomputed chunk tables (GPU ops only).
+    gdn_plan: object = None
+
+    @property
+    def checkpoints(self) -> list[tuple[int, int, int]]:
+        """``snapshots`` flattened to ``(sequence, tokens into the step, slot)``."""
+        if self.snapshots is None:
+            return []
+        return [(seq, offset, slot) for seq, snaps in enumerate(self.snapshots) for offset, slot in snaps]
+
+    @property
+    def cu_seqlens(self) -> list[int]:
+        return [*self.query_starts, sum(self.query_lens)]
 
     @property
     def num_seqs(self) -> int:

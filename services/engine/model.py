@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import attention as attn_ops
-from kernels import conv1d as conv_ops
-from kernels import gdn as gdn_ops
 from kernels.norm import gemma_rms_norm
 from kernels.rope import rope_cos_sin_cache
 
@@ -105,61 +103,15 @@ class GatedDeltaNet(nn.Module):
         mixed_qkv, z, b, a = F.linear(x, self.in_proj).split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
-        beta = b.sigmoid()
-        g = -self.A_log.exp() * F.softplus(a.float() + self.dt_bias)
-        conv_states = state_cache.conv_layer(self.gdn_index)  # [slots, conv_dim, K-1]
-        ssm_states = state_cache.ssm_layer(self.gdn_index)  # [slots, Hv, Dk, Dv]
-
-        if batch.is_decode:
-            slots = batch.state_slots
-            conv_in = conv_states[slots]
-            mixed = conv_ops.causal_conv1d_update(mixed_qkv, self.conv_weight, conv_in)
-            conv_states[slots] = conv_in
-            q, k, v = self._split_heads(mixed, num_tokens)
-            core, new_ssm = gdn_ops.recurrent_gated_delta_rule(
-                q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], ssm_states[slots]
-            )
-            ssm_states[slots] = new_ssm
-            core = core[:, 0]
-            if batch.snapshots is not None:  # a decode snapshot is the state after the step
-                for working, snaps in zip(slots.tolist(), batch.snapshots, strict=True):
-                    for _, snapshot_slot in snaps:
-                        conv_states[snapshot_slot] = conv_states[working]
-                        ssm_states[snapshot_slot] = ssm_states[working]
-        else:
-            core = torch.empty(num_tokens, self.num_v_heads, self.v_dim, dtype=x.dtype, device=x.device)
-            snapshots = batch.snapshots or [[]] * batch.num_seqs
-            for start, q_len, slot, has_state, snaps in zip(
-                batch.query_starts, batch.query_lens, batch.state_slots.tolist(), batch.has_initial_state,
-                snapshots, strict=True,
-            ):
-                conv_state = conv_states[slot] if has_state else None
-                ssm_state = ssm_states[slot][None] if has_state else None
-                # Run the sequence in pieces ending at each snapshot offset, so the state exists there.
-                ends = sorted({offset for offset, _ in snaps if 0 < offset < q_len} | {q_len})
-                piece_start = 0
-                for piece_end in ends:
-                    rows = slice(start + piece_start, start + piece_end)
-                    length = piece_end - piece_start
-                    mixed, conv_state = conv_ops.causal_conv1d_prefill(mixed_qkv[rows], self.conv_weight, conv_state)
-                    q, k, v = self._split_heads(mixed, length)
-                    rule = gdn_ops.recurrent_gated_delta_rule if length == 1 else gdn_ops.chunk_gated_delta_rule
-                    out, ssm_state = rule(q[None], k[None], v[None], g[rows][None], beta[rows][None], ssm_state)
-                    core[rows] = out[0]
-                    for offset, snapshot_slot in snaps:
-                        if offset == piece_end:
-                            conv_states[snapshot_slot] = conv_state
-                            ssm_states[snapshot_slot] = ssm_state[0]
-                    piece_start = piece_end
-                conv_states[slot] = conv_state
-                ssm_states[slot] = ssm_state[0]
-
+        core = self.ops.gdn(
+            self, mixed_qkv, a, b, batch, state_cache.conv_layer(self.gdn_index), state_cache.ssm_layer(self.gdn_index)
+        )
         core = self.ops.gated_rms_norm(
             core, z.reshape(num_tokens, self.num_v_heads, self.v_dim), self.norm_weight, self.eps
         )
         return F.linear(core.reshape(num_tokens, self.value_size), self.out_proj)
 
-    def _split_heads(self, mixed: torch.Tensor, num_tokens: int):
+    def split_heads(self, mixed: torch.Tensor, num_tokens: int):
         q, k, v = mixed.split([self.key_size, self.key_size, self.value_size], dim=-1)
         return (
             q.reshape(num_tokens, self.num_k_heads, self.k_dim),
@@ -264,14 +216,20 @@ class Qwen35ForCausalLM(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache: KVCache, state_cache: StateCache) -> torch.Tensor:
-        """Run the packed batch, update KV pages and state slots, return fp32 logits of ``logits_indices``."""
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache, state_cache: StateCache, attention=None) -> torch.Tensor:
+        """Run the packed batch, update KV pages and state slots, return fp32 logits of ``logits_indices``.
+
+        ``attention``: a backend already planned for this batch (CUDA graphs plan outside the capture)."""
         x = F.embedding(batch.input_ids, self.embed_tokens)
-        if self.config.attention_layers:
-            self.attention.plan(batch.query_lens, batch.kv_lens, batch.page_tables, self.attention_scale)
+        if attention is None:
+            attention = self.attention
+            if self.config.attention_layers:
+                attention.plan(batch.query_lens, batch.kv_lens, batch.page_tables, self.attention_scale)
+        if self.config.gdn_layers:
+            batch.gdn_plan = self.ops.plan_gdn(batch)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin, self.attention)
+            x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin, attention)
         x, _ = self.ops.rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
         x = x.index_select(0, batch.logits_indices)
         return F.linear(x, self.lm_head).float()

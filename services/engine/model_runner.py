@@ -48,14 +48,22 @@ class ModelRunner:
         self.num_working_slots = config.max_num_seqs
         self.num_checkpoint_slots, self.num_pages = self._size_pools()
         num_slots = self.num_working_slots + self.num_checkpoint_slots
-        self.kv_cache = KVCache(model_config, self.num_pages, self.page_size, self.dtype, self.device)
-        self.state_cache = StateCache(model_config, num_slots, self.dtype, self.device)
+        # One more page and one more slot than the allocators hand out: scratch space that the padding rows
+        # of a CUDA graph batch write into, so they never touch a request's memory.
+        self.scratch_page, self.scratch_slot = self.num_pages, num_slots
+        self.kv_cache = KVCache(model_config, self.num_pages + 1, self.page_size, self.dtype, self.device)
+        self.state_cache = StateCache(model_config, num_slots + 1, self.dtype, self.device)
         log.info(
             "cache: %d pages of %d tokens, %d working + %d checkpoint state slots (%.1f MiB per slot)",
             self.num_pages, self.page_size, self.num_working_slots, self.num_checkpoint_slots,
             StateCache.bytes_per_slot(model_config, self.dtype) / _MiB,
         )
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graph_max_batch > 0:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, config.cuda_graph_max_batch)
 
     def _size_pools(self) -> tuple[int, int]:
         """(checkpoint slots, KV pages) from the cache memory budget, after the working slots."""
@@ -90,7 +98,7 @@ class ModelRunner:
         positions: list[int] = []
         kv_slot_ids: list[int] = []
         logits_indices: list[int] = []
-        page_tables: list[torch.Tensor] = []
+        page_tables: list[list[int]] = []
         for seq in seqs:
             req = seq.request
             start, end = seq.start, seq.start + seq.num_new_tokens
@@ -100,11 +108,13 @@ class ModelRunner:
             kv_slot_ids.extend(req.page_ids[p // page_size] * page_size + p % page_size for p in range(start, end))
             if seq.samples:
                 logits_indices.append(len(input_ids) - 1)
-            num_pages = -(-end // page_size)
-            page_tables.append(torch.tensor(req.page_ids[:num_pages], dtype=torch.long, device=self.device))
+            page_tables.append(req.page_ids[: -(-end // page_size)])
+
+        pin = self.device.type == "cuda"
 
         def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
+            # Pinned host memory and an async copy: the host goes on preparing while the copy runs.
+            return torch.tensor(values, dtype=torch.long, pin_memory=pin).to(self.device, non_blocking=True)
 
         return ForwardBatch(
             input_ids=as_tensor(input_ids),
@@ -125,7 +135,15 @@ class ModelRunner:
             if seq.copy_state_from is not None:  # copy-on-write: never write a shared checkpoint
                 self.state_cache.copy_slot(seq.copy_state_from, seq.request.state_slot)
         batch = self.build_batch(seqs)
-        logits = self.model(batch, self.kv_cache, self.state_cache)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(batch)
+        else:
+            logits = self.model(batch, self.kv_cache, self.state_cache)
+        if batch.is_decode and batch.snapshots is not None:
+            # A decode snapshot is the state after the step (all GDN layers of a slot are contiguous).
+            for seq in seqs:
+                for _, snapshot_slot in seq.snapshots:
+                    self.state_cache.copy_slot(seq.request.state_slot, snapshot_slot)
         sampling = [s.request for s in seqs if s.samples]
         if not sampling:
             return {}

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention as torch_attention
+from kernels import conv1d as torch_conv
+from kernels import gdn as torch_gdn
 from kernels import moe as torch_moe
 from kernels import norm as torch_norm
 from kernels.rope import apply_partial_rope
@@ -40,11 +42,62 @@ def route_topk_torch(x, router_weight, top_k, renormalize):
     return weights, ids, torch.sigmoid(logits[:, -1:])
 
 
+def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
+    """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
+    decode steps, per sequence otherwise, split at checkpoint offsets so the state exists there (decode
+    snapshots, the state after the step, are copied by the model runner).
+    Returns ``core [T, v_heads, v_dim]``."""
+    num_tokens = mixed_qkv.shape[0]
+    beta = b.sigmoid()
+    g = -layer.A_log.exp() * F.softplus(a.float() + layer.dt_bias)
+    if batch.is_decode:
+        slots = batch.state_slots
+        conv_in = conv_states[slots]
+        mixed = torch_conv.causal_conv1d_update(mixed_qkv, layer.conv_weight, conv_in)
+        conv_states[slots] = conv_in
+        q, k, v = layer.split_heads(mixed, num_tokens)
+        core, new_ssm = torch_gdn.recurrent_gated_delta_rule(
+            q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], ssm_states[slots]
+        )
+        ssm_states[slots] = new_ssm
+        return core[:, 0]
+    core = torch.empty(num_tokens, layer.num_v_heads, layer.v_dim, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
+    snapshots = batch.snapshots or [[]] * batch.num_seqs
+    for start, q_len, slot, has_state, snaps in zip(
+        batch.query_starts, batch.query_lens, batch.state_slots.tolist(), batch.has_initial_state, snapshots,
+        strict=True,
+    ):
+        conv_state = conv_states[slot] if has_state else None
+        ssm_state = ssm_states[slot][None] if has_state else None
+        ends = sorted({offset for offset, _ in snaps if 0 < offset < q_len} | {q_len})
+        piece_start = 0
+        for piece_end in ends:
+            rows = slice(start + piece_start, start + piece_end)
+            length = piece_end - piece_start
+            mixed, conv_state = torch_conv.causal_conv1d_prefill(mixed_qkv[rows], layer.conv_weight, conv_state)
+            q, k, v = layer.split_heads(mixed, length)
+            rule = torch_gdn.recurrent_gated_delta_rule if length == 1 else torch_gdn.chunk_gated_delta_rule
+            out, ssm_state = rule(q[None], k[None], v[None], g[rows][None], beta[rows][None], ssm_state)
+            core[rows] = out[0]
+            for offset, snapshot_slot in snaps:
+                if offset == piece_end:
+                    conv_states[snapshot_slot] = conv_state
+                    ssm_states[snapshot_slot] = ssm_state[0]
+            piece_start = piece_end
+        conv_states[slot] = conv_state
+        ssm_states[slot] = ssm_state[0]
+    return core
+
+
 class TorchAttention:
     """kernels.attention behind the plan/run interface of kernels.flashinfer_attention."""
 
-    def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[torch.Tensor], scale: float) -> None:
-        self._args = (page_tables, query_lens, kv_lens, scale)
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[list[int]], scale: float) -> None:
+        tables = [torch.tensor(t, dtype=torch.long, device=self.device) for t in page_tables]
+        self._args = (tables, query_lens, kv_lens, scale)
 
     def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor) -> torch.Tensor:
         page_tables, query_lens, kv_lens, scale = self._args
@@ -60,6 +113,8 @@ class Ops:
     route_topk: Callable
     fused_experts: Callable
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
+    plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
+    gdn: Callable  # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]
 
 
 def torch_ops() -> Ops:
@@ -70,32 +125,67 @@ def torch_ops() -> Ops:
         qk_norm_rope=qk_norm_rope_torch,
         route_topk=route_topk_torch,
         fused_experts=torch_moe.fused_experts,
-        make_attention=lambda *args: TorchAttention(),
+        make_attention=lambda *args: TorchAttention(args[5]),
+        plan_gdn=lambda batch: None,
+        gdn=gdn_torch,
     )
 
 
-def gpu_ops() -> Ops:
+def gpu_ops(flashinfer: bool = True) -> Ops:
+    """The Triton kernels, with flashinfer attention (``flashinfer``) or the torch one (the ``triton`` set,
+    which runs under Triton's interpreter on CPU, so CI exercises this glue)."""
     from kernels.flashinfer_attention import FlashInferAttention
+    from kernels.triton import conv1d as triton_conv
     from kernels.triton import moe as triton_moe
     from kernels.triton import norm as triton_norm
+    from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
+    from kernels.triton.gdn_decode import gdn_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
 
     def route_topk(x, router_weight, top_k, renormalize):
         return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True)
 
+    def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device):
+        # flashinfer has no fp32 kernels (fp32 is for exactness tests) and only the usual head sizes.
+        if not flashinfer or dtype == torch.float32 or head_dim not in (64, 128, 256):
+            return TorchAttention(device)
+        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device)
+
+    def plan_gdn(batch):
+        if batch.is_decode:
+            return None
+        return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device)
+
+    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
+        num_tokens = mixed_qkv.shape[0]
+        slots = batch.state_slots
+        if batch.is_decode:
+            mixed = triton_conv.conv1d_update(mixed_qkv, layer.conv_weight, conv_states, slots)
+            q, k, v = layer.split_heads(mixed, num_tokens)
+            return gdn_decode(q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], layer.A_log,
+                              layer.dt_bias, ssm_states, slots)[:, 0]
+        mixed = triton_conv.conv1d_prefill(mixed_qkv, layer.conv_weight, conv_states, slots, batch.cu_seqlens,
+                                           batch.has_initial_state, batch.checkpoints)
+        q, k, v = layer.split_heads(mixed, num_tokens)
+        return gdn_prefill(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, slots, batch.cu_seqlens,
+                           batch.has_initial_state, batch.checkpoints, plan=batch.gdn_plan)
+
     return Ops(
-        name="triton+flashinfer",
+        name="triton+flashinfer" if flashinfer else "triton",
         rms_norm_residual=triton_norm.gemma_rms_norm_residual,
         gated_rms_norm=triton_norm.gated_rms_norm,
         qk_norm_rope=qk_norm_rope,
         route_topk=route_topk,
         fused_experts=triton_moe.fused_experts,
-        make_attention=FlashInferAttention,
+        make_attention=make_attention,
+        plan_gdn=plan_gdn,
+        gdn=gdn,
     )
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:
-    """``auto``: the GPU kernels on CUDA, the torch references elsewhere."""
+    """``auto``: the GPU kernels on CUDA, the torch references elsewhere. ``triton``: the Triton kernels with
+    torch attention (on CPU only under TRITON_INTERPRET=1, for tests)."""
     if kernels == "auto":
         kernels = "gpu" if device.type == "cuda" else "torch"
     if kernels == "torch":
@@ -104,4 +194,6 @@ def select_ops(kernels: str, device: torch.device) -> Ops:
         if device.type != "cuda":
             raise ValueError("the gpu kernel set needs a CUDA device")
         return gpu_ops()
-    raise ValueError(f"kernels must be auto, torch or gpu, got {kernels!r}")
+    if kernels == "triton":
+        return gpu_ops(flashinfer=False)
+    raise ValueError(f"kernels must be auto, torch, gpu or triton, got {kernels!r}")

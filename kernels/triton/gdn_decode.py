@@ -1,0 +1,199 @@
+"""Fused Gated DeltaNet decode step: gating, q/k L2 norm, state decay, delta-rule update and output in one
+launch per layer, reading and writing each request's fp32 state in place in its state-pool slot.
+
+Reference: ``kernels.gdn.recurrent_gated_delta_rule`` with ``g = -exp(A_log) * softplus(a + dt_bias)`` and
+``beta = sigmoid(b)`` computed the way the model does (beta rounded to the activation dtype).
+
+Decode is bound by the state traffic (Qwen3.5-397B: 64 value heads x 128 x 128 fp32 = 4 MiB per layer and
+request, read once and written once). The grid is therefore (V-block, value head, request): each program
+holds a ``[Dk, BV]`` slice of one head's state in registers for all T tokens, so the state makes exactly one
+round trip, and small BV gives enough programs to cover every SM even at batch 1. Rows of the slice are BV
+contiguous fp32 (128 B at BV=32), so the state loads and stores are full, vectorised lines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def softplus(x):
+    # Stable form, accurate everywhere (torch's softplus returns x itself above 20; the difference is < 1 ulp).
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
+    """(BV, num_warps) for the decode kernel.
+
+    Small batches need many programs to spread 4 MiB of state over 132 SMs (B=1, Hv=64: BV=16 gives 512
+    programs of 8 KiB, ~4 per SM); large batches have programs to spare, and a wider BV reads q/k fewer
+    times and makes longer contiguous rows. A starting point: ``kernels/bench_gdn.py --sweep`` tunes it.
+    """
+    heads = batch * num_v_heads
+    if heads <= 64:
+        block_v = 16
+    elif heads <= 1024:
+        block_v = 32
+    else:
+        block_v = 64
+    return min(block_v, triton.next_power_of_2(v_dim)), 4
+
+
+@triton.jit
+def _gdn_decode_kernel(
+    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, state_ptr, slots_ptr, out_ptr,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ab, stride_at, stride_ah,
+    stride_bb, stride_bt, stride_bh,
+    stride_s_slot, stride_s_head, stride_s_k,
+    stride_ob, stride_ot, stride_oh,
+    num_tokens, scale,
+    GROUP: tl.constexpr,  # value heads per key head
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)
+    i_hk = i_h // GROUP
+    slot = tl.load(slots_ptr + i_b).to(tl.int64)
+
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    mask_s = mask_k[:, None] & mask_v[None, :]
+
+    p_state = state_ptr + slot * stride_s_slot + i_h * stride_s_head + offs_k[:, None] * stride_s_k + offs_v[None, :]
+    state = tl.load(p_state, mask=mask_s, other=0.0)
+
+    neg_a = -tl.exp(tl.load(a_log_ptr + i_h).to(tl.float32))
+    dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
+
+    p_q = q_ptr + i_b * stride_qb + i_hk * stride_qh + offs_k
+    p_k = k_ptr + i_b * stride_kb + i_hk * stride_kh + offs_k
+    p_v = v_ptr + i_b * stride_vb + i_h * stride_vh + offs_v
+    p_a = a_ptr + i_b * stride_ab + i_h * stride_ah
+    p_b = b_ptr + i_b * stride_bb + i_h * stride_bh
+    p_o = out_ptr + i_b * stride_ob + i_h * stride_oh + offs_v
+    # A while loop rather than range(num_tokens): Triton's interpreter (CPU tests) cannot take a runtime
+    # range bound with numpy >= 2.4, and pipelining across a handful of tokens would not help anyway.
+    t = 0
+    while t < num_tokens:
+        q = tl.load(p_q + t * stride_qt, mask=mask_k, other=0.0).to(tl.float32)
+        k = tl.load(p_k + t * stride_kt, mask=mask_k, other=0.0).to(tl.float32)
+        v = tl.load(p_v + t * stride_vt, mask=mask_v, other=0.0).to(tl.float32)
+        a = tl.load(p_a + t * stride_at).to(tl.float32)
+        b = tl.load(p_b + t * stride_bt)
+        decay = tl.exp(neg_a * softplus(a + dt_bias))
+        # The model computes beta = b.sigmoid() in the activation dtype; round the same way.
+        beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+        # L2 norm as kernels.gdn.l2norm: x * rsqrt(sum(x^2) + 1e-6)
+        q = q * tl.rsqrt(tl.sum(q * q) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k) + 1e-6)
+
+        state = state * decay
+        # Both reductions read the decayed state, so they can run together; the output of the updated state
+        # follows algebraically: o = S'^T q = S^T q + (k.q) * delta.
+        predicted = tl.sum(state * k[:, None], axis=0)
+        s_q = tl.sum(state * q[:, None], axis=0)
+        delta = (v - predicted) * beta
+        state = state + k[:, None] * delta[None, :]
+        o = s_q + tl.sum(k * q) * delta
+        tl.store(p_o + t * stride_ot, o.to(out_ptr.dtype.element_ty), mask=mask_v)
+        t += 1
+
+    tl.store(p_state, state, mask=mask_s)
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+
+
+def gdn_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    ssm_states: torch.Tensor,
+    state_slots: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """One decode (or short speculative) step of a GDN layer for a batch of requests.
+
+    ``q, k [B, T, Hk, Dk]`` and ``v [B, T, Hv, Dv]`` (post-conv, not normalised; any strides with the last dim
+    contiguous), ``a, b [B, T, Hv]`` raw projections, ``A_log, dt_bias [Hv]`` fp32, ``ssm_states`` the pool view
+    of one layer ``[num_slots, Hv, Dk, Dv]`` fp32 (any slot stride; each slot's ``[Hv, Dk, Dv]`` contiguous),
+    ``state_slots [B]`` int slot per request (distinct). Updates the states in place and returns
+    ``o [B, T, Hv, Dv]`` in v's dtype (written into ``out`` if given). ``block_v``/``num_warps`` override the
+    tuning heuristic. No host synchronisation: safe to capture in a CUDA graph.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv], got {q.shape}, {k.shape}, {v.shape}")
+    batch, num_tokens, num_k_heads, k_dim = q.shape
+    num_v_heads, v_dim = v.shape[2], v.shape[3]
+    if num_v_heads % num_k_heads:
+        raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({num_k_heads})")
+    if a.shape != (batch, num_tokens, num_v_heads) or b.shape != a.shape:
+        raise ValueError(f"a and b must be [B, T, Hv] = {(batch, num_tokens, num_v_heads)}, got {a.shape}, {b.shape}")
+    if A_log.shape != (num_v_heads,) or dt_bias.shape != (num_v_heads,):
+        raise ValueError(f"A_log and dt_bias must be [{num_v_heads}], got {A_log.shape}, {dt_bias.shape}")
+    if A_log.dtype != torch.float32 or dt_bias.dtype != torch.float32:
+        raise ValueError("A_log and dt_bias must be fp32")
+    if ssm_states.dim() != 4 or ssm_states.shape[1:] != (num_v_heads, k_dim, v_dim):
+        raise ValueError(f"ssm_states must be [slots, {num_v_heads}, {k_dim}, {v_dim}], got {ssm_states.shape}")
+    if ssm_states.dtype != torch.float32:
+        raise ValueError(f"ssm_states must be fp32, got {ssm_states.dtype}")
+    if ssm_states.stride()[1:] != (k_dim * v_dim, v_dim, 1):
+        raise ValueError(f"each slot of ssm_states must be contiguous, got strides {ssm_states.stride()}")
+    if state_slots.shape != (batch,) or state_slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"state_slots must be int32/int64 [{batch}], got {state_slots.dtype} {state_slots.shape}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b)):
+        _check_last_dim_contiguous(name, t)
+    if len({t.device for t in (q, k, v, a, b, A_log, dt_bias, ssm_states, state_slots)}) != 1:
+        raise ValueError("all tensors must be on the same device")
+    if not (A_log.is_contiguous() and dt_bias.is_contiguous()):
+        raise ValueError("A_log and dt_bias must be contiguous")
+    if out is None:
+        out = torch.empty(batch, num_tokens, num_v_heads, v_dim, dtype=v.dtype, device=v.device)
+    elif out.shape != v.shape or out.dtype != v.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(v.shape)} {v.dtype} with a contiguous last dim")
+    if batch == 0 or num_tokens == 0:
+        return out
+
+    default_bv, default_warps = decode_config(batch, num_v_heads, v_dim)
+    block_v = block_v or default_bv
+    num_warps = num_warps or default_warps
+    grid = (triton.cdiv(v_dim, block_v), num_v_heads, batch)
+    _gdn_decode_kernel[grid](
+        q, k, v, a, b, A_log, dt_bias, ssm_states, state_slots, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2),
+        ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_tokens, k_dim**-0.5,
+        GROUP=num_v_heads // num_k_heads,
+        DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v,
+        num_warps=num_warps,
+    )
+    return out
