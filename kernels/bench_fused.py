@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from kernels import moe as moe_ref
 from kernels import norm as norm_ref
+from kernels.bench_util import measure_copy_bandwidth
 from kernels.rope import apply_partial_rope, rope_cos_sin_cache
 from kernels.triton import moe as moe_tk
 from kernels.triton import norm as norm_tk
@@ -67,26 +67,6 @@ MODELS = {
 
 
 # ------------------------------------------------------------------------------------------------- timing
-
-
-def measure_copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times)
 
 
 def time_events(fn: Callable[[], object], rep_ms: int) -> float:
@@ -235,7 +215,7 @@ KERNELS = {
 def run(models: list[str], tokens_list: list[int], kernels: list[str], rep_ms: int) -> dict:
     import triton
 
-    copy_bw = measure_copy_bandwidth()
+    copy_bw = measure_copy_bandwidth(torch.device(DEVICE))
     log.info("device-to-device copy bandwidth: %.0f GB/s", copy_bw / 1e9)
     results = {
         "device": torch.cuda.get_device_name(),

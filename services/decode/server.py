@@ -28,14 +28,14 @@ from services.common.grpc_util import (
     sampling_to_proto,
 )
 from services.common.metrics import PodMetrics
+from services.common.pod_config import PodConfig
 from services.common.protos import inference_pb2, inference_pb2_grpc, pd_pb2, pd_pb2_grpc
 from services.common.serving import run_until_signal
 from services.engine.async_engine import AsyncEngine, EngineError, RemotePrefillTask
-from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.request import InvalidRequestError
 from services.prefill.server import register_memory
-from services.transfer.engine import TransferConfig, TransferEngine
+from services.transfer.engine import TransferEngine
 from services.transfer.handover import layout_mismatches, local_regions, state_layout
 
 log = logging.getLogger("baton.decode")
@@ -45,12 +45,7 @@ _OK, _RETRY, _LOCAL, _QUARANTINE = "ok", "retry", "local", "quarantine"
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"flatten": True})
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC and metrics servers"})
-    port: int = field(default=0, metadata={"help": "gRPC port (0: any free port, printed at start)"})
-    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0: any free port)"})
+class DecodeConfig(PodConfig):
     prefill_addrs: str = field(default="", metadata={"help": "prefill pods, comma-separated host:port"})
     prefill_timeout_s: float = field(default=120.0, metadata={"help": "deadline of one Prefill call"})
     rpc_timeout_s: float = field(default=5.0, metadata={"help": "deadline of Handshake and Abort calls"})

@@ -20,13 +20,13 @@ import grpc
 
 from services.common.grpc_util import pool_usage, sampling_from_proto
 from services.common.metrics import PodMetrics
+from services.common.pod_config import PodConfig
 from services.common.protos import inference_pb2, pd_pb2, pd_pb2_grpc
 from services.common.serving import run_until_signal
 from services.engine.async_engine import AsyncEngine
-from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.request import FinishReason, InvalidRequestError
-from services.transfer.engine import TransferConfig, TransferEngine, TransferError, coalesce
+from services.transfer.engine import TransferEngine, TransferError, coalesce
 from services.transfer.handover import (
     PoolRegions,
     handover_regions,
@@ -40,12 +40,7 @@ log = logging.getLogger("baton.prefill")
 
 
 @dataclass(frozen=True)
-class PrefillConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"flatten": True})
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC and metrics servers"})
-    port: int = field(default=0, metadata={"help": "gRPC port (0: any free port, printed at start)"})
-    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0: any free port)"})
+class PrefillConfig(PodConfig):
     fault_transfer_pause_s: float = field(
         default=0.0, metadata={"help": "fault testing only: pause this long halfway through every hand-over"}
     )
