@@ -34,7 +34,8 @@ protos: $(STAMP)
 
 # A GPU image brings its own CUDA torch: reuse it through --system-site-packages instead of
 # downloading another one. Elsewhere install the CPU build (the multi-GB CUDA wheel is useless
-# without a GPU): first from pip's local find-links, then from the PyTorch CPU index.
+# without a GPU), pinned with its +cpu tag so that no index can substitute the CUDA wheel: from pip's
+# find-links (with torch's own dependencies from the configured index), else from the PyTorch CPU index.
 $(STAMP): pyproject.toml requirements-lock.txt Makefile
 	@set -e; \
 	if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -46,8 +47,8 @@ $(STAMP): pyproject.toml requirements-lock.txt Makefile
 	  $(PIP) install -q --upgrade pip >/dev/null; \
 	  if ! $(PY) -c "import torch" 2>/dev/null; then \
 	    echo "[setup] installing torch $(TORCH_CPU_VERSION) (CPU build)"; \
-	    $(PIP) install -q --no-index torch==$(TORCH_CPU_VERSION) 2>/dev/null || \
-	    $(PIP) install -q torch==$(TORCH_CPU_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	    $(PIP) install -q torch==$(TORCH_CPU_VERSION)+cpu 2>/dev/null || \
+	    $(PIP) install -q torch==$(TORCH_CPU_VERSION)+cpu --extra-index-url https://download.pytorch.org/whl/cpu; \
 	  fi; \
 	  echo "[setup] installing pinned dependencies"; \
 	  $(PIP) install -q -r requirements-lock.txt; \

@@ -1,0 +1,149 @@
+"""Where a single-request decode step spends its time: host work vs GPU work, and GPU time per kernel.
+
+    python -m loadtest.profile_decode --model qwen3.5-35b-a3b:20 --contexts 1024,131072 --out profile.json
+
+For each context: the wall time of ``Engine.step()`` (what bench_decode reports), the GPU time of the
+decode CUDA graph replayed back to back (no host in between), and the host-side pieces of a step timed
+one by one (schedule, batch building, attention planning, sampling). Then one eager step under
+``torch.profiler``: GPU time per kernel name, summed, so the biggest consumers stand out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine
+from services.engine.request import SamplingParams
+
+log = logging.getLogger("profile_decode")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _graph_replay_ms(engine: Engine, repeats: int) -> float:
+    graph = engine.runner.graphs.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _host_parts(engine: Engine, steps: int) -> dict[str, float]:
+    """Median ms per step of each piece of ``Engine.step()``, timed by wrapping the pieces in place.
+    ``sample`` includes waiting for the GPU (its ``tolist`` is the step's one synchronisation)."""
+    runner, graphs = engine.runner, engine.runner.graphs
+    pieces = {"schedule": (engine.scheduler, "schedule"), "build_batch": (runner, "build_batch"),
+              "attention_plan": (graphs, "_plan"), "sample": (runner, "sampler")}
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    originals = {name: getattr(obj, attr) for name, (obj, attr) in pieces.items()}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            times[name].append(time.perf_counter() - start)
+            return result
+        return wrapper
+
+    for name, (obj, attr) in pieces.items():
+        setattr(obj, attr, timed(name, originals[name]))
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        for name, (obj, attr) in pieces.items():
+            setattr(obj, attr, originals[name])
+    return {name: statistics.median(v) * 1e3 for name, v in times.items() if v}
+
+
+def _kernel_table(engine: Engine, steps: int) -> list[dict]:
+    """GPU time per kernel name over ``steps`` eager decode steps, per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.runner.graphs
+    graphs.enabled = False
+    try:
+        engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+    finally:
+        graphs.enabled = True
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = event.self_cuda_time_total
+        if device_us > 0:
+            rows.append({"name": event.key[:120], "us_per_step": device_us / steps,
+                         "calls_per_step": event.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3.5-35b-a3b:20")
+    parser.add_argument("--contexts", default="1024")
+    parser.add_argument("--prefill-chunk-size", type=int, default=8192)
+    parser.add_argument("--out", default="profile.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    config = EngineConfig(
+        model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
+        prefill_chunk_size=args.prefill_chunk_size, max_num_batched_tokens=args.prefill_chunk_size,
+        max_model_len=max(contexts) + 4096, cuda_graph_max_batch=8, enable_prefix_cache=False,
+    )
+    engine = Engine(config)
+    results = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for i, context in enumerate(contexts):
+        prompt = torch.randint(0, 1000, (context,), generator=torch.Generator().manual_seed(i)).tolist()
+        request_id = engine.add_request(prompt, SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True))
+        while not any(o.new_token_ids for o in engine.step()):
+            pass
+        log.info("context %d: prefilled", context)
+        for _ in range(5):
+            engine.step()
+        step_ms = _median_ms(engine.step, 40)
+        replay_ms = _graph_replay_ms(engine, 50)
+        host = _host_parts(engine, 30)
+        kernels = _kernel_table(engine, 5)
+        run = {"context": context, "engine_step_ms": step_ms, "graph_replay_ms": replay_ms,
+               "host_ms": step_ms - replay_ms, "host_parts_ms": host, "kernels": kernels[:40],
+               "kernels_total_us": sum(k["us_per_step"] for k in kernels)}
+        results["runs"].append(run)
+        print(f"\ncontext {context}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms, "
+              f"eager kernels {run['kernels_total_us'] / 1e3:.3f} ms; host parts {host}")
+        for k in kernels[:25]:
+            print(f"  {k['us_per_step']:9.1f} us  x{k['calls_per_step']:5.1f}  {k['name']}")
+        engine.abort_request(request_id)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
