@@ -19,20 +19,29 @@ class FlashInferAttention:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
                  device: torch.device, graph_batch_size: int = 0, graph_max_pages: int = 0) -> None:
         """``graph_batch_size``: a decode-only backend for a CUDA graph of that batch size, whose page-table
-        buffers are static (``graph_max_pages`` entries) and re-filled by ``plan`` before each replay."""
+        buffers are static (``graph_max_pages`` entries) and re-filled by ``plan_graph_decode`` before each
+        replay."""
         import flashinfer  # GPU only: imported here so CPU installs never need it
 
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         if graph_batch_size:
+            # The graph reads these device buffers; each step fills them with one async copy apiece from
+            # pinned host staging (reused only after the step's sampling has synchronised).
+            self._indptr = torch.zeros(graph_batch_size + 1, dtype=torch.int32, device=device)
+            self._indices = torch.zeros(graph_max_pages, dtype=torch.int32, device=device)
+            self._last_page_len = torch.zeros(graph_batch_size, dtype=torch.int32, device=device)
+            self._indptr_host = torch.zeros(graph_batch_size + 1, dtype=torch.int32, pin_memory=True)
+            self._indices_host = torch.zeros(graph_max_pages, dtype=torch.int32, pin_memory=True)
+            self._last_page_len_host = torch.zeros(graph_batch_size, dtype=torch.int32, pin_memory=True)
             self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.zeros(graph_batch_size + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buffer=torch.zeros(graph_max_pages, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.zeros(graph_batch_size, dtype=torch.int32, device=device),
+                paged_kv_indptr_buffer=self._indptr, paged_kv_indices_buffer=self._indices,
+                paged_kv_last_page_len_buffer=self._last_page_len,
             )
             self.prefill = None
+            self._graph_planned = False
         else:
             self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
             self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
@@ -61,6 +70,43 @@ class FlashInferAttention:
             )
             self._wrapper = self.prefill
 
+    def plan_graph_decode(self, kv_lens: list[int], page_tables: list[torch.Tensor], scale: float) -> None:
+        """Decode step of a CUDA-graph backend: ``page_tables`` are int32 CPU tensors, one per sequence
+        (padding rows included, so ``len(kv_lens)`` is the graph's batch size).
+
+        After the first plan, replans use flashinfer's ``fast_decode_plan`` (as SGLang does): the same
+        scheduling call on the host, without re-validating everything or copying into the buffers, which we
+        fill ourselves. On the long-context single-request step this is most of the host time."""
+        counts = [t.numel() for t in page_tables]
+        total = sum(counts)
+        indptr = self._indptr_host
+        indptr[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
+        last_page_len = self._last_page_len_host
+        last_page_len.copy_(torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32))
+        indices = self._indices_host[:total]
+        torch.cat(page_tables, out=indices)
+        self._indptr.copy_(indptr, non_blocking=True)
+        self._last_page_len.copy_(last_page_len, non_blocking=True)
+        self._indices[:total].copy_(indices, non_blocking=True)
+        args = (indptr, indices, last_page_len, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
+        kwargs = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=scale)
+        fast_plan = _fast_decode_plan()
+        if self._graph_planned and fast_plan is not None:
+            fast_plan(self.decode, *args, **kwargs, non_blocking=True, global_override_indptr_cpu=indptr)
+        else:
+            self.decode.plan(*args, **kwargs)
+            self._graph_planned = True
+        self._wrapper = self.decode
+
     def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor) -> torch.Tensor:
         """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]`` over the planned page tables."""
         return self._wrapper.run(q, kv_cache_layer)
+
+
+def _fast_decode_plan():
+    """flashinfer's ``fast_decode_plan`` where this flashinfer has it (0.5+), else None."""
+    try:
+        from flashinfer.decode import fast_decode_plan
+    except ImportError:
+        return None
+    return fast_decode_plan

@@ -37,7 +37,9 @@ def decode_bytes_per_token(model: torch.nn.Module, cfg: ModelConfig, context: in
         if name == "embed_tokens" and not cfg.tie_word_embeddings:
             nbytes = param.shape[1] * param.element_size()  # one row is gathered
         elif name.endswith(".w13") or name.endswith(".w2"):
-            nbytes = nbytes * cfg.num_experts_per_tok // cfg.num_experts
+            # top-k routed experts, plus the shared expert where it is stacked as expert E
+            stacked = param.shape[0]
+            nbytes = nbytes * (cfg.num_experts_per_tok + stacked - cfg.num_experts) // stacked
         weights += nbytes
     num_gdn = len(cfg.gdn_layers)
     ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4

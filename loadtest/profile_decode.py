@@ -52,10 +52,11 @@ def _graph_replay_ms(engine: Engine, repeats: int) -> float:
 
 def _host_parts(engine: Engine, steps: int) -> dict[str, float]:
     """Median ms per step of each piece of ``Engine.step()``, timed by wrapping the pieces in place.
-    ``sample`` includes waiting for the GPU (its ``tolist`` is the step's one synchronisation)."""
+    ``graph_inputs_and_plan`` includes launching the replay; ``sample`` includes waiting for the GPU (its
+    ``tolist`` is the step's one synchronisation)."""
     runner, graphs = engine.runner, engine.runner.graphs
     pieces = {"schedule": (engine.scheduler, "schedule"), "build_batch": (runner, "build_batch"),
-              "attention_plan": (graphs, "_plan"), "sample": (runner, "sampler")}
+              "graph_inputs_and_plan": (graphs, "run"), "sample": (runner, "sampler")}
     times: dict[str, list[float]] = {name: [] for name in pieces}
     originals = {name: getattr(obj, attr) for name, (obj, attr) in pieces.items()}
 

@@ -37,7 +37,9 @@ def hf_config(family: str, tie_word_embeddings: bool = False, **overrides):
     kw = dict(_COMMON, tie_word_embeddings=tie_word_embeddings)
     kw.update(overrides)
     if family == "qwen3_5_moe":
-        kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+        # Shared expert of the experts' shape, as in the released models: Baton stores it as expert E.
+        # (qwen3_next below keeps a wider one: the separate shared-MLP path.)
+        kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
         return transformers.Qwen3_5MoeTextConfig(**kw)
     if family == "qwen3_5":
         kw.update(intermediate_size=96)

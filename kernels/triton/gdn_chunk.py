@@ -54,7 +54,7 @@ CHUNK = 64  # tokens per chunk; the blocked inverse below assumes a multiple of 
 SUB = 16  # diagonal block size of the blocked inverse
 # bf16: smallest N of the 16-bit tensor-core dots (see gdn_prefill: narrower tiles miscompile on sm_90)
 _MIN_PREP_N = 64  # prep kernel: w = T k (N = BK) and u = T v (N = BVF)
-_MIN_STATE_BV = 32  # state pass: V-block width
+_MIN_STATE_BV = 64  # state pass: V-block width (32 gave non-finite outputs on H100 with Dk 64, Dv 32)
 
 
 def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str, str]:

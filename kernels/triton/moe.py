@@ -63,8 +63,8 @@ def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch
 def _route_topk_kernel(
     logits_ptr, weights_ptr, ids_ptr, shared_ptr,
     num_experts, stride_logits,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr,
+    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -92,14 +92,19 @@ def _route_topk_kernel(
         scores = tl.where(e == idx, -2.0, scores)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= TOP_K are zero
-    tl.store(weights_ptr + token * TOP_K + k, top_w, mask=k < TOP_K)
-    tl.store(ids_ptr + token * TOP_K + k, top_i, mask=k < TOP_K)
+    tl.store(weights_ptr + token * OUT_K + k, top_w, mask=k < TOP_K)
+    tl.store(ids_ptr + token * OUT_K + k, top_i, mask=k < TOP_K)
 
     if HAS_SHARED:
         # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
         dtype = shared_ptr.dtype.element_ty
         g = tl.load(row + num_experts).to(tl.float32)
-        tl.store(shared_ptr + token, round_to(1.0 / (1.0 + tl.exp(-g)), dtype).to(dtype))
+        gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
+        if SHARED_AS_EXPERT:  # column k: expert id E (the shared expert) with its gate as the weight
+            tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
+            tl.store(ids_ptr + token * OUT_K + TOP_K, num_experts)
+        else:
+            tl.store(shared_ptr + token, gate.to(dtype))
 
 
 def route_topk(
@@ -110,6 +115,7 @@ def route_topk(
     renormalize: bool,
     *,
     fused_shared_gate: bool = False,
+    shared_as_expert: bool = False,
     scoring: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
@@ -127,6 +133,10 @@ def route_topk(
     ``sigmoid(logits)`` in fp32, top-k on the scores, optional renormalisation (no expert bias / group limit).
     ``shared_gate`` is ``sigmoid(logit)`` in hidden's dtype. Weights are in descending order; ties pick the
     lower expert id.
+
+    ``shared_as_expert=True`` (with a shared gate): the shared expert is expert ``E`` of the weight stacks, so
+    it is returned as a (k+1)-th column instead: ids ``[T, k+1]`` ending in ``E``, weights ending in the gate
+    (its bf16 value, as fp32); the third result is None. ``fused_experts`` then computes it with the rest.
     """
     if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
@@ -148,6 +158,8 @@ def route_topk(
         weight = router_weight
         num_experts = router_weight.shape[0]
     has_shared = weight.shape[0] > num_experts
+    if shared_as_expert and not has_shared:
+        raise ValueError("shared_as_expert=True needs the shared-expert gate (fused_shared_gate or shared_gate_weight)")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if num_experts > _MAX_EXPERTS:
@@ -157,17 +169,22 @@ def route_topk(
 
     tokens = hidden.shape[0]
     logits = F.linear(hidden, weight)  # [T, E(+1)] in hidden's dtype, like the reference's F.linear
-    topk_weights = torch.empty(tokens, top_k, dtype=torch.float32, device=hidden.device)
-    topk_ids = torch.empty(tokens, top_k, dtype=torch.int32, device=hidden.device)
-    shared = torch.empty(tokens, 1, dtype=hidden.dtype, device=hidden.device) if has_shared else None
+    out_k = top_k + int(shared_as_expert)
+    topk_weights = torch.empty(tokens, out_k, dtype=torch.float32, device=hidden.device)
+    topk_ids = torch.empty(tokens, out_k, dtype=torch.int32, device=hidden.device)
+    shared = None
+    if has_shared and not shared_as_expert:
+        shared = torch.empty(tokens, 1, dtype=hidden.dtype, device=hidden.device)
     if tokens == 0:
         return topk_weights, topk_ids, shared
     block_e = triton.next_power_of_2(num_experts)
     _route_topk_kernel[(tokens,)](
-        logits, topk_weights, topk_ids, shared if has_shared else topk_weights,
+        # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
+        logits, topk_weights, topk_ids, shared if shared is not None else logits,
         num_experts, logits.stride(0),
-        TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
+        SHARED_AS_EXPERT=shared_as_expert,
         num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4,
     )
     return topk_weights, topk_ids, shared

@@ -16,6 +16,7 @@ import time
 import torch
 
 from .forward_batch import ForwardBatch
+from .page_tables import PageTableMirror
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,16 @@ class DecodeGraphs:
         max_bs = self.sizes[-1]
         # A sequence can hold every page of the pool, but a batch's pages are distinct: bound by the pool.
         max_pages = runner.num_pages + 1
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.kv_slot_ids = torch.full((max_bs,), runner.scratch_page * runner.page_size, dtype=torch.long,
-                                      device=device)
-        self.state_slots = torch.full((max_bs,), runner.scratch_slot, dtype=torch.long, device=device)
+        # Rows: input ids, positions, KV write slots, state slots. One pinned staging block and one async
+        # copy per step fill all four; padding rows rest on the scratch page and the scratch slot.
+        self.inputs = torch.zeros(4, max_bs, dtype=torch.long, device=device)
+        self.inputs_host = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True)
+        self.inputs_host[2].fill_(runner.scratch_page * runner.page_size)
+        self.inputs_host[3].fill_(runner.scratch_slot)
+        self.inputs.copy_(self.inputs_host)
+        self.input_ids, self.positions, self.kv_slot_ids, self.state_slots = self.inputs.unbind(0)
         self.logits_indices = torch.arange(max_bs, device=device)
+        self.scratch_table = torch.tensor([runner.scratch_page], dtype=torch.int32)
         self.attention = {
             bs: FlashInferAttention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.page_size,
                                     runner.dtype, device, graph_batch_size=bs, graph_max_pages=max_pages + bs)
@@ -55,24 +60,18 @@ class DecodeGraphs:
             self._capture(bs, pool)
         log.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.sizes, time.monotonic() - started)
 
-    def _batch(self, bs: int, kv_lens: list[int], page_tables: list[list[int]]) -> ForwardBatch:
+    def _batch(self, bs: int) -> ForwardBatch:
+        """The batch the graph of size ``bs`` was captured with: static buffers, host fields for the capture."""
         return ForwardBatch(
-            input_ids=self.input_ids[:bs], positions=self.positions[:bs], query_lens=[1] * bs, kv_lens=kv_lens,
-            page_tables=page_tables, kv_slot_ids=self.kv_slot_ids[:bs], state_slots=self.state_slots[:bs],
-            has_initial_state=[True] * bs, logits_indices=self.logits_indices[:bs],
-        )
-
-    def _plan(self, bs: int, kv_lens: list[int], page_tables: list[list[int]]) -> None:
-        padding = bs - len(kv_lens)
-        self.attention[bs].plan(
-            [1] * bs, kv_lens + [1] * padding, page_tables + [[self.runner.scratch_page]] * padding,
-            self.runner.model.attention_scale,
+            input_ids=self.input_ids[:bs], positions=self.positions[:bs], query_lens=[1] * bs, kv_lens=[1] * bs,
+            page_tables=[[self.runner.scratch_page]] * bs, kv_slot_ids=self.kv_slot_ids[:bs],
+            state_slots=self.state_slots[:bs], has_initial_state=[True] * bs, logits_indices=self.logits_indices[:bs],
         )
 
     def _capture(self, bs: int, pool) -> None:
         runner = self.runner
-        batch = self._batch(bs, [1] * bs, [[runner.scratch_page]] * bs)
-        self._plan(bs, [], [])
+        batch = self._batch(bs)
+        self.attention[bs].plan_graph_decode([1] * bs, [self.scratch_table] * bs, runner.model.attention_scale)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -84,19 +83,38 @@ class DecodeGraphs:
             self.logits[bs] = runner.model(batch, runner.kv_cache, runner.state_cache, attention=self.attention[bs])
         self.graphs[bs] = graph
 
-    def can_run(self, batch: ForwardBatch) -> bool:
-        return self.enabled and batch.is_decode and batch.num_seqs <= self.sizes[-1]
+    def can_run(self, seqs) -> bool:
+        """A decode step: every sequence adds one token to an existing state and samples (the graph's logits
+        rows are the sequences), and a graph is big enough."""
+        return (self.enabled and len(seqs) <= self.sizes[-1]
+                and all(s.num_new_tokens == 1 and s.start > 0 and s.samples for s in seqs))
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        n = batch.num_seqs
+    def run(self, seqs, page_tables: PageTableMirror) -> torch.Tensor:
+        """Replay the graph for a decode step of ``seqs`` (``ScheduledSeq``); logits ``[len(seqs), V]``.
+
+        Built straight from the requests, without a ForwardBatch: this is the per-token host path of every
+        decode step, so it does only what the graph needs."""
+        runner, page_size = self.runner, self.runner.page_size
+        n = len(seqs)
         bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.kv_slot_ids[:n].copy_(batch.kv_slot_ids, non_blocking=True)
-        self.state_slots[:n].copy_(batch.state_slots, non_blocking=True)
-        # Rows n..bs keep pointing at the scratch page and slot (the buffers' resting values).
-        self.kv_slot_ids[n:bs].fill_(self.runner.scratch_page * self.runner.page_size)
-        self.state_slots[n:bs].fill_(self.runner.scratch_slot)
-        self._plan(bs, batch.kv_lens, batch.page_tables)
+        padding = bs - n
+        input_ids, kv_slot_ids, state_slots, kv_lens, tables = [], [], [], [], []
+        for seq in seqs:
+            request, position = seq.request, seq.start
+            input_ids.append(request.token_at(position))
+            kv_slot_ids.append(request.page_ids[position // page_size] * page_size + position % page_size)
+            state_slots.append(request.state_slot)
+            kv_lens.append(position + 1)
+            tables.append(page_tables.pages(request.request_id, request.page_ids, position // page_size + 1))
+        positions = [s.start for s in seqs]
+        self.inputs_host[:, :bs] = torch.tensor([
+            input_ids + [0] * padding,
+            positions + [0] * padding,
+            kv_slot_ids + [runner.scratch_page * page_size] * padding,
+            state_slots + [runner.scratch_slot] * padding,
+        ])
+        self.inputs.copy_(self.inputs_host, non_blocking=True)
+        self.attention[bs].plan_graph_decode(kv_lens + [1] * padding, tables + [self.scratch_table] * padding,
+                                             runner.model.attention_scale)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

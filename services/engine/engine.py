@@ -260,7 +260,7 @@ class Engine:
             self.scheduler.remove(request)
         self.requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
-        self.runner.sampler.forget(request.request_id)
+        self.runner.forget(request.request_id)
 
     # ---- convenience --------------------------------------------------------------------------------
     def generate(

@@ -131,12 +131,17 @@ def _plan_swiglu(add, hf: str, ours: str, hidden: int, inter: int) -> None:
 def _plan_moe(cfg: ModelConfig, add, hf: str, ours: str, fused_experts: bool) -> None:
     h, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     add(hf + "gate.weight", (experts, h), ours + "router", _rows(0, experts))
-    _plan_swiglu(add, hf + "shared_expert.", ours + "shared_expert.", h, cfg.shared_expert_intermediate_size)
+    if cfg.shared_expert_in_experts:  # the shared expert is stored as expert E (see model.SparseMoE)
+        add(hf + "shared_expert.gate_proj.weight", (inter, h), ours + "w13", (experts, slice(0, inter)))
+        add(hf + "shared_expert.up_proj.weight", (inter, h), ours + "w13", (experts, slice(inter, 2 * inter)))
+        add(hf + "shared_expert.down_proj.weight", (h, inter), ours + "w2", (experts,))
+    else:
+        _plan_swiglu(add, hf + "shared_expert.", ours + "shared_expert.", h, cfg.shared_expert_intermediate_size)
     add(hf + "shared_expert_gate.weight", (1, h), ours + "router", _rows(experts, 1))
     if fused_experts:
         # Released Qwen3.5-MoE checkpoints: all experts of a layer in two stacked tensors.
-        add(hf + "experts.gate_up_proj", (experts, 2 * inter, h), ours + "w13")
-        add(hf + "experts.down_proj", (experts, h, inter), ours + "w2")
+        add(hf + "experts.gate_up_proj", (experts, 2 * inter, h), ours + "w13", _rows(0, experts))
+        add(hf + "experts.down_proj", (experts, h, inter), ours + "w2", _rows(0, experts))
         return
     for e in range(experts):
         add(f"{hf}experts.{e}.gate_proj.weight", (inter, h), ours + "w13", (e, slice(0, inter)))

@@ -134,7 +134,10 @@ class DenseMLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k softmax-routed experts plus a sigmoid-gated shared expert."""
+    """Top-k softmax-routed experts plus a sigmoid-gated shared expert.
+
+    When the shared expert has the experts' shape (``cfg.shared_expert_in_experts``) it is expert ``E`` of
+    ``w13``/``w2`` (rows ``[0, E)`` are the routed experts); otherwise it is a separate ``DenseMLP``."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, ops: Ops) -> None:
         super().__init__()
@@ -144,11 +147,16 @@ class SparseMoE(nn.Module):
         h, i = cfg.hidden_size, cfg.moe_intermediate_size
         # The experts' router and the shared expert's gate share one GEMM: rows [0, E) route, row E gates.
         self.router = _param(cfg.num_experts + 1, h, dtype=dtype, device=device)
-        self.w13 = _param(cfg.num_experts, 2 * i, h, dtype=dtype, device=device)
-        self.w2 = _param(cfg.num_experts, h, i, dtype=dtype, device=device)
-        self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
+        stacked = cfg.num_experts + int(cfg.shared_expert_in_experts)
+        self.w13 = _param(stacked, 2 * i, h, dtype=dtype, device=device)
+        self.w2 = _param(stacked, h, i, dtype=dtype, device=device)
+        self.shared_expert = None
+        if not cfg.shared_expert_in_experts:
+            self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is None:
+            return self.ops.moe_with_shared_expert(x, self.router, self.w13, self.w2, self.top_k, self.renormalize)
         weights, expert_ids, shared_gate = self.ops.route_topk(x, self.router, self.top_k, self.renormalize)
         routed = self.ops.fused_experts(x, self.w13, self.w2, weights, expert_ids)
         return routed + shared_gate.to(x.dtype) * self.shared_expert(x)

@@ -115,6 +115,13 @@ class ModelConfig:
     def gdn_conv_dim(self) -> int:
         return 2 * self.gdn_key_dim + self.gdn_value_dim
 
+    @property
+    def shared_expert_in_experts(self) -> bool:
+        """The shared expert has the routed experts' shape, so it is stored as one more expert (index E) and
+        the MoE kernels compute it with the routed ones: one grouped GEMM pair instead of two more GEMMs and
+        their elementwise glue per layer. (Every released Qwen3.5 / Qwen3-Next MoE model has this shape.)"""
+        return self.is_moe_family and self.shared_expert_intermediate_size == self.moe_intermediate_size
+
     def layer_is_moe(self, layer: int) -> bool:
         if not self.is_moe_family:
             return False

@@ -15,6 +15,7 @@ from .loader import init_dummy_weights, load_weights
 from .model import Qwen35ForCausalLM
 from .model_config import ModelConfig
 from .ops import select_ops
+from .page_tables import PageTableMirror
 from .sampler import Sampler
 from .scheduler import ScheduledSeq
 from .state_cache import KVCache, StateCache
@@ -59,6 +60,7 @@ class ModelRunner:
             StateCache.bytes_per_slot(model_config, self.dtype) / _MiB,
         )
         self.sampler = Sampler(self.device, config.seed)
+        self.page_tables = PageTableMirror()
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graph_max_batch > 0:
             from .cuda_graphs import DecodeGraphs
@@ -92,6 +94,11 @@ class ModelRunner:
             )
         return int(checkpoints), int(num_pages)
 
+    def forget(self, request_id: str) -> None:
+        """The request is gone: drop what the runner keeps per request."""
+        self.sampler.forget(request_id)
+        self.page_tables.forget(request_id)
+
     def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
         page_size = self.page_size
         input_ids: list[int] = []
@@ -102,8 +109,7 @@ class ModelRunner:
         for seq in seqs:
             req = seq.request
             start, end = seq.start, seq.start + seq.num_new_tokens
-            all_ids = req.all_token_ids
-            input_ids.extend(all_ids[start:end])
+            input_ids.extend(req.token_ids_between(start, end))
             positions.extend(range(start, end))
             kv_slot_ids.extend(req.page_ids[p // page_size] * page_size + p % page_size for p in range(start, end))
             if seq.samples:
@@ -134,12 +140,14 @@ class ModelRunner:
         for seq in seqs:
             if seq.copy_state_from is not None:  # copy-on-write: never write a shared checkpoint
                 self.state_cache.copy_slot(seq.copy_state_from, seq.request.state_slot)
-        batch = self.build_batch(seqs)
-        if self.graphs is not None and self.graphs.can_run(batch):
-            logits = self.graphs.run(batch)
+        if self.graphs is not None and self.graphs.can_run(seqs):
+            logits = self.graphs.run(seqs, self.page_tables)
+            is_decode = True
         else:
+            batch = self.build_batch(seqs)
             logits = self.model(batch, self.kv_cache, self.state_cache)
-        if batch.is_decode and batch.snapshots is not None:
+            is_decode = batch.is_decode
+        if is_decode:
             # A decode snapshot is the state after the step (all GDN layers of a slot are contiguous).
             for seq in seqs:
                 for _, snapshot_slot in seq.snapshots:

@@ -42,6 +42,15 @@ def route_topk_torch(x, router_weight, top_k, renormalize):
     return weights, ids, torch.sigmoid(logits[:, -1:])
 
 
+def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize):
+    """Routed experts plus the sigmoid-gated shared expert stored as expert ``E`` (the last) of w13/w2."""
+    weights, ids, shared_gate = route_topk_torch(x, router_weight, top_k, renormalize)
+    routed = torch_moe.fused_experts(x, w13, w2, weights, ids)  # ids < E: the shared expert is never routed
+    gate, up = F.linear(x, w13[-1]).chunk(2, dim=-1)
+    shared = F.linear(F.silu(gate) * up, w2[-1])
+    return routed + shared_gate.to(x.dtype) * shared
+
+
 def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
     """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
     decode steps, per sequence otherwise, split at checkpoint offsets so the state exists there (decode
@@ -112,6 +121,7 @@ class Ops:
     qk_norm_rope: Callable
     route_topk: Callable
     fused_experts: Callable
+    moe_with_shared_expert: Callable  # (x, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm) -> [T, H]
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
     gdn: Callable  # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]
@@ -125,6 +135,7 @@ def torch_ops() -> Ops:
         qk_norm_rope=qk_norm_rope_torch,
         route_topk=route_topk_torch,
         fused_experts=torch_moe.fused_experts,
+        moe_with_shared_expert=moe_with_shared_expert_torch,
         make_attention=lambda *args: TorchAttention(args[5]),
         plan_gdn=lambda batch: None,
         gdn=gdn_torch,
@@ -144,6 +155,13 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     def route_topk(x, router_weight, top_k, renormalize):
         return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True)
+
+    def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize):
+        # The shared expert rides along as a (k+1)-th expert of every token: one routing kernel and one grouped
+        # GEMM pair compute it with the routed experts, and the fp32 sum adds it.
+        weights, ids, _ = triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
+                                                shared_as_expert=True)
+        return triton_moe.fused_experts(x, w13, w2, weights, ids)
 
     def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device):
         # flashinfer has no fp32 kernels (fp32 is for exactness tests) and only the usual head sizes.
@@ -177,6 +195,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         qk_norm_rope=qk_norm_rope,
         route_topk=route_topk,
         fused_experts=triton_moe.fused_experts,
+        moe_with_shared_expert=moe_with_shared_expert,
         make_attention=make_attention,
         plan_gdn=plan_gdn,
         gdn=gdn,

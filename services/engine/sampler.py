@@ -39,16 +39,19 @@ class Sampler:
         """``logits [S, V]`` fp32, one row per request; returns chosen token ids and their logprobs."""
         want_logprobs = [r.params.logprobs for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = logits.clone()
-        for row, request in enumerate(requests):
-            if request.params.needs_penalties:
-                self._apply_penalties(logits[row], request)
+        if any(r.params.needs_penalties for r in requests):
+            logits = logits.clone()  # the raw logits stay intact for the logprobs
+            for row, request in enumerate(requests):
+                if request.params.needs_penalties:
+                    self._apply_penalties(logits[row], request)
 
-        greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
-        if bool(greedy.all()):
+        # Decided on the host: a device-side test would cost a synchronisation per step.
+        greedy = [r.params.greedy for r in requests]
+        if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = torch.where(greedy, logits.argmax(dim=-1), self._draw(logits, requests))
+            greedy_mask = torch.tensor(greedy, device=logits.device)
+            tokens = torch.where(greedy_mask, logits.argmax(dim=-1), self._draw(logits, requests))
 
         token_list = tokens.tolist()
         if raw_logprobs is None:

@@ -2,9 +2,9 @@
 plain-torch path. bf16 rounding differs between any two implementations, so the yardstick is the torch
 path's own bf16 run against the fp32 reference (as in test_model_parity): the fast path may be at most
 1.5x (+2e-3) as far from fp32 and must pick the fp32 argmax at least as often (-5 points). CUDA graphs
-replay the same kernels as eager execution: greedy tokens from graph-replayed decode steps must carry the
-logprobs that the eager fast path computes for the same sequence (within 0.05), and agree on >= 90% of
-the tokens."""
+replay the same kernels as eager execution: on the same batch, greedy tokens and their logprobs from
+graph-replayed decode steps must equal the eager fast path's (logprobs within 0.05 up to any divergence, >= 90%
+of the tokens equal)."""
 
 from __future__ import annotations
 
@@ -60,22 +60,25 @@ def test_fast_path_matches_torch_path(checkpoint):
     assert err_fast < 1.5 * err_torch + 2e-3
     assert agree_fast >= agree_torch - 0.05
 
-    # Decode steps through the CUDA graphs (batch of 6 -> graph of 8, with padding rows).
-    prompts = _prompts(6, 40, seed=1)
-    results = fast.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=True))
+    # Decode steps through the CUDA graphs against the same engine without graphs, on the same batch: the
+    # same kernels on (nearly) the same shapes, so the tiny model's large bf16 noise (rel err ~0.4 against
+    # fp32, above) cancels out. 6 requests replay the graph of 8 (two padding rows); 8 fill it exactly.
     eager = cuda_engine(tiny_checkpoint, kernels="gpu", cuda_graph_max_batch=0)
-    agree, total, worst = 0, 0, 0.0
-    for prompt, result in zip(prompts, results, strict=True):
-        seq = DirectSequence(eager)
-        logits = torch.cat([seq.forward(prompt)[-1:]] + [seq.forward([t]) for t in result.token_ids[:-1]]).float()
-        seq.close()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(result.token_ids, device=logits.device)[:, None])[:, 0]
-        worst = max(worst, (chosen.cpu() - torch.tensor(result.logprobs)).abs().max().item())
-        agree += (logprobs.argmax(-1).cpu() == torch.tensor(result.token_ids)).sum().item()
-        total += len(result.token_ids)
-    print(f"graph vs eager: worst logprob difference {worst:.4f}, greedy agreement {agree}/{total}")
-    assert worst < 0.05
-    assert agree >= 0.9 * total
+    for num_prompts in (6, 8):
+        prompts = _prompts(num_prompts, 40, seed=num_prompts)
+        params = SamplingParams(max_tokens=12, temperature=0, logprobs=True)
+        graphed, plain = fast.generate(prompts, params), eager.generate(prompts, params)
+        agree, total, worst = 0, 0, 0.0
+        for g, e in zip(graphed, plain, strict=True):
+            for tg, te, lg, le in zip(g.token_ids, e.token_ids, g.logprobs, e.logprobs, strict=True):
+                total += 1
+                if tg != te:
+                    break  # the sequences diverged: later steps see different inputs
+                agree += 1
+                worst = max(worst, abs(lg - le))
+        print(f"graph vs eager, {num_prompts} requests: worst logprob difference {worst:.4f}, "
+              f"tokens equal up to divergence {agree}/{num_prompts * 12}")
+        assert worst < 0.05
+        assert agree >= 0.9 * num_prompts * 12
     for engine in (reference, torch16, fast, eager):
         assert_no_leaks(engine)

@@ -335,8 +335,9 @@ def _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed):
     return x, w13, w2, weights, ids.to(torch.int32)
 
 
-# Big tiles keep the interpreter's program count (its main cost) down; the GPU runs the same code.
-_BIG_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(128, 256), moe_tk.GemmTile(256, 256))
+# Big tiles keep the interpreter's program count (its main cost) down. They need more shared memory than a
+# GPU has (two 128x256 weight tiles per stage), so on a GPU the real shape runs with the default config.
+_BIG_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(128, 256), moe_tk.GemmTile(256, 256)) if DEVICE == "cpu" else None
 _SMALL_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(16, 32), moe_tk.GemmTile(32, 16, group_m=4))
 
 
@@ -385,6 +386,32 @@ def test_fused_experts_after_route_topk_bf16():
     ref = moe_ref.fused_experts(x, w13, w2, ref_w, ref_ids)
     _close(out, ref, torch.bfloat16)
     _close(gate, torch.sigmoid(logits[:, experts:]), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_expert_as_expert_e_matches_reference(dtype):
+    """The serving path for a shared expert of the experts' shape: route_topk appends it as column k (id E,
+    weight = its gate) and fused_experts computes it with the routed experts. Reference: routed experts plus
+    the separately computed, sigmoid-gated shared MLP (services.engine.ops.moe_with_shared_expert_torch)."""
+    from services.engine.ops import moe_with_shared_expert_torch
+
+    tokens, hidden, inter, experts, top_k = 5, 128, 64, 16, 4
+    gen = _gen(11)
+    x = _randn(tokens, hidden, gen=gen, dtype=dtype)
+    router = _randn(experts + 1, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)  # last row: shared gate
+    w13 = _randn(experts + 1, 2 * inter, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)
+    w2 = _randn(experts + 1, hidden, inter, gen=gen, dtype=dtype, scale=inter**-0.5)
+    with poisoned_outputs():
+        weights, ids, gate = moe_tk.route_topk(x, router, None, top_k, True, fused_shared_gate=True,
+                                               shared_as_expert=True)
+        out = moe_tk.fused_experts(x, w13, w2, weights, ids)
+    assert gate is None and ids.shape == (tokens, top_k + 1) and (ids[:, -1] == experts).all()
+    assert (ids[:, :-1] < experts).all()
+    logits = F.linear(x, router)
+    _close(weights[:, -1], torch.sigmoid(logits[:, -1]).float(), dtype)
+    _close(out, moe_with_shared_expert_torch(x, router, w13, w2, top_k, True), dtype)
+    with pytest.raises(ValueError, match="shared-expert gate"):
+        moe_tk.route_topk(x, router[:-1], None, top_k, True, shared_as_expert=True)
 
 
 def test_fused_experts_argument_checks():
