@@ -36,11 +36,14 @@ protos: $(STAMP)
 # downloading another one. Elsewhere install the CPU build (the multi-GB CUDA wheel is useless
 # without a GPU), pinned with its +cpu tag so that no index can substitute the CUDA wheel: from pip's
 # find-links (with torch's own dependencies from the configured index), else from the PyTorch CPU index.
-$(STAMP): pyproject.toml requirements-lock.txt Makefile
+$(STAMP): pyproject.toml requirements-lock.txt requirements-gpu.txt Makefile
 	@set -e; \
 	if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 	  echo "[setup] system torch with CUDA found: venv shares it"; \
 	  [ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  grep -v -E '^(triton|mooncake-transfer-engine-non-cuda)==' requirements-lock.txt > $(VENV)/requirements-cuda.txt; \
+	  echo "[setup] installing pinned dependencies (GPU: image torch/triton kept, flashinfer, CUDA Mooncake)"; \
+	  $(PIP) install -q -r $(VENV)/requirements-cuda.txt -r requirements-gpu.txt; \
 	  $(PIP) install -q --no-build-isolation --no-deps -e . ; \
 	else \
 	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
