@@ -54,7 +54,11 @@ CHUNK = 64  # tokens per chunk; the blocked inverse below assumes a multiple of 
 SUB = 16  # diagonal block size of the blocked inverse
 # bf16: smallest N of the 16-bit tensor-core dots (see gdn_prefill: narrower tiles miscompile on sm_90)
 _MIN_PREP_N = 64  # prep kernel: w = T k (N = BK) and u = T v (N = BVF)
-_MIN_STATE_BV = 64  # state pass: V-block width (32 gave non-finite outputs on H100 with Dk 64, Dv 32)
+# State pass: V-block width. 32 is right for the real heads (Dv 128: bench_gdn's errors on H100), but with
+# heads narrower than 64 (Dk 64, Dv 32: test_gdn_prefill_bf16_multi_chunk) BV 32 gave non-finite outputs on
+# H100; 64 passed every prefill test there.
+_MIN_STATE_BV = 32
+_MIN_STATE_BV_NARROW_HEADS = 64
 
 
 def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str, str]:
@@ -497,10 +501,10 @@ def gdn_prefill(
         # the interpreter). The prep kernel alone, Dv=32 (u = T v: an m64n32k16 wgmma whose A operand is the
         # solve's tf32 accumulator), faulted with "illegal memory access"; it was correct at Dv 64/128, with
         # BVF padded to 128, or with u as a tf32 dot. With a correct prep, the state pass at BV=16 (m64n16k16)
-        # gave wrong or NaN outputs. Pad those tiles (the masks cover the extra columns); the real shapes
-        # (Dk = Dv = 128, BV 32/64) are unchanged.
+        # gave wrong or NaN outputs, and BV=32 did too with Dv=32. Pad those tiles (the masks cover the extra
+        # columns); the real shapes (Dk = Dv = 128, BV 32/64) are unchanged.
         prep_bk, bvf = max(prep_bk, _MIN_PREP_N), max(bvf, _MIN_PREP_N)
-        block_v = max(block_v, _MIN_STATE_BV)
+        block_v = max(block_v, _MIN_STATE_BV if v_dim >= 64 else _MIN_STATE_BV_NARROW_HEADS)
     if plan.num_chunks:
         # Scratch in the activation dtype (16-bit operands of the state pass's dots). The interpreter rounds
         # fp32 -> bf16 by truncation (biased, unlike the GPU's round-to-nearest), so it keeps fp32 scratch.
