@@ -29,6 +29,15 @@ from services.engine.request import SamplingParams
 log = logging.getLogger("bench_decode")
 
 
+def single_request_config(model: str, max_model_len: int, prefill_chunk_size: int, **overrides) -> EngineConfig:
+    """A dummy bf16 model on the GPU, sized for one request: what the decode benchmarks measure."""
+    return EngineConfig(
+        model=model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
+        prefill_chunk_size=prefill_chunk_size, max_num_batched_tokens=prefill_chunk_size,
+        max_model_len=max_model_len, **overrides,
+    )
+
+
 def decode_bytes_per_token(model: torch.nn.Module, cfg: ModelConfig, context: int, dtype: torch.dtype) -> dict:
     """The fewest bytes one decode step of one request must move through device memory."""
     weights = 0
@@ -116,11 +125,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     contexts = [int(c) for c in args.contexts.split(",")]
-    config = EngineConfig(
-        model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
-        prefill_chunk_size=args.prefill_chunk_size, max_num_batched_tokens=args.prefill_chunk_size,
-        max_model_len=max(contexts) + args.warmup + args.decode_tokens + 16, kernels=args.kernels,
-        cuda_graph_max_batch=args.cuda_graphs,
+    config = single_request_config(
+        args.model, max(contexts) + args.warmup + args.decode_tokens + 16, args.prefill_chunk_size,
+        kernels=args.kernels, cuda_graph_max_batch=args.cuda_graphs,
     )
     device = config.torch_device
     bandwidth = measure_copy_bandwidth(device)

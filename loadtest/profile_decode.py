@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from services.engine.config import EngineConfig
+from loadtest.bench_decode import single_request_config
 from services.engine.engine import Engine
 from services.engine.request import SamplingParams
 
@@ -115,11 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     contexts = [int(c) for c in args.contexts.split(",")]
-    config = EngineConfig(
-        model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
-        prefill_chunk_size=args.prefill_chunk_size, max_num_batched_tokens=args.prefill_chunk_size,
-        max_model_len=max(contexts) + 4096, cuda_graph_max_batch=8, enable_prefix_cache=False,
-    )
+    config = single_request_config(args.model, max(contexts) + 4096, args.prefill_chunk_size,
+                                   cuda_graph_max_batch=8, enable_prefix_cache=False)
     engine = Engine(config)
     results = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     for i, context in enumerate(contexts):
