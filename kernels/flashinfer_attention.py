@@ -42,6 +42,7 @@ class FlashInferAttention:
             )
             self.prefill = None
             self._graph_planned = False
+            self._fast_plan = _fast_decode_plan()  # looked up once, not on every decode step
         else:
             self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
             self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
@@ -90,9 +91,8 @@ class FlashInferAttention:
         self._indices[:total].copy_(indices, non_blocking=True)
         args = (indptr, indices, last_page_len, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
         kwargs = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=scale)
-        fast_plan = _fast_decode_plan()
-        if self._graph_planned and fast_plan is not None:
-            fast_plan(self.decode, *args, **kwargs, non_blocking=True, global_override_indptr_cpu=indptr)
+        if self._graph_planned and self._fast_plan is not None:
+            self._fast_plan(self.decode, *args, **kwargs, non_blocking=True, global_override_indptr_cpu=indptr)
         else:
             self.decode.plan(*args, **kwargs)
             self._graph_planned = True

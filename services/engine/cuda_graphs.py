@@ -98,15 +98,15 @@ class DecodeGraphs:
         n = len(seqs)
         bs = next(s for s in self.sizes if s >= n)
         padding = bs - n
-        input_ids, kv_slot_ids, state_slots, kv_lens, tables = [], [], [], [], []
+        input_ids, positions, kv_slot_ids, state_slots, kv_lens, tables = [], [], [], [], [], []
         for seq in seqs:
             request, position = seq.request, seq.start
             input_ids.append(request.token_at(position))
+            positions.append(position)
             kv_slot_ids.append(request.page_ids[position // page_size] * page_size + position % page_size)
             state_slots.append(request.state_slot)
             kv_lens.append(position + 1)
             tables.append(page_tables.pages(request.request_id, request.page_ids, position // page_size + 1))
-        positions = [s.start for s in seqs]
         self.inputs_host[:, :bs] = torch.tensor([
             input_ids + [0] * padding,
             positions + [0] * padding,
