@@ -28,7 +28,7 @@ class FlashInferAttention:
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         if graph_batch_size:
             # The graph reads these device buffers; each step fills them with one async copy apiece from
-            # pinned host staging (reused only after the step's sampling has synchronised).
+            # pinned host staging (reused only once the last step's copies ran: see DecodeGraphs.run).
             self._indptr = torch.zeros(graph_batch_size + 1, dtype=torch.int32, device=device)
             self._indices = torch.zeros(graph_max_pages, dtype=torch.int32, device=device)
             self._last_page_len = torch.zeros(graph_batch_size, dtype=torch.int32, device=device)

@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--prefill-chunk-size", type=int, default=4096)
     parser.add_argument("--kernels", default="auto", help="auto (GPU kernels), torch, gpu")
     parser.add_argument("--cuda-graphs", type=int, default=64, help="CUDA graphs up to this batch size (0: off)")
+    parser.add_argument("--overlap", type=int, default=1, help="1: launch each step before processing the last")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -127,7 +128,7 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     config = single_request_config(
         args.model, max(contexts) + args.warmup + args.decode_tokens + 16, args.prefill_chunk_size,
-        kernels=args.kernels, cuda_graph_max_batch=args.cuda_graphs,
+        kernels=args.kernels, cuda_graph_max_batch=args.cuda_graphs, overlap_schedule=bool(args.overlap),
     )
     device = config.torch_device
     bandwidth = measure_copy_bandwidth(device)
@@ -137,7 +138,8 @@ def main() -> None:
     results = {
         "benchmark": "single-request decode",
         "model": args.model,
-        "backend": f"{engine.runner.ops.name}, CUDA graphs {'on' if graphs_on else 'off'}",
+        "backend": f"{engine.runner.ops.name}, CUDA graphs {'on' if graphs_on else 'off'}, "
+                   f"overlap {'on' if args.overlap else 'off'}",
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9,

@@ -2,15 +2,17 @@
 
     python -m loadtest.profile_decode --model qwen3.5-35b-a3b:20 --contexts 1024,131072 --out profile.json
 
-For each context: the wall time of ``Engine.step()`` (what bench_decode reports), the GPU time of the
-decode CUDA graph replayed back to back (no host in between), and the host-side pieces of a step timed
-one by one (schedule, batch building, attention planning, sampling). Then one eager step under
+For each context: the wall time per ``Engine.step()`` over consecutive steps (what bench_decode reports),
+with the overlap scheduler on and off, the GPU time of the decode CUDA graph replayed back to back (no
+host in between), and the host-side pieces of a step timed one by one (schedule, graph inputs and
+attention planning, sampling, waiting for and processing the tokens). Then eager steps under
 ``torch.profiler``: GPU time per kernel name, summed, so the biggest consumers stand out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -26,15 +28,18 @@ from services.engine.request import SamplingParams
 log = logging.getLogger("profile_decode")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _step_ms(engine: Engine, steps: int, overlap: bool) -> float:
+    """Wall time per step over ``steps`` consecutive steps (no synchronisation between them: with the
+    overlap scheduler a step returns with the next one already on the device)."""
+    engine.config = dataclasses.replace(engine.config, overlap_schedule=overlap)
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 def _graph_replay_ms(engine: Engine, repeats: int) -> float:
@@ -52,11 +57,14 @@ def _graph_replay_ms(engine: Engine, repeats: int) -> float:
 
 def _host_parts(engine: Engine, steps: int) -> dict[str, float]:
     """Median ms per step of each piece of ``Engine.step()``, timed by wrapping the pieces in place.
-    ``graph_inputs_and_plan`` includes launching the replay; ``sample`` includes waiting for the GPU (its
-    ``tolist`` is the step's one synchronisation)."""
+    ``graph_inputs_and_plan`` includes launching the replay; ``wait_and_process`` includes waiting for the
+    step in flight (the step's one synchronisation), so with the overlap scheduler it holds the GPU time
+    that the host does not cover."""
     runner, graphs = engine.runner, engine.runner.graphs
-    pieces = {"schedule": (engine.scheduler, "schedule"), "build_batch": (runner, "build_batch"),
-              "graph_inputs_and_plan": (graphs, "run"), "sample": (runner, "sampler")}
+    pieces = {"schedule": (engine.scheduler, "schedule"),
+              "schedule_ahead": (engine.scheduler, "schedule_decode_ahead"),
+              "build_batch": (runner, "build_batch"), "graph_inputs_and_plan": (graphs, "run"),
+              "sample": (runner, "sampler"), "wait_and_process": (engine, "_process")}
     times: dict[str, list[float]] = {name: [] for name in pieces}
     originals = {name: getattr(obj, attr) for name, (obj, attr) in pieces.items()}
 
@@ -127,16 +135,23 @@ def main() -> None:
         log.info("context %d: prefilled", context)
         for _ in range(5):
             engine.step()
-        step_ms = _median_ms(engine.step, 40)
+        sequential_ms = _step_ms(engine, 40, overlap=False)
+        step_ms = _step_ms(engine, 40, overlap=True)
+        engine.step()  # nothing in flight below: the replay timing owns the device
+        torch.cuda.synchronize()
+        engine.config = dataclasses.replace(engine.config, overlap_schedule=False)
+        engine.step()
         replay_ms = _graph_replay_ms(engine, 50)
+        engine.config = dataclasses.replace(engine.config, overlap_schedule=True)
         host = _host_parts(engine, 30)
         kernels = _kernel_table(engine, 5)
-        run = {"context": context, "engine_step_ms": step_ms, "graph_replay_ms": replay_ms,
-               "host_ms": step_ms - replay_ms, "host_parts_ms": host, "kernels": kernels[:40],
-               "kernels_total_us": sum(k["us_per_step"] for k in kernels)}
+        run = {"context": context, "engine_step_ms": step_ms, "engine_step_ms_no_overlap": sequential_ms,
+               "graph_replay_ms": replay_ms, "exposed_host_ms": step_ms - replay_ms,
+               "exposed_host_ms_no_overlap": sequential_ms - replay_ms, "host_parts_ms": host,
+               "kernels": kernels[:40], "kernels_total_us": sum(k["us_per_step"] for k in kernels)}
         results["runs"].append(run)
-        print(f"\ncontext {context}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms, "
-              f"eager kernels {run['kernels_total_us'] / 1e3:.3f} ms; host parts {host}")
+        print(f"\ncontext {context}: engine step {step_ms:.3f} ms (no overlap {sequential_ms:.3f}), graph "
+              f"replay {replay_ms:.3f} ms, eager kernels {run['kernels_total_us'] / 1e3:.3f} ms; host parts {host}")
         for k in kernels[:25]:
             print(f"  {k['us_per_step']:9.1f} us  x{k['calls_per_step']:5.1f}  {k['name']}")
         engine.abort_request(request_id)

@@ -66,19 +66,40 @@ def _scheduler(max_seqs: int, budget: int, chunk: int, num_pages: int, checkpoin
     return Scheduler(config, pages, slots, cache)
 
 
-def _run_step(scheduler: Scheduler, on_finish) -> list:
-    """What the engine does around a forward pass, minus the model: commit, sample a token, finish."""
-    batch = scheduler.schedule()
-    for seq in batch:
-        request = seq.request
-        samples = seq.samples
-        scheduler.commit(seq)
-        if samples:
+class _Driver:
+    """What the engine does around forward passes, minus the model: launch (commit), sample a token, finish.
+    With ``overlap``, as Engine.step: the next decode step is scheduled and committed before the tokens of
+    the step in flight are processed, and a request finished meanwhile has its in-flight token dropped."""
+
+    def __init__(self, scheduler: Scheduler, on_finish, overlap: bool) -> None:
+        self.scheduler, self.on_finish, self.overlap = scheduler, on_finish, overlap
+        self.in_flight: list | None = None
+        self.steps_ahead = 0
+
+    def step(self) -> list:
+        launched, self.in_flight = self.in_flight, None
+        if launched is None:
+            launched = self.scheduler.schedule()
+            for seq in launched:
+                self.scheduler.commit(seq)
+        if self.overlap and launched:
+            ahead = self.scheduler.schedule_decode_ahead(launched)
+            if ahead is not None:
+                for seq in ahead:
+                    assert seq.num_new_tokens == 1 and seq.samples
+                    self.scheduler.commit(seq)
+                self.in_flight = ahead
+                self.steps_ahead += 1
+        for seq in launched:
+            request = seq.request
+            if not seq.samples or request.is_finished:
+                continue
             request.output_token_ids.append(7)
+            assert request.num_computed_tokens <= request.num_tokens
             if len(request.output_token_ids) >= request.params.max_tokens:
-                scheduler.remove(request)
-                on_finish(request)
-    return batch
+                self.scheduler.remove(request)
+                self.on_finish(request)
+        return launched
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -91,6 +112,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.scheduler = _scheduler(max_seqs=4, budget=24, chunk=10, num_pages=30)
         self.live: list[Request] = []
         self.counter = 0
+        self.driver = _Driver(self.scheduler, self.live.remove, overlap=True)
 
     @rule(prefix=st.sampled_from([0, 1, 2]), prefix_len=st.integers(0, 40), suffix_len=st.integers(1, 30),
           max_tokens=st.integers(1, 30))
@@ -105,9 +127,17 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self):
-        batch = _run_step(self.scheduler, self.live.remove)
+        batch = self.driver.step()
         assert sum(s.num_new_tokens for s in batch) <= self.scheduler.config.max_num_batched_tokens
         assert len({id(s.request) for s in batch}) == len(batch)
+
+    @rule(repeats=st.integers(1, 8))
+    def decode_alone(self, repeats):
+        """Steps with nothing new arriving, so the overlapped decode path runs step after step."""
+        for _ in range(repeats):
+            if not self.scheduler.has_work():
+                break
+            self.step()
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -147,6 +177,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert node.lock_ref == locks.get(id(node), 0), "locks must match the running requests' paths"
 
     def teardown(self):
+        self.driver.in_flight = None
         for request in list(self.live):
             self.scheduler.remove(request)
         self.scheduler.cache.flush()
@@ -158,18 +189,21 @@ TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = settings(max_examples=80, stateful_step_count=60, deadline=None)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("enabled", [True, False])
-def test_scheduler_makes_progress_until_everything_finishes(enabled):
+def test_scheduler_makes_progress_until_everything_finishes(enabled, overlap):
     """Liveness: with memory for only some requests at a time, every request still completes."""
     scheduler = _scheduler(max_seqs=3, budget=16, chunk=8, num_pages=12, enabled=enabled)
     requests = [Request(f"r{i}", [1] * (10 + 6 * i), SamplingParams(max_tokens=12)) for i in range(5)]
     for r in requests:
         scheduler.add(r)
+    driver = _Driver(scheduler, lambda r: None, overlap)
     for _ in range(2000):
         if not scheduler.has_work():
             break
-        _run_step(scheduler, lambda r: None)
+        driver.step()
     assert not scheduler.has_work()
+    assert (driver.steps_ahead > 0) == overlap
     assert all(len(r.output_token_ids) == 12 for r in requests)
     assert any(r.num_preemptions for r in requests)
     scheduler.cache.flush()

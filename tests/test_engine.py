@@ -241,3 +241,57 @@ def test_async_stream_delivers_tokens_incrementally_and_cancel_frees(tiny_checkp
     assert usage["pages_used"] == usage["pages_cached"] and usage["slots_used"] == 0, usage
     async_engine.shutdown()
     assert_no_leaks(engine)
+
+
+def test_overlap_schedule_matches_sequential_steps(tiny_checkpoint):
+    """Steps launched ahead (input tokens read on the device, the host a step behind) give the same
+    outputs as one-step-at-a-time, through stop tokens and strings, logprobs, seeded draws, penalties,
+    a follow-up turn that resumes from the prefix cache, and an abort while a step is in flight."""
+    prompts = _prompts([9, 33, 4, 70, 21, 12], seed=11)
+    probe = cpu_engine(tiny_checkpoint, overlap_schedule=False)
+    [plain] = probe.generate([prompts[0]], SamplingParams(max_tokens=30, temperature=0))
+    stop_token = plain.token_ids[9]
+    text_stop = next(plain.text[i : i + 2] for i in range(len(plain.text) // 2, len(plain.text) - 2)
+                     if "\ufffd" not in plain.text[i : i + 2])
+    params = [
+        SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(stop_token,)),
+        SamplingParams(max_tokens=25, temperature=0, logprobs=True),
+        SamplingParams(max_tokens=30, temperature=0, stop=(text_stop,)),
+        SamplingParams(max_tokens=18, temperature=0.8, top_k=20, seed=5, logprobs=True),
+        SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3),
+        SamplingParams(max_tokens=2, temperature=0),
+    ]
+    prompts[2] = prompts[0]  # the stop string was taken from this prompt's output
+
+    def run(overlap: bool):
+        engine = cpu_engine(tiny_checkpoint, overlap_schedule=overlap, max_num_batched_tokens=64,
+                            prefill_chunk_size=32)
+        first = engine.generate(prompts, params)
+        follow_ups = [p + r.token_ids + [3, 1, 4] for p, r in zip(prompts, first, strict=True)]
+        second = engine.generate(follow_ups, SamplingParams(max_tokens=14, temperature=0))
+        aborted = engine.add_request(prompts[1], SamplingParams(max_tokens=40, temperature=0))
+        kept = engine.add_request(prompts[3], SamplingParams(max_tokens=20, temperature=0))
+        kept_tokens: list[int] = []
+        for _ in range(8):
+            for out in engine.step():
+                assert out.request_id in (aborted, kept)
+                if out.request_id == kept:
+                    kept_tokens += out.new_token_ids
+        engine.abort_request(aborted)
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.request_id == kept, "no output for a request aborted while its step was in flight"
+                kept_tokens += out.new_token_ids
+        assert_no_leaks(engine)
+        return engine, first + second, kept_tokens
+
+    on, on_results, on_kept = run(True)
+    off, off_results, off_kept = run(False)
+    assert on.num_steps_launched_ahead > 20 and off.num_steps_launched_ahead == 0
+    assert on.cache.stats.cached_tokens > 0 and on.cache.stats.cached_tokens == off.cache.stats.cached_tokens
+    for a, b in zip(on_results, off_results, strict=True):
+        assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+        if b.logprobs is not None:
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    assert on_results[0].finish_reason == FinishReason.STOP and on_results[2].finish_reason == FinishReason.STOP
+    assert on_kept == off_kept and len(on_kept) == 20

@@ -22,7 +22,7 @@ def _requests(params: SamplingParams, n: int, prompt=(1, 2), output=()) -> list[
 def _sample(logits_row: list[float], params: SamplingParams, n: int = 1, seed: int = 0, **kw):
     sampler = Sampler(torch.device("cpu"), seed)
     logits = torch.tensor([logits_row] * n, dtype=torch.float32)
-    return sampler(logits, _requests(params, n, **kw))
+    return sampler(logits, _requests(params, n, **kw)).result()
 
 
 def test_greedy_is_argmax():
@@ -61,10 +61,10 @@ def test_min_p_drops_tokens_below_fraction_of_the_best():
 def test_seeded_rows_do_not_depend_on_neighbours():
     params = SamplingParams(temperature=1.0, seed=7)
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
-    alone = Sampler(torch.device("cpu"), 0)(logits[2:3].clone(), _requests(params, 1))[0]
+    alone = Sampler(torch.device("cpu"), 0)(logits[2:3].clone(), _requests(params, 1)).result()[0]
     mixed_reqs = _requests(SamplingParams(temperature=1.0), 6)
     mixed_reqs[2] = _requests(params, 1)[0]
-    mixed = Sampler(torch.device("cpu"), 123)(logits.clone(), mixed_reqs)[0]
+    mixed = Sampler(torch.device("cpu"), 123)(logits.clone(), mixed_reqs).result()[0]
     assert mixed[2] == alone[0]
 
 
@@ -73,7 +73,7 @@ def test_repetition_penalty_hf_semantics():
     sampler = Sampler(torch.device("cpu"), 0)
     logits = torch.tensor([[2.0, 2.5, -1.0]])
     [req] = _requests(SamplingParams(temperature=0, repetition_penalty=2.0), 1, prompt=(1,), output=(2,))
-    tokens, _ = sampler(logits, [req])
+    tokens, _ = sampler(logits, [req]).result()
     assert tokens == [0]  # 2.5 / 2 = 1.25 < 2.0
 
 
@@ -83,13 +83,13 @@ def test_presence_and_frequency_penalties():
     params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.4)
     [req] = _requests(params, 1, output=(0, 0, 1))
     # token 0: 3 - 0.5 - 0.8 = 1.7 ; token 1: 2 - 0.5 - 0.4 = 1.1 ; token 2: 0
-    tokens, _ = sampler(logits, [req])
+    tokens, _ = sampler(logits, [req]).result()
     assert tokens == [0]
     [req] = _requests(params, 1, output=(0, 0, 0, 1))
-    tokens, _ = sampler(logits, [req])  # token 0: 3 - 0.5 - 1.2 = 1.3 > 1.1
+    tokens, _ = sampler(logits, [req]).result()  # token 0: 3 - 0.5 - 1.2 = 1.3 > 1.1
     assert tokens == [0]
     [req] = _requests(params, 1, output=(0,) * 5)
-    tokens, _ = sampler(logits, [req])  # token 0: 3 - 0.5 - 2.0 = 0.5 < 2.0
+    tokens, _ = sampler(logits, [req]).result()  # token 0: 3 - 0.5 - 2.0 = 0.5 < 2.0
     assert tokens == [1]
 
 

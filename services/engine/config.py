@@ -37,6 +37,10 @@ class EngineConfig:
     cuda_graph_max_batch: int = field(
         default=64, metadata={"help": "capture decode steps as CUDA graphs up to this batch size (0: off)"}
     )
+    overlap_schedule: bool = field(
+        default=True,
+        metadata={"help": "launch the next decode step before processing the last one's tokens (hides host time)"},
+    )
     enable_prefix_cache: bool = field(
         default=True, metadata={"help": "hybrid prefix cache (KV pages + GDN checkpoints)"}
     )

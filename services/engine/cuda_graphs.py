@@ -52,6 +52,10 @@ class DecodeGraphs:
                                     runner.dtype, device, graph_batch_size=bs, graph_max_pages=max_pages + bs)
             for bs in self.sizes
         }
+        # Recorded once a step's host staging (ours and flashinfer's plan buffers) has been copied to the
+        # device: with steps launched ahead of the host, the next step must not overwrite pinned memory
+        # whose copy has not run yet.
+        self._staging_copied: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         started = time.monotonic()
@@ -89,19 +93,22 @@ class DecodeGraphs:
         return (self.enabled and len(seqs) <= self.sizes[-1]
                 and all(s.num_new_tokens == 1 and s.start > 0 and s.samples for s in seqs))
 
-    def run(self, seqs, page_tables: PageTableMirror) -> torch.Tensor:
+    def run(self, seqs, page_tables: PageTableMirror, input_ids_on_device: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph for a decode step of ``seqs`` (``ScheduledSeq``); logits ``[len(seqs), V]``.
 
         Built straight from the requests, without a ForwardBatch: this is the per-token host path of every
-        decode step, so it does only what the graph needs."""
+        decode step, so it does only what the graph needs. ``input_ids_on_device``: the input tokens where
+        the last step sampled them (a step launched before the host knows them)."""
         runner, page_size = self.runner, self.runner.page_size
         n = len(seqs)
         bs = next(s for s in self.sizes if s >= n)
         padding = bs - n
+        if self._staging_copied is not None:
+            self._staging_copied.synchronize()  # normally long done: it is the start of the step in flight
         input_ids, positions, kv_slot_ids, state_slots, kv_lens, tables = [], [], [], [], [], []
         for seq in seqs:
             request, position = seq.request, seq.start
-            input_ids.append(request.token_at(position))
+            input_ids.append(0 if input_ids_on_device is not None else request.token_at(position))
             positions.append(position)
             kv_slot_ids.append(request.page_ids[position // page_size] * page_size + position % page_size)
             state_slots.append(request.state_slot)
@@ -114,7 +121,12 @@ class DecodeGraphs:
             state_slots + [runner.scratch_slot] * padding,
         ])
         self.inputs.copy_(self.inputs_host, non_blocking=True)
+        if input_ids_on_device is not None:
+            self.input_ids[:n].copy_(input_ids_on_device)
         self.attention[bs].plan_graph_decode(kv_lens + [1] * padding, tables + [self.scratch_table] * padding,
                                              runner.model.attention_scale)
+        if self._staging_copied is None:
+            self._staging_copied = torch.cuda.Event()
+        self._staging_copied.record()
         self.graphs[bs].replay()
         return self.logits[bs][:n]

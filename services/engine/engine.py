@@ -16,7 +16,8 @@ from .prefix_cache import HybridPrefixCache
 from .presets import PRESETS, preset_config
 from .radix_cache import CacheEvent
 from .request import FinishReason, InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .sampler import SampledTokens
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,14 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: FinishReason
     num_cached_tokens: int
+
+
+@dataclass
+class _LaunchedStep:
+    """A forward pass on its way through the device: what it computes and the tokens it samples."""
+
+    seqs: list[ScheduledSeq]
+    sampled: SampledTokens | None  # rows: the seqs that sample, in order; None if none does
 
 
 class Engine:
@@ -80,6 +89,8 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.last_step_scheduled = 0  # sequences in the last forward pass; 0 means only a command can help
+        self._in_flight: _LaunchedStep | None = None  # launched ahead, its tokens not processed yet
+        self.num_steps_launched_ahead = 0
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -191,18 +202,51 @@ class Engine:
 
     # ---- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        seqs = self.scheduler.schedule()
-        self.last_step_scheduled = len(seqs)
-        if not seqs:
-            return []
-        sampled = self.runner.execute(seqs)
-        outputs = []
+        """Process one forward pass's tokens and return the outputs.
+
+        With ``overlap_schedule``, while a step runs on the device the next decode step of the same
+        requests is launched first (its input tokens taken from the device), and only then does the host
+        wait for this step's tokens and process them (detokenize, stop checks, streaming): the GPU never
+        idles on the host. ``schedule`` itself only runs when no step is in flight, so memory freed by a
+        request that finished meanwhile is never handed out while a kernel may still write it."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            seqs = self.scheduler.schedule()
+            self.last_step_scheduled = len(seqs)
+            if not seqs:
+                return []
+            launched = self._launch(seqs)
+        if self.config.overlap_schedule:
+            self._in_flight = self._launch_ahead(launched)
+        return self._process(launched)
+
+    def _launch(self, seqs: list[ScheduledSeq], input_ids_on_device=None) -> _LaunchedStep:
+        sampled = self.runner.execute(seqs, input_ids_on_device)
+        # The host's view advances now: the next step can be scheduled before this one's tokens are known.
         for seq in seqs:
-            request = seq.request
             self.scheduler.commit(seq)
-            if request.request_id not in sampled:
+        return _LaunchedStep(seqs, sampled)
+
+    def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Launch the next decode step of ``launched``'s requests, when the scheduler says it is wanted."""
+        if launched.sampled is None:
+            return None
+        seqs = self.scheduler.schedule_decode_ahead(launched.seqs)
+        if seqs is None:
+            return None
+        self.last_step_scheduled = len(seqs)
+        self.num_steps_launched_ahead += 1
+        return self._launch(seqs, launched.sampled.tokens)
+
+    def _process(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        if launched.sampled is None:
+            return []
+        tokens, logprobs = launched.sampled.result()  # waits for the step
+        sampling = [seq.request for seq in launched.seqs if seq.samples]
+        outputs = []
+        for request, token, logprob in zip(sampling, tokens, logprobs, strict=True):
+            if request.is_finished:  # finished or aborted while the step ran: the token is not wanted
                 continue
-            token, logprob = sampled[request.request_id]
             outputs.append(self._append_token(request, token, logprob))
         return outputs
 

@@ -16,7 +16,7 @@ from .model import Qwen35ForCausalLM
 from .model_config import ModelConfig
 from .ops import select_ops
 from .page_tables import PageTableMirror
-from .sampler import Sampler
+from .sampler import SampledTokens, Sampler
 from .scheduler import ScheduledSeq
 from .state_cache import KVCache, StateCache
 
@@ -99,7 +99,9 @@ class ModelRunner:
         self.sampler.forget(request_id)
         self.page_tables.forget(request_id)
 
-    def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
+    def build_batch(self, seqs: list[ScheduledSeq], input_ids_on_device: torch.Tensor | None = None) -> ForwardBatch:
+        """``input_ids_on_device``: a decode step's input tokens, still on the device where the last step
+        sampled them (one per sequence); the requests do not know them yet."""
         page_size = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -109,11 +111,12 @@ class ModelRunner:
         for seq in seqs:
             req = seq.request
             start, end = seq.start, seq.start + seq.num_new_tokens
-            input_ids.extend(req.token_ids_between(start, end))
+            if input_ids_on_device is None:
+                input_ids.extend(req.token_ids_between(start, end))
             positions.extend(range(start, end))
             kv_slot_ids.extend(req.page_ids[p // page_size] * page_size + p % page_size for p in range(start, end))
             if seq.samples:
-                logits_indices.append(len(input_ids) - 1)
+                logits_indices.append(len(positions) - 1)
             page_tables.append(req.page_ids[: -(-end // page_size)])
 
         pin = self.device.type == "cuda"
@@ -123,7 +126,7 @@ class ModelRunner:
             return torch.tensor(values, dtype=torch.long, pin_memory=pin).to(self.device, non_blocking=True)
 
         return ForwardBatch(
-            input_ids=as_tensor(input_ids),
+            input_ids=as_tensor(input_ids) if input_ids_on_device is None else input_ids_on_device,
             positions=as_tensor(positions),
             query_lens=[s.num_new_tokens for s in seqs],
             kv_lens=[s.start + s.num_new_tokens for s in seqs],
@@ -135,16 +138,22 @@ class ModelRunner:
             snapshots=[s.snapshots for s in seqs] if any(s.snapshots for s in seqs) else None,
         )
 
-    def execute(self, seqs: list[ScheduledSeq]) -> dict[str, tuple[int, float | None]]:
-        """Run one step; returns ``{request_id: (token, logprob)}`` for the requests that sampled."""
+    def execute(
+        self, seqs: list[ScheduledSeq], input_ids_on_device: torch.Tensor | None = None
+    ) -> SampledTokens | None:
+        """Launch one step. Returns the tokens sampled by the sequences that sample (in ``seqs`` order), still
+        on the device with their copy to the host under way; None if no sequence samples. Nothing here waits
+        for the device, so the caller can prepare the next step while this one runs.
+
+        ``input_ids_on_device``: a decode step whose input tokens are still on the device (see build_batch)."""
         for seq in seqs:
             if seq.copy_state_from is not None:  # copy-on-write: never write a shared checkpoint
                 self.state_cache.copy_slot(seq.copy_state_from, seq.request.state_slot)
         if self.graphs is not None and self.graphs.can_run(seqs):
-            logits = self.graphs.run(seqs, self.page_tables)
+            logits = self.graphs.run(seqs, self.page_tables, input_ids_on_device)
             is_decode = True
         else:
-            batch = self.build_batch(seqs)
+            batch = self.build_batch(seqs, input_ids_on_device)
             logits = self.model(batch, self.kv_cache, self.state_cache)
             is_decode = batch.is_decode
         if is_decode:
@@ -153,7 +162,4 @@ class ModelRunner:
                 for _, snapshot_slot in seq.snapshots:
                     self.state_cache.copy_slot(seq.request.state_slot, snapshot_slot)
         sampling = [s.request for s in seqs if s.samples]
-        if not sampling:
-            return {}
-        tokens, logprobs = self.sampler(logits, sampling)
-        return {r.request_id: (t, lp) for r, t, lp in zip(sampling, tokens, logprobs, strict=True)}
+        return self.sampler(logits, sampling) if sampling else None

@@ -37,11 +37,9 @@ class ScheduledSeq:
     copy_state_from: int | None = None  # checkpoint slot to copy into the working slot before the step
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # (tokens into the step, checkpoint slot)
     start: int = 0  # request.num_computed_tokens when scheduled
-
-    @property
-    def samples(self) -> bool:
-        """The step computes the request's last known token, so a new one is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    # The step computes the request's last token, so a new one is sampled (set when scheduled: a step
+    # launched ahead computes a token the host does not know yet).
+    samples: bool = False
 
 
 class Scheduler:
@@ -196,7 +194,44 @@ class Scheduler:
 
         for seq in batch:
             seq.start = seq.request.num_computed_tokens
+            seq.samples = seq.start + seq.num_new_tokens == seq.request.num_tokens
             seq.snapshots = self.cache.plan_snapshots(seq.request, seq.num_new_tokens, seq.samples)
+        return batch
+
+    def schedule_decode_ahead(self, launched: list[ScheduledSeq]) -> list[ScheduledSeq] | None:
+        """The step after ``launched`` (committed, its tokens not known to the host yet), scheduled before
+        those tokens arrive: each request decodes the token being sampled for it (the runner takes it from
+        the device). Only when that is certain to be wanted and exactly what ``schedule`` would run next;
+        otherwise None, and the caller waits for ``launched`` and schedules normally. Not for:
+        - a step where some request does not sample, or a request that may be at its end (max_tokens:
+          the token in flight is its last);
+        - a request whose memory a prefill pod hands over as it is, or whose sampling penalties read its
+          tokens on the host;
+        - a queue to admit, another running request that could compute, or pages that would need a
+          preemption."""
+        requests = [seq.request for seq in launched]
+        for seq in launched:
+            request, params = seq.request, seq.request.params
+            if (not seq.samples or request.is_finished or request.hold_memory or params.needs_penalties
+                    or len(request.output_token_ids) + 2 > params.max_tokens):
+                return None
+        runnable = [r for r in self.running if not r.awaiting_remote_prefill]
+        if not requests or self.waiting or len(runnable) != len(requests):
+            return None
+        if any(a is not b for a, b in zip(runnable, requests, strict=True)):
+            return None
+        if len(requests) > self.config.max_num_batched_tokens:
+            return None
+        # Pages first, for all: checkpoint slots planned for a step that is then not launched would leak.
+        # Pages grown for a step that is not launched are simply the next step's.
+        for request in requests:
+            if not self._grow(request, request.num_computed_tokens + 1):
+                return None
+        batch = []
+        for request in requests:
+            seq = ScheduledSeq(request, 1, start=request.num_computed_tokens, samples=True)
+            seq.snapshots = self.cache.plan_snapshots(request, 1, samples=True)
+            batch.append(seq)
         return batch
 
     def commit(self, seq: ScheduledSeq) -> None:

@@ -4,7 +4,9 @@ path's own bf16 run against the fp32 reference (as in test_model_parity): the fa
 1.5x (+2e-3) as far from fp32 and must pick the fp32 argmax at least as often (-5 points). CUDA graphs
 replay the same kernels as eager execution: on the same batch, greedy tokens and their logprobs from
 graph-replayed decode steps must equal the eager fast path's (logprobs within 0.05 up to any divergence, >= 90%
-of the tokens equal)."""
+of the tokens equal). The overlap scheduler (each decode step launched before the last one's tokens reach
+the host, its input ids read on the device) must not change a token: graphs with it on and off give the
+same tokens and logprobs (within 1e-3, for any nondeterministic reduction order)."""
 
 from __future__ import annotations
 
@@ -64,10 +66,17 @@ def test_fast_path_matches_torch_path(checkpoint):
     # same kernels on (nearly) the same shapes, so the tiny model's large bf16 noise (rel err ~0.4 against
     # fp32, above) cancels out. 6 requests replay the graph of 8 (two padding rows); 8 fill it exactly.
     eager = cuda_engine(tiny_checkpoint, kernels="gpu", cuda_graph_max_batch=0)
+    sequential = cuda_engine(tiny_checkpoint, kernels="gpu", cuda_graph_max_batch=16, overlap_schedule=False)
     for num_prompts in (6, 8):
         prompts = _prompts(num_prompts, 40, seed=num_prompts)
         params = SamplingParams(max_tokens=12, temperature=0, logprobs=True)
+        ahead_before = fast.num_steps_launched_ahead
         graphed, plain = fast.generate(prompts, params), eager.generate(prompts, params)
+        assert fast.num_steps_launched_ahead - ahead_before >= 8, "decode steps should have been launched ahead"
+        one_by_one = sequential.generate(prompts, params)
+        for g, q in zip(graphed, one_by_one, strict=True):
+            assert g.token_ids == q.token_ids
+            assert max(abs(a - b) for a, b in zip(g.logprobs, q.logprobs, strict=True)) < 1e-3
         agree, total, worst = 0, 0, 0.0
         for g, e in zip(graphed, plain, strict=True):
             for tg, te, lg, le in zip(g.token_ids, e.token_ids, g.logprobs, e.logprobs, strict=True):
@@ -80,5 +89,5 @@ def test_fast_path_matches_torch_path(checkpoint):
               f"tokens equal up to divergence {agree}/{num_prompts * 12}")
         assert worst < 0.05
         assert agree >= 0.9 * num_prompts * 12
-    for engine in (reference, torch16, fast, eager):
+    for engine in (reference, torch16, fast, eager, sequential):
         assert_no_leaks(engine)
