@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -25,3 +26,30 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: i
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / statistics.median(times)
+
+
+def grouped_bar_chart(
+    path: Path, labels: list[str], series: list[tuple[str, list[float]]], *, xlabel: str, ylabel: str, title: str,
+    hline: tuple[str, float] | None = None,
+) -> None:
+    """One group of bars per label, one bar per series (name, values), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(series)
+    xs = range(len(labels))
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels)), 4))
+    for i, (name, values) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], values, width=width, label=name)
+    if hline is not None:
+        ax.axhline(hline[1], color="k", linestyle="--", label=hline[0])
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

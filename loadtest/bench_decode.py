@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench_util import measure_copy_bandwidth
+from kernels.bench_util import grouped_bar_chart, measure_copy_bandwidth
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.model_config import ModelConfig
@@ -91,24 +91,13 @@ def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, s
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = results["runs"]
-    labels = [f"{r['context'] // 1024}K" for r in runs]
-    xs = range(len(runs))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([x - 0.2 for x in xs], [r["tokens_per_s"] for r in runs], width=0.4, label="measured")
-    ax.bar([x + 0.2 for x in xs], [r["roofline_tokens_per_s"] for r in runs], width=0.4, label="HBM roofline")
-    ax.set_xticks(list(xs), labels)
-    ax.set_xlabel("context")
-    ax.set_ylabel("decode tokens/s (1 request)")
-    ax.set_title(f"{results['model']} on {results['gpu']} ({results['backend']})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    grouped_bar_chart(
+        path, [f"{r['context'] // 1024}K" for r in runs],
+        [("measured", [r["tokens_per_s"] for r in runs]), ("HBM roofline", [r["roofline_tokens_per_s"] for r in runs])],
+        xlabel="context", ylabel="decode tokens/s (1 request)",
+        title=f"{results['model']} on {results['gpu']} ({results['backend']})",
+    )
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.bench_util import grouped_bar_chart
 from services.engine.model_config import ModelConfig
 from services.engine.presets import preset_config
 from services.engine.state_cache import KVCache, StateCache
@@ -75,26 +76,16 @@ def _time_write(engine: TransferEngine, session: str, src, dst, lengths, reps: i
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = results["runs"]
-    labels = [f"{r['context'] // 1024}K" for r in runs]
-    xs = range(len(runs))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for offset, key, label in ((-0.27, "handover_contiguous_GBps", "hand-over, contiguous pages"),
-                               (0.0, "handover_scattered_GBps", "hand-over, scattered pages"),
-                               (0.27, "raw_GBps", "raw write, same bytes")):
-        ax.bar([x + offset for x in xs], [r[key] for r in runs], width=0.27, label=label)
-    ax.set_xticks(list(xs), labels)
-    ax.set_xlabel("prompt length")
-    ax.set_ylabel("GB/s")
-    ax.set_title(f"{results['model']} state hand-over, {results['protocol']} on {results['device_name']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    series = [(label, [r[key] for r in runs]) for key, label in (
+        ("handover_contiguous_GBps", "hand-over, contiguous pages"),
+        ("handover_scattered_GBps", "hand-over, scattered pages"),
+        ("raw_GBps", "raw write, same bytes"),
+    )]
+    grouped_bar_chart(
+        path, [f"{r['context'] // 1024}K" for r in runs], series, xlabel="prompt length", ylabel="GB/s",
+        title=f"{results['model']} state hand-over, {results['protocol']} on {results['device_name']}",
+    )
 
 
 def main() -> None:

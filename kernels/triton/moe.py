@@ -18,6 +18,12 @@ Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Tri
 3. ``_moe_down_kernel``: ``act @ w2[e]^T`` times the pair's routing weight, written per pair.
 4. ``_moe_sum_kernel``: sum over the k pairs of each token in fp32 (deterministic, no atomics).
 
+Decode-sized batches (at most ``_GEMV_MAX_PAIRS`` pairs) skip the sort: with about one token per expert a
+BLOCK_M block is one real row and fifteen padding rows, and the alignment kernel is a launch of its own.
+Instead one program per (pair, N tile) reads its expert id straight from ``topk_ids`` and computes the
+matrix-vector products with fp32 multiply-adds (``_moe_gate_up_gemv_kernel``, ``_moe_down_gemv_kernel``),
+then the same k-sum: three kernels instead of four, every program streaming one weight tile.
+
 Weight traffic: each program reads one expert's weight tile for its block. An expert with at most BLOCK_M
 routed pairs has exactly one block, so at decode only the selected experts' weights are read, each once;
 experts nobody picked are never touched (their blocks do not exist).
@@ -44,6 +50,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest number of (token, expert) pairs aligned by the single-program Triton kernel; beyond it, torch ops.
 _ALIGN_TRITON_MAX_PAIRS = 4096
 _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile in registers
+# Most (token, expert) pairs for the matrix-vector path (no sort) when no config is given: on the H100 it
+# beat the best grouped tiles at 1, 2 and 4 tokens of 35B-A3B (9 pairs each with the shared expert; 26.5 vs
+# 31.6, 43.1 vs 49.6, 74.2 vs 80.5 us: kernels/results/moe_tune_gemv_h100.json).
+_GEMV_MAX_PAIRS = 36
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,6 +356,27 @@ class MoeConfig:
     down: GemmTile
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch configuration of the matrix-vector path: each program owns ``block_n`` output columns of one
+    pair (``block_n`` of each of gate and up) and walks K in ``block_k`` steps."""
+
+    # Narrow N tiles (many programs, each streaming 4 weight rows 256 wide) were the fastest on the H100 at
+    # 1-4 tokens of 35B-A3B, swept over block_n 4-32, block_k 128-512, 4 or 8 warps (kernels/tune_moe.py).
+    block_n: int = 4
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_gemv_config() -> GemvConfig:
+    """The measured GPU default; under Triton's interpreter (CPU tests), whose cost is per program, wide tiles
+    (the same kernel code with other constexprs: the tests also run narrow explicit configs)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return GemvConfig(block_n=64, block_k=256)
+    return GemvConfig()
+
+
 def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """Heuristic configuration by pairs per active expert; the starting point for per-GPU tuning (NOTES_fused.md).
 
@@ -491,6 +522,70 @@ def _moe_down_kernel(
 
 
 @triton.jit
+def _moe_gate_up_gemv_kernel(
+    x_ptr, w13_ptr, act_ptr, ids_ptr,
+    stride_x, stride_we, stride_wn, stride_act,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """act[pair, n] = silu(x[token] . w13[e, n]) * (x[token] . w13[e, I + n]) for one pair and BLOCK_N columns."""
+    pair = tl.program_id(0).to(tl.int64)
+    token = pair // TOP_K
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < INTER
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token * stride_x + offs_k
+    g_ptrs = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    u_ptrs = g_ptrs + INTER * stride_wn
+    # [BLOCK_N, BLOCK_K] partial sums, reduced once at the end: no cross-lane reduction inside the loop.
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_mask = offs_k < HIDDEN - k0
+        a = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        u = tl.load(u_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc_g += g * a[None, :]
+        acc_u += u * a[None, :]
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    dtype = act_ptr.dtype.element_ty
+    gate = round_to(tl.sum(acc_g, axis=1), dtype)
+    up = round_to(tl.sum(acc_u, axis=1), dtype)
+    act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+    tl.store(act_ptr + pair * stride_act + offs_n, act.to(dtype), mask=n_mask)
+
+
+@triton.jit
+def _moe_down_gemv_kernel(
+    act_ptr, w2_ptr, y_ptr, topk_w_ptr, ids_ptr,
+    stride_act, stride_we, stride_wn, stride_y,
+    HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[pair, n] = weight[pair] * (act[pair] . w2[e, n]) for one pair and BLOCK_N columns."""
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < HIDDEN
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + pair * stride_act + offs_k
+    w_ptrs = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        k_mask = offs_k < INTER - k0
+        a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += w * a[None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dtype = y_ptr.dtype.element_ty
+    routing = round_to(tl.load(topk_w_ptr + pair).to(tl.float32), dtype)
+    y = round_to(round_to(tl.sum(acc, axis=1), dtype) * routing, dtype)
+    tl.store(y_ptr + pair * stride_y + offs_n, y.to(dtype), mask=n_mask)
+
+
+@triton.jit
 def _moe_sum_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[t] = sum_j y[t*k + j] in fp32, rounded once to the dtype."""
     token = tl.program_id(0).to(tl.int64)
@@ -510,13 +605,15 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
-    config: MoeConfig | None = None,
+    config: MoeConfig | GemvConfig | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` with SwiGLU experts; new ``[T, H]``.
 
     x: ``[T, H]`` (unit last stride); w13: ``[E, 2I, H]`` gate rows then up rows; w2: ``[E, H, I]`` (both with
     unit last stride, same dtype as x); topk_weights: ``[T, k]`` float; topk_ids: ``[T, k]`` int32/int64 in
-    ``[0, E)`` (not checked on the device). ``config`` overrides ``default_moe_config``.
+    ``[0, E)`` (not checked on the device). ``config``: a ``MoeConfig`` (grouped GEMM path) or a
+    ``GemvConfig`` (matrix-vector path); by default the matrix-vector path for at most ``_GEMV_MAX_PAIRS``
+    pairs, else the grouped path with ``default_moe_config``.
     """
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a float [T, H] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -545,6 +642,47 @@ def fused_experts(
     if tokens == 0 or top_k == 0:
         return out.zero_()
 
+    if isinstance(config, GemvConfig) or (config is None and tokens * top_k <= _GEMV_MAX_PAIRS):
+        y = _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config())
+    else:
+        y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        y, out, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
+
+
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig) -> torch.Tensor:
+    """Per-pair expert outputs ``y [T*k, H]`` (routing weight applied), one program per (pair, N tile)."""
+    if cfg.block_n < 1 or cfg.block_n & (cfg.block_n - 1) or cfg.block_k < 16 or cfg.block_k & (cfg.block_k - 1):
+        raise ValueError(f"GemvConfig block sizes must be powers of two (block_k >= 16), got {cfg}")
+    tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    inter = w13.shape[1] // 2
+    num_pairs = tokens * top_k
+    ids = topk_ids.contiguous().view(-1)
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _moe_gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, cfg.block_n))](
+        x, w13, act, ids, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    _moe_down_gemv_kernel[(num_pairs, triton.cdiv(hidden, cfg.block_n))](
+        act, w2, y, topk_weights.contiguous().view(-1), ids, act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None) -> torch.Tensor:
+    """Per-pair expert outputs ``y [T*k, H]`` (routing weight applied) from the expert-sorted grouped GEMMs."""
+    tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
     cfg = config or default_moe_config(tokens, top_k, num_experts)
     if config is None and x.dtype == torch.float32:
         # fp32 tiles are twice the bytes: 4 pipeline stages overflow the H100's 227 KB of shared memory
@@ -583,9 +721,4 @@ def fused_experts(
         BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=inter % t.block_k == 0,
         DOT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-
-    block_h = min(1024, triton.next_power_of_2(hidden))
-    _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
-        y, out, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
-    )
-    return out
+    return y

@@ -339,6 +339,8 @@ def _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed):
 # GPU has (two 128x256 weight tiles per stage), so on a GPU the real shape runs with the default config.
 _BIG_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(128, 256), moe_tk.GemmTile(256, 256)) if DEVICE == "cpu" else None
 _SMALL_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(16, 32), moe_tk.GemmTile(32, 16, group_m=4))
+# The matrix-vector (decode) path: wide tiles for the interpreter, the default on a GPU.
+_GEMV_BIG = moe_tk.GemvConfig(128, 512) if DEVICE == "cpu" else None
 
 
 @pytest.mark.parametrize(
@@ -347,7 +349,13 @@ _SMALL_TILES = moe_tk.MoeConfig(16, moe_tk.GemmTile(16, 32), moe_tk.GemmTile(32,
         # Real expert GEMM shape (Qwen3.5-35B-A3B: hidden 2048, moe_intermediate 512), bf16 only and few experts:
         # the interpreter's cost is per weight element read (the 397B shapes are left to the benchmark).
         (torch.bfloat16, 1, 2048, 512, 3, 2, _BIG_TILES),
-        # Odd sizes (K and N not multiples of the tiles) with the default config, both dtypes.
+        # The same through the matrix-vector path (the default for decode-sized batches).
+        (torch.bfloat16, 1, 2048, 512, 3, 2, _GEMV_BIG),
+        # Matrix-vector path with odd sizes (partial K and N tiles), default config: 9 pairs.
+        (torch.float32, 3, 72, 40, 6, 3, None),
+        (torch.bfloat16, 3, 72, 40, 6, 3, None),
+        (torch.bfloat16, 3, 72, 40, 6, 3, moe_tk.GemvConfig(8, 32)),
+        # Odd sizes (K and N not multiples of the tiles) with the default (grouped: 39 pairs) config, both dtypes.
         (torch.float32, 13, 72, 40, 6, 3, None),
         (torch.bfloat16, 13, 72, 40, 6, 3, None),
         # Several blocks per expert, grouped program order, partial N tiles.

@@ -1,0 +1,191 @@
+"""Sweep the fused-MoE launch configurations for decode-sized batches on this GPU (as vLLM's and SGLang's
+MoE tuners do) and report the best of each path against the defaults: the grouped-GEMM path (tile shapes,
+one GEMM at a time) and the matrix-vector path (``GemvConfig``).
+
+    python -m kernels.tune_moe --model 35b-a3b --tokens 1,2,4 --sweep gemv,grouped --out moe_tune.json
+
+Each timing replays a CUDA graph of 32 ``fused_experts`` calls with different routings (so the same
+experts' weights are not served from L2 call after call), with the shared expert as expert E routed to
+every token, as the engine runs it. The gate/up tile is swept with the default down tile, then the down
+tile with the best gate/up tile. Writes JSON and a PNG of the best configurations per token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from kernels.bench_fused import MODELS
+from kernels.bench_util import grouped_bar_chart, measure_copy_bandwidth
+from kernels.triton import moe as moe_tk
+
+log = logging.getLogger("tune_moe")
+
+_CALLS_PER_GRAPH = 32
+
+
+def _routings(tokens: int, num_routed: int, top_k: int, count: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` routings of ``tokens`` tokens: top_k distinct routed experts plus the shared expert (id E)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.stack([torch.randperm(num_routed, generator=gen)[:top_k] for _ in range(tokens)])
+        ids = torch.cat([ids, torch.full((tokens, 1), num_routed)], dim=1).to(torch.int32).cuda()
+        weights = torch.rand(tokens, top_k + 1, generator=gen).cuda()
+        out.append((ids, weights))
+    return out
+
+
+def _time_config(x, w13, w2, routings, cfg: moe_tk.MoeConfig | moe_tk.GemvConfig) -> float:
+    """Microseconds per fused_experts call, replayed from a CUDA graph; inf if the tile does not fit the
+    GPU's shared memory."""
+    from triton.runtime.errors import OutOfResources
+
+    def calls():
+        for ids, weights in routings:
+            moe_tk.fused_experts(x, w13, w2, weights, ids, config=cfg)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            calls()  # compile outside the capture
+    except OutOfResources:
+        return float("inf")
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(4):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (4 * len(routings)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def _tiles() -> list[moe_tk.GemmTile]:
+    return [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
+            for n, k, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4,), (3, 5))]
+
+
+def _gemv_configs() -> list[moe_tk.GemvConfig]:
+    return [moe_tk.GemvConfig(n, k, num_warps=w)
+            for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8))]
+
+
+def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
+    s = MODELS[model]
+    num_experts = s.experts + 1  # the shared expert stacked as expert E
+    torch.manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * s.moe_inter, s.hidden, device="cuda", dtype=torch.bfloat16) * s.hidden**-0.5
+    w2 = torch.randn(num_experts, s.hidden, s.moe_inter, device="cuda", dtype=torch.bfloat16) * s.moe_inter**-0.5
+    x = torch.randn(tokens, s.hidden, device="cuda", dtype=torch.bfloat16)
+    routings = _routings(tokens, s.experts, s.top_k, _CALLS_PER_GRAPH, seed)
+    top_k = s.top_k + 1
+    default = moe_tk.default_moe_config(tokens, top_k, num_experts)
+    distinct = sum(int(torch.unique(ids).numel()) for ids, _ in routings) / len(routings)
+    weight_bytes = distinct * (w13[0].numel() + w2[0].numel()) * w13.element_size()
+
+    default_us = _time_config(x, w13, w2, routings, default)
+    log.info("%s T=%d: grouped default %s -> %.1f us", model, tokens, default, default_us)
+    sweep = []
+    best_gate_up, best_us = default.gate_up, default_us
+    best_down = default.down
+    if "grouped" in sweeps:
+        for i, tile in enumerate(_tiles()):
+            us = _time_config(x, w13, w2, routings, dataclasses.replace(default, gate_up=tile))
+            sweep.append({"gemm": "gate_up", "tile": dataclasses.asdict(tile), "us": us})
+            log.info("  gate_up %2d/%d %s: %.1f us", i + 1, len(_tiles()), tile, us)
+            if us < best_us:
+                best_gate_up, best_us = tile, us
+        for i, tile in enumerate(_tiles()):
+            us = _time_config(x, w13, w2, routings, dataclasses.replace(default, gate_up=best_gate_up, down=tile))
+            sweep.append({"gemm": "down", "tile": dataclasses.asdict(tile), "us": us})
+            log.info("  down %2d/%d %s: %.1f us", i + 1, len(_tiles()), tile, us)
+            if us < best_us:
+                best_down, best_us = tile, us
+    best = dataclasses.replace(default, gate_up=best_gate_up, down=best_down)
+
+    gemv_default = moe_tk.GemvConfig()
+    gemv_default_us = _time_config(x, w13, w2, routings, gemv_default)
+    log.info("%s T=%d: gemv default %s -> %.1f us", model, tokens, gemv_default, gemv_default_us)
+    best_gemv, best_gemv_us = gemv_default, gemv_default_us
+    if "gemv" in sweeps:
+        for i, cfg in enumerate(_gemv_configs()):
+            us = _time_config(x, w13, w2, routings, cfg)
+            sweep.append({"gemm": "gemv", "tile": dataclasses.asdict(cfg), "us": us})
+            log.info("  gemv %2d/%d %s: %.1f us", i + 1, len(_gemv_configs()), cfg, us)
+            if us < best_gemv_us:
+                best_gemv, best_gemv_us = cfg, us
+
+    # The winners must compute what the default computes.
+    ids, weights = routings[0]
+    want = moe_tk.fused_experts(x, w13, w2, weights, ids, config=default)
+    for cfg in (best, best_gemv):
+        torch.testing.assert_close(moe_tk.fused_experts(x, w13, w2, weights, ids, config=cfg), want,
+                                   rtol=2e-2, atol=2e-2)
+    return {
+        "model": model, "tokens": tokens, "experts_read": distinct, "weight_bytes": weight_bytes,
+        "default": dataclasses.asdict(default), "default_us": default_us,
+        "best": dataclasses.asdict(best), "best_us": best_us,
+        "default_weight_GBps": weight_bytes / default_us / 1e3, "best_weight_GBps": weight_bytes / best_us / 1e3,
+        "gemv_default": dataclasses.asdict(gemv_default), "gemv_default_us": gemv_default_us,
+        "gemv_best": dataclasses.asdict(best_gemv), "gemv_best_us": best_gemv_us,
+        "gemv_best_weight_GBps": weight_bytes / best_gemv_us / 1e3,
+        "sweep": sweep,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    runs = results["runs"]
+    series = [(label, [r[key] for r in runs]) for key, label in (
+        ("default_weight_GBps", "grouped, default"),
+        ("best_weight_GBps", "grouped, best swept"),
+        ("gemv_best_weight_GBps", "matrix-vector, best swept"),
+    )]
+    grouped_bar_chart(
+        path, [f"{r['model']} T={r['tokens']}" for r in runs], series, xlabel="batch", ylabel="expert weight GB/s",
+        title=f"fused MoE decode configurations on {results['gpu']}",
+        hline=("copy bandwidth (read + write)", results["copy_bandwidth_GBps"]),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="35b-a3b", choices=sorted(MODELS))
+    parser.add_argument("--tokens", default="1,4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", default="gemv,grouped", help="which paths to sweep: gemv, grouped")
+    parser.add_argument("--out", type=Path, default=Path("moe_tune.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "copy_bandwidth_GBps": measure_copy_bandwidth(torch.device("cuda")) / 1e9, "runs": []}
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        run = tune(args.model, tokens, args.seed, set(args.sweep.split(",")))
+        results["runs"].append(run)
+        print(f"{args.model} T={tokens}: grouped default {run['default_us']:.1f} us "
+              f"({run['default_weight_GBps']:.0f} GB/s), best {run['best_us']:.1f} us: {run['best']}; "
+              f"gemv default {run['gemv_default_us']:.1f} us, best {run['gemv_best_us']:.1f} us "
+              f"({run['gemv_best_weight_GBps']:.0f} GB/s): {run['gemv_best']}")
+    args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
