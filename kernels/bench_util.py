@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def grouped_bar_chart(
     ax.set_xticks(list(xs), labels)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)  # run descriptions are long: wrap, don't clip
+    ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
