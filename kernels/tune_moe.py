@@ -78,14 +78,12 @@ def _time_config(x, w13, w2, routings, cfg: moe_tk.MoeConfig | moe_tk.GemvConfig
     return sorted(times)[len(times) // 2]
 
 
-def _tiles() -> list[moe_tk.GemmTile]:
-    return [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
-            for n, k, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4,), (3, 5))]
+_GEMM_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
+               for n, k, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4,), (3, 5))]
 
 
-def _gemv_configs() -> list[moe_tk.GemvConfig]:
-    return [moe_tk.GemvConfig(n, k, num_warps=w)
-            for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8))]
+_GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w)
+                 for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8))]
 
 
 def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
@@ -107,16 +105,16 @@ def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
     best_gate_up, best_us = default.gate_up, default_us
     best_down = default.down
     if "grouped" in sweeps:
-        for i, tile in enumerate(_tiles()):
+        for i, tile in enumerate(_GEMM_TILES):
             us = _time_config(x, w13, w2, routings, dataclasses.replace(default, gate_up=tile))
             sweep.append({"gemm": "gate_up", "tile": dataclasses.asdict(tile), "us": us})
-            log.info("  gate_up %2d/%d %s: %.1f us", i + 1, len(_tiles()), tile, us)
+            log.info("  gate_up %2d/%d %s: %.1f us", i + 1, len(_GEMM_TILES), tile, us)
             if us < best_us:
                 best_gate_up, best_us = tile, us
-        for i, tile in enumerate(_tiles()):
+        for i, tile in enumerate(_GEMM_TILES):
             us = _time_config(x, w13, w2, routings, dataclasses.replace(default, gate_up=best_gate_up, down=tile))
             sweep.append({"gemm": "down", "tile": dataclasses.asdict(tile), "us": us})
-            log.info("  down %2d/%d %s: %.1f us", i + 1, len(_tiles()), tile, us)
+            log.info("  down %2d/%d %s: %.1f us", i + 1, len(_GEMM_TILES), tile, us)
             if us < best_us:
                 best_down, best_us = tile, us
     best = dataclasses.replace(default, gate_up=best_gate_up, down=best_down)
@@ -126,10 +124,10 @@ def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
     log.info("%s T=%d: gemv default %s -> %.1f us", model, tokens, gemv_default, gemv_default_us)
     best_gemv, best_gemv_us = gemv_default, gemv_default_us
     if "gemv" in sweeps:
-        for i, cfg in enumerate(_gemv_configs()):
+        for i, cfg in enumerate(_GEMV_CONFIGS):
             us = _time_config(x, w13, w2, routings, cfg)
             sweep.append({"gemm": "gemv", "tile": dataclasses.asdict(cfg), "us": us})
-            log.info("  gemv %2d/%d %s: %.1f us", i + 1, len(_gemv_configs()), cfg, us)
+            log.info("  gemv %2d/%d %s: %.1f us", i + 1, len(_GEMV_CONFIGS), cfg, us)
             if us < best_gemv_us:
                 best_gemv, best_gemv_us = cfg, us
 
