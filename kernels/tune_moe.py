@@ -83,7 +83,7 @@ _GEMM_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
 
 
 _GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w)
-                 for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8))]
+                 for n, k, w in itertools.product((2, 4, 8, 16), (0, 256, 512), (4, 8))]
 
 
 def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _conv1d_update_kernel(
@@ -24,7 +26,10 @@ def _conv1d_update_kernel(
     stride_xb, stride_wd, stride_s_slot, stride_s_d, stride_ob,
     dim,
     K: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     i_d = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     offs_d = i_d * BD + tl.arange(0, BD)
@@ -191,7 +196,7 @@ def conv1d_update(
     _conv1d_update_kernel[(triton.cdiv(dim, block_d), batch)](
         x, weight, conv_states, state_slots, out,
         x.stride(0), weight.stride(0), conv_states.stride(0), conv_states.stride(1), out.stride(0),
-        dim, K=kernel, KP=triton.next_power_of_2(kernel - 1), BD=block_d, num_warps=4,
+        dim, K=kernel, KP=triton.next_power_of_2(kernel - 1), BD=block_d, num_warps=4, **pdl_launch_args(x.device),
     )
     return out
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
+
 
 def is_interpreting() -> bool:
     """True when Triton runs kernels in its numpy interpreter (CPU tests)."""
@@ -61,7 +63,10 @@ def _gdn_decode_kernel(
     num_tokens, scale,
     GROUP: tl.constexpr,  # value heads per key head
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -194,6 +199,6 @@ def gdn_decode(
         num_tokens, k_dim**-0.5,
         GROUP=num_v_heads // num_k_heads,
         DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v,
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_launch_args(q.device),
     )
     return out

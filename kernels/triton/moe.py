@@ -20,9 +20,10 @@ Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Tri
 
 Decode-sized batches (at most ``_GEMV_MAX_PAIRS`` pairs) skip the sort: with about one token per expert a
 BLOCK_M block is one real row and fifteen padding rows, and the alignment kernel is a launch of its own.
-Instead one program per (pair, N tile) reads its expert id straight from ``topk_ids`` and computes the
-matrix-vector products with fp32 multiply-adds (``_moe_gate_up_gemv_kernel``, ``_moe_down_gemv_kernel``),
-then the same k-sum: three kernels instead of four, every program streaming one weight tile.
+Instead one program per (pair, N tile) reads its expert id straight from ``topk_ids`` and computes gate/up with
+fp32 multiply-adds (``_moe_gate_up_gemv_kernel``); then one program per (token, N tile) computes the down
+projection of all the token's pairs and sums them in registers (``_moe_down_sum_gemv_kernel``): two kernels
+instead of four, every program streaming weight tiles, no per-pair output in memory.
 
 Weight traffic: each program reads one expert's weight tile for its block. An expert with at most BLOCK_M
 routed pairs has exactly one block, so at decode only the selected experts' weights are read, each once;
@@ -44,7 +45,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton import gemv as gemv_tk
+from kernels.triton.gemv import gemv_tile
 from kernels.triton.norm import round_to
+from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest number of (token, expert) pairs aligned by the single-program Triton kernel; beyond it, torch ops.
@@ -54,6 +58,10 @@ _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile
 # beat the best grouped tiles at 1, 2 and 4 tokens of 35B-A3B (9 pairs each with the shared expert; 26.5 vs
 # 31.6, 43.1 vs 49.6, 74.2 vs 80.5 us: kernels/results/moe_tune_gemv_h100.json).
 _GEMV_MAX_PAIRS = 36
+# Tokens routed by the single-launch router (logits and top-k in one kernel); its register tile grows with them.
+_ROUTER_GEMV_MAX_TOKENS = 4
+# Router rows per program: 129 programs of 2 x 4 KB for 35B-A3B's 257 rows, about one per SM.
+_ROUTER_BLOCK_N = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -70,17 +78,18 @@ def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch
 
 
 @triton.jit
-def _route_topk_kernel(
-    logits_ptr, weights_ptr, ids_ptr, shared_ptr,
-    num_experts, stride_logits,
+def _route_token(
+    row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
+    """Top-k of one token from its logits at ``row`` (experts, then the shared gate's logit if HAS_SHARED);
+    ``dtype`` is the activation dtype the shared gate is rounded to."""
     e = tl.arange(0, BLOCK_E)
     valid = e < num_experts
-    row = logits_ptr + token * stride_logits
-    logits = tl.load(row + e, mask=valid, other=float("-inf")).to(tl.float32)
+    # .cg: in the fused router the logits were written by other programs of the same launch; read them from
+    # L2, never from a line this SM's L1 might hold.
+    logits = tl.load(row + e, mask=valid, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
     if SOFTMAX:
         # kernels.moe.topk_softmax: softmax in fp32 over all experts, top-k on the probabilities.
         p = tl.exp(logits - tl.max(logits, axis=0))
@@ -107,14 +116,68 @@ def _route_topk_kernel(
 
     if HAS_SHARED:
         # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
-        dtype = shared_ptr.dtype.element_ty
-        g = tl.load(row + num_experts).to(tl.float32)
+        g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
         gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
         if SHARED_AS_EXPERT:  # column k: expert id E (the shared expert) with its gate as the weight
             tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
             tl.store(ids_ptr + token * OUT_K + TOP_K, num_experts)
         else:
             tl.store(shared_ptr + token, gate.to(dtype))
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, weights_ptr, ids_ptr, shared_ptr,
+    num_experts, stride_logits,
+    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    _route_token(logits_ptr + token * stride_logits, token, weights_ptr, ids_ptr, shared_ptr, num_experts,
+                 logits_ptr.dtype.element_ty, TOP_K, OUT_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE, HAS_SHARED,
+                 SHARED_AS_EXPERT)
+
+
+@triton.jit
+def _router_gemv_topk_kernel(
+    x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr, shared_ptr,
+    num_tokens, num_rows, num_experts, stride_x, stride_w,
+    HIDDEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
+    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Router logits and top-k in one launch for a few tokens: every program computes BLOCK_N logit columns
+    of all tokens (a matrix-vector product, like kernels.triton.gemv), and the program that finishes last --
+    the one drawing the last ticket -- routes the tokens from the complete logits and resets the ticket.
+
+    The ticket is the classic "last block" reduction: the program's stores, then a barrier (all its threads
+    have stored), then an acq_rel atomic, which releases those stores to the program that later acquires the
+    same counter."""
+    col0 = tl.program_id(0) * BLOCK_N
+    y = gemv_tile(x_ptr, w_ptr, col0, num_tokens, num_rows, stride_x, stride_w, HIDDEN, ROWS, BLOCK_N, BLOCK_K, PDL)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < num_rows
+    rows = tl.arange(0, ROWS)
+    row_mask = rows < num_tokens
+    dtype = x_ptr.dtype.element_ty
+    # The reference's F.linear returns the logits in the activation dtype: round them so.
+    logits = round_to(y, dtype)
+    tl.store(logits_ptr + rows[:, None] * num_rows + offs_n[None, :], logits,
+             mask=row_mask[:, None] & n_mask[None, :])
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        token = 0
+        while token < num_tokens:  # (a while loop: the interpreter cannot take a runtime range bound)
+            _route_token(logits_ptr + token * num_rows, token, weights_ptr, ids_ptr, shared_ptr, num_experts,
+                         dtype, TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED,
+                         SHARED_AS_EXPERT)
+            token += 1
+        tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
 
 
 def route_topk(
@@ -127,6 +190,7 @@ def route_topk(
     fused_shared_gate: bool = False,
     shared_as_expert: bool = False,
     scoring: str = "softmax",
+    ticket: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
 
@@ -147,6 +211,11 @@ def route_topk(
     ``shared_as_expert=True`` (with a shared gate): the shared expert is expert ``E`` of the weight stacks, so
     it is returned as a (k+1)-th column instead: ids ``[T, k+1]`` ending in ``E``, weights ending in the gate
     (its bf16 value, as fp32); the third result is None. ``fused_experts`` then computes it with the rest.
+
+    ``ticket``: an int32 ``[1]`` tensor holding 0, owned by the caller and used by one stream at a time. With
+    it, up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens are routed by one kernel (logits and top-k,
+    ``_router_gemv_topk_kernel``), which leaves the ticket at 0 again; otherwise cuBLAS computes the logits and
+    a second kernel routes.
     """
     if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
@@ -177,8 +246,10 @@ def route_topk(
     if weight.device != hidden.device:
         raise ValueError(f"router weight is on {weight.device}, hidden on {hidden.device}")
 
+    if ticket is not None and (ticket.shape != (1,) or ticket.dtype != torch.int32 or ticket.device != hidden.device):
+        raise ValueError(f"ticket must be an int32 [1] tensor on {hidden.device}")
+
     tokens = hidden.shape[0]
-    logits = F.linear(hidden, weight)  # [T, E(+1)] in hidden's dtype, like the reference's F.linear
     out_k = top_k + int(shared_as_expert)
     topk_weights = torch.empty(tokens, out_k, dtype=torch.float32, device=hidden.device)
     topk_ids = torch.empty(tokens, out_k, dtype=torch.int32, device=hidden.device)
@@ -188,6 +259,23 @@ def route_topk(
     if tokens == 0:
         return topk_weights, topk_ids, shared
     block_e = triton.next_power_of_2(num_experts)
+    if ticket is not None and tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
+        num_rows = weight.shape[0]
+        logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
+        tile = gemv_tk.default_tile(hidden.shape[1])
+        block_n = tile.block_n if os.environ.get("TRITON_INTERPRET", "0") == "1" else _ROUTER_BLOCK_N
+        _router_gemv_topk_kernel[(triton.cdiv(num_rows, block_n),)](
+            hidden, weight, logits, ticket, topk_weights, topk_ids, shared if shared is not None else hidden,
+            tokens, num_rows, num_experts, hidden.stride(0), weight.stride(0),
+            HIDDEN=hidden.shape[1], ROWS=triton.next_power_of_2(tokens), BLOCK_N=block_n,
+            BLOCK_K=gemv_tk.block_k_for(tile, hidden.shape[1]),
+            TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_TK=triton.next_power_of_2(top_k),
+            SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
+            SHARED_AS_EXPERT=shared_as_expert, num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
+        )
+        return topk_weights, topk_ids, shared
+
+    logits = F.linear(hidden, weight)  # [T, E(+1)] in hidden's dtype, like the reference's F.linear
     _route_topk_kernel[(tokens,)](
         # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
         logits, topk_weights, topk_ids, shared if shared is not None else logits,
@@ -195,7 +283,7 @@ def route_topk(
         TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
         SHARED_AS_EXPERT=shared_as_expert,
-        num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4,
+        num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4, **pdl_launch_args(hidden.device),
     )
     return topk_weights, topk_ids, shared
 
@@ -359,12 +447,13 @@ class MoeConfig:
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch configuration of the matrix-vector path: each program owns ``block_n`` output columns of one
-    pair (``block_n`` of each of gate and up) and walks K in ``block_k`` steps."""
+    pair (``block_n`` of each of gate and up) and walks K in ``block_k`` steps (0: the whole K at once)."""
 
-    # Narrow N tiles (many programs, each streaming 4 weight rows 256 wide) were the fastest on the H100 at
-    # 1-4 tokens of 35B-A3B, swept over block_n 4-32, block_k 128-512, 4 or 8 warps (kernels/tune_moe.py).
-    block_n: int = 4
-    block_k: int = 256
+    # Narrow N tiles (many programs, each streaming 2 weight rows in 512-wide steps) were the fastest on the
+    # H100 at 1 token of 35B-A3B with PDL, swept over block_n 2-16, block_k 256/512/whole K, 4 or 8 warps
+    # (kernels/tune_moe.py: 24.5 us vs 26.4 for the earlier 4 x 256; kernels/results/moe_tune_gemv_h100.json).
+    block_n: int = 2
+    block_k: int = 512
     num_warps: int = 4
     num_stages: int = 3
 
@@ -526,8 +615,11 @@ def _moe_gate_up_gemv_kernel(
     x_ptr, w13_ptr, act_ptr, ids_ptr,
     stride_x, stride_we, stride_wn, stride_act,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """act[pair, n] = silu(x[token] . w13[e, n]) * (x[token] . w13[e, I + n]) for one pair and BLOCK_N columns."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOP_K
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -558,31 +650,39 @@ def _moe_gate_up_gemv_kernel(
 
 
 @triton.jit
-def _moe_down_gemv_kernel(
-    act_ptr, w2_ptr, y_ptr, topk_w_ptr, ids_ptr,
-    stride_act, stride_we, stride_wn, stride_y,
-    HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _moe_down_sum_gemv_kernel(
+    act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr,
+    stride_act, stride_we, stride_wn, stride_out,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """y[pair, n] = weight[pair] * (act[pair] . w2[e, n]) for one pair and BLOCK_N columns."""
-    pair = tl.program_id(0).to(tl.int64)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    """out[t, n] = sum_j weight[t, j] * (act[t*k + j] . w2[e_j, n]) for one token and BLOCK_N columns: the down
+    projection of all of the token's pairs and their k-sum in one program (no per-pair y in memory)."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < HIDDEN
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = act_ptr + pair * stride_act + offs_k
-    w_ptrs = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
-        k_mask = offs_k < INTER - k0
-        a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += w * a[None, :]
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    dtype = y_ptr.dtype.element_ty
-    routing = round_to(tl.load(topk_w_ptr + pair).to(tl.float32), dtype)
-    y = round_to(round_to(tl.sum(acc, axis=1), dtype) * routing, dtype)
-    tl.store(y_ptr + pair * stride_y + offs_n, y.to(dtype), mask=n_mask)
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = token * TOP_K + j
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        a_ptrs = act_ptr + pair * stride_act + offs_k
+        w_ptrs = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.static_range(0, INTER, BLOCK_K):
+            k_mask = offs_k < INTER - k0
+            a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            acc += w * a[None, :]
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        # Round like the reference's per-pair y = weight * (act @ w2^T), then sum in fp32 in pair order.
+        routing = round_to(tl.load(topk_w_ptr + pair).to(tl.float32), dtype)
+        total += round_to(round_to(tl.sum(acc, axis=1), dtype) * routing, dtype)
+    tl.store(out_ptr + token * stride_out + offs_n, round_to(total, dtype).to(dtype), mask=n_mask)
 
 
 @triton.jit
@@ -643,9 +743,9 @@ def fused_experts(
         return out.zero_()
 
     if isinstance(config, GemvConfig) or (config is None and tokens * top_k <= _GEMV_MAX_PAIRS):
-        y = _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config())
-    else:
-        y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
+        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(), out)
+        return out
+    y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
         y, out, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
@@ -653,10 +753,12 @@ def fused_experts(
     return out
 
 
-def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig) -> torch.Tensor:
-    """Per-pair expert outputs ``y [T*k, H]`` (routing weight applied), one program per (pair, N tile)."""
-    if cfg.block_n < 1 or cfg.block_n & (cfg.block_n - 1) or cfg.block_k < 16 or cfg.block_k & (cfg.block_k - 1):
-        raise ValueError(f"GemvConfig block sizes must be powers of two (block_k >= 16), got {cfg}")
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor) -> None:
+    """``out [T, H]`` = the k-sum of the routed expert outputs: one program per (pair, N tile) for gate/up, then
+    one per (token, N tile) for the down projection and the sum."""
+    if cfg.block_n < 1 or cfg.block_n & (cfg.block_n - 1) or (cfg.block_k and (
+            cfg.block_k < 16 or cfg.block_k & (cfg.block_k - 1))):
+        raise ValueError(f"GemvConfig block sizes must be powers of two (block_k >= 16, or 0), got {cfg}")
     tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
@@ -665,16 +767,17 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig) -> torch.
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _moe_gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, cfg.block_n))](
         x, w13, act, ids, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k or triton.next_power_of_2(hidden),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
-    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _moe_down_gemv_kernel[(num_pairs, triton.cdiv(hidden, cfg.block_n))](
-        act, w2, y, topk_weights.contiguous().view(-1), ids, act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _moe_down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, cfg.block_n))](
+        act, w2, out, topk_weights.contiguous().view(-1), ids, act.stride(0), w2.stride(0), w2.stride(1),
+        out.stride(0),
+        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k or triton.next_power_of_2(inter),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
-    return y
 
 
 def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None) -> torch.Tensor:

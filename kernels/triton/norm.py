@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_DIM = 32768  # one register tile per row; wider rows would need a two-pass kernel
 _TILE_ELEMENTS = 4096  # elements per program tile; sets rows per program for narrow rows
@@ -94,7 +96,10 @@ def _gemma_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
     num_rows, dim, stride_x, stride_res, stride_out, stride_new_res, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rows64 = rows.to(tl.int64)  # rows * stride can exceed 2^31 for long prefill batches
@@ -144,6 +149,7 @@ def _gemma_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
         num_rows, dim, x2.stride(0), res2.stride(0) if res2 is not None else 0, out2.stride(0), new_res2.stride(0),
         float(eps),
         HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        **pdl_launch_args(x.device),
     )
     return out, new_res
 
@@ -175,7 +181,10 @@ def _gated_rms_norm_kernel(
     num_rows, heads, dim,
     stride_xt, stride_xh, stride_gt, stride_gh, eps,
     PROD_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (token, head) index
     cols = tl.arange(0, BLOCK_D)
     tok = (rows // heads).to(tl.int64)
@@ -230,6 +239,6 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
         x, gate, weight, out,
         num_rows, heads, dim,
         x.stride(0), x.stride(1), gate.stride(0), gate.stride(1), float(eps),
-        PROD_DTYPE=prod_dtype, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        PROD_DTYPE=prod_dtype, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, **pdl_launch_args(x.device),
     )
     return out

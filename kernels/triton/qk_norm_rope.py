@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.norm import round_to
+from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,12 +64,16 @@ def _norm_rope_heads(
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    qkv_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr,
+    qkv_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr, kv_ptr, slot_ptr,
     num_heads, num_kv_heads, stride_qkv, stride_cos_sin, eps,
+    page_size, stride_kv_page, stride_kv_kind, stride_kv_token,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, SIGMOID_GATE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, SIGMOID_GATE: tl.constexpr, WRITE_KV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
@@ -103,8 +108,20 @@ def _qk_norm_rope_kernel(
         k_heads = (head_block - num_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK)
         k_mask = k_heads < num_kv_heads
         k_in = row + num_heads * 2 * HEAD_DIM + k_heads * HEAD_DIM
-        k_out = k_ptr + (token * num_kv_heads + k_heads) * HEAD_DIM
-        _norm_rope_heads(k_in, k_out, k_w_ptr, k_mask, cos, sin, eps, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS)
+        if WRITE_KV:
+            # Straight into the paged KV cache at the token's slot (page * page_size + offset): K, then V
+            # copied from the projection row, so the layer needs no separate cache-write kernels.
+            slot = tl.load(slot_ptr + token).to(tl.int64)
+            page = slot // page_size
+            k_dst = kv_ptr + page * stride_kv_page + (slot - page * page_size) * stride_kv_token + k_heads * HEAD_DIM
+            _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS)
+            d = tl.arange(0, BLOCK_D)
+            v_mask = k_mask[:, None] & (d < HEAD_DIM)[None, :]
+            v = tl.load(k_in[:, None] + num_kv_heads * HEAD_DIM + d[None, :], mask=v_mask, other=0.0)
+            tl.store(k_dst[:, None] + stride_kv_kind + d[None, :], v, mask=v_mask)
+        else:
+            k_out = k_ptr + (token * num_kv_heads + k_heads) * HEAD_DIM
+            _norm_rope_heads(k_in, k_out, k_w_ptr, k_mask, cos, sin, eps, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS)
 
 
 def qk_norm_rope(
@@ -120,7 +137,9 @@ def qk_norm_rope(
     *,
     sigmoid_gate: bool = True,
     heads_per_program: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kv_cache: torch.Tensor | None = None,
+    kv_slot_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Split the gated-attention qkv projection and prepare q, k for attention, in one kernel.
 
     Args:
@@ -133,6 +152,10 @@ def qk_norm_rope(
             is bit-for-bit what ``torch.sigmoid(gate)`` gives, so the model computes ``out * gate``. If False, the
             raw gate is copied.
         heads_per_program: heads per program (power of two); default picks by token count.
+        kv_cache, kv_slot_ids: one layer's paged KV cache ``[num_pages, 2, page_size, num_kv_heads, head_dim]``
+            (K then V in each page; qkv's dtype; each token's ``[heads, head_dim]`` contiguous) and ``[T]`` flat
+            slots ``page * page_size + offset``: k and v go straight there, as ``kernels.attention.write_kv``
+            stores them, and the k and v results are None.
 
     Returns:
         ``q [T, H, D]`` and ``k [T, Hkv, D]``: normed and roped, new contiguous tensors in qkv's dtype;
@@ -172,14 +195,37 @@ def qk_norm_rope(
                     ("cos_sin_cache", cos_sin_cache), ("positions", positions)):
         if t.device != qkv.device:
             raise ValueError(f"{name} is on {t.device}, qkv on {qkv.device}")
+    if (kv_cache is None) != (kv_slot_ids is None):
+        raise ValueError("kv_cache and kv_slot_ids go together")
+    if kv_cache is not None:
+        expected = (2, kv_cache.shape[2] if kv_cache.dim() == 5 else -1, num_kv_heads, head_dim)
+        if kv_cache.dim() != 5 or tuple(kv_cache.shape[1:]) != expected:
+            raise ValueError(f"kv_cache must be [pages, 2, page_size, {num_kv_heads}, {head_dim}], "
+                             f"got {tuple(kv_cache.shape)}")
+        if kv_cache.dtype != qkv.dtype or kv_cache.device != qkv.device:
+            raise ValueError(f"kv_cache must be {qkv.dtype} on {qkv.device}, got {kv_cache.dtype} on {kv_cache.device}")
+        if kv_cache.stride()[3:] != (head_dim, 1):
+            raise ValueError(f"each token of kv_cache must be a contiguous [heads, head_dim], got strides "
+                             f"{tuple(kv_cache.stride())}")
+        if kv_slot_ids.shape != (tokens,) or kv_slot_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_slot_ids must be an int32/int64 [{tokens}] tensor, got {kv_slot_ids.dtype} "
+                             f"{tuple(kv_slot_ids.shape)}")
+        if kv_slot_ids.device != qkv.device:
+            raise ValueError(f"kv_slot_ids is on {kv_slot_ids.device}, qkv on {qkv.device}")
     if heads_per_program is not None and (heads_per_program < 1 or heads_per_program & (heads_per_program - 1)):
         raise ValueError(f"heads_per_program must be a power of two, got {heads_per_program}")
     positions = positions.contiguous()
 
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     gate = torch.empty(tokens, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-    v = qkv[:, q_size + kv_size :].view(tokens, num_kv_heads, head_dim)
+    if kv_cache is None:
+        k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+        v = qkv[:, q_size + kv_size :].view(tokens, num_kv_heads, head_dim)
+        kv_strides = (0, 0, 0, 0)
+    else:
+        k = v = None
+        kv_slot_ids = kv_slot_ids.contiguous()
+        kv_strides = (kv_cache.shape[2], kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
     if tokens == 0:
         return q, k, v, gate
 
@@ -194,10 +240,11 @@ def qk_norm_rope(
     grid = (tokens, triton.cdiv(num_heads, block_hq) + triton.cdiv(num_kv_heads, block_hk))
     num_warps = 4 if block_hq * block_d >= 1024 else 2 if block_hq * block_d >= 256 else 1
     _qk_norm_rope_kernel[grid](
-        qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, q, k, gate,
-        num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), float(eps),
+        qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, q, k if k is not None else q, gate,
+        kv_cache if kv_cache is not None else q, kv_slot_ids if kv_slot_ids is not None else positions,
+        num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), float(eps), *kv_strides,
         HEAD_DIM=head_dim, HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_PASS=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        SIGMOID_GATE=sigmoid_gate, num_warps=num_warps,
+        SIGMOID_GATE=sigmoid_gate, WRITE_KV=kv_cache is not None, num_warps=num_warps, **pdl_launch_args(qkv.device),
     )
     return q, k, v, gate

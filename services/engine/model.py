@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import attention as attn_ops
 from kernels.norm import gemma_rms_norm
 from kernels.rope import rope_cos_sin_cache
 
@@ -57,20 +56,21 @@ class GatedAttention(nn.Module):
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: torch.Tensor,
-                attention) -> torch.Tensor:
-        """``attention``: the step's planned attention backend (see Ops.make_attention)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm, batch: ForwardBatch,
+                kv_cache: KVCache, cos_sin: torch.Tensor, attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input norm (with the residual add) and attention; returns ``(output, residual)``.
+        ``attention``: the step's planned attention backend (see Ops.make_attention)."""
         num_tokens = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
-        # QK RMSNorm, partial RoPE, and the output gate split off (already passed through a sigmoid).
-        q, k, v, gate = self.ops.qk_norm_rope(
-            qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, batch.positions, self.num_heads,
-            self.num_kv_heads, self.head_dim, self.eps,
-        )
+        qkv, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj, self.qkv_bias)
+        # QK RMSNorm, partial RoPE, the output gate split off (already passed through a sigmoid), and the
+        # new K/V stored in the layer's pages.
         layer_kv = kv_cache.layer(self.attn_index)
-        attn_ops.write_kv(layer_kv, k, v, batch.kv_slot_ids)
+        q, gate = self.ops.qk_norm_rope_store_kv(
+            qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, batch.positions, self.num_heads,
+            self.num_kv_heads, self.head_dim, self.eps, layer_kv, batch.kv_slot_ids,
+        )
         out = attention.run(q, layer_kv)
-        return F.linear(out.reshape(num_tokens, -1) * gate, self.o_proj, self.o_bias)
+        return self.ops.linear(out.reshape(num_tokens, -1) * gate, self.o_proj, self.o_bias), residual
 
 
 class GatedDeltaNet(nn.Module):
@@ -98,18 +98,20 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = _param(self.v_dim, dtype=dtype, device=device)
         self.out_proj = _param(cfg.hidden_size, self.value_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, state_cache: StateCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm, batch: ForwardBatch,
+                state_cache: StateCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input norm (with the residual add) and the GDN mixer; returns ``(output, residual)``."""
         num_tokens = x.shape[0]
-        mixed_qkv, z, b, a = F.linear(x, self.in_proj).split(
+        projected, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.in_proj)
+        mixed_qkv, z, b, a = projected.split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
         core = self.ops.gdn(
             self, mixed_qkv, a, b, batch, state_cache.conv_layer(self.gdn_index), state_cache.ssm_layer(self.gdn_index)
         )
-        core = self.ops.gated_rms_norm(
-            core, z.reshape(num_tokens, self.num_v_heads, self.v_dim), self.norm_weight, self.eps
-        )
-        return F.linear(core.reshape(num_tokens, self.value_size), self.out_proj)
+        # Gated RMSNorm per head, then out_proj.
+        z = z.reshape(num_tokens, self.num_v_heads, self.v_dim)
+        return self.ops.gated_norm_linear(core, z, self.norm_weight, self.eps, self.out_proj), residual
 
     def split_heads(self, mixed: torch.Tensor, num_tokens: int):
         q, k, v = mixed.split([self.key_size, self.key_size, self.value_size], dim=-1)
@@ -153,11 +155,15 @@ class SparseMoE(nn.Module):
         self.shared_expert = None
         if not cfg.shared_expert_in_experts:
             self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
+        # Scratch of the single-launch router kernel (kept at 0 between launches; see Ops.route_topk).
+        self.register_buffer("route_ticket", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_expert is None:
-            return self.ops.moe_with_shared_expert(x, self.router, self.w13, self.w2, self.top_k, self.renormalize)
-        weights, expert_ids, shared_gate = self.ops.route_topk(x, self.router, self.top_k, self.renormalize)
+            return self.ops.moe_with_shared_expert(x, self.router, self.w13, self.w2, self.top_k, self.renormalize,
+                                                   self.route_ticket)
+        weights, expert_ids, shared_gate = self.ops.route_topk(x, self.router, self.top_k, self.renormalize,
+                                                               self.route_ticket)
         routed = self.ops.fused_experts(x, self.w13, self.w2, weights, expert_ids)
         return routed + shared_gate.to(x.dtype) * self.shared_expert(x)
 
@@ -188,12 +194,10 @@ class DecoderLayer(nn.Module):
         cos_sin: torch.Tensor,
         attention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self.input_layernorm
-        h, residual = self.ops.rms_norm_residual(x, residual, norm.weight, norm.eps)
         if self.is_attention:
-            h = self.mixer(h, batch, kv_cache, cos_sin, attention)
+            h, residual = self.mixer(x, residual, self.input_layernorm, batch, kv_cache, cos_sin, attention)
         else:
-            h = self.mixer(h, batch, state_cache)
+            h, residual = self.mixer(x, residual, self.input_layernorm, batch, state_cache)
         norm = self.post_attention_layernorm
         h, residual = self.ops.rms_norm_residual(h, residual, norm.weight, norm.eps)
         return self.mlp(h), residual
@@ -240,4 +244,4 @@ class Qwen35ForCausalLM(nn.Module):
             x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin, attention)
         x, _ = self.ops.rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
         x = x.index_select(0, batch.logits_indices)
-        return F.linear(x, self.lm_head).float()
+        return self.ops.linear(x, self.lm_head).float()

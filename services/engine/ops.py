@@ -34,7 +34,28 @@ def qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positio
     return q, k, v.reshape(num_tokens, num_kv_heads, head_dim), torch.sigmoid(gate.reshape(num_tokens, -1))
 
 
-def route_topk_torch(x, router_weight, top_k, renormalize):
+def qk_norm_rope_store_kv_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
+                                head_dim, eps, kv_cache_layer, kv_slot_ids):
+    """Reference for kernels.triton.qk_norm_rope with a KV cache: ``(q, sigmoid(gate))``, k and v stored at
+    the tokens' slots of ``kv_cache_layer``."""
+    q, k, v, gate = qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads,
+                                       num_kv_heads, head_dim, eps)
+    torch_attention.write_kv(kv_cache_layer, k, v, kv_slot_ids)
+    return q, gate
+
+
+def norm_linear_torch(x, residual, norm_weight, eps, weight, bias=None):
+    """The input norm of a mixer (with the residual add) and its first projection: ``(y, residual)``."""
+    h, residual = torch_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
+    return F.linear(h, weight, bias), residual
+
+
+def gated_norm_linear_torch(core, z, norm_weight, eps, weight):
+    """GDN output: gated RMSNorm per head (``core, z [T, heads, head_dim]``), flattened, then out_proj."""
+    return F.linear(torch_norm.gated_rms_norm(core, z, norm_weight, eps).flatten(1), weight)
+
+
+def route_topk_torch(x, router_weight, top_k, renormalize, ticket=None):
     """Router and shared-expert gate in one GEMM (``router_weight`` is ``[experts + 1, hidden]``, the last
     row the shared-expert gate): ``(weights fp32 [T, k], expert ids [T, k], sigmoid(shared gate) [T, 1])``."""
     logits = F.linear(x, router_weight)
@@ -42,7 +63,7 @@ def route_topk_torch(x, router_weight, top_k, renormalize):
     return weights, ids, torch.sigmoid(logits[:, -1:])
 
 
-def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize):
+def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize, ticket=None):
     """Routed experts plus the sigmoid-gated shared expert stored as expert ``E`` (the last) of w13/w2."""
     weights, ids, shared_gate = route_topk_torch(x, router_weight, top_k, renormalize)
     routed = torch_moe.fused_experts(x, w13, w2, weights, ids)  # ids < E: the shared expert is never routed
@@ -116,12 +137,18 @@ class TorchAttention:
 @dataclass(frozen=True)
 class Ops:
     name: str
+    linear: Callable  # F.linear's signature
     rms_norm_residual: Callable
-    gated_rms_norm: Callable
-    qk_norm_rope: Callable
-    route_topk: Callable
+    norm_linear: Callable  # (x, residual, norm_weight, eps, weight, bias=None) -> (y, residual)
+    gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
+    # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
+    # -> (q, sigmoid(gate)), with k and v stored in the cache
+    qk_norm_rope_store_kv: Callable
+    # route_topk and moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
+    # layer, the scratch of the single-launch router kernel (the torch references ignore it).
+    route_topk: Callable  # (x, router [E+1, H], k, renorm, ticket) -> (weights, ids, shared gate)
     fused_experts: Callable
-    moe_with_shared_expert: Callable  # (x, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm) -> [T, H]
+    moe_with_shared_expert: Callable  # (x, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
     gdn: Callable  # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]
@@ -130,9 +157,11 @@ class Ops:
 def torch_ops() -> Ops:
     return Ops(
         name="torch",
+        linear=F.linear,
         rms_norm_residual=torch_norm.gemma_rms_norm_residual,
-        gated_rms_norm=torch_norm.gated_rms_norm,
-        qk_norm_rope=qk_norm_rope_torch,
+        norm_linear=norm_linear_torch,
+        gated_norm_linear=gated_norm_linear_torch,
+        qk_norm_rope_store_kv=qk_norm_rope_store_kv_torch,
         route_topk=route_topk_torch,
         fused_experts=torch_moe.fused_experts,
         moe_with_shared_expert=moe_with_shared_expert_torch,
@@ -147,20 +176,41 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     which runs under Triton's interpreter on CPU, so CI exercises this glue)."""
     from kernels.flashinfer_attention import FlashInferAttention
     from kernels.triton import conv1d as triton_conv
+    from kernels.triton import gemv as triton_gemv
     from kernels.triton import moe as triton_moe
     from kernels.triton import norm as triton_norm
     from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
     from kernels.triton.gdn_decode import gdn_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
 
-    def route_topk(x, router_weight, top_k, renormalize):
-        return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True)
+    def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
+        # One row (a single decode request): the norm runs inside the projection kernel.
+        if bias is None and x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
+            y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight)
+            return y, residual
+        h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
+        return triton_gemv.linear(h, weight, bias), residual
 
-    def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize):
+    def gated_norm_linear(core, z, norm_weight, eps, weight):
+        if triton_gemv.can_fuse_prologue(core, weight):
+            return triton_gemv.gated_norm_linear(core, z, norm_weight, eps, weight)
+        return triton_gemv.linear(triton_norm.gated_rms_norm(core, z, norm_weight, eps).flatten(1), weight)
+
+    def qk_norm_rope_store_kv(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
+                              head_dim, eps, kv_cache_layer, kv_slot_ids):
+        q, _, _, gate = qk_norm_rope(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads,
+                                     num_kv_heads, head_dim, eps, kv_cache=kv_cache_layer, kv_slot_ids=kv_slot_ids)
+        return q, gate
+
+    def route_topk(x, router_weight, top_k, renormalize, ticket):
+        return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
+                                     ticket=ticket)
+
+    def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize, ticket):
         # The shared expert rides along as a (k+1)-th expert of every token: one routing kernel and one grouped
         # GEMM pair compute it with the routed experts, and the fp32 sum adds it.
         weights, ids, _ = triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
-                                                shared_as_expert=True)
+                                                shared_as_expert=True, ticket=ticket)
         return triton_moe.fused_experts(x, w13, w2, weights, ids)
 
     def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device):
@@ -190,9 +240,11 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     return Ops(
         name="triton+flashinfer" if flashinfer else "triton",
+        linear=triton_gemv.linear,
         rms_norm_residual=triton_norm.gemma_rms_norm_residual,
-        gated_rms_norm=triton_norm.gated_rms_norm,
-        qk_norm_rope=qk_norm_rope,
+        norm_linear=norm_linear,
+        gated_norm_linear=gated_norm_linear,
+        qk_norm_rope_store_kv=qk_norm_rope_store_kv,
         route_topk=route_topk,
         fused_experts=triton_moe.fused_experts,
         moe_with_shared_expert=moe_with_shared_expert,

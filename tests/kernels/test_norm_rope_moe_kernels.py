@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import attention as attn_ref
 from kernels import moe as moe_ref
 from kernels import norm as norm_ref
 from kernels.rope import apply_partial_rope, rope_cos_sin_cache
@@ -192,6 +193,41 @@ def test_qk_norm_rope_raw_gate_and_int32_positions():
     assert torch.equal(gate, ref[3])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim,rotary_dim,page_size", [
+    (3, 16, 2, 256, 64, 16),  # Qwen3.5-35B-A3B
+    (5, 3, 1, 40, 12, 4),  # odd sizes, tokens spread over pages
+])
+def test_qk_norm_rope_stores_kv(dtype, tokens, heads, kv_heads, head_dim, rotary_dim, page_size):
+    """With a KV cache, k and v land in the pages exactly where kernels.attention.write_kv puts them, and
+    nothing else in the cache changes; q and the gate are as without it."""
+    gen = _gen(tokens * head_dim + page_size)
+    width = heads * 2 * head_dim + 2 * kv_heads * head_dim
+    qkv = _randn(tokens, width, gen=gen, dtype=dtype, scale=3.0)
+    q_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
+    k_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
+    cos_sin = rope_cos_sin_cache(rotary_dim, 4096, 1e7, device=DEVICE)
+    positions = torch.randint(0, 4096, (tokens,), generator=_gen(3)).to(DEVICE)
+    num_pages = 6
+    cache = _randn(num_pages, 2, page_size, kv_heads, head_dim, gen=gen, dtype=dtype)
+    slots = torch.randperm(num_pages * page_size, generator=_gen(5))[:tokens].to(DEVICE)
+    want_cache = cache.clone()
+    q_ref, k_ref, v_ref, gate_ref = _reference_attention_prep(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads,
+                                                              head_dim, True)
+    attn_ref.write_kv(want_cache, k_ref, v_ref, slots)
+    with poisoned_outputs():
+        q, k, v, gate = qk_norm_rope(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, EPS,
+                                     kv_cache=cache, kv_slot_ids=slots)
+    assert k is None and v is None
+    _close(q, q_ref, dtype)
+    _close(gate, gate_ref, dtype)
+    _close(cache, want_cache, dtype)
+    written = torch.zeros(num_pages * page_size, dtype=torch.bool)
+    written[slots.cpu()] = True
+    untouched = ~written.view(num_pages, 1, page_size).expand(num_pages, 2, page_size)
+    assert torch.equal(cache[untouched.to(DEVICE)], want_cache[untouched.to(DEVICE)])
+
+
 def test_qk_norm_rope_argument_checks():
     qkv = torch.randn(2, 2 * 2 * 8 + 2 * 8, device=DEVICE)
     w = torch.zeros(8, device=DEVICE)
@@ -203,6 +239,13 @@ def test_qk_norm_rope_argument_checks():
         qk_norm_rope(qkv, w, w, rope_cos_sin_cache(16, 16, 1e4, device=DEVICE), pos, 2, 1, 8, EPS)
     with pytest.raises(ValueError, match="positions"):
         qk_norm_rope(qkv, w, w, cos_sin, pos.float(), 2, 1, 8, EPS)
+    cache = torch.zeros(4, 2, 4, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="go together"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache[:, :1], kv_slot_ids=pos)
+    with pytest.raises(ValueError, match="kv_slot_ids"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache, kv_slot_ids=pos[:1])
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -223,16 +266,17 @@ def _reference_route(logits, top_k, renormalize, scoring):
     return weights, ids, scores
 
 
-def _check_route(weights, ids, ref_weights, ref_scores, top_k, renormalize):
+def _check_route(weights, ids, ref_weights, ref_scores, top_k, renormalize, tol=None):
     """Tie-tolerant: the chosen experts must carry the reference's top-k scores (in descending order)."""
+    tol = tol or dict(rtol=1e-5, atol=1e-6)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert torch.isfinite(weights).all()
     assert ((ids >= 0) & (ids < ref_scores.shape[1])).all()
     assert all(len(set(row)) == top_k for row in ids.tolist()), "an expert was picked twice"
     picked = ref_scores.gather(1, ids.long())
     expected = torch.topk(ref_scores, top_k, dim=-1).values
-    torch.testing.assert_close(picked, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(picked, expected, **tol)
+    torch.testing.assert_close(weights, ref_weights, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -267,6 +311,45 @@ def test_route_topk(dtype, tokens, hidden, experts, top_k, scoring, renormalize,
         _close(gate, torch.sigmoid(F.linear(x, shared_gate)), torch.bfloat16)  # the unfused gate, loosely
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,hidden,experts,top_k,scoring,shared_as_expert",
+    [
+        (1, 2048, 256, 8, "softmax", True),  # Qwen3.5-35B-A3B decode, as the engine routes it
+        (4, 4096, 512, 10, "softmax", False),  # Qwen3.5-397B, the most tokens of the single launch
+        (3, 72, 61, 7, "sigmoid", True),  # odd sizes: rows not a multiple of the program's rows
+        (5, 64, 16, 4, "softmax", True),  # more tokens than the single launch takes: the two-kernel path
+    ],
+)
+def test_route_topk_single_launch(dtype, tokens, hidden, experts, top_k, scoring, shared_as_expert):
+    """With a ticket, logits and top-k come from one kernel (up to 4 tokens); the last program routes and
+    leaves the ticket at 0, so calls can follow each other (checked over three calls with new inputs)."""
+    gen = _gen(tokens * experts + hidden)
+    router = _randn(experts + 1, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)  # last row: shared gate
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out_k = top_k + int(shared_as_expert)
+    for _ in range(3):
+        x = _randn(tokens, hidden, gen=gen, dtype=dtype)
+        with poisoned_outputs():
+            weights, ids, gate = moe_tk.route_topk(x, router, None, top_k, True, scoring=scoring,
+                                                   fused_shared_gate=True, shared_as_expert=shared_as_expert,
+                                                   ticket=ticket)
+        assert int(ticket.item()) == 0
+        logits = F.linear(x, router)
+        ref_w, _, scores = _reference_route(logits[:, :experts], top_k, True, scoring)
+        assert weights.shape == ids.shape == (tokens, out_k)
+        # The kernel's own GEMM may round a logit one bf16 ulp away from cuBLAS/torch: bf16 tolerance there.
+        tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+        _check_route(weights[:, :top_k], ids[:, :top_k], ref_w, scores, top_k, True, tol)
+        want_gate = torch.sigmoid(logits[:, experts:])
+        if shared_as_expert:
+            assert gate is None
+            assert (ids[:, top_k] == experts).all()
+            _close(weights[:, top_k:], want_gate.float(), dtype)
+        else:
+            _close(gate, want_gate, dtype)
+
+
 def test_route_topk_argument_checks():
     x = torch.randn(2, 16, device=DEVICE)
     router = torch.randn(8, 16, device=DEVICE)
@@ -276,6 +359,8 @@ def test_route_topk_argument_checks():
         moe_tk.route_topk(x, router, router[:1], 2, True, fused_shared_gate=True)
     with pytest.raises(ValueError, match="scoring"):
         moe_tk.route_topk(x, router, None, 2, True, scoring="relu")
+    with pytest.raises(ValueError, match="ticket"):
+        moe_tk.route_topk(x, router, None, 2, True, ticket=torch.zeros(1, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------- block alignment
@@ -355,6 +440,7 @@ _GEMV_BIG = moe_tk.GemvConfig(128, 512) if DEVICE == "cpu" else None
         (torch.float32, 3, 72, 40, 6, 3, None),
         (torch.bfloat16, 3, 72, 40, 6, 3, None),
         (torch.bfloat16, 3, 72, 40, 6, 3, moe_tk.GemvConfig(8, 32)),
+        (torch.bfloat16, 3, 72, 40, 6, 3, moe_tk.GemvConfig(4, 0)),  # the whole K as one tile
         # Odd sizes (K and N not multiples of the tiles) with the default (grouped: 39 pairs) config, both dtypes.
         (torch.float32, 13, 72, 40, 6, 3, None),
         (torch.bfloat16, 13, 72, 40, 6, 3, None),

@@ -1,0 +1,169 @@
+"""Decode-sized dense projections: the Triton matrix-vector kernel (``kernels.triton.gemv``) against
+``F.linear`` (cuBLAS) on every projection shape of the model, in the same run, with a tile sweep.
+
+    python -m kernels.bench_gemv --models 35b-a3b,397b --tokens 1,2,4 --out gemv_h100.json
+
+Each timing replays a CUDA graph of calls that cycle through enough copies of the weight (>= 256 MB in all)
+that no call finds its weight in L2, as in a decode step where every layer has its own weights. Reports
+microseconds per call, weight GB/s, and the speedup over cuBLAS of the default tile (``default_tile(K)``),
+with programmatic dependent launch as the engine runs it and without (``BATON_PDL=0``; with PDL a call's
+weight loads overlap the previous call); the tile sweep runs at the first token count on the first model, and
+the best swept tile is then timed on every case next to the default. Every result
+is checked against ``F.linear`` first. Writes JSON and a PNG (weight GB/s per case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.bench_fused import MODELS
+from kernels.bench_util import grouped_bar_chart, measure_copy_bandwidth
+from kernels.triton import gemv as gemv_tk
+
+log = logging.getLogger("bench_gemv")
+
+_ROTATION_BYTES = 256 << 20
+_VOCAB = 248320
+
+_SWEEP = [gemv_tk.GemvTile(n, k, num_warps=w)
+          for n, k, w in itertools.product((1, 2, 4, 8), (0, 256, 512), (4, 8))]
+
+
+def projections(model: str) -> dict[str, tuple[int, int]]:
+    """Name -> (N, K) of each weight a decode step multiplies (Qwen3.5 shapes)."""
+    s = MODELS[model]
+    gdn_k_heads = 16
+    key_size, value_size = gdn_k_heads * 128, s.gdn_v_heads * s.gdn_v_dim
+    return {
+        "gdn in_proj": (2 * key_size + 2 * value_size + 2 * s.gdn_v_heads, s.hidden),
+        "gdn out_proj": (s.hidden, value_size),
+        "attn qkv_proj": (2 * s.heads * s.head_dim + 2 * s.kv_heads * s.head_dim, s.hidden),
+        "attn o_proj": (s.hidden, s.heads * s.head_dim),
+        "router": (s.experts + 1, s.hidden),
+        "lm_head": (_VOCAB, s.hidden),
+    }
+
+
+def time_calls(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> float:
+    """Median microseconds per call of ``fn(weight)`` over a CUDA graph cycling through ``weights``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in weights:
+            fn(w)  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(7):
+        start.record()
+        for _ in range(3):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (3 * len(weights)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def bench_case(n: int, k: int, tokens: int, tiles: list[gemv_tk.GemvTile], with_no_pdl: bool = False) -> dict:
+    weight_bytes = n * k * 2
+    copies = max(2, -(-_ROTATION_BYTES // weight_bytes))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    want = F.linear(x, weights[0])
+    out = {"N": n, "K": k, "tokens": tokens, "weight_bytes": weight_bytes,
+           "cublas_us": time_calls(lambda w: F.linear(x, w), weights), "tiles": []}
+    if with_no_pdl:
+        # The same kernel without programmatic dependent launch: each call waits for the last to finish.
+        os.environ["BATON_PDL"] = "0"
+        try:
+            out["gemv_no_pdl_us"] = time_calls(lambda w: gemv_tk.gemv(x, w), weights)
+        finally:
+            del os.environ["BATON_PDL"]
+    for tile in tiles:
+        got = gemv_tk.gemv(x, weights[0], tile=tile)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        us = time_calls(lambda w, tile=tile: gemv_tk.gemv(x, w, tile=tile), weights)
+        out["tiles"].append({"tile": dataclasses.asdict(tile), "us": us})
+    del weights
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="35b-a3b,397b")
+    parser.add_argument("--tokens", default="1,2,4")
+    parser.add_argument("--no-sweep", action="store_true", help="time the default tile only")
+    parser.add_argument("--out", type=Path, default=Path("gemv.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    models = args.models.split(",")
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "copy_bandwidth_GBps": measure_copy_bandwidth(torch.device("cuda")) / 1e9,
+               "sweep": [], "runs": []}
+
+    best = None
+    if not args.no_sweep:
+        # Sweep on the tall-K and the wide-N shapes of the first model: their sum of times picks the tile.
+        totals = {tile: 0.0 for tile in _SWEEP}
+        for name in ("gdn in_proj", "gdn out_proj"):
+            n, k = projections(models[0])[name]
+            case = bench_case(n, k, token_counts[0], _SWEEP)
+            for entry, tile in zip(case["tiles"], _SWEEP, strict=True):
+                totals[tile] += entry["us"]
+                log.info("sweep %s %s: %.1f us (cuBLAS %.1f)", name, tile, entry["us"], case["cublas_us"])
+            results["sweep"].append({"projection": name, **case})
+        best = min(totals, key=totals.get)
+        log.info("best swept tile: %s", best)
+        results["best_tile"] = dataclasses.asdict(best)
+
+    for model in models:
+        for name, (n, k) in projections(model).items():
+            for tokens in token_counts:
+                default = gemv_tk.default_tile(k)
+                tiles = [default] if best in (None, default) else [default, best]
+                case = bench_case(n, k, tokens, tiles, with_no_pdl=True)
+                case["default_us"] = case["tiles"][0]["us"]
+                gemv_us = case["default_us"]
+                case.update(model=model, projection=name, gemv_us=gemv_us, speedup=case["cublas_us"] / gemv_us,
+                            cublas_GBps=case["weight_bytes"] / case["cublas_us"] / 1e3,
+                            gemv_GBps=case["weight_bytes"] / gemv_us / 1e3)
+                results["runs"].append(case)
+                best_us = min(t["us"] for t in case["tiles"])
+                print(f"{model} {name} [{n}x{k}] T={tokens}: cuBLAS {case['cublas_us']:.1f} us "
+                      f"({case['cublas_GBps']:.0f} GB/s), gemv default tile {gemv_us:.1f} us "
+                      f"({case['gemv_GBps']:.0f} GB/s) -> {case['speedup']:.2f}x; without PDL "
+                      f"{case['gemv_no_pdl_us']:.1f} us; best swept tile {best_us:.1f} us", flush=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    runs = results["runs"]
+    grouped_bar_chart(
+        args.out.with_suffix(".png"), [f"{r['model']} {r['projection']} T={r['tokens']}" for r in runs],
+        [("cuBLAS (F.linear)", [r["cublas_GBps"] for r in runs]),
+         ("Triton gemv, no PDL", [r["weight_bytes"] / r["gemv_no_pdl_us"] / 1e3 for r in runs]),
+         ("Triton gemv, PDL", [r["gemv_GBps"] for r in runs])],
+        xlabel="projection", ylabel="weight GB/s",
+        title=f"decode projections, Triton matrix-vector vs cuBLAS on {results['gpu']}",
+        hline=("copy bandwidth (read + write)", results["copy_bandwidth_GBps"]),
+    )
+
+
+if __name__ == "__main__":
+    main()

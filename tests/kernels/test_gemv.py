@@ -1,0 +1,122 @@
+"""The decode-sized dense projection kernel (kernels.triton.gemv) against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import norm as norm_ref
+from kernels.triton import gemv as gemv_tk
+from kernels.triton.pdl import pdl_launch_args
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,k,tile", [
+    (1, 2048, 4096, None),  # GDN out_proj / attention o_proj of 35B-A3B
+    (3, 257, 2048, gemv_tk.GemvTile(block_n=2, block_k=256)),  # router rows, three tokens, narrow tile
+    (4, 75, 200, gemv_tk.GemvTile(block_n=8, block_k=64)),  # N and K both ragged against the tile
+    (2, 33, 16, gemv_tk.GemvTile(block_n=4, block_k=128)),  # K shorter than one K step
+    (1, 101, 300, gemv_tk.GemvTile(block_n=2, block_k=0)),  # the whole K as one tile (the GPU default)
+    (4, 9, 72, gemv_tk.GemvTile(block_n=8, block_k=0)),
+])
+def test_gemv_matches_linear(dtype, rows, cols, k, tile):
+    gen = torch.Generator().manual_seed(rows * cols + k)
+    weight_rows = torch.randn(cols, k + 8, generator=gen)[:, 3:3 + k]  # row stride != K
+    weight = (weight_rows * k**-0.5).to(dtype).to(DEVICE)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(DEVICE)
+    got = gemv_tk.gemv(x, weight, tile=tile)
+    want = F.linear(x.float(), weight.float())
+    assert got.shape == (rows, cols) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+def test_linear_dispatch():
+    """Decode-sized inputs take the kernel, everything else F.linear; both agree with F.linear."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 64, generator=gen).to(DEVICE)
+    bias = torch.randn(40, generator=gen).to(DEVICE)
+    for rows in (1, 4, 5, 9):
+        x = torch.randn(rows, 64, generator=gen).to(DEVICE)
+        torch.testing.assert_close(gemv_tk.linear(x, weight), F.linear(x, weight), **TOL[torch.float32])
+        torch.testing.assert_close(gemv_tk.linear(x, weight, bias), F.linear(x, weight, bias), **TOL[torch.float32])
+    x3 = torch.randn(2, 3, 64, generator=gen).to(DEVICE)
+    torch.testing.assert_close(gemv_tk.linear(x3, weight), F.linear(x3, weight), **TOL[torch.float32])
+
+
+def test_gemv_argument_checks():
+    w = torch.zeros(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="expected x"):
+        gemv_tk.gemv(torch.zeros(1, 8, device=DEVICE), w)
+    with pytest.raises(ValueError, match="at most"):
+        gemv_tk.gemv(torch.zeros(gemv_tk.MAX_ROWS + 1, 16, device=DEVICE), w)
+    with pytest.raises(ValueError, match="dtype"):
+        gemv_tk.gemv(torch.zeros(1, 16, device=DEVICE, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="unit stride"):
+        gemv_tk.gemv(torch.zeros(16, 2, device=DEVICE)[:, :1].t(), w)
+    with pytest.raises(ValueError, match="powers of two"):
+        gemv_tk.gemv(torch.zeros(1, 16, device=DEVICE), w, tile=gemv_tk.GemvTile(block_n=3))
+    wide = torch.zeros(2, 16384, device=DEVICE)
+    with pytest.raises(ValueError, match="one tile"):
+        gemv_tk.gemv(torch.zeros(1, 16384, device=DEVICE), wide, tile=gemv_tk.GemvTile(block_k=0))
+
+
+def test_pdl_launch_args(monkeypatch):
+    """Programmatic dependent launch: on for CUDA devices of sm_90+, off elsewhere and with BATON_PDL=0."""
+    assert pdl_launch_args(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available():
+        on = torch.cuda.get_device_capability()[0] >= 9
+        want = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+        assert pdl_launch_args(torch.device("cuda")) == want
+        monkeypatch.setenv("BATON_PDL", "0")
+        assert pdl_launch_args(torch.device("cuda")) == {"PDL": False}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n,with_residual", [(2048, 300, True), (72, 33, True), (72, 33, False)])
+def test_rms_norm_linear(dtype, k, n, with_residual):
+    """Residual add + Gemma RMSNorm + projection in one kernel equals the three reference steps; the new
+    residual (and the normed row, when asked) come out exactly as the norm kernel writes them."""
+    gen = torch.Generator().manual_seed(k + n)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    residual = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE) if with_residual else None
+    norm_weight = (torch.randn(k, generator=gen) * 0.1).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
+    y, new_res, normed = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, write_normed=True)
+    want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, 1e-6)
+    torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
+    torch.testing.assert_close(normed, want_h, **TOL[dtype])
+    torch.testing.assert_close(y.float(), F.linear(want_h.float(), weight.float()), **TOL[dtype])
+    if not with_residual:
+        assert new_res is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,head_dim,n", [(32, 128, 200), (3, 40, 17)])
+def test_gated_norm_linear(dtype, heads, head_dim, n):
+    """GDN output: per-head gated RMSNorm then out_proj in one kernel, z a strided view as in the model."""
+    gen = torch.Generator().manual_seed(heads * head_dim + n)
+    core = torch.randn(1, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    projected = torch.randn(1, 2 * heads * head_dim + 5, generator=gen).to(dtype).to(DEVICE)
+    z = projected[:, 5:5 + heads * head_dim].view(1, heads, head_dim)
+    norm_weight = (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, heads * head_dim, generator=gen) * (heads * head_dim) ** -0.5).to(dtype).to(DEVICE)
+    y = gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, weight)
+    gated = norm_ref.gated_rms_norm(core, z, norm_weight, 1e-6).flatten(1)
+    assert y.shape == (1, n)
+    torch.testing.assert_close(y.float(), F.linear(gated.float(), weight.float()), **TOL[dtype])
+
+
+def test_fused_prologue_argument_checks():
+    x = torch.zeros(2, 16, device=DEVICE)
+    w = torch.zeros(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one|1, K"):
+        gemv_tk.rms_norm_linear(x, None, torch.zeros(16, device=DEVICE), 1e-6, w)
+    with pytest.raises(ValueError, match="residual"):
+        gemv_tk.rms_norm_linear(x[:1], x, torch.zeros(16, device=DEVICE), 1e-6, w)
+    with pytest.raises(ValueError, match="heads"):
+        gemv_tk.gated_norm_linear(torch.zeros(2, 2, 8, device=DEVICE), torch.zeros(2, 2, 8, device=DEVICE),
+                                  torch.zeros(8, device=DEVICE), 1e-6, w)
