@@ -47,7 +47,7 @@ class GemvTile:
 
 
 # Widest K loaded as one tile: [block_n, K] weights in registers.
-_MAX_SINGLE_TILE_K = 8192
+MAX_SINGLE_TILE_K = 8192
 
 
 def default_tile(k: int) -> GemvTile:
@@ -61,7 +61,7 @@ def default_tile(k: int) -> GemvTile:
         return GemvTile(block_n=4)
     if k <= 4096:
         return GemvTile(block_n=8)
-    if k <= _MAX_SINGLE_TILE_K:
+    if k <= MAX_SINGLE_TILE_K:
         return GemvTile(block_n=2)
     return GemvTile(block_n=4, block_k=512)
 
@@ -118,13 +118,40 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _load_weight_tile(w_ptr, col0, num_cols, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
+def load_weight_tile(w_ptr, col0, num_cols, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """The ``[BLOCK_N, BLOCK_K]`` weight rows ``col0 ..`` (whole K, zero padded), in the weight dtype."""
     offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
     return tl.load(w_ptrs, mask=(offs_n < num_cols)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def rms_norm_row(
+    x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, write,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr,
+):
+    """``h = gemma_rms_norm(x + residual)`` of one row as fp32 ``[BLOCK_K]`` (rounded like
+    kernels.triton.norm); where ``write`` (one program of the grid), also stores ``x + residual`` at
+    ``new_res_ptr`` and, if WRITE_NORMED, ``h`` at ``normed_ptr``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+    dtype = x.dtype
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_k, mask=k_mask, other=0.0)
+        # As kernels.triton.norm: the add in fp32, rounded once to the activation dtype.
+        x32 = round_to(x.to(tl.float32) + res.to(tl.float32), dtype)
+        tl.store(new_res_ptr + offs_k, x32.to(dtype), mask=k_mask & write)
+    else:
+        x32 = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / K + eps)
+    nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    h = round_to((x32 * rstd) * (1.0 + nw), dtype)
+    if WRITE_NORMED:
+        tl.store(normed_ptr + offs_k, h.to(dtype), mask=k_mask & write)
+    return h
 
 
 @triton.jit
@@ -140,25 +167,10 @@ def _rms_norm_gemv_kernel(
     also writes ``s`` (the next residual) and, if asked, ``h``."""
     pdl_trigger(PDL)
     col0 = tl.program_id(0) * BLOCK_N
-    w = _load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
+    w = load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-    dtype = x.dtype
-    first = tl.program_id(0) == 0
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + offs_k, mask=k_mask, other=0.0)
-        # As kernels.triton.norm: the add in fp32, rounded once to the activation dtype.
-        x32 = round_to(x.to(tl.float32) + res.to(tl.float32), dtype)
-        tl.store(new_res_ptr + offs_k, x32.to(dtype), mask=k_mask & first)
-    else:
-        x32 = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / K + eps)
-    nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    h = round_to((x32 * rstd) * (1.0 + nw), dtype)
-    if WRITE_NORMED:
-        tl.store(normed_ptr + offs_k, h.to(dtype), mask=k_mask & first)
+    h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
+                     K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED)
     y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
@@ -203,7 +215,7 @@ def _fused_tile(k: int) -> GemvTile:
 
 def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``rms_norm_linear`` / ``gated_norm_linear`` take this input: one row, the whole K as one tile."""
-    return x.shape[0] == 1 and weight.shape[1] <= _MAX_SINGLE_TILE_K and weight.stride(1) == 1
+    return x.shape[0] == 1 and weight.shape[1] <= MAX_SINGLE_TILE_K and weight.stride(1) == 1
 
 
 def rms_norm_linear(
@@ -214,7 +226,7 @@ def rms_norm_linear(
     (``can_fuse_prologue``): returns ``(y, s, h if write_normed else None)``; with ``residual=None``, ``s`` is x.
     x, residual: ``[1, K]`` contiguous; norm_weight ``[K]``; weight ``[N, K]`` with unit last stride."""
     if x.dim() != 2 or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"rms_norm_linear takes x [1, K <= {_MAX_SINGLE_TILE_K}] and weight [N, K], got "
+        raise ValueError(f"rms_norm_linear takes x [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
@@ -246,7 +258,7 @@ def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Te
         raise ValueError(f"core and z must be [1, heads, head_dim], got {tuple(core.shape)} and {tuple(z.shape)}")
     _, heads, head_dim = core.shape
     if weight.dim() != 2 or weight.shape[1] != heads * head_dim or not can_fuse_prologue(core, weight):
-        raise ValueError(f"weight must be [N, {heads * head_dim}] (<= {_MAX_SINGLE_TILE_K}), got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be [N, {heads * head_dim}] (<= {MAX_SINGLE_TILE_K}), got {tuple(weight.shape)}")
     if core.stride(2) != 1 or z.stride(2) != 1 or weight.dtype != core.dtype or norm_weight.shape != (head_dim,):
         raise ValueError("core and z need unit last stride, weight core's dtype, norm_weight [head_dim]")
     y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
@@ -290,8 +302,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, tile: GemvTile | None = None)
     if tile.block_n < 1 or tile.block_n & (tile.block_n - 1) or (tile.block_k and (
             tile.block_k < 16 or tile.block_k & (tile.block_k - 1))):
         raise ValueError(f"GemvTile block sizes must be powers of two (block_k >= 16, or 0), got {tile}")
-    if not tile.block_k and k > _MAX_SINGLE_TILE_K:
-        raise ValueError(f"block_k=0 (one tile) takes K <= {_MAX_SINGLE_TILE_K}, got {k}")
+    if not tile.block_k and k > MAX_SINGLE_TILE_K:
+        raise ValueError(f"block_k=0 (one tile) takes K <= {MAX_SINGLE_TILE_K}, got {k}")
     y = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     if rows == 0 or cols == 0:
         return y

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton import gemv as gemv_tk
-from kernels.triton.gemv import gemv_tile
+from kernels.triton.gemv import gemv_tile, load_weight_tile, rms_norm_row
 from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
@@ -144,11 +144,12 @@ def _route_topk_kernel(
 @triton.jit
 def _router_gemv_topk_kernel(
     x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr, shared_ptr,
+    res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps,
     num_tokens, num_rows, num_experts, stride_x, stride_w,
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     """Router logits and top-k in one launch for a few tokens: every program computes BLOCK_N logit columns
     of all tokens (a matrix-vector product, like kernels.triton.gemv), and the program that finishes last --
@@ -156,9 +157,22 @@ def _router_gemv_topk_kernel(
 
     The ticket is the classic "last block" reduction: the program's stores, then a barrier (all its threads
     have stored), then an acq_rel atomic, which releases those stores to the program that later acquires the
-    same counter."""
+    same counter.
+
+    NORM (one token, ``BLOCK_K >= HIDDEN``): the input is ``gemma_rms_norm(x + residual)``, computed by every
+    program from x (as kernels.triton.gemv.rms_norm_linear does); program 0 writes the new residual and the
+    normed row, which the experts read."""
     col0 = tl.program_id(0) * BLOCK_N
-    y = gemv_tile(x_ptr, w_ptr, col0, num_tokens, num_rows, stride_x, stride_w, HIDDEN, ROWS, BLOCK_N, BLOCK_K, PDL)
+    if NORM:
+        pdl_trigger(PDL)
+        w = load_weight_tile(w_ptr, col0, num_rows, stride_w, HIDDEN, BLOCK_N, BLOCK_K)
+        pdl_wait(PDL)
+        h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
+                         HIDDEN, BLOCK_K, HAS_RESIDUAL, True)
+        y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)[None, :]
+    else:
+        y = gemv_tile(x_ptr, w_ptr, col0, num_tokens, num_rows, stride_x, stride_w, HIDDEN, ROWS, BLOCK_N, BLOCK_K,
+                      PDL)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < num_rows
     rows = tl.arange(0, ROWS)
@@ -191,6 +205,7 @@ def route_topk(
     shared_as_expert: bool = False,
     scoring: str = "softmax",
     ticket: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
 
@@ -216,6 +231,10 @@ def route_topk(
     it, up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens are routed by one kernel (logits and top-k,
     ``_router_gemv_topk_kernel``), which leaves the ticket at 0 again; otherwise cuBLAS computes the logits and
     a second kernel routes.
+
+    ``norm=(residual, norm_weight, eps)`` (with a ticket, one token, hidden <= 8192): ``hidden`` is the
+    un-normed layer output and the kernel routes ``gemma_rms_norm(hidden + residual)``; use
+    ``norm_route_topk``, which also returns the normed row and the new residual.
     """
     if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
@@ -259,20 +278,31 @@ def route_topk(
     if tokens == 0:
         return topk_weights, topk_ids, shared
     block_e = triton.next_power_of_2(num_experts)
+    if norm is not None and (ticket is None or tokens != 1 or hidden.shape[1] > gemv_tk.MAX_SINGLE_TILE_K):
+        raise ValueError("norm needs a ticket, one token and hidden <= "
+                         f"{gemv_tk.MAX_SINGLE_TILE_K}, got {tokens} tokens of {hidden.shape[1]}")
     if ticket is not None and tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
         num_rows = weight.shape[0]
         logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
+        residual, norm_weight, eps = norm if norm is not None else (None, hidden, 0.0)
+        normed = torch.empty_like(hidden) if norm is not None else hidden
+        new_res = torch.empty_like(hidden) if residual is not None else hidden
         tile = gemv_tk.default_tile(hidden.shape[1])
         block_n = tile.block_n if os.environ.get("TRITON_INTERPRET", "0") == "1" else _ROUTER_BLOCK_N
         _router_gemv_topk_kernel[(triton.cdiv(num_rows, block_n),)](
             hidden, weight, logits, ticket, topk_weights, topk_ids, shared if shared is not None else hidden,
+            residual if residual is not None else hidden, norm_weight, new_res, normed, float(eps),
             tokens, num_rows, num_experts, hidden.stride(0), weight.stride(0),
             HIDDEN=hidden.shape[1], ROWS=triton.next_power_of_2(tokens), BLOCK_N=block_n,
-            BLOCK_K=gemv_tk.block_k_for(tile, hidden.shape[1]),
+            BLOCK_K=triton.next_power_of_2(hidden.shape[1]) if norm is not None else gemv_tk.block_k_for(
+                tile, hidden.shape[1]),
+            NORM=norm is not None, HAS_RESIDUAL=residual is not None,
             TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_TK=triton.next_power_of_2(top_k),
             SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
             SHARED_AS_EXPERT=shared_as_expert, num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
         )
+        if norm is not None:
+            return topk_weights, topk_ids, shared, normed, new_res
         return topk_weights, topk_ids, shared
 
     logits = F.linear(hidden, weight)  # [T, E(+1)] in hidden's dtype, like the reference's F.linear
@@ -286,6 +316,28 @@ def route_topk(
         num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4, **pdl_launch_args(hidden.device),
     )
     return topk_weights, topk_ids, shared
+
+
+def norm_route_topk(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    router_weight: torch.Tensor, top_k: int, renormalize: bool, ticket: torch.Tensor, *,
+    shared_as_expert: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The post-attention norm and the routing of one token in one kernel: ``h, s =
+    gemma_rms_norm_residual(x, residual)``, then ``route_topk(h, router_weight, ...)`` with the fused shared
+    gate. Returns ``(topk_weights, topk_ids, shared_gate, h, s)`` (``s`` is x itself without a residual)."""
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError(f"norm_route_topk routes one contiguous token [1, H], got {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"residual must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
+    if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
+        raise ValueError(f"norm_weight must be a contiguous [{x.shape[1]}] tensor")
+    weights, ids, shared, normed, new_res = route_topk(
+        x, router_weight, None, top_k, renormalize, fused_shared_gate=True, shared_as_expert=shared_as_expert,
+        ticket=ticket, norm=(residual, norm_weight, eps),
+    )
+    return weights, ids, shared, normed, (new_res if residual is not None else x)
 
 
 # ----------------------------------------------------------------------------------------------------------

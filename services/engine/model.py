@@ -158,14 +158,17 @@ class SparseMoE(nn.Module):
         # Scratch of the single-launch router kernel (kept at 0 between launches; see Ops.route_topk).
         self.register_buffer("route_ticket", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The post-attention norm (with the residual add) and the experts; returns ``(output, residual)``."""
         if self.shared_expert is None:
-            return self.ops.moe_with_shared_expert(x, self.router, self.w13, self.w2, self.top_k, self.renormalize,
-                                                   self.route_ticket)
-        weights, expert_ids, shared_gate = self.ops.route_topk(x, self.router, self.top_k, self.renormalize,
+            return self.ops.norm_moe_with_shared_expert(x, residual, norm.weight, norm.eps, self.router, self.w13,
+                                                        self.w2, self.top_k, self.renormalize, self.route_ticket)
+        h, residual = self.ops.rms_norm_residual(x, residual, norm.weight, norm.eps)
+        weights, expert_ids, shared_gate = self.ops.route_topk(h, self.router, self.top_k, self.renormalize,
                                                                self.route_ticket)
-        routed = self.ops.fused_experts(x, self.w13, self.w2, weights, expert_ids)
-        return routed + shared_gate.to(x.dtype) * self.shared_expert(x)
+        routed = self.ops.fused_experts(h, self.w13, self.w2, weights, expert_ids)
+        return routed + shared_gate.to(h.dtype) * self.shared_expert(h), residual
 
 
 class DecoderLayer(nn.Module):
@@ -177,7 +180,8 @@ class DecoderLayer(nn.Module):
             self.mixer = GatedAttention(cfg, cfg.attention_layers.index(layer), dtype, device, ops)
         else:
             self.mixer = GatedDeltaNet(cfg, cfg.gdn_layers.index(layer), dtype, device, ops)
-        if cfg.layer_is_moe(layer):
+        self.is_moe = cfg.layer_is_moe(layer)
+        if self.is_moe:
             self.mlp = SparseMoE(cfg, dtype, device, ops)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
@@ -199,6 +203,8 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.mixer(x, residual, self.input_layernorm, batch, state_cache)
         norm = self.post_attention_layernorm
+        if self.is_moe:
+            return self.mlp(h, residual, norm)
         h, residual = self.ops.rms_norm_residual(h, residual, norm.weight, norm.eps)
         return self.mlp(h), residual
 

@@ -72,6 +72,14 @@ def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize, 
     return routed + shared_gate.to(x.dtype) * shared
 
 
+def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
+                                      ticket=None):
+    """The post-attention norm (with the residual add), then ``moe_with_shared_expert_torch``:
+    ``(output, residual)``."""
+    h, residual = torch_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
+    return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual
+
+
 def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
     """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
     decode steps, per sequence otherwise, split at checkpoint offsets so the state exists there (decode
@@ -144,11 +152,13 @@ class Ops:
     # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
     # -> (q, sigmoid(gate)), with k and v stored in the cache
     qk_norm_rope_store_kv: Callable
-    # route_topk and moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
+    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
     # layer, the scratch of the single-launch router kernel (the torch references ignore it).
     route_topk: Callable  # (x, router [E+1, H], k, renorm, ticket) -> (weights, ids, shared gate)
     fused_experts: Callable
-    moe_with_shared_expert: Callable  # (x, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
+    # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
+    # -> (output, residual): the post-attention norm, then the experts with the shared one stored as expert E
+    norm_moe_with_shared_expert: Callable
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
     gdn: Callable  # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]
@@ -164,7 +174,7 @@ def torch_ops() -> Ops:
         qk_norm_rope_store_kv=qk_norm_rope_store_kv_torch,
         route_topk=route_topk_torch,
         fused_experts=torch_moe.fused_experts,
-        moe_with_shared_expert=moe_with_shared_expert_torch,
+        norm_moe_with_shared_expert=norm_moe_with_shared_expert_torch,
         make_attention=lambda *args: TorchAttention(args[5]),
         plan_gdn=lambda batch: None,
         gdn=gdn_torch,
@@ -213,6 +223,17 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
                                                 shared_as_expert=True, ticket=ticket)
         return triton_moe.fused_experts(x, w13, w2, weights, ids)
 
+    def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
+                                    ticket):
+        # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
+        if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
+                and (residual is None or residual.is_contiguous())):
+            weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
+                                                                      top_k, renormalize, ticket)
+            return triton_moe.fused_experts(h, w13, w2, weights, ids), residual
+        h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
+        return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
+
     def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device):
         # flashinfer has no fp32 kernels (fp32 is for exactness tests) and only the usual head sizes.
         if not flashinfer or dtype == torch.float32 or head_dim not in (64, 128, 256):
@@ -247,7 +268,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         qk_norm_rope_store_kv=qk_norm_rope_store_kv,
         route_topk=route_topk,
         fused_experts=triton_moe.fused_experts,
-        moe_with_shared_expert=moe_with_shared_expert,
+        norm_moe_with_shared_expert=norm_moe_with_shared_expert,
         make_attention=make_attention,
         plan_gdn=plan_gdn,
         gdn=gdn,

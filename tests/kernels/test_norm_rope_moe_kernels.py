@@ -350,6 +350,32 @@ def test_route_topk_single_launch(dtype, tokens, hidden, experts, top_k, scoring
             _close(gate, want_gate, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,experts,top_k,with_residual", [(2048, 256, 8, True), (72, 61, 7, False)])
+def test_norm_route_topk(dtype, hidden, experts, top_k, with_residual):
+    """Post-attention norm + routing of one token in one kernel: the normed row and the new residual come out
+    as the norm kernel writes them, the routing as route_topk of the normed row."""
+    gen = _gen(hidden + experts)
+    x = _randn(1, hidden, gen=gen, dtype=dtype)
+    residual = _randn(1, hidden, gen=gen, dtype=dtype) if with_residual else None
+    norm_weight = _randn(hidden, gen=gen, dtype=dtype, scale=0.1)
+    router = _randn(experts + 1, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with poisoned_outputs():
+        weights, ids, gate, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, top_k, True,
+                                                                 ticket)
+    assert int(ticket.item()) == 0 and gate is None
+    want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, EPS)
+    assert torch.equal(new_res, want_res)
+    _close(h, want_h, dtype)
+    logits = F.linear(want_h, router)
+    ref_w, _, scores = _reference_route(logits[:, :experts], top_k, True, "softmax")
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    _check_route(weights[:, :top_k], ids[:, :top_k], ref_w, scores, top_k, True, tol)
+    assert (ids[:, top_k] == experts).all()
+    _close(weights[:, top_k:], torch.sigmoid(logits[:, experts:]).float(), dtype)
+
+
 def test_route_topk_argument_checks():
     x = torch.randn(2, 16, device=DEVICE)
     router = torch.randn(8, 16, device=DEVICE)
@@ -361,6 +387,9 @@ def test_route_topk_argument_checks():
         moe_tk.route_topk(x, router, None, 2, True, scoring="relu")
     with pytest.raises(ValueError, match="ticket"):
         moe_tk.route_topk(x, router, None, 2, True, ticket=torch.zeros(1, device=DEVICE))
+    with pytest.raises(ValueError, match="one contiguous token"):
+        moe_tk.norm_route_topk(x, None, torch.zeros(16, device=DEVICE), EPS, router, 2, True,
+                               torch.zeros(1, dtype=torch.int32, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------- block alignment
