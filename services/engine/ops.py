@@ -63,7 +63,7 @@ def route_topk_torch(x, router_weight, top_k, renormalize, ticket=None):
     return weights, ids, torch.sigmoid(logits[:, -1:])
 
 
-def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize, ticket=None):
+def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize):
     """Routed experts plus the sigmoid-gated shared expert stored as expert ``E`` (the last) of w13/w2."""
     weights, ids, shared_gate = route_topk_torch(x, router_weight, top_k, renormalize)
     routed = torch_moe.fused_experts(x, w13, w2, weights, ids)  # ids < E: the shared expert is never routed
