@@ -67,6 +67,16 @@ def default_tile(k: int) -> GemvTile:
 
 
 @triton.jit
+def load_weight_tile(w_ptr, col0, num_cols, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` weight rows ``col0 ..`` (whole K, zero padded), in the weight dtype."""
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+    return tl.load(w_ptrs, mask=(offs_n < num_cols)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
 def gemv_tile(
     x_ptr, w_ptr, col0, num_rows, num_cols, stride_x, stride_w,
     K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
@@ -83,10 +93,9 @@ def gemv_tile(
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
     if BLOCK_K >= K:
-        k_mask = offs_k < K
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
         pdl_wait(PDL)
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         y = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
         pdl_wait(PDL)
@@ -115,16 +124,6 @@ def _gemv_kernel(
     rows = tl.arange(0, ROWS)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows < num_rows)[:, None] & (offs_n < num_cols)[None, :])
-
-
-@triton.jit
-def load_weight_tile(w_ptr, col0, num_cols, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` weight rows ``col0 ..`` (whole K, zero padded), in the weight dtype."""
-    offs_n = col0 + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
-    return tl.load(w_ptrs, mask=(offs_n < num_cols)[:, None] & (offs_k < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -209,10 +208,6 @@ def _gated_norm_gemv_kernel(
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
 
 
-def _fused_tile(k: int) -> GemvTile:
-    return GemvTile(block_n=64) if os.environ.get("TRITON_INTERPRET", "0") == "1" else default_tile(k)
-
-
 def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``rms_norm_linear`` / ``gated_norm_linear`` take this input: one row, the whole K as one tile."""
     return x.shape[0] == 1 and weight.shape[1] <= MAX_SINGLE_TILE_K and weight.stride(1) == 1
@@ -238,7 +233,7 @@ def rms_norm_linear(
     y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
     new_res = torch.empty_like(x) if residual is not None else x
     normed = torch.empty_like(x) if write_normed else None
-    tile = _fused_tile(k)
+    tile = default_tile(k)
     _rms_norm_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
         x, residual if residual is not None else x, norm_weight, weight, y, new_res,
         normed if normed is not None else y, weight.shape[0], float(eps), weight.stride(0),
@@ -262,7 +257,7 @@ def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Te
     if core.stride(2) != 1 or z.stride(2) != 1 or weight.dtype != core.dtype or norm_weight.shape != (head_dim,):
         raise ValueError("core and z need unit last stride, weight core's dtype, norm_weight [head_dim]")
     y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
-    tile = _fused_tile(heads * head_dim)
+    tile = default_tile(heads * head_dim)
     prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, core.dtype)]
     _gated_norm_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
         core, z, norm_weight.contiguous(), weight, y, weight.shape[0], float(eps),
