@@ -21,6 +21,29 @@ from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 
 @triton.jit
+def conv_update_channels(
+    x, offs_d, mask_d, w_ptr, stride_wd, state_ptr, stride_s_d, K: tl.constexpr, KP: tl.constexpr,
+):
+    """One decode step of channels ``offs_d`` of one token: ``silu(conv)`` as fp32 from their inputs ``x``
+    (``[len(offs_d)]``, in the activation dtype); shifts x into the state rows at ``state_ptr`` (one slot).
+    Shared by the conv update kernel and the in_proj epilogue (kernels.triton.gemv.rms_norm_linear)."""
+    cols = tl.arange(0, KP)  # state columns, padded to a power of two
+    mask_c = mask_d[:, None] & (cols < K - 1)[None, :]
+    p_state = state_ptr + offs_d[:, None] * stride_s_d + cols[None, :]
+    state = tl.load(p_state, mask=mask_c, other=0.0)
+    # The new state is the old one shifted by one column with x appended: read the shifted view now, before
+    # any thread of the program stores.
+    shifted = tl.load(p_state + 1, mask=mask_c & (cols < K - 2)[None, :], other=0.0)
+    w_state = tl.load(w_ptr + offs_d[:, None] * stride_wd + cols[None, :], mask=mask_c, other=0.0)
+    w_x = tl.load(w_ptr + offs_d * stride_wd + (K - 1), mask=mask_d, other=0.0)
+    acc = tl.sum(state.to(tl.float32) * w_state.to(tl.float32), axis=1) + x.to(tl.float32) * w_x.to(tl.float32)
+    new_state = tl.where((cols == K - 2)[None, :], x.to(state_ptr.dtype.element_ty)[:, None], shifted)
+    tl.debug_barrier()  # all reads of this slot's state happen before the first write
+    tl.store(p_state, new_state, mask=mask_c)
+    return acc / (1.0 + tl.exp(-acc))
+
+
+@triton.jit
 def _conv1d_update_kernel(
     x_ptr, w_ptr, state_ptr, slots_ptr, out_ptr,
     stride_xb, stride_wd, stride_s_slot, stride_s_d, stride_ob,
@@ -34,24 +57,11 @@ def _conv1d_update_kernel(
     i_b = tl.program_id(1).to(tl.int64)
     offs_d = i_d * BD + tl.arange(0, BD)
     mask_d = offs_d < dim
-    cols = tl.arange(0, KP)  # state columns, padded to a power of two
-    mask_c = mask_d[:, None] & (cols < K - 1)[None, :]
     slot = tl.load(slots_ptr + i_b).to(tl.int64)
-    p_state = state_ptr + slot * stride_s_slot + offs_d[:, None] * stride_s_d + cols[None, :]
-
     x = tl.load(x_ptr + i_b * stride_xb + offs_d, mask=mask_d, other=0.0)
-    state = tl.load(p_state, mask=mask_c, other=0.0)
-    # The new state is the old one shifted by one column with x appended: read the shifted view now, before
-    # any thread of the program stores.
-    shifted = tl.load(p_state + 1, mask=mask_c & (cols < K - 2)[None, :], other=0.0)
-    w_state = tl.load(w_ptr + offs_d[:, None] * stride_wd + cols[None, :], mask=mask_c, other=0.0)
-    w_x = tl.load(w_ptr + offs_d * stride_wd + (K - 1), mask=mask_d, other=0.0)
-    acc = tl.sum(state.to(tl.float32) * w_state.to(tl.float32), axis=1) + x.to(tl.float32) * w_x.to(tl.float32)
-    out = acc / (1.0 + tl.exp(-acc))
+    out = conv_update_channels(x, offs_d, mask_d, w_ptr, stride_wd, state_ptr + slot * stride_s_slot, stride_s_d,
+                               K, KP)
     tl.store(out_ptr + i_b * stride_ob + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
-    new_state = tl.where((cols == K - 2)[None, :], x.to(state_ptr.dtype.element_ty)[:, None], shifted)
-    tl.debug_barrier()  # all reads of this slot's state happen before the first write
-    tl.store(p_state, new_state, mask=mask_c)
 
 
 @triton.jit
@@ -183,7 +193,8 @@ def conv1d_update(
     x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, state_slots: torch.Tensor,
     *, out: torch.Tensor | None = None, block_d: int = 256,
 ) -> torch.Tensor:
-    """Decode step: ``x [B, D]`` -> ``silu(conv) [B, D]`` in x's dtype (written into ``out`` if given);
+    """Decode step: ``x [B, D]`` -> ``silu(conv) [B, D]`` in x's dtype (written into ``out`` if given, which
+    may be x itself: each program reads its channels before it writes them);
     ``conv_states [slots, D, K-1]`` (pool view, any slot stride) updated in place at ``state_slots [B]``
     (distinct). No host sync: CUDA-graph safe."""
     if x.dim() != 2:

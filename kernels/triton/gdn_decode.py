@@ -66,11 +66,13 @@ def _gdn_decode_kernel(
     PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
     i_hk = i_h // GROUP
+    # The state slice is read before the PDL wait, so its round trip overlaps the kernels in front (the
+    # in_proj): the slot ids and the state were written before this step's chain of PDL kernels began (host
+    # copies, earlier steps), never by a kernel that may still run (see kernels.triton.pdl).
     slot = tl.load(slots_ptr + i_b).to(tl.int64)
 
     offs_k = tl.arange(0, BK)
@@ -84,6 +86,7 @@ def _gdn_decode_kernel(
 
     neg_a = -tl.exp(tl.load(a_log_ptr + i_h).to(tl.float32))
     dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
+    pdl_wait(PDL)
 
     p_q = q_ptr + i_b * stride_qb + i_hk * stride_qh + offs_k
     p_k = k_ptr + i_b * stride_kb + i_hk * stride_kh + offs_k

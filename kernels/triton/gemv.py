@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton.conv1d import conv_update_channels
 from kernels.triton.norm import _TL_DTYPES, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
@@ -155,21 +156,53 @@ def rms_norm_row(
 
 @triton.jit
 def _rms_norm_gemv_kernel(
-    x_ptr, res_ptr, norm_w_ptr, w_ptr, y_ptr, new_res_ptr, normed_ptr,
-    num_cols, eps,
-    stride_w,
+    x_ptr, res_ptr, norm_w_ptr, w_ptr, y_ptr, new_res_ptr, normed_ptr, conv_w_ptr, conv_state_ptr, slot_ptr,
+    num_cols, conv_dim, eps,
+    stride_w, stride_cw, stride_s_slot, stride_s_d,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, CONV_K: tl.constexpr, CONV_KP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One row: ``s = x + residual`` (rounded), ``h = gemma_rms_norm(s)``, ``y = h @ W^T`` for BLOCK_N columns.
     Every program normalises the row itself (K elements from L2, next to its BLOCK_N*K weights); program 0
-    also writes ``s`` (the next residual) and, if asked, ``h``."""
+    also writes ``s`` (the next residual) and, if asked, ``h``. With ``CONV_K > 0`` the columns below
+    ``conv_dim`` go through the causal conv update of state slot ``slot_ptr[0]`` (the GDN in_proj epilogue:
+    each program owns its columns' conv state)."""
     pdl_trigger(PDL)
     col0 = tl.program_id(0) * BLOCK_N
     w = load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)
     h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
                      K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED)
+    y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    dtype = y_ptr.dtype.element_ty
+    if CONV_K > 0:
+        conv_mask = offs_n < conv_dim
+        slot = tl.load(slot_ptr).to(tl.int64)
+        # The conv reads the projection as the unfused path stores it: rounded to the activation dtype.
+        conv = conv_update_channels(y.to(dtype), offs_n, conv_mask, conv_w_ptr, stride_cw,
+                                    conv_state_ptr + slot * stride_s_slot, stride_s_d, CONV_K, CONV_KP)
+        y = tl.where(conv_mask, conv, y)
+    tl.store(y_ptr + offs_n, y.to(dtype), mask=offs_n < num_cols)
+
+
+@triton.jit
+def _gated_gemv_kernel(
+    x_ptr, gate_ptr, w_ptr, y_ptr, num_cols, stride_w,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """One row: ``y = (x * gate) @ W^T`` for BLOCK_N columns, the product rounded to x's dtype first (as the
+    unfused elementwise multiply stores it)."""
+    pdl_trigger(PDL)
+    col0 = tl.program_id(0) * BLOCK_N
+    w = load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
+    pdl_wait(PDL)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+    gate = tl.load(gate_ptr + offs_k, mask=k_mask, other=0.0)
+    h = round_to(x.to(tl.float32) * gate.to(tl.float32), x.dtype)
     y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
@@ -215,11 +248,16 @@ def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rms_norm_linear(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-    *, write_normed: bool = False,
+    *, write_normed: bool = False, conv_weight: torch.Tensor | None = None, conv_states: torch.Tensor | None = None,
+    state_slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``h, s = gemma_rms_norm_residual(x, residual)`` then ``y = h @ weight^T``, one kernel, for one row
     (``can_fuse_prologue``): returns ``(y, s, h if write_normed else None)``; with ``residual=None``, ``s`` is x.
-    x, residual: ``[1, K]`` contiguous; norm_weight ``[K]``; weight ``[N, K]`` with unit last stride."""
+    x, residual: ``[1, K]`` contiguous; norm_weight ``[K]``; weight ``[N, K]`` with unit last stride.
+
+    With ``conv_weight [D, W]`` (D <= N), ``conv_states [slots, D, W-1]`` and ``state_slot`` (int ``[1]`` on the
+    device), ``y[:, :D]`` is ``conv1d_update`` of the projection instead: ``silu(conv)``, with the state slot
+    updated in place (the GDN in_proj and its conv in one kernel)."""
     if x.dim() != 2 or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rms_norm_linear takes x [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -228,20 +266,53 @@ def rms_norm_linear(
     if weight.dtype != x.dtype or norm_weight.shape != (x.shape[1],):
         raise ValueError("weight must have x's dtype and norm_weight shape [K]")
     k = x.shape[1]
+    y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
+    conv_dim = conv_taps = 0
+    if conv_weight is not None:
+        conv_dim, conv_taps = conv_weight.shape
+        if (conv_states is None or state_slot is None or conv_dim > weight.shape[0] or conv_taps < 2
+                or conv_states.shape[1:] != (conv_dim, conv_taps - 1) or conv_states.stride(2) != 1
+                or conv_weight.stride(1) != 1 or state_slot.numel() != 1):
+            raise ValueError(f"conv needs conv_weight [D <= {weight.shape[0]}, W >= 2], conv_states [slots, D, W-1] "
+                             f"(unit last stride) and one state_slot; got {tuple(conv_weight.shape)}, "
+                             f"{None if conv_states is None else tuple(conv_states.shape)}")
     x, norm_weight = x.contiguous(), norm_weight.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
     new_res = torch.empty_like(x) if residual is not None else x
     normed = torch.empty_like(x) if write_normed else None
+    conv_args = (conv_weight, conv_states, state_slot) if conv_dim else (y, y, y)
+    conv_strides = (conv_weight.stride(0), conv_states.stride(0), conv_states.stride(1)) if conv_dim else (0, 0, 0)
     tile = default_tile(k)
     _rms_norm_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
         x, residual if residual is not None else x, norm_weight, weight, y, new_res,
-        normed if normed is not None else y, weight.shape[0], float(eps), weight.stride(0),
+        normed if normed is not None else y, *conv_args, weight.shape[0], conv_dim, float(eps), weight.stride(0),
+        *conv_strides,
         K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k),
-        HAS_RESIDUAL=residual is not None, WRITE_NORMED=write_normed, num_warps=tile.num_warps,
+        HAS_RESIDUAL=residual is not None, WRITE_NORMED=write_normed, CONV_K=conv_taps,
+        CONV_KP=triton.next_power_of_2(max(conv_taps - 1, 1)), num_warps=tile.num_warps,
         **pdl_launch_args(x.device),
     )
     return y, new_res, normed
+
+
+def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(x * gate) @ weight^T``, one kernel, for one row (``can_fuse_prologue``): the gated attention output
+    into o_proj. x, gate: ``[1, K]`` contiguous, same dtype as weight ``[N, K]`` (unit last stride)."""
+    if (x.dim() != 2 or gate.shape != x.shape or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]
+            or not x.is_contiguous() or not gate.is_contiguous()):
+        raise ValueError(f"gated_linear takes contiguous x, gate [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], "
+                         f"got {tuple(x.shape)}, {tuple(gate.shape)} and {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or gate.dtype != x.dtype:
+        raise ValueError(f"x, gate and weight must share a dtype, got {x.dtype}, {gate.dtype}, {weight.dtype}")
+    k = x.shape[1]
+    y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
+    tile = default_tile(k)
+    _gated_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
+        x, gate, weight, y, weight.shape[0], weight.stride(0),
+        K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=tile.num_warps,
+        **pdl_launch_args(x.device),
+    )
+    return y
 
 
 def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,

@@ -14,6 +14,10 @@ The rules every kernel here follows, which make the chain safe:
 * ``pdl_wait`` before reading anything an earlier kernel writes and before writing anything, so a kernel never
   overwrites data its predecessor still reads, and every kernel completes only after its predecessor did (the
   ordering is transitive along the chain, also for kernels that read no output of their direct predecessor).
+  Reads before the wait are only of data no kernel of the chain writes: weights, and what was written before
+  the chain began -- host copies into the step's input buffers and the recurrent state a layer wrote in an
+  earlier step (a chain starts behind a kernel launched without the attribute, such as the step's first, the
+  embedding, which starts only once all earlier work of the stream has finished).
 Kernels launched without the attribute (cuBLAS, flashinfer, torch) keep full stream order on both sides.
 
 ``BATON_PDL=0`` turns it off (for measuring with and without, and as an escape hatch); it is off under

@@ -70,7 +70,7 @@ class GatedAttention(nn.Module):
             self.num_kv_heads, self.head_dim, self.eps, layer_kv, batch.kv_slot_ids,
         )
         out = attention.run(q, layer_kv)
-        return self.ops.linear(out.reshape(num_tokens, -1) * gate, self.o_proj, self.o_bias), residual
+        return self.ops.gated_linear(out.reshape(num_tokens, -1), gate, self.o_proj, self.o_bias), residual
 
 
 class GatedDeltaNet(nn.Module):
@@ -102,13 +102,16 @@ class GatedDeltaNet(nn.Module):
                 state_cache: StateCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input norm (with the residual add) and the GDN mixer; returns ``(output, residual)``."""
         num_tokens = x.shape[0]
-        projected, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.in_proj)
+        conv_states = state_cache.conv_layer(self.gdn_index)
+        if batch.is_decode:  # the conv update runs with in_proj (in its epilogue on the GPU)
+            projected, residual = self.ops.norm_linear_conv(x, residual, norm.weight, norm.eps, self.in_proj,
+                                                            self.conv_weight, conv_states, batch.state_slots)
+        else:
+            projected, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.in_proj)
         mixed_qkv, z, b, a = projected.split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
-        core = self.ops.gdn(
-            self, mixed_qkv, a, b, batch, state_cache.conv_layer(self.gdn_index), state_cache.ssm_layer(self.gdn_index)
-        )
+        core = self.ops.gdn(self, mixed_qkv, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index))
         # Gated RMSNorm per head, then out_proj.
         z = z.reshape(num_tokens, self.num_v_heads, self.v_dim)
         return self.ops.gated_norm_linear(core, z, self.norm_weight, self.eps, self.out_proj), residual

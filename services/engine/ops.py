@@ -50,6 +50,23 @@ def norm_linear_torch(x, residual, norm_weight, eps, weight, bias=None):
     return F.linear(h, weight, bias), residual
 
 
+def norm_linear_conv_torch(x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots):
+    """The GDN input norm and in_proj of a decode step (one token per sequence), with the causal conv update
+    applied to the first ``D = conv_weight.shape[0]`` columns (the q|k|v part) and the conv states of
+    ``state_slots`` updated in place: ``(y, residual)``."""
+    y, residual = norm_linear_torch(x, residual, norm_weight, eps, weight)
+    conv_dim = conv_weight.shape[0]
+    conv_in = conv_states[state_slots]
+    y[:, :conv_dim] = torch_conv.causal_conv1d_update(y[:, :conv_dim], conv_weight, conv_in)
+    conv_states[state_slots] = conv_in
+    return y, residual
+
+
+def gated_linear_torch(x, gate, weight, bias=None):
+    """The gated attention output into o_proj: ``linear(x * gate)``."""
+    return F.linear(x * gate, weight, bias)
+
+
 def gated_norm_linear_torch(core, z, norm_weight, eps, weight):
     """GDN output: gated RMSNorm per head (``core, z [T, heads, head_dim]``), flattened, then out_proj."""
     return F.linear(torch_norm.gated_rms_norm(core, z, norm_weight, eps).flatten(1), weight)
@@ -82,18 +99,15 @@ def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weig
 
 def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
     """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
-    decode steps, per sequence otherwise, split at checkpoint offsets so the state exists there (decode
-    snapshots, the state after the step, are copied by the model runner).
-    Returns ``core [T, v_heads, v_dim]``."""
+    decode steps (whose conv ran in ``norm_linear_conv``: ``mixed_qkv`` is its output), per sequence
+    otherwise, split at checkpoint offsets so the state exists there (decode snapshots, the state after the
+    step, are copied by the model runner). Returns ``core [T, v_heads, v_dim]``."""
     num_tokens = mixed_qkv.shape[0]
     beta = b.sigmoid()
     g = -layer.A_log.exp() * F.softplus(a.float() + layer.dt_bias)
     if batch.is_decode:
         slots = batch.state_slots
-        conv_in = conv_states[slots]
-        mixed = torch_conv.causal_conv1d_update(mixed_qkv, layer.conv_weight, conv_in)
-        conv_states[slots] = conv_in
-        q, k, v = layer.split_heads(mixed, num_tokens)
+        q, k, v = layer.split_heads(mixed_qkv, num_tokens)
         core, new_ssm = torch_gdn.recurrent_gated_delta_rule(
             q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], ssm_states[slots]
         )
@@ -148,6 +162,10 @@ class Ops:
     linear: Callable  # F.linear's signature
     rms_norm_residual: Callable
     norm_linear: Callable  # (x, residual, norm_weight, eps, weight, bias=None) -> (y, residual)
+    # (x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots) -> (y, residual): decode
+    # steps' GDN in_proj with the conv update on its q|k|v columns
+    norm_linear_conv: Callable
+    gated_linear: Callable  # (x, gate, weight, bias=None) -> linear(x * gate, weight, bias)
     gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
     # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
     # -> (q, sigmoid(gate)), with k and v stored in the cache
@@ -161,7 +179,9 @@ class Ops:
     norm_moe_with_shared_expert: Callable
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
-    gdn: Callable  # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]
+    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]; on decode steps
+    # mixed_qkv is already through the conv (norm_linear_conv)
+    gdn: Callable
 
 
 def torch_ops() -> Ops:
@@ -170,6 +190,8 @@ def torch_ops() -> Ops:
         linear=F.linear,
         rms_norm_residual=torch_norm.gemma_rms_norm_residual,
         norm_linear=norm_linear_torch,
+        norm_linear_conv=norm_linear_conv_torch,
+        gated_linear=gated_linear_torch,
         gated_norm_linear=gated_norm_linear_torch,
         qk_norm_rope_store_kv=qk_norm_rope_store_kv_torch,
         route_topk=route_topk_torch,
@@ -200,6 +222,23 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
             return y, residual
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
         return triton_gemv.linear(h, weight, bias), residual
+
+    def norm_linear_conv(x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots):
+        # One request: the conv runs in the projection's epilogue (each program owns its columns' conv state).
+        if x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
+            y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight,
+                                                         conv_weight=conv_weight, conv_states=conv_states,
+                                                         state_slot=state_slots)
+            return y, residual
+        y, residual = norm_linear(x, residual, norm_weight, eps, weight)
+        conv_qkv = y[:, :conv_weight.shape[0]]
+        triton_conv.conv1d_update(conv_qkv, conv_weight, conv_states, state_slots, out=conv_qkv)
+        return y, residual
+
+    def gated_linear(x, gate, weight, bias=None):
+        if bias is None and triton_gemv.can_fuse_prologue(x, weight) and x.is_contiguous() and gate.is_contiguous():
+            return triton_gemv.gated_linear(x, gate, weight)
+        return triton_gemv.linear(x * gate, weight, bias)
 
     def gated_norm_linear(core, z, norm_weight, eps, weight):
         if triton_gemv.can_fuse_prologue(core, weight):
@@ -249,8 +288,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         num_tokens = mixed_qkv.shape[0]
         slots = batch.state_slots
         if batch.is_decode:
-            mixed = triton_conv.conv1d_update(mixed_qkv, layer.conv_weight, conv_states, slots)
-            q, k, v = layer.split_heads(mixed, num_tokens)
+            q, k, v = layer.split_heads(mixed_qkv, num_tokens)
             return gdn_decode(q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], layer.A_log,
                               layer.dt_bias, ssm_states, slots)[:, 0]
         mixed = triton_conv.conv1d_prefill(mixed_qkv, layer.conv_weight, conv_states, slots, batch.cu_seqlens,
@@ -264,6 +302,8 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         linear=triton_gemv.linear,
         rms_norm_residual=triton_norm.gemma_rms_norm_residual,
         norm_linear=norm_linear,
+        norm_linear_conv=norm_linear_conv,
+        gated_linear=gated_linear,
         gated_norm_linear=gated_norm_linear,
         qk_norm_rope_store_kv=qk_norm_rope_store_kv,
         route_topk=route_topk,

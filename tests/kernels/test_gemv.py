@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import conv1d as conv_ref
 from kernels import norm as norm_ref
 from kernels.triton import gemv as gemv_tk
 from kernels.triton.pdl import pdl_launch_args
@@ -110,6 +111,47 @@ def test_gated_norm_linear(dtype, heads, head_dim, n):
     torch.testing.assert_close(y.float(), F.linear(gated.float(), weight.float()), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n,conv_dim,taps", [(2048, 300, 256, 4), (72, 37, 21, 4), (40, 9, 9, 2)])
+def test_rms_norm_linear_with_conv(dtype, k, n, conv_dim, taps):
+    """The GDN in_proj with the conv update in its epilogue: the first conv_dim columns are the reference
+    conv1d update of the (rounded) projection, the rest the plain projection; only the given state slot
+    changes, to exactly the reference's new state."""
+    gen = torch.Generator().manual_seed(k + n + conv_dim)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    residual = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    norm_weight = (torch.randn(k, generator=gen) * 0.1).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
+    conv_weight = (torch.randn(conv_dim, taps, generator=gen) * 0.5).to(dtype).to(DEVICE)
+    pool = torch.randn(3, conv_dim, taps - 1, generator=gen).to(dtype).to(DEVICE)
+    states = pool.clone()
+    slot = torch.tensor([1], device=DEVICE)
+    y, new_res, _ = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, conv_weight=conv_weight,
+                                            conv_states=states, state_slot=slot)
+    # Reference: the fused norm + projection without the conv (checked above), then the conv update.
+    plain, want_res, _ = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight)
+    want_states = pool[1:2].clone()
+    want_conv = conv_ref.causal_conv1d_update(plain[:, :conv_dim], conv_weight.float(), want_states)
+    torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
+    torch.testing.assert_close(y[:, conv_dim:], plain[:, conv_dim:], rtol=0, atol=0)
+    torch.testing.assert_close(y[:, :conv_dim].float(), want_conv.float(), **TOL[dtype])
+    torch.testing.assert_close(states[1:2], want_states, rtol=0, atol=0)
+    assert torch.equal(states[0], pool[0]) and torch.equal(states[2], pool[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(4096, 200), (72, 33)])
+def test_gated_linear(dtype, k, n):
+    """The attention output gate multiplied in o_proj's prologue equals the multiply then the projection."""
+    gen = torch.Generator().manual_seed(k * n)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    gate = torch.rand(1, k, generator=gen).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
+    y = gemv_tk.gated_linear(x, gate, weight)
+    assert y.shape == (1, n) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), F.linear((x * gate).float(), weight.float()), **TOL[dtype])
+
+
 def test_fused_prologue_argument_checks():
     x = torch.zeros(2, 16, device=DEVICE)
     w = torch.zeros(8, 16, device=DEVICE)
@@ -120,3 +162,9 @@ def test_fused_prologue_argument_checks():
     with pytest.raises(ValueError, match="heads"):
         gemv_tk.gated_norm_linear(torch.zeros(2, 2, 8, device=DEVICE), torch.zeros(2, 2, 8, device=DEVICE),
                                   torch.zeros(8, device=DEVICE), 1e-6, w)
+    with pytest.raises(ValueError, match="conv needs"):
+        gemv_tk.rms_norm_linear(x[:1], None, torch.zeros(16, device=DEVICE), 1e-6, w,
+                                conv_weight=torch.zeros(12, 4, device=DEVICE),
+                                conv_states=torch.zeros(2, 12, 3, device=DEVICE), state_slot=torch.zeros(1))
+    with pytest.raises(ValueError, match="gated_linear"):
+        gemv_tk.gated_linear(x, x, w)
