@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.bench_fused import MODELS
-from kernels.bench_util import grouped_bar_chart, measure_copy_bandwidth
+from kernels.bench_util import graph_replay_us, grouped_bar_chart, measure_copy_bandwidth
 from kernels.triton import gemv as gemv_tk
 
 log = logging.getLogger("bench_gemv")
@@ -56,29 +56,12 @@ def projections(model: str) -> dict[str, tuple[int, int]]:
 
 def time_calls(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> float:
     """Median microseconds per call of ``fn(weight)`` over a CUDA graph cycling through ``weights``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for w in weights:
-            fn(w)  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def calls():
         for w in weights:
             fn(w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(7):
-        start.record()
-        for _ in range(3):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (3 * len(weights)))
-    del graph
-    return sorted(times)[len(times) // 2]
+
+    return graph_replay_us(calls, len(weights), replays=3, samples=7)
 
 
 def bench_case(n: int, k: int, tokens: int, tiles: list[gemv_tk.GemvTile], with_no_pdl: bool = False) -> dict:

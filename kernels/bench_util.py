@@ -4,9 +4,39 @@ from __future__ import annotations
 
 import statistics
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+
+def graph_replay_us(calls: Callable[[], object], calls_per_run: int, *, replays: int, samples: int) -> float:
+    """Median microseconds per call of ``calls()`` (which makes ``calls_per_run`` calls), captured once in a CUDA
+    graph and timed over ``samples`` runs of ``replays`` back-to-back replays. ``calls()`` runs once first on a
+    side stream (compiles, warms the caching allocator as capture requires); what it raises propagates."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            calls()
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * calls_per_run))
+    del graph
+    return sorted(times)[len(times) // 2]
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 20) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kernels.bench_fused import MODELS
-from kernels.bench_util import grouped_bar_chart, measure_copy_bandwidth
+from kernels.bench_util import graph_replay_us, grouped_bar_chart, measure_copy_bandwidth
 from kernels.triton import moe as moe_tk
 
 log = logging.getLogger("tune_moe")
@@ -51,31 +51,10 @@ def _time_config(x, w13, w2, routings, cfg: moe_tk.MoeConfig | moe_tk.GemvConfig
         for ids, weights in routings:
             moe_tk.fused_experts(x, w13, w2, weights, ids, config=cfg)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     try:
-        with torch.cuda.stream(stream):
-            calls()  # compile outside the capture
-    except OutOfResources:
+        return graph_replay_us(calls, len(routings), replays=4, samples=5)
+    except OutOfResources:  # raised by the first (compiling) run, before any capture
         return float("inf")
-    finally:
-        torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(4):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (4 * len(routings)))
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 _GEMM_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
