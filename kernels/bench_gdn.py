@@ -14,9 +14,13 @@ Timing:
   a different layer of the state pool (or a different copy of fla's states) so the 4 MiB/layer states come
   from HBM, not L2; per-call time = graph time / calls. The device-to-device copy of the same state bytes
   (read + write) is timed the same way: it is the bandwidth ceiling of a decode step.
-- prefill and conv1d prefill: ``triton.testing.do_bench`` median (L2 flushed before each call). Ours is
-  timed with a prebuilt plan (``plan_gdn_prefill``, built once per forward pass for all layers) and with
-  the host planning included; fla gets g and beta precomputed (its gating is not timed).
+- prefill: ours (with a prebuilt plan, ``plan_gdn_prefill``, as the model builds it once per forward pass)
+  and fla are each captured in a CUDA graph and the two graphs replayed in alternation (median of 7
+  rounds), so both are timed on the device alone and under the same clocks. (Timing them one after the
+  other with ``do_bench`` let fla's Python launch overhead of ~8 kernels and run-to-run drift into its
+  number: the same 397B 8K call measured 1581 us in one row and 1015 us in another.) fla gets g and beta
+  precomputed (its gating is not timed). ``ours_with_planning_us`` (``do_bench``) adds the host planning.
+- conv1d prefill: ``triton.testing.do_bench`` median (L2 flushed before each call).
 - ``kernels_us``: per-kernel device time from torch.profiler, to see how prefill splits between the
   prep kernel and the state pass.
 """
@@ -46,6 +50,7 @@ import triton  # noqa: E402
 
 from kernels import conv1d as conv_ref  # noqa: E402
 from kernels import gdn as gdn_ref  # noqa: E402
+from kernels.bench_util import alternating_graph_us  # noqa: E402
 from kernels.triton.conv1d import conv1d_prefill, conv1d_update  # noqa: E402
 from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill, prefill_config  # noqa: E402
 from kernels.triton.gdn_decode import decode_config, gdn_decode  # noqa: E402
@@ -142,6 +147,12 @@ class Timer:
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3 / len(calls))
         return statistics.median(times)
+
+    def alternating_us(self, calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Per-call time of each named call, each in its own CUDA graph, replayed in alternation."""
+        if not self.cuda:
+            return {name: self.bench_us(fn) for name, fn in calls.items()}
+        return alternating_graph_us(calls, rounds=7, replays=3)
 
     def bench_us(self, fn: Callable[[], object]) -> float:
         """Median time of one call with the L2 flushed before it."""
@@ -394,7 +405,12 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         return lambda: gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, None, None, plan=plan, out=out,
                                    **launch)
 
-    t_ours = timer.bench_us(ours())
+    fla_call = fla_prefill_call(shape, fla, q, k, v, g, beta, init, cu) if fla else None
+    timed = {"ours": ours()}
+    if fla_call is not None and fla_call[0] is not None:
+        timed["fla"] = fla_call[0]
+    times = timer.alternating_us(timed)
+    t_ours = times["ours"]
     t_ours_host = timer.bench_us(
         lambda: gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, cu, has_init, checkpoints, out=out)
     )
@@ -411,7 +427,7 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
 
         def try_config(key: str, launch: dict) -> None:
             try:
-                grid[key] = timer.bench_us(ours(**launch))
+                grid[key] = timer.alternating_us({key: ours(**launch)})[key]
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this config
                 grid[key] = None
                 print(f"  {key}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
@@ -437,24 +453,32 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         best = min(valid, key=valid.get)
         result["best_config"], result["best_us"], result["best_state_launch"] = best, valid[best], best_state
 
-    if fla:
-        result.update(bench_fla_prefill(shape, timer, fla, q, k, v, g, beta, init, cu, total))
-        if result.get("fla_us"):
+    if fla_call is not None:
+        run, info = fla_call
+        result.update(info)
+        if run is not None:
+            result["fla_us"] = times["fla"]
+            result["fla_kernels_us"] = timer.kernels_us(run)
             result["fla_Mtok_per_s"] = total / result["fla_us"]
             result["speedup_vs_fla"] = result["fla_us"] / t_ours
             if "best_us" in result:
                 result["best_speedup_vs_fla"] = result["fla_us"] / result["best_us"]
+        else:
+            result["fla_us"] = None
     return result
 
 
-def bench_fla_prefill(shape, timer, fla, q, k, v, g, beta, init, cu, total) -> dict:
+def fla_prefill_call(shape, fla, q, k, v, g, beta, init, cu) -> tuple[Callable[[], object] | None, dict]:
+    """fla's chunked prefill on the same batch, checked on the first sequence: (the call, or None where no
+    variant matched the reference; what was found). fla gets g and beta precomputed (its gating is not timed)
+    and grouped q/k as they are, else expanded to the value heads if it needs that."""
     q4, k4, v4 = q.contiguous()[None], k.contiguous()[None], v.contiguous()[None]
     g4, beta4 = g[None].contiguous(), beta[None].contiguous()
     cu_long = torch.tensor(cu, dtype=torch.long, device=q.device)
     check = slice(0, cu[1])  # first sequence vs the reference
     ref_first, _ = gdn_ref.chunk_gated_delta_rule(q[check][None], k[check][None], v[check][None], g[check][None],
                                                   beta[check][None], init[:1])
-    result: dict = {}
+    info: dict = {}
     for expanded in (False, True):
         qq, kk = (expand_heads(q4, shape.hv), expand_heads(k4, shape.hv)) if expanded else (q4, k4)
 
@@ -465,15 +489,13 @@ def bench_fla_prefill(shape, timer, fla, q, k, v, g, beta, init, cu, total) -> d
         try:
             err = rel_err(run()[0][0, check], ref_first[0])
         except Exception as exc:  # noqa: BLE001 - e.g. no grouped-value-head support: retry with expanded q/k
-            result[f"fla_error{'_expanded' if expanded else ''}"] = f"{type(exc).__name__}: {exc}"[:300]
+            info[f"fla_error{'_expanded' if expanded else ''}"] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         if err < PREFILL_TOL:
-            result.update({"fla_us": timer.bench_us(run), "fla_err_out_first_seq": err, "fla_qk_expanded": expanded,
-                           "fla_kernels_us": timer.kernels_us(run)})
-            return result
-        result[f"fla_err_out{'_expanded' if expanded else ''}"] = err
-    result["fla_us"] = None
-    return result
+            info.update({"fla_err_out_first_seq": err, "fla_qk_expanded": expanded})
+            return run, info
+        info[f"fla_err_out{'_expanded' if expanded else ''}"] = err
+    return None, info
 
 
 # ------------------------------------------------------------------------------------------------- conv1d

@@ -39,6 +39,39 @@ def graph_replay_us(calls: Callable[[], object], calls_per_run: int, *, replays:
     return sorted(times)[len(times) // 2]
 
 
+def alternating_graph_us(
+    calls: dict[str, Callable[[], object]], *, rounds: int = 7, replays: int = 3
+) -> dict[str, float]:
+    """Median microseconds per call of each named callable, each captured once in its own CUDA graph and
+    replayed in alternation (round r times every graph once, ``replays`` replays back to back), so that clock
+    and thermal drift fall on all of them alike. Each callable runs once first on a side stream (compiles,
+    warms the caching allocator as capture requires); what it raises propagates."""
+    graphs = {}
+    for name, fn in calls.items():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            fn()
+        graphs[name].replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1e3 / replays)
+    del graphs
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 20) -> float:
     """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)

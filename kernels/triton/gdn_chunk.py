@@ -17,11 +17,11 @@ S <- exp(gc_last) S + k_raw^T (v_new * kscale)).
 1. ``_gdn_chunk_prep_kernel``, grid (chunk, value head), fully parallel: gating (softplus/sigmoid of the raw
    projections), cumsum, q/k row norms, Aqk, M, the triangular inverse, w and u, written to scratch. q and k
    stay raw 16-bit dot operands; their norms are applied as row/column scales of the fp32 products.
-   The inverse is blocked: the four 16x16 diagonal blocks are inverted together by forward substitution
-   (15 steps on a [4, 16, 16] tile), then merged exactly: with D the block-diagonal inverse and M_off the
-   strictly block-lower part of M, (I + M)^-1 = (I + N)^-1 D with N = D M_off, and N^4 = 0, so
-   (I + N)^-1 = (I - N)(I + N^2). Four 64x64 products instead of 63 dependent row updates, and no power
-   series of M itself (whose entries can grow combinatorially when keys are nearly parallel).
+   The inverse is blocked: the four 16x16 diagonal blocks are inverted together by Gauss transforms
+   (15 rank-1 steps on a [4, 16, 16] tile, ``_diag_block_inverse``), then merged exactly: with D the
+   block-diagonal inverse and M_off the strictly block-lower part of M, (I + M)^-1 = (I + N)^-1 D with
+   N = D M_off, and N^4 = 0, so (I + N)^-1 = (I - N)(I + N^2). Four 64x64 products instead of 63 dependent
+   row updates, and no power series of M itself (whose entries can grow combinatorially when keys are nearly parallel).
 2. ``_gdn_chunk_state_kernel``, grid (V-block, sequence x value head), sequential over the chunks of one
    sequence: carries the ``[Dk, BV]`` state slice in registers, computes v_new, the output and the state
    update per chunk, and writes the state in place (final state to the sequence's slot, checkpoint states to
@@ -72,6 +72,40 @@ def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str, str]:
 
 
 @triton.jit
+def _diag_block_inverse(m, C: tl.constexpr, S: tl.constexpr):
+    """The ``[C, C]`` matrix holding ``(I + L_b)^-1`` on its ``S x S`` diagonal blocks and zeros elsewhere, where
+    ``L_b`` is diagonal block b of the strictly lower ``m``. All blocks at once, by Gauss transforms:
+    ``I + L = G_0 ... G_{S-2}`` with ``G_j = I + l_j e_j^T`` (``l_j`` column j of L), so the inverse is
+    ``X = I`` followed by ``X -= l_j (x) X[j, :]`` for j = 0..S-2. Each step is two masked reductions of
+    tiles in their own layouts and an outer-product update, so nothing changes layout inside the loop (row-wise
+    forward substitution needs a layout conversion every step: measured 40 us slower per 8K-token 397B layer).
+    """
+    NB: tl.constexpr = C // S
+    rows = tl.arange(0, C)
+    same_block = (rows[:, None] // S) == (rows[None, :] // S)
+    # diagonal blocks as [NB, S, S]: entries outside them are zero, so summing the column-block axis picks them
+    m_diag = tl.sum(tl.reshape(tl.where(same_block, m, 0.0), (NB, S, NB, S)), axis=2)
+    sub = tl.arange(0, S)
+    inv = tl.broadcast_to((sub[:, None] == sub[None, :]).to(tl.float32)[None, :, :], (NB, S, S))
+    for j in tl.static_range(S - 1):
+        col = tl.sum(tl.where((sub == j)[None, None, :], m_diag, 0.0), axis=2)  # [NB, S]: l_j of each block
+        row = tl.sum(tl.where((sub == j)[None, :, None], inv, 0.0), axis=1)  # [NB, S]: X[j, :] of each block
+        inv = inv - col[:, :, None] * row[:, None, :]
+    # placed on the block diagonal of a [C, C] matrix
+    blk = tl.arange(0, NB)
+    d4 = tl.broadcast_to(tl.expand_dims(inv, 2), (NB, S, NB, S))
+    on_diag = (blk[:, None, None, None] == blk[None, None, :, None])
+    return tl.reshape(tl.where(on_diag, d4, 0.0), (C, C))
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Asks L2 to fetch the lines at ``ptrs`` (no registers wait for it; must be valid addresses)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _gdn_chunk_prep_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
     w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
@@ -80,11 +114,11 @@ def _gdn_chunk_prep_kernel(
     total_tokens, scale,
     GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     i_hk = i_h // GROUP
-    NB: tl.constexpr = C // S
     tok0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
     length = tl.load(chunk_len_ptr + i_c)
 
@@ -92,6 +126,12 @@ def _gdn_chunk_prep_kernel(
     mask_t = rows < length
     tok = tok0 + rows
     srow = i_h.to(tl.int64) * total_tokens + tok  # scratch is head-major: [Hv, total_tokens, ...]
+    if PREFETCH:
+        # v is needed only for the last dot: start its trip from HBM now, so that the load there hits L2
+        # (17 us of 460 per 8K-token 397B layer). One prefetch per 128-byte line (64 bf16); rows past the
+        # chunk end are clamped to valid addresses.
+        v_rows = v_ptr + tl.minimum(tok, total_tokens - 1) * stride_vt + i_h * stride_vh
+        _prefetch_l2(v_rows[:, None] + (tl.arange(0, DV // 64) * 64)[None, :])
 
     # --- gating: g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) rounded like the model's ---
     a = tl.load(a_ptr + tok * stride_at + i_h * stride_ah, mask=mask_t, other=0.0).to(tl.float32)
@@ -130,25 +170,8 @@ def _gdn_chunk_prep_kernel(
     m = tl.where(rows[:, None] > rows[None, :], kkt * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
 
     # --- T = (I + M)^-1, blocked (see module docstring) ---
-    blk = tl.arange(0, NB)
     same_block = (rows[:, None] // S) == (rows[None, :] // S)
-    # diagonal blocks as [NB, S, S]: entries outside them are zero, so summing the column-block axis picks them
-    m_diag = tl.sum(tl.reshape(tl.where(same_block, m, 0.0), (NB, S, NB, S)), axis=2)
-    # Forward substitution on all diagonal blocks at once. With A = -M_diag, row i of X = D - I is
-    # a_i + sum_{j<i} a_ij X_j, and rows j < i of A already hold X_j.
-    sub = tl.arange(0, S)
-    inv = -m_diag
-    for i in range(1, S):
-        sel = (sub == i)[None, :, None]
-        row = tl.sum(tl.where(sel, inv, 0.0), axis=1)  # [NB, S]: row i of each block
-        row = row + tl.sum(row[:, :, None] * inv, axis=1)
-        inv = tl.where(sel, row[:, None, :], inv)
-    inv = inv + (sub[:, None] == sub[None, :]).to(tl.float32)[None, :, :]
-    # D: the diagonal-block inverses placed on the block diagonal of a [C, C] matrix
-    d4 = tl.broadcast_to(tl.expand_dims(inv, 2), (NB, S, NB, S))
-    on_diag = (blk[:, None, None, None] == blk[None, None, :, None])
-    d = tl.reshape(tl.where(on_diag, d4, 0.0), (C, C))
-
+    d = _diag_block_inverse(m, C, S)
     n = tl.dot(d, tl.where(same_block, 0.0, m), input_precision=SOLVE_PREC)  # N = D M_off, N^4 = 0
     n2 = tl.dot(n, n, input_precision=SOLVE_PREC)
     eye = (rows[:, None] == rows[None, :]).to(tl.float32)
@@ -207,10 +230,12 @@ def _gdn_chunk_step(
     # S <- exp(gc_last) S + k^T diag(k_scale) v_new
     state = tl.dot(tl.trans(k.to(DOT_DT)), (v_new * k_scale[:, None]).to(DOT_DT), acc=state * tl.exp(gc_last),
                    input_precision=DOT_PREC)
-    # A checkpoint ends exactly at this chunk: store the state there too (ckpt < 0: none).
-    p_ckpt = (ssm_ptr + tl.maximum(ckpt, 0) * stride_s_slot + i_h * stride_s_head
-              + offs_k[:, None] * stride_s_k + offs_v[None, :])
-    tl.store(p_ckpt, state, mask=mask_k[:, None] & mask_v[None, :] & (ckpt >= 0))
+    # A checkpoint ends exactly at this chunk: store the state there too. A branch, not a masked store: the
+    # store converts the accumulator's layout through shared memory, which every chunk would pay otherwise.
+    if ckpt >= 0:
+        p_ckpt = (ssm_ptr + ckpt * stride_s_slot + i_h * stride_s_head
+                  + offs_k[:, None] * stride_s_k + offs_v[None, :])
+        tl.store(p_ckpt, state, mask=mask_k[:, None] & mask_v[None, :])
     return state
 
 
@@ -255,7 +280,8 @@ def _gdn_chunk_state_kernel(
             )
             i_c += 1
     else:
-        # A for loop, so that Triton pipelines the next chunk's loads under this chunk's dots.
+        # A for loop, so that Triton pipelines the next chunk's loads under this chunk's dots. (Loading the
+        # next chunk's start/length one iteration ahead by hand made the H100 pass slower: 369 -> 391 us.)
         for i_c in range(c_begin, c_end):
             state = _gdn_chunk_step(
                 state, i_c, i_h, i_hk, offs_k, offs_v, mask_k, mask_v,
@@ -274,8 +300,9 @@ def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 1
     The state pass has one program per (sequence, value head, V-block) and is sequential over chunks; it
     takes ~255 registers and 64-74 KiB of shared memory per stage at 4 warps, so 2 programs fit per SM with
     one stage and 1 with two (the second stage prefetches the next chunk). Prefer the widest V-block that
-    still gives ~one program per SM (wider blocks re-read w, q, k and Aqk fewer times), and the prefetching
-    stage when all programs fit in one wave.
+    still gives ~one program per SM (wider blocks re-read w, q, k and Aqk fewer times). Two stages always:
+    on the H100 they beat one stage even with several waves of programs (397B, 4 x 2K tokens: 820 vs 900 us;
+    ``kernels/results/gdn_h100.json``), and BV=32 with one stage faults there (illegal address, Triton 3.6).
     """
     for block_v in (64, 32, 16):
         programs = num_seqs * num_v_heads * triton.cdiv(v_dim, block_v)
@@ -284,7 +311,7 @@ def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 1
     return {
         "block_v": min(block_v, triton.next_power_of_2(v_dim)),
         "state_warps": 4,
-        "state_stages": 2 if programs <= num_sms else 1,
+        "state_stages": 2,
         "prep_warps": 4,
     }
 
@@ -481,13 +508,6 @@ def gdn_prefill(
     if num_seqs == 0:
         return out
 
-    # Checkpoints before any token: the initial state itself (read before the kernel overwrites the slot).
-    for seq, dest in plan.zero_ckpts:
-        if plan.has_init[seq]:
-            ssm_states[dest].copy_(ssm_states.index_select(0, state_slots[seq : seq + 1])[0])
-        else:
-            ssm_states[dest].zero_()
-
     num_sms = torch.cuda.get_device_properties(v.device).multi_processor_count if v.is_cuda else 132
     cfg = prefill_config(num_seqs, num_v_heads, v_dim, num_sms)
     block_v = block_v or cfg["block_v"]
@@ -505,6 +525,16 @@ def gdn_prefill(
         # columns); the real shapes (Dk = Dv = 128, BV 32/64) are unchanged.
         prep_bk, bvf = max(prep_bk, _MIN_PREP_N), max(bvf, _MIN_PREP_N)
         block_v = max(block_v, _MIN_STATE_BV if v_dim >= 64 else _MIN_STATE_BV_NARROW_HEADS)
+        if block_v < 64 and state_stages == 1:
+            # measured on H100 (Dv 128, BV 32, 4 or 8 warps): "illegal memory access"; two stages are correct
+            raise ValueError("state_stages=1 needs block_v >= 64 for bf16 (narrower tiles fault on sm_90)")
+    # Checkpoints before any token: the initial state itself (read before the kernel overwrites the slot).
+    for seq, dest in plan.zero_ckpts:
+        if plan.has_init[seq]:
+            ssm_states[dest].copy_(ssm_states.index_select(0, state_slots[seq : seq + 1])[0])
+        else:
+            ssm_states[dest].zero_()
+
     if plan.num_chunks:
         # Scratch in the activation dtype (16-bit operands of the state pass's dots). The interpreter rounds
         # fp32 -> bf16 by truncation (biased, unlike the GPU's round-to-nearest), so it keeps fp32 scratch.
@@ -522,6 +552,7 @@ def gdn_prefill(
             total, k_dim**-0.5,
             GROUP=group, DK=k_dim, DV=v_dim, BK=prep_bk, BVF=bvf,
             C=CHUNK, S=SUB, DOT_DT=dot_dt, DOT_PREC=dot_prec, SOLVE_PREC=solve_prec,
+            PREFETCH=v.dtype == torch.bfloat16 and v_dim % 64 == 0 and not is_interpreting(),
             num_warps=prep_warps or cfg["prep_warps"], maxnreg=prep_maxnreg,
         )
     else:  # only empty sequences: the state pass still moves initial states (or zeros) into the slots

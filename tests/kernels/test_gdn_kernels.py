@@ -306,6 +306,22 @@ def test_gdn_prefill_chunk_plan():
         _plan_chunks([10], [(0, 11, 3)], CHUNK)
 
 
+def test_gdn_prefill_refuses_narrow_single_stage_state_pass():
+    """BV=32 with one pipeline stage faulted on the H100 (illegal address): refused with a clear error, and
+    nothing is written to the pool before the check."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = mixed_qkv((64,), 1, 2, 64, 64, torch.bfloat16, gen)
+    a, b = raw_gates((64,), 2, torch.bfloat16, gen)
+    A_log, dt_bias = gdn_params(2, gen)
+    pool = ssm_pool(2, 2, 64, 64, gen)
+    before = pool.clone()
+    slots = torch.tensor([1], device=DEVICE)
+    with pytest.raises(ValueError, match="state_stages=1 needs block_v >= 64"):
+        gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, [0, 64], [True],
+                    block_v=32, state_stages=1)
+    assert torch.equal(pool, before)
+
+
 # ------------------------------------------------------------------------------------------------ conv1d
 
 
