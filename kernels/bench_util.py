@@ -14,29 +14,8 @@ def graph_replay_us(calls: Callable[[], object], calls_per_run: int, *, replays:
     """Median microseconds per call of ``calls()`` (which makes ``calls_per_run`` calls), captured once in a CUDA
     graph and timed over ``samples`` runs of ``replays`` back-to-back replays. ``calls()`` runs once first on a
     side stream (compiles, warms the caching allocator as capture requires); what it raises propagates."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(stream):
-            calls()
-    finally:
-        torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(samples):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (replays * calls_per_run))
-    del graph
-    return sorted(times)[len(times) // 2]
+    per_run = alternating_graph_us({"calls": calls}, rounds=samples, replays=replays)["calls"]
+    return per_run / calls_per_run
 
 
 def alternating_graph_us(
@@ -50,9 +29,11 @@ def alternating_graph_us(
     for name, fn in calls.items():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                fn()
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
         graphs[name] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs[name]):
             fn()
