@@ -9,6 +9,11 @@ request, read once and written once). The grid is therefore (V-block, value head
 holds a ``[Dk, BV]`` slice of one head's state in registers for all T tokens, so the state makes exactly one
 round trip, and small BV gives enough programs to cover every SM even at batch 1. Rows of the slice are BV
 contiguous fp32 (128 B at BV=32), so the state loads and stores are full, vectorised lines.
+
+Speculative decoding verifies T tokens per request in one step (the last accepted token and T-1 drafts) and
+keeps the state after only the accepted prefix. With ``step_states`` the kernel writes the state after every
+token there instead of into the pool slot, and ``commit_step_states`` then copies the accepted one into the
+slot (as SGLang's and vLLM's intermediate-state buffers do): a rejected draft never touches the pool.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
 
 @triton.jit
 def _gdn_decode_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, state_ptr, slots_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, state_ptr, slots_ptr, out_ptr, step_ptr,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -60,9 +65,11 @@ def _gdn_decode_kernel(
     stride_bb, stride_bt, stride_bh,
     stride_s_slot, stride_s_head, stride_s_k,
     stride_ob, stride_ot, stride_oh,
+    stride_step_b, stride_step_t, stride_step_h, stride_step_k,
     num_tokens, scale,
     GROUP: tl.constexpr,  # value heads per key head
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    STEP_STATES: tl.constexpr,  # write the state after each token to step_ptr, leave the pool slot as it is
     PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
@@ -94,6 +101,8 @@ def _gdn_decode_kernel(
     p_a = a_ptr + i_b * stride_ab + i_h * stride_ah
     p_b = b_ptr + i_b * stride_bb + i_h * stride_bh
     p_o = out_ptr + i_b * stride_ob + i_h * stride_oh + offs_v
+    p_step = (step_ptr + i_b * stride_step_b + i_h * stride_step_h + offs_k[:, None] * stride_step_k
+              + offs_v[None, :])
     # A while loop rather than range(num_tokens): Triton's interpreter (CPU tests) cannot take a runtime
     # range bound with numpy >= 2.4, and pipelining across a handful of tokens would not help anyway.
     t = 0
@@ -119,9 +128,12 @@ def _gdn_decode_kernel(
         state = state + k[:, None] * delta[None, :]
         o = s_q + tl.sum(k * q) * delta
         tl.store(p_o + t * stride_ot, o.to(out_ptr.dtype.element_ty), mask=mask_v)
+        if STEP_STATES:
+            tl.store(p_step + t * stride_step_t, state, mask=mask_s)
         t += 1
 
-    tl.store(p_state, state, mask=mask_s)
+    if not STEP_STATES:
+        tl.store(p_state, state, mask=mask_s)
 
 
 def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
@@ -141,6 +153,7 @@ def gdn_decode(
     state_slots: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
+    step_states: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
@@ -152,6 +165,10 @@ def gdn_decode(
     ``state_slots [B]`` int slot per request (distinct). Updates the states in place and returns
     ``o [B, T, Hv, Dv]`` in v's dtype (written into ``out`` if given). ``block_v``/``num_warps`` override the
     tuning heuristic. No host synchronisation: safe to capture in a CUDA graph.
+
+    ``step_states [B, T, Hv, Dk, Dv]`` fp32 (speculative verification; each ``[Hv, Dk, Dv]`` contiguous): the
+    state after token t of request b goes to ``step_states[b, t]`` and the pool slots are only read; commit
+    the accepted prefix with :func:`commit_step_states`.
     """
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv], got {q.shape}, {k.shape}, {v.shape}")
@@ -183,6 +200,12 @@ def gdn_decode(
         out = torch.empty(batch, num_tokens, num_v_heads, v_dim, dtype=v.dtype, device=v.device)
     elif out.shape != v.shape or out.dtype != v.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(v.shape)} {v.dtype} with a contiguous last dim")
+    if step_states is not None:
+        want = (batch, num_tokens, num_v_heads, k_dim, v_dim)
+        if (step_states.shape != want or step_states.dtype != torch.float32
+                or step_states.stride()[2:] != (k_dim * v_dim, v_dim, 1) or step_states.device != q.device):
+            raise ValueError(f"step_states must be fp32 {list(want)} on {q.device} with each [Hv, Dk, Dv] "
+                             f"contiguous, got {step_states.dtype} {list(step_states.shape)}")
     if batch == 0 or num_tokens == 0:
         return out
 
@@ -190,8 +213,10 @@ def gdn_decode(
     block_v = block_v or default_bv
     num_warps = num_warps or default_warps
     grid = (triton.cdiv(v_dim, block_v), num_v_heads, batch)
+    step = step_states if step_states is not None else out
+    step_strides = step_states.stride()[:4] if step_states is not None else (0, 0, 0, 0)
     _gdn_decode_kernel[grid](
-        q, k, v, a, b, A_log, dt_bias, ssm_states, state_slots, out,
+        q, k, v, a, b, A_log, dt_bias, ssm_states, state_slots, out, step,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -199,9 +224,23 @@ def gdn_decode(
         b.stride(0), b.stride(1), b.stride(2),
         ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        *step_strides,
         num_tokens, k_dim**-0.5,
         GROUP=num_v_heads // num_k_heads,
-        DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v,
+        DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v, STEP_STATES=step_states is not None,
         num_warps=num_warps, **pdl_launch_args(q.device),
     )
     return out
+
+
+def commit_step_states(ssm_states: torch.Tensor, state_slots: torch.Tensor, step_states: torch.Tensor,
+                       num_accepted: torch.Tensor) -> None:
+    """After a verification step run with ``gdn_decode(..., step_states=)``: request b keeps the state after its
+    first ``num_accepted[b]`` tokens (in ``[1, T]``; the first token is the one already accepted), copied into
+    its pool slot. ``num_accepted`` is a device tensor ``[B]``: no host synchronisation (not range-checked)."""
+    batch = step_states.shape[0] if step_states.dim() == 5 else -1
+    if batch < 0 or state_slots.shape != (batch,) or num_accepted.shape != (batch,):
+        raise ValueError(f"expected step_states [B, T, Hv, Dk, Dv], state_slots [B] and num_accepted [B], got "
+                         f"{list(step_states.shape)}, {list(state_slots.shape)}, {list(num_accepted.shape)}")
+    rows = torch.arange(step_states.shape[0], device=step_states.device)
+    ssm_states[state_slots.long()] = step_states[rows, num_accepted.long() - 1]

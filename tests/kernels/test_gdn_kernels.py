@@ -22,7 +22,7 @@ from kernels import conv1d as conv_ref
 from kernels import gdn as gdn_ref
 from kernels.triton.conv1d import conv1d_prefill, conv1d_update
 from kernels.triton.gdn_chunk import CHUNK, _plan_chunks, gdn_prefill
-from kernels.triton.gdn_decode import gdn_decode
+from kernels.triton.gdn_decode import commit_step_states, gdn_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -153,6 +153,43 @@ def test_gdn_decode_qwen35_397b_head_shape():
     assert_only_slots_changed(pool, before, [2])
 
 
+@pytest.mark.parametrize("dtype,hk,hv,dk,dv,block_v", [
+    (torch.float32, 2, 6, 32, 48, 32),  # odd head count, non-power-of-2 Dv: a masked last V-block
+    (torch.bfloat16, 1, 2, 64, 32, None),
+])
+def test_gdn_decode_step_states_for_speculative_verification(dtype, hk, hv, dk, dv, block_v):
+    """T tokens per request with ``step_states``: the state after every token is written there (each equal to
+    the recurrent reference over that prefix), the pool is left untouched, and ``commit_step_states`` moves
+    each request's accepted prefix state into its slot."""
+    batch, tokens = 3, 4
+    gen = torch.Generator().manual_seed(4242 + hv)
+    q, k, v = mixed_qkv((batch, tokens), hk, hv, dk, dv, dtype, gen)
+    a, b = raw_gates((batch, tokens), hv, dtype, gen)
+    A_log, dt_bias = gdn_params(hv, gen)
+    pool = ssm_pool(2 * batch + 1, hv, dk, dv, gen)
+    slots = torch.randperm(pool.shape[0], generator=gen)[:batch]
+    before = pool.clone()
+    steps = torch.full((batch, tokens, hv, dk, dv), float("nan"), device=DEVICE)
+
+    out = gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots.to(DEVICE), step_states=steps,
+                     block_v=block_v)
+
+    assert torch.equal(pool, before), "a verification step must not write the pool"
+    g, beta = gating(a, b, A_log, dt_bias)
+    ref_out, _ = gdn_ref.recurrent_gated_delta_rule(q, k, v, g, beta, before[slots, LAYER])
+    assert rel_err(out, ref_out) < TOL[dtype]
+    for t in range(tokens):
+        _, ref_state = gdn_ref.recurrent_gated_delta_rule(q[:, : t + 1], k[:, : t + 1], v[:, : t + 1],
+                                                          g[:, : t + 1], beta[:, : t + 1], before[slots, LAYER])
+        assert rel_err(steps[:, t], ref_state) < TOL[dtype], f"state after token {t}"
+
+    accepted = torch.tensor([1, tokens, 2], device=DEVICE)
+    commit_step_states(pool[:, LAYER], slots.to(DEVICE), steps, accepted)
+    for i, (slot, n) in enumerate(zip(slots.tolist(), accepted.tolist(), strict=True)):
+        assert torch.equal(pool[slot, LAYER], steps[i, n - 1])
+    assert_only_slots_changed(pool, before, slots.tolist())
+
+
 def test_gdn_decode_rejects_bad_inputs():
     gen = torch.Generator().manual_seed(0)
     q, k, v = mixed_qkv((2, 1), 2, 4, 16, 16, torch.float32, gen)
@@ -169,6 +206,9 @@ def test_gdn_decode_rejects_bad_inputs():
         gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots[:1])
     with pytest.raises(ValueError, match="contiguous in its last dim"):
         gdn_decode(q.repeat_interleave(2, dim=-1)[..., ::2], k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots)
+    with pytest.raises(ValueError, match="step_states must be fp32"):
+        gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots,
+                   step_states=torch.zeros(2, 2, 4, 16, 16, device=DEVICE))  # T is 1
 
 
 # ------------------------------------------------------------------------------------------ chunked prefill
