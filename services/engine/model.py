@@ -158,18 +158,19 @@ class SparseMoE(nn.Module):
         self.shared_expert = None
         if not cfg.shared_expert_in_experts:
             self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
-        # Scratch of the single-launch router kernel (kept at 0 between launches; see Ops.route_topk).
-        self.register_buffer("route_ticket", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+        # Scratch counters of this layer's MoE kernels, at rest between launches (see Ops.route_topk): [0] the
+        # single-launch router's ticket, [1:3] the one-launch decode MoE block's grid barrier.
+        self.register_buffer("moe_sync", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The post-attention norm (with the residual add) and the experts; returns ``(output, residual)``."""
         if self.shared_expert is None:
             return self.ops.norm_moe_with_shared_expert(x, residual, norm.weight, norm.eps, self.router, self.w13,
-                                                        self.w2, self.top_k, self.renormalize, self.route_ticket)
+                                                        self.w2, self.top_k, self.renormalize, self.moe_sync)
         h, residual = self.ops.rms_norm_residual(x, residual, norm.weight, norm.eps)
         weights, expert_ids, shared_gate = self.ops.route_topk(h, self.router, self.top_k, self.renormalize,
-                                                               self.route_ticket)
+                                                               self.moe_sync)
         routed = self.ops.fused_experts(h, self.w13, self.w2, weights, expert_ids)
         return routed + shared_gate.to(h.dtype) * self.shared_expert(h), residual
 

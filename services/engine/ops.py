@@ -5,6 +5,7 @@ model code is the same either way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,8 +171,9 @@ class Ops:
     # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
     # -> (q, sigmoid(gate)), with k and v stored in the cache
     qk_norm_rope_store_kv: Callable
-    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
-    # layer, the scratch of the single-launch router kernel (the torch references ignore it).
+    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [3] zero tensor per
+    # layer, the counters of the single-launch router ([0]) and of the one-launch decode MoE block ([1:3]);
+    # the torch references ignore it.
     route_topk: Callable  # (x, router [E+1, H], k, renorm, ticket) -> (weights, ids, shared gate)
     fused_experts: Callable
     # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
@@ -213,7 +215,12 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     from kernels.triton import norm as triton_norm
     from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
     from kernels.triton.gdn_decode import gdn_decode
+    from kernels.triton.moe_decode import norm_moe_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
+
+    # The one-launch MoE block for one decode token (kernels/triton/moe_decode.py) instead of its three kernels;
+    # off until measured on a GPU (BATON_MOE_ONE_LAUNCH=1 turns it on).
+    moe_one_launch = os.environ.get("BATON_MOE_ONE_LAUNCH", "0") == "1"
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         # One row (a single decode request): the norm runs inside the projection kernel.
@@ -253,13 +260,13 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     def route_topk(x, router_weight, top_k, renormalize, ticket):
         return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
-                                     ticket=ticket)
+                                     ticket=ticket[:1])
 
     def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize, ticket):
         # The shared expert rides along as a (k+1)-th expert of every token: one routing kernel and one grouped
         # GEMM pair compute it with the routed experts, and the fp32 sum adds it.
         weights, ids, _ = triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
-                                                shared_as_expert=True, ticket=ticket)
+                                                shared_as_expert=True, ticket=ticket[:1])
         return triton_moe.fused_experts(x, w13, w2, weights, ids)
 
     def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
@@ -267,8 +274,12 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
         if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
                 and (residual is None or residual.is_contiguous())):
+            if moe_one_launch and w13.shape[1] // 2 <= triton_gemv.MAX_SINGLE_TILE_K:
+                out, residual, _, _ = norm_moe_decode(x, residual, norm_weight, eps, router_weight, w13, w2, top_k,
+                                                      renormalize, ticket[1:3])
+                return out, residual
             weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
-                                                                      top_k, renormalize, ticket)
+                                                                      top_k, renormalize, ticket[:1])
             return triton_moe.fused_experts(h, w13, w2, weights, ids), residual
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
         return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
