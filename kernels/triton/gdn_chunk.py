@@ -171,6 +171,15 @@ def _prep_subchunk(
     # --- intra-chunk attention Aqk = (q^ k^T) * decay, lower triangle with the diagonal ---
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     aqk = tl.where(lower_eq, qk * rq[:, None] * rk[None, :] * decay, 0.0)
+    # Stored at once (a second half's rows at columns C.., after the block against the first half's keys), so
+    # the tile is not live through the solve.
+    p_aqk = aqk_ptr + srow[:, None] * CW + rows[None, :]
+    if CROSS:
+        tl.store(p_aqk + C, aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
+    else:
+        tl.store(p_aqk, aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
+        if CW > C:  # first half of a 2C chunk: its rows see no key of the second half (causal zeros)
+            tl.store(p_aqk + C, tl.zeros([C, C], dtype=aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
 
     # --- M = strictly lower (beta_i k^_i . k^_j decay_ij) ---
     kkt = tl.dot(k, tl.trans(k), input_precision=DOT_PREC)
@@ -185,17 +194,11 @@ def _prep_subchunk(
     inv_n = tl.dot(eye - n, eye + n2, input_precision=SOLVE_PREC)  # (I + N)^-1 = (I - N)(I + N^2)
     t = tl.dot(inv_n, d, input_precision=SOLVE_PREC)
 
-    # --- w = T diag(beta exp(gc) rk) k,  u = T diag(beta) v: the diagonals scale T's columns ---
-    w = tl.dot((t * (beta * tl.exp(gc + gc_offset) * rk)[None, :]).to(DOT_DT), k, input_precision=DOT_PREC)
     offs_v = tl.arange(0, BVF)
     mask_tv = mask_t[:, None] & (offs_v < DV)[None, :]
-    v = tl.load(v_ptr + tok[:, None] * stride_vt + i_h * stride_vh + offs_v[None, :], mask=mask_tv, other=0.0)
-    u = tl.dot((t * beta[None, :]).to(DOT_DT), v.to(DOT_DT), input_precision=DOT_PREC)
-
-    p_aqk = aqk_ptr + srow[:, None] * CW + rows[None, :]
     if CROSS:
         # The first half (C full rows from prev_tok0) as this program stored it: raw k, chunk-relative gc,
-        # k's row scale, and its final w, u.
+        # k's row scale, and (below) its final w, u.
         prow = i_h.to(tl.int64) * total_tokens + prev_tok0 + rows
         k1 = tl.load(k_ptr + (prev_tok0 + rows)[:, None] * stride_kt + i_hk * stride_kh + offs_k[None, :],
                      mask=(offs_k < DK)[None, :], other=0.0).to(DOT_DT)
@@ -210,16 +213,18 @@ def _prep_subchunk(
         kk1 = tl.dot(k, tl.trans(k1), input_precision=DOT_PREC)
         m21 = tl.where(mask_t[:, None], kk1 * (beta * rk)[:, None] * rk1[None, :] * decay21, 0.0)
         p21 = tl.dot(t, m21, input_precision=SOLVE_PREC)
+
+    # --- w = T diag(beta exp(gc) rk) k,  u = T diag(beta) v: the diagonals scale T's columns ---
+    w = tl.dot((t * (beta * tl.exp(gc + gc_offset) * rk)[None, :]).to(DOT_DT), k, input_precision=DOT_PREC)
+    if CROSS:
         w1 = tl.load(w_ptr + prow[:, None] * DK + offs_k[None, :], mask=(offs_k < DK)[None, :], other=0.0)
-        u1 = tl.load(u_ptr + prow[:, None] * DV + offs_v[None, :], mask=(offs_v < DV)[None, :], other=0.0)
         w = w - tl.dot(p21, w1.to(tl.float32), input_precision=SOLVE_PREC)
-        u = u - tl.dot(p21, u1.to(tl.float32), input_precision=SOLVE_PREC)
-        tl.store(p_aqk + C, aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
-    else:
-        tl.store(p_aqk, aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
-        if CW > C:  # first half of a 2C chunk: its rows see no key of the second half (causal zeros)
-            tl.store(p_aqk + C, tl.zeros([C, C], dtype=aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
     tl.store(w_ptr + srow[:, None] * DK + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_tk)
+    v = tl.load(v_ptr + tok[:, None] * stride_vt + i_h * stride_vh + offs_v[None, :], mask=mask_tv, other=0.0)
+    u = tl.dot((t * beta[None, :]).to(DOT_DT), v.to(DOT_DT), input_precision=DOT_PREC)
+    if CROSS:
+        u1 = tl.load(u_ptr + prow[:, None] * DV + offs_v[None, :], mask=(offs_v < DV)[None, :], other=0.0)
+        u = u - tl.dot(p21, u1.to(tl.float32), input_precision=SOLVE_PREC)
     tl.store(u_ptr + srow[:, None] * DV + offs_v[None, :], u.to(u_ptr.dtype.element_ty), mask=mask_tv)
     return tl.sum(g, axis=0)
 
@@ -364,7 +369,8 @@ def _gdn_chunk_state_kernel(
     tl.store(p_state, state, mask=mask_s)
 
 
-def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 132) -> dict[str, int]:
+def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 132, chunk: int = CHUNK
+                   ) -> dict[str, int]:
     """Launch parameters of the two prefill kernels (a starting point; ``kernels/bench_gdn.py --sweep`` tunes).
 
     The state pass has one program per (sequence, value head, V-block) and is sequential over chunks; it
@@ -373,7 +379,14 @@ def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 1
     still gives ~one program per SM (wider blocks re-read w, q, k and Aqk fewer times). Two stages always:
     on the H100 they beat one stage even with several waves of programs (397B, 4 x 2K tokens: 820 vs 900 us;
     ``kernels/results/gdn_h100.json``), and BV=32 with one stage faults there (illegal address, Triton 3.6).
+
+    128-token chunks (``kernels/compile_check.py``, sm_90): the state pass needs 281 KiB of shared memory with
+    two stages at BV 32 (305 at BV 64), over the 227 KiB a program may have, so one stage at BV 64 (144 KiB,
+    255 registers at 8 warps with an 8-byte stack; 784 bytes of stack at 4 warps).
     """
+    if chunk != CHUNK:
+        return {"block_v": min(64, triton.next_power_of_2(v_dim)), "state_warps": 8, "state_stages": 1,
+                "prep_warps": 4}
     for block_v in (64, 32, 16):
         programs = num_seqs * num_v_heads * triton.cdiv(v_dim, block_v)
         if programs >= 0.75 * num_sms:
@@ -586,8 +599,9 @@ def gdn_prefill(
         return out
 
     num_sms = torch.cuda.get_device_properties(v.device).multi_processor_count if v.is_cuda else 132
-    cfg = prefill_config(num_seqs, num_v_heads, v_dim, num_sms)
+    cfg = prefill_config(num_seqs, num_v_heads, v_dim, num_sms, plan.chunk)
     block_v = block_v or cfg["block_v"]
+    state_stages = state_stages or cfg["state_stages"]
     dot_dt, dot_prec, solve_prec = _dot_types(v.dtype)
     group = num_v_heads // num_k_heads
     bk = triton.next_power_of_2(k_dim)
@@ -643,7 +657,7 @@ def gdn_prefill(
         total,
         HV=num_v_heads, GROUP=group, DK=k_dim, DV=v_dim, BK=bk, BV=block_v, C=plan.chunk,
         DOT_DT=dot_dt, DOT_PREC=dot_prec, INTERPRET=is_interpreting(),
-        num_warps=state_warps or cfg["state_warps"], num_stages=state_stages or cfg["state_stages"],
+        num_warps=state_warps or cfg["state_warps"], num_stages=state_stages,
         maxnreg=state_maxnreg,
     )
     for src, dest in plan.dup_ckpts:

@@ -137,7 +137,7 @@ def _moe_decode_kernel(
         rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
         norm_w = tl.load(norm_w_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
         h = round_to((s * rstd) * (1.0 + norm_w), dtype)
-        tiles_n: tl.constexpr = tl.cdiv(INTER, GATE_UP_N)
+        tiles_n: tl.constexpr = (INTER + GATE_UP_N - 1) // GATE_UP_N
         # Grid-stride loops as while loops: the interpreter cannot take a runtime range bound (numpy >= 2.4).
         item = pid
         while item < (TOP_K + 1) * tiles_n:
@@ -161,7 +161,7 @@ def _moe_decode_kernel(
     if PHASE == 0 or PHASE == 3:
         offs_i = tl.arange(0, BLOCK_I)
         tile = pid
-        while tile < tl.cdiv(HIDDEN, DOWN_N):
+        while tile < (HIDDEN + DOWN_N - 1) // DOWN_N:
             col0 = tile * DOWN_N
             total = tl.zeros([DOWN_N], dtype=tl.float32)
             for j in tl.static_range(TOP_K + 1):

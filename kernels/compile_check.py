@@ -1,0 +1,205 @@
+"""Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU, and report what ptxas made of them.
+
+    python -m kernels.compile_check                 # every case below
+    python -m kernels.compile_check --cases moe     # names containing "moe"
+
+Each case calls a real launcher (``gdn_prefill``, ``norm_moe_decode``, ...) on CPU tensors of the model's real
+shapes, with Triton's launch replaced by a compile for an sm_90 target of 132 SMs (an H100 / H200): the
+arguments are specialised exactly as a launch specialises them (16-byte-aligned pointers, strides divisible
+by 16), the GPU launch configuration is used (PDL on), and nothing runs. It catches what the interpreter
+cannot (code that does not compile, register spills, global loads that are not 16 bytes wide) at no device
+time. Per kernel: registers per thread, stack and local memory (spills), shared memory, and the global loads
+in the PTX by width (vector count x bits). Needs Triton's bundled ptxas and cuobjdump (the pip package has
+them); unset TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+NUM_SMS = 132
+# The launchers' modules, imported before Sm90Compiler patches their launch configuration.
+LAUNCHER_MODULES = ("conv1d", "gdn_chunk", "gdn_decode", "gemv", "moe", "moe_decode", "norm", "qk_norm_rope")
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    keys = ("registers", "stack_bytes", "static_shared_bytes", "local_bytes")
+    return dict(zip(keys, map(int, found.groups()), strict=True)) if found else {}
+
+
+def _global_loads(ptx: str) -> str:
+    widths = Counter()
+    for op in re.findall(r"\bld\.global[\w.:]*", ptx):
+        width = re.search(r"\.v([248])\.", op)
+        bits = re.search(r"\.[bfsu](8|16|32|64)\b", op)
+        widths[f"{int(width.group(1)) if width else 1}x{bits.group(1) if bits else '?'}"] += 1
+    return " ".join(f"{n} {w}" for w, n in sorted(widths.items()))
+
+
+class Sm90Compiler:
+    """Replaces ``JITFunction.run`` while active: each launch compiles for sm_90 and records the result."""
+
+    def __init__(self) -> None:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.target = GPUTarget("cuda", 90, 32)
+        self.backend = make_backend(self.target)
+        self.results: list[dict] = []
+
+    def run(self, fn, *args, grid, warmup, **kwargs):
+        from triton.compiler import ASTSource, compile
+        from triton.runtime.jit import create_function_from_signature
+
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound_args, specialization,
+                                                              options)
+        kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=self.target, options=options.__dict__)
+        names = [p.name for p in fn.params]
+        consts = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1
+                  and names[path[0]].isupper()}
+        self.results.append({"kernel": fn.__name__, "constexprs": consts, "num_warps": options.num_warps,
+                             **_resources(kernel.asm["cubin"]), "dynamic_shared_bytes": kernel.metadata.shared,
+                             "global_loads": _global_loads(kernel.asm["ptx"])})
+        return None
+
+    def __enter__(self) -> Sm90Compiler:
+        import triton.runtime.jit as jit
+
+        from kernels.triton import pdl
+
+        for module in LAUNCHER_MODULES:
+            importlib.import_module(f"kernels.triton.{module}")
+        self._saved = [(jit.JITFunction, "run", jit.JITFunction.run)]
+        compiler = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            return compiler.run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+
+        jit.JITFunction.run = run
+        # The GPU launch configuration: PDL on, the SM count of an H100 / H200.
+        for name, module in list(sys.modules.items()):
+            if name.startswith("kernels.triton") and hasattr(module, "pdl_launch_args"):
+                self._saved.append((module, "pdl_launch_args", module.pdl_launch_args))
+                module.pdl_launch_args = lambda device: {"PDL": True, "launch_pdl": True}
+            if name.startswith("kernels.triton") and hasattr(module, "_num_sms"):
+                self._saved.append((module, "_num_sms", module._num_sms))
+                module._num_sms = lambda device: NUM_SMS
+        del pdl
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+
+
+def _gdn_inputs(tokens: tuple[int, ...], hk: int, hv: int, d: int):
+    packed = torch.randn(*tokens, 2 * hk * d + hv * d, dtype=torch.bfloat16)
+    q, k, v = packed.split([hk * d, hk * d, hv * d], dim=-1)
+    ab = torch.randn(*tokens, 2 * hv, dtype=torch.bfloat16)
+    return (q.unflatten(-1, (hk, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hv, d)), ab[..., :hv], ab[..., hv:],
+            torch.randn(hv), torch.randn(hv))
+
+
+def gdn_decode_case(hk: int, hv: int, tokens: int, step_states: bool) -> Callable[[], None]:
+    def run() -> None:
+        from kernels.triton.gdn_decode import gdn_decode
+
+        q, k, v, a, b, a_log, dt_bias = _gdn_inputs((1, tokens), hk, hv, 128)
+        pool = torch.empty(4, hv, 128, 128)
+        steps = torch.empty(1, tokens, hv, 128, 128) if step_states else None
+        gdn_decode(q, k, v, a, b, a_log, dt_bias, pool, torch.tensor([1]), step_states=steps)
+    return run
+
+
+def gdn_prefill_case(hk: int, hv: int, tokens: int, chunk: int, **launch) -> Callable[[], None]:
+    def run() -> None:
+        from kernels.triton.gdn_chunk import gdn_prefill
+
+        q, k, v, a, b, a_log, dt_bias = _gdn_inputs((tokens,), hk, hv, 128)
+        pool = torch.empty(4, hv, 128, 128)
+        gdn_prefill(q, k, v, a, b, a_log, dt_bias, pool, torch.tensor([1]), [0, tokens], [True],
+                    [(0, tokens // 2, 3)], chunk=chunk, **launch)
+    return run
+
+
+def moe_decode_case(hidden: int, inter: int, experts: int, top_k: int, one_launch: bool) -> Callable[[], None]:
+    def run() -> None:
+        from kernels.triton.moe_decode import norm_moe_decode
+
+        def w(*shape):
+            return torch.empty(*shape, dtype=torch.bfloat16)
+
+        norm_moe_decode(w(1, hidden), w(1, hidden), w(hidden), 1e-6, w(experts + 1, hidden),
+                        w(experts + 1, 2 * inter, hidden), w(experts + 1, hidden, inter), top_k, True,
+                        torch.zeros(2, dtype=torch.int32), one_launch=one_launch)
+    return run
+
+
+CASES: dict[str, Callable[[], None]] = {
+    "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
+    "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
+    "gdn_prefill_35b_8k_chunk64": gdn_prefill_case(16, 32, 8192, 64),
+    "gdn_prefill_35b_8k_chunk128": gdn_prefill_case(16, 32, 8192, 128),
+    "gdn_prefill_35b_8k_chunk128_prep_w8": gdn_prefill_case(16, 32, 8192, 128, prep_warps=8),
+    "gdn_prefill_397b_8k_chunk128": gdn_prefill_case(16, 64, 8192, 128),
+    "moe_decode_35b_one_launch": moe_decode_case(2048, 512, 256, 8, True),
+    "moe_decode_35b_phased": moe_decode_case(2048, 512, 256, 8, False),
+    "moe_decode_397b_one_launch": moe_decode_case(4096, 1024, 512, 10, True),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="", help="only cases whose name contains this")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: this compiles the GPU kernels")
+    failed = 0
+    for name, case in CASES.items():
+        if args.cases not in name:
+            continue
+        with Sm90Compiler() as compiler:
+            try:
+                case()
+            except Exception as exc:  # noqa: BLE001 - report every case, then fail
+                failed += 1
+                print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:2000]}")
+                continue
+        for r in compiler.results:
+            spills = f" stack {r['stack_bytes']} B" if r.get("stack_bytes") else ""
+            spills += f" SPILLS local {r['local_bytes']} B" if r.get("local_bytes") else ""
+            print(f"{name:34s} {r['kernel']:24s} warps {r['num_warps']} regs {r.get('registers')} "
+                  f"smem {r['dynamic_shared_bytes'] / 1024:.1f} KiB{spills} | loads {r['global_loads']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
