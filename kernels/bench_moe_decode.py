@@ -29,8 +29,8 @@ from kernels.triton.moe_decode import MoeDecodeConfig, norm_moe_decode
 
 log = logging.getLogger("bench_moe_decode")
 
-SWEEP = [MoeDecodeConfig(programs_per_sm=p, gate_up_n=g, down_n=d)
-         for p, g, d in itertools.product((1, 2), (1, 2, 4), (2, 4, 8))]
+SWEEP = [MoeDecodeConfig(programs_per_sm=p, gate_up_n=g, down_n=d, prefetch_down=f)
+         for p, g, d, f in itertools.product((1, 2), (1, 2, 4), (2, 4, 8), (False, True))]
 
 
 def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
@@ -62,7 +62,8 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
                 "one_launch": one_block(MoeDecodeConfig(), True)}
     if sweep:
         for config in SWEEP:
-            variants[f"one_launch_p{config.programs_per_sm}_g{config.gate_up_n}_d{config.down_n}"] = (
+            name = f"one_launch_p{config.programs_per_sm}_g{config.gate_up_n}_d{config.down_n}"
+            variants[name + ("_prefetch" if config.prefetch_down else "")] = (
                 one_block(config, True))
 
     expected = [three_kernels(x, r) for x, r in inputs[:3]]

@@ -150,20 +150,49 @@ def gdn_prefill_case(hk: int, hv: int, tokens: int, chunk: int, **launch) -> Cal
     return run
 
 
-def moe_decode_case(hidden: int, inter: int, experts: int, top_k: int, one_launch: bool) -> Callable[[], None]:
+def moe_decode_case(hidden: int, inter: int, experts: int, top_k: int, one_launch: bool, **config
+                    ) -> Callable[[], None]:
     def run() -> None:
-        from kernels.triton.moe_decode import norm_moe_decode
+        from kernels.triton.moe_decode import MoeDecodeConfig, norm_moe_decode
 
         def w(*shape):
             return torch.empty(*shape, dtype=torch.bfloat16)
 
         norm_moe_decode(w(1, hidden), w(1, hidden), w(hidden), 1e-6, w(experts + 1, hidden),
                         w(experts + 1, 2 * inter, hidden), w(experts + 1, hidden, inter), top_k, True,
-                        torch.zeros(2, dtype=torch.int32), one_launch=one_launch)
+                        torch.zeros(2, dtype=torch.int32), one_launch=one_launch, config=MoeDecodeConfig(**config))
     return run
 
 
+def decode_chain_35b() -> None:
+    """The kernels of one Qwen3.5-35B-A3B decode step (one request) other than GDN and the MoE block above:
+    fused norm + projections (with the conv epilogue), out_proj with the gated norm, o_proj with the gate,
+    QK-norm/RoPE storing the KV, router + top-k, the matrix-vector experts, the LM head, conv1d."""
+    from kernels.triton import conv1d, gemv, moe, norm, qk_norm_rope
+
+    def w(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype)
+
+    x, residual, norm_w = w(1, 2048), w(1, 2048), w(2048)
+    conv_states = w(4, 8192, 3)
+    gemv.rms_norm_linear(x, residual, norm_w, 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
+                         conv_states=conv_states, state_slot=torch.tensor([1]))
+    gemv.rms_norm_linear(x, residual, norm_w, 1e-6, w(9216, 2048))
+    gemv.gated_norm_linear(w(1, 32, 128), w(1, 32, 128), w(128), 1e-6, w(2048, 4096))
+    gemv.gated_linear(w(1, 4096), w(1, 4096), w(2048, 4096))
+    gemv.linear(x, w(248320, 2048))
+    qk_norm_rope.qk_norm_rope(w(1, 9216), w(256), w(256), torch.empty(4096, 64), torch.tensor([7]), 16, 2, 256,
+                              1e-6, kv_cache=w(64, 2, 16, 2, 256), kv_slot_ids=torch.tensor([5]))
+    weights, ids, _, h, _ = moe.norm_route_topk(x, residual, norm_w, 1e-6, w(257, 2048), 8, True,
+                                                torch.zeros(1, dtype=torch.int32))
+    moe.fused_experts(h, w(257, 1024, 2048), w(257, 2048, 512), torch.rand(1, 9), torch.zeros(1, 9, dtype=torch.int32))
+    norm.gemma_rms_norm_residual(x, residual, norm_w, 1e-6)
+    conv1d.conv1d_update(w(2, 8192), w(8192, 4), conv_states, torch.tensor([1, 2]))
+    conv1d.conv1d_prefill(w(300, 8192), w(8192, 4), conv_states, torch.tensor([1, 2]), [0, 100, 300], [True, False])
+
+
 CASES: dict[str, Callable[[], None]] = {
+    "decode_chain_35b": decode_chain_35b,
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
     "gdn_prefill_35b_8k_chunk64": gdn_prefill_case(16, 32, 8192, 64),
@@ -171,6 +200,7 @@ CASES: dict[str, Callable[[], None]] = {
     "gdn_prefill_35b_8k_chunk128_prep_w8": gdn_prefill_case(16, 32, 8192, 128, prep_warps=8),
     "gdn_prefill_397b_8k_chunk128": gdn_prefill_case(16, 64, 8192, 128),
     "moe_decode_35b_one_launch": moe_decode_case(2048, 512, 256, 8, True),
+    "moe_decode_35b_one_launch_prefetch": moe_decode_case(2048, 512, 256, 8, True, prefetch_down=True),
     "moe_decode_35b_phased": moe_decode_case(2048, 512, 256, 8, False),
     "moe_decode_397b_one_launch": moe_decode_case(4096, 1024, 512, 10, True),
 }

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from .gdn_decode import is_interpreting, softplus
+from .gemv import prefetch_l2
 
 CHUNK = 64  # tokens per chunk; the blocked inverse below assumes a multiple of 16
 # Chunk sizes a plan may ask for: 64, or 128 as two 64-token halves joined exactly (module docstring)
@@ -109,13 +110,6 @@ def _diag_block_inverse(m, C: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Asks L2 to fetch the lines at ``ptrs`` (no registers wait for it; must be valid addresses)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _prep_subchunk(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr,
     w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
@@ -139,7 +133,7 @@ def _prep_subchunk(
         # (17 us of 460 per 8K-token 397B layer). One prefetch per 128-byte line (64 bf16); rows past the
         # chunk end are clamped to valid addresses.
         v_rows = v_ptr + tl.minimum(tok, total_tokens - 1) * stride_vt + i_h * stride_vh
-        _prefetch_l2(v_rows[:, None] + (tl.arange(0, DV // 64) * 64)[None, :])
+        prefetch_l2(v_rows[:, None] + (tl.arange(0, DV // 64) * 64)[None, :])
 
     # --- gating: g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) rounded like the model's ---
     a = tl.load(a_ptr + tok * stride_at + i_h * stride_ah, mask=mask_t, other=0.0).to(tl.float32)

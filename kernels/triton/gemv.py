@@ -78,6 +78,14 @@ def load_weight_tile(w_ptr, col0, num_cols, stride_w, K: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Asks L2 to fetch the lines at ``ptrs`` (no registers wait for it; must be valid addresses). Inline PTX:
+    not for Triton's interpreter."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def gemv_tile(
     x_ptr, w_ptr, col0, num_rows, num_cols, stride_x, stride_w,
     K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.gemv import MAX_SINGLE_TILE_K, load_weight_tile, rms_norm_row
+from kernels.triton.gemv import MAX_SINGLE_TILE_K, load_weight_tile, prefetch_l2, rms_norm_row
 from kernels.triton.moe import topk_of_logits
 from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
@@ -51,6 +51,9 @@ class MoeDecodeConfig:
     gate_up_n: int = 2
     down_n: int = 4
     num_warps: int = 4
+    # Before its gate/up tiles, each program asks L2 for the down-projection rows of its phase-3 tiles (the
+    # routing is known by then), so phase 3 reads L2 instead of waiting on HBM (GPU, bf16, I % 64 == 0).
+    prefetch_down: bool = False
 
     def __post_init__(self) -> None:
         # Every program must be resident at once (the grid barrier waits for all of them). At most 8 warps per
@@ -90,7 +93,7 @@ def _moe_decode_kernel(
     stride_router, stride_w13_e, stride_w13_n, stride_w2_e, stride_w2_n,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
-    ROUTER_N: tl.constexpr, GATE_UP_N: tl.constexpr, DOWN_N: tl.constexpr,
+    ROUTER_N: tl.constexpr, GATE_UP_N: tl.constexpr, DOWN_N: tl.constexpr, PREFETCH_DOWN: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     PHASE: tl.constexpr,  # 0: all three phases with grid barriers; 1, 2, 3: that phase alone
     PDL: tl.constexpr,
@@ -137,6 +140,16 @@ def _moe_decode_kernel(
         rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
         norm_w = tl.load(norm_w_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
         h = round_to((s * rstd) * (1.0 + norm_w), dtype)
+        if PREFETCH_DOWN:
+            lines = tl.arange(0, BLOCK_I // 64) * 64  # one prefetch per 128-byte line of a weight row
+            tile = pid
+            while tile < (HIDDEN + DOWN_N - 1) // DOWN_N:
+                down_rows = tl.minimum(tile * DOWN_N + tl.arange(0, DOWN_N), HIDDEN - 1)  # valid addresses only
+                for j in tl.static_range(TOP_K + 1):
+                    down_expert = tl.sum(tl.where(pair == j, pair_e, 0), axis=0).to(tl.int64)
+                    prefetch_l2(w2_ptr + down_expert * stride_w2_e + down_rows[:, None].to(tl.int64) * stride_w2_n
+                                + lines[None, :])
+                tile += num_programs
         tiles_n: tl.constexpr = (INTER + GATE_UP_N - 1) // GATE_UP_N
         # Grid-stride loops as while loops: the interpreter cannot take a runtime range bound (numpy >= 2.4).
         item = pid
@@ -244,6 +257,8 @@ def norm_moe_decode(
         HIDDEN=hidden, INTER=inter, BLOCK_H=triton.next_power_of_2(hidden), BLOCK_I=triton.next_power_of_2(inter),
         TOP_K=top_k, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TK=triton.next_power_of_2(top_k + 1),
         ROUTER_N=router_n, GATE_UP_N=config.gate_up_n, DOWN_N=config.down_n,
+        PREFETCH_DOWN=(config.prefetch_down and x.dtype == torch.bfloat16 and inter % 64 == 0
+                       and os.environ.get("TRITON_INTERPRET", "0") != "1"),
         SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_RESIDUAL=residual is not None,
         num_warps=config.num_warps, **pdl_launch_args(x.device),
     )
