@@ -106,6 +106,17 @@ def assert_only_slots_changed(pool: torch.Tensor, before: torch.Tensor, slots: l
 # ----------------------------------------------------------------------------------------------- decode
 
 
+def decode_inputs(batch: int, tokens: int, hk: int, hv: int, dk: int, dv: int, dtype, seed: int):
+    """q, k, v, a, b, A_log, dt_bias of a decode step, a pool with spare slots, and distinct random slots."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = mixed_qkv((batch, tokens), hk, hv, dk, dv, dtype, gen)
+    a, b = raw_gates((batch, tokens), hv, dtype, gen)
+    A_log, dt_bias = gdn_params(hv, gen)
+    pool = ssm_pool(2 * batch + 1, hv, dk, dv, gen)
+    slots = torch.randperm(pool.shape[0], generator=gen)[:batch]
+    return q, k, v, a, b, A_log, dt_bias, pool, slots
+
+
 @pytest.mark.parametrize(
     "dtype,batch,tokens,hk,hv,dk,dv,block_v",
     [
@@ -115,12 +126,8 @@ def assert_only_slots_changed(pool: torch.Tensor, before: torch.Tensor, slots: l
     ],
 )
 def test_gdn_decode_matches_recurrent_reference(dtype, batch, tokens, hk, hv, dk, dv, block_v):
-    gen = torch.Generator().manual_seed(batch * 100 + tokens * 10 + hv)
-    q, k, v = mixed_qkv((batch, tokens), hk, hv, dk, dv, dtype, gen)
-    a, b = raw_gates((batch, tokens), hv, dtype, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
-    pool = ssm_pool(2 * batch + 1, hv, dk, dv, gen)
-    slots = torch.randperm(pool.shape[0], generator=gen)[:batch]
+    q, k, v, a, b, A_log, dt_bias, pool, slots = decode_inputs(batch, tokens, hk, hv, dk, dv, dtype,
+                                                               batch * 100 + tokens * 10 + hv)
     before = pool.clone()
     out = torch.full((batch, tokens, hv, dv), float("nan"), dtype=dtype, device=DEVICE)
 
@@ -162,12 +169,7 @@ def test_gdn_decode_step_states_for_speculative_verification(dtype, hk, hv, dk, 
     the recurrent reference over that prefix), the pool is left untouched, and ``commit_step_states`` moves
     each request's accepted prefix state into its slot."""
     batch, tokens = 3, 4
-    gen = torch.Generator().manual_seed(4242 + hv)
-    q, k, v = mixed_qkv((batch, tokens), hk, hv, dk, dv, dtype, gen)
-    a, b = raw_gates((batch, tokens), hv, dtype, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
-    pool = ssm_pool(2 * batch + 1, hv, dk, dv, gen)
-    slots = torch.randperm(pool.shape[0], generator=gen)[:batch]
+    q, k, v, a, b, A_log, dt_bias, pool, slots = decode_inputs(batch, tokens, hk, hv, dk, dv, dtype, 4242 + hv)
     before = pool.clone()
     steps = torch.full((batch, tokens, hv, dk, dv), float("nan"), device=DEVICE)
 
