@@ -242,5 +242,5 @@ def commit_step_states(ssm_states: torch.Tensor, state_slots: torch.Tensor, step
     if batch < 0 or state_slots.shape != (batch,) or num_accepted.shape != (batch,):
         raise ValueError(f"expected step_states [B, T, Hv, Dk, Dv], state_slots [B] and num_accepted [B], got "
                          f"{list(step_states.shape)}, {list(state_slots.shape)}, {list(num_accepted.shape)}")
-    rows = torch.arange(step_states.shape[0], device=step_states.device)
+    rows = torch.arange(batch, device=step_states.device)
     ssm_states[state_slots.long()] = step_states[rows, num_accepted.long() - 1]
