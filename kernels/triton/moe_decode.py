@@ -7,7 +7,8 @@ last-block tail (one program routes after all have stored their logits) is seria
 (at most one wave: every program resident) runs the three phases with a grid-wide barrier between them:
 
 1. every program normalises the row itself (``x + residual``, as ``gemv.rms_norm_linear`` does; program 0
-   writes the new residual) and computes a few router rows; logits go to a scratch row;
+   writes the new residual) and computes a few router rows; logits go to a scratch row; the normed row stays
+   in the program's registers for phase 2;
 2. every program reads all logits and computes the same top-k (no serial tail), then a grid-stride share of
    the (pair, column tile) gate/up products of the k routed experts and the shared expert (expert E of the
    stacks, weight sigmoid(shared-gate logit)), SwiGLU into a scratch ``act [k+1, I]``;
@@ -133,13 +134,15 @@ def _moe_decode_kernel(
         if pid == 0:
             tl.store(topk_w_ptr + pair, pair_w, mask=pair <= TOP_K)
             tl.store(topk_ids_ptr + pair, pair_e, mask=pair <= TOP_K)
-        # The normed row from the new residual (program 0 stored it in phase 1): what rms_norm_row computes.
-        offs_h = tl.arange(0, BLOCK_H)
-        h_mask = offs_h < HIDDEN
-        s = tl.load(new_res_ptr + offs_h, mask=h_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
-        norm_w = tl.load(norm_w_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-        h = round_to((s * rstd) * (1.0 + norm_w), dtype)
+        if PHASE == 2:
+            # A launch of its own: the normed row again, from the new residual program 0 stored in phase 1 (what
+            # rms_norm_row computed there). In one launch each program still holds its phase-1 ``h``.
+            offs_h = tl.arange(0, BLOCK_H)
+            h_mask = offs_h < HIDDEN
+            s = tl.load(new_res_ptr + offs_h, mask=h_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
+            norm_w = tl.load(norm_w_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+            h = round_to((s * rstd) * (1.0 + norm_w), dtype)
         if PREFETCH_DOWN:
             lines = tl.arange(0, BLOCK_I // 64) * 64  # one prefetch per 128-byte line of a weight row
             tile = pid
