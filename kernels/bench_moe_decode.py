@@ -59,12 +59,13 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
                                                    sync, one_launch=one_launch, config=config)[:2]
 
     variants = {"three_kernels": three_kernels, "phased": one_block(MoeDecodeConfig(), False),
-                "one_launch": one_block(MoeDecodeConfig(), True)}
+                "one_launch": one_block(MoeDecodeConfig(), True),
+                "one_launch_shared_late": one_block(MoeDecodeConfig(shared_first=False), True)}
     if sweep:
         for config in SWEEP:
             name = f"one_launch_p{config.programs_per_sm}_g{config.gate_up_n}_d{config.down_n}"
-            variants[name + ("_prefetch" if config.prefetch_down else "")] = (
-                one_block(config, True))
+            name += ("_prefetch" if config.prefetch_down else "") + ("" if config.shared_first else "_shared_late")
+            variants[name] = one_block(config, True)
 
     expected = [three_kernels(x, r) for x, r in inputs[:3]]
     errors, timed = {}, {}

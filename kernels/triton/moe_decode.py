@@ -8,10 +8,11 @@ last-block tail (one program routes after all have stored their logits) is seria
 
 1. every program normalises the row itself (``x + residual``, as ``gemv.rms_norm_linear`` does; program 0
    writes the new residual) and computes a few router rows; logits go to a scratch row; the normed row stays
-   in the program's registers for phase 2;
+   in the program's registers for phase 2. The shared expert (expert E of the stacks, weight
+   sigmoid(shared-gate logit)) needs no routing: its gate/up tiles are done here too, the first one loaded
+   before the PDL wait (``MoeDecodeConfig.shared_first``), SwiGLU into row k of a scratch ``act [k+1, I]``;
 2. every program reads all logits and computes the same top-k (no serial tail), then a grid-stride share of
-   the (pair, column tile) gate/up products of the k routed experts and the shared expert (expert E of the
-   stacks, weight sigmoid(shared-gate logit)), SwiGLU into a scratch ``act [k+1, I]``;
+   the (pair, column tile) gate/up products of the k routed experts, SwiGLU into rows 0..k-1 of ``act``;
 3. a grid-stride share of the output column tiles: the down projection of every pair and their k-sum.
 
 Every step rounds as the three-kernel path does (logits, gate, up, silu, silu*up, the down product, the
@@ -55,6 +56,9 @@ class MoeDecodeConfig:
     # Before its gate/up tiles, each program asks L2 for the down-projection rows of its phase-3 tiles (the
     # routing is known by then), so phase 3 reads L2 instead of waiting on HBM (GPU, bf16, I % 64 == 0).
     prefetch_down: bool = False
+    # The shared expert's gate/up in phase 1: it needs no routing, so each program loads its first shared
+    # tile before the PDL wait (the load overlaps the kernel in front) and phase 2 has only the routed pairs.
+    shared_first: bool = True
 
     def __post_init__(self) -> None:
         # Every program must be resident at once (the grid barrier waits for all of them). At most 8 warps per
@@ -87,6 +91,17 @@ def grid_barrier(sync_ptr, num_programs):
 
 
 @triton.jit
+def _swiglu_store(h, w_gate, w_up, act_ptr, col0, INTER: tl.constexpr, GATE_UP_N: tl.constexpr):
+    """``silu(h @ w_gate^T) * (h @ w_up^T)`` of GATE_UP_N columns from col0, rounded as the reference, stored."""
+    dtype = act_ptr.dtype.element_ty
+    gate = round_to(tl.sum(h[None, :] * w_gate.to(tl.float32), axis=1), dtype)
+    up = round_to(tl.sum(h[None, :] * w_up.to(tl.float32), axis=1), dtype)
+    act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+    cols = col0 + tl.arange(0, GATE_UP_N)
+    tl.store(act_ptr + cols, act.to(dtype), mask=cols < INTER)
+
+
+@triton.jit
 def _moe_decode_kernel(
     x_ptr, res_ptr, norm_w_ptr, router_ptr, w13_ptr, w2_ptr,
     out_ptr, new_res_ptr, logits_ptr, act_ptr, topk_w_ptr, topk_ids_ptr, sync_ptr,
@@ -95,6 +110,7 @@ def _moe_decode_kernel(
     HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
     ROUTER_N: tl.constexpr, GATE_UP_N: tl.constexpr, DOWN_N: tl.constexpr, PREFETCH_DOWN: tl.constexpr,
+    SHARED_FIRST: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     PHASE: tl.constexpr,  # 0: all three phases with grid barriers; 1, 2, 3: that phase alone
     PDL: tl.constexpr,
@@ -104,10 +120,16 @@ def _moe_decode_kernel(
     dtype = x_ptr.dtype.element_ty
     pdl_trigger(PDL)
 
-    # ---- phase 1: norm (every program), router rows [pid * ROUTER_N, ...) -------------------------------
+    tiles_n: tl.constexpr = (INTER + GATE_UP_N - 1) // GATE_UP_N
+    w_shared = w13_ptr + tl.cast(num_experts, tl.int64) * stride_w13_e  # the shared expert is expert E
+    # ---- phase 1: norm (every program), router rows [pid * ROUTER_N, ...), shared gate/up if SHARED_FIRST ---
     if PHASE == 0 or PHASE == 1:
         row0 = pid * ROUTER_N
         w_router = load_weight_tile(router_ptr, row0, num_experts + 1, stride_router, HIDDEN, ROUTER_N, BLOCK_H)
+        if SHARED_FIRST:  # tile ``pid`` (masked off past the last), loaded before the wait
+            ws_gate = load_weight_tile(w_shared, pid * GATE_UP_N, INTER, stride_w13_n, HIDDEN, GATE_UP_N, BLOCK_H)
+            ws_up = load_weight_tile(w_shared + INTER * stride_w13_n, pid * GATE_UP_N, INTER, stride_w13_n, HIDDEN,
+                                     GATE_UP_N, BLOCK_H)
         pdl_wait(PDL)
         h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, new_res_ptr, eps, pid == 0,
                          HIDDEN, BLOCK_H, HAS_RESIDUAL, False)
@@ -115,6 +137,17 @@ def _moe_decode_kernel(
         # The reference's F.linear returns the logits in the activation dtype: round them so.
         logits = round_to(tl.sum(h[None, :] * w_router.to(tl.float32), axis=1), dtype)
         tl.store(logits_ptr + rows, logits, mask=rows < num_experts + 1)
+        if SHARED_FIRST:
+            shared_act = act_ptr + TOP_K * INTER
+            _swiglu_store(h, ws_gate, ws_up, shared_act, pid * GATE_UP_N, INTER, GATE_UP_N)
+            item = pid + num_programs  # tiles beyond one per program (wide experts, small grids)
+            while item < tiles_n:
+                col0 = item * GATE_UP_N
+                w_gate = load_weight_tile(w_shared, col0, INTER, stride_w13_n, HIDDEN, GATE_UP_N, BLOCK_H)
+                w_up = load_weight_tile(w_shared + INTER * stride_w13_n, col0, INTER, stride_w13_n, HIDDEN,
+                                        GATE_UP_N, BLOCK_H)
+                _swiglu_store(h, w_gate, w_up, shared_act, col0, INTER, GATE_UP_N)
+                item += num_programs
     else:
         pdl_wait(PDL)
     if PHASE == 0:
@@ -153,10 +186,10 @@ def _moe_decode_kernel(
                     prefetch_l2(w2_ptr + down_expert * stride_w2_e + down_rows[:, None].to(tl.int64) * stride_w2_n
                                 + lines[None, :])
                 tile += num_programs
-        tiles_n: tl.constexpr = (INTER + GATE_UP_N - 1) // GATE_UP_N
+        num_pairs: tl.constexpr = TOP_K if SHARED_FIRST else TOP_K + 1  # the shared expert is pair TOP_K
         # Grid-stride loops as while loops: the interpreter cannot take a runtime range bound (numpy >= 2.4).
         item = pid
-        while item < (TOP_K + 1) * tiles_n:
+        while item < num_pairs * tiles_n:
             p = item // tiles_n
             expert = tl.sum(tl.where(pair == p, pair_e, 0), axis=0).to(tl.int64)
             col0 = (item % tiles_n) * GATE_UP_N
@@ -164,11 +197,7 @@ def _moe_decode_kernel(
             w_gate = load_weight_tile(w_expert, col0, INTER, stride_w13_n, HIDDEN, GATE_UP_N, BLOCK_H)
             w_up = load_weight_tile(w_expert + INTER * stride_w13_n, col0, INTER, stride_w13_n, HIDDEN, GATE_UP_N,
                                     BLOCK_H)
-            gate = round_to(tl.sum(h[None, :] * w_gate.to(tl.float32), axis=1), dtype)
-            up = round_to(tl.sum(h[None, :] * w_up.to(tl.float32), axis=1), dtype)
-            act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
-            cols = col0 + tl.arange(0, GATE_UP_N)
-            tl.store(act_ptr + p * INTER + cols, act.to(dtype), mask=cols < INTER)
+            _swiglu_store(h, w_gate, w_up, act_ptr + p * INTER, col0, INTER, GATE_UP_N)
             item += num_programs
     if PHASE == 0:
         grid_barrier(sync_ptr, num_programs)
@@ -262,6 +291,7 @@ def norm_moe_decode(
         ROUTER_N=router_n, GATE_UP_N=config.gate_up_n, DOWN_N=config.down_n,
         PREFETCH_DOWN=(config.prefetch_down and x.dtype == torch.bfloat16 and inter % 64 == 0
                        and os.environ.get("TRITON_INTERPRET", "0") != "1"),
+        SHARED_FIRST=config.shared_first,
         SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_RESIDUAL=residual is not None,
         num_warps=config.num_warps, **pdl_launch_args(x.device),
     )

@@ -17,15 +17,15 @@ from kernels.triton.moe_decode import MoeDecodeConfig, norm_moe_decode
 from services.engine.ops import norm_moe_with_shared_expert_torch
 from tests.kernels.test_norm_rope_moe_kernels import DEVICE, EPS, _close, _gen, _randn, poisoned_outputs
 
-# (hidden, inter, experts, top_k, gate/up and down tile columns): odd sizes with narrow tiles (partial tiles,
-# several items per program), and the Qwen3.5-35B-A3B hidden/intermediate sizes (expert count cut down) with
-# wide tiles, whose cost under the interpreter is per item.
+# (hidden, inter, experts, top_k, gate/up and down tile columns, residual, shared expert in phase 1): odd
+# sizes with narrow tiles (partial tiles, several items per program), and the Qwen3.5-35B-A3B
+# hidden/intermediate sizes (expert count cut down) with wide tiles, whose cost under the interpreter is per item.
 CASES = [
-    (torch.float32, 72, 40, 13, 3, 4, 8, True),
-    (torch.float32, 72, 40, 13, 3, 4, 8, False),
-    (torch.bfloat16, 72, 40, 13, 3, 4, 8, True),
-    (torch.bfloat16, 72, 40, 13, 3, 4, 8, False),
-    (torch.bfloat16, 2048, 512, 24, 8, 64, 256, True),
+    (torch.float32, 72, 40, 13, 3, 4, 8, True, True),
+    (torch.float32, 72, 40, 13, 3, 4, 8, False, False),
+    (torch.bfloat16, 72, 40, 13, 3, 4, 8, True, False),
+    (torch.bfloat16, 72, 40, 13, 3, 4, 8, False, True),
+    (torch.bfloat16, 2048, 512, 24, 8, 64, 256, True, True),
 ]
 
 
@@ -40,13 +40,13 @@ def make_inputs(dtype, hidden, inter, experts, with_residual, seed):
     return x, residual, norm_weight, router, w13, w2
 
 
-@pytest.mark.parametrize("dtype,hidden,inter,experts,top_k,gate_up_n,down_n,with_residual", CASES)
+@pytest.mark.parametrize("dtype,hidden,inter,experts,top_k,gate_up_n,down_n,with_residual,shared_first", CASES)
 def test_norm_moe_decode_matches_three_kernel_path(dtype, hidden, inter, experts, top_k, gate_up_n, down_n,
-                                                   with_residual):
+                                                   with_residual, shared_first):
     x, residual, norm_weight, router, w13, w2 = make_inputs(dtype, hidden, inter, experts, with_residual,
                                                             hidden + experts + int(with_residual))
     sync = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    config = MoeDecodeConfig(gate_up_n=gate_up_n, down_n=down_n)
+    config = MoeDecodeConfig(gate_up_n=gate_up_n, down_n=down_n, shared_first=shared_first)
     with poisoned_outputs():
         out, new_res, weights, ids = norm_moe_decode(x, residual, norm_weight, EPS, router, w13, w2, top_k, True,
                                                      sync, config=config)
@@ -105,10 +105,11 @@ def test_norm_moe_decode_one_launch_on_gpu(hidden, inter, experts, top_k):
         x, residual, norm_weight, router, w13, w2 = make_inputs(dtype, hidden, inter, experts, True, seed)
         args = (x, residual, norm_weight, EPS, router, w13, w2, top_k, True, sync)
         phased = norm_moe_decode(*args, one_launch=False)
-        fused = norm_moe_decode(*args, one_launch=True)
-        for a, b in zip(fused, phased, strict=True):
-            assert torch.equal(a, b)
-        assert int(sync[0]) == 0
+        for config in (MoeDecodeConfig(), MoeDecodeConfig(shared_first=False)):
+            fused = norm_moe_decode(*args, one_launch=True, config=config)
+            for a, b in zip(fused, phased, strict=True):
+                assert torch.equal(a, b)
+            assert int(sync[0]) == 0
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = norm_moe_decode(*args, one_launch=True)
