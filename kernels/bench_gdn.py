@@ -396,6 +396,7 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         errs["checkpoint"] = rel_err(states[dest], ref_ck[0])
     for name, err in errs.items():
         require(f"prefill {shape.name} {lens} {name}", err, PREFILL_TOL)
+    del ref_out, ref_states
 
     cfg = prefill_config(num_seqs, shape.hv, shape.d,
                          torch.cuda.get_device_properties(device).multi_processor_count if timer.cuda else 132)
@@ -404,32 +405,8 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         return lambda: gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, None, None, plan=plan, out=out,
                                    **launch)
 
-    # 128-token chunks (half the state pass's sequential steps, a costlier prep), checked like the default
-    # and timed in the same alternation: its default launch (one state-pass stage at BV 64, 8 warps: two
-    # stages do not fit shared memory), and the prep at 8 warps (fewer spills, half the programs per SM).
-    plan128 = plan_gdn_prefill(cu, has_init, checkpoints, device, chunk=128)
-
-    def ours128(**launch):
-        return lambda: gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, None, None, plan=plan128, out=out,
-                                   **launch)
-
-    chunk128_errors: dict[str, str] = {}
-    chunk128 = {}
-    for warps in (4, 8):
-        key = f"chunk128_prep_w{warps}"
-        try:
-            states[slots] = init
-            ours128(prep_warps=warps)()
-            require(f"prefill {shape.name} {lens} {key} out", rel_err(out, ref_out), PREFILL_TOL)
-            require(f"prefill {shape.name} {lens} {key} state", rel_err(states[slots], ref_states), PREFILL_TOL)
-            chunk128[key] = ours128(prep_warps=warps)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of registers / shared memory for this config
-            chunk128_errors[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            print(f"  {key}: {chunk128_errors[key]}", file=sys.stderr)
-    del ref_out, ref_states
-
     fla_call = fla_prefill_call(shape, fla, q, k, v, g, beta, init, cu) if fla else None
-    timed = {"ours": ours(), **chunk128}
+    timed = {"ours": ours()}
     if fla_call is not None and fla_call[0] is not None:
         timed["fla"] = fla_call[0]
     times = timer.alternating_us(timed)
@@ -443,11 +420,7 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         "config": cfg, "ours_us": t_ours, "ours_with_planning_us": t_ours_host,
         "ours_Mtok_per_s": total / t_ours, "kernels_us": timer.kernels_us(ours()),
         **{f"err_{name}": err for name, err in errs.items()},
-        **{f"{key}_us": times[key] for key in chunk128},
-        **{f"{key}_error": err for key, err in chunk128_errors.items()},
     }
-    for key in chunk128:
-        result[f"{key}_kernels_us"] = timer.kernels_us(chunk128[key])
     if sweep:
         # state-pass configs with the default prep kernel, then prep configs with the best state pass
         grid: dict[str, float | None] = {}
@@ -488,8 +461,6 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
             result["fla_kernels_us"] = timer.kernels_us(run)
             result["fla_Mtok_per_s"] = total / result["fla_us"]
             result["speedup_vs_fla"] = result["fla_us"] / t_ours
-            for key in chunk128:
-                result[f"{key}_speedup_vs_fla"] = result["fla_us"] / times[key]
             if "best_us" in result:
                 result["best_speedup_vs_fla"] = result["fla_us"] / result["best_us"]
         else:
@@ -690,11 +661,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prefill {shape.name:16s} {len(lens)} seqs {row['total_tokens']:6d} tok ck={row['checkpoints']:<3d}"
                   f" ours {row['ours_Mtok_per_s']:6.2f} Mtok/s  fla {row.get('fla_Mtok_per_s') or float('nan'):6.2f}"
                   f" Mtok/s  kernels {row['kernels_us']}")
-            for key in ("chunk128_prep_w4", "chunk128_prep_w8"):
-                if f"{key}_us" in row:
-                    print(f"        {key}: {row['total_tokens'] / row[f'{key}_us']:6.2f} Mtok/s"
-                          f"  ({row.get(f'{key}_speedup_vs_fla', float('nan')):.2f}x fla)"
-                          f"  kernels {row[f'{key}_kernels_us']}")
         for lens, batch in conv_cases:
             seed += 1
             for row in bench_conv(shape, lens, batch, timer, device, seed):

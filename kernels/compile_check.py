@@ -3,7 +3,7 @@
     python -m kernels.compile_check                 # every case below
     python -m kernels.compile_check --cases moe     # names containing "moe"
 
-Each case calls a real launcher (``gdn_prefill``, ``norm_moe_decode``, ...) on CPU tensors of the model's real
+Each case calls a real launcher (``gdn_prefill``, ``gdn_out_decode``, ...) on CPU tensors of the model's real
 shapes, with Triton's launch replaced by a compile for an sm_90 target of 132 SMs (an H100 / H200): the
 arguments are specialised exactly as a launch specialises them (16-byte-aligned pointers, strides divisible
 by 16), the GPU launch configuration is used (PDL on), and nothing runs. It catches what the interpreter
@@ -30,7 +30,7 @@ import torch
 
 NUM_SMS = 132
 # The launchers' modules, imported before Sm90Compiler patches their launch configuration.
-LAUNCHER_MODULES = ("conv1d", "gdn_chunk", "gdn_decode", "gemv", "moe", "moe_decode", "norm", "qk_norm_rope")
+LAUNCHER_MODULES = ("conv1d", "gdn_chunk", "gdn_decode", "gdn_out_decode", "gemv", "moe", "norm", "qk_norm_rope")
 
 
 def _cuobjdump() -> str:
@@ -106,9 +106,9 @@ class Sm90Compiler:
             if name.startswith("kernels.triton") and hasattr(module, "pdl_launch_args"):
                 self._saved.append((module, "pdl_launch_args", module.pdl_launch_args))
                 module.pdl_launch_args = lambda device: {"PDL": True, "launch_pdl": True}
-            if name.startswith("kernels.triton") and hasattr(module, "_num_sms"):
-                self._saved.append((module, "_num_sms", module._num_sms))
-                module._num_sms = lambda device: NUM_SMS
+            if name.startswith("kernels.triton") and hasattr(module, "num_sms"):
+                self._saved.append((module, "num_sms", module.num_sms))
+                module.num_sms = lambda device: NUM_SMS
         del pdl
         return self
 
@@ -139,28 +139,27 @@ def gdn_decode_case(hk: int, hv: int, tokens: int, step_states: bool) -> Callabl
     return run
 
 
-def gdn_prefill_case(hk: int, hv: int, tokens: int, chunk: int, **launch) -> Callable[[], None]:
+def gdn_prefill_case(hk: int, hv: int, tokens: int, **launch) -> Callable[[], None]:
     def run() -> None:
         from kernels.triton.gdn_chunk import gdn_prefill
 
         q, k, v, a, b, a_log, dt_bias = _gdn_inputs((tokens,), hk, hv, 128)
         pool = torch.empty(4, hv, 128, 128)
         gdn_prefill(q, k, v, a, b, a_log, dt_bias, pool, torch.tensor([1]), [0, tokens], [True],
-                    [(0, tokens // 2, 3)], chunk=chunk, **launch)
+                    [(0, tokens // 2, 3)], **launch)
     return run
 
 
-def moe_decode_case(hidden: int, inter: int, experts: int, top_k: int, one_launch: bool, **config
-                    ) -> Callable[[], None]:
+def gdn_out_decode_case(hk: int, hv: int, hidden: int, one_launch: bool, **config) -> Callable[[], None]:
     def run() -> None:
-        from kernels.triton.moe_decode import MoeDecodeConfig, norm_moe_decode
+        from kernels.triton.gdn_out_decode import GdnOutDecodeConfig, gdn_out_decode
 
-        def w(*shape):
-            return torch.empty(*shape, dtype=torch.bfloat16)
-
-        norm_moe_decode(w(1, hidden), w(1, hidden), w(hidden), 1e-6, w(experts + 1, hidden),
-                        w(experts + 1, 2 * inter, hidden), w(experts + 1, hidden, inter), top_k, True,
-                        torch.zeros(2, dtype=torch.int32), one_launch=one_launch, config=MoeDecodeConfig(**config))
+        q, k, v, a, b, a_log, dt_bias = _gdn_inputs((1, 1), hk, hv, 128)
+        z, norm_w = torch.empty(1, hv, 128, dtype=torch.bfloat16), torch.empty(128, dtype=torch.bfloat16)
+        out_proj = torch.empty(hidden, hv * 128, dtype=torch.bfloat16)
+        gdn_out_decode(q[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], a_log, dt_bias, torch.empty(4, hv, 128, 128),
+                       torch.tensor([1]), z, norm_w, 1e-6, out_proj, torch.zeros(2, dtype=torch.int32),
+                       one_launch=one_launch, config=GdnOutDecodeConfig(**config))
     return run
 
 
@@ -195,14 +194,10 @@ CASES: dict[str, Callable[[], None]] = {
     "decode_chain_35b": decode_chain_35b,
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
-    "gdn_prefill_35b_8k_chunk64": gdn_prefill_case(16, 32, 8192, 64),
-    "gdn_prefill_35b_8k_chunk128": gdn_prefill_case(16, 32, 8192, 128),
-    "gdn_prefill_35b_8k_chunk128_prep_w8": gdn_prefill_case(16, 32, 8192, 128, prep_warps=8),
-    "gdn_prefill_397b_8k_chunk128": gdn_prefill_case(16, 64, 8192, 128),
-    "moe_decode_35b_one_launch": moe_decode_case(2048, 512, 256, 8, True),
-    "moe_decode_35b_one_launch_prefetch": moe_decode_case(2048, 512, 256, 8, True, prefetch_down=True),
-    "moe_decode_35b_phased": moe_decode_case(2048, 512, 256, 8, False),
-    "moe_decode_397b_one_launch": moe_decode_case(4096, 1024, 512, 10, True),
+    "gdn_prefill_35b_8k": gdn_prefill_case(16, 32, 8192),
+    "gdn_out_decode_35b_one_launch": gdn_out_decode_case(16, 32, 2048, True),
+    "gdn_out_decode_35b_phased": gdn_out_decode_case(16, 32, 2048, False),
+    "gdn_out_decode_397b_one_launch": gdn_out_decode_case(16, 64, 4096, True),
 }
 
 

@@ -28,14 +28,6 @@ S <- exp(gc_last) S + k_raw^T (v_new * kscale)).
    theirs). The output is produced here, so the per-chunk states are never written to memory (fla writes
    them, 32 KiB per chunk and head, and reads them back in a separate output kernel).
 
-Chunks of 128 (``plan_gdn_prefill(..., chunk=128)``): the state pass is sequential over chunks and, where
-few (sequence, head) programs run, bound by the latency of its per-chunk steps; 128-token chunks halve the
-steps. The prep kernel still inverts 64-token blocks: one program preps both halves of a chunk, the second
-one joined to the first exactly. With M = [[M11, 0], [M21, M22]], (I + M)^-1 = [[T1, 0], [-T2 M21 T1, T2]], so
-the second half's w2 = T2 (beta exp(gc) k)_2 - (T2 M21) w1 and u2 = T2 (beta v)_2 - (T2 M21) u1 (gc counted
-from the chunk start, w1 and u1 the first half's rows as stored), and Aqk gains the block q_2 k_1^T decay.
-Two 64x64 products and one 64x64-by-64xD product per output instead of a 128-token solve.
-
 Varlen and checkpoints: chunks are laid out per sequence on the host. A chunk never crosses a sequence end
 or a checkpoint offset: each checkpoint offset restarts the 64-token tiling, so any offset (not only
 multiples of 64) gets its exact state at the cost of one partial chunk. This needs ``cu_seqlens`` and the
@@ -60,8 +52,6 @@ from .gdn_decode import is_interpreting, softplus
 from .gemv import prefetch_l2
 
 CHUNK = 64  # tokens per chunk; the blocked inverse below assumes a multiple of 16
-# Chunk sizes a plan may ask for: 64, or 128 as two 64-token halves joined exactly (module docstring)
-CHUNK_SIZES = (CHUNK, 2 * CHUNK)
 SUB = 16  # diagonal block size of the blocked inverse
 # bf16: smallest N of the 16-bit tensor-core dots (see gdn_prefill: narrower tiles miscompile on sm_90)
 _MIN_PREP_N = 64  # prep kernel: w = T k (N = BK) and u = T v (N = BVF)
@@ -110,20 +100,22 @@ def _diag_block_inverse(m, C: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _prep_subchunk(
-    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr,
+def _gdn_chunk_prep_kernel(
+    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
     w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_at, stride_ah, stride_bt, stride_bh,
-    total_tokens, scale, i_h, i_hk, tok0, length, gc_offset, prev_tok0,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
-    C: tl.constexpr, CW: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOLVE_PREC: tl.constexpr, PREFETCH: tl.constexpr, CROSS: tl.constexpr,
+    total_tokens, scale,
+    GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """The prep of ``length <= C`` tokens from ``tok0`` (one chunk, or one half of a 2C-token chunk); returns
-    the sub-chunk's total log-decay. ``gc_offset``: the log-decay of the chunk before this sub-chunk (0 for a
-    chunk's first half). CROSS (second half of a 2C chunk whose first half starts at ``prev_tok0`` and was
-    prepped by this program just before): joins the two halves exactly (module docstring, "Chunks of 128")."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_hk = i_h // GROUP
+    tok0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    length = tl.load(chunk_len_ptr + i_c)
+
     rows = tl.arange(0, C)
     mask_t = rows < length
     tok = tok0 + rows
@@ -142,7 +134,7 @@ def _prep_subchunk(
     g = tl.where(mask_t, neg_a * softplus(a + tl.load(dt_bias_ptr + i_h).to(tl.float32)), 0.0)
     beta = (1.0 / (1.0 + tl.exp(-b.to(tl.float32)))).to(b.dtype).to(tl.float32)
     beta = tl.where(mask_t, beta, 0.0)
-    gc = tl.cumsum(g, axis=0)  # within the sub-chunk; gc + gc_offset within the chunk
+    gc = tl.cumsum(g, axis=0)
 
     # --- q and k stay raw (exact 16-bit dot operands); their L2 norms become row scales of the products ---
     offs_k = tl.arange(0, BK)
@@ -155,8 +147,8 @@ def _prep_subchunk(
     rq = tl.rsqrt(tl.sum(qf * qf, axis=1) + 1e-6) * scale
     k = k.to(DOT_DT)
     q = q.to(DOT_DT)
-    tl.store(gc_ptr + srow, gc + gc_offset, mask=mask_t)
-    tl.store(qs_ptr + srow, rq * tl.exp(gc + gc_offset), mask=mask_t)
+    tl.store(gc_ptr + srow, gc, mask=mask_t)
+    tl.store(qs_ptr + srow, rq * tl.exp(gc), mask=mask_t)
     tl.store(ks_ptr + srow, rk, mask=mask_t)
 
     lower_eq = rows[:, None] >= rows[None, :]
@@ -165,15 +157,7 @@ def _prep_subchunk(
     # --- intra-chunk attention Aqk = (q^ k^T) * decay, lower triangle with the diagonal ---
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     aqk = tl.where(lower_eq, qk * rq[:, None] * rk[None, :] * decay, 0.0)
-    # Stored at once (a second half's rows at columns C.., after the block against the first half's keys), so
-    # the tile is not live through the solve.
-    p_aqk = aqk_ptr + srow[:, None] * CW + rows[None, :]
-    if CROSS:
-        tl.store(p_aqk + C, aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
-    else:
-        tl.store(p_aqk, aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
-        if CW > C:  # first half of a 2C chunk: its rows see no key of the second half (causal zeros)
-            tl.store(p_aqk + C, tl.zeros([C, C], dtype=aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
+    tl.store(aqk_ptr + srow[:, None] * C + rows[None, :], aqk.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
 
     # --- M = strictly lower (beta_i k^_i . k^_j decay_ij) ---
     kkt = tl.dot(k, tl.trans(k), input_precision=DOT_PREC)
@@ -188,73 +172,14 @@ def _prep_subchunk(
     inv_n = tl.dot(eye - n, eye + n2, input_precision=SOLVE_PREC)  # (I + N)^-1 = (I - N)(I + N^2)
     t = tl.dot(inv_n, d, input_precision=SOLVE_PREC)
 
+    # --- w = T diag(beta exp(gc) rk) k,  u = T diag(beta) v: the diagonals scale T's columns ---
+    w = tl.dot((t * (beta * tl.exp(gc) * rk)[None, :]).to(DOT_DT), k, input_precision=DOT_PREC)
+    tl.store(w_ptr + srow[:, None] * DK + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_tk)
     offs_v = tl.arange(0, BVF)
     mask_tv = mask_t[:, None] & (offs_v < DV)[None, :]
-    if CROSS:
-        # The first half (C full rows from prev_tok0) as this program stored it: raw k, chunk-relative gc,
-        # k's row scale, and (below) its final w, u.
-        prow = i_h.to(tl.int64) * total_tokens + prev_tok0 + rows
-        k1 = tl.load(k_ptr + (prev_tok0 + rows)[:, None] * stride_kt + i_hk * stride_kh + offs_k[None, :],
-                     mask=(offs_k < DK)[None, :], other=0.0).to(DOT_DT)
-        gc1 = tl.load(gc_ptr + prow)
-        rk1 = tl.load(ks_ptr + prow)
-        decay21 = tl.exp(tl.where(mask_t[:, None], (gc + gc_offset)[:, None] - gc1[None, :], 0.0))
-        # Aqk's block below the diagonal: rows of this half against the first half's keys.
-        qk1 = tl.dot(q, tl.trans(k1), input_precision=DOT_PREC)
-        a21 = tl.where(mask_t[:, None], qk1 * rq[:, None] * rk1[None, :] * decay21, 0.0)
-        tl.store(p_aqk, a21.to(aqk_ptr.dtype.element_ty), mask=mask_t[:, None])
-        # T's block below the diagonal is -T2 M21 T1, so w2 = T2 (.) - (T2 M21) w1, likewise u2.
-        kk1 = tl.dot(k, tl.trans(k1), input_precision=DOT_PREC)
-        m21 = tl.where(mask_t[:, None], kk1 * (beta * rk)[:, None] * rk1[None, :] * decay21, 0.0)
-        p21 = tl.dot(t, m21, input_precision=SOLVE_PREC)
-
-    # --- w = T diag(beta exp(gc) rk) k,  u = T diag(beta) v: the diagonals scale T's columns ---
-    w = tl.dot((t * (beta * tl.exp(gc + gc_offset) * rk)[None, :]).to(DOT_DT), k, input_precision=DOT_PREC)
-    if CROSS:
-        w1 = tl.load(w_ptr + prow[:, None] * DK + offs_k[None, :], mask=(offs_k < DK)[None, :], other=0.0)
-        w = w - tl.dot(p21, w1.to(tl.float32), input_precision=SOLVE_PREC)
-    tl.store(w_ptr + srow[:, None] * DK + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_tk)
     v = tl.load(v_ptr + tok[:, None] * stride_vt + i_h * stride_vh + offs_v[None, :], mask=mask_tv, other=0.0)
     u = tl.dot((t * beta[None, :]).to(DOT_DT), v.to(DOT_DT), input_precision=DOT_PREC)
-    if CROSS:
-        u1 = tl.load(u_ptr + prow[:, None] * DV + offs_v[None, :], mask=(offs_v < DV)[None, :], other=0.0)
-        u = u - tl.dot(p21, u1.to(tl.float32), input_precision=SOLVE_PREC)
     tl.store(u_ptr + srow[:, None] * DV + offs_v[None, :], u.to(u_ptr.dtype.element_ty), mask=mask_tv)
-    return tl.sum(g, axis=0)
-
-
-@triton.jit
-def _gdn_chunk_prep_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
-    w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_at, stride_ah, stride_bt, stride_bh,
-    total_tokens, scale,
-    GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
-    C: tl.constexpr, HALVES: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOLVE_PREC: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """One chunk of HALVES * C tokens (C = 64) of one value head."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_hk = i_h // GROUP
-    tok0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
-    length = tl.load(chunk_len_ptr + i_c)
-    first_decay = _prep_subchunk(
-        q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah, stride_bt, stride_bh,
-        total_tokens, scale, i_h, i_hk, tok0, tl.minimum(length, C), 0.0, tok0,
-        DK, DV, BK, BVF, C, HALVES * C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH, False,
-    )
-    if HALVES == 2:  # noqa: SIM102 - a compile-time branch around a runtime one
-        if length > C:
-            tl.debug_barrier()  # the first half's scratch rows, stored by other threads of this program
-            _prep_subchunk(
-                q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr,
-                ks_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah,
-                stride_bt, stride_bh, total_tokens, scale, i_h, i_hk, tok0 + C, length - C, first_decay, tok0,
-                DK, DV, BK, BVF, C, 2 * C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH, True,
-            )
 
 
 @triton.jit
@@ -363,8 +288,7 @@ def _gdn_chunk_state_kernel(
     tl.store(p_state, state, mask=mask_s)
 
 
-def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 132, chunk: int = CHUNK
-                   ) -> dict[str, int]:
+def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 132) -> dict[str, int]:
     """Launch parameters of the two prefill kernels (a starting point; ``kernels/bench_gdn.py --sweep`` tunes).
 
     The state pass has one program per (sequence, value head, V-block) and is sequential over chunks; it
@@ -373,14 +297,7 @@ def prefill_config(num_seqs: int, num_v_heads: int, v_dim: int, num_sms: int = 1
     still gives ~one program per SM (wider blocks re-read w, q, k and Aqk fewer times). Two stages always:
     on the H100 they beat one stage even with several waves of programs (397B, 4 x 2K tokens: 820 vs 900 us;
     ``kernels/results/gdn_h100.json``), and BV=32 with one stage faults there (illegal address, Triton 3.6).
-
-    128-token chunks (``kernels/compile_check.py``, sm_90): the state pass needs 281 KiB of shared memory with
-    two stages at BV 32 (305 at BV 64), over the 227 KiB a program may have, so one stage at BV 64 (144 KiB,
-    255 registers at 8 warps with an 8-byte stack; 784 bytes of stack at 4 warps).
     """
-    if chunk != CHUNK:
-        return {"block_v": min(64, triton.next_power_of_2(v_dim)), "state_warps": 8, "state_stages": 1,
-                "prep_warps": 4}
     for block_v in (64, 32, 16):
         programs = num_seqs * num_v_heads * triton.cdiv(v_dim, block_v)
         if programs >= 0.75 * num_sms:
@@ -454,12 +371,11 @@ class GdnPrefillPlan:
     total_tokens: int
     num_seqs: int
     num_chunks: int
-    chunk: int  # tokens per chunk (CHUNK_SIZES)
     has_init: tuple[bool, ...]
     zero_ckpts: tuple[tuple[int, int], ...]  # (sequence, destination slot): state before any token
     dup_ckpts: tuple[tuple[int, int], ...]  # (source slot, destination slot): copies after the launch
     chunk_start: torch.Tensor  # [num_chunks] int32, token index in the packed batch
-    chunk_len: torch.Tensor  # [num_chunks] int32, 1..chunk
+    chunk_len: torch.Tensor  # [num_chunks] int32, 1..CHUNK
     chunk_ckpt: torch.Tensor  # [num_chunks] int32, slot receiving the state after the chunk, -1: none
     seq_chunk_ptr: torch.Tensor  # [num_seqs + 1] int32, chunks of sequence n: [ptr[n], ptr[n+1])
     has_init_dev: torch.Tensor  # [num_seqs] int32
@@ -470,12 +386,8 @@ def plan_gdn_prefill(
     has_initial_state: torch.Tensor | Sequence[bool],
     checkpoints: torch.Tensor | Sequence[tuple[int, int, int]] | None,
     device: torch.device | str,
-    chunk: int = CHUNK,
 ) -> GdnPrefillPlan:
-    """Chunk tables for :func:`gdn_prefill` (reads its arguments on the host: pass lists or CPU tensors).
-    ``chunk``: tokens per chunk, 64 or 128 (half the sequential steps of the state pass, for a costlier prep)."""
-    if chunk not in CHUNK_SIZES:
-        raise ValueError(f"chunk must be one of {CHUNK_SIZES}, got {chunk}")
+    """Chunk tables for :func:`gdn_prefill` (reads its arguments on the host: pass lists or CPU tensors)."""
     cu = _as_list(cu_seqlens, "cu_seqlens")
     num_seqs = len(cu) - 1
     if num_seqs < 0 or cu[0] != 0 or any(x > y for x, y in zip(cu, cu[1:], strict=False)):
@@ -489,7 +401,7 @@ def plan_gdn_prefill(
         flat = checkpoints.tolist() if isinstance(checkpoints, torch.Tensor) else list(checkpoints)
         ckpts = [(int(s), int(o), int(d)) for s, o, d in flat]
     seq_lens = [y - x for x, y in zip(cu, cu[1:], strict=False)]
-    chunk_start, chunk_len, chunk_ckpt, seq_chunk_ptr, zero_ckpts, dup_ckpts = _plan_chunks(seq_lens, ckpts, chunk)
+    chunk_start, chunk_len, chunk_ckpt, seq_chunk_ptr, zero_ckpts, dup_ckpts = _plan_chunks(seq_lens, ckpts, CHUNK)
     n = len(chunk_start)
     # One host->device copy for all the tables.
     meta = torch.tensor(chunk_start + chunk_len + chunk_ckpt + seq_chunk_ptr + [int(x) for x in has_init],
@@ -498,7 +410,7 @@ def plan_gdn_prefill(
         meta = meta.pin_memory()
     meta = meta.to(device, non_blocking=True)
     return GdnPrefillPlan(
-        total_tokens=cu[-1], num_seqs=num_seqs, num_chunks=n, chunk=chunk, has_init=has_init,
+        total_tokens=cu[-1], num_seqs=num_seqs, num_chunks=n, has_init=has_init,
         zero_ckpts=tuple(zero_ckpts), dup_ckpts=tuple(dup_ckpts),
         chunk_start=meta[:n], chunk_len=meta[n : 2 * n], chunk_ckpt=meta[2 * n : 3 * n],
         seq_chunk_ptr=meta[3 * n : 3 * n + num_seqs + 1], has_init_dev=meta[3 * n + num_seqs + 1 :],
@@ -520,7 +432,6 @@ def gdn_prefill(
     checkpoints: torch.Tensor | Sequence[tuple[int, int, int]] | None = None,
     *,
     plan: GdnPrefillPlan | None = None,
-    chunk: int = CHUNK,
     out: torch.Tensor | None = None,
     block_v: int | None = None,
     state_warps: int | None = None,
@@ -543,8 +454,7 @@ def gdn_prefill(
 
     ``cu_seqlens``, ``has_initial_state`` and ``checkpoints`` are read on the host (pass lists or CPU tensors
     to avoid a sync); or pass ``plan=plan_gdn_prefill(...)`` built once for all layers (then those three
-    arguments are ignored and may be None). ``chunk`` (64 or 128) is the plan's chunk size when no plan is
-    given. The other keyword-only arguments override :func:`prefill_config`
+    arguments are ignored and may be None). The other keyword-only arguments override :func:`prefill_config`
     (``*_maxnreg`` caps registers per thread, trading spills for more resident programs per SM).
     """
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[0] != q.shape[0]:
@@ -579,7 +489,7 @@ def gdn_prefill(
     if len({t.device for t in (q, k, v, a, b, A_log, dt_bias, ssm_states, state_slots)}) != 1:
         raise ValueError("all tensors must be on the same device")
     if plan is None:
-        plan = plan_gdn_prefill(cu_seqlens, has_initial_state, checkpoints, v.device, chunk)
+        plan = plan_gdn_prefill(cu_seqlens, has_initial_state, checkpoints, v.device)
     if plan.total_tokens != total:
         raise ValueError(f"cu_seqlens ends at {plan.total_tokens}, but there are {total} tokens")
     num_seqs = plan.num_seqs
@@ -593,9 +503,8 @@ def gdn_prefill(
         return out
 
     num_sms = torch.cuda.get_device_properties(v.device).multi_processor_count if v.is_cuda else 132
-    cfg = prefill_config(num_seqs, num_v_heads, v_dim, num_sms, plan.chunk)
+    cfg = prefill_config(num_seqs, num_v_heads, v_dim, num_sms)
     block_v = block_v or cfg["block_v"]
-    state_stages = state_stages or cfg["state_stages"]
     dot_dt, dot_prec, solve_prec = _dot_types(v.dtype)
     group = num_v_heads // num_k_heads
     bk = triton.next_power_of_2(k_dim)
@@ -626,7 +535,7 @@ def gdn_prefill(
         scratch_dtype = torch.float32 if is_interpreting() else v.dtype
         w = torch.empty(num_v_heads, total, k_dim, dtype=scratch_dtype, device=v.device)
         u = torch.empty(num_v_heads, total, v_dim, dtype=scratch_dtype, device=v.device)
-        aqk = torch.empty(num_v_heads, total, plan.chunk, dtype=scratch_dtype, device=v.device)
+        aqk = torch.empty(num_v_heads, total, CHUNK, dtype=scratch_dtype, device=v.device)
         # per (head, token) fp32 row data: cumulative log-decay, q and k row scales
         gc, q_scale, k_scale = torch.empty(3, num_v_heads, total, dtype=torch.float32, device=v.device)
         _gdn_chunk_prep_kernel[(plan.num_chunks, num_v_heads)](
@@ -636,7 +545,7 @@ def gdn_prefill(
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             total, k_dim**-0.5,
             GROUP=group, DK=k_dim, DV=v_dim, BK=prep_bk, BVF=bvf,
-            C=CHUNK, HALVES=plan.chunk // CHUNK, S=SUB, DOT_DT=dot_dt, DOT_PREC=dot_prec, SOLVE_PREC=solve_prec,
+            C=CHUNK, S=SUB, DOT_DT=dot_dt, DOT_PREC=dot_prec, SOLVE_PREC=solve_prec,
             PREFETCH=v.dtype == torch.bfloat16 and v_dim % 64 == 0 and not is_interpreting(),
             num_warps=prep_warps or cfg["prep_warps"], maxnreg=prep_maxnreg,
         )
@@ -649,9 +558,9 @@ def gdn_prefill(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
         total,
-        HV=num_v_heads, GROUP=group, DK=k_dim, DV=v_dim, BK=bk, BV=block_v, C=plan.chunk,
+        HV=num_v_heads, GROUP=group, DK=k_dim, DV=v_dim, BK=bk, BV=block_v, C=CHUNK,
         DOT_DT=dot_dt, DOT_PREC=dot_prec, INTERPRET=is_interpreting(),
-        num_warps=state_warps or cfg["state_warps"], num_stages=state_stages,
+        num_warps=state_warps or cfg["state_warps"], num_stages=state_stages or cfg["state_stages"],
         maxnreg=state_maxnreg,
     )
     for src, dest in plan.dup_ckpts:

@@ -228,25 +228,48 @@ def _gated_norm_gemv_kernel(
     rounding), then ``y = g.flatten() @ W^T`` for BLOCK_N columns; every program normalises the row itself."""
     pdl_trigger(PDL)
     col0 = tl.program_id(0) * BLOCK_N
+    w = load_head_weight_tile(w_ptr, col0, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N)
+    pdl_wait(PDL)
+    g = gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS, HEAD_DIM, BLOCK_H,
+                       BLOCK_D, PROD_DTYPE, "")
+    y = tl.sum(tl.sum(g[None, :, :] * w.to(tl.float32), axis=2), axis=1)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
+
+
+@triton.jit
+def load_head_weight_tile(w_ptr, col0, num_cols, stride_w, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Weight rows ``col0 ..`` as ``[BLOCK_N, heads, head_dim]`` (column h * HEAD_DIM + d of a flattened
+    per-head input), zero padded."""
     offs_n = col0 + tl.arange(0, BLOCK_N)
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     hd_mask = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
-    # The weight slice as [BLOCK_N, heads, head_dim]: column h * HEAD_DIM + d of the flattened row.
     cols = heads[:, None] * HEAD_DIM + dims[None, :]
     w_ptrs = w_ptr + offs_n[:, None, None].to(tl.int64) * stride_w + cols[None, :, :]
-    w = tl.load(w_ptrs, mask=(offs_n < num_cols)[:, None, None] & hd_mask[None, :, :], other=0.0)
-    pdl_wait(PDL)
-    core = tl.load(core_ptr + heads[:, None] * stride_core_h + dims[None, :], mask=hd_mask, other=0.0)
+    return tl.load(w_ptrs, mask=(offs_n < num_cols)[:, None, None] & hd_mask[None, :, :], other=0.0)
+
+
+@triton.jit
+def gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PROD_DTYPE: tl.constexpr,
+                   CORE_CACHE: tl.constexpr):
+    """``gated_rms_norm(core, z)`` of one token as fp32 ``[BLOCK_H, BLOCK_D]``, rounded as
+    kernels.triton.norm.gated_rms_norm; ``CORE_CACHE``: the load's cache modifier for core (".cg" where other
+    programs of the same launch wrote it)."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    hd_mask = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    core = tl.load(core_ptr + heads[:, None] * stride_core_h + dims[None, :], mask=hd_mask, other=0.0,
+                   cache_modifier=CORE_CACHE)
     z = tl.load(z_ptr + heads[:, None] * stride_z_h + dims[None, :], mask=hd_mask, other=0.0).to(tl.float32)
     nw = tl.load(norm_w_ptr + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
     c32 = core.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(c32 * c32, axis=1) / HEAD_DIM + eps)
     normed = round_to(c32 * rstd[:, None], core.dtype)
     scaled = round_to(normed * nw[None, :], PROD_DTYPE)
-    g = round_to(scaled * (z / (1.0 + tl.exp(-z))), core.dtype)
-    y = tl.sum(tl.sum(g[None, :, :] * w.to(tl.float32), axis=2), axis=1)
-    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
+    return round_to(scaled * (z / (1.0 + tl.exp(-z))), core.dtype)
 
 
 def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:

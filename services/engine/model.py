@@ -97,6 +97,8 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = _param(self.num_v_heads, dtype=torch.float32, device=device)
         self.norm_weight = _param(self.v_dim, dtype=dtype, device=device)
         self.out_proj = _param(cfg.hidden_size, self.value_size, dtype=dtype, device=device)
+        # The grid barrier's words of the one-launch decode mixer (kernels/triton/gdn_out_decode.py).
+        self.register_buffer("decode_sync", torch.zeros(2, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm, batch: ForwardBatch,
                 state_cache: StateCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +113,10 @@ class GatedDeltaNet(nn.Module):
         mixed_qkv, z, b, a = projected.split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
-        core = self.ops.gdn(self, mixed_qkv, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index))
-        # Gated RMSNorm per head, then out_proj.
+        # The gated delta rule, the gated RMSNorm per head, out_proj.
         z = z.reshape(num_tokens, self.num_v_heads, self.v_dim)
-        return self.ops.gated_norm_linear(core, z, self.norm_weight, self.eps, self.out_proj), residual
+        out = self.ops.gdn(self, mixed_qkv, z, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index))
+        return out, residual
 
     def split_heads(self, mixed: torch.Tensor, num_tokens: int):
         q, k, v = mixed.split([self.key_size, self.key_size, self.value_size], dim=-1)
@@ -158,19 +160,18 @@ class SparseMoE(nn.Module):
         self.shared_expert = None
         if not cfg.shared_expert_in_experts:
             self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
-        # Scratch counters of this layer's MoE kernels, at rest between launches (see Ops.route_topk): [0] the
-        # single-launch router's ticket, [1:3] the one-launch decode MoE block's grid barrier.
-        self.register_buffer("moe_sync", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
+        # Scratch of the single-launch router kernel (kept at 0 between launches; see Ops.route_topk).
+        self.register_buffer("route_ticket", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The post-attention norm (with the residual add) and the experts; returns ``(output, residual)``."""
         if self.shared_expert is None:
             return self.ops.norm_moe_with_shared_expert(x, residual, norm.weight, norm.eps, self.router, self.w13,
-                                                        self.w2, self.top_k, self.renormalize, self.moe_sync)
+                                                        self.w2, self.top_k, self.renormalize, self.route_ticket)
         h, residual = self.ops.rms_norm_residual(x, residual, norm.weight, norm.eps)
         weights, expert_ids, shared_gate = self.ops.route_topk(h, self.router, self.top_k, self.renormalize,
-                                                               self.moe_sync)
+                                                               self.route_ticket)
         routed = self.ops.fused_experts(h, self.w13, self.w2, weights, expert_ids)
         return routed + shared_gate.to(h.dtype) * self.shared_expert(h), residual
 

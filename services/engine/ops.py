@@ -98,7 +98,14 @@ def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weig
     return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual
 
 
-def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
+def gdn_torch(layer, mixed_qkv, z, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
+    """The GDN mixer after in_proj, plain torch: the conv + gated delta rule on the state slots, then the gated
+    RMSNorm per head and out_proj. Returns ``[T, hidden]``."""
+    core = gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states)
+    return gated_norm_linear_torch(core, z, layer.norm_weight, layer.eps, layer.out_proj)
+
+
+def gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
     """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
     decode steps (whose conv ran in ``norm_linear_conv``: ``mixed_qkv`` is its output), per sequence
     otherwise, split at checkpoint offsets so the state exists there (decode snapshots, the state after the
@@ -167,13 +174,11 @@ class Ops:
     # steps' GDN in_proj with the conv update on its q|k|v columns
     norm_linear_conv: Callable
     gated_linear: Callable  # (x, gate, weight, bias=None) -> linear(x * gate, weight, bias)
-    gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
     # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
     # -> (q, sigmoid(gate)), with k and v stored in the cache
     qk_norm_rope_store_kv: Callable
-    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [3] zero tensor per
-    # layer, the counters of the single-launch router ([0]) and of the one-launch decode MoE block ([1:3]);
-    # the torch references ignore it.
+    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
+    # layer, the scratch of the single-launch router kernel (the torch references ignore it).
     route_topk: Callable  # (x, router [E+1, H], k, renorm, ticket) -> (weights, ids, shared gate)
     fused_experts: Callable
     # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
@@ -181,8 +186,9 @@ class Ops:
     norm_moe_with_shared_expert: Callable
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
-    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]; on decode steps
-    # mixed_qkv is already through the conv (norm_linear_conv)
+    # (layer, mixed_qkv, z [T, v_heads, v_dim], a, b, batch, conv_states, ssm_states) -> [T, hidden]: the conv
+    # and gated delta rule on the state slots, the gated RMSNorm and out_proj; on decode steps mixed_qkv is
+    # already through the conv (norm_linear_conv)
     gdn: Callable
 
 
@@ -194,7 +200,6 @@ def torch_ops() -> Ops:
         norm_linear=norm_linear_torch,
         norm_linear_conv=norm_linear_conv_torch,
         gated_linear=gated_linear_torch,
-        gated_norm_linear=gated_norm_linear_torch,
         qk_norm_rope_store_kv=qk_norm_rope_store_kv_torch,
         route_topk=route_topk_torch,
         fused_experts=torch_moe.fused_experts,
@@ -215,12 +220,13 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     from kernels.triton import norm as triton_norm
     from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
     from kernels.triton.gdn_decode import gdn_decode
-    from kernels.triton.moe_decode import norm_moe_decode
+    from kernels.triton.gdn_out_decode import gdn_out_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
 
-    # The one-launch MoE block for one decode token (kernels/triton/moe_decode.py) instead of its three kernels;
-    # off until measured on a GPU (BATON_MOE_ONE_LAUNCH=1 turns it on).
-    moe_one_launch = os.environ.get("BATON_MOE_ONE_LAUNCH", "0") == "1"
+    # The GDN mixer with out_proj in one launch (kernels/triton/gdn_out_decode.py) instead of two kernels:
+    # BATON_GDN_ONE_LAUNCH=1 (off by default: measured faster at Qwen3.5-397B's shape, slower at 35B-A3B's;
+    # see kernels/NOTES_fused.md).
+    gdn_one_launch = os.environ.get("BATON_GDN_ONE_LAUNCH", "0") == "1"
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         # One row (a single decode request): the norm runs inside the projection kernel.
@@ -260,13 +266,13 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     def route_topk(x, router_weight, top_k, renormalize, ticket):
         return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
-                                     ticket=ticket[:1])
+                                     ticket=ticket)
 
     def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize, ticket):
         # The shared expert rides along as a (k+1)-th expert of every token: one routing kernel and one grouped
         # GEMM pair compute it with the routed experts, and the fp32 sum adds it.
         weights, ids, _ = triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
-                                                shared_as_expert=True, ticket=ticket[:1])
+                                                shared_as_expert=True, ticket=ticket)
         return triton_moe.fused_experts(x, w13, w2, weights, ids)
 
     def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
@@ -274,12 +280,8 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
         if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
                 and (residual is None or residual.is_contiguous())):
-            if moe_one_launch and w13.shape[1] // 2 <= triton_gemv.MAX_SINGLE_TILE_K:
-                out, residual, _, _ = norm_moe_decode(x, residual, norm_weight, eps, router_weight, w13, w2, top_k,
-                                                      renormalize, ticket[1:3])
-                return out, residual
             weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
-                                                                      top_k, renormalize, ticket[:1])
+                                                                      top_k, renormalize, ticket)
             return triton_moe.fused_experts(h, w13, w2, weights, ids), residual
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
         return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
@@ -295,7 +297,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
             return None
         return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device)
 
-    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
+    def gdn_core(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
         num_tokens = mixed_qkv.shape[0]
         slots = batch.state_slots
         if batch.is_decode:
@@ -308,6 +310,15 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         return gdn_prefill(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, slots, batch.cu_seqlens,
                            batch.has_initial_state, batch.checkpoints, plan=batch.gdn_plan)
 
+    def gdn(layer, mixed_qkv, z, a, b, batch, conv_states, ssm_states):
+        if (gdn_one_launch and batch.is_decode and mixed_qkv.shape[0] == 1
+                and triton_gemv.can_fuse_prologue(mixed_qkv, layer.out_proj)):
+            q, k, v = layer.split_heads(mixed_qkv, 1)
+            return gdn_out_decode(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, batch.state_slots, z,
+                                  layer.norm_weight, layer.eps, layer.out_proj, layer.decode_sync)
+        core = gdn_core(layer, mixed_qkv, a, b, batch, conv_states, ssm_states)
+        return gated_norm_linear(core, z, layer.norm_weight, layer.eps, layer.out_proj)
+
     return Ops(
         name="triton+flashinfer" if flashinfer else "triton",
         linear=triton_gemv.linear,
@@ -315,7 +326,6 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         norm_linear=norm_linear,
         norm_linear_conv=norm_linear_conv,
         gated_linear=gated_linear,
-        gated_norm_linear=gated_norm_linear,
         qk_norm_rope_store_kv=qk_norm_rope_store_kv,
         route_topk=route_topk,
         fused_experts=triton_moe.fused_experts,

@@ -39,13 +39,13 @@ def test_triton_kernels_match_torch_path(tiny_checkpoint):
 
 
 
-def test_one_launch_moe_block_gives_the_same_tokens(tiny_checkpoint, monkeypatch):
-    """BATON_MOE_ONE_LAUNCH=1 (the one-request decode MoE block as one kernel; under the interpreter as its
-    three phases): the torch path's greedy tokens."""
+def test_one_launch_gdn_mixer_gives_the_same_tokens(tiny_checkpoint, monkeypatch):
+    """BATON_GDN_ONE_LAUNCH=1 (the one-request decode GDN mixer with out_proj as one kernel; under the
+    interpreter as its two phases): the torch path's greedy tokens."""
     prompt = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=4, temperature=0)
     [expected] = _engine(tiny_checkpoint, "torch").generate([prompt], params)
-    monkeypatch.setenv("BATON_MOE_ONE_LAUNCH", "1")
+    monkeypatch.setenv("BATON_GDN_ONE_LAUNCH", "1")
     engine = _engine(tiny_checkpoint, "triton")
     [got] = engine.generate([prompt], params)
     assert got.token_ids == expected.token_ids

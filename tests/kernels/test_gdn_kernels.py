@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kernels import conv1d as conv_ref
 from kernels import gdn as gdn_ref
 from kernels.triton.conv1d import conv1d_prefill, conv1d_update
-from kernels.triton.gdn_chunk import CHUNK, _plan_chunks, gdn_prefill, plan_gdn_prefill
+from kernels.triton.gdn_chunk import CHUNK, _plan_chunks, gdn_prefill
 from kernels.triton.gdn_decode import commit_step_states, gdn_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -288,25 +288,6 @@ def test_gdn_prefill_varlen_checkpoints_fp32():
     )
 
 
-def test_gdn_prefill_chunk128_varlen_checkpoints_fp32():
-    """128-token chunks (two 64-token halves joined in the prep): sequences shorter than one half, ending
-    inside the second half, exactly one and just over one chunk, several chunks; checkpoints inside either
-    half, at half and chunk boundaries and at the end (each restarts the tiling, leaving partial chunks)."""
-    run_prefill_case(
-        torch.float32, lens=[70, 1, 0, 300, 128, 129], hk=2, hv=6, dk=32, dv=48,
-        has_init=[True, False, True, True, False, True],
-        checkpoints=[(0, 16), (3, 100), (3, 192), (3, 300), (4, 64), (5, 128), (2, 0)],
-        seed=11, chunk=128,
-    )
-
-
-def test_gdn_prefill_chunk128_bf16():
-    run_prefill_case(
-        torch.bfloat16, lens=[260, 37], hk=1, hv=3, dk=64, dv=32, has_init=[True, False],
-        checkpoints=[(0, 200)], seed=12, chunk=128,
-    )
-
-
 def test_gdn_prefill_bf16_multi_chunk():
     run_prefill_case(
         torch.bfloat16, lens=[150, 37], hk=1, hv=3, dk=64, dv=32, has_init=[True, False],
@@ -323,11 +304,9 @@ def test_gdn_prefill_bf16_narrow_heads():
     )
 
 
-@pytest.mark.parametrize("chunk", [64, 128])
-def test_gdn_prefill_nearly_identical_keys(chunk):
+def test_gdn_prefill_nearly_identical_keys():
     """beta ~ 1 and nearly parallel keys make I + M far from the identity (entries ~1 below the diagonal):
-    the blocked inverse (and, for 128-token chunks, the join of the two halves) must still match the
-    reference's triangular solve."""
+    the blocked inverse must still match the reference's triangular solve."""
     gen = torch.Generator().manual_seed(5)
     total, hv, d = 100, 2, 16
     q, k, v = mixed_qkv((total,), 1, hv, d, d, torch.float32, gen)
@@ -339,7 +318,7 @@ def test_gdn_prefill_nearly_identical_keys(chunk):
     pool = ssm_pool(2, hv, d, d, gen)
     before = pool.clone()
     slots = torch.tensor([1], device=DEVICE)
-    out = gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, [0, total], [True], chunk=chunk)
+    out = gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, [0, total], [True])
     g, beta = gating(a, b, A_log, dt_bias)
     ref_out, ref_state = gdn_ref.chunk_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None],
                                                         before[[1], LAYER])
@@ -355,14 +334,6 @@ def test_gdn_prefill_qwen35_397b_head_shape():
     )
 
 
-def test_gdn_prefill_qwen35_397b_head_shape_chunk128():
-    """The 397B heads with one 128-token chunk whose second half is partial (the join at full head dims)."""
-    run_prefill_case(
-        torch.bfloat16, lens=[100], hk=16, hv=64, dk=128, dv=128, has_init=[True], checkpoints=[], seed=13,
-        block_v=128, chunk=128,
-    )
-
-
 def test_gdn_prefill_chunk_plan():
     starts, lens, ckpts, seq_ptr, zero, dup = _plan_chunks(
         [130, 0, 20], [(0, 16, 7), (0, 16, 8), (0, 130, 9), (1, 0, 5), (2, 20, 6)], CHUNK
@@ -375,8 +346,6 @@ def test_gdn_prefill_chunk_plan():
     assert zero == [(1, 5)] and dup == [(7, 8)]
     with pytest.raises(ValueError, match="outside sequence"):
         _plan_chunks([10], [(0, 11, 3)], CHUNK)
-    with pytest.raises(ValueError, match="chunk must be one of"):
-        plan_gdn_prefill([0, 10], [False], None, DEVICE, chunk=96)
 
 
 def test_gdn_prefill_refuses_narrow_single_stage_state_pass():
