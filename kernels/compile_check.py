@@ -3,7 +3,7 @@
     python -m kernels.compile_check                 # every case below
     python -m kernels.compile_check --cases moe     # names containing "moe"
 
-Each case calls a real launcher (``gdn_prefill``, ``gdn_out_decode``, ...) on CPU tensors of the model's real
+Each case calls a real launcher (``gdn_prefill``, ``gated_norm_linear``, ...) on CPU tensors of the model's real
 shapes, with Triton's launch replaced by a compile for an sm_90 target of 132 SMs (an H100 / H200): the
 arguments are specialised exactly as a launch specialises them (16-byte-aligned pointers, strides divisible
 by 16), the GPU launch configuration is used (PDL on), and nothing runs. It catches what the interpreter
@@ -30,7 +30,7 @@ import torch
 
 NUM_SMS = 132
 # The launchers' modules, imported before Sm90Compiler patches their launch configuration.
-LAUNCHER_MODULES = ("conv1d", "gdn_chunk", "gdn_decode", "gdn_out_decode", "gemv", "moe", "norm", "qk_norm_rope")
+LAUNCHER_MODULES = ("conv1d", "gdn_chunk", "gdn_decode", "gemv", "moe", "norm", "qk_norm_rope")
 
 
 def _cuobjdump() -> str:
@@ -150,17 +150,14 @@ def gdn_prefill_case(hk: int, hv: int, tokens: int, **launch) -> Callable[[], No
     return run
 
 
-def gdn_out_decode_case(hk: int, hv: int, hidden: int, one_launch: bool, **config) -> Callable[[], None]:
-    def run() -> None:
-        from kernels.triton.gdn_out_decode import GdnOutDecodeConfig, gdn_out_decode
+def gated_norm_linear_397b() -> None:
+    """GDN out_proj of a 397B decode step: 2048 tiles over 2 programs per SM (each normalises the row once)."""
+    from kernels.triton import gemv
 
-        q, k, v, a, b, a_log, dt_bias = _gdn_inputs((1, 1), hk, hv, 128)
-        z, norm_w = torch.empty(1, hv, 128, dtype=torch.bfloat16), torch.empty(128, dtype=torch.bfloat16)
-        out_proj = torch.empty(hidden, hv * 128, dtype=torch.bfloat16)
-        gdn_out_decode(q[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], a_log, dt_bias, torch.empty(4, hv, 128, 128),
-                       torch.tensor([1]), z, norm_w, 1e-6, out_proj, torch.zeros(2, dtype=torch.int32),
-                       one_launch=one_launch, config=GdnOutDecodeConfig(**config))
-    return run
+    def w(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16)
+
+    gemv.gated_norm_linear(w(1, 64, 128), w(1, 64, 128), w(128), 1e-6, w(4096, 8192))
 
 
 def decode_chain_35b() -> None:
@@ -192,12 +189,10 @@ def decode_chain_35b() -> None:
 
 CASES: dict[str, Callable[[], None]] = {
     "decode_chain_35b": decode_chain_35b,
+    "gated_norm_linear_397b": gated_norm_linear_397b,
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
     "gdn_prefill_35b_8k": gdn_prefill_case(16, 32, 8192),
-    "gdn_out_decode_35b_one_launch": gdn_out_decode_case(16, 32, 2048, True),
-    "gdn_out_decode_35b_phased": gdn_out_decode_case(16, 32, 2048, False),
-    "gdn_out_decode_397b_one_launch": gdn_out_decode_case(16, 64, 4096, True),
 }
 
 

@@ -56,32 +56,6 @@ def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
 
 
 @triton.jit
-def delta_rule_token(state, q, k, v, a, b, neg_a, dt_bias, scale):
-    """One token of the gated delta rule on a ``[BK, BV]`` fp32 state slice: q, k ``[BK]`` and v ``[BV]`` as
-    loaded (post-conv, not normalised), a and b the raw decay and beta projections (scalars), ``neg_a =
-    -exp(A_log)``. Returns ``(o [BV] fp32, the new state)``."""
-    q = q.to(tl.float32)
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
-    decay = tl.exp(neg_a * softplus(a.to(tl.float32) + dt_bias))
-    # The model computes beta = b.sigmoid() in the activation dtype; round the same way.
-    beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
-    # L2 norm as kernels.gdn.l2norm: x * rsqrt(sum(x^2) + 1e-6)
-    q = q * tl.rsqrt(tl.sum(q * q) + 1e-6) * scale
-    k = k * tl.rsqrt(tl.sum(k * k) + 1e-6)
-
-    state = state * decay
-    # Both reductions read the decayed state, so they can run together; the output of the updated state
-    # follows algebraically: o = S'^T q = S^T q + (k.q) * delta.
-    predicted = tl.sum(state * k[:, None], axis=0)
-    s_q = tl.sum(state * q[:, None], axis=0)
-    delta = (v - predicted) * beta
-    state = state + k[:, None] * delta[None, :]
-    o = s_q + tl.sum(k * q) * delta
-    return o, state
-
-
-@triton.jit
 def _gdn_decode_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, state_ptr, slots_ptr, out_ptr, step_ptr,
     stride_qb, stride_qt, stride_qh,
@@ -133,12 +107,26 @@ def _gdn_decode_kernel(
     # range bound with numpy >= 2.4, and pipelining across a handful of tokens would not help anyway.
     t = 0
     while t < num_tokens:
-        q = tl.load(p_q + t * stride_qt, mask=mask_k, other=0.0)
-        k = tl.load(p_k + t * stride_kt, mask=mask_k, other=0.0)
-        v = tl.load(p_v + t * stride_vt, mask=mask_v, other=0.0)
-        a = tl.load(p_a + t * stride_at)
+        q = tl.load(p_q + t * stride_qt, mask=mask_k, other=0.0).to(tl.float32)
+        k = tl.load(p_k + t * stride_kt, mask=mask_k, other=0.0).to(tl.float32)
+        v = tl.load(p_v + t * stride_vt, mask=mask_v, other=0.0).to(tl.float32)
+        a = tl.load(p_a + t * stride_at).to(tl.float32)
         b = tl.load(p_b + t * stride_bt)
-        o, state = delta_rule_token(state, q, k, v, a, b, neg_a, dt_bias, scale)
+        decay = tl.exp(neg_a * softplus(a + dt_bias))
+        # The model computes beta = b.sigmoid() in the activation dtype; round the same way.
+        beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+        # L2 norm as kernels.gdn.l2norm: x * rsqrt(sum(x^2) + 1e-6)
+        q = q * tl.rsqrt(tl.sum(q * q) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k) + 1e-6)
+
+        state = state * decay
+        # Both reductions read the decayed state, so they can run together; the output of the updated state
+        # follows algebraically: o = S'^T q = S^T q + (k.q) * delta.
+        predicted = tl.sum(state * k[:, None], axis=0)
+        s_q = tl.sum(state * q[:, None], axis=0)
+        delta = (v - predicted) * beta
+        state = state + k[:, None] * delta[None, :]
+        o = s_q + tl.sum(k * q) * delta
         tl.store(p_o + t * stride_ot, o.to(out_ptr.dtype.element_ty), mask=mask_v)
         if STEP_STATES:
             tl.store(p_step + t * stride_step_t, state, mask=mask_s)

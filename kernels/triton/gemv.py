@@ -222,18 +222,44 @@ def _gated_norm_gemv_kernel(
     num_cols, eps,
     stride_core_h, stride_z_h, stride_w,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PROD_DTYPE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROD_DTYPE: tl.constexpr, ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One row: ``g = gated_rms_norm(core, z)`` per head (as kernels.triton.norm.gated_rms_norm, rounding for
-    rounding), then ``y = g.flatten() @ W^T`` for BLOCK_N columns; every program normalises the row itself."""
+    rounding), then ``y = g.flatten() @ W^T``, BLOCK_N columns per tile, tiles pid, pid + programs, ...: each
+    program normalises the row once for all its tiles. The first tile is loaded before the PDL wait, the
+    second (PREFETCH) asked of L2."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     pdl_trigger(PDL)
-    col0 = tl.program_id(0) * BLOCK_N
-    w = load_head_weight_tile(w_ptr, col0, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N)
+    w = load_head_weight_tile(w_ptr, pid * BLOCK_N, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N)
+    if PREFETCH:
+        next_col0 = (pid + num_programs) * BLOCK_N
+        if next_col0 < num_cols:
+            rows = tl.minimum(next_col0 + tl.arange(0, BLOCK_N), num_cols - 1)  # valid addresses only
+            lines = tl.arange(0, (HEADS * HEAD_DIM + 63) // 64) * 64  # one prefetch per 128-byte line of a row
+            prefetch_l2(w_ptr + rows[:, None].to(tl.int64) * stride_w + lines[None, :])
     pdl_wait(PDL)
     g = gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS, HEAD_DIM, BLOCK_H,
                        BLOCK_D, PROD_DTYPE, "")
+    store_row_tile(g, w, y_ptr, pid, num_cols, BLOCK_N)  # masked off past the last tile
+    # ONE_TILE (a program per tile) compiles without the loop: at 35B's 64 KiB tiles its code alone spills.
+    if not ONE_TILE:
+        # Grid-stride loop as a while loop: the interpreter cannot take a runtime range bound (numpy >= 2.4).
+        tile = pid + num_programs
+        while tile < (num_cols + BLOCK_N - 1) // BLOCK_N:
+            w_next = load_head_weight_tile(w_ptr, tile * BLOCK_N, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H,
+                                           BLOCK_D, BLOCK_N)
+            store_row_tile(g, w_next, y_ptr, tile, num_cols, BLOCK_N)
+            tile += num_programs
+
+
+@triton.jit
+def store_row_tile(g, w, y_ptr, tile, num_cols, BLOCK_N: tl.constexpr):
+    """``y[tile's columns] = g.flatten() @ w^T`` for a ``[heads, head_dim]`` row ``g`` and that tile's
+    ``[BLOCK_N, heads, head_dim]`` weight rows ``w``."""
     y = tl.sum(tl.sum(g[None, :, :] * w.to(tl.float32), axis=2), axis=1)
-    offs_n = col0 + tl.arange(0, BLOCK_N)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
 
 
@@ -270,6 +296,12 @@ def gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, 
     normed = round_to(c32 * rstd[:, None], core.dtype)
     scaled = round_to(normed * nw[None, :], PROD_DTYPE)
     return round_to(scaled * (z / (1.0 + tl.exp(-z))), core.dtype)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so grid-stride loops take several tiles each
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -347,10 +379,12 @@ def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> t
 
 
 def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                      weight: torch.Tensor) -> torch.Tensor:
+                      weight: torch.Tensor, *, programs_per_sm: int = 2) -> torch.Tensor:
     """``gated_rms_norm(core, z, norm_weight)`` flattened, then ``@ weight^T``, one kernel, for one token:
     core, z ``[1, heads, head_dim]`` (unit stride in the last dim, any head stride), weight
-    ``[N, heads * head_dim]``. Returns ``[1, N]``."""
+    ``[N, heads * head_dim]``. Returns ``[1, N]``. At most ``programs_per_sm`` programs per SM, each taking
+    several column tiles where there are more (0: one program per tile): the gated norm of the whole row is
+    computed once per program, not once per tile (at 397B's 8192-wide row it cost as much as the tile)."""
     if core.dim() != 3 or z.shape != core.shape or core.shape[0] != 1:
         raise ValueError(f"core and z must be [1, heads, head_dim], got {tuple(core.shape)} and {tuple(z.shape)}")
     _, heads, head_dim = core.shape
@@ -360,12 +394,17 @@ def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Te
         raise ValueError("core and z need unit last stride, weight core's dtype, norm_weight [head_dim]")
     y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
     tile = default_tile(heads * head_dim)
+    tiles = triton.cdiv(weight.shape[0], tile.block_n)
+    programs = min(tiles, programs_per_sm * num_sms(core.device)) if programs_per_sm else tiles
     prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, core.dtype)]
-    _gated_norm_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
+    _gated_norm_gemv_kernel[(programs,)](
         core, z, norm_weight.contiguous(), weight, y, weight.shape[0], float(eps),
         core.stride(1), z.stride(1), weight.stride(0),
         HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=tile.block_n, PROD_DTYPE=prod_dtype,
+        ONE_TILE=programs == tiles,
+        PREFETCH=(programs < tiles and core.dtype == torch.bfloat16 and (heads * head_dim) % 64 == 0
+                  and os.environ.get("TRITON_INTERPRET", "0") != "1"),
         num_warps=tile.num_warps, **pdl_launch_args(core.device),
     )
     return y

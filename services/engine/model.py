@@ -97,8 +97,6 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = _param(self.num_v_heads, dtype=torch.float32, device=device)
         self.norm_weight = _param(self.v_dim, dtype=dtype, device=device)
         self.out_proj = _param(cfg.hidden_size, self.value_size, dtype=dtype, device=device)
-        # The grid barrier's words of the one-launch decode mixer (kernels/triton/gdn_out_decode.py).
-        self.register_buffer("decode_sync", torch.zeros(2, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm, batch: ForwardBatch,
                 state_cache: StateCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +111,10 @@ class GatedDeltaNet(nn.Module):
         mixed_qkv, z, b, a = projected.split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
-        # The gated delta rule, the gated RMSNorm per head, out_proj.
+        core = self.ops.gdn(self, mixed_qkv, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index))
+        # Gated RMSNorm per head, then out_proj.
         z = z.reshape(num_tokens, self.num_v_heads, self.v_dim)
-        out = self.ops.gdn(self, mixed_qkv, z, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index))
-        return out, residual
+        return self.ops.gated_norm_linear(core, z, self.norm_weight, self.eps, self.out_proj), residual
 
     def split_heads(self, mixed: torch.Tensor, num_tokens: int):
         q, k, v = mixed.split([self.key_size, self.key_size, self.value_size], dim=-1)

@@ -5,7 +5,6 @@ model code is the same either way.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,14 +97,7 @@ def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weig
     return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual
 
 
-def gdn_torch(layer, mixed_qkv, z, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
-    """The GDN mixer after in_proj, plain torch: the conv + gated delta rule on the state slots, then the gated
-    RMSNorm per head and out_proj. Returns ``[T, hidden]``."""
-    core = gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states)
-    return gated_norm_linear_torch(core, z, layer.norm_weight, layer.eps, layer.out_proj)
-
-
-def gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
+def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
     """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
     decode steps (whose conv ran in ``norm_linear_conv``: ``mixed_qkv`` is its output), per sequence
     otherwise, split at checkpoint offsets so the state exists there (decode snapshots, the state after the
@@ -174,6 +166,7 @@ class Ops:
     # steps' GDN in_proj with the conv update on its q|k|v columns
     norm_linear_conv: Callable
     gated_linear: Callable  # (x, gate, weight, bias=None) -> linear(x * gate, weight, bias)
+    gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
     # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
     # -> (q, sigmoid(gate)), with k and v stored in the cache
     qk_norm_rope_store_kv: Callable
@@ -186,9 +179,8 @@ class Ops:
     norm_moe_with_shared_expert: Callable
     make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
-    # (layer, mixed_qkv, z [T, v_heads, v_dim], a, b, batch, conv_states, ssm_states) -> [T, hidden]: the conv
-    # and gated delta rule on the state slots, the gated RMSNorm and out_proj; on decode steps mixed_qkv is
-    # already through the conv (norm_linear_conv)
+    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]; on decode steps
+    # mixed_qkv is already through the conv (norm_linear_conv)
     gdn: Callable
 
 
@@ -200,6 +192,7 @@ def torch_ops() -> Ops:
         norm_linear=norm_linear_torch,
         norm_linear_conv=norm_linear_conv_torch,
         gated_linear=gated_linear_torch,
+        gated_norm_linear=gated_norm_linear_torch,
         qk_norm_rope_store_kv=qk_norm_rope_store_kv_torch,
         route_topk=route_topk_torch,
         fused_experts=torch_moe.fused_experts,
@@ -220,13 +213,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     from kernels.triton import norm as triton_norm
     from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
     from kernels.triton.gdn_decode import gdn_decode
-    from kernels.triton.gdn_out_decode import gdn_out_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
-
-    # The GDN mixer with out_proj in one launch (kernels/triton/gdn_out_decode.py) instead of two kernels:
-    # BATON_GDN_ONE_LAUNCH=1 (off by default: measured faster at Qwen3.5-397B's shape, slower at 35B-A3B's;
-    # see kernels/NOTES_fused.md).
-    gdn_one_launch = os.environ.get("BATON_GDN_ONE_LAUNCH", "0") == "1"
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         # One row (a single decode request): the norm runs inside the projection kernel.
@@ -297,7 +284,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
             return None
         return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device)
 
-    def gdn_core(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
+    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
         num_tokens = mixed_qkv.shape[0]
         slots = batch.state_slots
         if batch.is_decode:
@@ -310,15 +297,6 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         return gdn_prefill(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, slots, batch.cu_seqlens,
                            batch.has_initial_state, batch.checkpoints, plan=batch.gdn_plan)
 
-    def gdn(layer, mixed_qkv, z, a, b, batch, conv_states, ssm_states):
-        if (gdn_one_launch and batch.is_decode and mixed_qkv.shape[0] == 1
-                and triton_gemv.can_fuse_prologue(mixed_qkv, layer.out_proj)):
-            q, k, v = layer.split_heads(mixed_qkv, 1)
-            return gdn_out_decode(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, batch.state_slots, z,
-                                  layer.norm_weight, layer.eps, layer.out_proj, layer.decode_sync)
-        core = gdn_core(layer, mixed_qkv, a, b, batch, conv_states, ssm_states)
-        return gated_norm_linear(core, z, layer.norm_weight, layer.eps, layer.out_proj)
-
     return Ops(
         name="triton+flashinfer" if flashinfer else "triton",
         linear=triton_gemv.linear,
@@ -326,6 +304,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         norm_linear=norm_linear,
         norm_linear_conv=norm_linear_conv,
         gated_linear=gated_linear,
+        gated_norm_linear=gated_norm_linear,
         qk_norm_rope_store_kv=qk_norm_rope_store_kv,
         route_topk=route_topk,
         fused_experts=triton_moe.fused_experts,

@@ -36,17 +36,3 @@ def test_triton_kernels_match_torch_path(tiny_checkpoint):
     [want] = reference.generate([follow], params)
     assert hit.num_cached_tokens >= 64 and hit.token_ids == want.token_ids
     assert_no_leaks(triton)
-
-
-
-def test_one_launch_gdn_mixer_gives_the_same_tokens(tiny_checkpoint, monkeypatch):
-    """BATON_GDN_ONE_LAUNCH=1 (the one-request decode GDN mixer with out_proj as one kernel; under the
-    interpreter as its two phases): the torch path's greedy tokens."""
-    prompt = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    params = SamplingParams(max_tokens=4, temperature=0)
-    [expected] = _engine(tiny_checkpoint, "torch").generate([prompt], params)
-    monkeypatch.setenv("BATON_GDN_ONE_LAUNCH", "1")
-    engine = _engine(tiny_checkpoint, "triton")
-    [got] = engine.generate([prompt], params)
-    assert got.token_ids == expected.token_ids
-    assert_no_leaks(engine)

@@ -96,16 +96,22 @@ def test_rms_norm_linear(dtype, k, n, with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,head_dim,n", [(32, 128, 200), (3, 40, 17)])
-def test_gated_norm_linear(dtype, heads, head_dim, n):
-    """GDN output: per-head gated RMSNorm then out_proj in one kernel, z a strided view as in the model."""
+@pytest.mark.parametrize("heads,head_dim,n,programs_per_sm", [
+    (32, 128, 200, 2),
+    (3, 40, 17, 2),
+    (3, 40, 300, 1),  # more column tiles than programs: each program takes several (a partial last one)
+    (64, 128, 4100, 2),  # Qwen3.5-397B's out_proj rows (8192 wide) and several tiles per program
+])
+def test_gated_norm_linear(dtype, heads, head_dim, n, programs_per_sm):
+    """GDN output: per-head gated RMSNorm then out_proj in one kernel, z a strided view as in the model; the
+    row normalised once per program for all of its column tiles."""
     gen = torch.Generator().manual_seed(heads * head_dim + n)
     core = torch.randn(1, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
     projected = torch.randn(1, 2 * heads * head_dim + 5, generator=gen).to(dtype).to(DEVICE)
     z = projected[:, 5:5 + heads * head_dim].view(1, heads, head_dim)
     norm_weight = (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
     weight = (torch.randn(n, heads * head_dim, generator=gen) * (heads * head_dim) ** -0.5).to(dtype).to(DEVICE)
-    y = gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, weight)
+    y = gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, weight, programs_per_sm=programs_per_sm)
     gated = norm_ref.gated_rms_norm(core, z, norm_weight, 1e-6).flatten(1)
     assert y.shape == (1, n)
     torch.testing.assert_close(y.float(), F.linear(gated.float(), weight.float()), **TOL[dtype])
