@@ -9,7 +9,9 @@ microseconds per call, weight GB/s, and the speedup over cuBLAS of the default t
 with programmatic dependent launch as the engine runs it and without (``BATON_PDL=0``; with PDL a call's
 weight loads overlap the previous call); the tile sweep runs at the first token count on the first model, and
 the best swept tile is then timed on every case next to the default. Every result
-is checked against ``F.linear`` first. Writes JSON and a PNG (weight GB/s per case).
+is checked against ``F.linear`` first. Then the projections with the norm inside (``rms_norm_linear``: GDN
+in_proj, attention qkv_proj) at each cap on their programs per SM (``normed`` in the JSON). Writes JSON and a
+PNG (weight GB/s per case).
 """
 
 from __future__ import annotations
@@ -89,6 +91,31 @@ def bench_case(n: int, k: int, tokens: int, tiles: list[gemv_tk.GemvTile], with_
     return out
 
 
+_NORMED = ("gdn in_proj", "attn qkv_proj")  # the projections rms_norm_linear runs (the norm in the kernel)
+_PROGRAM_CAPS = (0, 2, 4, 8)  # rms_norm_linear programs_per_sm: 0 = one program per tile (the default)
+
+
+def bench_normed_case(n: int, k: int, caps: tuple[int, ...] = _PROGRAM_CAPS) -> dict:
+    """``rms_norm_linear`` of one row (residual add + norm inside the projection) at each cap on its programs
+    per SM: with a cap each program normalises the row once for several column tiles instead of once per tile."""
+    weight_bytes = n * k * 2
+    copies = max(2, -(-_ROTATION_BYTES // weight_bytes))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    x, residual = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
+    want = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weights[0])[0]
+    out = {"N": n, "K": k, "weight_bytes": weight_bytes, "us_by_programs_per_sm": {}}
+    for cap in caps:
+        got = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weights[0], programs_per_sm=cap)[0]
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        out["us_by_programs_per_sm"][str(cap)] = time_calls(
+            lambda w, cap=cap: gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, w, programs_per_sm=cap),
+            weights)
+    del weights
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="35b-a3b,397b")
@@ -135,6 +162,15 @@ def main() -> None:
                       f"({case['cublas_GBps']:.0f} GB/s), gemv default tile {gemv_us:.1f} us "
                       f"({case['gemv_GBps']:.0f} GB/s) -> {case['speedup']:.2f}x; without PDL "
                       f"{case['gemv_no_pdl_us']:.1f} us; best swept tile {best_us:.1f} us", flush=True)
+    results["normed"] = []
+    for model in models:
+        for name in _NORMED:
+            n, k = projections(model)[name]
+            case = {"model": model, "projection": name, **bench_normed_case(n, k)}
+            results["normed"].append(case)
+            times = case["us_by_programs_per_sm"]
+            labels = [f"{'tile per program' if cap == '0' else cap + '/SM'} {us:.1f} us" for cap, us in times.items()]
+            print(f"{model} {name} with the norm [{n}x{k}]: " + ", ".join(labels), flush=True)
     args.out.write_text(json.dumps(results, indent=2))
     runs = results["runs"]
     grouped_bar_chart(

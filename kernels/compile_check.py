@@ -160,6 +160,17 @@ def gated_norm_linear_397b() -> None:
     gemv.gated_norm_linear(w(1, 64, 128), w(1, 64, 128), w(128), 1e-6, w(4096, 8192))
 
 
+def rms_norm_linear_capped_35b() -> None:
+    """The 35B GDN in_proj with its conv epilogue on a capped grid (4 programs per SM, tiles strided)."""
+    from kernels.triton import gemv
+
+    def w(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16)
+
+    gemv.rms_norm_linear(w(1, 2048), w(1, 2048), w(2048), 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
+                         conv_states=w(4, 8192, 3), state_slot=torch.tensor([1]), programs_per_sm=4)
+
+
 def decode_chain_35b() -> None:
     """The kernels of one Qwen3.5-35B-A3B decode step (one request) other than GDN and the MoE block above:
     fused norm + projections (with the conv epilogue), out_proj with the gated norm, o_proj with the gate,
@@ -190,6 +201,7 @@ def decode_chain_35b() -> None:
 CASES: dict[str, Callable[[], None]] = {
     "decode_chain_35b": decode_chain_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,
+    "rms_norm_linear_capped_35b": rms_norm_linear_capped_35b,
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
     "gdn_prefill_35b_8k": gdn_prefill_case(16, 32, 8192),

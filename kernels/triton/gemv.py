@@ -169,19 +169,37 @@ def _rms_norm_gemv_kernel(
     stride_w, stride_cw, stride_s_slot, stride_s_d,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, CONV_K: tl.constexpr, CONV_KP: tl.constexpr,
-    PDL: tl.constexpr,
+    ONE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One row: ``s = x + residual`` (rounded), ``h = gemma_rms_norm(s)``, ``y = h @ W^T`` for BLOCK_N columns.
-    Every program normalises the row itself (K elements from L2, next to its BLOCK_N*K weights); program 0
+    """One row: ``s = x + residual`` (rounded), ``h = gemma_rms_norm(s)``, ``y = h @ W^T``, BLOCK_N columns per
+    tile. Every program normalises the row itself (K elements from L2, next to its BLOCK_N*K weights) and, unless
+    ONE_TILE, takes tiles pid, pid + programs, ... with it (the first loaded before the PDL wait); program 0
     also writes ``s`` (the next residual) and, if asked, ``h``. With ``CONV_K > 0`` the columns below
     ``conv_dim`` go through the causal conv update of state slot ``slot_ptr[0]`` (the GDN in_proj epilogue:
     each program owns its columns' conv state)."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     pdl_trigger(PDL)
-    col0 = tl.program_id(0) * BLOCK_N
-    w = load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
+    w = load_weight_tile(w_ptr, pid * BLOCK_N, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)
-    h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
+    h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, pid == 0,
                      K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED)
+    _norm_tile_out(h, w, pid * BLOCK_N, y_ptr, num_cols, conv_dim, conv_w_ptr, conv_state_ptr, slot_ptr, stride_cw,
+                   stride_s_slot, stride_s_d, BLOCK_N, CONV_K, CONV_KP)
+    if not ONE_TILE:
+        # Grid-stride loop as a while loop: the interpreter cannot take a runtime range bound (numpy >= 2.4).
+        tile = pid + num_programs
+        while tile < (num_cols + BLOCK_N - 1) // BLOCK_N:
+            w_next = load_weight_tile(w_ptr, tile * BLOCK_N, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
+            _norm_tile_out(h, w_next, tile * BLOCK_N, y_ptr, num_cols, conv_dim, conv_w_ptr, conv_state_ptr,
+                           slot_ptr, stride_cw, stride_s_slot, stride_s_d, BLOCK_N, CONV_K, CONV_KP)
+            tile += num_programs
+
+
+@triton.jit
+def _norm_tile_out(h, w, col0, y_ptr, num_cols, conv_dim, conv_w_ptr, conv_state_ptr, slot_ptr, stride_cw,
+                   stride_s_slot, stride_s_d, BLOCK_N: tl.constexpr, CONV_K: tl.constexpr, CONV_KP: tl.constexpr):
+    """``y[col0 ..] = h @ w^T`` for one tile, through the conv update below ``conv_dim`` if CONV_K > 0."""
     y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     dtype = y_ptr.dtype.element_ty
@@ -312,7 +330,7 @@ def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm_linear(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
     *, write_normed: bool = False, conv_weight: torch.Tensor | None = None, conv_states: torch.Tensor | None = None,
-    state_slot: torch.Tensor | None = None,
+    state_slot: torch.Tensor | None = None, programs_per_sm: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``h, s = gemma_rms_norm_residual(x, residual)`` then ``y = h @ weight^T``, one kernel, for one row
     (``can_fuse_prologue``): returns ``(y, s, h if write_normed else None)``; with ``residual=None``, ``s`` is x.
@@ -320,7 +338,11 @@ def rms_norm_linear(
 
     With ``conv_weight [D, W]`` (D <= N), ``conv_states [slots, D, W-1]`` and ``state_slot`` (int ``[1]`` on the
     device), ``y[:, :D]`` is ``conv1d_update`` of the projection instead: ``silu(conv)``, with the state slot
-    updated in place (the GDN in_proj and its conv in one kernel)."""
+    updated in place (the GDN in_proj and its conv in one kernel).
+
+    ``programs_per_sm``: 0 (the default, measured on the H100/H200) launches one program per column tile, each
+    normalising the row; n > 0 caps the grid at n programs per SM, each normalising the row once for several
+    tiles (what made gated_norm_linear 1.64x faster at 397B; not yet measured here: kernels/bench_gemv.py)."""
     if x.dim() != 2 or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rms_norm_linear takes x [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -346,14 +368,16 @@ def rms_norm_linear(
     conv_args = (conv_weight, conv_states, state_slot) if conv_dim else (y, y, y)
     conv_strides = (conv_weight.stride(0), conv_states.stride(0), conv_states.stride(1)) if conv_dim else (0, 0, 0)
     tile = default_tile(k)
-    _rms_norm_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
+    tiles = triton.cdiv(weight.shape[0], tile.block_n)
+    programs = min(tiles, programs_per_sm * num_sms(x.device)) if programs_per_sm else tiles
+    _rms_norm_gemv_kernel[(programs,)](
         x, residual if residual is not None else x, norm_weight, weight, y, new_res,
         normed if normed is not None else y, *conv_args, weight.shape[0], conv_dim, float(eps), weight.stride(0),
         *conv_strides,
         K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k),
         HAS_RESIDUAL=residual is not None, WRITE_NORMED=write_normed, CONV_K=conv_taps,
-        CONV_KP=triton.next_power_of_2(max(conv_taps - 1, 1)), num_warps=tile.num_warps,
-        **pdl_launch_args(x.device),
+        CONV_KP=triton.next_power_of_2(max(conv_taps - 1, 1)), ONE_TILE=programs == tiles,
+        num_warps=tile.num_warps, **pdl_launch_args(x.device),
     )
     return y, new_res, normed
 

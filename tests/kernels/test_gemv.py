@@ -77,8 +77,11 @@ def test_pdl_launch_args(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n,with_residual", [(2048, 300, True), (72, 33, True), (72, 33, False)])
-def test_rms_norm_linear(dtype, k, n, with_residual):
+@pytest.mark.parametrize("k,n,with_residual,programs_per_sm", [
+    (2048, 300, True, 0), (72, 33, True, 0), (72, 33, False, 0),
+    (72, 300, True, 1),  # a capped grid: several column tiles per program, a partial last one
+])
+def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm):
     """Residual add + Gemma RMSNorm + projection in one kernel equals the three reference steps; the new
     residual (and the normed row, when asked) come out exactly as the norm kernel writes them."""
     gen = torch.Generator().manual_seed(k + n)
@@ -86,7 +89,8 @@ def test_rms_norm_linear(dtype, k, n, with_residual):
     residual = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE) if with_residual else None
     norm_weight = (torch.randn(k, generator=gen) * 0.1).to(dtype).to(DEVICE)
     weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
-    y, new_res, normed = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, write_normed=True)
+    y, new_res, normed = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, write_normed=True,
+                                                 programs_per_sm=programs_per_sm)
     want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, 1e-6)
     torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
     torch.testing.assert_close(normed, want_h, **TOL[dtype])
@@ -118,8 +122,11 @@ def test_gated_norm_linear(dtype, heads, head_dim, n, programs_per_sm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n,conv_dim,taps", [(2048, 300, 256, 4), (72, 37, 21, 4), (40, 9, 9, 2)])
-def test_rms_norm_linear_with_conv(dtype, k, n, conv_dim, taps):
+@pytest.mark.parametrize("k,n,conv_dim,taps,programs_per_sm", [
+    (2048, 300, 256, 4, 0), (72, 37, 21, 4, 0), (40, 9, 9, 2, 0),
+    (40, 400, 300, 4, 1),  # a capped grid: conv columns in several tiles of each program
+])
+def test_rms_norm_linear_with_conv(dtype, k, n, conv_dim, taps, programs_per_sm):
     """The GDN in_proj with the conv update in its epilogue: the first conv_dim columns are the reference
     conv1d update of the (rounded) projection, the rest the plain projection; only the given state slot
     changes, to exactly the reference's new state."""
@@ -133,7 +140,7 @@ def test_rms_norm_linear_with_conv(dtype, k, n, conv_dim, taps):
     states = pool.clone()
     slot = torch.tensor([1], device=DEVICE)
     y, new_res, _ = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, conv_weight=conv_weight,
-                                            conv_states=states, state_slot=slot)
+                                            conv_states=states, state_slot=slot, programs_per_sm=programs_per_sm)
     # Reference: the fused norm + projection without the conv (checked above), then the conv update.
     plain, want_res, _ = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight)
     want_states = pool[1:2].clone()
