@@ -259,7 +259,7 @@ def _gated_norm_gemv_kernel(
             prefetch_l2(w_ptr + rows[:, None].to(tl.int64) * stride_w + lines[None, :])
     pdl_wait(PDL)
     g = gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS, HEAD_DIM, BLOCK_H,
-                       BLOCK_D, PROD_DTYPE, "")
+                       BLOCK_D, PROD_DTYPE)
     store_row_tile(g, w, y_ptr, pid, num_cols, BLOCK_N)  # masked off past the last tile
     # ONE_TILE (a program per tile) compiles without the loop: at 35B's 64 KiB tiles its code alone spills.
     if not ONE_TILE:
@@ -297,16 +297,13 @@ def load_head_weight_tile(w_ptr, col0, num_cols, stride_w, HEADS: tl.constexpr, 
 
 @triton.jit
 def gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PROD_DTYPE: tl.constexpr,
-                   CORE_CACHE: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PROD_DTYPE: tl.constexpr):
     """``gated_rms_norm(core, z)`` of one token as fp32 ``[BLOCK_H, BLOCK_D]``, rounded as
-    kernels.triton.norm.gated_rms_norm; ``CORE_CACHE``: the load's cache modifier for core (".cg" where other
-    programs of the same launch wrote it)."""
+    kernels.triton.norm.gated_rms_norm."""
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     hd_mask = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
-    core = tl.load(core_ptr + heads[:, None] * stride_core_h + dims[None, :], mask=hd_mask, other=0.0,
-                   cache_modifier=CORE_CACHE)
+    core = tl.load(core_ptr + heads[:, None] * stride_core_h + dims[None, :], mask=hd_mask, other=0.0)
     z = tl.load(z_ptr + heads[:, None] * stride_z_h + dims[None, :], mask=hd_mask, other=0.0).to(tl.float32)
     nw = tl.load(norm_w_ptr + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
     c32 = core.to(tl.float32)
@@ -320,6 +317,11 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so grid-stride loops take several tiles each
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def capped_grid(tiles: int, programs_per_sm: int, device: torch.device) -> int:
+    """Programs for ``tiles`` column tiles at most ``programs_per_sm`` per SM (0: one program per tile)."""
+    return min(tiles, programs_per_sm * num_sms(device)) if programs_per_sm else tiles
 
 
 def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -369,7 +371,7 @@ def rms_norm_linear(
     conv_strides = (conv_weight.stride(0), conv_states.stride(0), conv_states.stride(1)) if conv_dim else (0, 0, 0)
     tile = default_tile(k)
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
-    programs = min(tiles, programs_per_sm * num_sms(x.device)) if programs_per_sm else tiles
+    programs = capped_grid(tiles, programs_per_sm, x.device)
     _rms_norm_gemv_kernel[(programs,)](
         x, residual if residual is not None else x, norm_weight, weight, y, new_res,
         normed if normed is not None else y, *conv_args, weight.shape[0], conv_dim, float(eps), weight.stride(0),
@@ -419,7 +421,7 @@ def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Te
     y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
     tile = default_tile(heads * head_dim)
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
-    programs = min(tiles, programs_per_sm * num_sms(core.device)) if programs_per_sm else tiles
+    programs = capped_grid(tiles, programs_per_sm, core.device)
     prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, core.dtype)]
     _gated_norm_gemv_kernel[(programs,)](
         core, z, norm_weight.contiguous(), weight, y, weight.shape[0], float(eps),
