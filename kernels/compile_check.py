@@ -1,7 +1,7 @@
 """Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU, and report what ptxas made of them.
 
     python -m kernels.compile_check                 # every case below
-    python -m kernels.compile_check --cases moe     # names containing "moe"
+    python -m kernels.compile_check --cases gdn     # names containing "gdn"
 
 Each case calls a real launcher (``gdn_prefill``, ``gated_norm_linear``, ...) on CPU tensors of the model's real
 shapes, with Triton's launch replaced by a compile for an sm_90 target of 132 SMs (an H100 / H200): the
@@ -150,13 +150,15 @@ def gdn_prefill_case(hk: int, hv: int, tokens: int, **launch) -> Callable[[], No
     return run
 
 
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, dtype=torch.bfloat16)
+
+
 def gated_norm_linear_397b() -> None:
     """GDN out_proj of a 397B decode step: 2048 tiles over 2 programs per SM (each normalises the row once)."""
     from kernels.triton import gemv
 
-    def w(*shape):
-        return torch.empty(*shape, dtype=torch.bfloat16)
-
+    w = _bf16
     gemv.gated_norm_linear(w(1, 64, 128), w(1, 64, 128), w(128), 1e-6, w(4096, 8192))
 
 
@@ -164,9 +166,7 @@ def rms_norm_linear_capped_35b() -> None:
     """The 35B GDN in_proj with its conv epilogue on a capped grid (4 programs per SM, tiles strided)."""
     from kernels.triton import gemv
 
-    def w(*shape):
-        return torch.empty(*shape, dtype=torch.bfloat16)
-
+    w = _bf16
     gemv.rms_norm_linear(w(1, 2048), w(1, 2048), w(2048), 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
                          conv_states=w(4, 8192, 3), state_slot=torch.tensor([1]), programs_per_sm=4)
 
@@ -177,9 +177,7 @@ def decode_chain_35b() -> None:
     QK-norm/RoPE storing the KV, router + top-k, the matrix-vector experts, the LM head, conv1d."""
     from kernels.triton import conv1d, gemv, moe, norm, qk_norm_rope
 
-    def w(*shape, dtype=torch.bfloat16):
-        return torch.empty(*shape, dtype=dtype)
-
+    w = _bf16
     x, residual, norm_w = w(1, 2048), w(1, 2048), w(2048)
     conv_states = w(4, 8192, 3)
     gemv.rms_norm_linear(x, residual, norm_w, 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
