@@ -66,10 +66,16 @@ def time_calls(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]
     return graph_replay_us(calls, len(weights), replays=3, samples=7)
 
 
+def rotating_weights(n: int, k: int) -> list[torch.Tensor]:
+    """Enough copies of an ``[n, k]`` bf16 weight (>= 256 MB in all) that a call cycling through them never
+    finds its weight in L2."""
+    copies = max(2, -(-_ROTATION_BYTES // (n * k * 2)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+
+
 def bench_case(n: int, k: int, tokens: int, tiles: list[gemv_tk.GemvTile], with_no_pdl: bool = False) -> dict:
     weight_bytes = n * k * 2
-    copies = max(2, -(-_ROTATION_BYTES // weight_bytes))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    weights = rotating_weights(n, k)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, weights[0])
     out = {"N": n, "K": k, "tokens": tokens, "weight_bytes": weight_bytes,
@@ -99,8 +105,7 @@ def bench_normed_case(n: int, k: int, caps: tuple[int, ...] = _PROGRAM_CAPS) -> 
     """``rms_norm_linear`` of one row (residual add + norm inside the projection) at each cap on its programs
     per SM: with a cap each program normalises the row once for several column tiles instead of once per tile."""
     weight_bytes = n * k * 2
-    copies = max(2, -(-_ROTATION_BYTES // weight_bytes))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    weights = rotating_weights(n, k)
     x, residual = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
     want = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weights[0])[0]
