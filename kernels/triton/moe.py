@@ -78,15 +78,17 @@ def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch
 
 
 @triton.jit
-def topk_of_logits(
-    row, num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
+def _route_token(
+    row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
+    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
 ):
-    """``(weights fp32 [BLOCK_K], expert ids int32 [BLOCK_K])`` of one token from its ``num_experts`` logits at
-    ``row`` (lanes >= TOP_K are 0). The logits are read with .cg: where other programs of the same launch
-    wrote them, from L2, never from a line this SM's L1 might hold."""
+    """Top-k of one token from its logits at ``row`` (experts, then the shared gate's logit if HAS_SHARED);
+    ``dtype`` is the activation dtype the shared gate is rounded to."""
     e = tl.arange(0, BLOCK_E)
     valid = e < num_experts
+    # .cg: in the fused router the logits were written by other programs of the same launch; read them from
+    # L2, never from a line this SM's L1 might hold.
     logits = tl.load(row + e, mask=valid, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
     if SOFTMAX:
         # kernels.moe.topk_softmax: softmax in fp32 over all experts, top-k on the probabilities.
@@ -109,19 +111,6 @@ def topk_of_logits(
         scores = tl.where(e == idx, -2.0, scores)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= TOP_K are zero
-    return top_w, top_i
-
-
-@triton.jit
-def _route_token(
-    row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
-    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-):
-    """Top-k of one token from its logits at ``row`` (experts, then the shared gate's logit if HAS_SHARED);
-    ``dtype`` is the activation dtype the shared gate is rounded to."""
-    top_w, top_i = topk_of_logits(row, num_experts, TOP_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE)
-    k = tl.arange(0, BLOCK_K)
     tl.store(weights_ptr + token * OUT_K + k, top_w, mask=k < TOP_K)
     tl.store(ids_ptr + token * OUT_K + k, top_i, mask=k < TOP_K)
 
