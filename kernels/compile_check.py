@@ -171,6 +171,19 @@ def rms_norm_linear_capped_35b() -> None:
                          conv_states=w(4, 8192, 3), state_slot=torch.tensor([1]), programs_per_sm=4)
 
 
+def moe_shared_last_case(hidden: int, inter: int, experts: int, top_k: int) -> Callable[[], None]:
+    """The decode experts with the shared expert's weights loaded before the PDL wait (``shared_last``)."""
+
+    def case() -> None:
+        from kernels.triton import moe
+
+        w = _bf16
+        moe.fused_experts(w(1, hidden), w(experts + 1, 2 * inter, hidden), w(experts + 1, hidden, inter),
+                          torch.rand(1, top_k + 1), torch.zeros(1, top_k + 1, dtype=torch.int32), shared_last=True)
+
+    return case
+
+
 def decode_chain_35b() -> None:
     """The kernels of one Qwen3.5-35B-A3B decode step (one request) other than GDN and the MoE block above:
     fused norm + projections (with the conv epilogue), out_proj with the gated norm, o_proj with the gate,
@@ -200,6 +213,8 @@ CASES: dict[str, Callable[[], None]] = {
     "decode_chain_35b": decode_chain_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,
     "rms_norm_linear_capped_35b": rms_norm_linear_capped_35b,
+    "moe_shared_last_35b": moe_shared_last_case(2048, 512, 256, 8),
+    "moe_shared_last_397b": moe_shared_last_case(4096, 1024, 512, 10),
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
     "gdn_prefill_35b_8k": gdn_prefill_case(16, 32, 8192),

@@ -206,6 +206,7 @@ def route_topk(
     scoring: str = "softmax",
     ticket: torch.Tensor | None = None,
     norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None,
+    router_tile: gemv_tk.GemvTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
 
@@ -235,6 +236,9 @@ def route_topk(
     ``norm=(residual, norm_weight, eps)`` (with a ticket, one token, hidden <= 8192): ``hidden`` is the
     un-normed layer output and the kernel routes ``gemma_rms_norm(hidden + residual)``; use
     ``norm_route_topk``, which also returns the normed row and the new residual.
+
+    ``router_tile``: the single-launch router's rows per program and warps (its ``block_k`` is not used; by
+    default ``_ROUTER_BLOCK_N`` rows and ``default_tile``'s warps).
     """
     if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
@@ -287,8 +291,9 @@ def route_topk(
         residual, norm_weight, eps = norm if norm is not None else (None, hidden, 0.0)
         normed = torch.empty_like(hidden) if norm is not None else hidden
         new_res = torch.empty_like(hidden) if residual is not None else hidden
-        tile = gemv_tk.default_tile(hidden.shape[1])
-        block_n = tile.block_n if os.environ.get("TRITON_INTERPRET", "0") == "1" else _ROUTER_BLOCK_N
+        tile = router_tile or gemv_tk.default_tile(hidden.shape[1])
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        block_n = tile.block_n if router_tile is not None or interpret else _ROUTER_BLOCK_N
         _router_gemv_topk_kernel[(triton.cdiv(num_rows, block_n),)](
             hidden, weight, logits, ticket, topk_weights, topk_ids, shared if shared is not None else hidden,
             residual if residual is not None else hidden, norm_weight, new_res, normed, float(eps),
@@ -321,7 +326,7 @@ def route_topk(
 def norm_route_topk(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
     router_weight: torch.Tensor, top_k: int, renormalize: bool, ticket: torch.Tensor, *,
-    shared_as_expert: bool = True,
+    shared_as_expert: bool = True, router_tile: gemv_tk.GemvTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The post-attention norm and the routing of one token in one kernel: ``h, s =
     gemma_rms_norm_residual(x, residual)``, then ``route_topk(h, router_weight, ...)`` with the fused shared
@@ -335,7 +340,7 @@ def norm_route_topk(
         raise ValueError(f"norm_weight must be a contiguous [{x.shape[1]}] tensor")
     weights, ids, shared, normed, new_res = route_topk(
         x, router_weight, None, top_k, renormalize, fused_shared_gate=True, shared_as_expert=shared_as_expert,
-        ticket=ticket, norm=(residual, norm_weight, eps),
+        ticket=ticket, norm=(residual, norm_weight, eps), router_tile=router_tile,
     )
     return weights, ids, shared, normed, (new_res if residual is not None else x)
 
@@ -508,6 +513,9 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 3
+    # The down+sum kernel's own columns per program and warps (None: the same as gate/up's).
+    down_block_n: int | None = None
+    down_num_warps: int | None = None
 
 
 def default_gemv_config() -> GemvConfig:
@@ -664,76 +672,121 @@ def _moe_down_kernel(
 
 @triton.jit
 def _moe_gate_up_gemv_kernel(
-    x_ptr, w13_ptr, act_ptr, ids_ptr,
+    x_ptr, w13_ptr, act_ptr, ids_ptr, shared_expert,
     stride_x, stride_we, stride_wn, stride_act,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    SHARED_LAST: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
-    """act[pair, n] = silu(x[token] . w13[e, n]) * (x[token] . w13[e, I + n]) for one pair and BLOCK_N columns."""
+    """act[pair, n] = silu(x[token] . w13[e, n]) * (x[token] . w13[e, I + n]) for one pair and BLOCK_N columns.
+
+    SHARED_LAST: every token's last pair is expert ``shared_expert`` (the shared expert, whatever ``ids``
+    says), so its programs need no routing: they load their whole ``[2, BLOCK_N, HIDDEN]`` weight tile
+    before the PDL wait, while the router still runs."""
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOP_K
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < INTER
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + token * stride_x + offs_k
-    g_ptrs = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    u_ptrs = g_ptrs + INTER * stride_wn
-    # [BLOCK_N, BLOCK_K] partial sums, reduced once at the end: no cross-lane reduction inside the loop.
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        k_mask = offs_k < HIDDEN - k0
-        a = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        u = tl.load(u_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc_g += g * a[None, :]
-        acc_u += u * a[None, :]
-        x_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    if SHARED_LAST:
+        is_shared = pair % TOP_K == TOP_K - 1
+    else:
+        is_shared = False
+    if is_shared:
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = n_mask[:, None] & (offs_h < HIDDEN)[None, :]
+        # (Names of their own in this branch: the compiler wants a name bound in both branches to have one type.)
+        shared_ptrs = (w13_ptr + shared_expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+                       + offs_h[None, :])
+        shared_g = tl.load(shared_ptrs, mask=h_mask, other=0.0)
+        shared_u = tl.load(shared_ptrs + INTER * stride_wn, mask=h_mask, other=0.0)
+        pdl_wait(PDL)
+        x_row = tl.load(x_ptr + token * stride_x + offs_h, mask=offs_h < HIDDEN, other=0.0).to(tl.float32)
+        gate_sum = tl.sum(shared_g.to(tl.float32) * x_row[None, :], axis=1)
+        up_sum = tl.sum(shared_u.to(tl.float32) * x_row[None, :], axis=1)
+    else:
+        pdl_wait(PDL)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + token * stride_x + offs_k
+        g_ptrs = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        u_ptrs = g_ptrs + INTER * stride_wn
+        # [BLOCK_N, BLOCK_K] partial sums, reduced once at the end: no cross-lane reduction inside the loop.
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            k_mask = offs_k < HIDDEN - k0
+            a = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            u = tl.load(u_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            acc_g += g * a[None, :]
+            acc_u += u * a[None, :]
+            x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        gate_sum = tl.sum(acc_g, axis=1)
+        up_sum = tl.sum(acc_u, axis=1)
     dtype = act_ptr.dtype.element_ty
-    gate = round_to(tl.sum(acc_g, axis=1), dtype)
-    up = round_to(tl.sum(acc_u, axis=1), dtype)
+    gate = round_to(gate_sum, dtype)
+    up = round_to(up_sum, dtype)
     act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
     tl.store(act_ptr + pair * stride_act + offs_n, act.to(dtype), mask=n_mask)
 
 
 @triton.jit
+def _down_pair(act_ptr, pair, stride_act, w_ptrs, n_mask, INTER: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """act[pair] . w2[e, n] for BLOCK_N columns (``w_ptrs``: the ``[BLOCK_N, BLOCK_K]`` pointers of the first
+    K step of the pair's expert), in fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + pair * stride_act + offs_k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, INTER, BLOCK_K):
+        k_mask = offs_k < INTER - k0
+        a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += w * a[None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _moe_down_sum_gemv_kernel(
-    act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr,
+    act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, shared_expert,
     stride_act, stride_we, stride_wn, stride_out,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    SHARED_LAST: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[t, n] = sum_j weight[t, j] * (act[t*k + j] . w2[e_j, n]) for one token and BLOCK_N columns: the down
-    projection of all of the token's pairs and their k-sum in one program (no per-pair y in memory)."""
+    projection of all of the token's pairs and their k-sum in one program (no per-pair y in memory).
+
+    SHARED_LAST: the last pair is expert ``shared_expert``, whose ``[BLOCK_N, INTER]`` weight tile is loaded
+    before the PDL wait."""
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < HIDDEN
     offs_k = tl.arange(0, BLOCK_K)
+    w_cols = w2_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if SHARED_LAST:
+        offs_i = tl.arange(0, BLOCK_I)
+        w_shared = tl.load(w_cols + shared_expert.to(tl.int64) * stride_we + offs_i[None, :],
+                           mask=n_mask[:, None] & (offs_i < INTER)[None, :], other=0.0)
+    pdl_wait(PDL)
     dtype = out_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        a_ptrs = act_ptr + pair * stride_act + offs_k
-        w_ptrs = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.static_range(0, INTER, BLOCK_K):
-            k_mask = offs_k < INTER - k0
-            a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            acc += w * a[None, :]
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        if SHARED_LAST and j == TOP_K - 1:
+            a = tl.load(act_ptr + pair * stride_act + offs_i, mask=offs_i < INTER, other=0.0).to(tl.float32)
+            y = tl.sum(w_shared.to(tl.float32) * a[None, :], axis=1)
+        else:
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            y = _down_pair(act_ptr, pair, stride_act, w_cols + expert * stride_we + offs_k[None, :], n_mask, INTER,
+                           BLOCK_N, BLOCK_K)
         # Round like the reference's per-pair y = weight * (act @ w2^T), then sum in fp32 in pair order.
         routing = round_to(tl.load(topk_w_ptr + pair).to(tl.float32), dtype)
-        total += round_to(round_to(tl.sum(acc, axis=1), dtype) * routing, dtype)
+        total += round_to(round_to(y, dtype) * routing, dtype)
     tl.store(out_ptr + token * stride_out + offs_n, round_to(total, dtype).to(dtype), mask=n_mask)
 
 
@@ -758,6 +811,7 @@ def fused_experts(
     topk_ids: torch.Tensor,
     *,
     config: MoeConfig | GemvConfig | None = None,
+    shared_last: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` with SwiGLU experts; new ``[T, H]``.
 
@@ -766,6 +820,10 @@ def fused_experts(
     ``[0, E)`` (not checked on the device). ``config``: a ``MoeConfig`` (grouped GEMM path) or a
     ``GemvConfig`` (matrix-vector path); by default the matrix-vector path for at most ``_GEMV_MAX_PAIRS``
     pairs, else the grouped path with ``default_moe_config``.
+
+    ``shared_last``: every token's last column is the shared expert, the last of the stacks (``E - 1``), as
+    ``route_topk(..., shared_as_expert=True)`` returns it; the matrix-vector path then loads its weights
+    before waiting for the router (PDL), and takes the expert id of that column as ``E - 1`` without reading it.
     """
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a float [T, H] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -795,7 +853,7 @@ def fused_experts(
         return out.zero_()
 
     if isinstance(config, GemvConfig) or (config is None and tokens * top_k <= _GEMV_MAX_PAIRS):
-        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(), out)
+        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(), out, shared_last)
         return out
     y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
     block_h = min(1024, triton.next_power_of_2(hidden))
@@ -805,10 +863,11 @@ def fused_experts(
     return out
 
 
-def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor) -> None:
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor, shared_last: bool) -> None:
     """``out [T, H]`` = the k-sum of the routed expert outputs: one program per (pair, N tile) for gate/up, then
     one per (token, N tile) for the down projection and the sum."""
-    if cfg.block_n < 1 or cfg.block_n & (cfg.block_n - 1) or (cfg.block_k and (
+    down_block_n = cfg.down_block_n or cfg.block_n
+    if any(n < 1 or n & (n - 1) for n in (cfg.block_n, down_block_n)) or (cfg.block_k and (
             cfg.block_k < 16 or cfg.block_k & (cfg.block_k - 1))):
         raise ValueError(f"GemvConfig block sizes must be powers of two (block_k >= 16, or 0), got {cfg}")
     tokens, hidden = x.shape
@@ -817,18 +876,21 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torc
     num_pairs = tokens * top_k
     ids = topk_ids.contiguous().view(-1)
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    shared_expert = w13.shape[0] - 1
     _moe_gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, cfg.block_n))](
-        x, w13, act, ids, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        x, w13, act, ids, shared_expert, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k or triton.next_power_of_2(hidden),
+        BLOCK_K=cfg.block_k or triton.next_power_of_2(hidden), SHARED_LAST=shared_last,
+        BLOCK_H=triton.next_power_of_2(hidden),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
-    _moe_down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, cfg.block_n))](
-        act, w2, out, topk_weights.contiguous().view(-1), ids, act.stride(0), w2.stride(0), w2.stride(1),
-        out.stride(0),
-        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k or triton.next_power_of_2(inter),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
+    _moe_down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, down_block_n))](
+        act, w2, out, topk_weights.contiguous().view(-1), ids, shared_expert, act.stride(0), w2.stride(0),
+        w2.stride(1), out.stride(0),
+        TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=down_block_n,
+        BLOCK_K=cfg.block_k or triton.next_power_of_2(inter), SHARED_LAST=shared_last,
+        BLOCK_I=triton.next_power_of_2(inter),
+        num_warps=cfg.down_num_warps or cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
 
 

@@ -25,6 +25,7 @@ from kernels import norm as norm_ref
 from kernels.rope import apply_partial_rope, rope_cos_sin_cache
 from kernels.triton import moe as moe_tk
 from kernels.triton import norm as norm_tk
+from kernels.triton.gemv import GemvTile
 from kernels.triton.qk_norm_rope import qk_norm_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -351,8 +352,13 @@ def test_route_topk_single_launch(dtype, tokens, hidden, experts, top_k, scoring
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden,experts,top_k,with_residual", [(2048, 256, 8, True), (72, 61, 7, False)])
-def test_norm_route_topk(dtype, hidden, experts, top_k, with_residual):
+@pytest.mark.parametrize("hidden,experts,top_k,with_residual,router_tile", [
+    (2048, 256, 8, True, None),
+    (72, 61, 7, False, None),
+    (2048, 256, 8, True, GemvTile(block_n=4, block_k=0, num_warps=1)),  # one warp per program: a sweep point
+    (72, 61, 7, False, GemvTile(block_n=8, block_k=0, num_warps=2)),
+])
+def test_norm_route_topk(dtype, hidden, experts, top_k, with_residual, router_tile):
     """Post-attention norm + routing of one token in one kernel: the normed row and the new residual come out
     as the norm kernel writes them, the routing as route_topk of the normed row."""
     gen = _gen(hidden + experts)
@@ -363,7 +369,7 @@ def test_norm_route_topk(dtype, hidden, experts, top_k, with_residual):
     ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     with poisoned_outputs():
         weights, ids, gate, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, top_k, True,
-                                                                 ticket)
+                                                                 ticket, router_tile=router_tile)
     assert int(ticket.item()) == 0 and gate is None
     want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, EPS)
     assert torch.equal(new_res, want_res)
@@ -488,6 +494,36 @@ def test_fused_experts(dtype, tokens, hidden, inter, experts, top_k, config):
     with poisoned_outputs():
         out = moe_tk.fused_experts(x, w13, w2, weights, ids, config=config)
     ref = moe_ref.fused_experts(x, w13, w2, weights, ids.long())
+    _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,tokens,hidden,inter,config",
+    [
+        (torch.bfloat16, 1, 2048, 512, _GEMV_BIG),  # 35B-A3B's expert shape
+        (torch.float32, 3, 72, 40, None),  # odd sizes: partial N tiles, K and I below their power-of-two tiles
+        (torch.bfloat16, 2, 72, 40, moe_tk.GemvConfig(8, 32, down_block_n=4, down_num_warps=2)),
+    ],
+)
+def test_fused_experts_shared_last(dtype, tokens, hidden, inter, config):
+    """``shared_last``: every token's last column is the shared expert (the stacks' last, E - 1), computed from
+    weights loaded before the PDL wait and without reading that column's id. The id there is set to an expert
+    whose weights are NaN: reading it would poison the output."""
+    experts, top_k = 6, 3
+    x, w13, w2, weights, ids = _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=hidden + tokens)
+    shared = experts - 1
+    routed = torch.stack([torch.randperm(shared, generator=_gen(t))[:top_k - 1] for t in range(tokens)])
+    ids = torch.cat([routed, torch.full((tokens, 1), shared)], dim=1).to(torch.int32).to(DEVICE)
+    unused = torch.ones(experts, dtype=torch.bool, device=DEVICE)
+    unused[ids.flatten().long()] = False
+    poisoned = int(unused.nonzero()[0])
+    w13[unused] = float("nan")
+    w2[unused] = float("nan")
+    ref = moe_ref.fused_experts(x, w13, w2, weights, ids.long())
+    ids_read_elsewhere = ids.clone()
+    ids_read_elsewhere[:, -1] = poisoned
+    with poisoned_outputs():
+        out = moe_tk.fused_experts(x, w13, w2, weights, ids_read_elsewhere, config=config, shared_last=True)
     _close(out, ref, dtype)
 
 

@@ -1,0 +1,170 @@
+"""The decode MoE block of one token (post-attention norm + router + top-k, then the experts' gate/up and
+down+sum, the engine's three kernels) on this GPU: its launch options swept one after another, each against
+the default in the same run.
+
+    python -m kernels.bench_moe_block --models 35b-a3b,397b --out moe_block.json   # JSON + PNG
+
+Each variant is captured in a CUDA graph of ``--calls`` back-to-back MoE blocks with different inputs (so
+different experts, read from HBM rather than L2: one layer's expert stacks are 1.6 GB at 35B-A3B), chained
+with programmatic dependent launch as in the decode step; the graphs are replayed in alternation. Every
+variant is first checked against the default. The floor is the bytes one block must read (the router, the k
+routed experts and the shared one) over the device-to-device copy bandwidth measured in the run.
+
+The sweep is coordinate descent, in the order of the chain's dependence: ``shared_last`` (the shared expert's
+weights loaded before the PDL wait), then the router's rows per program and warps, then the gate/up tile,
+then the down tile, each stage starting from the best of the one before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels.bench_fused import EPS, MODELS
+from kernels.bench_util import alternating_graph_us, grouped_bar_chart, measure_copy_bandwidth
+from kernels.triton import moe as moe_tk
+from kernels.triton.gemv import GemvTile
+
+log = logging.getLogger("bench_moe_block")
+
+
+@dataclass(frozen=True)
+class BlockVariant:
+    """The launch options of one MoE block (None: the library default)."""
+
+    shared_last: bool = False
+    router_tile: GemvTile | None = None
+    experts: moe_tk.GemvConfig = field(default_factory=moe_tk.GemvConfig)
+
+    def label(self) -> str:
+        router = "default" if self.router_tile is None else f"{self.router_tile.block_n}x{self.router_tile.num_warps}w"
+        e = self.experts
+        return (f"shared_last={int(self.shared_last)} router={router} gate_up={e.block_n}x{e.block_k}x{e.num_warps}w "
+                f"down={e.down_block_n or e.block_n}x{e.down_num_warps or e.num_warps}w")
+
+
+_ROUTER_TILES = [GemvTile(n, 0, num_warps=w) for n, w in itertools.product((1, 2, 4), (1, 2, 4))]
+_GATE_UP = [(n, k, w) for n, k, w in itertools.product((1, 2, 4), (0, 512), (2, 4, 8))]
+_DOWN = [(n, w) for n, w in itertools.product((1, 2, 4, 8), (1, 2, 4))]
+
+
+def _time_variants(block, variants: list[BlockVariant], inputs, expected, calls: int) -> tuple[dict, dict]:
+    """Microseconds per block of each variant (checked against ``expected`` first); errors of variants that
+    fail to compile or differ."""
+    timed, errors = {}, {}
+    for v in variants:
+        try:
+            for (x, r), (want_out, want_res) in zip(inputs[:3], expected, strict=True):
+                out, res = block(x, r, v)
+                err = float((out.float() - want_out.float()).norm() / want_out.float().norm())
+                if not (err < 1e-2 and torch.equal(res, want_res)):
+                    raise RuntimeError(f"output differs from the default (rel err {err:.2e})")
+            timed[v] = lambda v=v: [block(x, r, v) for x, r in inputs]
+        except Exception as exc:  # noqa: BLE001 - a variant that does not compile or fit is recorded, not fatal
+            errors[v.label()] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("%s: %s", v.label(), errors[v.label()])
+    times = {v: t / calls for v, t in alternating_graph_us(timed, rounds=7, replays=3).items()}
+    return times, errors
+
+
+def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
+    s = MODELS[key]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dtype, hidden, inter, experts = torch.bfloat16, s.hidden, s.moe_inter, s.experts
+
+    def randn(*shape, scale):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    router = randn(experts + 1, hidden, scale=hidden**-0.5)
+    w13 = randn(experts + 1, 2 * inter, hidden, scale=hidden**-0.5)
+    w2 = randn(experts + 1, hidden, inter, scale=inter**-0.5)
+    norm_weight = randn(hidden, scale=0.1)
+    inputs = [(randn(1, hidden, scale=1.0), randn(1, hidden, scale=1.0)) for _ in range(calls)]
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def block(x, residual, v: BlockVariant):
+        weights, ids, _, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, s.top_k, True,
+                                                             ticket, router_tile=v.router_tile)
+        return moe_tk.fused_experts(h, w13, w2, weights, ids, config=v.experts, shared_last=v.shared_last), new_res
+
+    default = BlockVariant()
+    expected = [block(x, r, default) for x, r in inputs[:3]]
+    stages = [("shared_last", lambda best: [default, dataclasses.replace(default, shared_last=True)])]
+    if sweep:
+        stages += [
+            ("router", lambda best: [best] + [dataclasses.replace(best, router_tile=t) for t in _ROUTER_TILES]),
+            ("gate_up", lambda best: [best] + [
+                dataclasses.replace(best, experts=dataclasses.replace(
+                    best.experts, block_n=n, block_k=k, num_warps=w,
+                    down_block_n=best.experts.down_block_n or best.experts.block_n,
+                    down_num_warps=best.experts.down_num_warps or best.experts.num_warps))
+                for n, k, w in _GATE_UP]),
+            ("down", lambda best: [best] + [
+                dataclasses.replace(best, experts=dataclasses.replace(best.experts, down_block_n=n, down_num_warps=w))
+                for n, w in _DOWN]),
+        ]
+    best = default
+    result_stages, errors = [], {}
+    for name, make in stages:
+        variants = list(dict.fromkeys(make(best)))  # the best so far comes first and once
+        times, stage_errors = _time_variants(block, variants, inputs, expected, calls)
+        errors.update(stage_errors)
+        best = min(times, key=times.get)
+        result_stages.append({"stage": name, "us_per_block": {v.label(): us for v, us in times.items()},
+                              "best": best.label(), "best_us": times[best]})
+        log.info("%s %s: best %s %.2f us (%s first: %.2f us)", s.name, name, best.label(), times[best],
+                 variants[0].label(), times.get(variants[0], float("nan")))
+    default_us = result_stages[0]["us_per_block"][default.label()]
+    best_us = result_stages[-1]["best_us"]
+    per_expert = (2 * inter * hidden + hidden * inter) * dtype.itemsize
+    nbytes = (experts + 1) * hidden * dtype.itemsize + (s.top_k + 1) * per_expert
+    floor_us = nbytes / bandwidth * 1e6
+    return {"model": s.name, "hidden": hidden, "inter": inter, "experts": experts, "top_k": s.top_k,
+            "bytes_per_block": nbytes, "floor_us": floor_us, "default_us": default_us, "best": best.label(),
+            "best_variant": {"shared_last": best.shared_last,
+                             "router_tile": dataclasses.asdict(best.router_tile) if best.router_tile else None,
+                             "experts": dataclasses.asdict(best.experts)},
+            "best_us": best_us, "speedup_best_vs_default": default_us / best_us,
+            "stages": result_stages, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="35b-a3b,397b")
+    parser.add_argument("--calls", type=int, default=16, help="MoE blocks per CUDA graph (different inputs)")
+    parser.add_argument("--no-sweep", action="store_true", help="only shared_last on and off")
+    parser.add_argument("--out", default="moe_block.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = torch.device("cuda")
+    bandwidth = measure_copy_bandwidth(device)
+    log.info("device-to-device copy: %.0f GB/s (read + write)", bandwidth / 1e9)
+    results = {"benchmark": "decode MoE block, one token (norm_route_topk + fused_experts)",
+               "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+               "copy_bandwidth_GBps": bandwidth / 1e9, "models": []}
+    for key in args.models.split(","):
+        results["models"].append(bench_model(key, args.calls, bandwidth, not args.no_sweep))
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.write_text(json.dumps(results, indent=2))
+    rows = results["models"]
+    grouped_bar_chart(
+        out.with_suffix(".png"), [r["model"] for r in rows],
+        [("default", [r["default_us"] for r in rows]), ("best swept", [r["best_us"] for r in rows]),
+         ("HBM floor", [r["floor_us"] for r in rows])],
+        xlabel="model", ylabel="us per MoE block (1 token)", title=f"decode MoE block on {results['gpu']}",
+    )
+    for r in rows:
+        print(f"{r['model']:18s} default {r['default_us']:7.2f} us  best {r['best_us']:7.2f} us "
+              f"({r['speedup_best_vs_default']:.2f}x: {r['best']})  floor {r['floor_us']:6.2f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
