@@ -12,7 +12,8 @@ routed experts and the shared one) over the device-to-device copy bandwidth meas
 
 The sweep is coordinate descent, in the order of the chain's dependence: ``shared_last`` (the shared expert's
 weights loaded before the PDL wait), then the router's rows per program and warps, then the gate/up tile,
-then the down tile, each stage starting from the best of the one before.
+then the down tile, each stage starting from the best of the one before; then the best few values of each
+axis crossed with each other's (``refine``), next to the default, since the axes interact.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 import itertools
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,22 +38,36 @@ log = logging.getLogger("bench_moe_block")
 
 @dataclass(frozen=True)
 class BlockVariant:
-    """The launch options of one MoE block (None: the library default)."""
+    """The launch options of one MoE block: ``router`` (rows per program, warps; None: the library default),
+    ``gate_up`` (columns per program, K step with 0 = whole K, warps) and ``down`` (columns, warps)."""
 
     shared_last: bool = False
-    router_tile: GemvTile | None = None
-    experts: moe_tk.GemvConfig = field(default_factory=moe_tk.GemvConfig)
+    router: tuple[int, int] | None = None
+    gate_up: tuple[int, int, int] = (2, 512, 4)
+    down: tuple[int, int] = (2, 4)
+
+    def router_tile(self) -> GemvTile | None:
+        return None if self.router is None else GemvTile(self.router[0], 0, num_warps=self.router[1])
+
+    def experts(self) -> moe_tk.GemvConfig:
+        (n, k, w), (down_n, down_w) = self.gate_up, self.down
+        return moe_tk.GemvConfig(n, k, num_warps=w, down_block_n=down_n, down_num_warps=down_w)
 
     def label(self) -> str:
-        router = "default" if self.router_tile is None else f"{self.router_tile.block_n}x{self.router_tile.num_warps}w"
-        e = self.experts
-        return (f"shared_last={int(self.shared_last)} router={router} gate_up={e.block_n}x{e.block_k}x{e.num_warps}w "
-                f"down={e.down_block_n or e.block_n}x{e.down_num_warps or e.num_warps}w")
+        router = "default" if self.router is None else "{}x{}w".format(*self.router)
+        return (f"shared_last={int(self.shared_last)} router={router} gate_up={'{}x{}x{}w'.format(*self.gate_up)} "
+                f"down={'{}x{}w'.format(*self.down)}")
 
 
-_ROUTER_TILES = [GemvTile(n, 0, num_warps=w) for n, w in itertools.product((1, 2, 4), (1, 2, 4))]
-_GATE_UP = [(n, k, w) for n, k, w in itertools.product((1, 2, 4), (0, 512), (2, 4, 8))]
-_DOWN = [(n, w) for n, w in itertools.product((1, 2, 4, 8), (1, 2, 4))]
+# Each axis with the values swept; the dataclass defaults (the library defaults) come first.
+AXES = {
+    "shared_last": [False, True],
+    "router": [None, *itertools.product((1, 2, 4), (1, 2, 4))],
+    "gate_up": [(2, 512, 4), *itertools.product((1, 2, 4), (0, 512), (2, 4, 8))],
+    "down": [(2, 4), *itertools.product((1, 2, 4, 8), (1, 2, 4))],
+}
+# How many of each axis' best values the refinement crosses with the others'.
+REFINE_TOP = {"shared_last": 2, "router": 2, "gate_up": 3, "down": 4}
 
 
 def _time_variants(block, variants: list[BlockVariant], inputs, expected, calls: int) -> tuple[dict, dict]:
@@ -91,48 +106,48 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
 
     def block(x, residual, v: BlockVariant):
         weights, ids, _, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, s.top_k, True,
-                                                             ticket, router_tile=v.router_tile)
-        return moe_tk.fused_experts(h, w13, w2, weights, ids, config=v.experts, shared_last=v.shared_last), new_res
+                                                             ticket, router_tile=v.router_tile())
+        return moe_tk.fused_experts(h, w13, w2, weights, ids, config=v.experts(), shared_last=v.shared_last), new_res
 
     default = BlockVariant()
     expected = [block(x, r, default) for x, r in inputs[:3]]
-    stages = [("shared_last", lambda best: [default, dataclasses.replace(default, shared_last=True)])]
-    if sweep:
-        stages += [
-            ("router", lambda best: [best] + [dataclasses.replace(best, router_tile=t) for t in _ROUTER_TILES]),
-            ("gate_up", lambda best: [best] + [
-                dataclasses.replace(best, experts=dataclasses.replace(
-                    best.experts, block_n=n, block_k=k, num_warps=w,
-                    down_block_n=best.experts.down_block_n or best.experts.block_n,
-                    down_num_warps=best.experts.down_num_warps or best.experts.num_warps))
-                for n, k, w in _GATE_UP]),
-            ("down", lambda best: [best] + [
-                dataclasses.replace(best, experts=dataclasses.replace(best.experts, down_block_n=n, down_num_warps=w))
-                for n, w in _DOWN]),
-        ]
+    axes = AXES if sweep else {"shared_last": AXES["shared_last"]}
     best = default
-    result_stages, errors = [], {}
-    for name, make in stages:
-        variants = list(dict.fromkeys(make(best)))  # the best so far comes first and once
+    stages, errors = [], {}
+    ranked: dict[str, list] = {}
+    # Coordinate descent in the order of the chain's dependence, each axis from the best of the ones before.
+    for axis, values in axes.items():
+        variants = list(dict.fromkeys([best] + [dataclasses.replace(best, **{axis: value}) for value in values]))
+        times, stage_errors = _time_variants(block, variants, inputs, expected, calls)
+        errors.update(stage_errors)
+        ranked[axis] = [getattr(v, axis) for v in sorted(times, key=times.get)]
+        best = min(times, key=times.get)
+        stages.append({"stage": axis, "us_per_block": {v.label(): us for v, us in times.items()},
+                       "best": best.label(), "best_us": times[best]})
+        log.info("%s %s: best %s %.2f us (from %s: %.2f us)", s.name, axis, best.label(), times[best],
+                 variants[0].label(), times.get(variants[0], float("nan")))
+    if sweep:
+        # The axes interact (how many programs wait on one kernel decides what the next can overlap): cross each
+        # axis' best values with the others' and time them side by side.
+        tops = [ranked[axis][:REFINE_TOP[axis]] for axis in axes]
+        variants = list(dict.fromkeys([default] + [BlockVariant(*values) for values in itertools.product(*tops)]))
         times, stage_errors = _time_variants(block, variants, inputs, expected, calls)
         errors.update(stage_errors)
         best = min(times, key=times.get)
-        result_stages.append({"stage": name, "us_per_block": {v.label(): us for v, us in times.items()},
-                              "best": best.label(), "best_us": times[best]})
-        log.info("%s %s: best %s %.2f us (%s first: %.2f us)", s.name, name, best.label(), times[best],
-                 variants[0].label(), times.get(variants[0], float("nan")))
-    default_us = result_stages[0]["us_per_block"][default.label()]
-    best_us = result_stages[-1]["best_us"]
+        stages.append({"stage": "refine", "us_per_block": {v.label(): us for v, us in times.items()},
+                       "best": best.label(), "best_us": times[best], "default_us": times[default]})
+        log.info("%s refine (%d variants): best %s %.2f us, default %.2f us", s.name, len(variants), best.label(),
+                 times[best], times[default])
+    last = stages[-1]
+    default_us = last.get("default_us", stages[0]["us_per_block"][default.label()])
+    best_us = last["best_us"]
     per_expert = (2 * inter * hidden + hidden * inter) * dtype.itemsize
     nbytes = (experts + 1) * hidden * dtype.itemsize + (s.top_k + 1) * per_expert
     floor_us = nbytes / bandwidth * 1e6
     return {"model": s.name, "hidden": hidden, "inter": inter, "experts": experts, "top_k": s.top_k,
             "bytes_per_block": nbytes, "floor_us": floor_us, "default_us": default_us, "best": best.label(),
-            "best_variant": {"shared_last": best.shared_last,
-                             "router_tile": dataclasses.asdict(best.router_tile) if best.router_tile else None,
-                             "experts": dataclasses.asdict(best.experts)},
-            "best_us": best_us, "speedup_best_vs_default": default_us / best_us,
-            "stages": result_stages, "errors": errors}
+            "best_variant": dataclasses.asdict(best), "best_us": best_us,
+            "speedup_best_vs_default": default_us / best_us, "stages": stages, "errors": errors}
 
 
 def main() -> None:
