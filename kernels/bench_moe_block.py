@@ -38,33 +38,39 @@ log = logging.getLogger("bench_moe_block")
 
 @dataclass(frozen=True)
 class BlockVariant:
-    """The launch options of one MoE block: ``router`` (rows per program, warps; None: the library default),
-    ``gate_up`` (columns per program, K step with 0 = whole K, warps) and ``down`` (columns, warps)."""
+    """The launch options of one MoE block: ``router`` (rows per program, warps), ``gate_up`` (columns per
+    program, K step with 0 = whole K, warps) and ``down`` (columns, warps); None: the library default
+    (``moe._ROUTER_BLOCK_N``, ``moe.default_gemv_config``). ``shared_last`` as the engine runs it."""
 
-    shared_last: bool = False
+    shared_last: bool = True
     router: tuple[int, int] | None = None
-    gate_up: tuple[int, int, int] = (2, 512, 4)
-    down: tuple[int, int] = (2, 4)
+    gate_up: tuple[int, int, int] | None = None
+    down: tuple[int, int] | None = None
 
     def router_tile(self) -> GemvTile | None:
         return None if self.router is None else GemvTile(self.router[0], 0, num_warps=self.router[1])
 
-    def experts(self) -> moe_tk.GemvConfig:
-        (n, k, w), (down_n, down_w) = self.gate_up, self.down
+    def experts(self, inter: int) -> moe_tk.GemvConfig:
+        default = moe_tk.default_gemv_config(inter)
+        n, k, w = self.gate_up or (default.block_n, default.block_k, default.num_warps)
+        down_n, down_w = self.down or (default.down_block_n or n, default.down_num_warps or w)
         return moe_tk.GemvConfig(n, k, num_warps=w, down_block_n=down_n, down_num_warps=down_w)
 
     def label(self) -> str:
-        router = "default" if self.router is None else "{}x{}w".format(*self.router)
-        return (f"shared_last={int(self.shared_last)} router={router} gate_up={'{}x{}x{}w'.format(*self.gate_up)} "
-                f"down={'{}x{}w'.format(*self.down)}")
+        def fmt(tile):
+            return "default" if tile is None else "x".join(map(str, tile[:-1])) + f"x{tile[-1]}w"
+
+        return (f"shared_last={int(self.shared_last)} router={fmt(self.router)} gate_up={fmt(self.gate_up)} "
+                f"down={fmt(self.down)}")
 
 
-# Each axis with the values swept; the dataclass defaults (the library defaults) come first.
+# Each axis with the values swept; the library default (None) first, then the earlier defaults (2 rows x 4
+# warps for the router; 2 columns x 512 x 4 warps for both expert kernels) among the rest.
 AXES = {
-    "shared_last": [False, True],
+    "shared_last": [True, False],
     "router": [None, *itertools.product((1, 2, 4), (1, 2, 4))],
-    "gate_up": [(2, 512, 4), *itertools.product((1, 2, 4), (0, 512), (2, 4, 8))],
-    "down": [(2, 4), *itertools.product((1, 2, 4, 8), (1, 2, 4))],
+    "gate_up": [None, *itertools.product((1, 2, 4), (0, 512), (2, 4, 8))],
+    "down": [None, *itertools.product((1, 2, 4, 8), (1, 2, 4))],
 }
 # How many of each axis' best values the refinement crosses with the others'.
 REFINE_TOP = {"shared_last": 2, "router": 2, "gate_up": 3, "down": 4}
@@ -107,7 +113,8 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
     def block(x, residual, v: BlockVariant):
         weights, ids, _, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, s.top_k, True,
                                                              ticket, router_tile=v.router_tile())
-        return moe_tk.fused_experts(h, w13, w2, weights, ids, config=v.experts(), shared_last=v.shared_last), new_res
+        return moe_tk.fused_experts(h, w13, w2, weights, ids, config=v.experts(inter),
+                                    shared_last=v.shared_last), new_res
 
     default = BlockVariant()
     expected = [block(x, r, default) for x, r in inputs[:3]]
@@ -154,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="35b-a3b,397b")
     parser.add_argument("--calls", type=int, default=16, help="MoE blocks per CUDA graph (different inputs)")
-    parser.add_argument("--no-sweep", action="store_true", help="only shared_last on and off")
+    parser.add_argument("--no-sweep", action="store_true", help="the defaults with shared_last on and off only")
     parser.add_argument("--out", default="moe_block.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

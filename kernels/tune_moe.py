@@ -98,7 +98,7 @@ def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
                 best_down, best_us = tile, us
     best = dataclasses.replace(default, gate_up=best_gate_up, down=best_down)
 
-    gemv_default = moe_tk.GemvConfig()
+    gemv_default = moe_tk.default_gemv_config(s.moe_inter)
     gemv_default_us = _time_config(x, w13, w2, routings, gemv_default)
     log.info("%s T=%d: gemv default %s -> %.1f us", model, tokens, gemv_default, gemv_default_us)
     best_gemv, best_gemv_us = gemv_default, gemv_default_us

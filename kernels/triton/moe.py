@@ -60,8 +60,9 @@ _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile
 _GEMV_MAX_PAIRS = 36
 # Tokens routed by the single-launch router (logits and top-k in one kernel); its register tile grows with them.
 _ROUTER_GEMV_MAX_TOKENS = 4
-# Router rows per program: 129 programs of 2 x 4 KB for 35B-A3B's 257 rows, about one per SM.
-_ROUTER_BLOCK_N = 2
+# Router rows per program: 65 programs of 4 x 4 KB for 35B-A3B's 257 rows. On the H200 in the MoE block
+# (kernels/bench_moe_block.py) 4 rows x 4 warps beat 2 x 4 by ~0.8 us at 35B-A3B and ~1 us at 397B.
+_ROUTER_BLOCK_N = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,27 +504,32 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch configuration of the matrix-vector path: each program owns ``block_n`` output columns of one
-    pair (``block_n`` of each of gate and up) and walks K in ``block_k`` steps (0: the whole K at once)."""
+    """Launch configuration of the matrix-vector path: each gate/up program owns ``block_n`` output columns of
+    one pair (``block_n`` of each of gate and up) and walks K in ``block_k`` steps (0: the whole K at once);
+    each down program owns ``down_block_n`` columns of one token (None: ``block_n``)."""
 
-    # Narrow N tiles (many programs, each streaming 2 weight rows in 512-wide steps) were the fastest on the
-    # H100 at 1 token of 35B-A3B with PDL, swept over block_n 2-16, block_k 256/512/whole K, 4 or 8 warps
-    # (kernels/tune_moe.py: 24.5 us vs 26.4 for the earlier 4 x 256; kernels/results/moe_tune_gemv_h100.json).
     block_n: int = 2
-    block_k: int = 512
+    block_k: int = 0
     num_warps: int = 4
     num_stages: int = 3
-    # The down+sum kernel's own columns per program and warps (None: the same as gate/up's).
     down_block_n: int | None = None
-    down_num_warps: int | None = None
+    down_num_warps: int | None = None  # None: num_warps
 
 
-def default_gemv_config() -> GemvConfig:
-    """The measured GPU default; under Triton's interpreter (CPU tests), whose cost is per program, wide tiles
-    (the same kernel code with other constexprs: the tests also run narrow explicit configs)."""
+def default_gemv_config(inter: int) -> GemvConfig:
+    """The measured GPU default for expert width ``inter``; under Triton's interpreter (CPU tests), whose
+    cost is per program, wide tiles (the same kernel code with other constexprs: the tests also run narrow
+    explicit configs).
+
+    Swept on the H200 as the engine runs the block (norm + router, then gate/up, then down+sum, PDL-chained,
+    the shared expert's weights loaded before the wait: ``python -m kernels.bench_moe_block``,
+    ``kernels/results/moe_block_h200.json``): gate/up 2 columns x the whole K x 4 warps; the down kernel wants
+    single-warp programs of ~1K weights per expert, 1 column at I=512 (35B-A3B: 24.0 us per block against
+    28.0 for the earlier 2 x 512 x 4 warps for both) and 2 at I=1024 (397B: 73.9 against 90.5). Many small
+    down programs start as soon as gate/up's retire, and each has little to do after its wait."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return GemvConfig(block_n=64, block_k=256)
-    return GemvConfig()
+    return GemvConfig(block_n=2, block_k=0, num_warps=4, down_block_n=1 if inter <= 512 else 2, down_num_warps=1)
 
 
 def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
@@ -853,7 +859,8 @@ def fused_experts(
         return out.zero_()
 
     if isinstance(config, GemvConfig) or (config is None and tokens * top_k <= _GEMV_MAX_PAIRS):
-        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(), out, shared_last)
+        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(w13.shape[1] // 2), out,
+                      shared_last)
         return out
     y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
     block_h = min(1024, triton.next_power_of_2(hidden))

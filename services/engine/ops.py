@@ -260,7 +260,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         # GEMM pair compute it with the routed experts, and the fp32 sum adds it.
         weights, ids, _ = triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
                                                 shared_as_expert=True, ticket=ticket)
-        return triton_moe.fused_experts(x, w13, w2, weights, ids)
+        return triton_moe.fused_experts(x, w13, w2, weights, ids, shared_last=True)
 
     def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
                                     ticket):
@@ -269,7 +269,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
                 and (residual is None or residual.is_contiguous())):
             weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
                                                                       top_k, renormalize, ticket)
-            return triton_moe.fused_experts(h, w13, w2, weights, ids), residual
+            return triton_moe.fused_experts(h, w13, w2, weights, ids, shared_last=True), residual
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
         return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
 
