@@ -10,8 +10,11 @@ with programmatic dependent launch as the engine runs it and without (``BATON_PD
 weight loads overlap the previous call); the tile sweep runs at the first token count on the first model, and
 the best swept tile is then timed on every case next to the default. Every result
 is checked against ``F.linear`` first. Then the projections with the norm inside (``rms_norm_linear``: GDN
-in_proj, attention qkv_proj) at each cap on their programs per SM (``normed`` in the JSON). Writes JSON and a
-PNG (weight GB/s per case).
+in_proj, attention qkv_proj) at each cap on their programs per SM (``normed`` in the JSON), and every fused
+launcher of the decode step (norm / gate prologues, the in_proj's conv epilogue) at each tile of rows per
+program x warps (``fused``; ``fused_best``: per launcher and K, the tile of least time weighted by the
+projections' count per step). ``--sections`` picks among the three. Writes JSON and a PNG (weight GB/s per
+case of the first section).
 """
 
 from __future__ import annotations
@@ -121,12 +124,90 @@ def bench_normed_case(n: int, k: int, caps: tuple[int, ...] = _PROGRAM_CAPS) -> 
     return out
 
 
+# The fused one-row projections of the decode step and their launcher; weights per decode step of 35B-A3B's
+# 40 layers (30 GDN, 10 attention) weigh the tile choice of a launcher shared by two projections.
+_FUSED = {"gdn in_proj": "rms_norm_linear", "attn qkv_proj": "rms_norm_linear", "gdn out_proj": "gated_norm_linear",
+          "attn o_proj": "gated_linear"}
+_FUSED_WEIGHT = {"gdn in_proj": 3, "attn qkv_proj": 1, "gdn out_proj": 3, "attn o_proj": 1}
+_FUSED_TILES = [gemv_tk.GemvTile(n, 0, num_warps=w) for n, w in itertools.product((1, 2, 4, 8), (1, 2, 4))]
+_MAX_TILE_ELEMENTS_PER_THREAD = 256  # beyond, the whole-K tile spills: not worth compiling
+
+
+def bench_fused_case(model: str, name: str, tiles: list[gemv_tk.GemvTile]) -> dict:
+    """The projection ``name`` through its fused launcher (the norm / gate prologue, the GDN in_proj with its
+    conv epilogue, as the decode step runs it) at each tile, against the launcher's default tile."""
+    s = MODELS[model]
+    n, k = projections(model)[name]
+    weights = rotating_weights(n, k)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    if _FUSED[name] == "gated_norm_linear":
+        heads = s.gdn_v_heads
+        core, z = (torch.randn(1, heads, k // heads, **bf16) for _ in range(2))
+        norm_weight = torch.randn(k // heads, **bf16) * 0.1 + 1
+
+        def call(w, tile):
+            return gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, w, tile=tile)
+    elif _FUSED[name] == "gated_linear":
+        x, gate = (torch.randn(1, k, **bf16) for _ in range(2))
+
+        def call(w, tile):
+            return gemv_tk.gated_linear(x, gate, w, tile=tile)
+    else:
+        x, residual = (torch.randn(1, k, **bf16) for _ in range(2))
+        norm_weight = torch.randn(k, **bf16) * 0.1
+        conv = {}
+        if name == "gdn in_proj":  # the conv update on the q|k|v columns, one state slot
+            conv_dim = 2 * 16 * 128 + s.gdn_v_heads * s.gdn_v_dim
+            conv = dict(conv_weight=torch.randn(conv_dim, 4, **bf16) * 0.5,
+                        conv_states=torch.zeros(2, conv_dim, 3, **bf16), state_slot=torch.ones(1, dtype=torch.long,
+                                                                                             device="cuda"))
+
+        def call(w, tile):
+            return gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, w, tile=tile, **conv)[0]
+    want = call(weights[0], None)
+    out = {"model": model, "projection": name, "launcher": _FUSED[name], "N": n, "K": k, "weight_bytes": n * k * 2,
+           "default_tile": dataclasses.asdict(gemv_tk.default_fused_tile(k)),
+           "default_us": time_calls(lambda w: call(w, None), weights), "tiles": []}
+    for tile in tiles:
+        if tile.block_n * k > _MAX_TILE_ELEMENTS_PER_THREAD * 32 * tile.num_warps:
+            continue
+        if name != "gdn in_proj":  # (the conv keeps state: its output moves call by call)
+            torch.testing.assert_close(call(weights[0], tile), want, rtol=2e-2, atol=2e-2)
+        out["tiles"].append({"tile": dataclasses.asdict(tile), "us": time_calls(lambda w, t=tile: call(w, t), weights)})
+    del weights
+    torch.cuda.empty_cache()
+    return out
+
+
+def best_fused_tiles(cases: list[dict]) -> dict[str, dict[int, dict]]:
+    """Launcher -> K -> the tile with the least weighted time over the projections that share it (among the
+    tiles timed on all of them)."""
+    totals: dict[tuple[str, int], dict[tuple, float]] = {}
+    counts: dict[tuple[str, int], dict[tuple, int]] = {}
+    cases_per_group: dict[tuple[str, int], int] = {}
+    for case in cases:
+        group = (case["launcher"], case["K"])
+        cases_per_group[group] = cases_per_group.get(group, 0) + 1
+        for entry in case["tiles"]:
+            tile = tuple(entry["tile"].items())
+            totals.setdefault(group, {})[tile] = (totals.get(group, {}).get(tile, 0.0)
+                                                  + _FUSED_WEIGHT[case["projection"]] * entry["us"])
+            counts.setdefault(group, {})[tile] = counts.get(group, {}).get(tile, 0) + 1
+    best: dict[str, dict[int, dict]] = {}
+    for (launcher, k), by_tile in totals.items():
+        complete = [t for t in by_tile if counts[(launcher, k)][t] == cases_per_group[(launcher, k)]]
+        best.setdefault(launcher, {})[k] = dict(min(complete, key=by_tile.get))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="35b-a3b,397b")
     parser.add_argument("--tokens", default="1,2,4")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile only")
     parser.add_argument("--out", type=Path, default=Path("gemv.json"))
+    parser.add_argument("--sections", default="plain,normed,fused",
+                        help="plain: gemv vs cuBLAS; normed: rms_norm_linear grid caps; fused: fused launchers' tiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     models = args.models.split(",")
@@ -135,8 +216,9 @@ def main() -> None:
                "copy_bandwidth_GBps": measure_copy_bandwidth(torch.device("cuda")) / 1e9,
                "sweep": [], "runs": []}
 
+    sections = set(args.sections.split(","))
     best = None
-    if not args.no_sweep:
+    if not args.no_sweep and "plain" in sections:
         # Sweep on the tall-K and the wide-N shapes of the first model: their sum of times picks the tile.
         totals = {tile: 0.0 for tile in _SWEEP}
         for name in ("gdn in_proj", "gdn out_proj"):
@@ -150,7 +232,7 @@ def main() -> None:
         log.info("best swept tile: %s", best)
         results["best_tile"] = dataclasses.asdict(best)
 
-    for model in models:
+    for model in (models if "plain" in sections else []):
         for name, (n, k) in projections(model).items():
             for tokens in token_counts:
                 default = gemv_tk.default_tile(k)
@@ -168,7 +250,7 @@ def main() -> None:
                       f"({case['gemv_GBps']:.0f} GB/s) -> {case['speedup']:.2f}x; without PDL "
                       f"{case['gemv_no_pdl_us']:.1f} us; best swept tile {best_us:.1f} us", flush=True)
     results["normed"] = []
-    for model in models:
+    for model in (models if "normed" in sections else []):
         for name in _NORMED:
             n, k = projections(model)[name]
             case = {"model": model, "projection": name, **bench_normed_case(n, k)}
@@ -176,8 +258,22 @@ def main() -> None:
             times = case["us_by_programs_per_sm"]
             labels = [f"{'tile per program' if cap == '0' else cap + '/SM'} {us:.1f} us" for cap, us in times.items()]
             print(f"{model} {name} with the norm [{n}x{k}]: " + ", ".join(labels), flush=True)
+    results["fused"] = []
+    for model in (models if "fused" in sections else []):
+        for name in _FUSED:
+            case = bench_fused_case(model, name, _FUSED_TILES)
+            results["fused"].append(case)
+            top = sorted(case["tiles"], key=lambda t: t["us"])[:3]
+            fastest = ", ".join(f"{t['tile']['block_n']}x{t['tile']['num_warps']}w {t['us']:.1f} us" for t in top)
+            print(f"{model} {name} via {case['launcher']} [{case['N']}x{case['K']}]: "
+                  f"default {case['default_us']:.1f} us; best {fastest}", flush=True)
+    if results["fused"]:
+        results["fused_best"] = best_fused_tiles(results["fused"])
+        print("best fused tiles:", json.dumps(results["fused_best"]), flush=True)
     args.out.write_text(json.dumps(results, indent=2))
     runs = results["runs"]
+    if not runs:
+        return
     grouped_bar_chart(
         args.out.with_suffix(".png"), [f"{r['model']} {r['projection']} T={r['tokens']}" for r in runs],
         [("cuBLAS (F.linear)", [r["cublas_GBps"] for r in runs]),

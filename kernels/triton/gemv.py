@@ -67,6 +67,19 @@ def default_tile(k: int) -> GemvTile:
     return GemvTile(block_n=4, block_k=512)
 
 
+def _checked(tile: GemvTile) -> GemvTile:
+    if tile.block_n < 1 or tile.block_n & (tile.block_n - 1) or (tile.block_k and (
+            tile.block_k < 16 or tile.block_k & (tile.block_k - 1))):
+        raise ValueError(f"GemvTile block sizes must be powers of two (block_k >= 16, or 0), got {tile}")
+    return tile
+
+
+def default_fused_tile(k: int) -> GemvTile:
+    """The tile of the one-row projections with a fused prologue (``rms_norm_linear``, ``gated_linear``,
+    ``gated_norm_linear``): ``default_tile(k)`` (the whole K as one tile)."""
+    return default_tile(k)
+
+
 @triton.jit
 def load_weight_tile(w_ptr, col0, num_cols, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
@@ -332,7 +345,7 @@ def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm_linear(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
     *, write_normed: bool = False, conv_weight: torch.Tensor | None = None, conv_states: torch.Tensor | None = None,
-    state_slot: torch.Tensor | None = None, programs_per_sm: int = 0,
+    state_slot: torch.Tensor | None = None, programs_per_sm: int = 0, tile: GemvTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``h, s = gemma_rms_norm_residual(x, residual)`` then ``y = h @ weight^T``, one kernel, for one row
     (``can_fuse_prologue``): returns ``(y, s, h if write_normed else None)``; with ``residual=None``, ``s`` is x.
@@ -344,7 +357,11 @@ def rms_norm_linear(
 
     ``programs_per_sm``: 0 (the default, measured on the H100/H200) launches one program per column tile, each
     normalising the row; n > 0 caps the grid at n programs per SM, each normalising the row once for several
-    tiles (what made gated_norm_linear 1.64x faster at 397B; not yet measured here: kernels/bench_gemv.py)."""
+    tiles (what made gated_norm_linear 1.64x faster at 397B; here it tied or lost on the H200 except at 35B's
+    qkv_proj, 11.6 vs 12.3 us at 4 per SM: kernels/results/gemv_h200.json).
+
+    ``tile``: rows per program and warps (``block_k`` is not used: the whole K is one tile); by default
+    ``default_fused_tile(K)``."""
     if x.dim() != 2 or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rms_norm_linear takes x [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -369,7 +386,7 @@ def rms_norm_linear(
     normed = torch.empty_like(x) if write_normed else None
     conv_args = (conv_weight, conv_states, state_slot) if conv_dim else (y, y, y)
     conv_strides = (conv_weight.stride(0), conv_states.stride(0), conv_states.stride(1)) if conv_dim else (0, 0, 0)
-    tile = default_tile(k)
+    tile = _checked(tile or default_fused_tile(k))
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
     programs = capped_grid(tiles, programs_per_sm, x.device)
     _rms_norm_gemv_kernel[(programs,)](
@@ -384,9 +401,11 @@ def rms_norm_linear(
     return y, new_res, normed
 
 
-def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, *,
+                 tile: GemvTile | None = None) -> torch.Tensor:
     """``(x * gate) @ weight^T``, one kernel, for one row (``can_fuse_prologue``): the gated attention output
-    into o_proj. x, gate: ``[1, K]`` contiguous, same dtype as weight ``[N, K]`` (unit last stride)."""
+    into o_proj. x, gate: ``[1, K]`` contiguous, same dtype as weight ``[N, K]`` (unit last stride). ``tile``
+    as in ``rms_norm_linear``."""
     if (x.dim() != 2 or gate.shape != x.shape or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]
             or not x.is_contiguous() or not gate.is_contiguous()):
         raise ValueError(f"gated_linear takes contiguous x, gate [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], "
@@ -395,7 +414,7 @@ def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> t
         raise ValueError(f"x, gate and weight must share a dtype, got {x.dtype}, {gate.dtype}, {weight.dtype}")
     k = x.shape[1]
     y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
-    tile = default_tile(k)
+    tile = _checked(tile or default_fused_tile(k))
     _gated_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
         x, gate, weight, y, weight.shape[0], weight.stride(0),
         K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=tile.num_warps,
@@ -405,12 +424,13 @@ def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> t
 
 
 def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                      weight: torch.Tensor, *, programs_per_sm: int = 2) -> torch.Tensor:
+                      weight: torch.Tensor, *, programs_per_sm: int = 2, tile: GemvTile | None = None) -> torch.Tensor:
     """``gated_rms_norm(core, z, norm_weight)`` flattened, then ``@ weight^T``, one kernel, for one token:
     core, z ``[1, heads, head_dim]`` (unit stride in the last dim, any head stride), weight
     ``[N, heads * head_dim]``. Returns ``[1, N]``. At most ``programs_per_sm`` programs per SM, each taking
     several column tiles where there are more (0: one program per tile): the gated norm of the whole row is
-    computed once per program, not once per tile (at 397B's 8192-wide row it cost as much as the tile)."""
+    computed once per program, not once per tile (at 397B's 8192-wide row it cost as much as the tile).
+    ``tile`` as in ``rms_norm_linear``."""
     if core.dim() != 3 or z.shape != core.shape or core.shape[0] != 1:
         raise ValueError(f"core and z must be [1, heads, head_dim], got {tuple(core.shape)} and {tuple(z.shape)}")
     _, heads, head_dim = core.shape
@@ -419,7 +439,7 @@ def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Te
     if core.stride(2) != 1 or z.stride(2) != 1 or weight.dtype != core.dtype or norm_weight.shape != (head_dim,):
         raise ValueError("core and z need unit last stride, weight core's dtype, norm_weight [head_dim]")
     y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
-    tile = default_tile(heads * head_dim)
+    tile = _checked(tile or default_fused_tile(heads * head_dim))
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
     programs = capped_grid(tiles, programs_per_sm, core.device)
     prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, core.dtype)]
@@ -460,10 +480,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, tile: GemvTile | None = None)
     cols = weight.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
-    tile = tile or default_tile(k)
-    if tile.block_n < 1 or tile.block_n & (tile.block_n - 1) or (tile.block_k and (
-            tile.block_k < 16 or tile.block_k & (tile.block_k - 1))):
-        raise ValueError(f"GemvTile block sizes must be powers of two (block_k >= 16, or 0), got {tile}")
+    tile = _checked(tile or default_tile(k))
     if not tile.block_k and k > MAX_SINGLE_TILE_K:
         raise ValueError(f"block_k=0 (one tile) takes K <= {MAX_SINGLE_TILE_K}, got {k}")
     y = torch.empty(rows, cols, dtype=x.dtype, device=x.device)

@@ -77,11 +77,12 @@ def test_pdl_launch_args(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n,with_residual,programs_per_sm", [
-    (2048, 300, True, 0), (72, 33, True, 0), (72, 33, False, 0),
-    (72, 300, True, 1),  # a capped grid: several column tiles per program, a partial last one
+@pytest.mark.parametrize("k,n,with_residual,programs_per_sm,tile", [
+    (2048, 300, True, 0, None), (72, 33, True, 0, None), (72, 33, False, 0, None),
+    (72, 300, True, 1, None),  # a capped grid: several column tiles per program, a partial last one
+    (2048, 37, True, 0, gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1)),  # an explicit tile: one row per single-warp program
 ])
-def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm):
+def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm, tile):
     """Residual add + Gemma RMSNorm + projection in one kernel equals the three reference steps; the new
     residual (and the normed row, when asked) come out exactly as the norm kernel writes them."""
     gen = torch.Generator().manual_seed(k + n)
@@ -90,7 +91,7 @@ def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm):
     norm_weight = (torch.randn(k, generator=gen) * 0.1).to(dtype).to(DEVICE)
     weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
     y, new_res, normed = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, write_normed=True,
-                                                 programs_per_sm=programs_per_sm)
+                                                 programs_per_sm=programs_per_sm, tile=tile)
     want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, 1e-6)
     torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
     torch.testing.assert_close(normed, want_h, **TOL[dtype])
@@ -100,13 +101,14 @@ def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,head_dim,n,programs_per_sm", [
-    (32, 128, 200, 2),
-    (3, 40, 17, 2),
-    (3, 40, 300, 1),  # more column tiles than programs: each program takes several (a partial last one)
-    (64, 128, 4100, 2),  # Qwen3.5-397B's out_proj rows (8192 wide) and several tiles per program
+@pytest.mark.parametrize("heads,head_dim,n,programs_per_sm,tile", [
+    (32, 128, 200, 2, None),
+    (3, 40, 17, 2, None),
+    (3, 40, 300, 1, None),  # more column tiles than programs: each program takes several (a partial last one)
+    (64, 128, 4100, 2, None),  # Qwen3.5-397B's out_proj rows (8192 wide) and several tiles per program
+    (32, 128, 37, 0, gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1)),  # an explicit tile
 ])
-def test_gated_norm_linear(dtype, heads, head_dim, n, programs_per_sm):
+def test_gated_norm_linear(dtype, heads, head_dim, n, programs_per_sm, tile):
     """GDN output: per-head gated RMSNorm then out_proj in one kernel, z a strided view as in the model; the
     row normalised once per program for all of its column tiles."""
     gen = torch.Generator().manual_seed(heads * head_dim + n)
@@ -115,7 +117,7 @@ def test_gated_norm_linear(dtype, heads, head_dim, n, programs_per_sm):
     z = projected[:, 5:5 + heads * head_dim].view(1, heads, head_dim)
     norm_weight = (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
     weight = (torch.randn(n, heads * head_dim, generator=gen) * (heads * head_dim) ** -0.5).to(dtype).to(DEVICE)
-    y = gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, weight, programs_per_sm=programs_per_sm)
+    y = gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, weight, programs_per_sm=programs_per_sm, tile=tile)
     gated = norm_ref.gated_rms_norm(core, z, norm_weight, 1e-6).flatten(1)
     assert y.shape == (1, n)
     torch.testing.assert_close(y.float(), F.linear(gated.float(), weight.float()), **TOL[dtype])
@@ -153,14 +155,14 @@ def test_rms_norm_linear_with_conv(dtype, k, n, conv_dim, taps, programs_per_sm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n", [(4096, 200), (72, 33)])
-def test_gated_linear(dtype, k, n):
+@pytest.mark.parametrize("k,n,tile", [(4096, 200, None), (72, 33, None), (4096, 37, gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1))])
+def test_gated_linear(dtype, k, n, tile):
     """The attention output gate multiplied in o_proj's prologue equals the multiply then the projection."""
     gen = torch.Generator().manual_seed(k * n)
     x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
     gate = torch.rand(1, k, generator=gen).to(dtype).to(DEVICE)
     weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
-    y = gemv_tk.gated_linear(x, gate, weight)
+    y = gemv_tk.gated_linear(x, gate, weight, tile=tile)
     assert y.shape == (1, n) and y.dtype == dtype
     torch.testing.assert_close(y.float(), F.linear((x * gate).float(), weight.float()), **TOL[dtype])
 
@@ -181,3 +183,5 @@ def test_fused_prologue_argument_checks():
                                 conv_states=torch.zeros(2, 12, 3, device=DEVICE), state_slot=torch.zeros(1))
     with pytest.raises(ValueError, match="gated_linear"):
         gemv_tk.gated_linear(x, x, w)
+    with pytest.raises(ValueError, match="powers of two"):
+        gemv_tk.gated_linear(x[:1], x[:1], w, tile=gemv_tk.GemvTile(block_n=3))
