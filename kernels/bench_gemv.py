@@ -166,7 +166,8 @@ def bench_fused_case(model: str, name: str, tiles: list[gemv_tk.GemvTile]) -> di
             return gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, w, tile=tile, **conv)[0]
     want = call(weights[0], None)
     out = {"model": model, "projection": name, "launcher": _FUSED[name], "N": n, "K": k, "weight_bytes": n * k * 2,
-           "default_tile": dataclasses.asdict(gemv_tk.default_fused_tile(k)),
+           "default_tile": dataclasses.asdict(gemv_tk.default_norm_tile(k) if _FUSED[name] == "rms_norm_linear"
+                                              else gemv_tk.default_tile(k)),
            "default_us": time_calls(lambda w: call(w, None), weights), "tiles": []}
     for tile in tiles:
         if tile.block_n * k > _MAX_TILE_ELEMENTS_PER_THREAD * 32 * tile.num_warps:

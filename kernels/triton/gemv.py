@@ -74,9 +74,17 @@ def _checked(tile: GemvTile) -> GemvTile:
     return tile
 
 
-def default_fused_tile(k: int) -> GemvTile:
-    """The tile of the one-row projections with a fused prologue (``rms_norm_linear``, ``gated_linear``,
-    ``gated_norm_linear``): ``default_tile(k)`` (the whole K as one tile)."""
+def default_norm_tile(k: int) -> GemvTile:
+    """``rms_norm_linear``'s tile (the norm prologue, the GDN in_proj's conv epilogue): swept on the H200 in
+    ``kernels/bench_gemv.py --sections fused`` (``kernels/results/gemv_fused_h200.json``): K=2048 (35B-A3B's
+    in_proj / qkv_proj) 4 rows x 2 warps, 16.4 / 11.7 us against 17.0 / 12.1 for 4 x 4; K=4096 (397B) 4 x 4,
+    44.1 / 36.3 us against 46.4 / 37.1 for 8 x 4. Elsewhere ``default_tile(k)``. (The gated launchers' best
+    tiles were ``default_tile``'s.)"""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if k <= 2048:
+            return GemvTile(block_n=4, num_warps=2)
+        if k <= 4096:
+            return GemvTile(block_n=4, num_warps=4)
     return default_tile(k)
 
 
@@ -361,7 +369,7 @@ def rms_norm_linear(
     qkv_proj, 11.6 vs 12.3 us at 4 per SM: kernels/results/gemv_h200.json).
 
     ``tile``: rows per program and warps (``block_k`` is not used: the whole K is one tile); by default
-    ``default_fused_tile(K)``."""
+    ``default_norm_tile(K)``."""
     if x.dim() != 2 or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rms_norm_linear takes x [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -386,7 +394,7 @@ def rms_norm_linear(
     normed = torch.empty_like(x) if write_normed else None
     conv_args = (conv_weight, conv_states, state_slot) if conv_dim else (y, y, y)
     conv_strides = (conv_weight.stride(0), conv_states.stride(0), conv_states.stride(1)) if conv_dim else (0, 0, 0)
-    tile = _checked(tile or default_fused_tile(k))
+    tile = _checked(tile or default_norm_tile(k))
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
     programs = capped_grid(tiles, programs_per_sm, x.device)
     _rms_norm_gemv_kernel[(programs,)](
@@ -414,7 +422,7 @@ def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, *,
         raise ValueError(f"x, gate and weight must share a dtype, got {x.dtype}, {gate.dtype}, {weight.dtype}")
     k = x.shape[1]
     y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
-    tile = _checked(tile or default_fused_tile(k))
+    tile = _checked(tile or default_tile(k))
     _gated_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
         x, gate, weight, y, weight.shape[0], weight.stride(0),
         K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=tile.num_warps,
@@ -439,7 +447,7 @@ def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Te
     if core.stride(2) != 1 or z.stride(2) != 1 or weight.dtype != core.dtype or norm_weight.shape != (head_dim,):
         raise ValueError("core and z need unit last stride, weight core's dtype, norm_weight [head_dim]")
     y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
-    tile = _checked(tile or default_fused_tile(heads * head_dim))
+    tile = _checked(tile or default_tile(heads * head_dim))
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
     programs = capped_grid(tiles, programs_per_sm, core.device)
     prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, core.dtype)]

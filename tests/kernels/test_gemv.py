@@ -13,6 +13,8 @@ from kernels.triton.pdl import pdl_launch_args
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+# An explicit tile for the fused launchers: one row per single-warp program.
+_ONE_ROW_TILE = gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,7 +82,7 @@ def test_pdl_launch_args(monkeypatch):
 @pytest.mark.parametrize("k,n,with_residual,programs_per_sm,tile", [
     (2048, 300, True, 0, None), (72, 33, True, 0, None), (72, 33, False, 0, None),
     (72, 300, True, 1, None),  # a capped grid: several column tiles per program, a partial last one
-    (2048, 37, True, 0, gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1)),  # an explicit tile: one row per single-warp program
+    (2048, 37, True, 0, _ONE_ROW_TILE),  # an explicit tile
 ])
 def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm, tile):
     """Residual add + Gemma RMSNorm + projection in one kernel equals the three reference steps; the new
@@ -106,7 +108,7 @@ def test_rms_norm_linear(dtype, k, n, with_residual, programs_per_sm, tile):
     (3, 40, 17, 2, None),
     (3, 40, 300, 1, None),  # more column tiles than programs: each program takes several (a partial last one)
     (64, 128, 4100, 2, None),  # Qwen3.5-397B's out_proj rows (8192 wide) and several tiles per program
-    (32, 128, 37, 0, gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1)),  # an explicit tile
+    (32, 128, 37, 0, _ONE_ROW_TILE),  # an explicit tile
 ])
 def test_gated_norm_linear(dtype, heads, head_dim, n, programs_per_sm, tile):
     """GDN output: per-head gated RMSNorm then out_proj in one kernel, z a strided view as in the model; the
@@ -155,7 +157,7 @@ def test_rms_norm_linear_with_conv(dtype, k, n, conv_dim, taps, programs_per_sm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n,tile", [(4096, 200, None), (72, 33, None), (4096, 37, gemv_tk.GemvTile(block_n=1, block_k=0, num_warps=1))])
+@pytest.mark.parametrize("k,n,tile", [(4096, 200, None), (72, 33, None), (4096, 37, _ONE_ROW_TILE)])
 def test_gated_linear(dtype, k, n, tile):
     """The attention output gate multiplied in o_proj's prologue equals the multiply then the projection."""
     gen = torch.Generator().manual_seed(k * n)
