@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kernels.bench_fused import EPS, MODELS
-from kernels.bench_util import alternating_graph_us, grouped_bar_chart, measure_copy_bandwidth
+from kernels.bench_util import alternating_graph_us, grouped_bar_chart, per_model_results
 from kernels.triton.gdn_decode import gdn_decode
 from kernels.triton.gemv import gated_norm_linear
 
@@ -106,15 +106,8 @@ def main() -> None:
     parser.add_argument("--out", default="gdn_mixer.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    device = torch.device("cuda")
-    bandwidth = measure_copy_bandwidth(device)
-    log.info("device-to-device copy: %.0f GB/s (read + write)", bandwidth / 1e9)
-    results = {"benchmark": "decode GDN mixer (gdn_decode + gated_norm_linear), one token",
-               "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "copy_bandwidth_GBps": bandwidth / 1e9, "models": []}
-    for key in args.models.split(","):
-        results["models"].append(bench_model(key, args.calls, bandwidth, args.sweep))
-        torch.cuda.empty_cache()
+    results = per_model_results("decode GDN mixer (gdn_decode + gated_norm_linear), one token", args.models.split(","),
+                                lambda key, bandwidth: bench_model(key, args.calls, bandwidth, args.sweep))
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     rows = results["models"]

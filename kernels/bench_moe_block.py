@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kernels.bench_fused import EPS, MODELS
-from kernels.bench_util import alternating_graph_us, grouped_bar_chart, measure_copy_bandwidth
+from kernels.bench_util import alternating_graph_us, grouped_bar_chart, per_model_results
 from kernels.triton import moe as moe_tk
 from kernels.triton.gemv import GemvTile
 
@@ -165,15 +165,8 @@ def main() -> None:
     parser.add_argument("--out", default="moe_block.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    device = torch.device("cuda")
-    bandwidth = measure_copy_bandwidth(device)
-    log.info("device-to-device copy: %.0f GB/s (read + write)", bandwidth / 1e9)
-    results = {"benchmark": "decode MoE block, one token (norm_route_topk + fused_experts)",
-               "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "copy_bandwidth_GBps": bandwidth / 1e9, "models": []}
-    for key in args.models.split(","):
-        results["models"].append(bench_model(key, args.calls, bandwidth, not args.no_sweep))
-        torch.cuda.empty_cache()
+    results = per_model_results("decode MoE block, one token (norm_route_topk + fused_experts)", args.models.split(","),
+                                lambda key, bandwidth: bench_model(key, args.calls, bandwidth, not args.no_sweep))
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     rows = results["models"]

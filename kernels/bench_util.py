@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("bench_util")
 
 
 def graph_replay_us(calls: Callable[[], object], calls_per_run: int, *, replays: int, samples: int) -> float:
@@ -51,6 +54,20 @@ def alternating_graph_us(
             times[name].append(start.elapsed_time(end) * 1e3 / replays)
     del graphs
     return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def per_model_results(benchmark: str, models: list[str], bench_model: Callable[[str, float], dict]) -> dict:
+    """The results of a per-model benchmark: ``bench_model(model, copy_bandwidth_bytes_per_s)`` for each model,
+    under a header with the GPU, torch and the device-to-device copy bandwidth measured first."""
+    device = torch.device("cuda")
+    bandwidth = measure_copy_bandwidth(device)
+    log.info("device-to-device copy: %.0f GB/s (read + write)", bandwidth / 1e9)
+    results = {"benchmark": benchmark, "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+               "copy_bandwidth_GBps": bandwidth / 1e9, "models": []}
+    for model in models:
+        results["models"].append(bench_model(model, bandwidth))
+        torch.cuda.empty_cache()
+    return results
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 20) -> float:
