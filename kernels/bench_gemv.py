@@ -183,21 +183,16 @@ def bench_fused_case(model: str, name: str, tiles: list[gemv_tk.GemvTile]) -> di
 def best_fused_tiles(cases: list[dict]) -> dict[str, dict[int, dict]]:
     """Launcher -> K -> the tile with the least weighted time over the projections that share it (among the
     tiles timed on all of them)."""
-    totals: dict[tuple[str, int], dict[tuple, float]] = {}
-    counts: dict[tuple[str, int], dict[tuple, int]] = {}
-    cases_per_group: dict[tuple[str, int], int] = {}
+    groups: dict[tuple[str, int], list[dict]] = {}
     for case in cases:
-        group = (case["launcher"], case["K"])
-        cases_per_group[group] = cases_per_group.get(group, 0) + 1
-        for entry in case["tiles"]:
-            tile = tuple(entry["tile"].items())
-            totals.setdefault(group, {})[tile] = (totals.get(group, {}).get(tile, 0.0)
-                                                  + _FUSED_WEIGHT[case["projection"]] * entry["us"])
-            counts.setdefault(group, {})[tile] = counts.get(group, {}).get(tile, 0) + 1
+        groups.setdefault((case["launcher"], case["K"]), []).append(case)
     best: dict[str, dict[int, dict]] = {}
-    for (launcher, k), by_tile in totals.items():
-        complete = [t for t in by_tile if counts[(launcher, k)][t] == cases_per_group[(launcher, k)]]
-        best.setdefault(launcher, {})[k] = dict(min(complete, key=by_tile.get))
+    for (launcher, k), group in groups.items():
+        timed = [{tuple(t["tile"].items()): t["us"] for t in case["tiles"]} for case in group]
+        common = set.intersection(*(set(us) for us in timed))
+        weights = [_FUSED_WEIGHT[case["projection"]] for case in group]
+        weighted = {tile: sum(w * us[tile] for w, us in zip(weights, timed, strict=True)) for tile in common}
+        best.setdefault(launcher, {})[k] = dict(min(weighted, key=weighted.get))
     return best
 
 
