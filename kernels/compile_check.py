@@ -90,8 +90,6 @@ class Sm90Compiler:
     def __enter__(self) -> Sm90Compiler:
         import triton.runtime.jit as jit
 
-        from kernels.triton import pdl
-
         for module in LAUNCHER_MODULES:
             importlib.import_module(f"kernels.triton.{module}")
         self._saved = [(jit.JITFunction, "run", jit.JITFunction.run)]
@@ -109,7 +107,6 @@ class Sm90Compiler:
             if name.startswith("kernels.triton") and hasattr(module, "num_sms"):
                 self._saved.append((module, "num_sms", module.num_sms))
                 module.num_sms = lambda device: NUM_SMS
-        del pdl
         return self
 
     def __exit__(self, *exc) -> None:
