@@ -61,8 +61,12 @@ _GEMM_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
                for n, k, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4,), (3, 5))]
 
 
-_GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w)
-                 for n, k, w in itertools.product((2, 4, 8, 16), (0, 256, 512), (4, 8))]
+# The matrix-vector path: the gate/up tile (columns, K step with 0 = the whole K, warps) crossed with the down
+# kernel's (columns, warps), around the one-token defaults that kernels/bench_moe_block.py found on the H200
+# (2 x whole K x 4 warps; down 1 or 2 columns on one warp).
+_GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w, down_block_n=down_n, down_num_warps=down_w)
+                 for (n, k, w), (down_n, down_w) in itertools.product(
+                     itertools.product((1, 2, 4), (0, 512), (4, 8)), ((1, 1), (2, 1), (4, 4)))]
 
 
 def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
@@ -98,7 +102,7 @@ def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
                 best_down, best_us = tile, us
     best = dataclasses.replace(default, gate_up=best_gate_up, down=best_down)
 
-    gemv_default = moe_tk.default_gemv_config(s.moe_inter)
+    gemv_default = moe_tk.default_gemv_config(s.moe_inter, tokens)
     gemv_default_us = _time_config(x, w13, w2, routings, gemv_default)
     log.info("%s T=%d: gemv default %s -> %.1f us", model, tokens, gemv_default, gemv_default_us)
     best_gemv, best_gemv_us = gemv_default, gemv_default_us

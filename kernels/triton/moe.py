@@ -516,7 +516,7 @@ class GemvConfig:
     down_num_warps: int | None = None  # None: num_warps
 
 
-def default_gemv_config(inter: int) -> GemvConfig:
+def default_gemv_config(inter: int, tokens: int = 1) -> GemvConfig:
     """The measured GPU default for expert width ``inter``; under Triton's interpreter (CPU tests), whose
     cost is per program, wide tiles (the same kernel code with other constexprs: the tests also run narrow
     explicit configs).
@@ -526,9 +526,15 @@ def default_gemv_config(inter: int) -> GemvConfig:
     ``kernels/results/moe_block_h200.json``): gate/up 2 columns x the whole K x 4 warps; the down kernel wants
     single-warp programs of ~1K weights per expert, 1 column at I=512 (35B-A3B: 24.0 us per block against
     28.0 for the earlier 2 x 512 x 4 warps for both) and 2 at I=1024 (397B: 73.9 against 90.5). Many small
-    down programs start as soon as gate/up's retire, and each has little to do after its wait."""
+    down programs start as soon as gate/up's retire, and each has little to do after its wait.
+
+    2 to 4 tokens at I <= 512 (measured on 35B-A3B only: ``python -m kernels.tune_moe --tokens 2,4 --sweep
+    gemv``, ``kernels/results/moe_tune_gemv_h200.json``): gate/up 4 columns and down 2 columns, 30.7 / 50.0 us
+    against 32.1 / 54.5 for the one-token tiles."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return GemvConfig(block_n=64, block_k=256)
+    if tokens >= 2 and inter <= 512:
+        return GemvConfig(block_n=4, block_k=0, num_warps=4, down_block_n=2, down_num_warps=1)
     return GemvConfig(block_n=2, block_k=0, num_warps=4, down_block_n=1 if inter <= 512 else 2, down_num_warps=1)
 
 
@@ -859,7 +865,7 @@ def fused_experts(
         return out.zero_()
 
     if isinstance(config, GemvConfig) or (config is None and tokens * top_k <= _GEMV_MAX_PAIRS):
-        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(w13.shape[1] // 2), out,
+        _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(inter, tokens), out,
                       shared_last)
         return out
     y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
