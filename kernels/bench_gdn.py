@@ -618,7 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU under the interpreter)")
     parser.add_argument("--shapes", default="397b,35b")
     parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--batches", default="", help="decode batch sizes (default 1,8,64,256; --quick 1,64)")
+    parser.add_argument("--only", default="decode,prefill,conv1d", help="which of decode, prefill, conv1d to run")
     args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    if not only <= {"decode", "prefill", "conv1d"}:
+        parser.error(f"--only takes decode, prefill, conv1d; got {args.only}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -633,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shapes = [SHAPES[name] for name in args.shapes.split(",")]
         batches = [1, 64] if args.quick else [1, 8, 64, 256]
+        if args.batches:
+            batches = [int(b) for b in args.batches.split(",")]
         prefill_cases = [([8192], None), ([1024, 2048, 1024, 4096], None)]
         if not args.quick:
             mixed_32k = [1024, 2048, 3072, 4096, 5120, 6144, 7168, 4096]
@@ -647,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(env))
     results: dict = {"env": env, "notes": notes, "decode": [], "prefill": [], "conv1d": []}
     seed = 0
+    if "decode" not in only:
+        batches = []
+    if "prefill" not in only:
+        prefill_cases = []
+    if "conv1d" not in only:
+        conv_cases = []
     for shape in shapes:
         for batch in batches:
             seed += 1

@@ -118,6 +118,22 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
 
     default = BlockVariant()
     expected = [block(x, r, default) for x, r in inputs[:3]]
+
+    # Where the block's time goes: each part PDL-chained with copies of itself (the router alone, top-k 8 and
+    # top-k 1; the experts alone on the routings the router chose), against the block, in one alternation.
+    routings = [moe_tk.norm_route_topk(x, r, norm_weight, EPS, router, s.top_k, True, ticket) for x, r in inputs]
+    config = default.experts(inter)
+    parts = {
+        "block": lambda: [block(x, r, default) for x, r in inputs],
+        "router": lambda: [moe_tk.norm_route_topk(x, r, norm_weight, EPS, router, s.top_k, True, ticket)
+                           for x, r in inputs],
+        "router_top1": lambda: [moe_tk.norm_route_topk(x, r, norm_weight, EPS, router, 1, True, ticket)
+                                for x, r in inputs],
+        "experts": lambda: [moe_tk.fused_experts(h, w13, w2, weights, ids, config=config, shared_last=True)
+                            for weights, ids, _, h, _ in routings],
+    }
+    parts_us = {name: t / calls for name, t in alternating_graph_us(parts, rounds=7, replays=3).items()}
+    log.info("%s parts (us per call): %s", s.name, {k: round(v, 2) for k, v in parts_us.items()})
     axes = AXES if sweep else {"shared_last": AXES["shared_last"]}
     best = default
     stages, errors = [], {}
@@ -154,7 +170,8 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
     return {"model": s.name, "hidden": hidden, "inter": inter, "experts": experts, "top_k": s.top_k,
             "bytes_per_block": nbytes, "floor_us": floor_us, "default_us": default_us, "best": best.label(),
             "best_variant": dataclasses.asdict(best), "best_us": best_us,
-            "speedup_best_vs_default": default_us / best_us, "stages": stages, "errors": errors}
+            "speedup_best_vs_default": default_us / best_us, "parts_us": parts_us, "stages": stages,
+            "errors": errors}
 
 
 def main() -> None:

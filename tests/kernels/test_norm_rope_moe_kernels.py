@@ -289,6 +289,8 @@ def _check_route(weights, ids, ref_weights, ref_scores, top_k, renormalize, tol=
         (5, 72, 60, 7, "softmax", False, "separate"),
         (4, 64, 33, 5, "sigmoid", True, "none"),
         (3, 64, 16, 4, "sigmoid", False, "fused"),
+        (2, 64, 16, 1, "softmax", False, "none"),  # k = 1: a single argmax (tl.topk needs k >= 2)
+        (3, 64, 20, 2, "sigmoid", True, "fused"),
     ],
 )
 def test_route_topk(dtype, tokens, hidden, experts, top_k, scoring, renormalize, shared):
@@ -380,6 +382,20 @@ def test_norm_route_topk(dtype, hidden, experts, top_k, with_residual, router_ti
     _check_route(weights[:, :top_k], ids[:, :top_k], ref_w, scores, top_k, True, tol)
     assert (ids[:, top_k] == experts).all()
     _close(weights[:, top_k:], torch.sigmoid(logits[:, experts:]).float(), dtype)
+
+
+@pytest.mark.parametrize("ticket", [False, True])
+def test_route_topk_ties_pick_the_lowest_ids(ticket):
+    """Equal scores rank the lower expert id first (as the sort keys promise): with identical router rows all
+    logits tie, so the picks are experts 0..k-1 with equal weights; and a later expert that beats the rest wins."""
+    experts, hidden, top_k = 40, 32, 6
+    x = torch.ones(1, hidden, device=DEVICE)
+    router = torch.full((experts + 1, hidden), 0.01, device=DEVICE)
+    router[33] = 0.02  # expert 33 scores highest, then the ties
+    kwargs = dict(ticket=torch.zeros(1, dtype=torch.int32, device=DEVICE)) if ticket else {}
+    weights, ids, _ = moe_tk.route_topk(x, router, None, top_k, True, fused_shared_gate=True, **kwargs)
+    assert ids.tolist() == [[33, 0, 1, 2, 3, 4]]
+    assert weights[0, 0] > weights[0, 1] and torch.equal(weights[0, 1:], weights[0, 1:2].expand(top_k - 1))
 
 
 def test_route_topk_argument_checks():
