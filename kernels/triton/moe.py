@@ -23,7 +23,11 @@ BLOCK_M block is one real row and fifteen padding rows, and the alignment kernel
 Instead one program per (pair, N tile) reads its expert id straight from ``topk_ids`` and computes gate/up with
 fp32 multiply-adds (``_moe_gate_up_gemv_kernel``); then one program per (token, N tile) computes the down
 projection of all the token's pairs and sums them in registers (``_moe_down_sum_gemv_kernel``): two kernels
-instead of four, every program streaming weight tiles, no per-pair output in memory.
+instead of four, every program streaming weight tiles, no per-pair output in memory. The expert weights are
+loaded ``evict_first``: each is read once per token from stacks far larger than L2 (1.6 GB per 35B-A3B layer),
+so their lines should go first and leave L2 to what is read again (on the H200 the one-token decode step went
+from 763 to 770 tok/s with it; the same policy on the dense projections' weights too gave that back:
+NOTES_fused.md).
 
 Weight traffic: each program reads one expert's weight tile for its block. An expert with at most BLOCK_M
 routed pairs has exactly one block, so at decode only the selected experts' weights are read, each once;
@@ -714,8 +718,8 @@ def _moe_gate_up_gemv_kernel(
         # (Names of their own in this branch: the compiler wants a name bound in both branches to have one type.)
         shared_ptrs = (w13_ptr + shared_expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
                        + offs_h[None, :])
-        shared_g = tl.load(shared_ptrs, mask=h_mask, other=0.0)
-        shared_u = tl.load(shared_ptrs + INTER * stride_wn, mask=h_mask, other=0.0)
+        shared_g = tl.load(shared_ptrs, mask=h_mask, other=0.0, eviction_policy="evict_first")
+        shared_u = tl.load(shared_ptrs + INTER * stride_wn, mask=h_mask, other=0.0, eviction_policy="evict_first")
         pdl_wait(PDL)
         x_row = tl.load(x_ptr + token * stride_x + offs_h, mask=offs_h < HIDDEN, other=0.0).to(tl.float32)
         gate_sum = tl.sum(shared_g.to(tl.float32) * x_row[None, :], axis=1)
@@ -733,8 +737,9 @@ def _moe_gate_up_gemv_kernel(
         for k0 in range(0, HIDDEN, BLOCK_K):
             k_mask = offs_k < HIDDEN - k0
             a = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            u = tl.load(u_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            w_mask = n_mask[:, None] & k_mask[None, :]
+            g = tl.load(g_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            u = tl.load(u_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             acc_g += g * a[None, :]
             acc_u += u * a[None, :]
             x_ptrs += BLOCK_K
@@ -760,8 +765,8 @@ def _down_pair(act_ptr, pair, stride_act, w_ptrs, n_mask, INTER: tl.constexpr, B
     for k0 in tl.static_range(0, INTER, BLOCK_K):
         k_mask = offs_k < INTER - k0
         a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += w * a[None, :]
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * a[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return tl.sum(acc, axis=1)
@@ -788,7 +793,7 @@ def _moe_down_sum_gemv_kernel(
     if SHARED_LAST:
         offs_i = tl.arange(0, BLOCK_I)
         w_shared = tl.load(w_cols + shared_expert.to(tl.int64) * stride_we + offs_i[None, :],
-                           mask=n_mask[:, None] & (offs_i < INTER)[None, :], other=0.0)
+                           mask=n_mask[:, None] & (offs_i < INTER)[None, :], other=0.0, eviction_policy="evict_first")
     pdl_wait(PDL)
     dtype = out_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
