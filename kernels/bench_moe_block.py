@@ -10,6 +10,10 @@ with programmatic dependent launch as in the decode step; the graphs are replaye
 variant is first checked against the default. The floor is the bytes one block must read (the router, the k
 routed experts and the shared one) over the device-to-device copy bandwidth measured in the run.
 
+Before the sweep, the parts are timed the same way, each PDL-chained with copies of itself (``parts_us``):
+the block, the router alone (top-k and top-1), and the experts alone on the router's routings; the block
+costing about router + experts means nothing overlaps the router.
+
 The sweep is coordinate descent, in the order of the chain's dependence: ``shared_last`` (the shared expert's
 weights loaded before the PDL wait), then the router's rows per program and warps, then the gate/up tile,
 then the down tile, each stage starting from the best of the one before; then the best few values of each
