@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.baton-setup
 TORCH_CPU_VERSION := 2.13.0
-# Debian packages the tests need: the RDMA/NUMA/curl libraries Mooncake's transfer engine links against.
-SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4
+# Debian packages the tests need: the RDMA/NUMA/curl libraries Mooncake's transfer engine links against, and
+# redis-server (the cluster's registry and cache-event streams; tests start their own on free ports).
+SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4 redis-server
 
 .PHONY: help setup sysdeps protos run test lint clean
 

@@ -2,7 +2,7 @@
 
     baton demo       serve one request end to end on a tiny random-weight model and print it
     baton generate   generate from a prompt with any model (HF directory or preset)
-    baton serve      run a prefill or decode pod (gRPC)
+    baton serve      run a prefill or decode pod, or a router (gRPC)
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "prefill":
         from services.prefill.server import PrefillConfig as config_cls
         from services.prefill.server import serve
+    elif args.role == "router":
+        from services.router.config import RouterConfig as config_cls
+        from services.router.server import serve
     else:
         from services.decode.server import DecodeConfig as config_cls
         from services.decode.server import serve
@@ -106,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
     from services.decode.server import DecodeConfig
     from services.prefill.server import PrefillConfig
+    from services.router.config import RouterConfig
 
-    serve_parser = sub.add_parser("serve", help="run a pod: baton serve prefill|decode")
+    serve_parser = sub.add_parser("serve", help="run a pod or a router: baton serve prefill|decode|router")
     roles = serve_parser.add_subparsers(dest="role", required=True)
-    for role, config_cls in (("prefill", PrefillConfig), ("decode", DecodeConfig)):
-        p = roles.add_parser(role, help=f"the {role} pod (gRPC)")
+    for role, config_cls, what in (("prefill", PrefillConfig, "the prefill pod (gRPC)"),
+                                   ("decode", DecodeConfig, "the decode pod (gRPC)"),
+                                   ("router", RouterConfig, "the cache-aware router (gRPC, Redis)")):
+        p = roles.add_parser(role, help=what)
         p.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields")
         add_config_args(p, config_cls)
         p.set_defaults(fn=cmd_serve)

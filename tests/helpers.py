@@ -10,13 +10,13 @@ from services.engine.request import Request, SamplingParams
 from services.engine.scheduler import ScheduledSeq
 
 
-def cpu_engine(model: str, load_format: str = "auto", **overrides) -> Engine:
+def cpu_engine(model: str, load_format: str = "auto", record_cache_events: bool = False, **overrides) -> Engine:
     settings = dict(
         model=model, load_format=load_format, device="cpu", dtype="float32", page_size=4, num_pages=512,
         max_num_seqs=16, prefill_chunk_size=64, max_num_batched_tokens=256,
     )
     settings.update(overrides)
-    return Engine(EngineConfig(**settings))
+    return Engine(EngineConfig(**settings), record_cache_events=record_cache_events)
 
 
 def assert_no_leaks(engine: Engine) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from loadtest.agentic import agentic_trace, reusable_tokens
+from services.common.page_hash import ROOT_HASH, extend_page_hashes
 from services.engine.engine import Engine
-from services.engine.radix_cache import ROOT_HASH, extend_page_hashes
 from services.engine.request import SamplingParams
 from tests.helpers import assert_no_leaks, cpu_engine
 
@@ -128,7 +128,7 @@ def _page_hashes(tokens, page_size):
 
 
 def test_events_carry_chained_hashes_and_checkpoint_flags(tiny_checkpoint):
-    engine = cpu_engine(tiny_checkpoint, checkpoint_interval=16, num_pages=40)
+    engine = cpu_engine(tiny_checkpoint, checkpoint_interval=16, num_pages=40, record_cache_events=True)
     prompt = _tokens(40, seed=8)
     engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0))
     events = engine.drain_cache_events()

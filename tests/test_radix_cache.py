@@ -8,8 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from services.common.page_hash import ROOT_HASH, extend_page_hashes, page_hash
 from services.engine.allocator import IdPool
-from services.engine.radix_cache import ROOT_HASH, RadixCache, extend_page_hashes, page_hash
+from services.engine.radix_cache import RadixCache
 
 PAGE = 2
 # A small alphabet of page contents so that random sequences share prefixes often.
@@ -179,8 +180,8 @@ def test_state_goes_with_its_page_and_events_describe_everything():
     tree, pages, slots = _tree()
     tokens = [5, 15, 6, 16]
     node, hashes = _insert(tree, pages, tokens, slots)
-    h1 = page_hash(ROOT_HASH, [5, 15])
-    assert hashes == [h1, page_hash(h1, [6, 16])]
+    h1 = page_hash(ROOT_HASH, [5, 15], depth=1)
+    assert hashes == [h1, page_hash(h1, [6, 16], depth=2)]
     events = list(tree.events)
     assert events[0] == ("stored", h1, ROOT_HASH, False)
     assert events[1] == ("stored", hashes[1], h1, False)

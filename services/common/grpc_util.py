@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import grpc
+from google.protobuf.message import DecodeError
+
 from services.common.protos import inference_pb2
 from services.engine.request import FinishReason, InvalidRequestError, SamplingParams
 
@@ -52,3 +55,41 @@ def prompt_from_request(request: inference_pb2.GenerateRequest) -> str | list[in
 
 def pool_usage(usage: dict[str, int]) -> inference_pb2.PoolUsage:
     return inference_pb2.PoolUsage(**{k: usage[k] for k in inference_pb2.PoolUsage.DESCRIPTOR.fields_by_name})
+
+
+class MalformedRequest:
+    """A request whose bytes did not parse (e.g. a ``string`` field that is not valid UTF-8): the handler
+    answers INVALID_ARGUMENT with ``error`` instead of gRPC failing the call as UNKNOWN before it runs."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return MalformedRequest(f"malformed {message_type.DESCRIPTOR.name} ({err}); text must be valid UTF-8")
+
+    return parse
+
+
+def inference_handler(servicer) -> grpc.GenericRpcHandler:
+    """``baton.v1.Inference`` served by ``servicer`` with requests parsed leniently (see MalformedRequest)."""
+    msgs = inference_pb2
+    methods = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(msgs.GenerateRequest),
+            response_serializer=msgs.GenerateResponse.SerializeToString,
+        ),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=_lenient(msgs.HealthRequest),
+            response_serializer=msgs.HealthResponse.SerializeToString,
+        ),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo, request_deserializer=_lenient(msgs.ModelInfoRequest),
+            response_serializer=msgs.ModelInfoResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler("baton.v1.Inference", methods)

@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
 from services.common.grpc_util import (
     FINISH_REASONS,
+    MalformedRequest,
+    inference_handler,
     pool_usage,
     prompt_from_request,
     sampling_from_proto,
@@ -33,7 +36,7 @@ from services.common.protos import inference_pb2, inference_pb2_grpc, pd_pb2, pd
 from services.common.serving import run_until_signal
 from services.engine.async_engine import AsyncEngine, EngineError, RemotePrefillTask
 from services.engine.engine import Engine
-from services.engine.request import InvalidRequestError
+from services.engine.request import InvalidRequestError, OverloadedError
 from services.prefill.server import register_memory
 from services.transfer.engine import TransferEngine
 from services.transfer.handover import layout_mismatches, local_regions, state_layout
@@ -50,13 +53,23 @@ class DecodeConfig(PodConfig):
     prefill_timeout_s: float = field(default=120.0, metadata={"help": "deadline of one Prefill call"})
     rpc_timeout_s: float = field(default=5.0, metadata={"help": "deadline of Handshake and Abort calls"})
     max_prefill_attempts: int = field(default=2, metadata={"help": "prefill pods tried before prefilling locally"})
+    forget_peer_s: float = field(
+        default=60.0, metadata={"help": "a prefill pod named by a router and unreachable this long is forgotten"}
+    )
+
+    @property
+    def remote_prefill(self) -> bool:
+        """Prefill pods may be used: listed, or named per request by a router (registered in a cluster)."""
+        return bool(self.prefill_addrs.strip() or self.cluster.redis_url)
 
 
 class PrefillPeer:
-    """One prefill pod: its channel, and whether its handshake accepted our layout."""
+    """One prefill pod: its channel, and whether its handshake accepted our layout. ``named`` peers were
+    introduced by a router's request rather than configured."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, named: bool = False) -> None:
         self.address = address
+        self.named = named
         # Reconnect quickly after a pod restarts (gRPC's default backoff grows to two minutes).
         self.channel = grpc.aio.insecure_channel(
             address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -67,6 +80,7 @@ class PrefillPeer:
         self.prefill_id = ""
         self.inflight = 0
         self.last_handshake = 0.0
+        self.usable_since = time.monotonic()  # last time it was usable (or created)
 
     async def handshake(self, request: pd_pb2.HandshakeRequest, timeout: float, wait: bool = False) -> None:
         """``wait``: wait up to ``timeout`` for the connection to come up instead of failing at once."""
@@ -86,13 +100,15 @@ class PrefillPeer:
             return
         log.info("prefill pod %s ready (id %s)", self.address, response.prefill_id)
         self.usable, self.reason, self.prefill_id = True, "", response.prefill_id
+        self.usable_since = time.monotonic()
 
     def status(self) -> inference_pb2.PeerStatus:
         return inference_pb2.PeerStatus(address=self.address, usable=self.usable, reason=self.reason)
 
 
 class DecodeService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, config: DecodeConfig, engine: Engine, transfer: TransferEngine, metrics: PodMetrics) -> None:
+    def __init__(self, config: DecodeConfig, engine: Engine, transfer: TransferEngine, metrics: PodMetrics,
+                 on_cache_events=None) -> None:
         self.config = config
         self.engine = engine
         self.metrics = metrics
@@ -108,8 +124,12 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             decode_id=self.decode_id,
         )
         self.peers = [PrefillPeer(a.strip()) for a in config.prefill_addrs.split(",") if a.strip()]
-        self.async_engine = AsyncEngine(engine, on_remote_prefill=self._on_remote_prefill if self.peers else None)
+        self.async_engine = AsyncEngine(
+            engine, on_remote_prefill=self._on_remote_prefill if config.remote_prefill else None,
+            on_cache_events=on_cache_events,
+        )
         self.remote_peer: dict[str, PrefillPeer] = {}  # request id -> pod computing it now
+        self.named_prefill: dict[str, str] = {}  # request id -> prefill pod a router chose for it
         self.cancelled: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -117,21 +137,33 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         await asyncio.gather(*(p.handshake(self.handshake_request, self.config.rpc_timeout_s) for p in self.peers))
 
     async def watch_peers(self, interval_s: float = 1.0) -> None:
-        """Reconnect pods that were down or refused (restarted, redeployed), off the request path."""
+        """Reconnect pods that were down or refused (restarted, redeployed), off the request path; forget pods
+        a router once named that have stayed unreachable (scaled down)."""
         while True:
             await asyncio.sleep(interval_s)  # a polling period, not synchronisation
+            now = time.monotonic()
+            for peer in [p for p in self.peers if p.named and not p.usable and p.inflight == 0
+                         and now - p.usable_since > self.config.forget_peer_s]:
+                log.info("forgetting prefill pod %s: %s", peer.address, peer.reason)
+                self.peers.remove(peer)
+                await peer.channel.close()
             down = [p for p in self.peers if not p.usable]
             await asyncio.gather(*(p.handshake(self.handshake_request, interval_s, wait=True) for p in down))
 
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequestError(request.error)
             prompt = prompt_from_request(request)
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         request_id = request.request_id or uuid.uuid4().hex
         arrival, last_token_at, finished = time.monotonic(), None, False
+        named = request.routing.prefill_address
+        if named and request_id not in self.named_prefill:
+            self.named_prefill[request_id] = named
         try:
             async for out in self.async_engine.generate(prompt, params, request_id):
                 now = time.monotonic()
@@ -155,10 +187,15 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         except InvalidRequestError as err:
             self.metrics.requests.labels("rejected").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except OverloadedError as err:
+            self.metrics.requests.labels("overloaded").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except EngineError as err:
             self.metrics.requests.labels("error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         finally:
+            if named and self.named_prefill.get(request_id) == named:
+                del self.named_prefill[request_id]
             if not finished:
                 self.metrics.requests.labels("cancelled").inc()
                 self._cancel_remote(request_id)
@@ -204,11 +241,22 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         usable = [p for p in self.peers if p.usable]
         return min(usable, key=lambda p: p.inflight) if usable else None
 
+    async def _named_peer(self, address: str) -> PrefillPeer | None:
+        """The prefill pod a router named, connected on first use; None if it cannot be used."""
+        peer = next((p for p in self.peers if p.address == address), None)
+        if peer is None:
+            peer = PrefillPeer(address, named=True)
+            self.peers.append(peer)
+            await peer.handshake(self.handshake_request, self.config.rpc_timeout_s, wait=True)
+        return peer if peer.usable else None
+
     async def _remote_prefill(self, task: RemotePrefillTask) -> None:
-        for _ in range(self.config.max_prefill_attempts):
+        named = self.named_prefill.get(task.request_id)
+        for attempt in range(self.config.max_prefill_attempts):
             if task.request_id in self.cancelled:
                 break
-            peer = self._pick_peer()
+            # The router's choice first (it knows every prefill pod's cache); then this pod's own.
+            peer = (await self._named_peer(named) if named and attempt == 0 else None) or self._pick_peer()
             if peer is None:
                 break
             outcome = await self._try_peer(peer, task)
@@ -274,25 +322,38 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
 
 
 async def serve(config: DecodeConfig) -> None:
-    engine = Engine(config.engine, remote_prefill=bool(config.prefill_addrs.strip()))
+    cluster = config.cluster
+    publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
+    engine = Engine(config.engine, remote_prefill=config.remote_prefill, record_cache_events=publisher is not None)
     transfer = TransferEngine(config.transfer)
     register_memory(engine, transfer)
     metrics = PodMetrics("decode", engine.resource_usage, lambda: engine.cache.stats)
     metrics_port = metrics.serve(config.host, config.metrics_port)
-    service = DecodeService(config, engine, transfer, metrics)
+    service = DecodeService(config, engine, transfer, metrics,
+                            on_cache_events=publisher.event_log.on_events if publisher else None)
     await service.connect()
     watcher = asyncio.ensure_future(service.watch_peers())
     server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((inference_handler(service),))
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    ready = {"role": "decode", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id}
+    if publisher is not None:
+        publisher.start(service.async_engine, worker_record(
+            "decode", service.decode_id, advertised_address(cluster, config.host, port),
+            cluster.served_model_name or config.engine.model, service.handshake_request.layout.model_id, engine,
+            f"{config.host}:{metrics_port}",
+            config.engine.remote_prefill_threshold if config.remote_prefill else 0,
+        ))
+    ready = {"role": "decode", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id,
+             "instance_id": service.decode_id}
     print("BATON_READY " + json.dumps(ready), flush=True)
     log.info("decode pod serving on %s:%d (metrics %d), prefill pods: %s", config.host, port, metrics_port,
              [f"{p.address} ({'ok' if p.usable else p.reason})" for p in service.peers])
     try:
         await run_until_signal(server)
     finally:
+        if publisher is not None:
+            await publisher.stop()
         watcher.cancel()
         service.async_engine.shutdown()
         transfer.close()

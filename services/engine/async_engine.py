@@ -12,11 +12,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from .engine import Engine
+from .engine import Engine, LoadReport
+from .radix_cache import CacheDigest, CacheEvent
 from .request import Request, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,26 @@ class RemotePrefillTask:
         )
 
 
+# How often a busy engine refreshes ``AsyncEngine.load`` (an idle one does it before it waits).
+LOAD_REPORT_INTERVAL_S = 0.02
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_remote_prefill: Callable[[RemotePrefillTask], None] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, on_remote_prefill: Callable[[RemotePrefillTask], None] | None = None,
+        on_cache_events: Callable[[list[CacheEvent], CacheDigest], None] | None = None,
+    ) -> None:
         """``on_remote_prefill`` is called on the engine thread for each request a decode pod's scheduler
-        sends to a prefill pod; it must only hand the task over (e.g. ``loop.call_soon_threadsafe``)."""
+        sends to a prefill pod; it must only hand the task over (e.g. ``loop.call_soon_threadsafe``).
+        ``on_cache_events`` is called on the engine thread with the prefix cache's events of each step (and of
+        the commands before it) and the cache's digest after them; the engine must record events for it."""
         self.engine = engine
         self._on_remote_prefill = on_remote_prefill
+        self._on_cache_events = on_cache_events
+        # Read by other threads (heartbeats) without a round trip through the command queue: replaced whole,
+        # never mutated, so a reader sees one consistent report.
+        self.load: LoadReport = engine.load_report()
+        self._next_load_report = 0.0
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
@@ -124,6 +140,7 @@ class AsyncEngine:
             # Block when there is nothing to run, or when the last step could schedule nothing (e.g. all
             # requests wait on prefill pods): only a command can change that, so don't spin.
             block = not self.engine.has_unfinished() or self.engine.last_step_scheduled == 0
+            self._report(block)
             try:
                 while True:
                     kind, payload = self._commands.get(block=block)
@@ -145,6 +162,18 @@ class AsyncEngine:
                 continue
             for output in outputs:
                 self._deliver(output)
+
+    def _report(self, idle: bool) -> None:
+        """Hand the cache events of the last step and commands to their consumer; refresh ``load`` (always
+        before waiting idle, so an idle engine's report is exact)."""
+        if self._on_cache_events is not None:
+            events = self.engine.drain_cache_events()
+            if events:
+                self._on_cache_events(events, self.engine.cache_digest)
+        now = time.monotonic()
+        if idle or now >= self._next_load_report:
+            self.load = self.engine.load_report()
+            self._next_load_report = now + LOAD_REPORT_INTERVAL_S
 
     def _deliver(self, output: RequestOutput | None) -> None:
         if output is None:

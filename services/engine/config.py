@@ -26,6 +26,9 @@ class EngineConfig:
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
     max_num_seqs: int = field(default=64, metadata={"help": "requests running at once"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per forward pass"})
+    max_waiting_requests: int = field(
+        default=256, metadata={"help": "requests queued beyond the running ones; more are refused (overload)"}
+    )
     prefill_chunk_size: int = field(default=512, metadata={"help": "most prompt tokens of one request per step"})
     max_model_len: int = field(default=0, metadata={"help": "prompt + output limit (0: what memory allows)"})
     cache_memory_mb: int = field(
@@ -60,7 +63,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size"):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size",
+                     "max_waiting_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -7,15 +7,24 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .allocator import IdPool
 from .config import EngineConfig
 from .model_config import ModelConfig
 from .model_runner import ModelRunner
 from .prefix_cache import HybridPrefixCache
-from .presets import PRESETS, preset_config
-from .radix_cache import CacheEvent
-from .request import FinishReason, InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
+from .presets import model_config_for
+from .radix_cache import CacheDigest, CacheEvent
+from .request import (
+    FinishReason,
+    InvalidRequestError,
+    OverloadedError,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
 from .sampler import SampledTokens
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -24,11 +33,17 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_config(config: EngineConfig) -> ModelConfig:
-    if config.model.partition(":")[0] in PRESETS:
-        if config.load_format != "dummy":
-            raise ValueError(f"preset {config.model!r} has no weights: use --load-format dummy")
-        return preset_config(config.model)
-    return ModelConfig.from_model_dir(config.model)
+    return model_config_for(config.model, dummy=config.load_format == "dummy")
+
+
+class LoadReport(NamedTuple):
+    """What a router weighs besides the cache: the queue, the free memory, and the prompt work still ahead."""
+
+    running: int
+    waiting: int
+    free_pages: int
+    free_slots: int
+    queued_prefill_tokens: int  # tokens of prompts admitted or waiting that this engine has yet to compute
 
 
 @dataclass
@@ -53,8 +68,11 @@ class _LaunchedStep:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None, remote_prefill: bool = False):
-        """``remote_prefill``: this engine is a decode pod with prefill pods to send long prompts to."""
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None, remote_prefill: bool = False,
+                 record_cache_events: bool = False):
+        """``remote_prefill``: this engine is a decode pod with prefill pods to send long prompts to.
+        ``record_cache_events``: keep the prefix cache's events for ``drain_cache_events`` (a pod publishing
+        them to routers); off, nothing accumulates."""
         self.config = config
         self.model_config = model_config or resolve_model_config(config)
         self.runner = ModelRunner(config, self.model_config)
@@ -70,7 +88,7 @@ class Engine:
         )
         self.cache = HybridPrefixCache(
             config.page_size, self.pages, self.checkpoint_slots, config.checkpoint_interval,
-            enabled=config.enable_prefix_cache,
+            enabled=config.enable_prefix_cache, record_events=record_cache_events,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -105,6 +123,10 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise OverloadedError(
+                f"{len(self.scheduler.waiting)} requests already waiting (max_waiting_requests); retry later"
+            )
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
         vocab = self.model_config.vocab_size
@@ -342,6 +364,8 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "held": len(self.held),
+            "cache_page_digest": self.cache.tree.digest.page_sum,
+            "cache_state_digest": self.cache.tree.digest.state_sum,
         }
 
     def flush_cache(self) -> None:
@@ -353,6 +377,24 @@ class Engine:
         events = list(self.cache.tree.events)
         self.cache.tree.events.clear()
         return events
+
+    def cache_snapshot(self) -> list[CacheEvent]:
+        """Events that rebuild the prefix cache from empty, as it is now (after every drained event)."""
+        return self.cache.tree.snapshot()
+
+    @property
+    def cache_digest(self) -> CacheDigest:
+        return self.cache.tree.digest
+
+    def load_report(self) -> LoadReport:
+        scheduler = self.scheduler
+        queued = sum(r.num_uncomputed_tokens for r in scheduler.waiting)
+        queued += sum(
+            r.num_uncomputed_tokens for r in scheduler.running
+            if r.num_uncomputed_tokens > 1 and not r.awaiting_remote_prefill
+        )
+        return LoadReport(len(scheduler.running), len(scheduler.waiting), self.pages.num_free, self.slots.num_free,
+                          queued)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], already_sent: int) -> int | None:

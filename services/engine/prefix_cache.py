@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from services.common.page_hash import extend_page_hashes
+
 from .allocator import IdPool
-from .radix_cache import RadixCache, extend_page_hashes
+from .radix_cache import RadixCache
 from .request import Request
 
 
@@ -41,7 +43,8 @@ class Admission(NamedTuple):
 
 class HybridPrefixCache:
     def __init__(
-        self, page_size: int, pages: IdPool, checkpoint_slots: IdPool, checkpoint_interval: int, enabled: bool
+        self, page_size: int, pages: IdPool, checkpoint_slots: IdPool, checkpoint_interval: int, enabled: bool,
+        record_events: bool = False,
     ) -> None:
         if checkpoint_interval % page_size:
             raise ValueError(f"checkpoint interval {checkpoint_interval} must be a multiple of the page size")
@@ -50,7 +53,7 @@ class HybridPrefixCache:
         self.checkpoint_slots = checkpoint_slots
         self.checkpoint_interval = checkpoint_interval
         self.enabled = enabled
-        self.tree = RadixCache(page_size, pages, checkpoint_slots)
+        self.tree = RadixCache(page_size, pages, checkpoint_slots, record_events=record_events)
         self.stats = CacheStats()
 
     def _hashes(self, request: Request) -> list[int]:

@@ -74,3 +74,12 @@ def preset_config(name: str) -> ModelConfig:
     if base not in PRESETS:
         raise ValueError(f"unknown model preset {base!r}; known: {sorted(PRESETS)}")
     return PRESETS[base](int(layers)) if layers else PRESETS[base]()
+
+
+def model_config_for(model: str, dummy: bool) -> ModelConfig:
+    """The architecture of ``model``: a preset name (dummy weights only) or an HF model directory."""
+    if model.partition(":")[0] in PRESETS:
+        if not dummy:
+            raise ValueError(f"preset {model!r} has no weights: use --load-format dummy")
+        return preset_config(model)
+    return ModelConfig.from_model_dir(model)

@@ -1,8 +1,9 @@
 """The hybrid prefix cache's logic: a radix tree of KV pages whose nodes may own GDN state checkpoints.
 
 Pure bookkeeping (ids, hashes, reference counts, recency); no tensors. One node per full page. A node's
-key is the chained content hash ``hash(parent_hash, page_tokens)``, the same on every worker and in the
-router, and its tokens are compared on every match so a hash collision can never return wrong KV.
+key is the chained content hash of its page (``services/common/page_hash.py``: a function of the parent's
+hash, the depth and the page's tokens), the same on every worker and in the router, and its tokens are
+compared on every match so a hash collision can never return wrong KV.
 
 A checkpoint (a state slot) on a node holds the GDN conv + SSM state after exactly the tokens up to the
 end of that node's page. A prefix is usable only up to the deepest checkpoint on its path: a GDN state is
@@ -22,34 +23,18 @@ Eviction policy:
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
-from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from services.common.page_hash import ROOT_HASH, page_hash
+
 from .allocator import IdPool
 
-ROOT_HASH = 0
-
-
-def page_hash(parent_hash: int, tokens: Sequence[int]) -> int:
-    """64-bit chained content hash of one page (stable across processes and machines)."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(parent_hash.to_bytes(8, "little"))
-    digest.update(array("q", tokens).tobytes())
-    return int.from_bytes(digest.digest(), "little")
-
-
-def extend_page_hashes(hashes: list[int], token_ids: Sequence[int], page_size: int) -> list[int]:
-    """Append the hashes of the full pages of ``token_ids`` not yet in ``hashes`` (in place)."""
-    for page in range(len(hashes), len(token_ids) // page_size):
-        parent = hashes[page - 1] if page else ROOT_HASH
-        hashes.append(page_hash(parent, token_ids[page * page_size : (page + 1) * page_size]))
-    return hashes
+_MASK = (1 << 64) - 1
 
 
 @dataclass(eq=False)
@@ -80,6 +65,16 @@ class CacheEvent(NamedTuple):
     has_state: bool
 
 
+class CacheDigest(NamedTuple):
+    """What the tree holds, in four numbers: page and checkpoint counts, and the sums (mod 2**64) of their
+    page hashes. A router's index of this cache, built from its events, must show the same four."""
+
+    pages: int
+    states: int
+    page_sum: int
+    state_sum: int
+
+
 class MatchResult(NamedTuple):
     node: Node  # deepest matched node that holds a checkpoint (the root when none)
     page_ids: list[int]  # the pages from the root to ``node``
@@ -88,14 +83,19 @@ class MatchResult(NamedTuple):
 
 
 class RadixCache:
-    def __init__(self, page_size: int, pages: IdPool, checkpoint_slots: IdPool) -> None:
+    def __init__(self, page_size: int, pages: IdPool, checkpoint_slots: IdPool, record_events: bool = True) -> None:
+        """``record_events``: keep the stored/evicted events for someone to drain (a pod that publishes them
+        to a router); without a consumer they are not kept, or the list would grow without bound."""
         self.page_size = page_size
         self.pages = pages
         self.checkpoint_slots = checkpoint_slots
         self.root = Node(ROOT_HASH, (), -1, None, 0)
         self._page_owner: dict[int, Node] = {}
         self._clock = itertools.count(1)
+        self.record_events = record_events
         self.events: deque[CacheEvent] = deque()
+        self._page_sum = 0
+        self._state_sum = 0
         self.num_cached_states = 0
         self.num_evicted_pages = 0
         self.num_evicted_states = 0
@@ -107,6 +107,26 @@ class RadixCache:
 
     def owns_page(self, page_id: int) -> bool:
         return page_id in self._page_owner
+
+    @property
+    def digest(self) -> CacheDigest:
+        return CacheDigest(len(self._page_owner), self.num_cached_states, self._page_sum, self._state_sum)
+
+    def snapshot(self) -> list[CacheEvent]:
+        """The events that rebuild this tree from empty: every page, parents before children, each followed by
+        its checkpoint if it has one."""
+        events, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            events.append(CacheEvent("stored", node.page_hash, node.parent_hash, False))
+            if node.state_slot is not None:
+                events.append(CacheEvent("state_stored", node.page_hash, node.parent_hash, True))
+            stack.extend(node.children.values())
+        return events
+
+    def _emit(self, kind: str, node: Node) -> None:
+        if self.record_events:
+            self.events.append(CacheEvent(kind, node.page_hash, node.parent_hash, kind == "state_stored"))
 
     def match(self, token_ids: Sequence[int], hashes: Sequence[int], max_pages: int) -> MatchResult:
         """Longest cached path for ``token_ids`` (whose full-page hashes are ``hashes``) ending at a
@@ -152,7 +172,8 @@ class RadixCache:
                 child = Node(h, tokens, page_id, node, node.depth + 1)
                 node.children[h] = child
                 self._page_owner[page_id] = child
-                self.events.append(CacheEvent("stored", h, child.parent_hash, False))
+                self._page_sum = (self._page_sum + h) & _MASK
+                self._emit("stored", child)
             child.last_access = now
             node = child
         return node
@@ -167,7 +188,8 @@ class RadixCache:
         node.state_last_used = next(self._clock)
         node.state_superseded = False
         self.num_cached_states += 1
-        self.events.append(CacheEvent("state_stored", node.page_hash, node.parent_hash, True))
+        self._state_sum = (self._state_sum + node.page_hash) & _MASK
+        self._emit("state_stored", node)
         return True
 
     def supersede(self, node: Node) -> None:
@@ -231,14 +253,16 @@ class RadixCache:
         del self._page_owner[node.page_id]
         self.pages.free([node.page_id])
         self.num_evicted_pages += 1
-        self.events.append(CacheEvent("evicted", node.page_hash, node.parent_hash, False))
+        self._page_sum = (self._page_sum - node.page_hash) & _MASK
+        self._emit("evicted", node)
 
     def _drop_state(self, node: Node) -> None:
         self.checkpoint_slots.free([node.state_slot])
         node.state_slot = None
         self.num_cached_states -= 1
         self.num_evicted_states += 1
-        self.events.append(CacheEvent("state_evicted", node.page_hash, node.parent_hash, False))
+        self._state_sum = (self._state_sum - node.page_hash) & _MASK
+        self._emit("state_evicted", node)
 
     # ---- integrity ----------------------------------------------------------------------------------
     def _nodes(self):
@@ -255,7 +279,7 @@ class RadixCache:
             assert node.parent is not None and node.parent.children.get(node.page_hash) is node
             assert node.depth == node.parent.depth + 1
             assert len(node.tokens) == self.page_size
-            assert node.page_hash == page_hash(node.parent_hash, node.tokens)
+            assert node.page_hash == page_hash(node.parent_hash, node.tokens, node.depth)
             assert self._page_owner.get(node.page_id) is node
             assert not self.pages.is_free(node.page_id), f"cached page {node.page_id} is also free"
             assert node.page_id not in seen_pages
@@ -268,3 +292,6 @@ class RadixCache:
                 seen_slots.add(node.state_slot)
         assert len(seen_pages) == len(self._page_owner)
         assert len(seen_slots) == self.num_cached_states
+        nodes = list(self._nodes())
+        assert self._page_sum == sum(n.page_hash for n in nodes) & _MASK
+        assert self._state_sum == sum(n.page_hash for n in nodes if n.state_slot is not None) & _MASK

@@ -12,6 +12,11 @@ class InvalidRequestError(ValueError):
     """The request can never be served as asked; the message says why (maps to INVALID_ARGUMENT / 400)."""
 
 
+class OverloadedError(RuntimeError):
+    """The waiting queue is full: refused at once rather than queued without bound (maps to
+    RESOURCE_EXHAUSTED / 429); the same request may succeed later."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16

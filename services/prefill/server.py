@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
 from services.common.grpc_util import pool_usage, sampling_from_proto
 from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
@@ -59,10 +60,11 @@ class _Inflight:
 
 
 class PrefillService(pd_pb2_grpc.PrefillServicer):
-    def __init__(self, config: PrefillConfig, engine: Engine, transfer: TransferEngine, metrics: PodMetrics) -> None:
+    def __init__(self, config: PrefillConfig, engine: Engine, transfer: TransferEngine, metrics: PodMetrics,
+                 on_cache_events=None) -> None:
         self.config = config
         self.engine = engine
-        self.async_engine = AsyncEngine(engine)
+        self.async_engine = AsyncEngine(engine, on_cache_events=on_cache_events)
         self.transfer = transfer
         self.metrics = metrics
         self.layout = state_layout(engine)
@@ -210,21 +212,33 @@ def register_memory(engine: Engine, transfer: TransferEngine) -> None:
 
 
 async def serve(config: PrefillConfig) -> None:
-    engine = Engine(config.engine)
+    cluster = config.cluster
+    publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
+    engine = Engine(config.engine, record_cache_events=publisher is not None)
     transfer = TransferEngine(config.transfer)
     register_memory(engine, transfer)
     metrics = PodMetrics("prefill", engine.resource_usage, lambda: engine.cache.stats)
     metrics_port = metrics.serve(config.host, config.metrics_port)
-    service = PrefillService(config, engine, transfer, metrics)
+    service = PrefillService(config, engine, transfer, metrics,
+                             on_cache_events=publisher.event_log.on_events if publisher else None)
     server = grpc.aio.server()
     pd_pb2_grpc.add_PrefillServicer_to_server(service, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    ready = {"role": "prefill", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id}
+    if publisher is not None:
+        publisher.start(service.async_engine, worker_record(
+            "prefill", service.prefill_id, advertised_address(cluster, config.host, port),
+            cluster.served_model_name or config.engine.model, service.layout.model_id, engine,
+            f"{config.host}:{metrics_port}", 0,
+        ))
+    ready = {"role": "prefill", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id,
+             "instance_id": service.prefill_id}
     print("BATON_READY " + json.dumps(ready), flush=True)
     log.info("prefill pod serving on %s:%d (metrics %d)", config.host, port, metrics_port)
     try:
         await run_until_signal(server)
     finally:
+        if publisher is not None:
+            await publisher.stop()
         service.async_engine.shutdown()
         transfer.close()

@@ -1,0 +1,126 @@
+"""Choosing the decode pod and the prefill pod for one request. Logic only: the caller supplies the live,
+eligible workers with their load and each one's usable cache hit for the prompt.
+
+Policies:
+- ``cache_aware`` (default): the lowest cost, where cost = ``cache`` x prompt tokens the worker would have to
+  compute or receive (the prompt minus its usable hit) + ``queue`` x prompt tokens already queued there +
+  ``request`` x requests running or waiting there. Ties go to the lower worker id, so two routers with the
+  same view choose the same worker.
+- ``round_robin``: the next eligible worker in id order.
+- ``least_load``: the fewest requests, then the fewest queued tokens.
+- ``session``: sticky by conversation: rendezvous hashing of the session id over the eligible workers'
+  addresses (a worker leaving moves only its own sessions; a restarted pod at the same address keeps them).
+  Without a session id, ``least_load``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.common.page_hash import mix
+
+
+class Policy(enum.StrEnum):
+    CACHE_AWARE = "cache_aware"
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOAD = "least_load"
+    SESSION = "session"
+
+
+@dataclass(frozen=True)
+class Weights:
+    cache: float = 1.0  # per prompt token the worker would compute (or receive) rather than reuse
+    queue: float = 1.0  # per prompt token already queued on the worker
+    request: float = 512.0  # per request running or waiting on the worker
+
+    def __post_init__(self) -> None:
+        if min(self.cache, self.queue, self.request) < 0:
+            raise ValueError(f"placement weights must be >= 0, got {self}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An eligible worker as placement sees it."""
+
+    name: str  # instance id
+    address: str
+    active: int  # requests running or waiting there (its report, or routers' in-flight count if higher)
+    queued_tokens: int  # prompt tokens queued there
+    hit_tokens: int  # usable prefix-cache hit for this prompt
+
+
+@dataclass(frozen=True)
+class Choice:
+    worker: Candidate
+    reason: str  # why, as a metrics label: cache_hit, load, no_hit, round_robin, least_load, session, ...
+    cost: float = 0.0
+
+
+def _session_key(session_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=8).digest(), "little")
+
+
+def _address_key(address: str) -> int:
+    return int.from_bytes(hashlib.blake2b(address.encode(), digest_size=8).digest(), "little")
+
+
+class Placer:
+    """One router's placement state (the round-robin position) and settings."""
+
+    def __init__(self, policy: Policy, weights: Weights) -> None:
+        self.policy = policy
+        self.weights = weights
+        self._next = 0
+        self._address_keys: dict[str, int] = {}
+
+    def cost(self, worker: Candidate, prompt_tokens: int) -> float:
+        w = self.weights
+        uncached = prompt_tokens - worker.hit_tokens
+        return w.cache * uncached + w.queue * worker.queued_tokens + w.request * worker.active
+
+    def choose(self, candidates: Sequence[Candidate], prompt_tokens: int, session_id: str = "",
+               policy: Policy | None = None) -> Choice | None:
+        """None when there is no candidate. ``policy`` overrides the placer's own for this call."""
+        if not candidates:
+            return None
+        policy = policy or self.policy
+        ordered = sorted(candidates, key=lambda c: c.name)
+        if policy is Policy.ROUND_ROBIN:
+            choice = ordered[self._next % len(ordered)]
+            self._next += 1
+            return Choice(choice, "round_robin")
+        if policy is Policy.SESSION and session_id:
+            return Choice(self._rendezvous(ordered, session_id), "session")
+        if policy is not Policy.CACHE_AWARE:
+            least = min(ordered, key=lambda c: (c.active, c.queued_tokens))
+            return Choice(least, "least_load" if policy is Policy.LEAST_LOAD else "session_fallback")
+        costs = [(self.cost(c, prompt_tokens), c.name, c) for c in ordered]
+        cost, _, best = min(costs)
+        top_hit = max(c.hit_tokens for c in ordered)
+        if top_hit == 0:
+            reason = "no_hit"
+        elif best.hit_tokens == top_hit:
+            reason = "cache_hit"
+        else:
+            reason = "load"  # a better hit exists, on a worker too busy to be worth it
+        return Choice(best, reason, cost)
+
+    def least_load(self, candidates: Sequence[Candidate], reason: str) -> Choice | None:
+        if not candidates:
+            return None
+        return Choice(min(candidates, key=lambda c: (c.active, c.queued_tokens, c.name)), reason)
+
+    def _rendezvous(self, ordered: Sequence[Candidate], session_id: str) -> Candidate:
+        key = _session_key(session_id)
+        keys = self._address_keys
+
+        def score(c: Candidate) -> int:
+            address_key = keys.get(c.address)
+            if address_key is None:
+                address_key = keys[c.address] = _address_key(c.address)
+            return mix(key ^ address_key)
+
+        return max(ordered, key=score)

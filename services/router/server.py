@@ -1,0 +1,345 @@
+"""The router: the one address clients use. It serves ``baton.v1.Inference`` (streaming Generate, Health,
+ModelInfo) as a proxy in front of the decode pods.
+
+Per request: validate and tokenize (engines receive token ids), hash the prompt's pages, ask the index how much
+of it each worker can reuse, choose a decode pod and (for prompts it will send away) a prefill pod, forward the
+request to the decode pod with the prefill pod named in ``routing``, and relay the stream.
+
+Failures: a decode pod that refuses (full) or cannot be reached before the first token is replaced by the next
+choice; one that dies mid-stream is replaced too, with the prompt plus the tokens already sent as the new
+prompt, so the client's stream continues with nothing lost or repeated (greedy output is unchanged by this).
+When every pod is full the router answers RESOURCE_EXHAUSTED at once, with a retry hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.common.grpc_util import MalformedRequest, inference_handler, prompt_from_request, sampling_from_proto
+from services.common.page_hash import SCHEME, extend_page_hashes, page_hashes
+from services.common.protos import inference_pb2, inference_pb2_grpc
+from services.common.serving import run_until_signal
+from services.engine.presets import PRESETS, model_config_for
+from services.engine.request import InvalidRequestError
+from services.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+from .config import RouterConfig
+from .index import CacheIndex
+from .metrics import RouterMetrics
+from .policy import Candidate, Choice, Placer, Policy
+from .sync import ClusterSync
+from .workers import Worker, WorkerTable
+
+log = logging.getLogger("baton.router")
+
+# Work that would hold the event loop (and every other stream) for milliseconds goes to a thread.
+_OFFLOAD_TOKENS = 4096
+_OFFLOAD_CHARS = 16384
+# A pod failing with one of these mid-stream is taken for dead: the stream continues elsewhere.
+_POD_FAILED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+               grpc.StatusCode.CANCELLED}
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _PodFailed(Exception):
+    def __init__(self, worker: Worker, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{worker.record.address}: {code.name} {details}")
+        self.worker = worker
+        self.code = code
+
+
+@dataclass
+class Placement:
+    decode: Worker
+    prefill: Worker | None
+    choice: Choice
+    policy: str
+    available_tokens: int  # best usable hit on any worker
+
+
+@dataclass
+class _Stream:
+    """What the client has been sent so far (to continue it on another pod)."""
+
+    prompt: list[int]
+    max_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    cached_tokens: int | None = None
+    first_decode: Worker | None = None
+
+
+class RouterService(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, config: RouterConfig, table: WorkerTable, sync: ClusterSync, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.table = table
+        self.index = table.index
+        self.sync = sync
+        self.metrics = metrics
+        dummy = config.model.partition(":")[0] in PRESETS
+        self.model_config = model_config_for(config.model, dummy=dummy)
+        self.tokenizer = load_tokenizer(None if dummy else config.model, self.model_config.vocab_size,
+                                        self.model_config.eos_token_ids)
+        self.placer = Placer(Policy(config.policy), config.weights)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # ---- public API ---------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequestError(request.error)
+            prompt = await self._prompt_ids(request)
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as err:
+            self.metrics.requests.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        request_id = request.request_id or uuid.uuid4().hex
+        page = self.config.page_size
+        hashes = (await asyncio.to_thread(page_hashes, prompt, page) if len(prompt) > _OFFLOAD_TOKENS
+                  else page_hashes(prompt, page))
+        stream = _Stream(prompt, params.max_tokens)
+        excluded: set[str] = set()
+        finished = False
+        try:
+            for _attempt in range(self.config.max_attempts):
+                current = prompt + stream.tokens
+                if stream.tokens:
+                    hashes = extend_page_hashes(list(hashes), current, page)
+                try:
+                    placement = self._place(current, hashes, request.session_id, excluded)
+                except _Refusal as refusal:
+                    if refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self.metrics.requests.labels("overloaded").inc()
+                        hint = self.config.retry_after_s
+                        context.set_trailing_metadata((("retry-after-ms", str(int(hint * 1000))),))
+                        await context.abort(refusal.code, f"{refusal}; retry after {hint:g} s")
+                    self.metrics.requests.labels("unavailable").inc()
+                    await context.abort(refusal.code, str(refusal))
+                pod_request = inference_pb2.GenerateRequest(
+                    request_id=request_id, token_ids=inference_pb2.TokenIds(ids=current),
+                    sampling=request.sampling, session_id=request.session_id,
+                    routing=inference_pb2.RoutingHints(
+                        prefill_address=placement.prefill.record.address if placement.prefill else ""
+                    ),
+                )
+                pod_request.sampling.max_tokens = stream.max_tokens - len(stream.tokens)
+                try:
+                    async for response in self._relay(placement, pod_request, stream):
+                        finished = response.finished
+                        yield response
+                    if finished:
+                        self.metrics.requests.labels("finished").inc()
+                        return
+                    raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
+                except _PodFailed as failure:
+                    stage = "mid_stream" if stream.tokens else "before_first_token"
+                    log.warning("request %s: decode pod %s (%s); moving it to another pod", request_id, failure,
+                                stage)
+                    self.metrics.failovers.labels(stage).inc()
+                    failure.worker.unavailable_until = time.monotonic() + self.config.unavailable_s
+                    excluded.add(failure.worker.name)
+            self.metrics.requests.labels("unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"no decode pod completed the request after {self.config.max_attempts} attempts")
+        except grpc.aio.AioRpcError as err:  # the pod refused the request itself (bad for this model, ...)
+            self.metrics.requests.labels("rejected").inc()
+            await context.abort(err.code(), err.details() or "")
+        except asyncio.CancelledError:  # the client left: leaving _relay cancelled the pod's call too
+            self.metrics.requests.labels("cancelled").inc()
+            raise
+
+    async def Health(self, request, context) -> inference_pb2.HealthResponse:
+        now = time.monotonic()
+        eligible = {w.name for role in ("decode", "prefill") for w in self.table.eligible(role, now)}
+        workers = []
+        for worker in sorted(self.table.workers.values(), key=lambda w: w.name):
+            digest = self.index.digest(worker.name)
+            workers.append(inference_pb2.WorkerStatus(
+                instance_id=worker.name, role=worker.record.role, address=worker.record.address,
+                eligible=worker.name in eligible, feed_state=worker.feed.state.value,
+                applied_seq=worker.feed.applied_seq, reported_seq=worker.record.event_seq,
+                index_pages=digest.pages, index_states=digest.states, index_page_digest=digest.page_sum,
+                index_state_digest=digest.state_sum, active=worker.active, resyncs=worker.feed.resyncs,
+            ))
+        serving = any(w.record.role == "decode" and w.name in eligible for w in self.table.workers.values())
+        return inference_pb2.HealthResponse(serving=serving, role="router", workers=workers, redis_up=self.sync.up)
+
+    async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
+        decodes = self.table.by_role("decode")
+        return inference_pb2.ModelInfoResponse(
+            model=self.config.model_name, family=self.model_config.family, vocab_size=self.model_config.vocab_size,
+            max_model_len=min((w.record.max_model_len for w in decodes), default=0), page_size=self.config.page_size,
+        )
+
+    # ---- request path -------------------------------------------------------------------------------
+    async def _prompt_ids(self, request) -> list[int]:
+        prompt = prompt_from_request(request)
+        if isinstance(prompt, str):
+            encode = self.tokenizer.encode
+            ids = await asyncio.to_thread(encode, prompt) if len(prompt) > _OFFLOAD_CHARS else encode(prompt)
+        else:
+            ids = prompt
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidRequestError(f"token ids out of range [0, {vocab}): {bad[:8]}")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        return ids
+
+    def _place(self, prompt: list[int], hashes: list[int], session_id: str, excluded: set[str]) -> Placement:
+        started = time.perf_counter()
+        now = time.monotonic()
+        page = self.config.page_size
+        decodes = [w for w in self.table.eligible("decode", now) if w.name not in excluded]
+        if not decodes:
+            known = [w for w in self.table.by_role("decode") if w.name not in excluded]
+            if known and all(w.full for w in known):
+                raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"all {len(known)} decode pods are at capacity (running + waiting)")
+            raise _Refusal(grpc.StatusCode.UNAVAILABLE,
+                           f"no decode pod serving {self.config.model_name!r} is available")
+        policy = self.placer.policy
+        cache_known = self.sync.up
+        usable = self.index.usable_pages(hashes) if cache_known else {}
+        cap = (len(prompt) - 1) // page  # the last token is always computed: its logits are needed
+        in_sync = {w.name for w in self.table.workers.values() if w.feed.in_sync}
+
+        def hit(worker: Worker) -> int:
+            return min(usable.get(worker.name, 0), cap) * page if worker.name in in_sync else 0
+
+        def candidate(worker: Worker) -> Candidate:
+            return Candidate(worker.name, worker.record.address, worker.active, worker.record.queued_prefill_tokens,
+                             hit(worker))
+
+        candidates = [candidate(w) for w in decodes]
+        if policy is Policy.CACHE_AWARE and not cache_known:
+            choice = self.placer.least_load(candidates, "redis_down")
+        else:
+            choice = self.placer.choose(candidates, len(prompt), session_id)
+        decode = next(w for w in decodes if w.name == choice.worker.name)
+        prefill = None
+        prefills = self.table.eligible("prefill", now, fingerprint=decode.record.fingerprint)
+        if prefills:
+            p_candidates = [candidate(w) for w in prefills]
+            if policy is Policy.CACHE_AWARE and cache_known:
+                p_choice = self.placer.choose(p_candidates, len(prompt), policy=Policy.CACHE_AWARE)
+            else:
+                p_choice = self.placer.least_load(p_candidates, "least_load")
+            prefill = next(w for w in prefills if w.name == p_choice.worker.name)
+        available = max((hit(w) for w in self.table.workers.values()), default=0)
+        self.metrics.placement_seconds.observe(time.perf_counter() - started)
+        self.metrics.decisions.labels(policy.value, choice.reason).inc()
+        return Placement(decode, prefill, choice, policy.value, available)
+
+    def _stub(self, address: str) -> inference_pb2_grpc.InferenceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+            )
+        return inference_pb2_grpc.InferenceStub(channel)
+
+    async def _relay(self, placement: Placement, pod_request, stream: _Stream):
+        """Forward to the placed decode pod and yield the client's view of its responses. Raises _PodFailed if
+        the pod refused, could not be reached or died; other errors of the pod (AioRpcError) go to the
+        client as they are."""
+        worker = placement.decode
+        resumed = bool(stream.tokens)
+        # Text the dead pod held back (it might have been the start of a stop string) is not re-sent by the
+        # next pod, whose prompt now contains those tokens: prepend it to the next pod's first text.
+        held = self._held_text(stream) if resumed else ""
+        if not resumed:
+            self.metrics.prompt_tokens.inc(len(stream.prompt))
+            self.metrics.hit_tokens.labels("available").inc(placement.available_tokens)
+            self.metrics.hit_tokens.labels("chosen").inc(placement.choice.worker.hit_tokens)
+            stream.first_decode = worker
+        worker.inflight_here += 1
+        call = self._stub(worker.record.address).Generate(pod_request)
+        try:
+            async for response in call:
+                if stream.cached_tokens is None:
+                    stream.cached_tokens = response.usage.cached_tokens
+                    self.metrics.hit_tokens.labels("delivered").inc(stream.cached_tokens)
+                stream.tokens.extend(response.token_ids)
+                text = held + response.text
+                held = ""
+                stream.text += text
+                yield inference_pb2.GenerateResponse(
+                    request_id=pod_request.request_id, token_ids=response.token_ids, text=text,
+                    logprobs=response.logprobs, finished=response.finished, finish_reason=response.finish_reason,
+                    usage=inference_pb2.Usage(
+                        prompt_tokens=len(stream.prompt), completion_tokens=len(stream.tokens),
+                        cached_tokens=stream.cached_tokens,
+                    ),
+                )
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            if code in _POD_FAILED or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not stream.tokens):
+                raise _PodFailed(worker, code, err.details() or "") from err
+            raise
+        finally:
+            worker.inflight_here -= 1
+            call.cancel()
+
+    def _held_text(self, stream: _Stream) -> str:
+        detokenizer = IncrementalDetokenizer(self.tokenizer, stream.prompt)
+        text = "".join(detokenizer.add(t) for t in stream.tokens)
+        return text[len(stream.text):] if text.startswith(stream.text) else ""
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    def state(self) -> dict:
+        """For the metrics' gauges."""
+        now = time.monotonic()
+        eligible = {w.name for role in ("decode", "prefill") for w in self.table.eligible(role, now)}
+        counts = Counter((w.record.role, "eligible" if w.name in eligible else "not_eligible")
+                         for w in self.table.workers.values())
+        counts.update((w.record.role, "index_" + w.feed.state.value) for w in self.table.workers.values())
+        return {"redis_up": self.sync.up, "workers": dict(counts), "index_pages": self.index.num_pages,
+                "index_entries": self.index.num_page_entries}
+
+
+async def serve(config: RouterConfig) -> None:
+    router_id = uuid.uuid4().hex
+    index = CacheIndex()
+    table = WorkerTable(index, config.model_name, SCHEME, config.page_size, config.heartbeat_ttl_s,
+                        config.snapshot_retry_s)
+    holder: dict[str, RouterService] = {}
+    metrics = RouterMetrics(lambda: holder["service"].state())
+    sync = ClusterSync(config.redis_url, config.redis_namespace, router_id, table, config.poll_interval_s,
+                       config.heartbeat_ttl_s, on_batches=metrics.events.inc)
+    service = holder["service"] = RouterService(config, table, sync, metrics)
+    metrics_port = metrics.serve(config.host, config.metrics_port)
+    sync.start()
+    await sync.wait_first_poll(timeout=5.0)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((inference_handler(service),))
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    ready = {"role": "router", "port": port, "metrics_port": metrics_port, "router_id": router_id}
+    print("BATON_READY " + json.dumps(ready), flush=True)
+    log.info("router %s serving on %s:%d (metrics %d), policy %s, Redis %s (%s), workers: %s", router_id,
+             config.host, port, metrics_port, config.policy, config.redis_url, "up" if sync.up else "down",
+             sorted(f"{w.record.role}@{w.record.address}" for w in table.workers.values()))
+    try:
+        await run_until_signal(server)
+    finally:
+        await sync.stop()
+        await service.close()
+
