@@ -130,6 +130,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         )
         self.remote_peer: dict[str, PrefillPeer] = {}  # request id -> pod computing it now
         self.named_prefill: dict[str, str] = {}  # request id -> prefill pod a router chose for it
+        self.direct_requests = 0  # Generate calls in flight that no router placed
         self.cancelled: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -164,6 +165,8 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         named = request.routing.prefill_address
         if named and request_id not in self.named_prefill:
             self.named_prefill[request_id] = named
+        direct = not request.routing.router_id  # a router counts its own requests in flight
+        self.direct_requests += direct
         try:
             async for out in self.async_engine.generate(prompt, params, request_id):
                 now = time.monotonic()
@@ -194,6 +197,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             self.metrics.requests.labels("error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         finally:
+            self.direct_requests -= direct
             if named and self.named_prefill.get(request_id) == named:
                 del self.named_prefill[request_id]
             if not finished:
@@ -338,6 +342,7 @@ async def serve(config: DecodeConfig) -> None:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     if publisher is not None:
+        publisher.direct_requests_of = lambda: service.direct_requests
         publisher.start(service.async_engine, worker_record(
             "decode", service.decode_id, advertised_address(cluster, config.host, port),
             cluster.served_model_name or config.engine.model, service.handshake_request.layout.model_id, engine,

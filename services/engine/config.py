@@ -27,7 +27,8 @@ class EngineConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "requests running at once"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per forward pass"})
     max_waiting_requests: int = field(
-        default=256, metadata={"help": "requests queued beyond the running ones; more are refused (overload)"}
+        default=256,
+        metadata={"help": "requests queued beyond max_num_seqs; more are refused at once (overload)"},
     )
     prefill_chunk_size: int = field(default=512, metadata={"help": "most prompt tokens of one request per step"})
     max_model_len: int = field(default=0, metadata={"help": "prompt + output limit (0: what memory allows)"})

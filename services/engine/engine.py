@@ -123,9 +123,11 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        capacity = self.config.max_num_seqs + self.config.max_waiting_requests
+        if len(self.scheduler.running) + len(self.scheduler.waiting) >= capacity:
             raise OverloadedError(
-                f"{len(self.scheduler.waiting)} requests already waiting (max_waiting_requests); retry later"
+                f"{len(self.scheduler.running)} requests running and {len(self.scheduler.waiting)} waiting: at "
+                f"capacity (max_num_seqs + max_waiting_requests = {capacity}); retry later"
             )
         if not token_ids:
             raise InvalidRequestError("prompt is empty")

@@ -53,11 +53,15 @@ class ClusterSync:
         self._reports: dict[str, _Report] = {}
         self._stream_ids: dict[str, bytes] = {}
         self._tasks: list[asyncio.Task] = []
+        # The loops also stop on this flag: redis-py can turn a cancellation that lands inside a command into
+        # a connection error, which the loops catch to ride out Redis outages.
+        self._running = False
         self._first_poll = asyncio.Event()
         self.on_batches = on_batches  # metrics hook: called with the number of events applied
         self.inflight_published: dict[str, int] = {}
 
     def start(self) -> None:
+        self._running = True
         self._tasks = [asyncio.ensure_future(self._poll_loop()), asyncio.ensure_future(self._stream_loop())]
 
     async def wait_first_poll(self, timeout: float) -> None:
@@ -65,6 +69,7 @@ class ClusterSync:
             await asyncio.wait_for(self._first_poll.wait(), timeout)
 
     async def stop(self) -> None:
+        self._running = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -88,7 +93,7 @@ class ClusterSync:
 
     # ---- registry, snapshots, in-flight -------------------------------------------------------------------
     async def _poll_loop(self) -> None:
-        while True:
+        while self._running:
             try:
                 await self.poll()
                 self._set_up(True)
@@ -174,13 +179,12 @@ class ClusterSync:
                 elsewhere[worker_id.decode()] = elsewhere.get(worker_id.decode(), 0) + int(count)
         if expired:
             await r.srem(keys.routers, *expired)
-        for worker in self.table.workers.values():
-            worker.inflight_elsewhere = elsewhere.get(worker.name, 0)
+        self.table.set_inflight_elsewhere(elsewhere)
 
     # ---- event streams ------------------------------------------------------------------------------
     async def _stream_loop(self) -> None:
         block_ms = max(1, int(self.poll_interval_s * 1000))
-        while True:
+        while self._running:
             workers = self.table.workers
             for name in [n for n in self._stream_ids if n not in workers]:
                 del self._stream_ids[name]
