@@ -195,11 +195,15 @@ def pod_event_batches(num_conversations: int, pool_pages: int, rng: random.Rando
                     path.append(node.page_id)
                     node = node.parent
                 node = tree.insert(tokens, chunk, path[::-1] + pages.allocate(need))
-                for depth in range(CHECKPOINT_PAGES, node.depth + 1, CHECKPOINT_PAGES):
-                    target = tree.node_at(tokens, chunk, depth)
-                    if target is not None and target.state_slot is None:
-                        if not slots.can_allocate(1):
-                            tree.evict_states(1)
+                targets = []
+                while node is not None and node.depth:
+                    if node.depth % CHECKPOINT_PAGES == 0 and node.state_slot is None:
+                        targets.append(node)
+                    node = node.parent
+                if len(targets) > slots.num_free:
+                    tree.evict_states(len(targets) - slots.num_free)  # once: each call scans the tree
+                for target in reversed(targets):
+                    if target.state_slot is None and slots.can_allocate(1):
                         tree.attach_state(target, slots.allocate_one())
                 events = list(tree.events)
                 tree.events.clear()
@@ -351,8 +355,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1000)
     parser.add_argument("--pages", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=300, help="decisions timed per prompt kind")
-    parser.add_argument("--conversations", type=int, default=8, help="per pod, for the event mix")
-    parser.add_argument("--pool-pages", type=int, default=20_000, help="the pod's cache, in pages")
+    parser.add_argument("--conversations", type=int, default=6, help="per pod, for the event mix")
+    parser.add_argument("--pool-pages", type=int, default=6_000, help="the pod cache in pages (< working set)")
     parser.add_argument("--stream-workers", type=int, default=100)
     parser.add_argument("--redis-port", type=int, default=6411)
     parser.add_argument("--no-redis", action="store_true")
