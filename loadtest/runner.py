@@ -204,10 +204,11 @@ class Runner:
             async for chunk in self.client.stream(prompt, max_tokens, request_id):
                 if chunk.num_tokens:
                     record.chunks.append((time.perf_counter() - start, chunk.num_tokens))
-                if chunk.token_ids is None:
-                    answer_ids = None
-                elif answer_ids is not None:
-                    answer_ids += chunk.token_ids
+                if chunk.token_ids is not None:
+                    if answer_ids is not None:
+                        answer_ids += chunk.token_ids
+                elif chunk.num_tokens:
+                    answer_ids = None  # text without ids: the ids come from the tokenizer, if any
                 answer_text.append(chunk.text)
                 usage = chunk.usage or usage
                 if chunk.finished:
@@ -363,9 +364,10 @@ def _write_trace(path: str, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-async def run(config: RunConfig, workload: Workload) -> dict:
-    """Runs every level of ``config`` against its target; returns the results (also written to ``config.out``)."""
-    client = make_client(config)
+async def run(config: RunConfig, workload: Workload, client: Client | None = None) -> dict:
+    """Runs every level of ``config`` against its target (through ``client``, by default the one ``config``
+    names); returns the results, also written to ``config.out``."""
+    client = client or make_client(config)
     await client.start()
     try:
         try:
@@ -379,8 +381,8 @@ async def run(config: RunConfig, workload: Workload) -> dict:
         runner = Runner(config, workload, client, server.get("page_size", 0))
         results = {
             "benchmark": "loadtest", "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "config": asdict(config), "reuse_block": runner.reuse_block, "workload": workload.header(),
-            "server": server, "levels": [],
+            "config": {**asdict(config), "api_key": "***" if config.api_key else None},  # no secret in results
+            "reuse_block": runner.reuse_block, "workload": workload.header(), "server": server, "levels": [],
         }
         for index, spec in enumerate(config.levels):
             log.info("level %d: %s", index, spec)

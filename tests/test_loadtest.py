@@ -440,3 +440,97 @@ def test_segment_expansion_lengths():
     tokens = blocks.expand(VOCAB)
     assert len(tokens) == 1100 and tokens[512:1024] == HashBlocks("t", (9,), 512, 512).expand(VOCAB)
     assert Tokens((1, 2, 9)).expand(10, salt=2) == [3, 4, 1]
+
+
+# ---- the runner over HTTP -------------------------------------------------------------------------------------
+
+def test_runner_over_openai_http_multi_turn_and_errors(tmp_path):
+    """The runner's OpenAI path end to end against a server that answers each prompt with the tokens 1..n
+    (ids included, as vLLM's return_token_ids gives them) and refuses prompts longer than 40 tokens with 429:
+    follow-ups resend the history with the answer, a refused turn ends its conversation, and the rest of it is
+    counted as not sent."""
+    from aiohttp import web
+
+    from loadtest.runner import RunConfig, run
+
+    prompts = []
+
+    async def completions(request):
+        body = await request.json()
+        prompts.append(body["prompt"])
+        if len(body["prompt"]) > 40:
+            return web.json_response({"error": {"message": "queue full"}}, status=429)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        n = body["max_tokens"]
+        for i in range(1, n + 1):
+            choice = {"index": 0, "text": "x", "token_ids": [i], "finish_reason": "length" if i == n else None}
+            await response.write(b"data: " + json.dumps({"choices": [choice], "usage": None}).encode() + b"\n\n")
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
+                 "prompt_tokens_details": {"cached_tokens": 16 if len(body["prompt"]) > 20 else 0}}
+        await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    async def models(request):
+        return web.json_response({"data": [{"id": "fake"}]})
+
+    workload = generators.agentic(3, 512, first_turn_tokens=20, follow_ups=(4, 4), turn_tokens=5, output_tokens=4,
+                                  think_time_s=0.0, jitter=0.0, seed=1)
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/v1/models", models)
+        server = web.AppRunner(app)
+        await server.setup()
+        site = web.TCPSite(server, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        config = RunConfig(workload="(in memory)", api="openai", target=f"http://127.0.0.1:{port}",
+                           concurrency=(2,), return_token_ids=True, reuse_block=4, progress=False,
+                           out=str(tmp_path / "http.json"))
+        try:
+            return await run(config, workload)
+        finally:
+            await server.cleanup()
+
+    results = asyncio.run(scenario())
+    [level] = results["levels"]
+    s = level["summary"]
+    # Turns of 20, 29, 38 tokens pass; the fourth (47) is refused; the fifth is never sent.
+    assert (s["requests"], s["ok"], s["errors"], level["not_sent"]) == (12, 9, {"http:429": 3}, {"after_error": 3})
+    by_turn = {}
+    for prompt in prompts:
+        by_turn.setdefault(len(prompt), []).append(prompt)
+    assert sorted(by_turn) == [20, 29, 38, 47]
+    for prompt in by_turn[29]:
+        assert prompt[20:24] == [1, 2, 3, 4], "the answer's ids follow the first prompt"
+        assert any(p == prompt[:20] for p in by_turn[20])
+    ok = [r for r in level["requests"] if r["error"] is None]
+    assert all(r["output_tokens"] == 4 and len(r["chunks"]) == 4 for r in ok)
+    assert {r["turn"]: r["reusable_tokens"] for r in ok} == {0: 0, 1: 20, 2: 32}  # (20 + 3) and (29 + 3), 4-blocks
+    assert s["cache"]["cached_tokens"] == 6 * 16 and results["config"]["api_key"] is None
+
+
+def test_prompt_codec_text_and_ids(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from loadtest.runner import PromptCodec, RunConfig, RunError
+
+    vocab = {word: i for i, word in enumerate(["<unk>", "alpha", "beta", "gamma", "delta"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+
+    text = PromptCodec("text", str(tmp_path))  # a directory holding tokenizer.json
+    assert text.empty() == "" and text.new_tokens([1, 3]) == "alpha gamma" and text.answer(None, " beta") == " beta"
+    assert text.length("alpha") is None
+    ids = PromptCodec("ids", str(path))
+    assert ids.answer(None, "beta delta") == [2, 4] and ids.answer([7], "ignored") == [7] and ids.length([1, 2]) == 2
+    with pytest.raises(RunError, match="pass --tokenizer"):
+        PromptCodec("ids", None).answer(None, "beta")
+    with pytest.raises(RunError, match="text prompts need --tokenizer"):
+        RunConfig(workload="w", prompt_format="text")
+    with pytest.raises(RunError, match="mode must be"):
+        RunConfig(workload="w", mode="burst")
