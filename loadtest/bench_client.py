@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -138,7 +139,7 @@ def main() -> None:
     try:
         port = parent.recv()
         results = {"benchmark": "load-test client capacity", "tok_s": args.tok_s, "tokens": args.tokens,
-                   "cpus": mp.cpu_count(), "levels": []}
+                   "cpus": mp.cpu_count(), "load_average_before": os.getloadavg()[0], "levels": []}
         with tempfile.TemporaryDirectory() as workdir:
             for c in (int(x) for x in args.concurrency.split(",")):
                 level = asyncio.run(bench_level(port, c, args, Path(workdir)))
@@ -148,6 +149,7 @@ def main() -> None:
                       f"{level['delivered_tok_s']:>8.0f}; delay p50 {d['p50']:6.2f} p99 {d['p99']:7.2f} "
                       f"max {d['p100']:7.2f} ms; loop lag p99 {level['loop_lag_ms']['p99']:6.2f} ms; "
                       f"ITL p50/p99 {itl['p50']:.2f}/{itl['p99']:.2f} x interval", flush=True)
+        results["load_average_after"] = os.getloadavg()[0]  # other work on the machine skews the delays
     finally:
         server.terminate()
         server.join(timeout=30)
