@@ -77,17 +77,69 @@ def test_fast_path_matches_torch_path(checkpoint):
         for g, q in zip(graphed, one_by_one, strict=True):
             assert g.token_ids == q.token_ids
             assert max(abs(a - b) for a, b in zip(g.logprobs, q.logprobs, strict=True)) < 1e-3
-        agree, total, worst = 0, 0, 0.0
-        for g, e in zip(graphed, plain, strict=True):
-            for tg, te, lg, le in zip(g.token_ids, e.token_ids, g.logprobs, e.logprobs, strict=True):
-                total += 1
-                if tg != te:
-                    break  # the sequences diverged: later steps see different inputs
-                agree += 1
-                worst = max(worst, abs(lg - le))
-        print(f"graph vs eager, {num_prompts} requests: worst logprob difference {worst:.4f}, "
-              f"tokens equal up to divergence {agree}/{num_prompts * 12}")
-        assert worst < 0.05
-        assert agree >= 0.9 * num_prompts * 12
+        _assert_graphed_matches_eager(graphed, plain, f"{num_prompts} requests")
     for engine in (reference, torch16, fast, eager, sequential):
         assert_no_leaks(engine)
+
+
+def _assert_graphed_matches_eager(graphed, plain, what: str) -> None:
+    """Greedy tokens equal up to each sequence's first divergence (later steps see different inputs) for >= 90%
+    of the tokens, and their logprobs within 0.05."""
+    agree, total, worst = 0, 0, 0.0
+    for g, e in zip(graphed, plain, strict=True):
+        assert len(g.token_ids) == len(e.token_ids)
+        total += len(e.token_ids)
+        for tg, te, lg, le in zip(g.token_ids, e.token_ids, g.logprobs, e.logprobs, strict=True):
+            if tg != te:
+                break
+            agree += 1
+            worst = max(worst, abs(lg - le))
+    print(f"graph vs eager, {what}: worst logprob difference {worst:.4f}, tokens equal up to divergence "
+          f"{agree}/{total}")
+    assert worst < 0.05
+    assert agree >= 0.9 * total
+
+
+def _graphs_against_eager_at(model: str, load_format: str, batches: tuple[int, ...], prompt_len: int,
+                             max_tokens: int, vocab: int) -> None:
+    """Decode batches through the CUDA graphs (up to 256, the padded sizes included) against the same engine
+    without graphs: the decode steps of each batch replay the graph of its size (checked), every request gets
+    its tokens, nothing leaks."""
+    settings = dict(max_num_seqs=256, num_pages=256 * (-(-(prompt_len + max_tokens) // 16)) + 64,
+                    max_num_batched_tokens=8192, prefill_chunk_size=512, enable_prefix_cache=False)
+    graphed = cuda_engine(model, load_format, kernels="gpu", cuda_graph_max_batch=256, **settings)
+    eager = cuda_engine(model, load_format, kernels="gpu", cuda_graph_max_batch=0, **settings)
+    assert graphed.runner.graphs.enabled and graphed.runner.graphs.sizes[-1] == 256
+    replayed: list[int] = []
+    run = graphed.runner.graphs.run
+
+    def counting_run(seqs, *args, **kwargs):
+        replayed.append(len(seqs))
+        return run(seqs, *args, **kwargs)
+
+    graphed.runner.graphs.run = counting_run
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=True, ignore_eos=True)
+    for batch in batches:
+        gen = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(0, vocab, (prompt_len + i % 5,), generator=gen).tolist() for i in range(batch)]
+        replayed.clear()
+        graphed_out, plain = graphed.generate(prompts, params), eager.generate(prompts, params)
+        assert replayed.count(batch) >= max_tokens - 2, f"batch {batch}: graph replays {replayed}"
+        assert all(len(o.token_ids) == max_tokens for o in graphed_out)
+        _assert_graphed_matches_eager(graphed_out, plain, f"batch {batch}")
+    for engine in (graphed, eager):
+        assert_no_leaks(engine)
+
+
+def test_graphs_match_eager_at_large_batches(checkpoint):
+    """The tiny model (8 experts: the grouped MoE path from 9 tokens on) at batches up to 256."""
+    _graphs_against_eager_at(checkpoint, "auto", (100, 128, 200, 256), prompt_len=24, max_tokens=8, vocab=512)
+
+
+def test_graphs_match_eager_at_large_batches_35b_dims():
+    """Qwen3.5-35B-A3B's real shapes (256 experts + shared, 4 layers, dummy weights): the kernels and launch
+    configurations the batched decode benchmark runs, at the batch sizes it measures."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 << 30:
+        pytest.skip("needs a GPU with 40 GiB")
+    _graphs_against_eager_at("qwen3.5-35b-a3b:4", "dummy", (64, 128, 256), prompt_len=40, max_tokens=6,
+                             vocab=248320)
