@@ -426,13 +426,13 @@ def _moe_align_parallel_kernel(
     ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     num_pairs, num_experts, max_padded, max_blocks,
     BLOCK_M: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_FILL: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_EP: tl.constexpr, BLOCK_FILL: tl.constexpr,
 ):
     """Many programs, the same result as ``_moe_align_kernel``. Each program recomputes the experts' padded
     offsets from all pairs (one histogram of a few thousand ids), then writes, with no ordering between programs
     (their slots are disjoint): its BLOCK_P pairs at ``padded_start[expert] + rank``, the rank being the number of
-    pairs of the same expert at lower indices (the stable order); the padding slots of experts ``e % programs ==
-    program``; and its share of the tail past the last live block."""
+    pairs of the same expert at lower indices (the stable order); the padding slots of its share of the experts
+    (groups of BLOCK_EP); and its share of the tail past the last live block."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     a = tl.arange(0, BLOCK_ALL)
@@ -441,7 +441,6 @@ def _moe_align_parallel_kernel(
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     padded_start = tl.cumsum(padded, axis=0) - padded
     total = tl.sum(padded, axis=0)
-    e = tl.arange(0, BLOCK_E)
     if pid == 0:
         tl.store(num_post_ptr, total)
 
@@ -456,17 +455,22 @@ def _moe_align_parallel_kernel(
         same = (mine[:, None] == other[None, :]) & (j[None, :] < i[:, None])
         rank += tl.sum(same.to(tl.int32), axis=1)
         j0 += BLOCK_J
-    start = tl.sum(tl.where(e[None, :] < mine[:, None], padded[None, :], 0), axis=1)
-    dest = start + rank
+    dest = tl.gather(padded_start, mine, 0) + rank
     tl.store(sorted_ids_ptr + dest, i, mask=valid)
     tl.store(expert_ids_ptr + dest // BLOCK_M, mine, mask=valid)
 
-    # Padding slots: [padded_start + count, padded_start + padded) of this program's experts.
+    # Padding slots: [padded_start + count, padded_start + padded) of this program's experts, BLOCK_EP at a time.
     r = tl.arange(0, BLOCK_M)
-    ours = (e % num_programs == pid) & (e < num_experts)
-    pad_mask = ours[:, None] & (r[None, :] < (padded - counts)[:, None])
-    pad_slots = (padded_start + counts)[:, None] + r[None, :]
-    tl.store(sorted_ids_ptr + pad_slots, tl.full([BLOCK_E, BLOCK_M], 0, tl.int32) + num_pairs, mask=pad_mask)
+    e0 = pid * BLOCK_EP
+    while e0 < num_experts:
+        ex = e0 + tl.arange(0, BLOCK_EP)
+        exc = tl.minimum(ex, BLOCK_E - 1)
+        filled = tl.gather(padded_start, exc, 0) + tl.gather(counts, exc, 0)
+        padding = tl.gather(padded - counts, exc, 0)
+        pad_mask = (ex < num_experts)[:, None] & (r[None, :] < padding[:, None])
+        sentinel = tl.full([BLOCK_EP, BLOCK_M], 0, tl.int32) + num_pairs
+        tl.store(sorted_ids_ptr + filled[:, None] + r[None, :], sentinel, mask=pad_mask)
+        e0 += num_programs * BLOCK_EP
 
     # The tail past the last live block: sentinels, and expert 0 for its blocks (never read).
     f0 = total + pid * BLOCK_FILL
@@ -543,8 +547,8 @@ def moe_align_block_size(
     if parallel:
         _moe_align_parallel_kernel[(triton.cdiv(num_pairs, _ALIGN_PAIRS_PER_PROGRAM),)](
             flat, sorted_ids, expert_ids, num_post, num_pairs, num_experts, max_padded, max_blocks,
-            BLOCK_M=block_m, BLOCK_ALL=block_pairs, BLOCK_E=block_e, BLOCK_P=_ALIGN_PAIRS_PER_PROGRAM, BLOCK_J=256,
-            BLOCK_FILL=256, num_warps=4,
+            BLOCK_M=block_m, BLOCK_ALL=block_pairs, BLOCK_E=block_e, BLOCK_P=_ALIGN_PAIRS_PER_PROGRAM, BLOCK_J=64,
+            BLOCK_EP=8, BLOCK_FILL=256, num_warps=4,
         )
         return sorted_ids, expert_ids, num_post
     shift = torch.empty(num_experts, dtype=torch.int32, device=device)  # scratch
