@@ -6,8 +6,9 @@ computation for scale.
 
 Each callable runs 40 times with 40 different inputs (a decode step's 40 MoE layers) inside one CUDA graph; the
 graphs are replayed in alternation (``bench_util.alternating_graph_us``) and reported per layer in microseconds.
-Router GEMM: ``F.linear`` writing a 257-wide output (what ``route_topk`` did) against ``torch.mm`` into rows padded
-to 8 elements (what it does). Alignment of the T x 9 (token, expert) pairs: the one-program bitonic sort, the
+Router GEMM: ``F.linear`` writing a 257-wide output (what ``route_topk`` does; cuBLAS runs an align-1 sm75 kernel
+for it) against ``torch.mm`` into rows padded to 8 elements (tried and measured no faster: cuBLAS keeps its kernel).
+Alignment of the T x 9 (token, expert) pairs: the one-program bitonic sort, the
 many-program ranking, and the torch ops, each checked equal to the torch result first. Experts: ``fused_experts``
 on those routings (gate/up, down, sum and the alignment).
 """

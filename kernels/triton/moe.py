@@ -45,6 +45,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -71,10 +72,6 @@ _ROUTER_GEMV_MAX_TOKENS = 4
 # Router rows per program: 65 programs of 4 x 4 KB for 35B-A3B's 257 rows. On the H200 in the MoE block
 # (kernels/bench_moe_block.py) 4 rows x 4 warps beat 2 x 4 by ~0.8 us at 35B-A3B and ~1 us at 397B.
 _ROUTER_BLOCK_N = 4
-# Row length multiple of the router logits from cuBLAS (more tokens than the single-launch router takes): on the
-# H200, at 8 to 256 tokens of 35B-A3B, an unpadded 257-wide output got cuBLAS's align-1 sm75 kernel (5.3 us at 8
-# tokens, 12 us at 256, per MoE layer: kernels/bench_moe_parts.py).
-ROUTER_LOGITS_ROW_ALIGN = 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,12 +325,10 @@ def route_topk(
             return topk_weights, topk_ids, shared, normed, new_res
         return topk_weights, topk_ids, shared
 
-    # [T, E(+1)] in hidden's dtype, like the reference's F.linear, in rows padded to ROUTER_LOGITS_ROW_ALIGN
-    # elements: for an output row of 257 (35B-A3B's experts + shared gate) cuBLAS picks an align-1 kernel.
-    num_rows = weight.shape[0]
-    row = -(-num_rows // ROUTER_LOGITS_ROW_ALIGN) * ROUTER_LOGITS_ROW_ALIGN
-    logits = torch.empty(tokens, row, dtype=hidden.dtype, device=hidden.device)[:, :num_rows]
-    torch.mm(hidden, weight.t(), out=logits)
+    # [T, E(+1)] in hidden's dtype, like the reference's F.linear. (cuBLAS runs an align-1 sm75 kernel for 35B-A3B's
+    # 257 rows, 5-12 us per layer on the H200; writing into rows padded to 8 did not change that, 8.3 -> 8.1 us at
+    # 8 tokens: kernels/bench_moe_parts.py, loadtest/results/moe_parts_h200.json.)
+    logits = F.linear(hidden, weight)
     _route_topk_kernel[(tokens,)](
         # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
         logits, topk_weights, topk_ids, shared if shared is not None else logits,
@@ -426,18 +421,19 @@ def _moe_align_parallel_kernel(
     ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     num_pairs, num_experts, max_padded, max_blocks,
     BLOCK_M: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_EP: tl.constexpr, BLOCK_FILL: tl.constexpr,
+    BLOCK_EP: tl.constexpr, BLOCK_FILL: tl.constexpr,
 ):
     """Many programs, the same result as ``_moe_align_kernel``. Each program recomputes the experts' padded
-    offsets from all pairs (one histogram of a few thousand ids), then writes, with no ordering between programs
+    offsets from all pairs (a histogram of a few thousand ids), then writes, with no ordering between programs
     (their slots are disjoint): its BLOCK_P pairs at ``padded_start[expert] + rank``, the rank being the number of
-    pairs of the same expert at lower indices (the stable order); the padding slots of its share of the experts
+    pairs of the same expert at lower indices (the stable order; no loop over earlier pairs, whose dependent loads
+    kept the last program at 34 us for 2,304 pairs on the H200); the padding slots of its share of the experts
     (groups of BLOCK_EP); and its share of the tail past the last live block."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     a = tl.arange(0, BLOCK_ALL)
-    counts = tl.histogram(tl.load(ids_ptr + a, mask=a < num_pairs, other=0).to(tl.int32), BLOCK_E,
-                          mask=a < num_pairs)
+    all_ids = tl.load(ids_ptr + a, mask=a < num_pairs, other=0).to(tl.int32)
+    counts = tl.histogram(all_ids, BLOCK_E, mask=a < num_pairs)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     padded_start = tl.cumsum(padded, axis=0) - padded
     total = tl.sum(padded, axis=0)
@@ -447,14 +443,11 @@ def _moe_align_parallel_kernel(
     i = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = i < num_pairs
     mine = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
-    rank = tl.zeros([BLOCK_P], dtype=tl.int32)
-    j0 = 0
-    while j0 < (pid + 1) * BLOCK_P:  # pairs below this program's last one
-        j = j0 + tl.arange(0, BLOCK_J)
-        other = tl.load(ids_ptr + j, mask=j < num_pairs, other=-1).to(tl.int32)
-        same = (mine[:, None] == other[None, :]) & (j[None, :] < i[:, None])
-        rank += tl.sum(same.to(tl.int32), axis=1)
-        j0 += BLOCK_J
+    # Rank = pairs of the same expert in earlier programs' blocks (a histogram of the ids already in registers,
+    # masked to those pairs) + earlier pairs of the same expert within this block.
+    before = tl.histogram(all_ids, BLOCK_E, mask=a < pid * BLOCK_P)
+    same = (mine[:, None] == mine[None, :]) & (i[None, :] < i[:, None])
+    rank = tl.gather(before, mine, 0) + tl.sum(same.to(tl.int32), axis=1)
     dest = tl.gather(padded_start, mine, 0) + rank
     tl.store(sorted_ids_ptr + dest, i, mask=valid)
     tl.store(expert_ids_ptr + dest // BLOCK_M, mine, mask=valid)
@@ -547,7 +540,7 @@ def moe_align_block_size(
     if parallel:
         _moe_align_parallel_kernel[(triton.cdiv(num_pairs, _ALIGN_PAIRS_PER_PROGRAM),)](
             flat, sorted_ids, expert_ids, num_post, num_pairs, num_experts, max_padded, max_blocks,
-            BLOCK_M=block_m, BLOCK_ALL=block_pairs, BLOCK_E=block_e, BLOCK_P=_ALIGN_PAIRS_PER_PROGRAM, BLOCK_J=64,
+            BLOCK_M=block_m, BLOCK_ALL=block_pairs, BLOCK_E=block_e, BLOCK_P=_ALIGN_PAIRS_PER_PROGRAM,
             BLOCK_EP=8, BLOCK_FILL=256, num_warps=4,
         )
         return sorted_ids, expert_ids, num_post

@@ -105,7 +105,8 @@ def _graphs_against_eager_at(model: str, load_format: str, batches: tuple[int, .
     """Decode batches through the CUDA graphs (up to 256, the padded sizes included) against the same engine
     without graphs: the decode steps of each batch replay the graph of its size (checked), every request gets
     its tokens, nothing leaks."""
-    settings = dict(max_num_seqs=256, num_pages=256 * (-(-(prompt_len + max_tokens) // 16)) + 64,
+    longest = prompt_len + 4 + max_tokens  # prompts are prompt_len + (i % 5) tokens
+    settings = dict(max_num_seqs=256, num_pages=256 * (-(-longest // 16)) + 64,
                     max_num_batched_tokens=8192, prefill_chunk_size=512, enable_prefix_cache=False)
     graphed = cuda_engine(model, load_format, kernels="gpu", cuda_graph_max_batch=256, **settings)
     eager = cuda_engine(model, load_format, kernels="gpu", cuda_graph_max_batch=0, **settings)
