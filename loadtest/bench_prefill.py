@@ -96,6 +96,7 @@ def main() -> None:
     results = {"benchmark": "single-prompt prefill", "model": args.model, "gpu": torch.cuda.get_device_name(device),
                "torch": torch.__version__, "gemm_bf16_TFLOPs": gemm_flops / 1e12, "backend": engine.runner.ops.name,
                "prefix_cache": config.enable_prefix_cache, "runs": []}
+    out = Path(args.out)
     for chunk in chunks:
         engine.scheduler.config = dataclasses.replace(engine.scheduler.config, prefill_chunk_size=chunk,
                                                       max_num_batched_tokens=chunk)
@@ -112,11 +113,11 @@ def main() -> None:
             results["runs"].append(run)
             log.info("chunk %d, %d tokens: %.3f s, %.0f tok/s, MFU %.2f", chunk, length, ttft, run["tokens_per_s"],
                      run["mfu"])
+            out.write_text(json.dumps(results, indent=2))  # after every run: a long sweep cut short keeps its part
         peak = (torch.cuda.max_memory_allocated(device) - static) / 2**30
         for run in results["runs"]:
             if run["chunk_size"] == chunk:
                 run["activation_peak_GiB"] = peak
-    out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"{'chunk':>6} {'tokens':>7} {'ttft s':>7} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>5} {'act GiB':>8}")
