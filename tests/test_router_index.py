@@ -132,6 +132,21 @@ def test_kv_matched_past_the_last_checkpoint_is_not_counted():
     assert index.usable_pages(hashes) == {"a": 3}
 
 
+def test_a_shared_checkpoint_deeper_than_each_workers_own_wins():
+    """a, b and c each hold a checkpoint of their own at a shallow page and share a deeper one with d, which
+    also holds its own checkpoint deeper than the shared one. Every worker has one of its own, so none
+    may be taken as settled before the shared one is seen."""
+    h = page_hashes(list(range(24)), PAGE)  # 12 pages
+    chain = [("stored", x, h[i - 1] if i else ROOT_HASH) for i, x in enumerate(h)]
+    index = CacheIndex()
+    for name, own in (("a", 2), ("b", 4), ("c", 1), ("d", 11)):
+        events = [*chain, ("state_stored", h[7], h[6])]
+        if own is not None:
+            events.append(("state_stored", h[own], h[own - 1]))
+        index.apply(name, _events(*events))
+    assert index.usable_pages(h) == {"a": 8, "b": 8, "c": 8, "d": 12}
+
+
 def test_events_that_break_a_workers_tree_are_refused():
     h = page_hashes(list(range(6)), PAGE)
     index = CacheIndex()

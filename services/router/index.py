@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
@@ -224,20 +225,25 @@ class CacheIndex:
         # Where the prompt's cached prefix ends anywhere (a page held means its parent is held): binary search.
         held = bisect.bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in page_holders)
         depth_of = dict(zip(hashes[:held], range(1, held + 1), strict=True))
-        found = sorted(state_holders.keys() & depth_of.keys(), key=depth_of.__getitem__, reverse=True)
-        best: dict[int, int] = {}
-        everyone = len(self._workers)
-        for h in found:
-            holders = state_holders[h]
-            if type(holders) is int:
-                if holders not in best:
-                    best[holders] = depth_of[h]
-            else:
-                new = holders.difference(best)
-                if new:
-                    best.update(dict.fromkeys(new, depth_of[h]))
-            if len(best) == everyone:
+        found = state_holders.keys() & depth_of.keys()
+        holders = list(map(state_holders.__getitem__, found))
+        depths = list(map(depth_of.__getitem__, found))
+        # Checkpoints held by one worker (most): the deepest per worker wins, sorting then keeping the last.
+        best = dict(sorted(((h, d) for h, d in zip(holders, depths, strict=True) if type(h) is int),
+                           key=itemgetter(1)))
+        # Held by several (shared prefixes): deepest first, each worker keeping the first depth it gets.
+        shared = sorted(((d, h) for h, d in zip(holders, depths, strict=True) if type(h) is not int),
+                        key=itemgetter(0), reverse=True)
+        everyone, settled = len(self._workers), set()  # settled: seen in a set, so at its deepest already
+        for depth, holder_set in shared:
+            if len(settled) == everyone:
                 break
+            fresh = holder_set - settled
+            if not fresh:
+                continue
+            settled |= fresh
+            keep = {slot for slot in fresh & best.keys() if best[slot] > depth}  # a deeper one of its own
+            best.update(dict.fromkeys(fresh - keep, depth))
         return (np.fromiter(best.keys(), dtype=np.int64, count=len(best)),
                 np.fromiter(best.values(), dtype=np.int64, count=len(best)))
 
