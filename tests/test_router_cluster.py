@@ -180,14 +180,29 @@ def test_a_router_started_late_converges_to_the_pods_caches(cluster, tiny_checkp
         late.stop()
 
 
-def test_replicas_make_the_same_choice(cluster):
-    """Two routers with the same view, asked at the same moment, choose the same pod."""
+def _idle(router: Pod) -> bool:
+    return all(w.active == 0 for w in router.health().workers)
+
+
+def test_replicas_make_the_same_choice_and_share_their_load(cluster):
+    """Two routers with the same view, asked at the same moment, choose the same pod; a request in flight
+    through one router counts on the other, so the other does not pile onto the same pod."""
     a, b = cluster["routers"]
     for seed in range(4):
+        wait_until(lambda: _idle(a) and _idle(b), what="both routers to see an idle cluster")
         prompt = _tokens(20 + seed, seed=500 + seed)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first, second = pool.map(lambda r, p=prompt: generate(r, p)[2], (a, b))
         assert first == second
+    wait_until(lambda: _idle(a) and _idle(b), what="both routers to see an idle cluster")
+    held = a.inference.Generate(_request(_tokens(20, seed=520), 2000, ignore_eos=True), timeout=120)
+    try:
+        busy = dict(held.initial_metadata())["baton-decode-pod"]
+        wait_until(lambda: any(w.address == busy and w.active == 1 for w in b.health().workers),
+                   what="the other router to count the request in flight")
+        assert generate(b, _tokens(20, seed=521))[2] != busy
+    finally:
+        held.cancel()
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -260,7 +275,7 @@ def test_redis_lost_and_restarted_empty(cluster, reference):
 def test_decode_pod_killed_mid_stream_the_stream_continues_elsewhere(cluster, reference):
     router = cluster["routers"][1]
     prompt = _tokens(40, seed=800)
-    call = router.inference.Generate(_request(prompt, 300, ignore_eos=True), timeout=120)
+    call = router.inference.Generate(_request(prompt, 120, ignore_eos=True), timeout=120)
     serving = dict(call.initial_metadata())["baton-decode-pod"]
     victim = next(p for p in cluster["decodes"] if p.address == serving)
     tokens = []
@@ -268,7 +283,7 @@ def test_decode_pod_killed_mid_stream_the_stream_continues_elsewhere(cluster, re
         tokens.extend(response.token_ids)
         if victim.proc.poll() is None and len(tokens) >= 5:
             victim.kill()
-    assert tokens == reference(prompt, 300, ignore_eos=True)
+    assert tokens == reference(prompt, 120, ignore_eos=True)
     assert dict(call.trailing_metadata())["baton-decode-pod"] != serving
     assert router.metrics()['baton_router_failovers_total{stage="mid_stream"}'] >= 1
     cluster["decodes"].remove(victim)

@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.common.page_hash import SCHEME
+from services.common.serving import cancel_tasks
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import Engine
 from services.engine.radix_cache import CacheDigest, CacheEvent
@@ -131,11 +132,7 @@ class ClusterPublisher:
             await self.redis.aclose()
             return
         self._running = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_tasks(self._tasks)
         worker_id = self.record.instance_id
         with contextlib.suppress(RedisError, OSError):
             pipe = self.redis.pipeline(transaction=False)

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from services.cluster.publisher import redis_client
 from services.cluster.schema import EventBatch, Keys, Snapshot, WorkerRecord
+from services.common.serving import cancel_tasks
 from services.engine.radix_cache import CacheDigest
 
 from .workers import WorkerTable
@@ -74,11 +75,7 @@ class ClusterSync:
 
     async def stop(self) -> None:
         self._running = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_tasks(self._tasks)
         with contextlib.suppress(RedisError, OSError):
             pipe = self.redis.pipeline(transaction=False)
             pipe.srem(self.keys.routers, self.router_id)
