@@ -127,7 +127,7 @@ def main() -> None:
             run = {"context": context, "pages": pages}
             for name, src_pages, dst_pages in (("contiguous", contiguous, contiguous),
                                                ("scattered", scattered_src, scattered_dst)):
-                src, dst, lengths = handover_regions(src_regions, dst_regions, src_pages, dst_pages, 0, 1)
+                src, dst, lengths = handover_regions(src_regions, dst_regions, src_pages, dst_pages, [(0, 1)])
                 run["bytes"] = sum(lengths)
                 run[f"descriptors_{name}"] = len(coalesce(src, dst, lengths)[2])
                 seconds = _time_write(engine, session, src, dst, lengths, args.reps)

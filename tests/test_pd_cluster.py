@@ -66,9 +66,10 @@ def _bytes_sent(prefill: Pod) -> float:
 
 
 def _expected_bytes(prompt_len: int, cached: int, layout) -> int:
-    """Missing pages (every attention layer) + one slot of conv and SSM state, nothing else."""
+    """Missing pages (every attention layer) + two slots of conv and SSM state (the final state and the one
+    at the prompt's resume boundary), nothing else."""
     missing_pages = -(-prompt_len // PAGE) - cached // PAGE
-    return missing_pages * layout["kv_page_bytes"] * layout["attn_layers"] + layout["slot_bytes"]
+    return missing_pages * layout["kv_page_bytes"] * layout["attn_layers"] + 2 * layout["slot_bytes"]
 
 
 @pytest.fixture(scope="module")
