@@ -227,6 +227,8 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         regions = handover_regions(
             self.regions, decode.regions, page_ids[first:end], list(request.dest_page_ids), slots
         )
+        if inflight.aborted:
+            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
         started = time.monotonic()
         log.info("hand-over started: %s, %d pages, %d state slots to %s", key, end - first, len(slots), decode.session)
         write = asyncio.ensure_future(asyncio.to_thread(self._write, key, decode.session, *regions))
@@ -279,7 +281,8 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         if inflight is None:
             return pd_pb2.AbortResponse(found=False)
         inflight.aborted = True
-        self.async_engine.abort(key)
+        if not inflight.writes:  # still computing; once writing, its memory is released when the write ends
+            self.async_engine.abort(key)
         await inflight.done.wait()  # after this, nothing more is written for it
         return pd_pb2.AbortResponse(found=True)
 
