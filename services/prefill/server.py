@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -35,7 +36,7 @@ from services.engine.async_engine import AsyncEngine, EngineError
 from services.engine.engine import Engine
 from services.engine.prefix_cache import resume_boundary
 from services.engine.request import FinishReason, InvalidRequestError
-from services.transfer.engine import TransferEngine, TransferError, coalesce
+from services.transfer.engine import TransferEngine, TransferError
 from services.transfer.handover import (
     PoolRegions,
     handover_regions,
@@ -58,6 +59,9 @@ class PrefillConfig(PodConfig):
     )
     fault_transfer_pause_s: float = field(
         default=0.0, metadata={"help": "fault testing only: pause this long halfway through every hand-over"}
+    )
+    fault_transfer_resume_file: str = field(
+        default="", metadata={"help": "fault testing only: end that pause early once this file exists"}
     )
     fault_first_token: int = field(
         default=-1, metadata={"help": "fault testing only: answer every prefill with this first token (-1: off)"}
@@ -258,15 +262,18 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         )
 
     def _write(self, key: str, session: str, src: list[int], dst: list[int], lengths: list[int]) -> int:
-        """One batched write; with the fault-testing pause, two halves with a pause between them."""
-        src, dst, lengths = coalesce(src, dst, lengths)  # so that the halves split real descriptors
+        """One batched write; with the fault-testing pause, two halves of the hand-over (in its order: pages,
+        then state slots) with a pause between them."""
         pause = self.config.fault_transfer_pause_s
         if pause <= 0 or len(lengths) < 2:
             return self.transfer.write(session, src, dst, lengths)
         half = len(lengths) // 2
         written = self.transfer.write(session, src[:half], dst[:half], lengths[:half])
         log.info("fault testing: pausing %.1fs halfway through the hand-over of %s", pause, key)
-        time.sleep(pause)
+        resume = Path(self.config.fault_transfer_resume_file) if self.config.fault_transfer_resume_file else None
+        deadline = time.monotonic() + pause
+        while time.monotonic() < deadline and not (resume is not None and resume.exists()):
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # a fault being injected, not a wait
         written += self.transfer.write(session, src[half:], dst[half:], lengths[half:])
         log.info("fault testing: the paused hand-over of %s wrote its second half", key)
         return written
