@@ -88,6 +88,7 @@ class Engine:
                 prefill_chunk_size=config.prefill_chunk_size,
                 page_size=config.page_size,
                 remote_prefill_threshold=config.remote_prefill_threshold if remote_prefill else 0,
+                handover_resume_checkpoint=config.handover_resume_checkpoint,
             ),
             self.pages,
             self.slots,

@@ -34,6 +34,8 @@ class SchedulerConfig:
     # Decode pods: a new request whose uncached prompt is at least this long is prefilled by a prefill
     # pod (0 = never). Shorter suffixes (follow-up turns of a conversation) are prefilled locally.
     remote_prefill_threshold: int = 0
+    # Reserve a checkpoint slot for the state at the prompt's resume boundary, for the prefill pod to fill.
+    handover_resume_checkpoint: bool = True
 
 
 @dataclass
@@ -248,7 +250,8 @@ class Scheduler:
             self.cache.confirm(request, admission)
             request.state_slot = self.slots.allocate_one()
             if remote:  # no compute here; the pod also sends the final state, so no checkpoint copy
-                self.cache.reserve_resume_checkpoint(request)
+                if cfg.handover_resume_checkpoint:
+                    self.cache.reserve_resume_checkpoint(request)
                 request.move_to(RequestStatus.REMOTE_PREFILL)
                 self.remote.append(request)
                 self.remote_prefills.append(request)
