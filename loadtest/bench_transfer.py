@@ -19,8 +19,11 @@ placements, on both pods:
 - random: every page id drawn at random (a pool so fragmented that no two free pages are adjacent: one
   descriptor per page per layer, the worst case).
 
-The variants and the raw write are timed in alternation (each repetition times every one once), so that
-load from other processes on a shared machine falls on all of them alike. Writes JSON and a PNG;
+The reference is a raw Mooncake batch write of the same bytes between plain buffers, as one descriptor and
+as 16 equal ones (over TCP one huge descriptor uses fewer of Mooncake's lanes and can be the slower: the
+ratios are against the faster of the two). The variants and the raw writes are timed in alternation (each
+repetition times every one once), so that load from other processes on a shared machine falls on all of
+them alike. Writes JSON and a PNG;
 ``--device cuda`` puts the pools in GPU memory (needs Mooncake's CUDA build).
 """
 
@@ -154,12 +157,13 @@ def _time_alternating(engine: TransferEngine, session: str, writes: dict[str, tu
 
 
 PLACEMENTS = ("contiguous", "churned_runs", "churned_lifo", "random")
+RAW_PIECES = 16
 
 
 def plot(results: dict, path: Path) -> None:
     runs = results["runs"]
     series = [(f"hand-over, {name}", [r[f"{name}_GBps"] for r in runs]) for name in PLACEMENTS]
-    series.append(("raw write, same bytes", [r["raw_GBps"] for r in runs]))
+    series.append(("raw write, same bytes (best of 1 and 16 descriptors)", [r["best_raw_GBps"] for r in runs]))
     grouped_bar_chart(
         path, [f"{r['context'] // 1024}K" for r in runs], series, xlabel="prompt length", ylabel="GB/s",
         title=f"{results['model']} state hand-over, {results['protocol']} on {results['device_name']}",
@@ -215,26 +219,31 @@ def main() -> None:
                 run[f"descriptors_{name}"] = len(coalesce(src, dst, lengths)[2])
                 writes[name] = (src, dst, lengths)
             writes["raw"] = ([raw_src.data_ptr()], [raw_dst], [run["bytes"]])
+            piece = -(-run["bytes"] // RAW_PIECES)
+            offsets = range(0, run["bytes"], piece)
+            writes["raw_split"] = ([raw_src.data_ptr() + o for o in offsets], [raw_dst + o for o in offsets],
+                                   [min(piece, run["bytes"] - o) for o in offsets])
             seconds = _time_alternating(engine, session, writes, args.reps)
             # The state at the resume boundary: what the hand-over carries beyond the prompt's KV and final state.
             run["resume_checkpoint_bytes"] = slot_bytes
             run["resume_checkpoint_fraction"] = slot_bytes / (run["bytes"] - slot_bytes)
             for name, s in seconds.items():
                 run[f"{name}_GBps"] = run["bytes"] / s / 1e9
+            run["best_raw_GBps"] = max(run["raw_GBps"], run["raw_split_GBps"])
             for name in PLACEMENTS:
-                run[f"ratio_{name}_to_raw"] = run[f"{name}_GBps"] / run["raw_GBps"]
+                run[f"ratio_{name}_to_raw"] = run[f"{name}_GBps"] / run["best_raw_GBps"]
             log.info("context %d: %s", context, {k: round(v, 3) for k, v in run.items() if k.startswith("ratio")})
             results["runs"].append(run)
         out = Path(args.out)
         out.write_text(json.dumps(results, indent=2))
         plot(results, out.with_suffix(".png"))
         header = " ".join(f"{n:>13}" for n in PLACEMENTS)
-        print(f"{'context':>8} {'MB':>7} {'+ckpt':>6} {header} {'raw GB/s':>9}")
+        print(f"{'context':>8} {'MB':>7} {'+ckpt':>6} {header} {'raw GB/s':>9} {'raw16 GB/s':>10}")
         for r in results["runs"]:
             cells = [f"{r[f'ratio_{n}_to_raw']:.2f} ({r[f'descriptors_{n}']})" for n in PLACEMENTS]
             print(f"{r['context']:>8} {r['bytes'] / 1e6:>7.1f} {r['resume_checkpoint_fraction']:>6.1%} "
-                  + " ".join(f"{c:>13}" for c in cells) + f" {r['raw_GBps']:>9.2f}")
-        print("cells: hand-over GB/s as a fraction of the raw write's (coalesced descriptors)")
+                  + " ".join(f"{c:>13}" for c in cells) + f" {r['raw_GBps']:>9.2f} {r['raw_split_GBps']:>10.2f}")
+        print("cells: hand-over GB/s as a fraction of the faster raw write's (coalesced descriptors)")
         engine.close()
     finally:
         parent.send("exit")
