@@ -398,6 +398,31 @@ def test_two_prefill_pods_one_killed_mid_transfer_then_restarted(tiny_checkpoint
             pod.stop()
 
 
+def test_prefill_pod_finishes_its_hand_overs_when_terminated(tiny_checkpoint, reference):
+    """SIGTERM mid-transfer: the prefill pod refuses new prefills but finishes the hand-over it is writing
+    before it closes its port (a decode pod takes a closed port for a pod that writes nothing more)."""
+    prefill = _serve("prefill", tiny_checkpoint, "--fault-transfer-pause-s", "2")
+    decode = _serve("decode", tiny_checkpoint, "--prefill-addrs", prefill.address)
+    try:
+        prompt = _tokens(100, seed=19)
+        result = {}
+        client = threading.Thread(target=lambda: result.update(out=decode.generate(prompt)))
+        client.start()
+        prefill.wait_for_log("pausing")
+        prefill.proc.terminate()
+        prefill.wait_for_log("draining 1 hand-overs")
+        client.join(timeout=120)
+        assert result["out"][0] == reference(prompt)
+        assert prefill.proc.wait(timeout=60) == 0
+        metrics = decode.metrics()
+        assert metrics['baton_remote_prefills_total{outcome="ok"}'] == 1
+        assert metrics.get('baton_remote_prefills_total{outcome="quarantined"}', 0.0) == 0
+        assert_pod_clean(decode)
+    finally:
+        decode.stop()
+        prefill.stop()
+
+
 @pytest.mark.parametrize("command", ["abort", "remote_done"])
 def test_engine_thread_error_stops_the_pod(tiny_checkpoint, reference, command):
     """An error inside the engine thread outside a step (here injected while it handles a cancelled stream,
