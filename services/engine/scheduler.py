@@ -111,7 +111,8 @@ class Scheduler:
         if not checkpoint_written:
             self.cache.drop_snapshot(request)
         if request.status == RequestStatus.ABORTING:
-            self.release_held(request)
+            self._release(request)
+            request.move_to(RequestStatus.FINISHED)
             return
         self.cache.publish_snapshot(request)
         request.move_to(RequestStatus.RUNNING)
@@ -125,9 +126,7 @@ class Scheduler:
         self.remote.remove(request)
         if quarantine_key is None:
             self.cache.drop_snapshot(request)  # never written: must not become a checkpoint
-            self.cache.release(request)
-            self.slots.free([request.state_slot])
-            request.state_slot = None
+            self._release(request)
         else:
             self._quarantine(request, quarantine_key)
         request.num_computed_tokens = request.num_cached_tokens = 0
