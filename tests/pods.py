@@ -129,9 +129,11 @@ class Pod:
 
 
 def assert_pod_clean(pod: Pod) -> None:
-    """Nothing running or held; every page in use is a cached page; no working slot taken."""
+    """Nothing running or held; nothing quarantined; every page in use is a cached page; no working slot
+    taken."""
     usage = pod.health().usage
     assert usage.running == 0 and usage.waiting == 0 and usage.held == 0, usage
+    assert usage.pages_quarantined == 0 and usage.slots_quarantined == 0 and usage.checkpoints_quarantined == 0, usage
     assert usage.slots_used == 0, usage
     assert usage.pages_used == usage.pages_cached, usage
 

@@ -58,6 +58,11 @@ class EngineConfig:
         default=512,
         metadata={"help": "decode pods with prefill pods: prefill there when the uncached prompt is this long"},
     )
+    handover_resume_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "decode pods: prefill pods also send the state at the prompt's last page boundary, so the "
+                          "same prompt again is served from this pod's cache (one more state slot per hand-over)"},
+    )
     checkpoint_interval: int = field(
         default=128, metadata={"help": "tokens between state checkpoints in a long prefill (multiple of page_size)"}
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from services.common.grpc_util import MalformedRequest, inference_handler, prompt_from_request, sampling_from_proto
+from services.common.grpc_util import add_servicer, prompt_from_request, sampling_from_proto
 from services.common.page_hash import SCHEME, extend_page_hashes, page_hashes
 from services.common.protos import inference_pb2, inference_pb2_grpc
 from services.common.serving import run_until_signal
@@ -100,8 +100,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request, context):
         try:
-            if isinstance(request, MalformedRequest):
-                raise InvalidRequestError(request.error)
             prompt = await self._prompt_ids(request)
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as err:
@@ -336,7 +334,7 @@ async def serve(config: RouterConfig) -> None:
     sync.start()
     await sync.wait_first_poll(timeout=5.0)
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((inference_handler(service),))
+    add_servicer(server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], service)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     ready = {"role": "router", "port": port, "metrics_port": metrics_port, "router_id": router_id}
