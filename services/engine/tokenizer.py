@@ -38,17 +38,23 @@ class Tokenizer(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
 
+# Random-weight models have no vocabulary and no template of their own: roles are written as plain text.
+PLAIN_CHAT_TEMPLATE = ("{% for message in messages %}<{{ message.role }}>{{ message.content or '' }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
 class ByteTokenizer:
-    """Ids 0-255 are the UTF-8 bytes; ids above are special tokens that decode to nothing. No chat template."""
+    """Ids 0-255 are the UTF-8 bytes; ids above are special tokens that decode to nothing. Its chat template
+    writes roles as plain text (``PLAIN_CHAT_TEMPLATE``)."""
 
     name = BYTE
-    chat_template = None
 
     def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         if vocab_size < 256:
             raise ValueError(f"byte tokenizer needs vocab_size >= 256, model has {vocab_size}")
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.chat_template = ChatTemplate(PLAIN_CHAT_TEMPLATE, {})
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

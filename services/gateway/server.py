@@ -154,16 +154,25 @@ class OpenAIGateway:
     async def _serve(self, request: web.Request, parsed: ParsedRequest, prompt: list[int]) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         route = RouteRequest(prompt, parsed.sampling, parsed.session_id, request_id)
-        responses = self.router.generate(route)
+        placed: list[str] = []
+
+        async def on_placed(address: str) -> None:
+            placed.append(address)
+
+        responses = self.router.generate(route, on_placed=on_placed)
         builder = ResponseBuilder(parsed, request_id, self._token_text)
         try:
             try:  # refusals (bad input, overload, no pod) come before the first token: answer them with a status
                 first = await anext(responses)
             except RouterError as err:
                 raise ApiError.from_grpc(err.code, err.message, err.retry_after_s) from err
+            # Which decode pod serves it (the first; after a failover the JSON response names the last).
+            headers = {"X-Baton-Decode-Pod": placed[0]} if placed else {}
             if parsed.stream:
-                return await self._stream(request, builder, first, responses)
-            return await self._whole(builder, first, responses)
+                return await self._stream(request, builder, first, responses, headers)
+            response = await self._whole(builder, first, responses)
+            response.headers["X-Baton-Decode-Pod"] = route.served_by or headers.get("X-Baton-Decode-Pod", "")
+            return response
         finally:
             await responses.aclose()  # after a disconnect or an error: cancels the pod's call
 
@@ -188,9 +197,9 @@ class OpenAIGateway:
         return web.json_response(body)
 
     async def _stream(self, request: web.Request, builder: ResponseBuilder, first: inference_pb2.GenerateResponse,
-                      responses) -> web.StreamResponse:
+                      responses, headers: dict[str, str]) -> web.StreamResponse:
         sse = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+                                          "X-Accel-Buffering": "no", **headers})
         await sse.prepare(request)
 
         async def send(obj: dict | str) -> None:
