@@ -258,6 +258,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def watch(cluster: Cluster, period_s: float = 2.0) -> None:
+    """Until a signal: report any process of the cluster that exits (it is not restarted; the others serve on)."""
+    import ray
+
+    dead: set[str] = set()
+    while True:
+        time.sleep(period_s)  # a polling period; SIGINT / SIGTERM interrupt it
+        live = [m for m in cluster.members if m.name not in dead]
+        try:
+            running = ray.get([m.actor.running.remote() for m in live], timeout=30)
+        except Exception as err:  # an actor lost with its node: say so, keep watching the rest
+            log.warning("could not ask every supervisor: %s", err)
+            continue
+        for member, up_now in zip(live, running, strict=True):
+            if not up_now:
+                dead.add(member.name)
+                log.error("%s (pid %d) exited; its log: %s", member.name, member.pid, member.info.get("log"))
+
+
 def print_endpoints(cluster: Cluster, config: UpConfig, elapsed_s: float) -> None:
     endpoints = cluster.endpoints(config.gateway.tls)
     print("BATON_UP " + json.dumps(endpoints), flush=True)
@@ -294,8 +313,7 @@ def up(config: UpConfig, run: Callable[[Cluster], None] | None = None) -> int:
             run(cluster)
         else:
             print("Ctrl-C or SIGTERM stops the cluster.", flush=True)
-            while True:
-                signal.pause()
+            watch(cluster)
     except ShutdownRequested as stop:
         print(f"{stop}: stopping the cluster", flush=True)
     finally:
