@@ -102,10 +102,17 @@ def _chat_ids(hf_tokenizer, messages, **kwargs) -> list[int]:
 # ---- text and chat ----------------------------------------------------------------------------------------
 def test_completion_text_round_trips_through_router_prefill_and_decode(client, reference, cluster):
     text = "the baton passes from prefill to decode, and the decode pod streams the answer ✓ " * 24
-    out = client.completions.create(model=MODEL, prompt=text, max_tokens=12, temperature=0,
+    before = cluster["router"].metrics()
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt=text, max_tokens=12, temperature=0,
                                     extra_body={"return_token_ids": True, "ignore_eos": True})
+    out = raw.parse()
     expected = reference(text, 12, ignore_eos=True)
     choice = out.choices[0]
+    assert raw.headers["X-Baton-Decode-Pod"] in {p.address for p in cluster["decodes"]}
+    after = cluster["router"].metrics()
+    for outcome, added in (("finished", 1), ("cancelled", 0)):
+        key = f'baton_router_requests_total{{outcome="{outcome}"}}'
+        assert after.get(key, 0) - before.get(key, 0) == added
     assert choice.text == expected.text
     assert choice.model_extra["token_ids"] == expected.token_ids
     assert out.usage.prompt_tokens == len(expected.prompt_token_ids) > REMOTE_THRESHOLD  # through the prefill pod

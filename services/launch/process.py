@@ -43,9 +43,9 @@ class ProcessSupervisor:
     ``REDIS_READY``. ``{node_ip}`` and ``{free_port}`` in ``argv`` become this node's address and a port free on
     it (chosen here, on the node that binds it). Methods are called through Ray (the actor wraps this class)."""
 
-    def __init__(self, name: str, argv: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, log_path: str, env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.argv = list(argv)
+        self.argv: list[str] = []
         self.log_path = Path(log_path)
         self.env = env
         self.proc: subprocess.Popen | None = None
@@ -53,9 +53,10 @@ class ProcessSupervisor:
         self._tail: deque[str] = deque(maxlen=60)
         self._ready = threading.Event()
 
-    def start(self, timeout_s: float) -> dict:
-        """Start the process and wait until it is ready; returns its pid, node address and ready info. Raises
+    def start(self, argv: list[str], timeout_s: float) -> dict:
+        """Start ``argv`` and wait until it is ready; returns its pid, node address and ready info. Raises
         RuntimeError (with the end of its output) if it exits or is not ready in time."""
+        self.argv = list(argv)
         here = node_ip()
         port = str(free_port()) if any("{free_port}" in a for a in self.argv) else ""
         argv = [a.replace("{node_ip}", here).replace("{free_port}", port) for a in self.argv]
@@ -71,7 +72,7 @@ class ProcessSupervisor:
             state = f"exited with {self.proc.returncode}" if self.proc.returncode is not None else "not ready in time"
             raise RuntimeError(f"{self.name} {state}; its last output:\n" + "\n".join(self._tail))
         return {"name": self.name, "pid": self.proc.pid, "node": socket.gethostname(), "node_ip": here,
-                "ready": self.info, "log": str(self.log_path)}
+                "port": int(port) if port else None, "ready": self.info, "log": str(self.log_path)}
 
     def _pump(self) -> None:
         with self.log_path.open("a") as log:

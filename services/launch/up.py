@@ -28,7 +28,7 @@ import grpc
 from services.common.protos import inference_pb2, inference_pb2_grpc
 
 from .config import UpConfig
-from .process import ProcessSupervisor, free_port
+from .process import ProcessSupervisor
 
 log = logging.getLogger("baton.up")
 
@@ -47,6 +47,7 @@ class Member:
     role: str
     host: str  # the address it binds
     actor: object
+    argv: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
     @property
@@ -128,8 +129,12 @@ def start_cluster(config: UpConfig, after_ray_init: Callable[[], None] = lambda:
 
     embedded = not config.ray_address
     if embedded:
-        ray.init(num_cpus=config.ray_num_cpus or os.cpu_count(), object_store_memory=config.ray_object_store_mb << 20,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Ray starts at most num_cpus worker processes at once, and prestarts that many: one per process of the
+        # cluster lets every actor start at the same time (the actors reserve no CPU; this is not a CPU budget).
+        members = 1 + config.num_prefill + config.num_decode + config.num_routers
+        ray.init(num_cpus=config.ray_num_cpus or max(os.cpu_count() or 1, members),
+                 object_store_memory=config.ray_object_store_mb << 20, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     else:
         ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
     after_ray_init()
@@ -151,28 +156,27 @@ def _start(config: UpConfig, cluster: Cluster) -> None:
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
-    def launch(name: str, role: str, argv: list[str], num_gpus: float = 0.0) -> Member:
-        actor = supervisor.options(name=None, num_gpus=num_gpus).remote(
-            name, argv, os.path.join(cluster.log_dir, f"{name}.log"))
+    def launch(name: str, role: str, num_gpus: float = 0.0) -> Member:
+        actor = supervisor.options(num_gpus=num_gpus).remote(name, os.path.join(cluster.log_dir, f"{name}.log"))
         member = Member(name, role, config.host, actor)
         cluster.members.append(member)
         return member
 
     started = time.monotonic()
-    if not cluster.redis_url:
-        port = free_port()
-        redis = launch("redis", "redis", ["redis-server", "--port", str(port), "--bind", config.host,
-                                          "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+    # Every actor is created first (their worker processes start together), then the processes in order.
+    redis = None if cluster.redis_url else launch("redis", "redis")
+    pods = [launch(f"{role}-{i}", role, num_gpus=gpus)
+            for role, count in (("prefill", config.num_prefill), ("decode", config.num_decode)) for i in range(count)]
+    routers = [launch(f"router-{i}", "router") for i in range(config.num_routers)]
+    if redis is not None:
+        redis.argv = ["redis-server", "--port", "{free_port}", "--bind", config.host, "--save", "", "--appendonly",
+                      "no", "--protected-mode", "no"]
         _wait([redis], config.ready_timeout_s)
-        cluster.redis_url = f"redis://{_reachable(config.host, redis.info['node_ip'])}:{port}/0"
-    pods = []
-    for role, count in (("prefill", config.num_prefill), ("decode", config.num_decode)):
-        for i in range(count):
-            argv = _serve_argv(role, config, cluster.redis_url, _network_flags(role, config, i))
-            pods.append(launch(f"{role}-{i}", role, argv, num_gpus=gpus))
-    routers = [launch(f"router-{i}", "router",
-                      _serve_argv("router", config, cluster.redis_url, _network_flags("router", config, i)))
-               for i in range(config.num_routers)]
+        cluster.redis_url = f"redis://{_reachable(config.host, redis.info['node_ip'])}:{redis.info['port']}/0"
+    for member in pods:
+        member.argv = _serve_argv(member.role, config, cluster.redis_url, _network_flags(member.role, config, 0))
+    for i, member in enumerate(routers):
+        member.argv = _serve_argv("router", config, cluster.redis_url, _network_flags("router", config, i))
     _wait(pods + routers, config.ready_timeout_s)
     deadline = time.monotonic() + config.ready_timeout_s
     for router in routers:
@@ -188,7 +192,7 @@ def _wait(members: list[Member], timeout_s: float) -> None:
     """Start the members' processes concurrently; each reports its pid, node and ready info."""
     import ray
 
-    refs = [m.actor.start.remote(timeout_s) for m in members]
+    refs = [m.actor.start.remote(m.argv, timeout_s) for m in members]
     for member, info in zip(members, ray.get(refs, timeout=timeout_s + 30), strict=True):
         member.info = info
         if "port" in info["ready"]:

@@ -171,6 +171,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         stream = _Stream(prompt, params.max_tokens, TextStream(self.tokenizer, prompt, params.stop),
                          frozenset(params.stop_token_ids) | frozenset(eos))
         excluded: set[str] = set()
+        finished = False
         try:
             for _attempt in range(self.config.max_attempts):
                 current = prompt + stream.tokens
@@ -202,10 +203,12 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     await on_placed(placement.decode.record.address)
                 try:
                     async for response in self._relay(placement, pod_request, stream):
-                        yield response
-                        if response.finished:
+                        if response.finished:  # counted before the last yield: a consumer may stop right there
+                            finished = True
                             route.served_by = placement.decode.record.address
                             self.metrics.requests.labels("finished").inc()
+                        yield response
+                        if finished:
                             return
                     raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
                 except _PodFailed as failure:
@@ -222,7 +225,8 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             self.metrics.requests.labels("rejected").inc()
             raise RouterError(err.code(), err.details() or "") from err
         except (asyncio.CancelledError, GeneratorExit):  # the client left: leaving _relay cancelled the pod's call
-            self.metrics.requests.labels("cancelled").inc()
+            if not finished:
+                self.metrics.requests.labels("cancelled").inc()
             raise
 
     async def Health(self, request, context) -> inference_pb2.HealthResponse:
