@@ -76,7 +76,7 @@ class OpenAIGateway:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=http_ssl_context(self.config))
         await site.start()
-        return site._server.sockets[0].getsockname()[1]
+        return self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:

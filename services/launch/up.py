@@ -107,10 +107,11 @@ def _serve_argv(role: str, config: UpConfig, redis_url: str, extra: list[str]) -
     return argv + extra
 
 
-def _network_flags(role: str, config: UpConfig, index: int) -> list[str]:
-    """Ports and advertised addresses. On loopback every process takes any free port and says which. Bound to
-    all interfaces (a multi-node cluster), a process must advertise its node's address with its port, so the
-    port is chosen up front (on the driver's node: a hint; a clash fails that process's start loudly)."""
+def _network_flags(role: str, config: UpConfig, index: int = 0) -> list[str]:
+    """Ports and advertised addresses. On loopback every process takes any free port and says which. A pod bound
+    to all interfaces (a multi-node cluster) must advertise its node's address with its port, so its supervisor
+    fills in the node's address and a port free there (``{node_ip}``, ``{free_port}``) before starting it. Only
+    the first router takes the configured ports (the others any)."""
     if role == "router":
         ports = ["--port", str(config.router_port if index == 0 else 0)]
         if index > 0 and config.gateway.http_port > 0:
@@ -127,8 +128,7 @@ def start_cluster(config: UpConfig, after_ray_init: Callable[[], None] = lambda:
     ``after_ray_init``: called once Ray is initialised (which installs signal handlers of its own)."""
     import ray
 
-    embedded = not config.ray_address
-    if embedded:
+    if not config.ray_address:  # embedded
         # Ray starts at most num_cpus worker processes at once, and prestarts that many: one per process of the
         # cluster lets every actor start at the same time (the actors reserve no CPU; this is not a CPU budget).
         members = 1 + config.num_prefill + config.num_decode + config.num_routers
@@ -143,7 +143,7 @@ def start_cluster(config: UpConfig, after_ray_init: Callable[[], None] = lambda:
     try:
         _start(config, cluster)
     except BaseException:
-        stop_cluster(cluster, embedded)
+        stop_cluster(cluster)
         raise
     return cluster
 
@@ -174,7 +174,7 @@ def _start(config: UpConfig, cluster: Cluster) -> None:
         _wait([redis], config.ready_timeout_s)
         cluster.redis_url = f"redis://{_reachable(config.host, redis.info['node_ip'])}:{redis.info['port']}/0"
     for member in pods:
-        member.argv = _serve_argv(member.role, config, cluster.redis_url, _network_flags(member.role, config, 0))
+        member.argv = _serve_argv(member.role, config, cluster.redis_url, _network_flags(member.role, config))
     for i, member in enumerate(routers):
         member.argv = _serve_argv("router", config, cluster.redis_url, _network_flags("router", config, i))
     _wait(pods + routers, config.ready_timeout_s)
@@ -224,7 +224,7 @@ def _wait_routed(router: Member, num_pods: int, config: UpConfig, deadline: floa
         channel.close()
 
 
-def stop_cluster(cluster: Cluster, embedded: bool, grace_s: float = 15.0) -> list[int]:
+def stop_cluster(cluster: Cluster, grace_s: float = 15.0) -> list[int]:
     """Routers, then pods, then Redis; actors killed; an embedded Ray shut down. Returns the pids of this node's
     cluster processes that had to be killed after all that (none, normally)."""
     import ray
@@ -239,10 +239,7 @@ def stop_cluster(cluster: Cluster, embedded: bool, grace_s: float = 15.0) -> lis
                 ray.kill(member.actor)
     local = socket.gethostname()
     pids = [m.pid for m in cluster.members if m.info and m.info.get("node") == local]
-    if embedded:
-        ray.shutdown()
-    else:
-        ray.shutdown()  # disconnects; the actors this driver owned are gone with it
+    ray.shutdown()  # embedded: stops Ray itself; on an existing cluster: disconnects (our actors are gone already)
     leftover = [pid for pid in pids if _alive(pid)]
     for pid in leftover:
         with contextlib.suppress(ProcessLookupError):
@@ -307,7 +304,6 @@ def up(config: UpConfig, run: Callable[[Cluster], None] | None = None) -> int:
         for sig in signals:
             signal.signal(sig, request_stop)
 
-    embedded = not config.ray_address
     cluster = None
     started = time.monotonic()
     try:
@@ -324,7 +320,7 @@ def up(config: UpConfig, run: Callable[[Cluster], None] | None = None) -> int:
         for sig in previous:  # a second Ctrl-C must not interrupt the shutdown half-way
             signal.signal(sig, signal.SIG_IGN)
         if cluster is not None:
-            leftover = stop_cluster(cluster, embedded)
+            leftover = stop_cluster(cluster)
             if leftover:
                 log.warning("killed processes that outlived their actors: %s", leftover)
             print("BATON_DOWN " + json.dumps({"pids": sorted(m.pid for m in cluster.members if m.info),
