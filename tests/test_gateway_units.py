@@ -170,3 +170,18 @@ def test_api_keys_compare_whole_bearer_keys():
     for bad in (None, "", "k-one", "Bearer", "Bearer k-on", "Bearer k-one2", "Basic k-one"):
         assert not keys.allows(bad)
     assert ApiKeys(frozenset()).allows(None), "no keys configured: open"
+
+
+def test_an_engine_asked_for_ids_only_makes_no_text_and_the_same_tokens(chat_model):
+    from services.engine.request import InvalidRequestError, SamplingParams
+    from tests.helpers import assert_no_leaks, cpu_engine
+
+    engine = cpu_engine(str(chat_model), tokenizer="")
+    prompt = engine.tokenizer.encode("the baton passes from prefill to decode")
+    with_text, ids_only = engine.generate([prompt, prompt], [
+        SamplingParams(max_tokens=10, temperature=0),
+        SamplingParams(max_tokens=10, temperature=0, detokenize=False)])
+    assert ids_only.token_ids == with_text.token_ids and ids_only.text == "" and with_text.text
+    with pytest.raises(InvalidRequestError, match="stop strings need detokenization"):
+        SamplingParams(stop=("x",), detokenize=False)
+    assert_no_leaks(engine)
