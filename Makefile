@@ -15,7 +15,8 @@ SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4 redis-server
 .PHONY: help setup sysdeps protos run test lint clean
 
 help:
-	@echo "make run    - set up if needed, then serve one request end to end on a tiny random model"
+	@echo "make run    - set up if needed, then start the cluster (baton up: Redis, router, 1 prefill + 2 decode pods"
+	@echo "              on Ray) on a tiny random model, chat with it through the OpenAI API, and stop it"
 	@echo "make test   - set up if needed, then run the whole test suite"
 	@echo "make lint   - ruff"
 
@@ -61,7 +62,7 @@ $(STAMP): pyproject.toml requirements-lock.txt requirements-gpu.txt Makefile
 	@touch $(STAMP)
 
 run: setup
-	$(PY) -m services.cli demo
+	$(PY) -m services.launch.demo
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,8 @@
 
     baton demo       serve one request end to end on a tiny random-weight model and print it
     baton generate   generate from a prompt with any model (HF directory or preset)
-    baton serve      run a prefill or decode pod, or a router (gRPC)
+    baton serve      run a prefill or decode pod, or a router (gRPC, and OpenAI HTTP)
+    baton up         a whole cluster (Redis, routers, prefill and decode pods) as Ray actors, until Ctrl-C
 """
 
 from __future__ import annotations
@@ -93,6 +94,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.launch.config import UpConfig
+    from services.launch.up import up
+
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    config = config_from(UpConfig, flags, yaml_path=args.config)
+    log.info("%s", format_config(config))
+    return up(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baton", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--log-level", default="info")
@@ -121,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields")
         add_config_args(p, config_cls)
         p.set_defaults(fn=cmd_serve)
+    from services.launch.config import UpConfig
+
+    p = sub.add_parser("up", help="a whole cluster as Ray actors: Redis, routers, prefill and decode pods")
+    p.add_argument("--config", help="YAML file with UpConfig fields (engine settings apply to every pod)")
+    add_config_args(p, UpConfig)
+    p.set_defaults(fn=cmd_up)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     fn = args.fn

@@ -16,6 +16,7 @@ def cpu_engine(model: str, load_format: str = "auto", record_cache_events: bool 
     settings = dict(
         model=model, load_format=load_format, device="cpu", dtype="float32", page_size=4, num_pages=512,
         max_num_seqs=16, prefill_chunk_size=64, max_num_batched_tokens=256,
+        tokenizer="byte",  # the test checkpoints carry no tokenizer: byte-level ids, asked for by name
     )
     settings.update(overrides)
     return Engine(EngineConfig(**settings), record_cache_events=record_cache_events)
@@ -72,7 +73,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def cuda_engine(model: str, load_format: str = "auto", **overrides) -> Engine:
     settings = dict(
         model=model, load_format=load_format, device="cuda", dtype="bfloat16", page_size=16, num_pages=1024,
-        max_num_seqs=16, prefill_chunk_size=256, max_num_batched_tokens=1024,
+        max_num_seqs=16, prefill_chunk_size=256, max_num_batched_tokens=1024, tokenizer="byte",
     )
     settings.update(overrides)
     return Engine(EngineConfig(**settings))

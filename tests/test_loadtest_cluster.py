@@ -21,7 +21,7 @@ REUSE_BLOCK = 16
 
 def _flags(checkpoint: str) -> list[str]:
     return [
-        "--model", checkpoint, "--device", "cpu", "--dtype", "float32", "--page-size", str(PAGE),
+        "--model", checkpoint, "--tokenizer", "byte", "--device", "cpu", "--dtype", "float32", "--page-size", str(PAGE),
         "--num-pages", "700", "--max-num-seqs", "16", "--prefill-chunk-size", "64", "--max-num-batched-tokens", "256",
         "--remote-prefill-threshold", "32", "--checkpoint-interval", "32",
     ]

@@ -28,9 +28,10 @@ PAGE = 4
 THRESHOLD = 32  # uncached prompts at least this long go to the prefill pod
 
 
-def engine_flags(checkpoint: str, page_size: int = PAGE) -> list[str]:
+def engine_flags(checkpoint: str, page_size: int = PAGE, tokenizer: str = "byte") -> list[str]:
     return [
-        "--model", checkpoint, "--device", "cpu", "--dtype", "float32", "--page-size", str(page_size),
+        "--model", checkpoint, "--tokenizer", tokenizer, "--device", "cpu", "--dtype", "float32",
+        "--page-size", str(page_size),
         "--num-pages", "700", "--max-num-seqs", "40", "--prefill-chunk-size", "64",
         "--max-num-batched-tokens", "512", "--remote-prefill-threshold", str(THRESHOLD),
         "--checkpoint-interval", "32",

@@ -32,8 +32,8 @@ def _serve(role: str, checkpoint: str, redis: RedisServer, *extra: str) -> Pod:
 def _router(checkpoint: str, redis: RedisServer, *extra: str) -> Pod:
     # The prompts here are ~100 tokens where agentic ones are ~50K: the load weight (prompt tokens one more
     # request on a pod is worth) is scaled down with them.
-    return Pod("router", "--model", checkpoint, "--page-size", str(PAGE), "--redis-url", redis.url,
-               "--poll-interval-s", "0.05", "--weight-request", "4", *extra)
+    return Pod("router", "--model", checkpoint, "--tokenizer", "byte", "--page-size", str(PAGE),
+               "--redis-url", redis.url, "--poll-interval-s", "0.05", "--weight-request", "4", *extra)
 
 
 def _request(tokens: list[int], max_tokens: int, **sampling) -> inference_pb2.GenerateRequest:

@@ -35,7 +35,7 @@ def checkpoint_with_tokenizer(tmp_path_factory):
 
 
 def test_json_tokenizer_is_used_when_present(checkpoint_with_tokenizer):
-    engine = cpu_engine(str(checkpoint_with_tokenizer))
+    engine = cpu_engine(str(checkpoint_with_tokenizer), tokenizer="")  # the model directory's own
     assert isinstance(engine.tokenizer, JsonTokenizer)
     eos = engine.tokenizer._tok.token_to_id("<|endoftext|>")
     assert engine.tokenizer.eos_token_ids == (eos,), "eos comes from tokenizer_config.json when config.json has none"

@@ -32,7 +32,7 @@ def sampling_from_proto(msg: inference_pb2.SamplingParams) -> SamplingParams:
         kwargs["seed"] = msg.seed
     return SamplingParams(
         stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
-        logprobs=msg.logprobs, **kwargs,
+        logprobs=msg.logprobs, detokenize=not msg.skip_detokenize, **kwargs,
     )
 
 
@@ -40,6 +40,7 @@ def sampling_to_proto(params: SamplingParams) -> inference_pb2.SamplingParams:
     msg = inference_pb2.SamplingParams(
         max_tokens=params.max_tokens, top_k=params.top_k, stop_token_ids=list(params.stop_token_ids),
         stop=list(params.stop), ignore_eos=params.ignore_eos, logprobs=params.logprobs,
+        skip_detokenize=not params.detokenize,
         **{name: getattr(params, name) for name in _OPTIONAL_FLOATS},
     )
     if params.seed is not None:

@@ -15,6 +15,11 @@ class EngineConfig:
         default="tiny-qwen3.5-moe",
         metadata={"help": "HF model directory, or a preset name (tiny-qwen3.5-moe, qwen3.5-35b-a3b[:layers])"},
     )
+    tokenizer: str = field(
+        default="",
+        metadata={"help": "empty: the model directory's tokenizer.json (a preset's byte tokenizer); 'byte'; or a "
+                          "directory with tokenizer.json"},
+    )
     load_format: str = field(default="auto", metadata={"help": "auto (read safetensors) or dummy (random)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})

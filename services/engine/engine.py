@@ -29,7 +29,7 @@ from .request import (
 )
 from .sampler import SampledTokens
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from .tokenizer import IncrementalDetokenizer, load_tokenizer
+from .tokenizer import IncrementalDetokenizer, find_stop, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class Engine:
         self.config = config
         self.model_config = model_config or resolve_model_config(config)
         self.runner = ModelRunner(config, self.model_config)
-        model_dir = None if config.load_format == "dummy" else config.model
-        self.tokenizer = load_tokenizer(model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        self.tokenizer = load_tokenizer(config.tokenizer, config.model, self.model_config.vocab_size,
+                                        self.model_config.eos_token_ids)
         capacity = self.runner.num_pages * config.page_size
         limit = config.max_model_len or capacity
         self.max_model_len = min(limit, capacity, self.model_config.max_position_embeddings)
@@ -146,7 +146,8 @@ class Engine:
             )
         request = Request(request_id, token_ids, params, hold_memory=hold_memory)
         self.requests[request_id] = request
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
+        if params.detokenize:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
         self.scheduler.add(request)
         return request_id
 
@@ -282,20 +283,20 @@ class Engine:
         request.output_token_ids.append(token)
         if logprob is not None:
             request.output_logprobs.append(logprob)
-        stop_ids = params.stop_token_ids + (() if params.ignore_eos else self.model_config.eos_token_ids)
+        stop_ids = params.stop_token_ids + (() if params.ignore_eos else self.tokenizer.eos_token_ids)
         cut = None
         if token in stop_ids:
             request.finish_reason = FinishReason.STOP
-        else:
+        elif params.detokenize:  # off: the caller (a router) makes the text and watches for stop strings
             request.text += self._detokenizers[request.request_id].add(token)
-            cut = _find_stop(request.text, params.stop, request.num_text_sent)
+            cut = find_stop(request.text, params.stop, request.num_text_sent)
             if cut is not None:
                 request.text = request.text[:cut]
                 request.finish_reason = FinishReason.STOP
         if request.finish_reason is None and len(request.output_token_ids) >= params.max_tokens:
             request.finish_reason = FinishReason.LENGTH
         if request.finish_reason is not None:
-            if cut is None:  # text cut at a stop string is final; otherwise release what was held back
+            if cut is None and params.detokenize:  # text cut at a stop string is final; else release the rest
                 request.text += self._detokenizers[request.request_id].flush()
             self._finish(request)
         new_tokens = request.output_token_ids[request.num_tokens_sent :]
@@ -402,13 +403,3 @@ class Engine:
         return LoadReport(len(scheduler.running) + len(scheduler.remote), len(scheduler.waiting), self.pages.num_free,
                           self.slots.num_free,
                           queued)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], already_sent: int) -> int | None:
-    """Index where the earliest stop string starts, searching only text that could contain a new match."""
-    best = None
-    for stop in stops:
-        idx = text.find(stop, max(0, already_sent - len(stop) + 1))
-        if idx != -1 and (best is None or idx < best):
-            best = idx
-    return best

@@ -37,6 +37,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the match
     ignore_eos: bool = False
     logprobs: bool = False  # report the log-probability of each chosen token
+    detokenize: bool = True  # off: token ids only (a router makes the text and applies stop strings itself)
 
     def __post_init__(self) -> None:
         checks = [
@@ -49,6 +50,7 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (self.detokenize or not self.stop, "stop strings need detokenization (skip_detokenize is set)"),
         ]
         for ok, message in checks:
             if not ok:

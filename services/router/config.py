@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.cluster.schema import Keys
+from services.gateway.config import GatewayConfig
 
 from .policy import Policy, Weights
 
@@ -15,8 +16,13 @@ class RouterConfig:
         default="tiny-qwen3.5-moe",
         metadata={"help": "HF model directory (tokenizer, vocabulary) or a preset name, as the pods were given"},
     )
+    tokenizer: str = field(
+        default="",
+        metadata={"help": "empty: the model directory's tokenizer.json (a preset's byte tokenizer); 'byte'; or a "
+                          "directory with tokenizer.json (must match the pods')"},
+    )
     served_model_name: str = field(default="", metadata={"help": "model name the pods register (default: --model)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC and metrics servers"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC, HTTP and metrics servers"})
     port: int = field(default=0, metadata={"help": "gRPC port (0: any free port, printed at start)"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0: any free port)"})
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"help": "the cluster's Redis"})
@@ -41,6 +47,7 @@ class RouterConfig:
     )
     unavailable_s: float = field(default=2.0, metadata={"help": "a pod whose call failed is skipped this long"})
     retry_after_s: float = field(default=1.0, metadata={"help": "retry hint sent with RESOURCE_EXHAUSTED"})
+    gateway: GatewayConfig = field(default_factory=GatewayConfig, metadata={"flatten": True})
     snapshot_retry_s: float = field(default=2.0, metadata={"help": "re-ask for a cache snapshot after this long"})
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 _PLACEMENT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 
 
@@ -56,6 +57,10 @@ class RouterMetrics:
                                  "Requests moved to another decode pod (refused before a token, or mid-stream)",
                                  ["stage"], registry=r)
         self.events = Counter("baton_router_cache_events", "Cache events applied to the index", registry=r)
+        # Every stream the router relays waits while its event loop is held: tokenizing on the loop, a slow handler.
+        self.loop_lag = Histogram("baton_router_event_loop_lag_seconds",
+                                  "How late the router's event loop wakes a timer (sampled every 10 ms)",
+                                  buckets=_LAG_BUCKETS, registry=r)
         r.register(_StateCollector(state))
 
     def serve(self, host: str, port: int) -> int:

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,10 +28,11 @@ import numpy as np
 from services.common.grpc_util import add_servicer, prompt_from_request, sampling_from_proto
 from services.common.page_hash import SCHEME, extend_page_hashes, page_hashes
 from services.common.protos import inference_pb2, inference_pb2_grpc
-from services.common.serving import run_until_signal
+from services.common.serving import cancel_tasks, run_until_signal
 from services.engine.presets import PRESETS, model_config_for
 from services.engine.request import InvalidRequestError
-from services.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from services.engine.tokenizer import TextStream, load_tokenizer
+from services.gateway.auth import ApiKeys, GrpcKeyInterceptor, grpc_server_credentials
 
 from .config import RouterConfig
 from .index import CacheIndex
@@ -71,14 +73,37 @@ class Placement:
     available_tokens: int  # best usable hit on any worker
 
 
+class RouterError(Exception):
+    """A request the router cannot serve: the status to answer with (gRPC code; the HTTP gateway maps it)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s  # set with RESOURCE_EXHAUSTED: when trying again may succeed
+
+
+@dataclass
+class RouteRequest:
+    """One request as the router serves it, from the gRPC API or the HTTP gateway: a tokenized prompt and the
+    client's sampling settings (validated by ``generate``)."""
+
+    prompt: list[int]
+    sampling: inference_pb2.SamplingParams
+    session_id: str = ""
+    request_id: str = ""
+    served_by: str = ""  # the decode pod that served it (the last one, after a failover); set by ``generate``
+
+
 @dataclass
 class _Stream:
-    """What the client has been sent so far (to continue it on another pod)."""
+    """What the client has been sent so far (to continue it on another pod), and its text."""
 
     prompt: list[int]
     max_tokens: int
+    text: TextStream  # detokenization and stop strings: the pods stream token ids only
+    stop_ids: frozenset[int]  # a last token in these ends the stream without text (EOS, stop_token_ids)
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
     cached_tokens: int | None = None
     first_decode: Worker | None = None
 
@@ -92,7 +117,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         self.metrics = metrics
         dummy = config.model.partition(":")[0] in PRESETS
         self.model_config = model_config_for(config.model, dummy=dummy)
-        self.tokenizer = load_tokenizer(None if dummy else config.model, self.model_config.vocab_size,
+        self.tokenizer = load_tokenizer(config.tokenizer, config.model, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids)
         self.placer = Placer(Policy(config.policy), config.weights)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -100,16 +125,49 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request, context):
         try:
-            prompt = await self._prompt_ids(request)
-            params = sampling_from_proto(request.sampling)
+            prompt = await self.prompt_ids(request)
         except InvalidRequestError as err:
             self.metrics.requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        request_id = request.request_id or uuid.uuid4().hex
+        route = RouteRequest(prompt, request.sampling, request.session_id, request.request_id)
+
+        async def placed(address: str) -> None:  # which pod serves it, for clients and operators
+            await context.send_initial_metadata((("baton-decode-pod", address),))
+
+        try:
+            async for response in self.generate(route, on_placed=placed):
+                yield response
+            context.set_trailing_metadata((("baton-decode-pod", route.served_by),))  # the last pod
+        except RouterError as err:
+            if err.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_s * 1000))),))
+            await context.abort(err.code, err.message)
+
+    async def generate(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Place the request, relay its stream (moving it to another pod if one fails), and yield the client's view
+        of it: tokens, text, usage. Raises RouterError when it cannot be served. ``on_placed(address)`` is awaited
+        once the first decode pod is chosen. Leaving the iteration early (the client left) cancels the pod's call,
+        which frees the request there."""
+        try:
+            params = sampling_from_proto(route.sampling)
+            self.check_prompt(route.prompt)
+            limit = self.max_model_len()
+            if limit and len(route.prompt) + params.max_tokens > limit:  # no pod could take it: refuse it here
+                raise InvalidRequestError(
+                    f"prompt ({len(route.prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the maximum "
+                    f"context of {limit} tokens"
+                )
+        except InvalidRequestError as err:
+            self.metrics.requests.labels("invalid").inc()
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+        prompt = route.prompt
+        request_id = route.request_id or uuid.uuid4().hex
         page = self.config.page_size
         hashes = (await asyncio.to_thread(page_hashes, prompt, page) if len(prompt) > _OFFLOAD_TOKENS
                   else page_hashes(prompt, page))
-        stream = _Stream(prompt, params.max_tokens)
+        eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
+        stream = _Stream(prompt, params.max_tokens, TextStream(self.tokenizer, prompt, params.stop),
+                         frozenset(params.stop_token_ids) | frozenset(eos))
         excluded: set[str] = set()
         finished = False
         try:
@@ -118,35 +176,38 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                 if stream.tokens:
                     hashes = extend_page_hashes(list(hashes), current, page)
                 try:
-                    placement = self._place(current, hashes, request.session_id, excluded)
+                    placement = self._place(current, hashes, route.session_id, excluded)
                 except _Refusal as refusal:
                     if refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         self.metrics.requests.labels("overloaded").inc()
                         hint = self.config.retry_after_s
-                        context.set_trailing_metadata((("retry-after-ms", str(int(hint * 1000))),))
-                        await context.abort(refusal.code, f"{refusal}; retry after {hint:g} s")
+                        raise RouterError(refusal.code, f"{refusal}; retry after {hint:g} s", hint) from None
                     self.metrics.requests.labels("unavailable").inc()
-                    await context.abort(refusal.code, str(refusal))
+                    raise RouterError(refusal.code, str(refusal)) from None
+                sampling = inference_pb2.SamplingParams()
+                sampling.CopyFrom(route.sampling)
+                del sampling.stop[:]  # the router finds stop strings in the text it makes
+                sampling.skip_detokenize = True
+                sampling.max_tokens = stream.max_tokens - len(stream.tokens)
                 pod_request = inference_pb2.GenerateRequest(
-                    request_id=request_id, token_ids=inference_pb2.TokenIds(ids=current),
-                    sampling=request.sampling, session_id=request.session_id,
+                    request_id=request_id, token_ids=inference_pb2.TokenIds(ids=current), sampling=sampling,
+                    session_id=route.session_id,
                     routing=inference_pb2.RoutingHints(
                         prefill_address=placement.prefill.record.address if placement.prefill else "",
                         router_id=self.sync.router_id,
                     ),
                 )
-                pod_request.sampling.max_tokens = stream.max_tokens - len(stream.tokens)
-                served_by = (("baton-decode-pod", placement.decode.record.address),)
-                if stream.first_decode is None:  # which pod serves it, for clients and operators
-                    await context.send_initial_metadata(served_by)
+                if stream.first_decode is None and on_placed is not None:
+                    await on_placed(placement.decode.record.address)
                 try:
                     async for response in self._relay(placement, pod_request, stream):
-                        finished = response.finished
+                        if response.finished:  # counted before the last yield: a consumer may stop right there
+                            finished = True
+                            route.served_by = placement.decode.record.address
+                            self.metrics.requests.labels("finished").inc()
                         yield response
-                    if finished:
-                        context.set_trailing_metadata(served_by)  # the last pod, after a failover
-                        self.metrics.requests.labels("finished").inc()
-                        return
+                        if finished:
+                            return
                     raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
                 except _PodFailed as failure:
                     stage = "mid_stream" if stream.tokens else "before_first_token"
@@ -156,13 +217,14 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     self.table.failed(failure.worker, time.monotonic() + self.config.unavailable_s)
                     excluded.add(failure.worker.name)
             self.metrics.requests.labels("unavailable").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"no decode pod completed the request after {self.config.max_attempts} attempts")
+            raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                              f"no decode pod completed the request after {self.config.max_attempts} attempts")
         except grpc.aio.AioRpcError as err:  # the pod refused the request itself (bad for this model, ...)
             self.metrics.requests.labels("rejected").inc()
-            await context.abort(err.code(), err.details() or "")
-        except asyncio.CancelledError:  # the client left: leaving _relay cancelled the pod's call too
-            self.metrics.requests.labels("cancelled").inc()
+            raise RouterError(err.code(), err.details() or "") from err
+        except (asyncio.CancelledError, GeneratorExit):  # the client left: leaving _relay cancelled the pod's call
+            if not finished:
+                self.metrics.requests.labels("cancelled").inc()
             raise
 
     async def Health(self, request, context) -> inference_pb2.HealthResponse:
@@ -178,31 +240,42 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                 index_pages=digest.pages, index_states=digest.states, index_page_digest=digest.page_sum,
                 index_state_digest=digest.state_sum, active=worker.active, resyncs=worker.feed.resyncs,
             ))
-        serving = any(w.record.role == "decode" and w.name in eligible for w in self.table.workers.values())
-        return inference_pb2.HealthResponse(serving=serving, role="router", workers=workers, redis_up=self.sync.up)
+        return inference_pb2.HealthResponse(serving=self.serving(), role="router", workers=workers,
+                                            redis_up=self.sync.up)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
-        decodes = self.table.by_role("decode")
         return inference_pb2.ModelInfoResponse(
             model=self.config.model_name, family=self.model_config.family, vocab_size=self.model_config.vocab_size,
-            max_model_len=min((w.record.max_model_len for w in decodes), default=0), page_size=self.config.page_size,
+            max_model_len=self.max_model_len(), page_size=self.config.page_size,
         )
 
+    def serving(self) -> bool:
+        """Some decode pod would be considered for a request now."""
+        return bool(self.table.eligible("decode", time.monotonic()))
+
+    def max_model_len(self) -> int:
+        """The longest prompt + output every decode pod accepts (0 while none is known)."""
+        return min((w.record.max_model_len for w in self.table.by_role("decode")), default=0)
+
     # ---- request path -------------------------------------------------------------------------------
-    async def _prompt_ids(self, request) -> list[int]:
+    async def prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
         prompt = prompt_from_request(request)
-        if isinstance(prompt, str):
-            encode = self.tokenizer.encode
-            ids = await asyncio.to_thread(encode, prompt) if len(prompt) > _OFFLOAD_CHARS else encode(prompt)
-        else:
-            ids = prompt
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise InvalidRequestError(f"token ids out of range [0, {vocab}): {bad[:8]}")
+        return await self.encode(prompt) if isinstance(prompt, str) else prompt
+
+    async def encode(self, text: str) -> list[int]:
+        """Tokenize off the event loop when the text is long (the tokenizer releases the GIL while it works),
+        so a long prompt does not hold up other streams."""
+        encode = self.tokenizer.encode
+        return await asyncio.to_thread(encode, text) if len(text) > _OFFLOAD_CHARS else encode(text)
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """Raises InvalidRequestError for an empty prompt or ids outside the vocabulary."""
         if not ids:
             raise InvalidRequestError("prompt is empty")
-        return ids
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids out of range [0, {vocab}): {bad[:8]}")
 
     def _place(self, prompt: list[int], hashes: list[int], session_id: str, excluded: set[str]) -> Placement:
         started = time.perf_counter()
@@ -259,14 +332,11 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         return inference_pb2_grpc.InferenceStub(channel)
 
     async def _relay(self, placement: Placement, pod_request, stream: _Stream):
-        """Forward to the placed decode pod and yield the client's view of its responses. Raises _PodFailed if
-        the pod refused, could not be reached or died; other errors of the pod (AioRpcError) go to the
-        client as they are."""
+        """Forward to the placed decode pod and yield the client's view of its responses: token ids from the
+        pod, text made here (cut at a stop string, which ends the stream and the pod's call). Raises _PodFailed if
+        the pod refused, could not be reached or died; other errors of the pod (AioRpcError) go to the client as
+        they are."""
         worker = placement.decode
-        resumed = bool(stream.tokens)
-        # Text the dead pod held back (it might have been the start of a stop string) is not re-sent by the
-        # next pod, whose prompt now contains those tokens: prepend it to the next pod's first text.
-        held = self._held_text(stream) if resumed else ""
         if stream.first_decode is None:
             self.metrics.prompt_tokens.inc(len(stream.prompt))
             self.metrics.hit_tokens.labels("available").inc(placement.available_tokens)
@@ -279,18 +349,32 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                 if stream.cached_tokens is None:
                     stream.cached_tokens = response.usage.cached_tokens
                     self.metrics.hit_tokens.labels("delivered").inc(stream.cached_tokens)
-                stream.tokens.extend(response.token_ids)
-                text = held + response.text
-                held = ""
-                stream.text += text
+                tokens, logprobs = list(response.token_ids), list(response.logprobs)
+                finished, reason = response.finished, response.finish_reason
+                # A stop token (EOS, stop_token_ids) ends the stream with no text, as in the engine.
+                ends_on_stop_id = (finished and reason == inference_pb2.FINISH_REASON_STOP and tokens
+                                   and tokens[-1] in stream.stop_ids)
+                taken = stream.text.num_tokens
+                text = stream.text.add(tokens[:-1] if ends_on_stop_id else tokens)
+                if stream.text.stopped:  # a stop string: drop what the pod generated past it
+                    taken = stream.text.num_tokens - taken
+                    tokens, logprobs = tokens[:taken], logprobs[:taken]
+                    finished, reason = True, inference_pb2.FINISH_REASON_STOP
+                elif finished:
+                    text += stream.text.finish()
+                    if stream.text.stopped:
+                        reason = inference_pb2.FINISH_REASON_STOP
+                stream.tokens.extend(tokens)
                 yield inference_pb2.GenerateResponse(
-                    request_id=pod_request.request_id, token_ids=response.token_ids, text=text,
-                    logprobs=response.logprobs, finished=response.finished, finish_reason=response.finish_reason,
+                    request_id=pod_request.request_id, token_ids=tokens, text=text, logprobs=logprobs,
+                    finished=finished, finish_reason=reason,
                     usage=inference_pb2.Usage(
                         prompt_tokens=len(stream.prompt), completion_tokens=len(stream.tokens),
                         cached_tokens=stream.cached_tokens,
                     ),
                 )
+                if finished:
+                    return
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code in _POD_FAILED or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not stream.tokens):
@@ -299,11 +383,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         finally:
             self.table.ended(worker)
             call.cancel()
-
-    def _held_text(self, stream: _Stream) -> str:
-        detokenizer = IncrementalDetokenizer(self.tokenizer, stream.prompt)
-        text = "".join(detokenizer.add(t) for t in stream.tokens)
-        return text[len(stream.text):] if text.startswith(stream.text) else ""
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -320,6 +399,15 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                 "index_entries": self.index.num_page_entries}
 
 
+async def _watch_loop_lag(metrics: RouterMetrics, period_s: float = 0.01) -> None:
+    """How late the loop runs a timer: the delay every stream relayed by this router sees at that moment."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)  # a sampling period, not synchronisation
+        metrics.loop_lag.observe(max(0.0, loop.time() - due))
+
+
 async def serve(config: RouterConfig) -> None:
     router_id = uuid.uuid4().hex
     index = CacheIndex()
@@ -332,19 +420,36 @@ async def serve(config: RouterConfig) -> None:
     service = holder["service"] = RouterService(config, table, sync, metrics)
     metrics_port = metrics.serve(config.host, config.metrics_port)
     sync.start()
+    lag_monitor = asyncio.ensure_future(_watch_loop_lag(metrics))
     await sync.wait_first_poll(timeout=5.0)
-    server = grpc.aio.server()
+    keys = ApiKeys(config.gateway.load_api_keys())
+    server = grpc.aio.server(interceptors=[GrpcKeyInterceptor(keys)] if keys.required else None)
     add_servicer(server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], service)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = grpc_server_credentials(config.gateway)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
-    ready = {"role": "router", "port": port, "metrics_port": metrics_port, "router_id": router_id}
+    gateway = None
+    http_port = -1
+    if config.gateway.http_port >= 0:
+        from services.gateway.server import OpenAIGateway  # aiohttp is only needed with the HTTP API
+
+        gateway = OpenAIGateway(service, config.gateway, keys)
+        http_port = await gateway.start(config.host, config.gateway.http_port)
+    ready = {"role": "router", "port": port, "http_port": http_port, "metrics_port": metrics_port,
+             "router_id": router_id, "tls": config.gateway.tls, "api_keys": keys.required}
     print("BATON_READY " + json.dumps(ready), flush=True)
-    log.info("router %s serving on %s:%d (metrics %d), policy %s, Redis %s (%s), workers: %s", router_id,
-             config.host, port, metrics_port, config.policy, config.redis_url, "up" if sync.up else "down",
+    log.info("router %s serving gRPC on %s:%d, HTTP on %s, metrics %d%s%s; policy %s, Redis %s (%s), workers: %s",
+             router_id, config.host, port, http_port if gateway else "-", metrics_port,
+             ", TLS" if config.gateway.tls else "", ", API keys" if keys.required else "", config.policy,
+             config.redis_url, "up" if sync.up else "down",
              sorted(f"{w.record.role}@{w.record.address}" for w in table.workers.values()))
     try:
         await run_until_signal(server)
     finally:
+        if gateway is not None:
+            await gateway.stop()
+        await cancel_tasks([lag_monitor])
         await sync.stop()
         await service.close()
 
