@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 import numpy as np
 
@@ -216,34 +215,35 @@ class CacheIndex:
         checkpoint, and how many of its leading pages each can skip (the depth of the deepest matched page
         where it holds a checkpoint). Workers with nothing usable are left out.
 
-        A page hash names its whole prefix, and a worker holding a checkpoint at a page holds every page
-        before it, so only the prompt's pages that carry a checkpoint somewhere matter: they are found with
-        one set intersection (a C loop) rather than a Python walk down 3,125 pages of a 50K-token prompt. Then
-        the holders from the deepest up, each worker taking the first depth it is found at, again as set
-        operations: a system prompt's checkpoints shared by a thousand workers cost a few C loops."""
-        state_holders, page_holders = self._state_holders, self._page_holders
-        # Where the prompt's cached prefix ends anywhere (a page held means its parent is held): binary search.
-        held = bisect.bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in page_holders)
-        depth_of = dict(zip(hashes[:held], range(1, held + 1), strict=True))
-        found = state_holders.keys() & depth_of.keys()
-        holders = list(map(state_holders.__getitem__, found))
-        depths = list(map(depth_of.__getitem__, found))
-        # Checkpoints held by one worker (most): the deepest per worker wins, sorting then keeping the last.
-        best = dict(sorted(((h, d) for h, d in zip(holders, depths, strict=True) if type(h) is int),
-                           key=itemgetter(1)))
-        # Held by several (shared prefixes): deepest first, each worker keeping the first depth it gets.
-        shared = sorted(((d, h) for h, d in zip(holders, depths, strict=True) if type(h) is not int),
-                        key=itemgetter(0), reverse=True)
-        everyone, settled = len(self._workers), set()  # settled: seen in a set, so at its deepest already
-        for depth, holder_set in shared:
-            if len(settled) == everyone:
-                break
-            fresh = holder_set - settled
-            if not fresh:
-                continue
-            settled |= fresh
-            keep = {slot for slot in fresh & best.keys() if best[slot] > depth}  # a deeper one of its own
-            best.update(dict.fromkeys(fresh - keep, depth))
+        A page hash names its whole prefix and each worker's pages are prefix-closed, so the set of workers
+        holding page d of the prompt only shrinks as d grows, and is the same set wherever its size is the
+        same. The prompt's pages split into a few segments of equal holders, each found by binary search; in
+        each, from its deepest page up, a holder takes the first depth where it has a checkpoint. A follow-up
+        turn of a 50K-token conversation (3,125 pages, a system prompt shared by a thousand workers) costs a
+        few dozen lookups, not a walk down every page."""
+        page_holders, state_holders = self._page_holders, self._state_holders
+
+        def holders_at(depth: int) -> int:  # how many workers hold the prompt's first ``depth`` pages
+            holders = page_holders.get(hashes[depth - 1])
+            return 0 if holders is None else 1 if type(holders) is int else len(holders)
+
+        best: dict[int, int] = {}
+        end = bisect.bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in page_holders)
+        while end > 0:
+            count = holders_at(end)
+            start = bisect.bisect_left(range(1, end + 1), True, key=lambda d: holders_at(d) <= count)  # depth - 1
+            holders = page_holders[hashes[end - 1]]
+            pending = ({holders} if type(holders) is int else set(holders)) - best.keys()
+            depth = end
+            while pending and depth > start:
+                found = state_holders.get(hashes[depth - 1])
+                if found is not None:
+                    done = pending & ({found} if type(found) is int else found)
+                    if done:
+                        best.update(dict.fromkeys(done, depth))
+                        pending -= done
+                depth -= 1
+            end = start
         return (np.fromiter(best.keys(), dtype=np.int64, count=len(best)),
                 np.fromiter(best.values(), dtype=np.int64, count=len(best)))
 
