@@ -1,0 +1,114 @@
+"""The router as the simulator runs it: the real index, feeds and placer, fed as the real router is fed.
+
+Each worker's event batches (numbered, with the cache digest after them) reach the router's ``WorkerFeed`` at the
+router's next poll of Redis (every ``poll_interval_s``), so the index lags the caches as it does in a cluster; a
+batch that does not apply or whose digest disagrees sends the feed to resynchronise, as in production (the report
+counts those; there should be none). Placement builds ``Candidate``s the way ``services/router/server.py``'s
+``_place`` does (usable hit capped so the last prompt token is computed, in-sync workers only, workers at capacity
+left out) and asks ``Placer.choose``. All token counts given to the placer are real tokens, so the weights mean
+what they mean in the router.
+
+``oracle`` is not a router policy: a perfectly balanced sticky assignment, the baseline cache_aware must match.
+A conversation's first turn goes to the worker with the fewest live conversations, and every later turn follows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from services.cluster.schema import EventBatch
+from services.router.feed import WorkerFeed
+from services.router.index import CacheIndex
+from services.router.policy import Candidate, Placer, Policy, Weights
+
+from .worker import SimWorker
+
+ORACLE = "oracle"
+POLICIES = (*(p.value for p in Policy), ORACLE)
+
+
+class SimRouter:
+    def __init__(self, workers: list[SimWorker], policy: str, weights: Weights, page_size: int, token_scale: int,
+                 capacity: int, poll_interval_s: float) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.workers = workers
+        self.policy = policy
+        self.page_size = page_size
+        self.scale = token_scale
+        self.capacity = capacity
+        self.poll_interval_s = poll_interval_s
+        self.index = CacheIndex()
+        self.feeds = {w.name: WorkerFeed(w.name, self.index) for w in workers}
+        self.placer = Placer(Policy(policy), weights) if policy != ORACLE else None
+        self._pending: deque[tuple[float, str, EventBatch]] = deque()
+        self._candidates: list[Candidate | None] = [None] * len(workers)
+        self._by_name = {w.name: w for w in workers}
+        self.live_conversations = [0] * len(workers)  # the oracle's balance
+        self.decisions: dict[str, int] = {}
+
+    # ---- the index ----------------------------------------------------------------------------------
+    def publish(self, worker: SimWorker, batch: EventBatch, now: float) -> None:
+        """A worker sent a batch at ``now``: the router reads it at its next poll."""
+        deliver = math.ceil(now / self.poll_interval_s - 1e-9) * self.poll_interval_s
+        self._pending.append((deliver, worker.name, batch))
+
+    def poll(self, now: float) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            _, name, batch = pending.popleft()
+            self.feeds[name].on_batch(batch)
+
+    def flush(self) -> None:
+        self.poll(math.inf)
+
+    @property
+    def resyncs(self) -> int:
+        return sum(feed.resyncs for feed in self.feeds.values())
+
+    # ---- placement ----------------------------------------------------------------------------------
+    def place(self, prompt_len: int, hashes: list[int], session_id: str, now: float,
+              sticky: SimWorker | None = None) -> tuple[SimWorker | None, int, int]:
+        """The worker for a prompt (None: every worker is at capacity), with the usable hit (real tokens) on it as
+        the router saw it and the best anywhere. ``sticky``: the oracle's worker for a later turn."""
+        self.poll(now)
+        page, scale = self.page_size, self.scale
+        cap = (prompt_len - 1) // page  # the last token is always computed: its logits are needed
+        feeds = self.feeds
+        hits = {name: min(pages, cap) * page * scale for name, pages in self.index.usable_pages(hashes).items()
+                if feeds[name].in_sync}
+        available = max(hits.values(), default=0)
+        if self.policy == ORACLE:
+            worker = sticky or min(self.workers, key=lambda w: (self.live_conversations[w.index], w.index))
+            self._count("oracle_sticky" if sticky else "oracle_new")
+            return worker, hits.get(worker.name, 0), available
+        candidates = self._eligible(hits)
+        if not candidates:
+            self._count("refused_all_full")
+            return None, 0, available
+        choice = self.placer.choose(candidates, prompt_len * scale, session_id)
+        self._count(choice.reason)
+        return self._by_name[choice.worker.name], choice.worker.hit_tokens, available
+
+    def _eligible(self, hits: dict[str, int]) -> list[Candidate]:
+        """As ``_place`` builds them; a worker's hit-free candidate is reused while its load is unchanged (the
+        router builds each one afresh: same values, less Python time at 1,000 workers)."""
+        scale, capacity, cached = self.scale, self.capacity, self._candidates
+        out = []
+        for w in self.workers:
+            if w.active >= capacity:
+                continue
+            queued = w.queued_tokens * scale
+            hit = hits.get(w.name)
+            if hit:
+                out.append(Candidate(w.name, w.address, w.active, queued, hit))
+                continue
+            c = cached[w.index]
+            if c is None or c.active != w.active or c.queued_tokens != queued:
+                c = cached[w.index] = Candidate(w.name, w.address, w.active, queued, 0)
+            out.append(c)
+        return out
+
+    def _count(self, reason: str) -> None:
+        self.decisions[reason] = self.decisions.get(reason, 0) + 1
