@@ -20,6 +20,8 @@ class SimConfig:
     weight_cache: float = field(default=1.0, metadata={"help": "cache_aware: cost per prompt token not reused"})
     weight_queue: float = field(default=1.0, metadata={"help": "cache_aware: cost per prompt token queued"})
     weight_request: float = field(default=512.0, metadata={"help": "cache_aware: cost per request on the worker"})
+    weight_session: float = field(default=0.0, metadata={"help": "cache_aware: cost per other live conversation"})
+    session_ttl_s: float = field(default=30.0, metadata={"help": "router: a conversation silent this long is over"})
     users_per_worker: float = field(default=4.0, metadata={"help": "agentic users (concurrent conversations)"})
     duration_s: float = field(default=120.0, metadata={"help": "users send no turn after this (simulated s)"})
     warmup_s: float = field(default=40.0, metadata={"help": "metrics cover requests sent from here to the end"})
@@ -34,6 +36,7 @@ class SimConfig:
     remote_prefill_threshold: int = field(default=512, metadata={"help": "uncached prompts this long go remote"})
     poll_interval_s: float = field(default=0.1, metadata={"help": "router: period of its reads of the event streams"})
     retry_after_s: float = field(default=1.0, metadata={"help": "a refused turn is sent again after this long"})
+    calibration: str = field(default="", metadata={"help": "decode benchmark JSON for the time model (default: H200)"})
     trace: TraceConfig = field(default_factory=TraceConfig, metadata={"flatten": True})
 
     def __post_init__(self) -> None:
@@ -47,12 +50,13 @@ class SimConfig:
         for name in ("page_size", "max_num_seqs", "checkpoint_slots", "prefill_chunk_size", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.worker_config.num_pages < 1:
-            raise ValueError(f"cache_tokens {self.cache_tokens} is less than one page")
+        if self.cache_tokens < self.trace.max_request_tokens:
+            raise ValueError(f"cache_tokens {self.cache_tokens} cannot hold the longest request of the workload "
+                             f"({self.trace.max_request_tokens:.0f} tokens): a worker could never admit it")
 
     @property
     def weights(self) -> Weights:
-        return Weights(self.weight_cache, self.weight_queue, self.weight_request)
+        return Weights(self.weight_cache, self.weight_queue, self.weight_request, self.weight_session)
 
     @property
     def num_users(self) -> int:

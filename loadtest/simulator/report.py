@@ -33,6 +33,7 @@ class Record(NamedTuple):
     first_token_at: float
     finished_at: float
     worker: int
+    user: int
     turn: int
     prompt_tokens: int
     answer_tokens: int
@@ -43,7 +44,8 @@ class Record(NamedTuple):
 
     @classmethod
     def of(cls, sim: SimRequest, scale: int) -> Record:
-        return cls(sim.sent_at, sim.first_token_at, sim.finished_at, sim.worker, sim.turn, sim.prompt_len * scale,
+        return cls(sim.sent_at, sim.first_token_at, sim.finished_at, sim.worker, sim.conversation.user, sim.turn,
+                   sim.prompt_len * scale,
                    len(sim.answer) * scale, sim.reusable * scale, sim.cached * scale, sim.chosen_hit,
                    sim.available_hit)
 
@@ -91,10 +93,11 @@ def _percentiles(values: np.ndarray, points: dict[str, float]) -> dict[str, floa
 
 def summarize(sim: Simulation, wall_s: float) -> Report:
     config = sim.config
+    scale = config.trace.token_scale
     w0, w1 = config.warmup_s, config.duration_s
     records = [r for r in sim.finished if w0 <= r.sent_at <= w1]
-    cols = np.array([r[:11] for r in records], dtype=float).reshape(-1, 11)
-    sent, first, done, worker, _, prompt, answer, reusable, cached, chosen, available = cols.T
+    cols = np.array(records, dtype=float).reshape(-1, len(Record._fields))
+    sent, first, done, worker, _, _, prompt, answer, reusable, cached, chosen, available = cols.T
     reusable_sum = reusable.sum()
 
     def of_reusable(x: np.ndarray) -> float:
@@ -133,7 +136,7 @@ def summarize(sim: Simulation, wall_s: float) -> Report:
         load_imbalance=float(work.max() / work.mean()) if work.mean() > 0 else float("nan"),
         requests_per_worker={"max": float(per_worker.max()), "mean": float(per_worker.mean()),
                              "min": float(per_worker.min())},
-        evicted_tokens=sum(w.cache.tree.num_evicted_pages for w in sim.workers) * config.page_size * config.trace.token_scale,
+        evicted_tokens=sum(w.cache.tree.num_evicted_pages for w in sim.workers) * config.page_size * scale,
         evicted_checkpoints=sum(w.cache.tree.num_evicted_states for w in sim.workers),
         decisions=dict(sorted(router.decisions.items())),
         index={"events_applied": router.index.events_applied, "resyncs": router.resyncs,

@@ -21,6 +21,7 @@ from services.cluster.schema import EventBatch
 from services.router.feed import WorkerFeed
 from services.router.index import CacheIndex
 from services.router.policy import Candidate, Placer, Policy, Weights
+from services.router.sessions import SessionTable
 
 from .worker import SimWorker
 
@@ -30,7 +31,7 @@ POLICIES = (*(p.value for p in Policy), ORACLE)
 
 class SimRouter:
     def __init__(self, workers: list[SimWorker], policy: str, weights: Weights, page_size: int, token_scale: int,
-                 capacity: int, poll_interval_s: float) -> None:
+                 capacity: int, poll_interval_s: float, session_ttl_s: float) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.workers = workers
@@ -43,8 +44,11 @@ class SimRouter:
         self.feeds = {w.name: WorkerFeed(w.name, self.index) for w in workers}
         self.placer = Placer(Policy(policy), weights) if policy != ORACLE else None
         self._pending: deque[tuple[float, str, EventBatch]] = deque()
-        self._candidates: list[Candidate | None] = [None] * len(workers)
+        self._base: list[Candidate | None] = [None] * len(workers)  # hit-free candidates, as of the last decision
+        self._dirty: set[int] = set(range(len(workers)))
+        self._full: set[int] = set()
         self._by_name = {w.name: w for w in workers}
+        self.sessions = SessionTable(session_ttl_s)
         self.live_conversations = [0] * len(workers)  # the oracle's balance
         self.decisions: dict[str, int] = {}
 
@@ -83,32 +87,56 @@ class SimRouter:
             worker = sticky or min(self.workers, key=lambda w: (self.live_conversations[w.index], w.index))
             self._count("oracle_sticky" if sticky else "oracle_new")
             return worker, hits.get(worker.name, 0), available
-        candidates = self._eligible(hits)
+        for name in self.sessions.expire(now):
+            self._dirty.add(self._by_name[name].index)
+        candidates = self._eligible(hits, session_id)
         if not candidates:
             self._count("refused_all_full")
             return None, 0, available
         choice = self.placer.choose(candidates, prompt_len * scale, session_id)
         self._count(choice.reason)
-        return self._by_name[choice.worker.name], choice.worker.hit_tokens, available
+        worker = self._by_name[choice.worker.name]
+        previous = self.sessions.worker_of(session_id)
+        self.sessions.placed(session_id, worker.name, now)
+        self._dirty.add(worker.index)
+        if previous is not None:
+            self._dirty.add(self._by_name[previous].index)
+        return worker, choice.worker.hit_tokens, available
 
-    def _eligible(self, hits: dict[str, int]) -> list[Candidate]:
-        """As ``_place`` builds them; a worker's hit-free candidate is reused while its load is unchanged (the
-        router builds each one afresh: same values, less Python time at 1,000 workers)."""
-        scale, capacity, cached = self.scale, self.capacity, self._candidates
-        out = []
-        for w in self.workers:
-            if w.active >= capacity:
-                continue
-            queued = w.queued_tokens * scale
-            hit = hits.get(w.name)
-            if hit:
-                out.append(Candidate(w.name, w.address, w.active, queued, hit))
-                continue
-            c = cached[w.index]
-            if c is None or c.active != w.active or c.queued_tokens != queued:
-                c = cached[w.index] = Candidate(w.name, w.address, w.active, queued, 0)
-            out.append(c)
+    def load_changed(self, worker: SimWorker) -> None:
+        """The worker's load (in flight, queued tokens) changed: rebuild its candidate before the next decision."""
+        self._dirty.add(worker.index)
+
+    def _candidate(self, w: SimWorker, hit: int, sessions: int) -> Candidate:
+        return Candidate(w.name, w.address, w.active, w.queued_tokens * self.scale, hit, sessions)
+
+    def _eligible(self, hits: dict[str, int], session_id: str) -> list[Candidate]:
+        """The candidates ``_place`` would build, from a kept list of every worker's hit-free candidate where only
+        workers whose load or conversations changed are rebuilt (the router builds all of them afresh: the same
+        values, far less Python time at 1,000 workers; ``naive_candidates`` is the check)."""
+        base, sessions, workers = self._base, self.sessions, self.workers
+        for i in self._dirty:
+            w = workers[i]
+            base[i] = self._candidate(w, 0, sessions.live(w.name))
+            if w.active >= self.capacity:
+                self._full.add(i)
+            else:
+                self._full.discard(i)
+        self._dirty.clear()
+        out = list(base)
+        own = sessions.worker_of(session_id)
+        patched = set(hits) | ({own} if own is not None else set())
+        for name in patched:
+            w = self._by_name[name]
+            out[w.index] = self._candidate(w, hits.get(name, 0), sessions.live(name, session_id))
+        if self._full:
+            out = [c for i, c in enumerate(out) if i not in self._full]
         return out
+
+    def naive_candidates(self, hits: dict[str, int], session_id: str) -> list[Candidate]:
+        """Every candidate built afresh, as ``_place`` does (for tests of ``_eligible``)."""
+        return [self._candidate(w, hits.get(w.name, 0), self.sessions.live(w.name, session_id))
+                for w in self.workers if w.active < self.capacity]
 
     def _count(self, reason: str) -> None:
         self.decisions[reason] = self.decisions.get(reason, 0) + 1

@@ -9,26 +9,26 @@ Users send nothing after ``duration_s``; what is in flight then runs to completi
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
 import time
+from pathlib import Path
 
 from services.engine.request import Request, SamplingParams
 
 from .config import SimConfig
 from .report import Record, Report, summarize
 from .router import ORACLE, SimRouter
-from .timing import TimeModel
-from .trace import Conversation, Users
+from .timing import DEFAULT_CALIBRATION, TimeModel
+from .trace import Conversation, ScriptedUsers, Users
 from .worker import SimRequest, SimWorker
 
 _SEND, _WAKE = 0, 1
 
 
 class Simulation:
-    def __init__(self, config: SimConfig, time_model: TimeModel) -> None:
+    def __init__(self, config: SimConfig, time_model: TimeModel, workload: Users | ScriptedUsers | None = None) -> None:
         self.config = config
         self.time_model = time_model
         self.page_size = config.page_size
@@ -37,11 +37,11 @@ class Simulation:
         self.workers = [SimWorker(i, worker_config, time_model, window) for i in range(config.workers)]
         self.router = SimRouter(self.workers, config.policy, config.weights, config.page_size,
                                 config.trace.token_scale, config.max_num_seqs + config.max_waiting,
-                                config.poll_interval_s)
-        self.users = Users(config.trace, config.seed, config.page_size)
+                                config.poll_interval_s, config.session_ttl_s)
+        self.users = workload or Users(config.trace, config.seed, config.page_size, config.num_users)
         self._heap: list = []
         self._order = itertools.count()
-        self._numbers = [0] * config.num_users  # conversations each user has started
+        self._numbers = [0] * self.users.num_users  # conversations each user has started
         self.finished: list[Record] = []
         self.refusals = 0
         self.conversations_started = 0
@@ -51,8 +51,8 @@ class Simulation:
 
     def run(self) -> Report:
         started = time.perf_counter()
-        for user in range(self.config.num_users):
-            self._push(self.users.start_time(user), _SEND, (self._new_conversation(user), None))
+        for user in range(self.users.num_users):
+            self._start_conversation(user, self.users.start_time(user))
         now = 0.0
         while self._heap:
             now, _, kind, payload = heapq.heappop(self._heap)
@@ -71,10 +71,12 @@ class Simulation:
         return summarize(self, time.perf_counter() - started)
 
     # ---- users --------------------------------------------------------------------------------------
-    def _new_conversation(self, user: int) -> Conversation:
-        number = self._numbers[user]
+    def _start_conversation(self, user: int, t: float) -> None:
+        """The user's next conversation starts at ``t`` (unless the user has no more)."""
+        conversation = self.users.conversation(user, self._numbers[user])
         self._numbers[user] += 1
-        return self.users.conversation(user, number)
+        if conversation is not None:
+            self._push(t, _SEND, (conversation, None))
 
     def _send(self, conversation: Conversation, sent_at: float | None, now: float) -> None:
         """Send the conversation's current turn; ``sent_at``: when it was first sent, if it was refused then."""
@@ -122,7 +124,7 @@ class Simulation:
             self.conversations_finished += 1
             if conversation.worker is not None:
                 self.router.live_conversations[conversation.worker] -= 1
-            self._push(now + think, _SEND, (self._new_conversation(conversation.user), None))
+            self._start_conversation(conversation.user, now + think)
         else:
             self._push(now + think, _SEND, (conversation, None))
 
@@ -131,6 +133,7 @@ class Simulation:
         heapq.heappush(self._heap, (t, next(self._order), kind, payload))
 
     def _after(self, worker: SimWorker, now: float) -> None:
+        self.router.load_changed(worker)
         batch = worker.drain_events()
         if batch is not None:
             self.router.publish(worker, batch, now)
@@ -142,9 +145,7 @@ class Simulation:
                 heapq.heappush(self._heap, (t, next(self._order), _WAKE, (worker, worker.version)))
 
 
-def run(config: SimConfig, time_model: TimeModel | None = None) -> Report:
-    return Simulation(config, time_model or TimeModel.from_results()).run()
-
-
-def with_policy(config: SimConfig, policy: str, **changes) -> SimConfig:
-    return dataclasses.replace(config, policy=policy, **changes)
+def run(config: SimConfig, workload: ScriptedUsers | None = None) -> Report:
+    """Simulate ``config`` (its agentic workload, or ``workload``) and report."""
+    calibration = Path(config.calibration) if config.calibration else DEFAULT_CALIBRATION
+    return Simulation(config, TimeModel.from_results(calibration), workload).run()

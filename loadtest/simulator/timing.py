@@ -55,11 +55,13 @@ class TimeModel:
         moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_hidden_layers))
         expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * _BF16 * moe_layers  # gate, up, down
         return cls(
-            source=_shown(Path(path)), gpu=data["gpu"], model=data["model"], copy_bytes_per_s=data["copy_bandwidth_GBps"] * 1e9,
+            source=_shown(Path(path)), gpu=data["gpu"], model=data["model"],
+            copy_bytes_per_s=data["copy_bandwidth_GBps"] * 1e9,
             weights_bytes=hi["bytes_per_token"]["weights"], expert_bytes=expert, num_experts=cfg.num_experts,
             experts_per_token=cfg.num_experts_per_tok, state_bytes=hi["bytes_per_token"]["gdn_state"],
             kv_bytes_per_token=kv_per_token,
-            efficiency=tuple((r["context"], r["fraction_of_roofline"]) for r in runs), prefill_tokens_per_s=prefill_rate,
+            efficiency=tuple((r["context"], r["fraction_of_roofline"]) for r in runs),
+            prefill_tokens_per_s=prefill_rate,
         )
 
     def decode_step_s(self, batch: int, total_context: float) -> float:

@@ -36,12 +36,12 @@ class TraceConfig:
     max_follow_ups: int = field(default=15, metadata={"help": "most turns after the first"})
     follow_up_tokens: int = field(default=800, metadata={"help": "mean new tokens a follow-up turn adds"})
     follow_up_spread: float = field(default=0.25, metadata={"help": "follow-ups vary uniformly by +- this"})
-    answer_tokens: int = field(default=300, metadata={"help": "mean answer length (tool calls are short)"})
-    answer_spread: float = field(default=0.5, metadata={"help": "answers vary uniformly by +- this fraction"})
+    answer_tokens: int = field(default=500, metadata={"help": "mean answer length"})
+    answer_spread: float = field(default=0.4, metadata={"help": "answers vary uniformly by +- this fraction"})
     think_time_s: float = field(default=2.0, metadata={"help": "mean pause between an answer and the next turn"})
     system_prompt_tokens: int = field(default=0, metadata={"help": "prompt prefix shared by every conversation"})
     ramp_s: float = field(default=20.0, metadata={"help": "users start uniformly over this many seconds"})
-    token_scale: int = field(default=8, metadata={"help": "real tokens per simulated token (1: exact)"})
+    token_scale: int = field(default=16, metadata={"help": "real tokens per simulated token (1: exact)"})
 
     def __post_init__(self) -> None:
         if self.token_scale < 1:
@@ -57,6 +57,13 @@ class TraceConfig:
             raise ValueError("the system prompt must be shorter than every first turn")
         if self.think_time_s < 0 or self.ramp_s < 0:
             raise ValueError("think_time_s and ramp_s must be >= 0")
+
+    @property
+    def max_request_tokens(self) -> float:
+        """The longest prompt + answer a conversation can reach (real tokens): a worker's memory must hold it."""
+        answer = self.answer_tokens * (1 + self.answer_spread)
+        return (self.first_turn_tokens * (1 + self.first_turn_spread)
+                + self.max_follow_ups * (self.follow_up_tokens * (1 + self.follow_up_spread) + answer) + answer)
 
     @property
     def mean_context_tokens(self) -> float:
@@ -105,12 +112,13 @@ class Conversation:
 
 
 class Users:
-    """Generates each user's conversations on demand, deterministically."""
+    """The agentic workload: ``num_users`` users, each user's conversations generated on demand, deterministically."""
 
-    def __init__(self, config: TraceConfig, seed: int, page_size: int) -> None:
+    def __init__(self, config: TraceConfig, seed: int, page_size: int, num_users: int) -> None:
         self.config = config
         self.seed = seed
         self.page_size = page_size
+        self.num_users = num_users
         scale = config.token_scale
         self.system_prompt = self._tokens(np.random.default_rng([seed, 1 << 30]),
                                           config.system_prompt_tokens // scale)
@@ -118,7 +126,7 @@ class Users:
     def start_time(self, user: int) -> float:
         return float(np.random.default_rng([self.seed, user, 1 << 31]).uniform(0.0, self.config.ramp_s))
 
-    def conversation(self, user: int, number: int) -> Conversation:
+    def conversation(self, user: int, number: int) -> Conversation | None:
         c, scale = self.config, self.config.token_scale
         rng = np.random.default_rng([self.seed, user, number])
 
@@ -140,3 +148,26 @@ class Users:
     @staticmethod
     def _tokens(rng: np.random.Generator, n: int) -> list[int]:
         return rng.integers(0, _VOCAB, n).tolist()
+
+
+class ScriptedUsers:
+    """Hand-written conversations (tests, worked examples): user ``u`` starts at ``starts[u]`` and runs the
+    conversations ``conversations[u]`` (each a list of turns) one after another, then stops."""
+
+    def __init__(self, conversations: list[list[list[Turn]]], starts: list[float], page_size: int,
+                 system_prompt: list[int] | None = None) -> None:
+        if len(conversations) != len(starts):
+            raise ValueError("one start time per user")
+        self.conversations = conversations
+        self.starts = starts
+        self.page_size = page_size
+        self.num_users = len(starts)
+        self.system_prompt = system_prompt or []
+
+    def start_time(self, user: int) -> float:
+        return self.starts[user]
+
+    def conversation(self, user: int, number: int) -> Conversation | None:
+        if number >= len(self.conversations[user]):
+            return None
+        return Conversation(f"user{user}-conv{number}", user, self.conversations[user][number], self.page_size)

@@ -4,8 +4,9 @@ eligible workers with their load and each one's usable cache hit for the prompt.
 Policies:
 - ``cache_aware`` (default): the lowest cost, where cost = ``cache`` x prompt tokens the worker would have to
   compute or receive (the prompt minus its usable hit) + ``queue`` x prompt tokens already queued there +
-  ``request`` x requests running or waiting there. Ties go to the lower worker id, so two routers with the
-  same view choose the same worker.
+  ``request`` x requests running or waiting there + ``session`` x other live conversations placed there
+  (services/router/sessions.py: between turns a conversation shows no load, yet it will come back). Ties go to
+  the lower worker id, so two routers with the same view choose the same worker.
 - ``round_robin``: the next eligible worker in id order.
 - ``least_load``: the fewest requests, then the fewest queued tokens.
 - ``session``: sticky by conversation: rendezvous hashing of the session id over the eligible workers'
@@ -35,9 +36,10 @@ class Weights:
     cache: float = 1.0  # per prompt token the worker would compute (or receive) rather than reuse
     queue: float = 1.0  # per prompt token already queued on the worker
     request: float = 512.0  # per request running or waiting on the worker
+    session: float = 0.0  # per other live conversation placed on the worker
 
     def __post_init__(self) -> None:
-        if min(self.cache, self.queue, self.request) < 0:
+        if min(self.cache, self.queue, self.request, self.session) < 0:
             raise ValueError(f"placement weights must be >= 0, got {self}")
 
 
@@ -50,6 +52,7 @@ class Candidate:
     active: int  # requests running or waiting there (its report, or routers' in-flight count if higher)
     queued_tokens: int  # prompt tokens queued there
     hit_tokens: int  # usable prefix-cache hit for this prompt
+    sessions: int = 0  # live conversations placed there, other than this request's
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Placer:
     def cost(self, worker: Candidate, prompt_tokens: int) -> float:
         w = self.weights
         uncached = prompt_tokens - worker.hit_tokens
-        return w.cache * uncached + w.queue * worker.queued_tokens + w.request * worker.active
+        return (w.cache * uncached + w.queue * worker.queued_tokens + w.request * worker.active
+                + w.session * worker.sessions)
 
     def choose(self, candidates: Sequence[Candidate], prompt_tokens: int, session_id: str = "",
                policy: Policy | None = None) -> Choice | None:

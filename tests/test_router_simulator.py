@@ -1,0 +1,209 @@
+"""The router simulator's bookkeeping on hand-made traces with known answers, and a small run's report.
+
+Hand-made traces use page size 4 and exact tokens (token scale 1). A conversation of a 30-token first turn and
+follow-ups of 8 new tokens, every answer 8 tokens: turn k's prompt is 30 + 16k tokens; its answer's decode
+snapshot lands at the last page boundary before the history's end (36, 52, 68 for turns 0, 1, 2), which is
+exactly what the next turn can resume from. So a sticky placement serves 36 + 52 + 68 = 156 of the
+38 + 54 + 70 = 162 reusable tokens of a conversation's three follow-ups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loadtest.simulator.__main__ import main as simulator_main
+from loadtest.simulator.config import SimConfig
+from loadtest.simulator.router import POLICIES
+from loadtest.simulator.simulation import Simulation, run
+from loadtest.simulator.timing import TimeModel
+from loadtest.simulator.trace import ScriptedUsers, TraceConfig, Turn
+from services.common.page_hash import page_hashes
+from services.router.sessions import SessionTable
+
+PAGE = 4
+STICKY_HITS = [36, 52, 68]
+STICKY_REUSABLE = [38, 54, 70]
+
+
+def conversation(seed: int, follow_ups: int = 3, think_s: float = 1.0) -> list[Turn]:
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(256) for _ in range(n)]
+
+    return [Turn(tokens(30), tokens(8), think_s)] + [Turn(tokens(8), tokens(8), think_s) for _ in range(follow_ups)]
+
+
+def tiny_config(**changes) -> SimConfig:
+    base = dict(workers=2, page_size=PAGE, cache_tokens=4096, duration_s=1000.0, warmup_s=0.0,
+                remote_prefill_threshold=0, checkpoint_slots=64,
+                trace=TraceConfig(first_turn_tokens=30, first_turn_spread=0.0, follow_up_tokens=8, follow_up_spread=0.0,
+                                  answer_tokens=8, answer_spread=0.0, min_follow_ups=0, max_follow_ups=1,
+                                  token_scale=1, ramp_s=0.0))  # (the scripted users replace this trace)
+    base.update(changes)
+    return SimConfig(**base)
+
+
+def simulate(config: SimConfig, users: ScriptedUsers):
+    """The simulation, its report, and each user's finished requests in turn order."""
+    sim = Simulation(config, TimeModel.from_results(), users)
+    report = sim.run()
+    by_user: dict[int, list] = {}
+    for record in sorted(sim.finished, key=lambda r: r.sent_at):
+        by_user.setdefault(record.user, []).append(record)
+    return sim, report, by_user
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "session", "oracle"])
+def test_sticky_policies_serve_every_follow_up_from_cache(policy):
+    users = ScriptedUsers([[conversation(1)], [conversation(2)]], [0.0, 0.5], PAGE)
+    sim, report, turns = simulate(tiny_config(policy=policy, weight_session=4096.0), users)
+    for user in (0, 1):
+        records = turns[user]
+        assert [r.turn for r in records] == [0, 1, 2, 3]
+        assert len({r.worker for r in records}) == 1, "a sticky policy kept the conversation on one worker"
+        assert [r.cached for r in records[1:]] == STICKY_HITS
+        assert [r.reusable for r in records[1:]] == STICKY_REUSABLE
+        assert records[0].cached == 0 and records[0].reusable == 0
+    assert report.served_tokens == 2 * sum(STICKY_HITS)
+    assert report.reusable_served == pytest.approx(sum(STICKY_HITS) / sum(STICKY_REUSABLE))
+    assert report.index == {"events_applied": report.index["events_applied"], "resyncs": 0, "matches_caches": True}
+
+
+def test_round_robin_alternates_and_hits_only_the_turn_before_last():
+    """One conversation after the other (the second starts once the first is over): round robin sends turns
+    0, 1, 2, 3 to workers 0, 1, 0, 1. Turn 1 finds nothing on worker 1; turn 2 resumes on worker 0 from turn
+    0's snapshot (36); turn 3 on worker 1 from turn 1's (52)."""
+    users = ScriptedUsers([[conversation(1)], [conversation(2)]], [0.0, 100.0], PAGE)
+    _, report, turns = simulate(tiny_config(policy="round_robin"), users)
+    for user in (0, 1):
+        records = turns[user]
+        assert [r.worker for r in records] == [0, 1, 0, 1]
+        assert [r.cached for r in records] == [0, 0, 36, 52]
+    assert report.served_tokens == 2 * (36 + 52)
+    assert report.decisions == {"round_robin": 8}
+
+
+def test_a_cache_of_n_pages_evicts_the_least_recently_used_conversation():
+    """One worker of 20 pages. A and B (10 pages each while running: 30 + 8 tokens) finish and leave 9 pages
+    each in the cache (their decode snapshots at 36, prefill checkpoints at 28). C then needs 10 pages with 2
+    free: 8 go, all A's, the older conversation, from its tail (a leaf at a time; pages without a checkpoint
+    before those with one). B's next turn resumes at 36 and needs 5 more pages with 1 free: A's last page goes,
+    then C's tail (B's path is locked by B). A and C keep no checkpoint: nothing of theirs is usable."""
+    users = ScriptedUsers([[conversation(1, 0)], [conversation(2, 1, 30.0)], [conversation(3, 0)]],
+                          [0.0, 10.0, 20.0], PAGE)
+    sim, report, turns = simulate(tiny_config(workers=1, policy="cache_aware", cache_tokens=20 * PAGE), users)
+    assert [(r.user, r.turn) for r in sorted(sim.finished, key=lambda r: r.sent_at)] == [
+        (0, 0), (1, 0), (2, 0), (1, 1)]
+    assert [r.cached for r in turns[1]] == [0, 36]
+    tree = sim.workers[0].cache.tree
+    assert tree.num_evicted_pages == 8 + 4
+    assert tree.num_evicted_states == 4  # A's and C's, each at 28 and 36
+    assert report.evicted_tokens == 12 * PAGE
+    for user in (0, 2):
+        history = users.conversations[user][0][0].new_tokens + users.conversations[user][0][0].answer
+        assert sim.router.index.usable_pages(page_hashes(history, PAGE)) == {}
+    assert sim.workers[0].pages.num_used == tree.num_cached_pages  # nothing leaked: every page cached or free
+    tree.check_integrity()
+
+
+def test_the_router_index_follows_every_worker_cache_exactly():
+    users = ScriptedUsers([[conversation(s)] for s in range(6)], [0.1 * s for s in range(6)], PAGE)
+    sim, report, _ = simulate(tiny_config(workers=3, policy="round_robin", cache_tokens=40 * PAGE), users)
+    assert report.index["resyncs"] == 0 and report.index["matches_caches"]
+    for worker in sim.workers:
+        assert sim.router.index.digest(worker.name) == worker.cache.tree.digest
+        assert worker.pages.num_used == worker.cache.tree.num_cached_pages
+        assert worker.active == 0 and worker.queued_tokens == 0
+
+
+def test_candidates_kept_between_decisions_equal_fresh_ones(monkeypatch):
+    """The simulator keeps each worker's candidate between decisions; each decision's list must equal the one
+    ``_place`` would build afresh."""
+    from loadtest.simulator.router import SimRouter
+
+    checked = []
+    original = SimRouter._eligible
+
+    def checking(self, hits, session_id):
+        kept = original(self, hits, session_id)
+        assert kept == self.naive_candidates(hits, session_id)
+        checked.append(len(kept))
+        return kept
+
+    monkeypatch.setattr(SimRouter, "_eligible", checking)
+    config = dataclasses.replace(SimConfig(), workers=6, users_per_worker=2, duration_s=40, warmup_s=10,
+                                 weight_session=4096.0, cache_tokens=300_000)
+    run(config)
+    assert len(checked) > 100
+
+
+def test_time_model_reproduces_the_measured_decode_steps():
+    model = TimeModel.from_results()
+    data = json.loads((TimeModel.from_results.__globals__["DEFAULT_CALIBRATION"]).read_text())
+    for measured in data["runs"]:
+        step = model.decode_step_s(1, measured["context"] + 1)
+        assert step * 1e3 == pytest.approx(measured["step_ms_median"], rel=1e-3)
+    assert model.decode_step_s(8, 8 * 4096) > model.decode_step_s(1, 4096)  # a batch reads more experts and KV
+    assert model.decode_step_s(8, 8 * 4096) < 8 * model.decode_step_s(1, 4096)  # but the weights once
+
+
+def test_small_run_reports_every_policy():
+    base = SimConfig(workers=4, users_per_worker=2, duration_s=40, warmup_s=10, cache_tokens=250_000,
+                     weight_session=4096.0)
+    for policy in POLICIES:
+        report = run(dataclasses.replace(base, policy=policy))
+        assert report.policy == policy and report.workers == 4
+        assert report.requests > 20 and report.refusals == 0
+        assert 0 < report.reusable_served <= 1 and 0 <= report.prompt_served <= 1
+        assert report.served_tokens <= report.reusable_tokens <= report.prompt_tokens
+        assert report.available_hit >= report.chosen_hit - 1e-9
+        assert 0 < report.ttft_s["p50"] <= report.ttft_s["p90"] <= report.ttft_s["p99"]
+        assert 0 <= report.idle_fraction["min"] <= report.idle_fraction["mean"] <= report.idle_fraction["max"] <= 1
+        assert report.load_imbalance >= 1
+        assert report.index["resyncs"] == 0 and report.index["matches_caches"]
+        assert sum(report.decisions.values()) == report.requests_all + report.refusals
+
+
+def test_cli_compare_writes_json_png_and_table(tmp_path):
+    out = tmp_path / "compare.json"
+    simulator_main(["compare", "--workers-list", "2,4", "--cache-ratios", "2,0.75", "--policies",
+                    "cache_aware,round_robin,oracle", "--users-per-worker", "2", "--duration-s", "25",
+                    "--warmup-s", "5", "--jobs", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 2 * 2 * 3
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert result["table"].count("\n") == 1 + 2 * 3
+
+
+# ---- the router's session table ---------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["place", "expire", "drop"]), st.integers(0, 5), st.integers(0, 3),
+                          st.floats(0, 5)), max_size=60))
+def test_session_table_counts_match_a_plain_model(ops):
+    ttl = 2.0
+    table, model = SessionTable(ttl), {}
+    now = 0.0
+    for op, session, worker, dt in ops:
+        now += dt
+        if op == "place":
+            table.placed(f"s{session}", f"w{worker}", now)
+            model[f"s{session}"] = (f"w{worker}", now)
+        elif op == "expire":
+            table.expire(now)
+            model = {s: (w, t) for s, (w, t) in model.items() if t > now - ttl}
+        else:
+            table.drop_worker(f"w{worker}")
+            model = {s: (w, t) for s, (w, t) in model.items() if w != f"w{worker}"}
+        assert len(table) == len(model)
+        for w in range(4):
+            assert table.live(f"w{w}") == sum(1 for v, _ in model.values() if v == f"w{w}")
+            for s in range(6):
+                expected = sum(1 for k, (v, _) in model.items() if v == f"w{w}" and k != f"s{s}")
+                assert table.live(f"w{w}", excluding=f"s{s}") == expected
