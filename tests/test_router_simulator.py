@@ -173,7 +173,7 @@ def test_small_run_reports_every_policy():
 
 def test_cli_compare_writes_json_png_and_table(tmp_path):
     out = tmp_path / "compare.json"
-    simulator_main(["compare", "--workers-list", "2,4", "--cache-ratios", "2,0.75", "--policies",
+    simulator_main(["compare", "--workers-list", "2,4", "--cache-sizes", "400000,120000", "--policies",
                     "cache_aware,round_robin,oracle", "--users-per-worker", "2", "--duration-s", "25",
                     "--warmup-s", "5", "--jobs", "1", "--out", str(out)])
     result = json.loads(out.read_text())

@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("--request", type=_floats, default=[0.0, 512.0, 4096.0])
     weights.add_argument("--session", type=_floats, default=[0.0, 4096.0, 16384.0, 65536.0])
     for p in (grid, weights):
-        p.add_argument("--cache-ratios", type=_floats, default=[4.0, 1.0, 0.5],
-                       help="cache sizes as multiples of the working set")
+        p.add_argument("--cache-sizes", type=_ints, default=[1_000_000, 250_000, 125_000],
+                       help="KV tokens per worker, one simulation set each")
         p.add_argument("--jobs", type=int, default=2, help="simulations run at once (processes)")
         p.add_argument("--out", required=True, help="JSON path; the PNG is written beside it")
     for p in (one, grid, weights):
@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
     if args.command == "compare":
-        result = compare(config, args.workers_list, args.cache_ratios, args.policies.split(","), args.jobs)
+        result = compare(config, args.workers_list, args.cache_sizes, args.policies.split(","), args.jobs)
         shown = args.table_workers or max(args.workers_list)
         result["table_workers"] = shown
         result["table"] = table(result, shown)
         plot = plot_compare
     else:
-        result = sweep(config, args.cache_ratios, args.queue, args.request, args.session, args.jobs)
+        result = sweep(config, args.cache_sizes, args.queue, args.request, args.session, args.jobs)
         plot = plot_sweep
     result["time_model"] = TimeModel.from_results(Path(config.calibration or DEFAULT_CALIBRATION)).describe()
     out = Path(args.out)

@@ -2,8 +2,9 @@
 weights. Runs are independent processes' work (``jobs`` at a time); every run replays the same workload (same
 seed), so the policies differ only in placement.
 
-Cache sizes are given as a ratio of the working set (users per worker x a live conversation's mean history): above
-1 the caches hold every live conversation if placement is balanced; below 1 they cannot (memory pressure).
+Cache sizes are KV tokens per worker; each report says how that compares with the working set it measured (the
+histories of the conversations live on a worker, on average): above 1 the caches can hold every live conversation if
+placement is balanced; below 1 they cannot (memory pressure).
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ from .router import ORACLE, POLICIES
 from .simulation import run
 
 log = logging.getLogger("loadtest.simulator")
-
-
-def cache_tokens(config: SimConfig, ratio: float) -> int:
-    return int(ratio * config.users_per_worker * config.trace.mean_context_tokens)
 
 
 def _run_one(config: SimConfig) -> dict:
@@ -53,36 +50,33 @@ def run_all(configs: list[SimConfig], jobs: int) -> list[dict]:
     return results
 
 
-def compare(base: SimConfig, workers: list[int], ratios: list[float], policies: list[str], jobs: int) -> dict:
+def compare(base: SimConfig, workers: list[int], caches: list[int], policies: list[str], jobs: int) -> dict:
     """Every policy at every cluster size and cache size."""
     configs = [
-        dataclasses.replace(base, workers=n, policy=p, cache_tokens=cache_tokens(base, r))
-        for n, r, p in itertools.product(workers, ratios, policies)
+        dataclasses.replace(base, workers=n, policy=p, cache_tokens=c)
+        for n, c, p in itertools.product(workers, caches, policies)
     ]
     runs = run_all(configs, jobs)
-    for run_, (_, ratio, _) in zip(runs, itertools.product(workers, ratios, policies), strict=True):
-        run_["cache_ratio"] = ratio
-    return {"kind": "compare", "base": _describe(base), "workers": workers, "cache_ratios": ratios,
+    for run_, config in zip(runs, configs, strict=True):
+        run_["cache_tokens"] = config.cache_tokens
+    return {"kind": "compare", "base": _describe(base), "workers": workers, "cache_sizes": caches,
             "policies": policies, "runs": runs}
 
 
-def sweep(base: SimConfig, ratios: list[float], queue: list[float], request: list[float], session: list[float],
+def sweep(base: SimConfig, caches: list[int], queue: list[float], request: list[float], session: list[float],
           jobs: int) -> dict:
-    """cache_aware at every weight combination (cache weight 1: only ratios matter), and the oracle, per cache
-    size; then the choice (``choose_weights``)."""
-    configs, keys = [], []
-    for ratio in ratios:
-        tokens = cache_tokens(base, ratio)
+    """cache_aware at every weight combination (cache weight 1: only ratios of weights matter), and the oracle, per
+    cache size; then the choice (``choose_weights``)."""
+    configs = []
+    for tokens in caches:
         configs.append(dataclasses.replace(base, policy=ORACLE, cache_tokens=tokens))
-        keys.append((ratio, None))
         for q, r, s in itertools.product(queue, request, session):
             configs.append(dataclasses.replace(base, policy="cache_aware", cache_tokens=tokens, weight_cache=1.0,
                                                weight_queue=q, weight_request=r, weight_session=s))
-            keys.append((ratio, (q, r, s)))
     runs = run_all(configs, jobs)
-    for run_, (ratio, _) in zip(runs, keys, strict=True):
-        run_["cache_ratio"] = ratio
-    result = {"kind": "sweep", "base": _describe(base), "cache_ratios": ratios, "queue": queue, "request": request,
+    for run_, config in zip(runs, configs, strict=True):
+        run_["cache_tokens"] = config.cache_tokens
+    result = {"kind": "sweep", "base": _describe(base), "cache_sizes": caches, "queue": queue, "request": request,
               "session": session, "runs": runs}
     result["choice"] = choose_weights(result)
     return result
@@ -93,7 +87,7 @@ def choose_weights(sweep_result: dict) -> dict:
     with no worker idler than the oracle's most idle one (within ``slack``); among them the lowest worst-case TTFT
     p99 over the cache sizes. Without such weights, the ones whose worst shortfall against the oracle is least."""
     slack = 0.002
-    oracle = {r["cache_ratio"]: r for r in sweep_result["runs"] if r["policy"] == ORACLE}
+    oracle = {r["cache_tokens"]: r for r in sweep_result["runs"] if r["policy"] == ORACLE}
     by_weights: dict[tuple, list[dict]] = {}
     for r in sweep_result["runs"]:
         if r["policy"] != ORACLE:
@@ -103,7 +97,7 @@ def choose_weights(sweep_result: dict) -> dict:
     def shortfall(runs: list[dict]) -> float:
         worst = 0.0
         for r in runs:
-            o = oracle[r["cache_ratio"]]
+            o = oracle[r["cache_tokens"]]
             worst = max(worst, o["reusable_served"] - r["reusable_served"],
                         r["idle_fraction"]["max"] - o["idle_fraction"]["max"])
         return worst
@@ -127,11 +121,12 @@ def table(result: dict, workers: int) -> str:
     """Markdown: per cache size and policy, reusable tokens served and the most idle worker (plus TTFT p99 and
     load imbalance), at ``workers`` workers."""
     rows = [r for r in result["runs"] if r["workers"] == workers]
-    lines = ["| cache / working set | policy | reusable served | most idle worker | TTFT p50 / p99 (s) | "
+    lines = ["| cache per worker (/ working set) | policy | reusable served | most idle worker | TTFT p50 / p99 (s) | "
              "load imbalance |", "|---|---|---|---|---|---|"]
-    for ratio in result["cache_ratios"]:
-        for r in sorted((r for r in rows if r["cache_ratio"] == ratio), key=lambda r: POLICIES.index(r["policy"])):
-            lines.append(f"| {ratio:g} ({r['cache_tokens_per_worker'] / 1e3:.0f}K tokens) | {r['policy']} | "
+    for tokens in result["cache_sizes"]:
+        for r in sorted((r for r in rows if r["cache_tokens"] == tokens), key=lambda r: POLICIES.index(r["policy"])):
+            ratio = r["cache_tokens_per_worker"] / r["working_set_tokens_per_worker"]
+            lines.append(f"| {tokens / 1e3:.0f}K ({ratio:.2f}) | {r['policy']} | "
                          f"{r['reusable_served']:.3f} | {r['idle_fraction']['max']:.3f} | "
                          f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p99']:.2f} | {r['load_imbalance']:.2f} |")
     return "\n".join(lines)
@@ -144,5 +139,4 @@ def _weights_label(weights: dict) -> str:
 def _describe(config: SimConfig) -> dict:
     d = dataclasses.asdict(config)
     d["num_users"] = config.num_users
-    d["working_set_tokens_per_worker"] = config.users_per_worker * config.trace.mean_context_tokens
     return d

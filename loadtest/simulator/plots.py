@@ -26,14 +26,14 @@ def _pyplot():
 def plot_compare(result: dict, path: Path) -> None:
     """One column per cache size, one row per metric, one line per policy over the cluster sizes."""
     plt = _pyplot()
-    ratios = result["cache_ratios"]
-    fig, axes = plt.subplots(len(_METRICS), len(ratios), figsize=(4.2 * len(ratios), 3.0 * len(_METRICS)),
+    caches = result["cache_sizes"]
+    fig, axes = plt.subplots(len(_METRICS), len(caches), figsize=(4.2 * len(caches), 3.0 * len(_METRICS)),
                              squeeze=False)
-    for col, ratio in enumerate(ratios):
+    for col, tokens in enumerate(caches):
         for row, (_, label, value) in enumerate(_METRICS):
             ax = axes[row][col]
             for policy in sorted(result["policies"], key=POLICIES.index):
-                runs = sorted((r for r in result["runs"] if r["policy"] == policy and r["cache_ratio"] == ratio),
+                runs = sorted((r for r in result["runs"] if r["policy"] == policy and r["cache_tokens"] == tokens),
                               key=lambda r: r["workers"])
                 style = "k--" if policy == ORACLE else "-o"
                 ax.plot([r["workers"] for r in runs], [value(r) for r in runs], style, label=policy, markersize=4)
@@ -41,7 +41,7 @@ def plot_compare(result: dict, path: Path) -> None:
             ax.set_xlabel("workers")
             ax.set_ylabel(label)
             if row == 0:
-                ax.set_title(f"cache = {ratio:g} x working set")
+                ax.set_title(f"cache {tokens / 1e3:.0f}K tokens per worker", fontsize=10)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("router simulator: policies by cluster size (agentic trace, calibrated on "
@@ -55,13 +55,13 @@ def plot_sweep(result: dict, path: Path) -> None:
     """Per cache size: each weight combination as a point (most idle worker, reusable served), the oracle as a
     star, the chosen weights circled."""
     plt = _pyplot()
-    ratios = result["cache_ratios"]
+    caches = result["cache_sizes"]
     chosen = result["choice"]["weights"]
     sessions = sorted(set(result["session"]))
-    fig, axes = plt.subplots(1, len(ratios), figsize=(4.6 * len(ratios), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(caches), figsize=(4.6 * len(caches), 4.0), squeeze=False)
     cmap = plt.get_cmap("viridis")
-    for ax, ratio in zip(axes[0], ratios, strict=True):
-        runs = [r for r in result["runs"] if r["cache_ratio"] == ratio]
+    for ax, tokens in zip(axes[0], caches, strict=True):
+        runs = [r for r in result["runs"] if r["cache_tokens"] == tokens]
         for r in runs:
             x, y = r["idle_fraction"]["max"], r["reusable_served"]
             if r["policy"] == ORACLE:
@@ -76,7 +76,8 @@ def plot_sweep(result: dict, path: Path) -> None:
             ax.plot([], [], "o", color=cmap(sessions.index(s) / max(1, len(sessions) - 1)), label=f"session {s:g}")
         ax.set_xlabel("most idle worker's idle fraction")
         ax.set_ylabel("reusable tokens served")
-        ax.set_title(f"cache = {ratio:g} x working set", fontsize=10)
+        ratio = runs[0]["cache_tokens_per_worker"] / runs[0]["working_set_tokens_per_worker"]
+        ax.set_title(f"cache {tokens / 1e3:.0f}K tokens per worker ({ratio:.2f} x working set)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"cache_aware weight sweep at {result['base']['workers']} workers (cache weight 1; "

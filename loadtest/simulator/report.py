@@ -56,7 +56,7 @@ class Report:
     weights: dict[str, float]
     workers: int
     cache_tokens_per_worker: int
-    working_set_tokens_per_worker: float  # users per worker x a live conversation's mean history
+    working_set_tokens_per_worker: float  # live conversations' histories on a worker, averaged over the window
     requests: int  # finished, sent in the window
     requests_all: int  # finished, all
     refusals: int
@@ -117,7 +117,7 @@ def summarize(sim: Simulation, wall_s: float) -> Report:
         weights=dataclasses.asdict(config.weights),
         workers=config.workers,
         cache_tokens_per_worker=config.worker_config.num_pages * config.page_size * config.trace.token_scale,
-        working_set_tokens_per_worker=config.users_per_worker * config.trace.mean_context_tokens,
+        working_set_tokens_per_worker=sim.live_token_seconds / span / len(sim.workers) * scale,
         requests=len(records),
         requests_all=len(sim.finished),
         refusals=sim.refusals,

@@ -48,6 +48,11 @@ class Simulation:
         self.conversations_finished = 0
         self._any_finished = False
         self._requests = itertools.count()
+        # The working set: the histories of live conversations (from their first answer to their last), integrated
+        # over the window, so the report can say how the caches compare with what they would need to hold.
+        self._live_tokens = 0
+        self._live_since = 0.0
+        self.live_token_seconds = 0.0
 
     def run(self) -> Report:
         started = time.perf_counter()
@@ -67,6 +72,7 @@ class Simulation:
                     self._after(worker, now)
         for worker in self.workers:
             worker.close(max(now, self.config.duration_s))
+        self._live_changed(max(now, self.config.duration_s), 0)
         self.router.flush()
         return summarize(self, time.perf_counter() - started)
 
@@ -119,7 +125,10 @@ class Simulation:
         self.finished.append(Record.of(sim, self.config.trace.token_scale))
         self._any_finished = True
         conversation = sim.conversation
+        self.router.sessions.answered(conversation.key, now)
+        before = len(conversation.history)
         think = conversation.finish_turn(sim.request.prompt_token_ids)
+        self._live_changed(now, -before if conversation.done else len(conversation.history) - before)
         if conversation.done:
             self.conversations_finished += 1
             if conversation.worker is not None:
@@ -127,6 +136,14 @@ class Simulation:
             self._start_conversation(conversation.user, now + think)
         else:
             self._push(now + think, _SEND, (conversation, None))
+
+    def _live_changed(self, now: float, delta: int) -> None:
+        w0, w1 = self.config.warmup_s, self.config.duration_s
+        span = min(now, w1) - max(self._live_since, w0)
+        if span > 0:
+            self.live_token_seconds += self._live_tokens * span
+        self._live_since = now
+        self._live_tokens += delta
 
     # ---- events -------------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload) -> None:

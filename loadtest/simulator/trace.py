@@ -17,6 +17,7 @@ for Python, so a simulated token may stand for ``token_scale`` real ones (a simu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,7 @@ class TraceConfig:
     answer_tokens: int = field(default=500, metadata={"help": "mean answer length"})
     answer_spread: float = field(default=0.4, metadata={"help": "answers vary uniformly by +- this fraction"})
     think_time_s: float = field(default=2.0, metadata={"help": "mean pause between an answer and the next turn"})
+    new_task_s: float = field(default=20.0, metadata={"help": "mean pause before a user's next conversation"})
     system_prompt_tokens: int = field(default=0, metadata={"help": "prompt prefix shared by every conversation"})
     ramp_s: float = field(default=20.0, metadata={"help": "users start uniformly over this many seconds"})
     token_scale: int = field(default=16, metadata={"help": "real tokens per simulated token (1: exact)"})
@@ -55,8 +57,8 @@ class TraceConfig:
             raise ValueError("turn and answer lengths must be at least one simulated token (token_scale)")
         if self.system_prompt_tokens >= self.first_turn_tokens * (1 - self.first_turn_spread):
             raise ValueError("the system prompt must be shorter than every first turn")
-        if self.think_time_s < 0 or self.ramp_s < 0:
-            raise ValueError("think_time_s and ramp_s must be >= 0")
+        if min(self.think_time_s, self.new_task_s, self.ramp_s) < 0:
+            raise ValueError("think_time_s, new_task_s and ramp_s must be >= 0")
 
     @property
     def max_request_tokens(self) -> float:
@@ -64,12 +66,6 @@ class TraceConfig:
         answer = self.answer_tokens * (1 + self.answer_spread)
         return (self.first_turn_tokens * (1 + self.first_turn_spread)
                 + self.max_follow_ups * (self.follow_up_tokens * (1 + self.follow_up_spread) + answer) + answer)
-
-    @property
-    def mean_context_tokens(self) -> float:
-        """A live conversation's mean history length (real tokens), halfway through its follow-ups."""
-        turns = (self.min_follow_ups + self.max_follow_ups) / 2
-        return self.first_turn_tokens + turns / 2 * (self.follow_up_tokens + self.answer_tokens)
 
 
 @dataclass(frozen=True)
@@ -143,6 +139,9 @@ class Users:
             turns.append(Turn(self._tokens(rng, length(c.follow_up_tokens, c.follow_up_spread)),
                               self._tokens(rng, length(c.answer_tokens, c.answer_spread)),
                               float(rng.exponential(c.think_time_s)) if c.think_time_s else 0.0))
+        # After its last answer the user moves on to a new task: a longer pause.
+        pause = float(rng.exponential(c.new_task_s)) if c.new_task_s else 0.0
+        turns[-1] = dataclasses.replace(turns[-1], think_s=pause)
         return Conversation(f"user{user}-conv{number}", user, turns, self.page_size)
 
     @staticmethod

@@ -7,8 +7,8 @@ come back there. Load alone therefore sends new conversations to the workers who
 thinking, piling conversations (and cache) onto them. Counting the conversations that stick to each worker lets
 ``cache_aware`` spread new conversations the way a balanced sticky assignment would.
 
-A conversation is live from a request with its session id until ``ttl_s`` passes without one; a request moves it
-to the worker it was placed on. Requests without a session id are not counted.
+A conversation is live from a request with its session id until ``ttl_s`` passes after its last answer without a
+new request; a request moves it to the worker it was placed on. Requests without a session id are not counted.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ class SessionTable:
             self._uncount(previous[0])
         self._sessions[session_id] = (worker, now)
         self._counts[worker] += 1
+
+    def answered(self, session_id: str, now: float) -> None:
+        """The conversation's request finished now: its silence (the time it thinks) counts from here."""
+        held = self._sessions.pop(session_id, None)
+        if held is not None:
+            self._sessions[session_id] = (held[0], now)
 
     def drop_worker(self, worker: str) -> None:
         """The worker is gone: its conversations will land elsewhere."""
