@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 
 from loadtest.simulator.__main__ import main as simulator_main
 from loadtest.simulator.config import SimConfig
+from loadtest.simulator.experiments import choose_weights
 from loadtest.simulator.router import POLICIES
 from loadtest.simulator.simulation import Simulation, run
 from loadtest.simulator.timing import TimeModel
 from loadtest.simulator.trace import ScriptedUsers, TraceConfig, Turn
 from services.common.page_hash import page_hashes
+from services.router.policy import Candidate, Placer, Policy, Weights
 from services.router.sessions import SessionTable
 
 PAGE = 4
@@ -207,3 +209,52 @@ def test_session_table_counts_match_a_plain_model(ops):
             for s in range(6):
                 expected = sum(1 for k, (v, _) in model.items() if v == f"w{w}" and k != f"s{s}")
                 assert table.live(f"w{w}", excluding=f"s{s}") == expected
+
+
+def test_session_term_spreads_new_conversations_and_keeps_follow_ups():
+    placer = Placer(Policy.CACHE_AWARE, Weights(cache=1.0, queue=0.1, request=512.0, session=8192.0))
+    busy_with_conversations = Candidate("w0", "a0", active=0, queued_tokens=0, hit_tokens=0, sessions=3)
+    running_one = Candidate("w1", "a1", active=1, queued_tokens=0, hit_tokens=0, sessions=1)
+    # A new conversation: no hit anywhere; w0 looks idle (its three conversations are between turns) but holds more.
+    assert placer.choose([busy_with_conversations, running_one], 50_000).worker.name == "w1"
+    # A follow-up whose history w0 holds stays there (its own conversation is not counted against w0).
+    holder = dataclasses.replace(busy_with_conversations, hit_tokens=49_000, sessions=2)
+    choice = placer.choose([holder, running_one], 50_000)
+    assert choice.worker.name == "w0" and choice.reason == "cache_hit"
+    # A follow-up that no worker can resume stays with its conversation unless moving evens the counts out:
+    # w0 runs one more request, but w1 holds as many other conversations.
+    evicted = dataclasses.replace(holder, hit_tokens=0, sessions=1, active=1, holds_session=True)
+    other = dataclasses.replace(running_one, active=0)
+    assert placer.choose([evicted, other], 50_000).worker.name == "w0"
+    assert placer.choose([evicted, dataclasses.replace(other, sessions=0)], 50_000).worker.name == "w1"
+    # Without the term, the new conversation goes to the worker that only looks idle.
+    plain = Placer(Policy.CACHE_AWARE, Weights(cache=1.0, queue=0.1, request=512.0, session=0.0))
+    assert plain.choose([busy_with_conversations, running_one], 50_000).worker.name == "w0"
+
+
+def test_weights_are_chosen_by_the_oracle_bar_then_ttft():
+    def named(weights):
+        return dict(zip(("cache", "queue", "request", "session"), weights, strict=True))
+
+    def run_(policy, weights, cache, served, idle, p99, seed=0):
+        return {"policy": policy, "weights": named(weights),
+                "cache_tokens": cache, "seed": seed, "reusable_served": served, "idle_fraction": {"max": idle},
+                "ttft_s": {"p99": p99}}
+
+    meets_slow, meets_fast, short = (1, 0, 0, 8192), (1, 0, 512, 8192), (1, 1, 512, 0)
+    runs = []
+    for cache, oracle_served in ((1000, 0.99), (100, 0.30)):
+        for seed, noise in ((0, 0.01), (1, -0.01)):  # means over seeds are what count
+            runs += [run_("oracle", (1, 1, 512, 0), cache, oracle_served + noise, 0.40, 5.0, seed),
+                     run_("cache_aware", meets_slow, cache, oracle_served - noise, 0.40, 4.0, seed),
+                     run_("cache_aware", meets_fast, cache, oracle_served + 0.001, 0.39, 3.0, seed),
+                     run_("cache_aware", short, cache, oracle_served - 0.05, 0.10, 1.0, seed)]
+    choice = choose_weights({"runs": runs})
+    assert choice["weights"] == named(meets_fast)
+    assert choice["feasible"] == 2 and choice["candidates"] == 3
+    # Without a feasible set, the least shortfall wins.
+    runs = [r for r in runs if r["weights"] != named(meets_fast)
+            or r["policy"] == "oracle"]
+    runs = [dict(r, reusable_served=r["reusable_served"] - 0.02) if r["policy"] != "oracle" else r for r in runs]
+    choice = choose_weights({"runs": runs})
+    assert choice["feasible"] == 0 and choice["weights"]["queue"] == 0 and choice["shortfall"] == pytest.approx(0.02)

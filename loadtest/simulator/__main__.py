@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--policies", default=",".join(POLICIES))
     grid.add_argument("--table-workers", type=int, default=0, help="cluster size of the printed table (0: largest)")
     weights = sub.add_parser("sweep", help="cache_aware weights against the oracle")
-    weights.add_argument("--queue", type=_floats, default=[0.0, 0.1, 0.5, 1.0])
-    weights.add_argument("--request", type=_floats, default=[0.0, 512.0, 4096.0])
-    weights.add_argument("--session", type=_floats, default=[0.0, 4096.0, 16384.0, 65536.0])
+    weights.add_argument("--queue", type=_floats, default=[0.0, 0.1, 1.0])
+    weights.add_argument("--request", type=_floats, default=[0.0, 512.0])
+    weights.add_argument("--session", type=_floats, default=[0.0, 8192.0, 32768.0])
+    weights.add_argument("--seeds", type=_ints, default=[0, 1], help="workload seeds (results are averaged)")
     for p in (grid, weights):
         p.add_argument("--cache-sizes", type=_ints, default=[1_000_000, 250_000, 125_000],
                        help="KV tokens per worker, one simulation set each")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         result["table"] = table(result, shown)
         plot = plot_compare
     else:
-        result = sweep(config, args.cache_sizes, args.queue, args.request, args.session, args.jobs)
+        result = sweep(config, args.cache_sizes, args.queue, args.request, args.session, args.jobs, args.seeds)
         plot = plot_sweep
     result["time_model"] = TimeModel.from_results(Path(config.calibration or DEFAULT_CALIBRATION)).describe()
     out = Path(args.out)

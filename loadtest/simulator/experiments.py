@@ -16,11 +16,14 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
+
 from .config import SimConfig
 from .router import ORACLE, POLICIES
 from .simulation import run
 
 log = logging.getLogger("loadtest.simulator")
+_WEIGHTS = ("cache", "queue", "request", "session")
 
 
 def _run_one(config: SimConfig) -> dict:
@@ -64,57 +67,65 @@ def compare(base: SimConfig, workers: list[int], caches: list[int], policies: li
 
 
 def sweep(base: SimConfig, caches: list[int], queue: list[float], request: list[float], session: list[float],
-          jobs: int) -> dict:
+          jobs: int, seeds: list[int]) -> dict:
     """cache_aware at every weight combination (cache weight 1: only ratios of weights matter), and the oracle, per
-    cache size; then the choice (``choose_weights``)."""
+    cache size and workload seed; then the choice (``choose_weights``)."""
     configs = []
-    for tokens in caches:
-        configs.append(dataclasses.replace(base, policy=ORACLE, cache_tokens=tokens))
+    for seed, tokens in itertools.product(seeds, caches):
+        configs.append(dataclasses.replace(base, policy=ORACLE, cache_tokens=tokens, seed=seed))
         for q, r, s in itertools.product(queue, request, session):
-            configs.append(dataclasses.replace(base, policy="cache_aware", cache_tokens=tokens, weight_cache=1.0,
-                                               weight_queue=q, weight_request=r, weight_session=s))
+            configs.append(dataclasses.replace(base, policy="cache_aware", cache_tokens=tokens, seed=seed,
+                                               weight_cache=1.0, weight_queue=q, weight_request=r, weight_session=s))
     runs = run_all(configs, jobs)
     for run_, config in zip(runs, configs, strict=True):
-        run_["cache_tokens"] = config.cache_tokens
-    result = {"kind": "sweep", "base": _describe(base), "cache_sizes": caches, "queue": queue, "request": request,
-              "session": session, "runs": runs}
+        run_["cache_tokens"], run_["seed"] = config.cache_tokens, config.seed
+    result = {"kind": "sweep", "base": _describe(base), "cache_sizes": caches, "seeds": seeds, "queue": queue,
+              "request": request, "session": session, "runs": runs}
     result["choice"] = choose_weights(result)
     return result
 
 
+def _mean_by(runs: list[dict], key) -> dict:
+    """Per key: the runs' mean reusable served, most idle worker and TTFT p99 (over the workload seeds)."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return {k: {"reusable_served": float(np.mean([r["reusable_served"] for r in g])),
+                "idle_max": float(np.mean([r["idle_fraction"]["max"] for r in g])),
+                "ttft_p99": float(np.mean([r["ttft_s"]["p99"] for r in g]))} for k, g in groups.items()}
+
+
 def choose_weights(sweep_result: dict) -> dict:
     """The weights to make default: those that, at every cache size, serve at least the oracle's reusable tokens
-    with no worker idler than the oracle's most idle one (within ``slack``); among them the lowest worst-case TTFT
-    p99 over the cache sizes. Without such weights, the ones whose worst shortfall against the oracle is least."""
+    with no worker idler than the oracle's most idle one (means over the seeds, within ``slack``); among them the
+    lowest worst-case TTFT p99. Without such weights, the ones whose worst shortfall against the oracle is least."""
     slack = 0.002
-    oracle = {r["cache_tokens"]: r for r in sweep_result["runs"] if r["policy"] == ORACLE}
-    by_weights: dict[tuple, list[dict]] = {}
-    for r in sweep_result["runs"]:
-        if r["policy"] != ORACLE:
-            w = r["weights"]
-            by_weights.setdefault((w["cache"], w["queue"], w["request"], w["session"]), []).append(r)
+    runs = sweep_result["runs"]
+    oracle = _mean_by([r for r in runs if r["policy"] == ORACLE], lambda r: r["cache_tokens"])
+    means = _mean_by([r for r in runs if r["policy"] != ORACLE],
+                     lambda r: (tuple(r["weights"][k] for k in _WEIGHTS), r["cache_tokens"]))
+    by_weights: dict[tuple, dict] = {}
+    for (weights, tokens), m in means.items():
+        by_weights.setdefault(weights, {})[tokens] = m
 
-    def shortfall(runs: list[dict]) -> float:
-        worst = 0.0
-        for r in runs:
-            o = oracle[r["cache_tokens"]]
-            worst = max(worst, o["reusable_served"] - r["reusable_served"],
-                        r["idle_fraction"]["max"] - o["idle_fraction"]["max"])
-        return worst
+    def shortfall(per_cache: dict) -> float:
+        return max(max(oracle[t]["reusable_served"] - m["reusable_served"], m["idle_max"] - oracle[t]["idle_max"])
+                   for t, m in per_cache.items())
 
-    def worst_ttft(runs: list[dict]) -> float:
-        return max(r["ttft_s"]["p99"] for r in runs)
+    def worst_ttft(per_cache: dict) -> float:
+        return max(m["ttft_p99"] for m in per_cache.values())
 
-    feasible = {k: v for k, v in by_weights.items() if shortfall(v) <= slack}
+    feasible = [k for k, v in by_weights.items() if shortfall(v) <= slack]
     if feasible:
-        best = min(feasible, key=lambda k: (worst_ttft(feasible[k]), k))
+        best = min(feasible, key=lambda k: (worst_ttft(by_weights[k]), k))
         why = f"meets the oracle at every cache size (within {slack}); lowest worst-case TTFT p99 of those"
     else:
         best = min(by_weights, key=lambda k: (shortfall(by_weights[k]), worst_ttft(by_weights[k]), k))
         why = "no weights meet the oracle at every cache size; the least shortfall"
-    return {"weights": dict(zip(("cache", "queue", "request", "session"), best, strict=True)),
-            "why": why, "shortfall": shortfall(by_weights[best]), "worst_ttft_p99_s": worst_ttft(by_weights[best]),
-            "feasible": len(feasible), "candidates": len(by_weights)}
+    return {"weights": dict(zip(_WEIGHTS, best, strict=True)), "why": why, "shortfall": shortfall(by_weights[best]),
+            "worst_ttft_p99_s": worst_ttft(by_weights[best]), "feasible": len(feasible),
+            "candidates": len(by_weights), "oracle": {str(t): m for t, m in oracle.items()},
+            "chosen": {str(t): m for t, m in by_weights[best].items()}}
 
 
 def table(result: dict, workers: int) -> str:

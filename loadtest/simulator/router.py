@@ -107,8 +107,8 @@ class SimRouter:
         """The worker's load (in flight, queued tokens) changed: rebuild its candidate before the next decision."""
         self._dirty.add(worker.index)
 
-    def _candidate(self, w: SimWorker, hit: int, sessions: int) -> Candidate:
-        return Candidate(w.name, w.address, w.active, w.queued_tokens * self.scale, hit, sessions)
+    def _candidate(self, w: SimWorker, hit: int, sessions: int, holds_session: bool = False) -> Candidate:
+        return Candidate(w.name, w.address, w.active, w.queued_tokens * self.scale, hit, sessions, holds_session)
 
     def _eligible(self, hits: dict[str, int], session_id: str) -> list[Candidate]:
         """The candidates ``_place`` would build, from a kept list of every worker's hit-free candidate where only
@@ -128,14 +128,15 @@ class SimRouter:
         patched = set(hits) | ({own} if own is not None else set())
         for name in patched:
             w = self._by_name[name]
-            out[w.index] = self._candidate(w, hits.get(name, 0), sessions.live(name, session_id))
+            out[w.index] = self._candidate(w, hits.get(name, 0), sessions.live(name, session_id), name == own)
         if self._full:
             out = [c for i, c in enumerate(out) if i not in self._full]
         return out
 
     def naive_candidates(self, hits: dict[str, int], session_id: str) -> list[Candidate]:
         """Every candidate built afresh, as ``_place`` does (for tests of ``_eligible``)."""
-        return [self._candidate(w, hits.get(w.name, 0), self.sessions.live(w.name, session_id))
+        own = self.sessions.worker_of(session_id)
+        return [self._candidate(w, hits.get(w.name, 0), self.sessions.live(w.name, session_id), w.name == own)
                 for w in self.workers if w.active < self.capacity]
 
     def _count(self, reason: str) -> None:

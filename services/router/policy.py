@@ -5,8 +5,10 @@ Policies:
 - ``cache_aware`` (default): the lowest cost, where cost = ``cache`` x prompt tokens the worker would have to
   compute or receive (the prompt minus its usable hit) + ``queue`` x prompt tokens already queued there +
   ``request`` x requests running or waiting there + ``session`` x other live conversations placed there
-  (services/router/sessions.py: between turns a conversation shows no load, yet it will come back). Ties go to
-  the lower worker id, so two routers with the same view choose the same worker.
+  (services/router/sessions.py: between turns a conversation shows no load, yet it will come back), less half a
+  ``session`` on the worker the request's own conversation is on (so a conversation that no worker can resume
+  moves only where that evens out the conversations). Ties go to the lower worker id, so two routers with the
+  same view choose the same worker.
 - ``round_robin``: the next eligible worker in id order.
 - ``least_load``: the fewest requests, then the fewest queued tokens.
 - ``session``: sticky by conversation: rendezvous hashing of the session id over the eligible workers'
@@ -53,6 +55,7 @@ class Candidate:
     queued_tokens: int  # prompt tokens queued there
     hit_tokens: int  # usable prefix-cache hit for this prompt
     sessions: int = 0  # live conversations placed there, other than this request's
+    holds_session: bool = False  # this request's conversation was last placed there
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class Placer:
         w = self.weights
         uncached = prompt_tokens - worker.hit_tokens
         return (w.cache * uncached + w.queue * worker.queued_tokens + w.request * worker.active
-                + w.session * worker.sessions)
+                + w.session * (worker.sessions - 0.5 * worker.holds_session))
 
     def choose(self, candidates: Sequence[Candidate], prompt_tokens: int, session_id: str = "",
                policy: Policy | None = None) -> Choice | None:

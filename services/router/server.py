@@ -35,6 +35,7 @@ from .config import RouterConfig
 from .index import CacheIndex
 from .metrics import RouterMetrics
 from .policy import Candidate, Choice, Placer, Policy
+from .sessions import SessionTable
 from .sync import ClusterSync
 from .workers import Worker, WorkerTable
 
@@ -94,6 +95,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         self.tokenizer = load_tokenizer(None if dummy else config.model, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids)
         self.placer = Placer(Policy(config.policy), config.weights)
+        self.sessions = SessionTable(config.session_ttl_s)  # this replica's view of live conversations
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                         yield response
                     if finished:
                         self.metrics.requests.labels("finished").inc()
+                        self.sessions.answered(request.session_id, time.monotonic())
                         return
                     raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
                 except _PodFailed as failure:
@@ -214,6 +217,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                            f"no decode pod serving {self.config.model_name!r} is available")
         policy = self.placer.policy
         cache_known = self.sync.up
+        self.sessions.expire(now)
         usable = self.index.usable_pages(hashes) if cache_known else {}
         cap = (len(prompt) - 1) // page  # the last token is always computed: its logits are needed
         in_sync = {w.name for w in self.table.workers.values() if w.feed.in_sync}
@@ -223,7 +227,8 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
 
         def candidate(worker: Worker) -> Candidate:
             return Candidate(worker.name, worker.record.address, worker.active, worker.record.queued_prefill_tokens,
-                             hit(worker))
+                             hit(worker), self.sessions.live(worker.name, session_id),
+                             self.sessions.worker_of(session_id) == worker.name)
 
         candidates = [candidate(w) for w in decodes]
         if policy is Policy.CACHE_AWARE and not cache_known:
@@ -231,6 +236,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         else:
             choice = self.placer.choose(candidates, len(prompt), session_id)
         decode = next(w for w in decodes if w.name == choice.worker.name)
+        self.sessions.placed(session_id, decode.name, now)
         prefill = None
         prefills = self.table.eligible("prefill", now, fingerprint=decode.record.fingerprint)
         if prefills:
