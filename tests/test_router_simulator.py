@@ -241,20 +241,22 @@ def test_weights_are_chosen_by_the_oracle_bar_then_ttft():
                 "cache_tokens": cache, "seed": seed, "reusable_served": served, "idle_fraction": {"max": idle},
                 "ttft_s": {"p99": p99}}
 
-    meets_slow, meets_fast, short = (1, 0, 0, 8192), (1, 0, 512, 8192), (1, 1, 512, 0)
+    meets_slow, meets_fast, short, blind = (1, 0.1, 0, 8192), (1, 0, 512, 8192), (1, 1, 512, 0), (1, 0, 0, 8192)
     runs = []
     for cache, oracle_served in ((1000, 0.99), (100, 0.30)):
         for seed, noise in ((0, 0.01), (1, -0.01)):  # means over seeds are what count
             runs += [run_("oracle", (1, 1, 512, 0), cache, oracle_served + noise, 0.40, 5.0, seed),
                      run_("cache_aware", meets_slow, cache, oracle_served - noise, 0.40, 4.0, seed),
                      run_("cache_aware", meets_fast, cache, oracle_served + 0.001, 0.39, 3.0, seed),
-                     run_("cache_aware", short, cache, oracle_served - 0.05, 0.10, 1.0, seed)]
+                     run_("cache_aware", short, cache, oracle_served - 0.05, 0.10, 1.0, seed),
+                     run_("cache_aware", blind, cache, oracle_served + 0.05, 0.10, 0.5, seed)]
     choice = choose_weights({"runs": runs})
-    assert choice["weights"] == named(meets_fast)
+    assert choice["weights"] == named(meets_fast)  # the load-blind weights would look best: never chosen
     assert choice["feasible"] == 2 and choice["candidates"] == 3
     # Without a feasible set, the least shortfall wins.
     runs = [r for r in runs if r["weights"] != named(meets_fast)
             or r["policy"] == "oracle"]
     runs = [dict(r, reusable_served=r["reusable_served"] - 0.02) if r["policy"] != "oracle" else r for r in runs]
     choice = choose_weights({"runs": runs})
-    assert choice["feasible"] == 0 and choice["weights"]["queue"] == 0 and choice["shortfall"] == pytest.approx(0.02)
+    assert choice["feasible"] == 0 and choice["weights"] == named(meets_slow)
+    assert choice["shortfall"] == pytest.approx(0.02)

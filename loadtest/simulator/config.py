@@ -23,6 +23,10 @@ class SimConfig:
     weight_request: float = field(default=Weights.request, metadata={"help": "cost per request on the worker"})
     weight_session: float = field(default=Weights.session, metadata={"help": "cost per other live conversation"})
     session_ttl_s: float = field(default=10.0, metadata={"help": "router: a conversation silent this long is over"})
+    session_ids: bool = field(default=True, metadata={"help": "requests carry their conversation's id"})
+    session_end_signal: bool = field(
+        default=False, metadata={"help": "what-if: clients tell the router when a conversation is over"}
+    )
     users_per_worker: float = field(default=4.0, metadata={"help": "agentic users (concurrent conversations)"})
     duration_s: float = field(default=120.0, metadata={"help": "users send no turn after this (simulated s)"})
     warmup_s: float = field(default=40.0, metadata={"help": "metrics cover requests sent from here to the end"})

@@ -98,7 +98,9 @@ def _mean_by(runs: list[dict], key) -> dict:
 def choose_weights(sweep_result: dict) -> dict:
     """The weights to make default: those that, at every cache size, serve at least the oracle's reusable tokens
     with no worker idler than the oracle's most idle one (means over the seeds, within ``slack``); among them the
-    lowest worst-case TTFT p99. Without such weights, the ones whose worst shortfall against the oracle is least."""
+    lowest worst-case TTFT p99. Without such weights, the ones whose worst shortfall against the oracle is least.
+    Load-blind weights (queue = request = 0) are never chosen: a request without a session id would find every
+    worker at the same cost and go to the lowest id, every time (``--session-ids false`` runs show it)."""
     slack = 0.002
     runs = sweep_result["runs"]
     oracle = _mean_by([r for r in runs if r["policy"] == ORACLE], lambda r: r["cache_tokens"])
@@ -106,7 +108,8 @@ def choose_weights(sweep_result: dict) -> dict:
                      lambda r: (tuple(r["weights"][k] for k in _WEIGHTS), r["cache_tokens"]))
     by_weights: dict[tuple, dict] = {}
     for (weights, tokens), m in means.items():
-        by_weights.setdefault(weights, {})[tokens] = m
+        if weights[1] or weights[2]:  # queue or request: load-aware
+            by_weights.setdefault(weights, {})[tokens] = m
 
     def shortfall(per_cache: dict) -> float:
         return max(max(oracle[t]["reusable_served"] - m["reusable_served"], m["idle_max"] - oracle[t]["idle_max"])

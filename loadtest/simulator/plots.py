@@ -62,16 +62,18 @@ def plot_sweep(result: dict, path: Path) -> None:
     cmap = plt.get_cmap("viridis")
     for ax, tokens in zip(axes[0], caches, strict=True):
         runs = [r for r in result["runs"] if r["cache_tokens"] == tokens]
-        for r in runs:
+        labelled: set[str] = set()
+        for r in runs:  # one point per run (each workload seed)
             x, y = r["idle_fraction"]["max"], r["reusable_served"]
             if r["policy"] == ORACLE:
-                ax.plot(x, y, "r*", markersize=14, label="oracle (balanced sticky)")
+                ax.plot(x, y, "r*", markersize=14, label=_once("oracle (balanced sticky)", labelled))
                 continue
             w = r["weights"]
             color = cmap(sessions.index(w["session"]) / max(1, len(sessions) - 1))
             ax.plot(x, y, "o", color=color, markersize=5)
             if w == chosen:
-                ax.plot(x, y, "o", markerfacecolor="none", markeredgecolor="k", markersize=12, label="chosen")
+                ax.plot(x, y, "o", markerfacecolor="none", markeredgecolor="k", markersize=12,
+                        label=_once("chosen", labelled))
         for s in sessions:
             ax.plot([], [], "o", color=cmap(sessions.index(s) / max(1, len(sessions) - 1)), label=f"session {s:g}")
         ax.set_xlabel("most idle worker's idle fraction")
@@ -85,3 +87,11 @@ def plot_sweep(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _once(name: str, labelled: set[str]) -> str | None:
+    """The legend label the first time, none after (one point per seed)."""
+    if name in labelled:
+        return None
+    labelled.add(name)
+    return name

@@ -103,6 +103,12 @@ class SimRouter:
             self._dirty.add(self._by_name[previous].index)
         return worker, choice.worker.hit_tokens, available
 
+    def session_ended(self, session_id: str) -> None:
+        holder = self.sessions.worker_of(session_id)
+        if holder is not None:
+            self.sessions.ended(session_id)
+            self._dirty.add(self._by_name[holder].index)
+
     def load_changed(self, worker: SimWorker) -> None:
         """The worker's load (in flight, queued tokens) changed: rebuild its candidate before the next decision."""
         self._dirty.add(worker.index)

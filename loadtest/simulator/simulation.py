@@ -96,7 +96,8 @@ class Simulation:
         hashes = conversation.hashes[: len(prompt) // page]
         turn = conversation.turns[conversation.turn]
         sticky = self.workers[conversation.worker] if conversation.worker is not None else None
-        worker, chosen, available = self.router.place(len(prompt), hashes, conversation.key, now, sticky)
+        session_id = conversation.key if self.config.session_ids else ""
+        worker, chosen, available = self.router.place(len(prompt), hashes, session_id, now, sticky)
         if worker is None:
             self.refusals += 1
             self._push(now + self.config.retry_after_s, _SEND, (conversation, now if sent_at is None else sent_at))
@@ -131,6 +132,8 @@ class Simulation:
         self._live_changed(now, -before if conversation.done else len(conversation.history) - before)
         if conversation.done:
             self.conversations_finished += 1
+            if self.config.session_end_signal:
+                self.router.session_ended(conversation.key)
             if conversation.worker is not None:
                 self.router.live_conversations[conversation.worker] -= 1
             self._start_conversation(conversation.user, now + think)

@@ -35,10 +35,12 @@ class Policy(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Weights:
+    # Defaults chosen with the router simulator (loadtest/simulator, DESIGN.md "Router placement"): the sweep's
+    # load-aware weights closest to a balanced sticky assignment of conversations at every cache size.
     cache: float = 1.0  # per prompt token the worker would compute (or receive) rather than reuse
-    queue: float = 1.0  # per prompt token already queued on the worker
+    queue: float = 0.0  # per prompt token already queued on the worker
     request: float = 512.0  # per request running or waiting on the worker
-    session: float = 0.0  # per other live conversation placed on the worker
+    session: float = 8192.0  # per other live conversation placed on the worker
 
     def __post_init__(self) -> None:
         if min(self.cache, self.queue, self.request, self.session) < 0:

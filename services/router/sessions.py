@@ -63,6 +63,13 @@ class SessionTable:
         if held is not None:
             self._sessions[session_id] = (held[0], now)
 
+    def ended(self, session_id: str) -> None:
+        """The client says the conversation is over (no client does yet; the simulator measures what it would
+        be worth)."""
+        held = self._sessions.pop(session_id, None)
+        if held is not None:
+            self._uncount(held[0])
+
     def drop_worker(self, worker: str) -> None:
         """The worker is gone: its conversations will land elsewhere."""
         for session_id in [s for s, (w, _) in self._sessions.items() if w == worker]:
