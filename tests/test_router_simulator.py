@@ -260,3 +260,23 @@ def test_weights_are_chosen_by_the_oracle_bar_then_ttft():
     choice = choose_weights({"runs": runs})
     assert choice["feasible"] == 0 and choice["weights"] == named(meets_slow)
     assert choice["shortfall"] == pytest.approx(0.02)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4) .map(lambda x: x * 1000), st.integers(0, 3),
+                          st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
+       st.sampled_from([Weights(), Weights(1, 1, 512, 0), Weights(1, 0.1, 0, 32768), Weights(0, 0, 0, 0)]))
+def test_cache_aware_choice_is_the_lowest_cost_then_the_lowest_name(rows, weights):
+    """Placer.choose against the plain definition, ties included (small integer values make many)."""
+    candidates = [Candidate(f"w{i:02d}", f"a{i}", active, queued, hit * 16, sessions, holds)
+                  for i, (hit, queued, active, sessions, holds) in enumerate(rows)]
+    random.Random(len(rows)).shuffle(candidates)
+    placer = Placer(Policy.CACHE_AWARE, weights)
+
+    def plain_cost(c):
+        return (weights.cache * (64 - c.hit_tokens) + weights.queue * c.queued_tokens + weights.request * c.active
+                + weights.session * (c.sessions - 0.5 * c.holds_session))
+
+    expected = min(candidates, key=lambda c: (plain_cost(c), c.name))
+    choice = placer.choose(candidates, 64)
+    assert choice.worker == expected and choice.cost == plain_cost(expected)
