@@ -90,6 +90,28 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: i
     return 2 * nbytes / statistics.median(times)
 
 
+def measure_gemm_flops(device: torch.device, size: int = 8192, iters: int = 20) -> float:
+    """FLOP/s of a large bf16 matrix product (cuBLAS, random operands: zeros run faster), the compute ceiling
+    the benchmarks measure against."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device, generator=gen)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device, generator=gen)
+    for _ in range(3):
+        torch.mm(a, b)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 / statistics.median(times)
+
+
 def grouped_bar_chart(
     path: Path, labels: list[str], series: list[tuple[str, list[float]]], *, xlabel: str, ylabel: str, title: str,
     hline: tuple[str, float] | None = None,

@@ -1,10 +1,13 @@
-"""Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU, and report what ptxas made of them.
+"""Compile the Triton kernels for Hopper (sm_90) and Blackwell (sm_100) on a machine without a GPU, and report what
+ptxas made of them.
 
-    python -m kernels.compile_check                 # every case below
+    python -m kernels.compile_check                 # every case below, for sm_90
     python -m kernels.compile_check --cases gdn     # names containing "gdn"
+    python -m kernels.compile_check --archs 90,100  # also for the B200's sm_100
 
 Each case calls a real launcher (``gdn_prefill``, ``gated_norm_linear``, ...) on CPU tensors of the model's real
-shapes, with Triton's launch replaced by a compile for an sm_90 target of 132 SMs (an H100 / H200): the
+shapes, with Triton's launch replaced by a compile for the target (sm_90 with 132 SMs: an H100 / H200; sm_100 with
+148: a B200; Triton builds the ``a`` variants, sm_90a / sm_100a, for these capabilities): the
 arguments are specialised exactly as a launch specialises them (16-byte-aligned pointers, strides divisible
 by 16), the GPU launch configuration is used (PDL on), and nothing runs. It catches what the interpreter
 cannot (code that does not compile, register spills, global loads that are not 16 bytes wide) at no device
@@ -28,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-NUM_SMS = 132
-# The launchers' modules, imported before Sm90Compiler patches their launch configuration.
+NUM_SMS = {90: 132, 100: 148}  # H100 / H200, B200
+# The launchers' modules, imported before TargetCompiler patches their launch configuration.
 LAUNCHER_MODULES = ("conv1d", "gdn_chunk", "gdn_decode", "gemv", "moe", "norm", "qk_norm_rope")
 
 
@@ -59,14 +62,15 @@ def _global_loads(ptx: str) -> str:
     return " ".join(f"{n} {w}" for w, n in sorted(widths.items()))
 
 
-class Sm90Compiler:
-    """Replaces ``JITFunction.run`` while active: each launch compiles for sm_90 and records the result."""
+class TargetCompiler:
+    """Replaces ``JITFunction.run`` while active: each launch compiles for ``sm_<arch>`` and records the result."""
 
-    def __init__(self) -> None:
+    def __init__(self, arch: int = 90) -> None:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
 
-        self.target = GPUTarget("cuda", 90, 32)
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 32)
         self.backend = make_backend(self.target)
         self.results: list[dict] = []
 
@@ -87,7 +91,7 @@ class Sm90Compiler:
                              "global_loads": _global_loads(kernel.asm["ptx"])})
         return None
 
-    def __enter__(self) -> Sm90Compiler:
+    def __enter__(self) -> TargetCompiler:
         import triton.runtime.jit as jit
 
         for module in LAUNCHER_MODULES:
@@ -99,14 +103,14 @@ class Sm90Compiler:
             return compiler.run(fn, *args, grid=grid, warmup=warmup, **kwargs)
 
         jit.JITFunction.run = run
-        # The GPU launch configuration: PDL on, the SM count of an H100 / H200.
+        # The GPU launch configuration: PDL on, the target's SM count.
         for name, module in list(sys.modules.items()):
             if name.startswith("kernels.triton") and hasattr(module, "pdl_launch_args"):
                 self._saved.append((module, "pdl_launch_args", module.pdl_launch_args))
                 module.pdl_launch_args = lambda device: {"PDL": True, "launch_pdl": True}
             if name.startswith("kernels.triton") and hasattr(module, "num_sms"):
                 self._saved.append((module, "num_sms", module.num_sms))
-                module.num_sms = lambda device: NUM_SMS
+                module.num_sms = lambda device: NUM_SMS[self.arch]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -206,7 +210,27 @@ def decode_chain_35b() -> None:
     conv1d.conv1d_prefill(w(300, 8192), w(8192, 4), conv_states, torch.tensor([1, 2]), [0, 100, 300], [True, False])
 
 
+def batched_decode_35b(tokens: int) -> Callable[[], None]:
+    """The MoE and GDN kernels of a batched decode step of Qwen3.5-35B-A3B: router top-k after cuBLAS, the pair
+    alignment (many programs beyond 256 pairs), the grouped expert GEMMs and their sum, GDN decode, conv update."""
+    def case() -> None:
+        from kernels.triton import conv1d, moe
+        from kernels.triton.gdn_decode import gdn_decode
+
+        w = _bf16
+        h = w(tokens, 2048)
+        weights, ids, _ = moe.route_topk(h, w(257, 2048), None, 8, True, fused_shared_gate=True,
+                                         shared_as_expert=True, ticket=torch.zeros(1, dtype=torch.int32))
+        moe.fused_experts(h, w(257, 1024, 2048), w(257, 2048, 512), torch.rand(tokens, 9),
+                          torch.randint(0, 257, (tokens, 9), dtype=torch.int32), shared_last=True)
+        conv1d.conv1d_update(w(tokens, 8192), w(8192, 4), w(tokens + 1, 8192, 3), torch.arange(tokens))
+        q, k, v, a, b, a_log, dt_bias = _gdn_inputs((tokens, 1), 16, 32, 128)
+        gdn_decode(q, k, v, a, b, a_log, dt_bias, torch.empty(tokens + 1, 32, 128, 128), torch.arange(tokens))
+    return case
+
+
 CASES: dict[str, Callable[[], None]] = {
+    "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,
     "rms_norm_linear_capped_35b": rms_norm_linear_capped_35b,
@@ -221,25 +245,30 @@ CASES: dict[str, Callable[[], None]] = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="", help="only cases whose name contains this")
+    parser.add_argument("--archs", default="90", help="compute capabilities to compile for: 90, 100 or both")
     args = parser.parse_args()
+    archs = [int(a) for a in args.archs.split(",")]
+    if set(archs) - set(NUM_SMS):
+        parser.error(f"--archs takes {sorted(NUM_SMS)}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles the GPU kernels")
     failed = 0
-    for name, case in CASES.items():
-        if args.cases not in name:
-            continue
-        with Sm90Compiler() as compiler:
-            try:
-                case()
-            except Exception as exc:  # noqa: BLE001 - report every case, then fail
-                failed += 1
-                print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:2000]}")
+    for arch in archs:
+        for name, case in CASES.items():
+            if args.cases not in name:
                 continue
-        for r in compiler.results:
-            spills = f" stack {r['stack_bytes']} B" if r.get("stack_bytes") else ""
-            spills += f" SPILLS local {r['local_bytes']} B" if r.get("local_bytes") else ""
-            print(f"{name:34s} {r['kernel']:24s} warps {r['num_warps']} regs {r.get('registers')} "
-                  f"smem {r['dynamic_shared_bytes'] / 1024:.1f} KiB{spills} | loads {r['global_loads']}")
+            with TargetCompiler(arch) as compiler:
+                try:
+                    case()
+                except Exception as exc:  # noqa: BLE001 - report every case, then fail
+                    failed += 1
+                    print(f"{name} sm_{arch}: FAILED {type(exc).__name__}: {str(exc)[:2000]}")
+                    continue
+            for r in compiler.results:
+                spills = f" stack {r['stack_bytes']} B" if r.get("stack_bytes") else ""
+                spills += f" SPILLS local {r['local_bytes']} B" if r.get("local_bytes") else ""
+                print(f"{name:34s} sm_{arch:<3d} {r['kernel']:24s} warps {r['num_warps']} regs {r.get('registers')} "
+                      f"smem {r['dynamic_shared_bytes'] / 1024:.1f} KiB{spills} | loads {r['global_loads']}")
     return 1 if failed else 0
 
 

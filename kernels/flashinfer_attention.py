@@ -17,15 +17,17 @@ _WORKSPACE_BYTES = 256 << 20
 
 class FlashInferAttention:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device, graph_batch_size: int = 0, graph_max_pages: int = 0) -> None:
+                 device: torch.device, graph_batch_size: int = 0, graph_max_pages: int = 0,
+                 workspace: torch.Tensor | None = None) -> None:
         """``graph_batch_size``: a decode-only backend for a CUDA graph of that batch size, whose page-table
         buffers are static (``graph_max_pages`` entries) and re-filled by ``plan_graph_decode`` before each
-        replay."""
+        replay. ``workspace``: flashinfer's scratch (``new_workspace``), shared by backends that run one at a
+        time on one stream -- each plan rewrites it before its run, as SGLang shares one for all its graphs."""
         import flashinfer  # GPU only: imported here so CPU installs never need it
 
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
-        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.workspace = workspace if workspace is not None else new_workspace(device)
         if graph_batch_size:
             # The graph reads these device buffers; each step fills them with one async copy apiece from
             # pinned host staging (reused only once the last step's copies ran: see DecodeGraphs.run).
@@ -101,6 +103,11 @@ class FlashInferAttention:
     def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor) -> torch.Tensor:
         """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]`` over the planned page tables."""
         return self._wrapper.run(q, kv_cache_layer)
+
+
+def new_workspace(device: torch.device) -> torch.Tensor:
+    """flashinfer's scratch for one backend, or for several that never run concurrently."""
+    return torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
 
 def _fast_decode_plan():

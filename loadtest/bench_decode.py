@@ -4,9 +4,9 @@
 
 For each context length: prefill a random prompt of that length, then time each decode step (one
 ``Engine.step()``, host included, as a user would see it). The roofline is the fewest bytes a decode
-step must move (weights actually read for one token: the dense parts, the top-k experts of each MoE
-layer, the LM head; the GDN states read and written; the KV of the context) over the device-to-device
-copy bandwidth measured in this run. Writes JSON and a PNG plot.
+step must move (``loadtest.model_costs``: weights actually read for one token -- the dense parts, the top-k
+experts of each MoE layer, the LM head --, the GDN states read and written, the KV of the context, the
+logits) over the device-to-device copy bandwidth measured in this run. Writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from services.engine.engine import Engine
 from services.engine.model_config import ModelConfig
 from services.engine.request import SamplingParams
 
+from .model_costs import decode_step_bytes
+
 log = logging.getLogger("bench_decode")
 
 
@@ -39,23 +41,10 @@ def single_request_config(model: str, max_model_len: int, prefill_chunk_size: in
 
 
 def decode_bytes_per_token(model: torch.nn.Module, cfg: ModelConfig, context: int, dtype: torch.dtype) -> dict:
-    """The fewest bytes one decode step of one request must move through device memory."""
-    weights = 0
-    for name, param in model.named_parameters():
-        nbytes = param.numel() * param.element_size()
-        if name == "embed_tokens" and not cfg.tie_word_embeddings:
-            nbytes = param.shape[1] * param.element_size()  # one row is gathered
-        elif name.endswith(".w13") or name.endswith(".w2"):
-            # top-k routed experts, plus the shared expert where it is stacked as expert E
-            stacked = param.shape[0]
-            nbytes = nbytes * (cfg.num_experts_per_tok + stacked - cfg.num_experts) // stacked
-        weights += nbytes
-    num_gdn = len(cfg.gdn_layers)
-    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-    conv = cfg.gdn_conv_dim * (cfg.linear_conv_kernel_dim - 1) * dtype.itemsize
-    state = 2 * num_gdn * (ssm + conv)  # read and write back
-    kv = len(cfg.attention_layers) * (context + 1) * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-    return {"weights": weights, "gdn_state": state, "kv": kv, "total": weights + state + kv}
+    """The fewest bytes one decode step of one request must move through device memory (its top-k experts)."""
+    params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    num_moe = sum(name.endswith(".w13") for name, _ in params)
+    return decode_step_bytes(params, cfg, dtype, [context], [cfg.num_experts_per_tok] * num_moe)
 
 
 def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, seed: int) -> dict:

@@ -5,11 +5,26 @@ Mooncake batch write of the same number of bytes in the same run.
 
 Two processes (sender = prefill pod's pools, receiver = decode pod's pools, each registered with its own
 Mooncake TransferEngine, TCP by default). For each context length, the hand-over is what the prefill pod
-sends for a fresh prompt: every page of every full-attention layer, then one slot of conv and SSM state,
-built by services.transfer.handover exactly as the pods build it. Two page allocations: contiguous (a
-fresh pool) and scattered (random page ids, as after cache churn: many descriptors). The raw write moves
-the same byte count as one descriptor. Writes JSON and a PNG; ``--device cuda`` puts the pools in GPU
-memory (needs Mooncake's CUDA build).
+sends for a fresh prompt: every page of every full-attention layer, then two slots of conv and SSM state
+(the final state and the state at the prompt's resume boundary, which lets the decode pod serve the same
+prompt again from its cache), built by services.transfer.handover exactly as the pods build it. Page
+placements, on both pods:
+
+- contiguous: fresh pools, pages 0..n-1;
+- churned: pools fragmented by a simulated request churn (requests of 1-128 pages arriving, growing a page
+  at a time while decoding, and leaving in random order, until ``--churn-occupancy`` of the pool is taken),
+  then the hand-over's pages taken as the pods take them: by the run allocator (``IdPool.allocate_runs``,
+  prefill chunks on the prefill pod, all destination pages at once on the decode pod), and, for comparison,
+  by the LIFO free list the pods used before (``lifo``), on the same churn with LIFO allocation throughout;
+- random: every page id drawn at random (a pool so fragmented that no two free pages are adjacent: one
+  descriptor per page per layer, the worst case).
+
+The reference is a raw Mooncake batch write of the same bytes between plain buffers, as one descriptor and
+as 16 equal ones (over TCP one huge descriptor uses fewer of Mooncake's lanes and can be the slower: the
+ratios are against the faster of the two). The variants and the raw writes are timed in alternation (each
+repetition times every one once), so that load from other processes on a shared machine falls on all of
+them alike. Writes JSON and a PNG;
+``--device cuda`` puts the pools in GPU memory (needs Mooncake's CUDA build).
 """
 
 from __future__ import annotations
@@ -18,13 +33,16 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from kernels.bench_util import grouped_bar_chart
+from services.engine.allocator import IdPool
 from services.engine.model_config import ModelConfig
 from services.engine.presets import preset_config
 from services.engine.state_cache import KVCache, StateCache
@@ -33,14 +51,16 @@ from services.transfer.handover import PoolRegions, handover_regions
 
 log = logging.getLogger("bench_transfer")
 
+NUM_SLOTS = 4  # source: final state 0, resume-boundary state 2; destination: 1 and 3
+PREFILL_CHUNK_PAGES = 32  # a prefill pod's chunk of 512 tokens at page 16
 
-def _pools(cfg: ModelConfig, num_pages: int, page_size: int, device: str):
-    """KV pool, state pool, and a flat buffer as large as both for the raw writes."""
+
+def _pools(cfg: ModelConfig, num_pages: int, page_size: int, raw_bytes: int, device: str):
+    """KV pool, state pool, and a flat buffer for the raw writes."""
     kv = KVCache(cfg, num_pages, page_size, torch.bfloat16, device)
     kv.buffer.random_(0, 100)  # real bytes, not zeros
-    states = StateCache(cfg, 2, torch.bfloat16, device)
+    states = StateCache(cfg, NUM_SLOTS, torch.bfloat16, device)
     states.ssm.normal_()
-    raw_bytes = kv.buffer.numel() * kv.buffer.element_size() + StateCache.bytes_per_slot(cfg, torch.bfloat16) * 2
     raw = torch.randint(0, 255, (raw_bytes,), dtype=torch.uint8, device=device)
     return kv, states, raw
 
@@ -54,9 +74,9 @@ def _regions(kv: KVCache, states: StateCache) -> PoolRegions:
     )
 
 
-def _receiver(model: str, num_pages: int, page_size: int, device: str, conn) -> None:
+def _receiver(model: str, num_pages: int, page_size: int, raw_bytes: int, device: str, conn) -> None:
     cfg = preset_config(model)
-    kv, states, raw = _pools(cfg, num_pages, page_size, device)
+    kv, states, raw = _pools(cfg, num_pages, page_size, raw_bytes, device)
     engine = TransferEngine(TransferConfig(timeout_s=120))
     for tensor in (kv.buffer, states.conv, states.ssm, raw):
         engine.register(tensor)
@@ -65,23 +85,85 @@ def _receiver(model: str, num_pages: int, page_size: int, device: str, conn) -> 
     engine.close()
 
 
-def _time_write(engine: TransferEngine, session: str, src, dst, lengths, reps: int) -> float:
-    engine.write(session, src, dst, lengths)  # warm-up (first contact, connections)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+# ---- page placements ------------------------------------------------------------------------------------
+Allocate = Callable[[IdPool, int, int | None], list[int]]
+
+
+def _lifo(pool: IdPool, count: int, after: int | None) -> list[int]:
+    return pool.allocate(count)
+
+
+def _runs(pool: IdPool, count: int, after: int | None) -> list[int]:
+    return pool.allocate(1) if count == 1 else pool.allocate_runs(count, after=after)
+
+
+def churned_pool(num_pages: int, occupancy: float, seed: int, allocate: Allocate) -> IdPool:
+    """A pool after requests came and went: each arrives with a prompt of 1-128 pages (log-uniform), the
+    live ones grow by a page now and then (decode), a random one leaves when the pool is past
+    ``occupancy``. The same seed gives the same sequence of events whatever ``allocate`` does."""
+    rng = random.Random(seed)
+    pool = IdPool(num_pages, "churn")
+    live: list[list[int]] = []
+    for _ in range(20 * num_pages // 16):
+        if pool.num_used > occupancy * num_pages and live:
+            pool.free(live.pop(rng.randrange(len(live))))
+            continue
+        if live and rng.random() < 0.6:  # a decode step crosses a page boundary
+            pages = live[rng.randrange(len(live))]
+            if pool.can_allocate(1):
+                pages.extend(allocate(pool, 1, pages[-1]))
+            continue
+        size = min(int(2 ** rng.uniform(0, 7)), pool.num_free)
+        if size:
+            live.append(allocate(pool, size, None))
+    return pool
+
+
+def handover_pages(pool: IdPool, count: int, allocate: Allocate, chunk: int | None) -> list[int]:
+    """What a prefill pod (in chunks of ``chunk`` pages, each continuing the last) or a decode pod (all at
+    once, ``chunk`` None) takes for a prompt of ``count`` pages."""
+    pages: list[int] = []
+    while len(pages) < count:
+        take = count - len(pages) if chunk is None else min(chunk, count - len(pages))
+        pages += allocate(pool, take, pages[-1] if pages else None)
+    return pages
+
+
+def placements(pages: int, num_pages: int, occupancy: float, seed: int) -> dict[str, tuple[list[int], list[int]]]:
+    """(source pages on the prefill pod, destination pages on the decode pod) per placement."""
+    rng = random.Random(seed)
+    out = {"contiguous": (list(range(pages)), list(range(pages)))}
+    for name, allocate in (("churned_lifo", _lifo), ("churned_runs", _runs)):
+        src_pool = churned_pool(num_pages, occupancy, seed + 1, allocate)
+        dst_pool = churned_pool(num_pages, occupancy, seed + 2, allocate)
+        out[name] = (handover_pages(src_pool, pages, allocate, PREFILL_CHUNK_PAGES),
+                     handover_pages(dst_pool, pages, allocate, None))
+    out["random"] = (rng.sample(range(num_pages), pages), rng.sample(range(num_pages), pages))
+    return out
+
+
+# ---- timing -----------------------------------------------------------------------------------------------
+def _time_alternating(engine: TransferEngine, session: str, writes: dict[str, tuple], reps: int) -> dict[str, float]:
+    """Median seconds per write of each named descriptor list, the writes timed in alternation."""
+    for src, dst, lengths in writes.values():  # warm-up (first contact, connections)
         engine.write(session, src, dst, lengths)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in writes}
+    for _ in range(reps):
+        for name, (src, dst, lengths) in writes.items():
+            start = time.perf_counter()
+            engine.write(session, src, dst, lengths)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+PLACEMENTS = ("contiguous", "churned_runs", "churned_lifo", "random")
+RAW_PIECES = 16
 
 
 def plot(results: dict, path: Path) -> None:
     runs = results["runs"]
-    series = [(label, [r[key] for r in runs]) for key, label in (
-        ("handover_contiguous_GBps", "hand-over, contiguous pages"),
-        ("handover_scattered_GBps", "hand-over, scattered pages"),
-        ("raw_GBps", "raw write, same bytes"),
-    )]
+    series = [(f"hand-over, {name}", [r[f"{name}_GBps"] for r in runs]) for name in PLACEMENTS]
+    series.append(("raw write, same bytes (best of 1 and 16 descriptors)", [r["best_raw_GBps"] for r in runs]))
     grouped_bar_chart(
         path, [f"{r['context'] // 1024}K" for r in runs], series, xlabel="prompt length", ylabel="GB/s",
         title=f"{results['model']} state hand-over, {results['protocol']} on {results['device_name']}",
@@ -94,60 +176,74 @@ def main() -> None:
     parser.add_argument("--contexts", default="4096,16384,32768")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--pool-factor", type=float, default=3.0, help="pool pages per page of the longest context")
+    parser.add_argument("--churn-occupancy", type=float, default=0.6, help="pool fraction in use after the churn")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="transfer.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     cfg = preset_config(args.model)
     contexts = [int(c) for c in args.contexts.split(",")]
-    num_pages = -(-max(contexts) // args.page_size) + 8
+    max_pages = -(-max(contexts) // args.page_size)
+    num_pages = int(max_pages * args.pool_factor)
+    slot_bytes = StateCache.bytes_per_slot(cfg, torch.bfloat16)
+    raw_bytes = max_pages * KVCache.bytes_per_page(cfg, args.page_size, torch.bfloat16) + 2 * slot_bytes
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    receiver = ctx.Process(target=_receiver, args=(args.model, num_pages, args.page_size, args.device, child))
+    receiver = ctx.Process(target=_receiver, args=(args.model, num_pages, args.page_size, raw_bytes, args.device,
+                                                   child))
     receiver.start()
     try:
-        kv, states, raw_src = _pools(cfg, num_pages, args.page_size, args.device)
+        kv, states, raw_src = _pools(cfg, num_pages, args.page_size, raw_bytes, args.device)
         engine = TransferEngine(TransferConfig(timeout_s=120))
         for tensor in (kv.buffer, states.conv, states.ssm, raw_src):
             engine.register(tensor)
         session, dst_regions, raw_dst = parent.recv()
         src_regions = _regions(kv, states)
-        generator = torch.Generator().manual_seed(0)
         results = {
             "benchmark": "state hand-over", "model": args.model, "protocol": "tcp", "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            "page_size": args.page_size, "runs": [],
+            "page_size": args.page_size, "pool_pages": num_pages, "churn_occupancy": args.churn_occupancy,
+            "reps": args.reps, "slot_bytes": slot_bytes, "placements": list(PLACEMENTS), "runs": [],
         }
         for context in contexts:
             pages = -(-context // args.page_size)
-            contiguous = list(range(pages))
-            scattered_src = torch.randperm(num_pages, generator=generator)[:pages].tolist()
-            scattered_dst = torch.randperm(num_pages, generator=generator)[:pages].tolist()
             run = {"context": context, "pages": pages}
-            for name, src_pages, dst_pages in (("contiguous", contiguous, contiguous),
-                                               ("scattered", scattered_src, scattered_dst)):
-                src, dst, lengths = handover_regions(src_regions, dst_regions, src_pages, dst_pages, 0, 1)
+            writes = {}
+            for name, (src_pages, dst_pages) in placements(pages, num_pages, args.churn_occupancy,
+                                                           args.seed + context).items():
+                src, dst, lengths = handover_regions(src_regions, dst_regions, src_pages, dst_pages, [(0, 1), (2, 3)])
                 run["bytes"] = sum(lengths)
                 run[f"descriptors_{name}"] = len(coalesce(src, dst, lengths)[2])
-                seconds = _time_write(engine, session, src, dst, lengths, args.reps)
-                run[f"handover_{name}_GBps"] = run["bytes"] / seconds / 1e9
-                log.info("context %d: %s hand-over of %.1f MB in %.1f ms", context, name, run["bytes"] / 1e6,
-                         seconds * 1e3)
-            raw = _time_write(engine, session, [raw_src.data_ptr()], [raw_dst], [run["bytes"]], args.reps)
-            run["raw_GBps"] = run["bytes"] / raw / 1e9
-            run["ratio_contiguous_to_raw"] = run["handover_contiguous_GBps"] / run["raw_GBps"]
-            run["ratio_scattered_to_raw"] = run["handover_scattered_GBps"] / run["raw_GBps"]
+                writes[name] = (src, dst, lengths)
+            writes["raw"] = ([raw_src.data_ptr()], [raw_dst], [run["bytes"]])
+            piece = -(-run["bytes"] // RAW_PIECES)
+            offsets = range(0, run["bytes"], piece)
+            writes["raw_split"] = ([raw_src.data_ptr() + o for o in offsets], [raw_dst + o for o in offsets],
+                                   [min(piece, run["bytes"] - o) for o in offsets])
+            seconds = _time_alternating(engine, session, writes, args.reps)
+            # The state at the resume boundary: what the hand-over carries beyond the prompt's KV and final state.
+            run["resume_checkpoint_bytes"] = slot_bytes
+            run["resume_checkpoint_fraction"] = slot_bytes / (run["bytes"] - slot_bytes)
+            for name, s in seconds.items():
+                run[f"{name}_GBps"] = run["bytes"] / s / 1e9
+            run["best_raw_GBps"] = max(run["raw_GBps"], run["raw_split_GBps"])
+            for name in PLACEMENTS:
+                run[f"ratio_{name}_to_raw"] = run[f"{name}_GBps"] / run["best_raw_GBps"]
+            log.info("context %d: %s", context, {k: round(v, 3) for k, v in run.items() if k.startswith("ratio")})
             results["runs"].append(run)
         out = Path(args.out)
         out.write_text(json.dumps(results, indent=2))
         plot(results, out.with_suffix(".png"))
-        print(f"{'context':>8} {'MB':>8} {'desc(scat)':>10} {'contig GB/s':>11} {'scat GB/s':>10} {'raw GB/s':>9} "
-              f"{'contig/raw':>10} {'scat/raw':>9}")
+        header = " ".join(f"{n:>13}" for n in PLACEMENTS)
+        print(f"{'context':>8} {'MB':>7} {'+ckpt':>6} {header} {'raw GB/s':>9} {'raw16 GB/s':>10}")
         for r in results["runs"]:
-            print(f"{r['context']:>8} {r['bytes'] / 1e6:>8.1f} {r['descriptors_scattered']:>10} "
-                  f"{r['handover_contiguous_GBps']:>11.2f} {r['handover_scattered_GBps']:>10.2f} {r['raw_GBps']:>9.2f} "
-                  f"{r['ratio_contiguous_to_raw']:>10.2f} {r['ratio_scattered_to_raw']:>9.2f}")
+            cells = [f"{r[f'ratio_{n}_to_raw']:.2f} ({r[f'descriptors_{n}']})" for n in PLACEMENTS]
+            print(f"{r['context']:>8} {r['bytes'] / 1e6:>7.1f} {r['resume_checkpoint_fraction']:>6.1%} "
+                  + " ".join(f"{c:>13}" for c in cells) + f" {r['raw_GBps']:>9.2f} {r['raw_split_GBps']:>10.2f}")
+        print("cells: hand-over GB/s as a fraction of the faster raw write's (coalesced descriptors)")
         engine.close()
     finally:
         parent.send("exit")

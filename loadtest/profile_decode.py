@@ -87,7 +87,7 @@ def _host_parts(engine: Engine, steps: int) -> dict[str, float]:
     return {name: statistics.median(v) * 1e3 for name, v in times.items() if v}
 
 
-def _kernel_table(engine: Engine, steps: int) -> list[dict]:
+def kernel_table(engine: Engine, steps: int) -> list[dict]:
     """GPU time per kernel name over ``steps`` eager decode steps, per step, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -144,7 +144,7 @@ def main() -> None:
         replay_ms = _graph_replay_ms(engine, 50)
         engine.config = dataclasses.replace(engine.config, overlap_schedule=True)
         host = _host_parts(engine, 30)
-        kernels = _kernel_table(engine, 5)
+        kernels = kernel_table(engine, 5)
         run = {"context": context, "engine_step_ms": step_ms, "engine_step_ms_no_overlap": sequential_ms,
                "graph_replay_ms": replay_ms, "exposed_host_ms": step_ms - replay_ms,
                "exposed_host_ms_no_overlap": sequential_ms - replay_ms, "host_parts_ms": host,

@@ -87,9 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if v is not None}
     config = config_from(config_cls, flags, yaml_path=args.config)
     log.info("%s", format_config(config))
+    status = 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
-    return 0
+        status = asyncio.run(serve(config))  # non-zero when the pod stopped because it could not serve
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from services.engine.allocator import IdPool
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
+from services.engine.prefix_cache import HybridPrefixCache
 from services.engine.request import Request, SamplingParams
-from services.engine.scheduler import ScheduledSeq
+from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 
 
 def cpu_engine(model: str, load_format: str = "auto", record_cache_events: bool = False, **overrides) -> Engine:
@@ -74,3 +76,54 @@ def cuda_engine(model: str, load_format: str = "auto", **overrides) -> Engine:
     )
     settings.update(overrides)
     return Engine(EngineConfig(**settings))
+
+
+def logic_scheduler(max_seqs: int, budget: int, chunk: int, num_pages: int, checkpoints: int = 3, enabled=True,
+                    remote_threshold: int = 0) -> Scheduler:
+    """A scheduler over plain id pools (no model): pages of 4 tokens, a checkpoint every 8 tokens."""
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk,
+                             page_size=4, remote_prefill_threshold=remote_threshold)
+    pages, slots = IdPool(num_pages, "pages"), IdPool(max_seqs, "slots")
+    checkpoint_slots = IdPool(checkpoints, "checkpoints", first_id=max_seqs)
+    cache = HybridPrefixCache(4, pages, checkpoint_slots, checkpoint_interval=8, enabled=enabled)
+    return Scheduler(config, pages, slots, cache)
+
+
+class SchedulerDriver:
+    """What the engine does around forward passes, minus the model: launch (commit), sample a token, finish
+    (a ``hold_memory`` request is held, as Engine._finish does). With ``overlap``, as Engine.step: the next
+    decode step is scheduled and committed before the tokens of the step in flight are processed, and a
+    request finished meanwhile has its in-flight token dropped."""
+
+    def __init__(self, scheduler: Scheduler, on_finish, overlap: bool) -> None:
+        self.scheduler, self.on_finish, self.overlap = scheduler, on_finish, overlap
+        self.in_flight: list | None = None
+        self.steps_ahead = 0
+
+    def step(self) -> list:
+        launched, self.in_flight = self.in_flight, None
+        if launched is None:
+            launched = self.scheduler.schedule()
+            for seq in launched:
+                self.scheduler.commit(seq)
+        if self.overlap and launched:
+            ahead = self.scheduler.schedule_decode_ahead(launched)
+            if ahead is not None:
+                for seq in ahead:
+                    assert seq.num_new_tokens == 1 and seq.samples
+                    self.scheduler.commit(seq)
+                self.in_flight = ahead
+                self.steps_ahead += 1
+        for seq in launched:
+            request = seq.request
+            if not seq.samples or request.is_finished:
+                continue
+            request.output_token_ids.append(7)
+            assert request.num_computed_tokens <= request.num_tokens
+            if len(request.output_token_ids) >= request.params.max_tokens:
+                if request.hold_memory:
+                    self.scheduler.hold(request)
+                else:
+                    self.scheduler.finish(request)
+                self.on_finish(request)
+        return launched

@@ -1,10 +1,12 @@
-"""Real pod processes for the integration tests: ``baton serve prefill|decode`` subprocesses, readiness
-read from their stdout, logs captured, Prometheus metrics scraped from their live ``/metrics``."""
+"""Real pod processes for the integration tests: ``baton serve prefill|decode|router`` subprocesses, readiness
+read from their stdout, logs captured, Prometheus metrics scraped from their live ``/metrics``; a real
+``redis-server`` on a free port."""
 
 from __future__ import annotations
 
 import json
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -84,7 +86,7 @@ class Pod:
         return pd_pb2_grpc.PrefillStub(self.channel)
 
     def health(self) -> inference_pb2.HealthResponse:
-        stub = self.inference if self.role == "decode" else self.prefill
+        stub = self.prefill if self.role == "prefill" else self.inference
         return stub.Health(inference_pb2.HealthRequest(), timeout=10)
 
     def metrics(self) -> dict[str, float]:
@@ -127,8 +129,71 @@ class Pod:
 
 
 def assert_pod_clean(pod: Pod) -> None:
-    """Nothing running or held; every page in use is a cached page; no working slot taken."""
+    """Nothing running or held; nothing quarantined; every page in use is a cached page; no working slot
+    taken."""
     usage = pod.health().usage
     assert usage.running == 0 and usage.waiting == 0 and usage.held == 0, usage
+    assert usage.pages_quarantined == 0 and usage.slots_quarantined == 0 and usage.checkpoints_quarantined == 0, usage
     assert usage.slots_used == 0, usage
     assert usage.pages_used == usage.pages_cached, usage
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """``redis-server`` with nothing persisted, on a free port (or a given one, to restart it empty)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )
+        ready: queue.Queue = queue.Queue()
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                if "Ready to accept connections" in line:
+                    ready.put(True)
+            ready.put(False)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            ok = ready.get(timeout=30)
+        except queue.Empty:
+            ok = False
+        if not ok:
+            self.proc.kill()
+            raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        """kill -9: everything it held is gone."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes (AssertionError).
+    For state that is only observable by asking (another process's view), not a sleep in place of an event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

@@ -8,9 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.engine.allocator import IdPool, OutOfIdsError
-from services.engine.prefix_cache import HybridPrefixCache
 from services.engine.request import Request, SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from tests.helpers import SchedulerDriver, logic_scheduler
 
 
 class IdPoolMachine(RuleBasedStateMachine):
@@ -28,6 +27,32 @@ class IdPoolMachine(RuleBasedStateMachine):
             assert self.pool.num_free == free_before, "failed allocation must take nothing"
         else:
             self.held.append(self.pool.allocate(count))
+
+    @rule(count=st.integers(0, 25), data=st.data())
+    def allocate_runs(self, count, data):
+        """Ids in runs of consecutive ids: the same accounting, and as few runs as the free ids allow."""
+        free_before = self.pool.num_free
+        if count > free_before:
+            with pytest.raises(OutOfIdsError):
+                self.pool.allocate_runs(count)
+            assert self.pool.num_free == free_before
+            return
+        free = [i for i in range(self.pool.capacity) if self.pool.is_free(i)]
+        longest = max((len(run) for run in _runs(free)), default=0)
+        after = data.draw(st.one_of(st.none(), st.sampled_from(free))) if free else None
+        ids = self.pool.allocate_runs(count, after=after)
+        assert len(ids) == count
+        runs = _runs(ids)
+        assert all(run == sorted(run) for run in runs)
+        if count and longest >= count and (after is None or not self._continues(after, ids)):
+            assert len(runs) == 1, "a free run large enough exists: take it whole"
+        if after is not None and after + 1 in free and count:
+            assert ids[0] == after + 1, "continue the run ending at ``after``"
+        self.held.append(ids)
+
+    @staticmethod
+    def _continues(after, ids):
+        return ids[0] == after + 1
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -53,53 +78,19 @@ class IdPoolMachine(RuleBasedStateMachine):
         assert all(not self.pool.is_free(i) for i in held)
 
 
+def _runs(ids: list[int]) -> list[list[int]]:
+    """Maximal pieces of consecutive ascending ids, in order."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 TestIdPool = IdPoolMachine.TestCase
 TestIdPool.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
-
-
-def _scheduler(max_seqs: int, budget: int, chunk: int, num_pages: int, checkpoints: int = 3, enabled=True):
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk,
-                             page_size=4)
-    pages, slots = IdPool(num_pages, "pages"), IdPool(max_seqs, "slots")
-    checkpoint_slots = IdPool(checkpoints, "checkpoints", first_id=max_seqs)
-    cache = HybridPrefixCache(4, pages, checkpoint_slots, checkpoint_interval=8, enabled=enabled)
-    return Scheduler(config, pages, slots, cache)
-
-
-class _Driver:
-    """What the engine does around forward passes, minus the model: launch (commit), sample a token, finish.
-    With ``overlap``, as Engine.step: the next decode step is scheduled and committed before the tokens of
-    the step in flight are processed, and a request finished meanwhile has its in-flight token dropped."""
-
-    def __init__(self, scheduler: Scheduler, on_finish, overlap: bool) -> None:
-        self.scheduler, self.on_finish, self.overlap = scheduler, on_finish, overlap
-        self.in_flight: list | None = None
-        self.steps_ahead = 0
-
-    def step(self) -> list:
-        launched, self.in_flight = self.in_flight, None
-        if launched is None:
-            launched = self.scheduler.schedule()
-            for seq in launched:
-                self.scheduler.commit(seq)
-        if self.overlap and launched:
-            ahead = self.scheduler.schedule_decode_ahead(launched)
-            if ahead is not None:
-                for seq in ahead:
-                    assert seq.num_new_tokens == 1 and seq.samples
-                    self.scheduler.commit(seq)
-                self.in_flight = ahead
-                self.steps_ahead += 1
-        for seq in launched:
-            request = seq.request
-            if not seq.samples or request.is_finished:
-                continue
-            request.output_token_ids.append(7)
-            assert request.num_computed_tokens <= request.num_tokens
-            if len(request.output_token_ids) >= request.params.max_tokens:
-                self.scheduler.remove(request)
-                self.on_finish(request)
-        return launched
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -109,10 +100,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.scheduler = _scheduler(max_seqs=4, budget=24, chunk=10, num_pages=30)
+        self.scheduler = logic_scheduler(max_seqs=4, budget=24, chunk=10, num_pages=30)
         self.live: list[Request] = []
         self.counter = 0
-        self.driver = _Driver(self.scheduler, self.live.remove, overlap=True)
+        self.driver = SchedulerDriver(self.scheduler, self.live.remove, overlap=True)
 
     @rule(prefix=st.sampled_from([0, 1, 2]), prefix_len=st.integers(0, 40), suffix_len=st.integers(1, 30),
           max_tokens=st.integers(1, 30))
@@ -143,7 +134,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def abort(self, data):
         request = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
-        self.scheduler.remove(request)
+        self.scheduler.abort(request)
 
     @rule()
     def evict_everything_unlocked(self):
@@ -179,7 +170,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         self.driver.in_flight = None
         for request in list(self.live):
-            self.scheduler.remove(request)
+            self.scheduler.finish(request)
         self.scheduler.cache.flush()
         assert self.scheduler.pages.num_used == 0 and self.scheduler.slots.num_used == 0
         assert self.scheduler.cache.checkpoint_slots.num_used == 0
@@ -193,11 +184,11 @@ TestScheduler.settings = settings(max_examples=80, stateful_step_count=60, deadl
 @pytest.mark.parametrize("enabled", [True, False])
 def test_scheduler_makes_progress_until_everything_finishes(enabled, overlap):
     """Liveness: with memory for only some requests at a time, every request still completes."""
-    scheduler = _scheduler(max_seqs=3, budget=16, chunk=8, num_pages=12, enabled=enabled)
+    scheduler = logic_scheduler(max_seqs=3, budget=16, chunk=8, num_pages=12, enabled=enabled)
     requests = [Request(f"r{i}", [1] * (10 + 6 * i), SamplingParams(max_tokens=12)) for i in range(5)]
     for r in requests:
         scheduler.add(r)
-    driver = _Driver(scheduler, lambda r: None, overlap)
+    driver = SchedulerDriver(scheduler, lambda r: None, overlap)
     for _ in range(2000):
         if not scheduler.has_work():
             break

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.engine.async_engine import AsyncEngine
-from services.engine.request import FinishReason, InvalidRequestError, SamplingParams
+from services.engine.request import FinishReason, InvalidRequestError, OverloadedError, SamplingParams
 from tests.helpers import DirectSequence, assert_no_leaks, cpu_engine
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
@@ -295,3 +295,37 @@ def test_overlap_schedule_matches_sequential_steps(tiny_checkpoint):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
     assert on_results[0].finish_reason == FinishReason.STOP and on_results[2].finish_reason == FinishReason.STOP
     assert on_kept == off_kept and len(on_kept) == 20
+
+
+def test_beyond_capacity_is_refused_at_once_and_accepted_again_later(tiny_checkpoint):
+    """max_num_seqs running + max_waiting_requests queued; one more is refused (overload), not queued."""
+    engine = cpu_engine(tiny_checkpoint, max_num_seqs=2, max_waiting_requests=1)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    ids = [engine.add_request([1, 2, 3, i], params) for i in range(3)]
+    with pytest.raises(OverloadedError, match="capacity"):
+        engine.add_request([4, 5, 6], params)
+    assert set(engine.requests) == set(ids), "the refused request left nothing behind"
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request([4, 5, 6], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert_no_leaks(engine)
+
+
+def test_cache_events_are_kept_only_for_a_consumer(tiny_checkpoint):
+    """Without one they would pile up for the pod's whole life; with one, each drain returns what happened, and
+    the snapshot and digest describe the cache exactly."""
+    prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    silent = cpu_engine(tiny_checkpoint)
+    silent.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
+    assert silent.drain_cache_events() == [] and silent.cache_digest.pages > 0
+    engine = cpu_engine(tiny_checkpoint, record_cache_events=True)
+    engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
+    events = engine.drain_cache_events()
+    assert engine.drain_cache_events() == []
+    snapshot = engine.cache_snapshot()
+    stored = {e.page_hash for e in events if e.kind == "stored"} - {e.page_hash for e in events if e.kind == "evicted"}
+    assert {e.page_hash for e in snapshot if e.kind == "stored"} == stored
+    assert engine.cache_digest == silent.cache_digest
+    assert engine.cache_digest.pages == len(stored)

@@ -30,6 +30,16 @@ def test_greedy_is_argmax():
     assert tokens == [1] and logprobs == [None]
 
 
+def test_temperature_near_zero_is_argmax():
+    """Dividing by 1e-38 made every logit inf and the draw return token 0; the limit is the argmax."""
+    for temperature in (1e-38, 1e-30, 1e-6):
+        tokens, _ = _sample([0.1, 20.0, 19.5, -1.0], SamplingParams(temperature=temperature, seed=3), n=8)
+        assert tokens == [1] * 8, temperature
+    # Above the cut the draw is a draw (a near-tie is split), not the argmax.
+    tokens, _ = _sample([0.0, 0.0], SamplingParams(temperature=1e-4), n=400)
+    assert 0 < sum(tokens) < 400
+
+
 def test_temperature_sampling_follows_softmax():
     logits = [1.0, 0.0, -1.0, 0.5]
     n = 40000

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from services.transfer.descriptors import coalesce
 from services.transfer.engine import TransferConfig, TransferEngine, TransferError
+from services.transfer.handover import PoolRegions, handover_regions
 
 NUM_PAGES = 64
 PAGE_BYTES = 4096
@@ -114,6 +115,34 @@ def test_coalesce_page_runs_become_one_descriptor_each(pages, shift):
     assert len(out_src) == runs
     assert sum(out_len) == len(pages) * PAGE_BYTES
     assert [d - s for s, d in zip(out_src, out_dst, strict=True)] == [shift * PAGE_BYTES] * runs
+
+
+_POOL = PoolRegions(kv_base=1000, kv_num_pages=12, kv_page_bytes=3, num_attn_layers=2, conv_base=200,
+                    conv_slot_bytes=2, ssm_base=400, ssm_slot_bytes=5, num_slots=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), max_size=12,
+                unique_by=(lambda t: t[0], lambda t: t[1])))
+def test_handover_regions_copy_every_page_of_every_layer_in_runs(pairs):
+    """The hand-over's descriptors copy exactly what one descriptor per page and layer would, with pages
+    consecutive on both pods merged (no two left that could be)."""
+    src_pages, dst_pages = [s for s, _ in pairs], [d for _, d in pairs]
+    src, dst, lengths = handover_regions(_POOL, _POOL, src_pages, dst_pages, [(0, 1), (2, 3)])
+    naive = [], [], []
+    for layer in range(_POOL.num_attn_layers):
+        for s, d in pairs:
+            naive[0].append(_POOL.kv_page_address(layer, s))
+            naive[1].append(_POOL.kv_page_address(layer, d))
+            naive[2].append(_POOL.kv_page_bytes)
+    for a, b in ((0, 1), (2, 3)):
+        naive[0].extend([_POOL.conv_base + a * 2, _POOL.ssm_base + a * 5])
+        naive[1].extend([_POOL.conv_base + b * 2, _POOL.ssm_base + b * 5])
+        naive[2].extend([2, 5])
+    assert _byte_map(src, dst, lengths) == _byte_map(*naive)
+    runs = 1 + sum(1 for (s0, d0), (s1, d1) in zip(sorted(pairs), sorted(pairs)[1:], strict=False)
+                   if (s1, d1) != (s0 + 1, d0 + 1)) if pairs else 0
+    assert len(lengths) == runs * _POOL.num_attn_layers + 4
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
@@ -365,10 +394,13 @@ def test_hung_target_times_out_without_blocking_others(sender, peer, spare):
         _, status = os.waitpid(hung.proc.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status)
         t0 = time.monotonic()
-        with pytest.raises(TransferError, match="timed out"):
+        with pytest.raises(TransferError, match="timed out") as timed_out:
             _write_pages(engine, base, hung, [(2, 2)])
         elapsed = time.monotonic() - t0
         assert TIMEOUT_S <= elapsed < TIMEOUT_S + 1.5
+        # The call given up on still runs inside Mooncake (it may still write): the error says so.
+        still_running = timed_out.value.still_running
+        assert still_running is not None and not still_running.is_set()
         # Mooncake is still running the abandoned call: the next write to that peer fails at once...
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="abandoned"):
@@ -379,8 +411,10 @@ def test_hung_target_times_out_without_blocking_others(sender, peer, spare):
         assert _write_pages(engine, base, peer, [(8, 9), (9, 10)]) == 2 * PAGE_BYTES
         assert time.monotonic() - t0 < TIMEOUT_S  # not queued behind the stuck peer
         assert torch.equal(peer.pool(), _expected(src, [(8, 9), (9, 10)]))
-    finally:
         hung.proc.kill()  # SIGKILL also ends a stopped process; Mooncake's abandoned call then fails fast
+        assert still_running.wait(PIPE_WAIT_S), "the abandoned call returns once its peer is gone"
+    finally:
+        hung.proc.kill()
         hung.stop()
 
 

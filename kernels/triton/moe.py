@@ -55,8 +55,13 @@ from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest number of (token, expert) pairs aligned by the single-program Triton kernel; beyond it, torch ops.
+# Largest number of (token, expert) pairs aligned by the Triton kernels; beyond it, torch ops.
 _ALIGN_TRITON_MAX_PAIRS = 4096
+# Up to this many pairs one program aligns them all (a bitonic sort); beyond, the pairs are spread over programs
+# of _ALIGN_PAIRS_PER_PROGRAM. On the H200 the one-program sort took 77 us per MoE layer at 2,304 pairs (batched
+# decode of 256 tokens of 35B-A3B with the shared expert: 3.1 of the step's 36.9 ms; 10 us at 576 pairs).
+_ALIGN_ONE_PROGRAM_MAX_PAIRS = 256
+_ALIGN_PAIRS_PER_PROGRAM = 64
 _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile in registers
 # Most (token, expert) pairs for the matrix-vector path (no sort) when no config is given: on the H100 it
 # beat the best grouped tiles at 1, 2 and 4 tokens of 35B-A3B (9 pairs each with the shared expert; 26.5 vs
@@ -320,7 +325,10 @@ def route_topk(
             return topk_weights, topk_ids, shared, normed, new_res
         return topk_weights, topk_ids, shared
 
-    logits = F.linear(hidden, weight)  # [T, E(+1)] in hidden's dtype, like the reference's F.linear
+    # [T, E(+1)] in hidden's dtype, like the reference's F.linear. (cuBLAS runs an align-1 sm75 kernel for 35B-A3B's
+    # 257 rows, 5-12 us per layer on the H200; writing into rows padded to 8 did not change that, 8.3 -> 8.1 us at
+    # 8 tokens: kernels/bench_moe_parts.py, loadtest/results/moe_parts_h200.json.)
+    logits = F.linear(hidden, weight)
     _route_topk_kernel[(tokens,)](
         # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
         logits, topk_weights, topk_ids, shared if shared is not None else logits,
@@ -408,6 +416,68 @@ def _moe_align_kernel(
     tl.store(expert_ids_ptr + dest // BLOCK_M, expert, mask=valid)
 
 
+@triton.jit
+def _moe_align_parallel_kernel(
+    ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    num_pairs, num_experts, max_padded, max_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_EP: tl.constexpr, BLOCK_FILL: tl.constexpr,
+):
+    """Many programs, the same result as ``_moe_align_kernel``. Each program recomputes the experts' padded
+    offsets from all pairs (a histogram of a few thousand ids), then writes, with no ordering between programs
+    (their slots are disjoint): its BLOCK_P pairs at ``padded_start[expert] + rank``, the rank being the number of
+    pairs of the same expert at lower indices (the stable order; no loop over earlier pairs, whose dependent loads
+    kept the last program at 34 us for 2,304 pairs on the H200); the padding slots of its share of the experts
+    (groups of BLOCK_EP); and its share of the tail past the last live block."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    a = tl.arange(0, BLOCK_ALL)
+    all_ids = tl.load(ids_ptr + a, mask=a < num_pairs, other=0).to(tl.int32)
+    counts = tl.histogram(all_ids, BLOCK_E, mask=a < num_pairs)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    padded_start = tl.cumsum(padded, axis=0) - padded
+    total = tl.sum(padded, axis=0)
+    if pid == 0:
+        tl.store(num_post_ptr, total)
+
+    i = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = i < num_pairs
+    mine = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
+    # Rank = pairs of the same expert in earlier programs' blocks (a histogram of the ids already in registers,
+    # masked to those pairs) + earlier pairs of the same expert within this block.
+    before = tl.histogram(all_ids, BLOCK_E, mask=a < pid * BLOCK_P)
+    same = (mine[:, None] == mine[None, :]) & (i[None, :] < i[:, None])
+    rank = tl.gather(before, mine, 0) + tl.sum(same.to(tl.int32), axis=1)
+    dest = tl.gather(padded_start, mine, 0) + rank
+    tl.store(sorted_ids_ptr + dest, i, mask=valid)
+    tl.store(expert_ids_ptr + dest // BLOCK_M, mine, mask=valid)
+
+    # Padding slots: [padded_start + count, padded_start + padded) of this program's experts, BLOCK_EP at a time.
+    r = tl.arange(0, BLOCK_M)
+    e0 = pid * BLOCK_EP
+    while e0 < num_experts:
+        ex = e0 + tl.arange(0, BLOCK_EP)
+        exc = tl.minimum(ex, BLOCK_E - 1)
+        filled = tl.gather(padded_start, exc, 0) + tl.gather(counts, exc, 0)
+        padding = tl.gather(padded - counts, exc, 0)
+        pad_mask = (ex < num_experts)[:, None] & (r[None, :] < padding[:, None])
+        sentinel = tl.full([BLOCK_EP, BLOCK_M], 0, tl.int32) + num_pairs
+        tl.store(sorted_ids_ptr + filled[:, None] + r[None, :], sentinel, mask=pad_mask)
+        e0 += num_programs * BLOCK_EP
+
+    # The tail past the last live block: sentinels, and expert 0 for its blocks (never read).
+    f0 = total + pid * BLOCK_FILL
+    while f0 < max_padded:
+        f = f0 + tl.arange(0, BLOCK_FILL)
+        tl.store(sorted_ids_ptr + f, tl.full([BLOCK_FILL], 0, tl.int32) + num_pairs, mask=f < max_padded)
+        f0 += num_programs * BLOCK_FILL
+    b0 = total // BLOCK_M + pid * BLOCK_FILL
+    while b0 < max_blocks:
+        b = b0 + tl.arange(0, BLOCK_FILL)
+        tl.store(expert_ids_ptr + b, tl.zeros([BLOCK_FILL], dtype=tl.int32), mask=b < max_blocks)
+        b0 += num_programs * BLOCK_FILL
+
+
 def _moe_align_torch(
     flat_ids: torch.Tensor, block_m: int, num_experts: int, max_padded: int, max_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -433,7 +503,7 @@ def _moe_align_torch(
 
 
 def moe_align_block_size(
-    topk_ids: torch.Tensor, block_m: int, num_experts: int
+    topk_ids: torch.Tensor, block_m: int, num_experts: int, parallel: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the T*k (token, slot) pairs by expert into BLOCK_M-row blocks of one expert each.
 
@@ -441,7 +511,8 @@ def moe_align_block_size(
     [1])`` with ``max_padded = T*k + min(E, T*k) * (block_m - 1)``. ``sorted_pair_ids`` holds flat pair indices
     ``t*k + j`` (stable order within an expert) and the sentinel ``T*k`` in padding slots; entries at or past
     ``num_post_padded`` are padding, and so are the blocks starting there. ``topk_ids`` values must lie in
-    ``[0, num_experts)`` (not checked on the device).
+    ``[0, num_experts)`` (not checked on the device). ``parallel``: up to 4096 pairs, the many-program kernel
+    (True) or the one-program one (False); None: by the number of pairs.
     """
     if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be an int32/int64 [T, k] tensor, got {topk_ids.dtype} "
@@ -462,12 +533,22 @@ def moe_align_block_size(
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_post = torch.empty(1, dtype=torch.int32, device=device)
-    shift = torch.empty(num_experts, dtype=torch.int32, device=device)  # scratch
     block_pairs = max(16, triton.next_power_of_2(num_pairs))
+    block_e = triton.next_power_of_2(num_experts)
+    if parallel is None:
+        parallel = num_pairs > _ALIGN_ONE_PROGRAM_MAX_PAIRS
+    if parallel:
+        _moe_align_parallel_kernel[(triton.cdiv(num_pairs, _ALIGN_PAIRS_PER_PROGRAM),)](
+            flat, sorted_ids, expert_ids, num_post, num_pairs, num_experts, max_padded, max_blocks,
+            BLOCK_M=block_m, BLOCK_ALL=block_pairs, BLOCK_E=block_e, BLOCK_P=_ALIGN_PAIRS_PER_PROGRAM,
+            BLOCK_EP=8, BLOCK_FILL=256, num_warps=4,
+        )
+        return sorted_ids, expert_ids, num_post
+    shift = torch.empty(num_experts, dtype=torch.int32, device=device)  # scratch
     _moe_align_kernel[(1,)](
         flat, sorted_ids, expert_ids, num_post, shift,
         num_pairs, num_experts, max_padded, max_blocks,
-        BLOCK_M=block_m, BLOCK_PAIRS=block_pairs, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_FILL=1024,
+        BLOCK_M=block_m, BLOCK_PAIRS=block_pairs, BLOCK_E=block_e, BLOCK_FILL=1024,
         num_warps=4 if block_pairs <= 1024 else 8,
     )
     return sorted_ids, expert_ids, num_post

@@ -22,8 +22,7 @@ from .config import SimConfig
 from .experiments import compare, sweep, table
 from .plots import plot_compare, plot_sweep
 from .router import POLICIES
-from .simulation import run
-from .timing import DEFAULT_CALIBRATION, TimeModel
+from .simulation import run, time_model
 
 
 def _floats(text: str) -> list[float]:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = sweep(config, args.cache_sizes, args.queue, args.request, args.session, args.jobs, args.seeds)
         plot = plot_sweep
-    result["time_model"] = TimeModel.from_results(Path(config.calibration or DEFAULT_CALIBRATION)).describe()
+    result["time_model"] = time_model(config).describe()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -37,11 +37,15 @@ class SimConfig:
     max_waiting: int = field(default=256, metadata={"help": "requests queued beyond those (router capacity)"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV page, in simulated tokens"})
     checkpoint_interval: int = field(default=128, metadata={"help": "engine: tokens between prefill checkpoints"})
-    prefill_chunk_size: int = field(default=512, metadata={"help": "engine: prompt tokens per prefill step"})
+    prefill_chunk_size: int = field(default=8192, metadata={"help": "engine: prompt tokens per prefill step"})
     remote_prefill_threshold: int = field(default=512, metadata={"help": "uncached prompts this long go remote"})
+    handover_resume_checkpoint: bool = field(
+        default=True, metadata={"help": "engine: prefill pods hand over the state at the prompt's last page boundary"}
+    )
     poll_interval_s: float = field(default=0.1, metadata={"help": "router: period of its reads of the event streams"})
     retry_after_s: float = field(default=1.0, metadata={"help": "a refused turn is sent again after this long"})
-    calibration: str = field(default="", metadata={"help": "decode benchmark JSON for the time model (default: H200)"})
+    decode_calibration: str = field(default="", metadata={"help": "batched-decode benchmark JSON (default: H200)"})
+    prefill_calibration: str = field(default="", metadata={"help": "prefill benchmark JSON (default: H200)"})
     trace: TraceConfig = field(default_factory=TraceConfig, metadata={"flatten": True})
 
     def __post_init__(self) -> None:
@@ -76,5 +80,6 @@ class SimConfig:
             page_size=page, num_pages=self.cache_tokens // (page * scale), num_checkpoint_slots=self.checkpoint_slots,
             max_num_seqs=self.max_num_seqs, checkpoint_interval=interval,
             prefill_chunk_size=max(1, self.prefill_chunk_size // scale),
-            remote_prefill_threshold=-(-self.remote_prefill_threshold // scale), token_scale=scale,
+            remote_prefill_threshold=-(-self.remote_prefill_threshold // scale),
+            handover_resume_checkpoint=self.handover_resume_checkpoint, token_scale=scale,
         )

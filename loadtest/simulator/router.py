@@ -1,12 +1,13 @@
-"""The router as the simulator runs it: the real index, feeds and placer, fed as the real router is fed.
+"""The router as the simulator runs it: the real index, feeds, session table and placer, fed as the real router is
+fed.
 
 Each worker's event batches (numbered, with the cache digest after them) reach the router's ``WorkerFeed`` at the
 router's next poll of Redis (every ``poll_interval_s``), so the index lags the caches as it does in a cluster; a
 batch that does not apply or whose digest disagrees sends the feed to resynchronise, as in production (the report
-counts those; there should be none). Placement builds ``Candidate``s the way ``services/router/server.py``'s
-``_place`` does (usable hit capped so the last prompt token is computed, in-sync workers only, workers at capacity
-left out) and asks ``Placer.choose``. All token counts given to the placer are real tokens, so the weights mean
-what they mean in the router.
+counts those; there should be none). Placement scores the workers as ``services/router/server.py``'s ``_place``
+does: the index's usable pages capped so the last prompt token is computed, in-flight requests as the load,
+workers at capacity not eligible, the session table's live conversations, then ``Placer.choose_among``. Token
+counts given to the placer are real tokens, so the weights mean what they mean in the router.
 
 ``oracle`` is not a router policy: a perfectly balanced sticky assignment, the baseline cache_aware must match.
 A conversation's first turn goes to the worker with the fewest live conversations, and every later turn follows.
@@ -17,10 +18,12 @@ from __future__ import annotations
 import math
 from collections import deque
 
+import numpy as np
+
 from services.cluster.schema import EventBatch
 from services.router.feed import WorkerFeed
 from services.router.index import CacheIndex
-from services.router.policy import Candidate, Placer, Policy, Weights
+from services.router.policy import Placer, Policy, Weights, Workers, address_key
 from services.router.sessions import SessionTable
 
 from .worker import SimWorker
@@ -34,7 +37,7 @@ class SimRouter:
                  capacity: int, poll_interval_s: float, session_ttl_s: float) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
-        self.workers = workers
+        self.workers = workers  # in name order (names sort like indices), as the router's arrays are
         self.policy = policy
         self.page_size = page_size
         self.scale = token_scale
@@ -43,12 +46,14 @@ class SimRouter:
         self.index = CacheIndex()
         self.feeds = {w.name: WorkerFeed(w.name, self.index) for w in workers}
         self.placer = Placer(Policy(policy), weights) if policy != ORACLE else None
-        self._pending: deque[tuple[float, str, EventBatch]] = deque()
-        self._base: list[Candidate | None] = [None] * len(workers)  # hit-free candidates, as of the last decision
-        self._dirty: set[int] = set(range(len(workers)))
-        self._full: set[int] = set()
-        self._by_name = {w.name: w for w in workers}
         self.sessions = SessionTable(session_ttl_s)
+        self.names = [w.name for w in workers]
+        self.position = {w.name: w.index for w in workers}
+        self.address_keys = np.array([address_key(w.address) for w in workers], dtype=np.uint64)
+        index_slots = np.array([self.index.register(name) for name in self.names], dtype=np.int64)
+        self.position_of = np.full(self.index.num_slots, -1, dtype=np.int64)
+        self.position_of[index_slots] = np.arange(len(workers))
+        self._pending: deque[tuple[float, str, EventBatch]] = deque()
         self.live_conversations = [0] * len(workers)  # the oracle's balance
         self.decisions: dict[str, int] = {}
 
@@ -79,71 +84,32 @@ class SimRouter:
         self.poll(now)
         page, scale = self.page_size, self.scale
         cap = (prompt_len - 1) // page  # the last token is always computed: its logits are needed
-        feeds = self.feeds
-        hits = {name: min(pages, cap) * page * scale for name, pages in self.index.usable_pages(hashes).items()
-                if feeds[name].in_sync}
-        available = max(hits.values(), default=0)
+        slots, pages = self.index.usable(hashes)
+        hits = np.zeros(len(self.workers))
+        hits[self.position_of[slots]] = np.minimum(pages, cap) * page * scale
+        available = int(hits.max(initial=0))
         if self.policy == ORACLE:
             worker = sticky or min(self.workers, key=lambda w: (self.live_conversations[w.index], w.index))
             self._count("oracle_sticky" if sticky else "oracle_new")
-            return worker, hits.get(worker.name, 0), available
-        for name in self.sessions.expire(now):
-            self._dirty.add(self._by_name[name].index)
-        candidates = self._eligible(hits, session_id)
-        if not candidates:
+            return worker, int(hits[worker.index]), available
+        self.sessions.expire(now)
+        active = np.fromiter((w.active for w in self.workers), dtype=np.float64, count=len(self.workers))
+        queued = np.fromiter((w.queued_tokens for w in self.workers), dtype=np.float64, count=len(self.workers))
+        workers = Workers(self.names, self.address_keys, active, queued * scale, hits, active < self.capacity,
+                          self.sessions.counts(self.position, len(self.workers), session_id))
+        choice = self.placer.choose_among(workers, prompt_len * scale, session_id)
+        if choice is None:
             self._count("refused_all_full")
             return None, 0, available
-        choice = self.placer.choose(candidates, prompt_len * scale, session_id)
         self._count(choice.reason)
-        worker = self._by_name[choice.worker.name]
-        previous = self.sessions.worker_of(session_id)
-        self.sessions.placed(session_id, worker.name, now)
-        self._dirty.add(worker.index)
-        if previous is not None:
-            self._dirty.add(self._by_name[previous].index)
-        return worker, choice.worker.hit_tokens, available
+        self.sessions.placed(session_id, choice.name, now)
+        return self.workers[choice.index], choice.hit_tokens, available
+
+    def answered(self, session_id: str, now: float) -> None:
+        self.sessions.answered(session_id, now)
 
     def session_ended(self, session_id: str) -> None:
-        holder = self.sessions.worker_of(session_id)
-        if holder is not None:
-            self.sessions.ended(session_id)
-            self._dirty.add(self._by_name[holder].index)
-
-    def load_changed(self, worker: SimWorker) -> None:
-        """The worker's load (in flight, queued tokens) changed: rebuild its candidate before the next decision."""
-        self._dirty.add(worker.index)
-
-    def _candidate(self, w: SimWorker, hit: int, sessions: int, holds_session: bool = False) -> Candidate:
-        return Candidate(w.name, w.address, w.active, w.queued_tokens * self.scale, hit, sessions, holds_session)
-
-    def _eligible(self, hits: dict[str, int], session_id: str) -> list[Candidate]:
-        """The candidates ``_place`` would build, from a kept list of every worker's hit-free candidate where only
-        workers whose load or conversations changed are rebuilt (the router builds all of them afresh: the same
-        values, far less Python time at 1,000 workers; ``naive_candidates`` is the check)."""
-        base, sessions, workers = self._base, self.sessions, self.workers
-        for i in self._dirty:
-            w = workers[i]
-            base[i] = self._candidate(w, 0, sessions.live(w.name))
-            if w.active >= self.capacity:
-                self._full.add(i)
-            else:
-                self._full.discard(i)
-        self._dirty.clear()
-        out = list(base)
-        own = sessions.worker_of(session_id)
-        patched = set(hits) | ({own} if own is not None else set())
-        for name in patched:
-            w = self._by_name[name]
-            out[w.index] = self._candidate(w, hits.get(name, 0), sessions.live(name, session_id), name == own)
-        if self._full:
-            out = [c for i, c in enumerate(out) if i not in self._full]
-        return out
-
-    def naive_candidates(self, hits: dict[str, int], session_id: str) -> list[Candidate]:
-        """Every candidate built afresh, as ``_place`` does (for tests of ``_eligible``)."""
-        own = self.sessions.worker_of(session_id)
-        return [self._candidate(w, hits.get(w.name, 0), self.sessions.live(w.name, session_id), w.name == own)
-                for w in self.workers if w.active < self.capacity]
+        self.sessions.ended(session_id)
 
     def _count(self, reason: str) -> None:
         self.decisions[reason] = self.decisions.get(reason, 0) + 1

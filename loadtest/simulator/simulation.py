@@ -20,7 +20,7 @@ from services.engine.request import Request, SamplingParams
 from .config import SimConfig
 from .report import Record, Report, summarize
 from .router import ORACLE, SimRouter
-from .timing import DEFAULT_CALIBRATION, TimeModel
+from .timing import DEFAULT_DECODE, DEFAULT_PREFILL, TimeModel
 from .trace import Conversation, ScriptedUsers, Users
 from .worker import SimRequest, SimWorker
 
@@ -126,7 +126,7 @@ class Simulation:
         self.finished.append(Record.of(sim, self.config.trace.token_scale))
         self._any_finished = True
         conversation = sim.conversation
-        self.router.sessions.answered(conversation.key, now)
+        self.router.answered(conversation.key, now)
         before = len(conversation.history)
         think = conversation.finish_turn(sim.request.prompt_token_ids)
         self._live_changed(now, -before if conversation.done else len(conversation.history) - before)
@@ -153,7 +153,6 @@ class Simulation:
         heapq.heappush(self._heap, (t, next(self._order), kind, payload))
 
     def _after(self, worker: SimWorker, now: float) -> None:
-        self.router.load_changed(worker)
         batch = worker.drain_events()
         if batch is not None:
             self.router.publish(worker, batch, now)
@@ -167,5 +166,9 @@ class Simulation:
 
 def run(config: SimConfig, workload: ScriptedUsers | None = None) -> Report:
     """Simulate ``config`` (its agentic workload, or ``workload``) and report."""
-    calibration = Path(config.calibration) if config.calibration else DEFAULT_CALIBRATION
-    return Simulation(config, TimeModel.from_results(calibration), workload).run()
+    return Simulation(config, time_model(config), workload).run()
+
+
+def time_model(config: SimConfig) -> TimeModel:
+    return TimeModel.from_results(Path(config.decode_calibration or DEFAULT_DECODE),
+                                  Path(config.prefill_calibration or DEFAULT_PREFILL))

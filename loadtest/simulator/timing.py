@@ -1,17 +1,14 @@
-"""How long a worker's GPU work takes, calibrated from the repository's own GPU measurements.
+"""How long a worker's GPU work takes, from the repository's own H200 measurements of the full model
+(Qwen3.5-35B-A3B, 40 layers, bf16 dummy weights, Triton + flashinfer, CUDA graphs):
 
-Source: ``loadtest/results/decode_gpu_h200_35b-a3b-20L.json`` (``python -m loadtest.bench_decode``: Qwen3.5-35B-A3B
-dims, 20 of its 40 layers, dummy bf16 weights, one request on an H200, CUDA graphs). The simulated model is the one
-measured there; nothing is extrapolated to other layer counts.
-
-Decode step (memory-bound): the bytes one step must read, over the measured copy bandwidth times the fraction of
-that roofline the engine reached at the batch's mean context (measured at batch 1; interpolated in context). The
-bytes of a batch of B requests: the dense weights once, the routed experts that at least one of the B tokens picks
-(expected count ``E (1 - (1 - k/E)^B)`` under uniform routing), and per request its GDN state (read and written)
-and its KV. At B = 1 this reproduces the measured step times exactly.
-
-Prefill (compute-bound): the measured time to first token at the two longest contexts gives the marginal rate
-(tokens per second between them); the shorter context's fixed part (warm-up of that run) is left out.
+- Decode: ``loadtest/results/batch_decode_h200.json`` (``python -m loadtest.bench_batch_decode``), the median step
+  at batches 1-256 and contexts of 4K and 32K tokens. A step is modelled as a part that depends on the batch (the
+  weights and experts it reads, the GDN states: interpolated between the measured batches) plus a cost per token
+  of context in the batch (the KV read), fitted from the difference between the two contexts.
+- Prefill: ``loadtest/results/prefill_h200.json`` (``python -m loadtest.bench_prefill``), the time to first token
+  of one prompt of 8K-128K tokens at the engine's prefill chunk. Computing tokens ``[start, end)`` of a prompt whose
+  first ``start`` are cached costs ``T(end) - T(start)``, T interpolated between the measured lengths: the tokens
+  attend to the whole context before them, so later tokens cost more.
 """
 
 from __future__ import annotations
@@ -20,81 +17,79 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from services.engine.presets import preset_config
+import numpy as np
 
 _REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CALIBRATION = _REPO / "loadtest" / "results" / "decode_gpu_h200_35b-a3b-20L.json"
-_BF16 = 2
+DEFAULT_DECODE = _REPO / "loadtest" / "results" / "batch_decode_h200.json"
+DEFAULT_PREFILL = _REPO / "loadtest" / "results" / "prefill_h200.json"
+_PREFILL_CHUNK = 8192  # the engine's default prefill chunk (services/engine/config.py)
 
 
 @dataclass(frozen=True)
 class TimeModel:
-    source: str
+    sources: tuple[str, str]
     gpu: str
     model: str
-    copy_bytes_per_s: float
-    weights_bytes: float  # one token's weight reads: dense parts + its k routed experts (+ shared)
-    expert_bytes: float  # one routed expert's weights summed over the MoE layers
-    num_experts: int
-    experts_per_token: int
-    state_bytes: float  # one request's GDN state, read and written once per step
-    kv_bytes_per_token: float  # KV read per context token per step
-    efficiency: tuple[tuple[float, float], ...]  # (context, measured fraction of the roofline), by context
-    prefill_tokens_per_s: float
+    batches: tuple[int, ...]  # measured decode batches
+    base_step_s: tuple[float, ...]  # per batch: the step without its KV reads
+    context_token_s: float  # a step's cost per token of context in the batch
+    prefill_lengths: tuple[int, ...]  # measured prompt lengths (0 first)
+    prefill_ttft_s: tuple[float, ...]  # time to first token of a whole prompt that long (0 first)
 
     @classmethod
-    def from_results(cls, path: Path = DEFAULT_CALIBRATION) -> TimeModel:
-        data = json.loads(Path(path).read_text())
-        runs = sorted(data["runs"], key=lambda r: r["context"])
-        if len(runs) < 2:
-            raise ValueError(f"{path}: need decode runs at two contexts at least")
-        lo, hi = runs[-2], runs[-1]
-        kv_per_token = (hi["bytes_per_token"]["kv"] - lo["bytes_per_token"]["kv"]) / (hi["context"] - lo["context"])
-        prefill_rate = (hi["context"] - lo["context"]) / (hi["ttft_s"] - lo["ttft_s"])
-        cfg = preset_config(data["model"])
-        moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_hidden_layers))
-        expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * _BF16 * moe_layers  # gate, up, down
+    def from_results(cls, decode_path: Path = DEFAULT_DECODE, prefill_path: Path = DEFAULT_PREFILL) -> TimeModel:
+        decode = json.loads(Path(decode_path).read_text())
+        prefill = json.loads(Path(prefill_path).read_text())
+        runs = [r for r in decode["runs"] if "step_ms_median" in r]
+        by_context: dict[int, dict[int, float]] = {}
+        for r in runs:
+            by_context.setdefault(r["context"], {})[r["batch"]] = r["step_ms_median"] / 1e3
+        if len(by_context) < 2:
+            raise ValueError(f"{decode_path}: need decode steps at two contexts at least")
+        short, long = sorted(by_context)[0], sorted(by_context)[-1]
+        both = sorted(by_context[short].keys() & by_context[long].keys())
+        per_token = [(by_context[long][b] - by_context[short][b]) / (b * (long - short)) for b in both]
+        context_token_s = float(np.mean(per_token))
+        batches = sorted(by_context[short])
+        base = [by_context[short][b] - context_token_s * b * short for b in batches]
+        points = sorted((r["length"], r["ttft_s"]) for r in prefill["runs"] if r["chunk_size"] == _PREFILL_CHUNK)
+        if not points:
+            raise ValueError(f"{prefill_path}: no prefill runs at chunk {_PREFILL_CHUNK}")
         return cls(
-            source=_shown(Path(path)), gpu=data["gpu"], model=data["model"],
-            copy_bytes_per_s=data["copy_bandwidth_GBps"] * 1e9,
-            weights_bytes=hi["bytes_per_token"]["weights"], expert_bytes=expert, num_experts=cfg.num_experts,
-            experts_per_token=cfg.num_experts_per_tok, state_bytes=hi["bytes_per_token"]["gdn_state"],
-            kv_bytes_per_token=kv_per_token,
-            efficiency=tuple((r["context"], r["fraction_of_roofline"]) for r in runs),
-            prefill_tokens_per_s=prefill_rate,
+            sources=(_shown(Path(decode_path)), _shown(Path(prefill_path))), gpu=decode["gpu"], model=decode["model"],
+            batches=tuple(batches), base_step_s=tuple(base), context_token_s=context_token_s,
+            prefill_lengths=(0, *(p[0] for p in points)), prefill_ttft_s=(0.0, *(p[1] for p in points)),
         )
 
     def decode_step_s(self, batch: int, total_context: float) -> float:
         """One decode step of ``batch`` requests whose contexts sum to ``total_context`` tokens."""
         if batch <= 0:
             raise ValueError("a decode step needs a request")
-        e, k = self.num_experts, self.experts_per_token
-        extra_experts = e * (1 - (1 - k / e) ** batch) - k
-        nbytes = (self.weights_bytes + extra_experts * self.expert_bytes + batch * self.state_bytes
-                  + total_context * self.kv_bytes_per_token)
-        return nbytes / (self.copy_bytes_per_s * self._efficiency(total_context / batch))
+        return _interpolate(self.batches, self.base_step_s, batch) + self.context_token_s * total_context
 
-    def prefill_s(self, tokens: int) -> float:
-        return tokens / self.prefill_tokens_per_s
-
-    def _efficiency(self, context: float) -> float:
-        points = self.efficiency
-        if context <= points[0][0]:
-            return points[0][1]
-        for (c0, f0), (c1, f1) in zip(points, points[1:], strict=False):
-            if context <= c1:
-                return f0 + (f1 - f0) * (context - c0) / (c1 - c0)
-        return points[-1][1]
+    def prefill_s(self, start: int, end: int) -> float:
+        """Computing prompt tokens ``[start, end)`` after ``start`` cached ones."""
+        ttft = self.prefill_lengths, self.prefill_ttft_s
+        return max(0.0, _interpolate(*ttft, end) - _interpolate(*ttft, start))
 
     def describe(self) -> dict:
         """What the report records about the calibration (the numbers used, and where they came from)."""
         d = asdict(self)
-        d["efficiency"] = [list(p) for p in self.efficiency]
-        d["decode_step_ms_examples"] = {
-            f"batch {b} at {c // 1024}K": round(self.decode_step_s(b, b * c) * 1e3, 3)
-            for b in (1, 8, 32) for c in (1024, 65536)
+        d["examples"] = {
+            **{f"decode step ms, batch {b} at {c // 1024}K": round(self.decode_step_s(b, b * c) * 1e3, 2)
+               for b in (1, 8, 64) for c in (4096, 65536)},
+            "prefill s, 50K from scratch": round(self.prefill_s(0, 50_000), 3),
+            "prefill s, 1.3K after 55K cached": round(self.prefill_s(55_000, 56_300), 3),
         }
         return d
+
+
+def _interpolate(xs: tuple, ys: tuple, x: float) -> float:
+    """Piecewise linear through the points, extended along the last segment past the last one."""
+    if x >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + slope * (x - xs[-1])
+    return float(np.interp(x, xs, ys))
 
 
 def _shown(path: Path) -> str:

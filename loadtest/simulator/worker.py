@@ -3,14 +3,20 @@ taken from the calibrated model.
 
 A worker is one decode pod with the prefill capacity that serves it (a prefill GPU of its own: a 1:1 PD pair).
 Its memory is the engine's: ``HybridPrefixCache`` over a real ``RadixCache``, page and checkpoint-slot ``IdPool``s,
-real ``Request`` objects, so matching, page and checkpoint publishing, supersession and eviction (and the events
-they emit) are the engine's code. The calls follow the scheduler's order (``services/engine/scheduler.py``):
-admission first come first served while a running slot and pages are free (``match``; pages for the prompt and the
-answer, evicting cached pages as ``_grow`` does; ``confirm``); a prompt whose uncached part is at least the remote
-threshold is prefilled by the prefill pod (no checkpoints on this pod until the end, as in PD), a shorter one here in
-chunks with the engine's checkpoint plan; one decode snapshot at the last page boundary the answer crosses; then
-``release``. Simplifications (stated in the report): a request's pages for its whole answer are taken at admission,
-so nothing is preempted; the decode snapshot slot is taken when the answer ends, not at its first full page.
+real ``Request`` objects moving through their lifecycle, so matching, page and checkpoint publishing, supersession
+and eviction (and the events they emit) are the engine's code. The calls follow the scheduler's order
+(``services/engine/scheduler.py``): admission first come first served while a running slot and pages are free
+(``match``; pages for the prompt and the answer, evicting cached pages as ``_grow`` does; ``confirm``). A prompt
+whose uncached part is at least the remote threshold is prefilled by the prefill pod: the decode pod keeps its KV
+match (``use_kv_match``), reserves the resume-boundary checkpoint the pod hands over and publishes it when the
+prefill completes (``publish_snapshot``). A shorter one is prefilled here in chunks with the engine's checkpoint
+plan. One decode snapshot lands at the last page boundary the answer crosses; then ``release``. Simplifications
+(stated in the report): a request's pages for its whole answer are taken at admission, so nothing is preempted; the
+decode snapshot slot is taken when the answer ends, not at its first full page.
+
+The hit a request is credited with (``cached``) is its checkpoint match at admission: what the prefill starts from.
+For a remote prefill the engine also counts the KV pages past the checkpoint (not sent again), which save transfer,
+not compute.
 
 Time: prefills run one at a time, first come first served, on the pair's prefill GPU; decoding requests form one
 continuous batch whose step time follows the batch (``TimeModel.decode_step_s``), advanced as a fluid: all decoding
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from services.cluster.schema import EventBatch, encode_events
 from services.engine.allocator import IdPool
 from services.engine.prefix_cache import HybridPrefixCache
-from services.engine.request import Request
+from services.engine.request import Request, RequestStatus
 
 from .timing import TimeModel
 from .trace import Conversation
@@ -46,6 +52,7 @@ class WorkerConfig:
     checkpoint_interval: int
     prefill_chunk_size: int
     remote_prefill_threshold: int
+    handover_resume_checkpoint: bool
     token_scale: int  # real tokens per simulated token (for the time model)
 
 
@@ -162,7 +169,10 @@ class SimWorker:
             sim = self.waiting[0]
             request = sim.request
             admission = cache.match(request)
+            cached = request.num_cached_tokens  # from its deepest checkpoint: where the prefill starts
             remote = cfg.remote_prefill_threshold > 0 and request.num_uncomputed_tokens >= cfg.remote_prefill_threshold
+            if remote:
+                cache.use_kv_match(request, admission)
             missing = self._pages_for(request.num_prompt_tokens + len(sim.answer)) - len(request.page_ids)
             if not self.pages.can_allocate(missing):
                 cache.evict_pages(missing - self.pages.num_free)
@@ -173,9 +183,15 @@ class SimWorker:
             self.waiting.popleft()
             cache.confirm(request, admission)
             request.state_slot = self.slots.allocate_one()
+            if remote:
+                if cfg.handover_resume_checkpoint:
+                    cache.reserve_resume_checkpoint(request)
+                request.move_to(RequestStatus.REMOTE_PREFILL)
+            else:
+                request.move_to(RequestStatus.RUNNING)
             sim.remote = remote
-            sim.cached = request.num_cached_tokens
-            self.queued_tokens -= sim.prompt_len - request.num_uncomputed_tokens
+            sim.cached = cached
+            self.queued_tokens -= cached
             self.prefill_queue.append(sim)
         if self.prefilling is None:
             self._start_prefill(now)
@@ -185,16 +201,18 @@ class SimWorker:
             return
         sim = self.prefilling = self.prefill_queue.popleft()
         sim.prefill_start = now
-        uncached = sim.prompt_len - sim.cached
-        self.prefill_end = now + self.time_model.prefill_s(uncached * self.config.token_scale)
+        scale = self.config.token_scale
+        self.prefill_end = now + self.time_model.prefill_s(sim.cached * scale, sim.prompt_len * scale)
 
     def _finish_prefill(self, now: float) -> list[SimRequest]:
         sim, self.prefilling, self.prefill_end = self.prefilling, None, math.inf
         request = sim.request
         start = request.num_computed_tokens
-        self.queued_tokens -= request.num_uncomputed_tokens
-        if sim.remote:  # the prefill pod wrote the pages and the final state; no checkpoint here yet
+        self.queued_tokens -= sim.prompt_len - sim.cached
+        if sim.remote:  # the prefill pod wrote the pages, the final state and the resume-boundary checkpoint
             request.num_computed_tokens = request.num_tokens
+            self.cache.publish_snapshot(request)
+            request.move_to(RequestStatus.RUNNING)
         else:  # prefilled here, chunk by chunk, publishing the engine's planned checkpoints
             while start < request.num_tokens:
                 n = min(self.config.prefill_chunk_size, request.num_tokens - start)
@@ -229,6 +247,7 @@ class SimWorker:
         cache.release(request)
         self.slots.free([request.state_slot])
         request.state_slot = None
+        request.move_to(RequestStatus.FINISHED)
         self.active -= 1
         self.requests_finished += 1
         sim.finished_at = now

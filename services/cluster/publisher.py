@@ -6,7 +6,7 @@ Two parts, on two threads:
   each step's batch of events and hands it to the event loop. Snapshots are taken there too, after the
   pending events are numbered, so that a snapshot is exactly the cache after a known batch.
 - ``ClusterPublisher`` runs on the pod's event loop: one task sends batches as they come (XADD, the stream
-  trimmed to about ``event_stream_maxlen`` entries), one heartbeats every ``heartbeat_interval_s`` (the
+  trimmed to ``event_stream_maxlen`` entries), one heartbeats every ``heartbeat_interval_s`` (the
   record with its load and the number of the last batch sent, the TTL renewed) and takes snapshots when asked.
 
 Redis being down never stops the pod: batches that cannot be sent are dropped (their numbers are used, so a
@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.common.page_hash import SCHEME
+from services.common.serving import cancel_tasks
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import Engine
 from services.engine.radix_cache import CacheDigest, CacheEvent
@@ -106,8 +107,12 @@ class ClusterPublisher:
         self._batches: asyncio.Queue[EventBatch] = asyncio.Queue()
         self._sent = (0, CacheDigest(0, 0, 0, 0))  # the last batch handed to Redis, and the digest after it
         self._tasks: list[asyncio.Task] = []
+        # The loops also stop on this flag: redis-py can turn a cancellation that lands inside a command into
+        # a connection error, which the loops catch to ride out Redis outages.
+        self._running = False
         self.redis_up = True
         self.draining = False
+        self.direct_requests_of: Callable[[], int] = lambda: 0  # decode pods: requests no router placed
         self.snapshots_sent = 0
 
     # ---- engine thread ------------------------------------------------------------------------------
@@ -118,6 +123,7 @@ class ClusterPublisher:
     def start(self, async_engine: AsyncEngine, record: WorkerRecord) -> None:
         self.async_engine = async_engine
         self.record = record
+        self._running = True
         self._tasks = [asyncio.ensure_future(self._send_batches()), asyncio.ensure_future(self._heartbeat())]
 
     async def stop(self) -> None:
@@ -125,11 +131,8 @@ class ClusterPublisher:
         if self.record is None:
             await self.redis.aclose()
             return
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._running = False
+        await cancel_tasks(self._tasks)
         worker_id = self.record.instance_id
         with contextlib.suppress(RedisError, OSError):
             pipe = self.redis.pipeline(transaction=False)
@@ -150,14 +153,14 @@ class ClusterPublisher:
     async def _send_batches(self) -> None:
         worker_id = self.record.instance_id
         stream = self.keys.events(worker_id)
-        while True:
+        while self._running:
             batches = [await self._batches.get()]
             while not self._batches.empty():
                 batches.append(self._batches.get_nowait())
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for batch in batches:
-                    pipe.xadd(stream, batch.to_fields(), maxlen=self.config.event_stream_maxlen, approximate=True)
+                    pipe.xadd(stream, batch.to_fields(), maxlen=self.config.event_stream_maxlen, approximate=False)
                 pipe.pexpire(stream, int(self.config.heartbeat_ttl_s * 1000) * 10)
                 await pipe.execute()
                 self._set_up(True)
@@ -167,7 +170,7 @@ class ClusterPublisher:
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval_s
-        while True:
+        while self._running:
             try:
                 await self._beat()
                 self._set_up(True)
@@ -180,7 +183,8 @@ class ClusterPublisher:
         seq, digest = self._sent
         return dataclasses.replace(
             self.record, running=load.running, waiting=load.waiting, free_pages=load.free_pages,
-            free_slots=load.free_slots, queued_prefill_tokens=load.queued_prefill_tokens, draining=self.draining,
+            free_slots=load.free_slots, queued_prefill_tokens=load.queued_prefill_tokens,
+            direct_requests=self.direct_requests_of(), draining=self.draining,
             event_seq=seq, cache_pages=digest.pages, cache_states=digest.states, cache_page_sum=digest.page_sum,
             cache_state_sum=digest.state_sum,
         )

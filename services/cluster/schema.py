@@ -7,7 +7,7 @@ Keys (``ns`` is the namespace, ``baton`` by default, so that several clusters ca
     {ns}:worker:{id}             HASH   the worker's record (identity, capacity, load, event position),
                                         rewritten every heartbeat, expires after the heartbeat TTL
     {ns}:events:{id}             STREAM its prefix-cache event batches, one entry per engine step with
-                                        events: {seq, events, digest}; trimmed to ~stream_maxlen entries
+                                        events: {seq, events, digest}; trimmed to event_stream_maxlen entries
     {ns}:snapshot-request:{id}   STRING set by a router that lost track of the worker's cache
     {ns}:snapshot:{id}           STRING the worker's whole cache as one event batch, at a known seq
     {ns}:routers                 SET    ids of live routers
@@ -29,12 +29,13 @@ import numpy as np
 
 from services.engine.radix_cache import CacheDigest, CacheEvent
 
-# Event kinds on the wire (one byte each).
-STORED, EVICTED, STATE_STORED, STATE_EVICTED = 0, 1, 2, 3
-KIND_CODES = {"stored": STORED, "evicted": EVICTED, "state_stored": STATE_STORED, "state_evicted": STATE_EVICTED}
+# Event kinds, in the order a segment applies its groups (see encode_events).
+STATE_EVICTED, EVICTED, STORED, STATE_STORED = 0, 1, 2, 3
+KIND_CODES = {"state_evicted": STATE_EVICTED, "evicted": EVICTED, "stored": STORED, "state_stored": STATE_STORED}
 
-_FORMAT_VERSION = 1
-_HEADER = struct.Struct("<BI")  # version, number of events
+_FORMAT_VERSION = 2
+_HEADER = struct.Struct("<BI")  # version, number of segments
+_SEGMENT = struct.Struct("<IIII")  # events per group: state_evicted, evicted, stored, state_stored
 _DIGEST = struct.Struct("<QQQQ")  # pages, states, page hash sum, state hash sum
 _SNAPSHOT_HEADER = struct.Struct("<Q")  # seq
 
@@ -66,41 +67,73 @@ class Keys:
 
 
 # ---- events ---------------------------------------------------------------------------------------------
-class Events(NamedTuple):
-    """A decoded list of events, column by column (what the router's index applies)."""
+class Segment(NamedTuple):
+    """Events of one worker that can be applied group by group, in this order: checkpoints evicted, pages
+    evicted, pages stored (parents before children), checkpoints stored. Applying the groups in that order
+    gives the same cache as applying the events in the order they happened (encode_events cuts a segment
+    wherever that would not hold), and each group is one set operation for the router's index."""
 
-    kinds: bytes
-    hashes: list[int]
-    parents: list[int]
+    state_evicted: list[int]
+    evicted: list[int]
+    stored: list[int]
+    stored_parents: list[int]
+    state_stored: list[int]
 
     def __len__(self) -> int:
-        return len(self.kinds)
+        return len(self.state_evicted) + len(self.evicted) + len(self.stored) + len(self.state_stored)
+
+
+def _segments(events: Iterable[CacheEvent]) -> list[list[list[CacheEvent]]]:
+    """Cut the events into segments whose groups can be applied in kind order: a new segment starts where an
+    event would have to be applied before one already in a later group (the same page stored then evicted,
+    a checkpoint stored then evicted, in one step)."""
+    segments: list[list[list[CacheEvent]]] = []
+    groups: list[list[CacheEvent]] | None = None
+    latest: dict[int, int] = {}  # page hash -> the latest group holding an event on it in this segment
+    for event in events:
+        kind = KIND_CODES[event.kind]
+        if groups is None or latest.get(event.page_hash, -1) > kind:
+            groups = [[], [], [], []]
+            segments.append(groups)
+            latest = {}
+        groups[kind].append(event)
+        latest[event.page_hash] = max(kind, latest.get(event.page_hash, -1))
+    return segments
 
 
 def encode_events(events: Iterable[CacheEvent]) -> bytes:
-    """Columns (kinds, then page hashes, then parent hashes) so that decoding is three C-speed slices."""
-    events = list(events)
-    kinds = bytes(KIND_CODES[e.kind] for e in events)
-    hashes = np.fromiter((e.page_hash for e in events), dtype="<u8", count=len(events))
-    parents = np.fromiter((e.parent_hash for e in events), dtype="<u8", count=len(events))
-    return _HEADER.pack(_FORMAT_VERSION, len(events)) + kinds + hashes.tobytes() + parents.tobytes()
+    parts = []
+    segments = _segments(events)
+    for groups in segments:
+        parts.append(_SEGMENT.pack(*(len(g) for g in groups)))
+        hashes = [e.page_hash for g in groups for e in g] + [e.parent_hash for e in groups[STORED]]
+        parts.append(np.array(hashes, dtype="<u8").tobytes())
+    return _HEADER.pack(_FORMAT_VERSION, len(segments)) + b"".join(parts)
 
 
-def decode_events(data: bytes) -> Events:
+def decode_events(data: bytes) -> list[Segment]:
     """Raises ValueError on anything malformed (a corrupt entry must not be half-applied)."""
     if len(data) < _HEADER.size:
         raise ValueError("event batch shorter than its header")
     version, count = _HEADER.unpack_from(data)
     if version != _FORMAT_VERSION:
         raise ValueError(f"event batch format {version}, expected {_FORMAT_VERSION}")
-    if len(data) != _HEADER.size + count * 17:
-        raise ValueError(f"event batch of {len(data)} bytes does not hold {count} events")
-    start = _HEADER.size
-    kinds = data[start : start + count]
-    if any(k > STATE_EVICTED for k in kinds):
-        raise ValueError("unknown event kind")
-    columns = np.frombuffer(data, dtype="<u8", count=2 * count, offset=start + count)
-    return Events(kinds, columns[:count].tolist(), columns[count:].tolist())
+    offset, segments = _HEADER.size, []
+    for _ in range(count):
+        if len(data) < offset + _SEGMENT.size:
+            raise ValueError("event batch truncated")
+        sizes = _SEGMENT.unpack_from(data, offset)
+        offset += _SEGMENT.size
+        total = sum(sizes) + sizes[STORED]
+        if len(data) < offset + 8 * total:
+            raise ValueError("event batch truncated")
+        values = np.frombuffer(data, dtype="<u8", count=total, offset=offset).tolist()
+        offset += 8 * total
+        a, b, c = sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
+        segments.append(Segment(values[:a], values[a:b], values[b:c], values[c + sizes[3]:], values[c:c + sizes[3]]))
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} bytes after the last event segment")
+    return segments
 
 
 def encode_digest(digest: CacheDigest) -> bytes:
@@ -178,6 +211,7 @@ class WorkerRecord:
     free_pages: int = 0
     free_slots: int = 0
     queued_prefill_tokens: int = 0
+    direct_requests: int = 0  # decode pods: requests in flight that no router placed (routers count their own)
     draining: bool = False
     # the last event batch sent to Redis, and the cache's digest after it
     event_seq: int = 0

@@ -1,9 +1,12 @@
-"""Conversions between the protobuf messages and the engine's types, shared by the pods."""
+"""Conversions between the protobuf messages and the engine's types, and servicer registration, shared by the
+pods."""
 
 from __future__ import annotations
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 
 from services.common.protos import inference_pb2
 from services.engine.request import FinishReason, InvalidRequestError, SamplingParams
@@ -57,39 +60,62 @@ def pool_usage(usage: dict[str, int]) -> inference_pb2.PoolUsage:
     return inference_pb2.PoolUsage(**{k: usage[k] for k in inference_pb2.PoolUsage.DESCRIPTOR.fields_by_name})
 
 
+# ---- servicers -----------------------------------------------------------------------------------------
 class MalformedRequest:
-    """A request whose bytes did not parse (e.g. a ``string`` field that is not valid UTF-8): the handler
-    answers INVALID_ARGUMENT with ``error`` instead of gRPC failing the call as UNKNOWN before it runs."""
+    """A request whose bytes do not parse (e.g. invalid UTF-8 in a proto3 string field)."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, message_name: str, error: str) -> None:
+        self.message_name = message_name
         self.error = error
 
+    def __str__(self) -> str:
+        return f"malformed {self.message_name}: {self.error}"
 
-def _lenient(message_type):
+
+def _lenient_parser(message_cls):
     def parse(data: bytes):
         try:
-            return message_type.FromString(data)
+            return message_cls.FromString(data)
         except DecodeError as err:
-            return MalformedRequest(f"malformed {message_type.DESCRIPTOR.name} ({err}); text must be valid UTF-8")
+            return MalformedRequest(message_cls.DESCRIPTOR.full_name, str(err))
 
     return parse
 
 
-def inference_handler(servicer) -> grpc.GenericRpcHandler:
-    """``baton.v1.Inference`` served by ``servicer`` with requests parsed leniently (see MalformedRequest)."""
-    msgs = inference_pb2
-    methods = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=_lenient(msgs.GenerateRequest),
-            response_serializer=msgs.GenerateResponse.SerializeToString,
-        ),
-        "Health": grpc.unary_unary_rpc_method_handler(
-            servicer.Health, request_deserializer=_lenient(msgs.HealthRequest),
-            response_serializer=msgs.HealthResponse.SerializeToString,
-        ),
-        "ModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.ModelInfo, request_deserializer=_lenient(msgs.ModelInfoRequest),
-            response_serializer=msgs.ModelInfoResponse.SerializeToString,
-        ),
-    }
-    return grpc.method_handlers_generic_handler("baton.v1.Inference", methods)
+def _refusing_malformed(method, streaming: bool):
+    if streaming:
+        async def stream_handler(request, context):
+            if isinstance(request, MalformedRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+            async for response in method(request, context):
+                yield response
+
+        return stream_handler
+
+    async def unary_handler(request, context):
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+        return await method(request, context)
+
+    return unary_handler
+
+
+def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
+    """What the generated ``add_<Service>Servicer_to_server`` does, except for requests that do not parse:
+    with the generated deserializers they fail before any handler runs, and the client gets UNKNOWN with no
+    word on why; here the handler's caller answers INVALID_ARGUMENT naming the parse error, and the service
+    goes on serving the others. Unary-unary and unary-stream methods (all Baton has)."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{service.full_name}.{method.name}: client streaming is not supported here")
+        request_cls = GetMessageClass(method.input_type)
+        response_cls = GetMessageClass(method.output_type)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            _refusing_malformed(getattr(servicer, method.name), method.server_streaming),
+            request_deserializer=_lenient_parser(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

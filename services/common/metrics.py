@@ -40,6 +40,14 @@ class _EngineCollector:
             totals.add_metric([pool], usage[total])
         yield pools
         yield totals
+        quarantined = GaugeMetricFamily(
+            "baton_pool_quarantined", "Pool entries a failed prefill pod may still write, out of use until it "
+            "confirms or restarts (counted in baton_pool_used too)", labels=["pool"],
+        )
+        for pool, key in (("kv_pages", "pages_quarantined"), ("state_slots", "slots_quarantined"),
+                          ("checkpoint_slots", "checkpoints_quarantined")):
+            quarantined.add_metric([pool], usage[key])
+        yield quarantined
         stats = self._cache_stats()
         tokens = CounterMetricFamily("baton_prefix_cache_tokens", "Prompt tokens by cache outcome", labels=["kind"])
         tokens.add_metric(["prompt"], stats.prompt_tokens)

@@ -54,7 +54,7 @@ def unmix(x: int) -> int:
     return x ^ (x >> 30) ^ (x >> 60)
 
 
-def _mix_array(x: np.ndarray) -> np.ndarray:
+def mix_array(x: np.ndarray) -> np.ndarray:
     """``mix`` elementwise; uint64 arithmetic wraps mod 2**64 (numpy does not warn on arrays)."""
     x = x ^ (x >> _U64(30))
     x = x * _U64(_C1)
@@ -77,11 +77,11 @@ def page_hashes(token_ids: Sequence[int] | np.ndarray, page_size: int, parent: i
     if num_pages == 0:
         return []
     tokens = np.asarray(token_ids[: num_pages * page_size], dtype=np.uint64).reshape(num_pages, page_size)
-    content = _mix_array((tokens + _U64(1)) * _position_keys(page_size)).sum(axis=1, dtype=np.uint64)
+    content = mix_array((tokens + _U64(1)) * _position_keys(page_size)).sum(axis=1, dtype=np.uint64)
     depths = np.arange(depth + 1, depth + num_pages + 1, dtype=np.uint64)
-    steps = _mix_array(content ^ (depths * _U64(_GOLDEN)))
+    steps = mix_array(content ^ (depths * _U64(_GOLDEN)))
     sums = np.cumsum(steps, dtype=np.uint64) + _U64(unmix(parent))
-    return _mix_array(sums).tolist()
+    return mix_array(sums).tolist()
 
 
 def page_hash(parent: int, tokens: Sequence[int], depth: int) -> int:

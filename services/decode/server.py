@@ -2,11 +2,17 @@
 prefill pods (see DESIGN.md, "Processes").
 
 A request whose uncached prompt is long is admitted by the engine with pages for the whole prompt and a
-working slot reserved; this service then asks a prefill pod to compute it and write the missing pages and
-the final GDN state into those reservations. Failure handling, in order of preference: retry on another
-prefill pod, then prefill locally. The reserved memory is reused only once the prefill pod can no longer
-write into it (it answered, confirmed an abort, or is gone); if none of that can be established, the
-memory is quarantined instead of risking a late write into another request's pages.
+working slot reserved (REMOTE_PREFILL); this service then asks a prefill pod to compute it and write the
+missing pages, the final GDN state and the state at the prompt's resume boundary into those reservations.
+One attempt per admission: when it fails, the engine takes the request back (WAITING) and admits it again,
+for another attempt on a prefill pod or, after ``max_prefill_attempts`` or a bug on either side, for a
+local prefill.
+
+The reserved memory is reused only once the prefill pod can no longer write into it: it answered, it
+failed saying it stopped (ABORTED, refused), or it answered an ``Abort``. Anything else (its write failed,
+its call timed out, it became unreachable) quarantines the memory under that pod's process id; it comes
+back when that process answers an ``Abort`` for the request, or when the pod is found restarted (a
+handshake returns a new id), checked every ``peer_check_interval_s``.
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ import grpc
 from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
 from services.common.grpc_util import (
     FINISH_REASONS,
-    MalformedRequest,
-    inference_handler,
+    add_servicer,
     pool_usage,
     prompt_from_request,
     sampling_from_proto,
@@ -34,17 +39,18 @@ from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
 from services.common.protos import inference_pb2, inference_pb2_grpc, pd_pb2, pd_pb2_grpc
 from services.common.serving import run_until_signal
-from services.engine.async_engine import AsyncEngine, EngineError, RemotePrefillTask
+from services.engine.async_engine import AsyncEngine, EngineDeadError, EngineError, RemotePrefillTask
 from services.engine.engine import Engine
 from services.engine.request import InvalidRequestError, OverloadedError
-from services.prefill.server import register_memory
 from services.transfer.engine import TransferEngine
-from services.transfer.handover import layout_mismatches, local_regions, state_layout
+from services.transfer.handover import layout_mismatches, local_regions, register_pools, state_layout
 
 log = logging.getLogger("baton.decode")
 
 # Outcomes of one attempt on one prefill pod.
 _OK, _RETRY, _LOCAL, _QUARANTINE = "ok", "retry", "local", "quarantine"
+# Engine commands a test can make fail (``fault_engine_error``), by the Engine method that handles them.
+_FAULT_COMMANDS = {"abort": "abort_request", "remote_done": "complete_remote_prefill"}
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,28 @@ class DecodeConfig(PodConfig):
     forget_peer_s: float = field(
         default=60.0, metadata={"help": "a prefill pod named by a router and unreachable this long is forgotten"}
     )
+    peer_check_interval_s: float = field(
+        default=1.0, metadata={"help": "how often unusable prefill pods and quarantined memory are checked again"}
+    )
+    fault_engine_error: str = field(
+        default="", metadata={"help": "fault testing only: the engine thread raises on this command (abort, "
+                                      "remote_done)"}
+    )
 
     @property
     def remote_prefill(self) -> bool:
         """Prefill pods may be used: listed, or named per request by a router (registered in a cluster)."""
         return bool(self.prefill_addrs.strip() or self.cluster.redis_url)
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_attempts < 1:
+            raise ValueError(f"max_prefill_attempts must be >= 1, got {self.max_prefill_attempts}")
+        for name in ("prefill_timeout_s", "rpc_timeout_s", "peer_check_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.fault_engine_error not in ("", *_FAULT_COMMANDS):
+            raise ValueError(f"fault_engine_error must be one of {sorted(_FAULT_COMMANDS)}, got "
+                             f"{self.fault_engine_error!r}")
 
 
 class PrefillPeer:
@@ -106,9 +129,28 @@ class PrefillPeer:
         return inference_pb2.PeerStatus(address=self.address, usable=self.usable, reason=self.reason)
 
 
+@dataclass
+class _RemotePrefill:
+    """One request's remote prefill, across its attempts (one per admission)."""
+
+    attempts: int = 0
+    peer: PrefillPeer | None = None  # the pod computing the current attempt
+    call_id: str = ""  # the current attempt's id on that pod (a fresh one per attempt)
+
+
+@dataclass(frozen=True)
+class _QuarantinedCall:
+    peer: PrefillPeer
+    writer: str  # the pod's process id when the call was made
+    request_id: str  # the engine's
+    call_id: str  # the pod's
+
+
 class DecodeService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, config: DecodeConfig, engine: Engine, transfer: TransferEngine, metrics: PodMetrics,
-                 on_cache_events=None) -> None:
+    def __init__(
+        self, config: DecodeConfig, engine: Engine, transfer: TransferEngine, metrics: PodMetrics,
+        fatal: asyncio.Event | None = None, on_cache_events=None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.metrics = metrics
@@ -124,48 +166,76 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             decode_id=self.decode_id,
         )
         self.peers = [PrefillPeer(a.strip()) for a in config.prefill_addrs.split(",") if a.strip()]
+        if config.fault_engine_error:
+            _inject_engine_fault(engine, config.fault_engine_error)
+        on_fatal = (lambda _: self.loop.call_soon_threadsafe(fatal.set)) if fatal is not None else None
         self.async_engine = AsyncEngine(
-            engine, on_remote_prefill=self._on_remote_prefill if config.remote_prefill else None,
+            engine, on_remote_prefill=self._on_remote_prefill if config.remote_prefill else None, on_fatal=on_fatal,
             on_cache_events=on_cache_events,
         )
-        self.remote_peer: dict[str, PrefillPeer] = {}  # request id -> pod computing it now
-        self.named_prefill: dict[str, str] = {}  # request id -> prefill pod a router chose for it
-        self.cancelled: set[str] = set()
+        # All three hold entries only for live requests or outstanding quarantine: they stay bounded.
+        self.live: set[str] = set()  # engine request ids whose client stream is open
+        self.remote: dict[str, _RemotePrefill] = {}  # engine request id -> its remote prefill
+        self.quarantined: dict[str, _QuarantinedCall] = {}  # by call id
+        self.named_prefill: dict[str, str] = {}  # engine request id -> prefill pod a router chose for it
+        self.direct_requests = 0  # Generate calls in flight that no router placed
         self._tasks: set[asyncio.Task] = set()
 
     async def connect(self) -> None:
         await asyncio.gather(*(p.handshake(self.handshake_request, self.config.rpc_timeout_s) for p in self.peers))
 
-    async def watch_peers(self, interval_s: float = 1.0) -> None:
-        """Reconnect pods that were down or refused (restarted, redeployed), off the request path; forget pods
-        a router once named that have stayed unreachable (scaled down)."""
+    async def watch_peers(self) -> None:
+        """Off the request path: reconnect pods that were down or refused (restarted, redeployed), give back
+        quarantined memory whose writer confirmed it stopped or restarted, and forget pods a router once named
+        that have stayed unreachable (scaled down) and hold none of our quarantined memory."""
+        interval = self.config.peer_check_interval_s
         while True:
-            await asyncio.sleep(interval_s)  # a polling period, not synchronisation
+            await asyncio.sleep(interval)  # a polling period, not synchronisation
             now = time.monotonic()
-            for peer in [p for p in self.peers if p.named and not p.usable and p.inflight == 0
+            owing = {call.peer for call in self.quarantined.values()}
+            for peer in [p for p in self.peers if p.named and not p.usable and p.inflight == 0 and p not in owing
                          and now - p.usable_since > self.config.forget_peer_s]:
                 log.info("forgetting prefill pod %s: %s", peer.address, peer.reason)
                 self.peers.remove(peer)
                 await peer.channel.close()
             down = [p for p in self.peers if not p.usable]
-            await asyncio.gather(*(p.handshake(self.handshake_request, interval_s, wait=True) for p in down))
+            await asyncio.gather(*(p.handshake(self.handshake_request, interval, wait=True) for p in down))
+            await asyncio.gather(*(self._check_quarantined(call) for call in list(self.quarantined.values())))
+
+    async def _check_quarantined(self, call: _QuarantinedCall) -> None:
+        peer = call.peer
+        if not peer.usable:  # wait until it answers a handshake again
+            return
+        if peer.prefill_id != call.writer:
+            reason = f"restarted (now {peer.prefill_id})"
+        elif await self._confirm_stopped(peer, call.call_id):
+            reason = "confirmed it stopped"
+        else:
+            return
+        if self.quarantined.pop(call.call_id, None) is not None:
+            log.info("prefill pod %s %s: reclaiming the memory of %s", peer.address, reason, call.call_id)
+            self.async_engine.reclaim_quarantined(call.call_id)
 
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
         try:
-            if isinstance(request, MalformedRequest):
-                raise InvalidRequestError(request.error)
             prompt = prompt_from_request(request)
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        # The engine's id is unique even when a client reuses its request id: two requests never share a
+        # stream, a remote prefill or an abort.
         request_id = request.request_id or uuid.uuid4().hex
-        arrival, last_token_at, finished = time.monotonic(), None, False
+        engine_id = f"{request.request_id}.{uuid.uuid4().hex[:12]}" if request.request_id else request_id
+        arrival, last_token_at, finished, refused = time.monotonic(), None, False, False
+        self.live.add(engine_id)
         named = request.routing.prefill_address
-        if named and request_id not in self.named_prefill:
-            self.named_prefill[request_id] = named
+        if named:
+            self.named_prefill[engine_id] = named
+        direct = not request.routing.router_id  # a router counts its own requests in flight
+        self.direct_requests += direct
         try:
-            async for out in self.async_engine.generate(prompt, params, request_id):
+            async for out in self.async_engine.generate(prompt, params, engine_id):
                 now = time.monotonic()
                 if out.new_token_ids:
                     if last_token_at is None:
@@ -185,27 +255,33 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
                 )
             self.metrics.requests.labels("finished").inc()
         except InvalidRequestError as err:
+            refused = True
             self.metrics.requests.labels("rejected").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except OverloadedError as err:
             self.metrics.requests.labels("overloaded").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except EngineDeadError as err:
+            self.metrics.requests.labels("error").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decode pod stopped serving: {err}")
         except EngineError as err:
             self.metrics.requests.labels("error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         finally:
-            if named and self.named_prefill.get(request_id) == named:
-                del self.named_prefill[request_id]
-            if not finished:
+            self.direct_requests -= direct
+            self.named_prefill.pop(engine_id, None)
+            self.live.discard(engine_id)
+            if not finished and not refused:
                 self.metrics.requests.labels("cancelled").inc()
-                self._cancel_remote(request_id)
+            self._stream_ended(engine_id, finished)
 
     async def Health(self, request, context) -> inference_pb2.HealthResponse:
+        peers = [p.status() for p in self.peers]
+        if self.async_engine.dead is not None:
+            return inference_pb2.HealthResponse(serving=False, role="decode", prefill_peers=peers)
         # Read on the engine thread, so the answer reflects every command sent before it.
         usage = await asyncio.wrap_future(self.async_engine.call(Engine.resource_usage))
-        return inference_pb2.HealthResponse(
-            serving=True, role="decode", usage=pool_usage(usage), prefill_peers=[p.status() for p in self.peers]
-        )
+        return inference_pb2.HealthResponse(serving=True, role="decode", usage=pool_usage(usage), prefill_peers=peers)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         cfg = self.engine.config
@@ -222,20 +298,23 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
     def _start_remote(self, task: RemotePrefillTask) -> None:
         page = self.engine.config.page_size
         self.metrics.pages_reused.inc(task.num_cached_tokens // page)
-        runner = asyncio.ensure_future(self._remote_prefill(task))
-        self._tasks.add(runner)
-        runner.add_done_callback(self._tasks.discard)
+        self._spawn(self._remote_attempt(task))
 
-    def _cancel_remote(self, request_id: str) -> None:
-        """The client left: ask the pod computing this request to stop (the engine frees the memory once
-        the pod's call has ended)."""
-        peer = self.remote_peer.get(request_id)
-        if peer is None:
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stream_ended(self, request_id: str, finished: bool) -> None:
+        """The client's stream is over. If the client left while a prefill pod computes the request, ask
+        that pod to stop (the engine frees the memory once the pod's call has ended)."""
+        record = self.remote.get(request_id)
+        if record is None:
             return
-        self.cancelled.add(request_id)
-        abort = asyncio.ensure_future(self._confirm_abort(peer, request_id))
-        self._tasks.add(abort)
-        abort.add_done_callback(self._tasks.discard)
+        if record.peer is None:  # between attempts: nothing to stop, nothing more will be sent
+            del self.remote[request_id]
+        elif not finished:
+            self._spawn(self._confirm_stopped(record.peer, record.call_id))
 
     def _pick_peer(self) -> PrefillPeer | None:
         usable = [p for p in self.peers if p.usable]
@@ -250,44 +329,57 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             await peer.handshake(self.handshake_request, self.config.rpc_timeout_s, wait=True)
         return peer if peer.usable else None
 
-    async def _remote_prefill(self, task: RemotePrefillTask) -> None:
-        named = self.named_prefill.get(task.request_id)
-        for attempt in range(self.config.max_prefill_attempts):
-            if task.request_id in self.cancelled:
-                break
+    async def _remote_attempt(self, task: RemotePrefillTask) -> None:
+        request_id = task.request_id
+        record = self.remote.setdefault(request_id, _RemotePrefill())
+        peer = None
+        if request_id in self.live:
             # The router's choice first (it knows every prefill pod's cache); then this pod's own.
-            peer = (await self._named_peer(named) if named and attempt == 0 else None) or self._pick_peer()
-            if peer is None:
-                break
-            outcome = await self._try_peer(peer, task)
-            if outcome == _OK:
-                self.metrics.remote_prefills.labels("ok").inc()
-                return
-            if outcome == _QUARANTINE:
-                self.metrics.remote_prefills.labels("quarantined").inc()
-                self.cancelled.discard(task.request_id)
-                self.async_engine.quarantine_remote_prefill(task.request_id)
-                return
-            if outcome == _LOCAL:
-                break
-            self.metrics.remote_prefills.labels("retried").inc()
-        self.metrics.remote_prefills.labels("local").inc()
-        self.cancelled.discard(task.request_id)
-        self.async_engine.fail_remote_prefill(task.request_id)
+            named = self.named_prefill.get(request_id) if record.attempts == 0 else None
+            peer = (await self._named_peer(named) if named else None) or self._pick_peer()
+        if peer is None:  # the client left before it was sent, or no pod to send it to: nothing was written
+            if request_id in self.live:
+                self.metrics.remote_prefills.labels("local").inc()
+            self._settle(request_id, None, prefill_locally=True)
+            return
+        record.attempts += 1
+        record.peer, record.call_id, writer = peer, f"{request_id}.{record.attempts}", peer.prefill_id
+        try:
+            outcome = await self._try_peer(peer, task, record.call_id)
+        finally:
+            record.peer = None
+        if outcome == _OK:
+            self.metrics.remote_prefills.labels("ok").inc()
+            self.remote.pop(request_id, None)
+            return
+        if outcome == _QUARANTINE:
+            self.metrics.remote_prefills.labels("quarantined").inc()
+            self.quarantined[record.call_id] = _QuarantinedCall(peer, writer, request_id, record.call_id)
+        again = outcome != _LOCAL and record.attempts < self.config.max_prefill_attempts and request_id in self.live
+        self.metrics.remote_prefills.labels("retried" if again else "local").inc()
+        self._settle(request_id, record.call_id if outcome == _QUARANTINE else None, prefill_locally=not again)
 
-    async def _try_peer(self, peer: PrefillPeer, task: RemotePrefillTask) -> str:
+    def _settle(self, request_id: str, quarantine_key: str | None, prefill_locally: bool) -> None:
+        """The attempt failed: the engine frees (``quarantine_key`` None) or quarantines the memory and admits
+        the request again (another attempt unless ``prefill_locally``), or drops it if the client left."""
+        if prefill_locally or request_id not in self.live:
+            self.remote.pop(request_id, None)
+        self.async_engine.fail_remote_prefill(request_id, quarantine_key, prefill_locally)
+
+    async def _try_peer(self, peer: PrefillPeer, task: RemotePrefillTask, call_id: str) -> str:
         request = pd_pb2.PrefillRequest(
-            request_id=task.request_id, decode_id=self.decode_id, token_ids=task.token_ids,
+            request_id=call_id, decode_id=self.decode_id, token_ids=task.token_ids,
             sampling=sampling_to_proto(task.params), num_cached_tokens=task.num_cached_tokens,
             dest_page_ids=task.dest_page_ids, dest_state_slot=task.dest_state_slot,
         )
+        if task.dest_checkpoint_slot is not None:
+            request.dest_checkpoint_slot = task.dest_checkpoint_slot
         peer.inflight += 1
-        self.remote_peer[task.request_id] = peer
         try:
             response = await peer.stub.Prefill(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as err:
             code = err.code()
-            log.warning("prefill of %s on %s failed: %s %s", task.request_id, peer.address, code, err.details())
+            log.warning("prefill of %s on %s failed: %s %s", call_id, peer.address, code, err.details())
             if code == grpc.StatusCode.FAILED_PRECONDITION:  # refused before writing anything
                 await peer.handshake(self.handshake_request, self.config.rpc_timeout_s)
                 return _RETRY
@@ -300,44 +392,66 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             if code == grpc.StatusCode.UNAVAILABLE:
                 peer.usable, peer.reason = False, f"unavailable: {err.details()}"
             # Anything else may leave the pod still writing: make sure it stopped before reusing memory.
-            return _RETRY if await self._confirm_abort(peer, task.request_id) else _QUARANTINE
+            return _RETRY if await self._confirm_stopped(peer, call_id) else _QUARANTINE
         finally:
             peer.inflight -= 1
-            self.remote_peer.pop(task.request_id, None)
+        # Answered: everything is written. A first token outside the vocabulary is a bug on its side.
+        vocab = self.engine.model_config.vocab_size
+        if not 0 <= response.first_token < vocab:
+            log.error("prefill pod %s answered %s with first token %d, outside [0, %d): prefilling locally",
+                      peer.address, call_id, response.first_token, vocab)
+            return _LOCAL
         self.metrics.pages_transferred.inc(response.pages_transferred)
         logprob = response.first_logprob if response.has_logprob else None
-        self.async_engine.complete_remote_prefill(task.request_id, response.first_token, logprob)
+        self.async_engine.complete_remote_prefill(
+            task.request_id, response.first_token, logprob,
+            response.checkpoint_written and task.dest_checkpoint_slot is not None,
+        )
         return _OK
 
-    async def _confirm_abort(self, peer: PrefillPeer, request_id: str) -> bool:
-        """True once the pod will write nothing more for the request: it confirmed, or it is gone."""
+    async def _confirm_stopped(self, peer: PrefillPeer, call_id: str) -> bool:
+        """True once the pod promised to write nothing more for the call (it answered an Abort). A timeout
+        or an unreachable pod proves nothing: a partitioned or stopped process may still write later."""
         try:
             await peer.stub.Abort(
-                pd_pb2.AbortRequest(request_id=request_id, decode_id=self.decode_id), timeout=self.config.rpc_timeout_s
+                pd_pb2.AbortRequest(request_id=call_id, decode_id=self.decode_id), timeout=self.config.rpc_timeout_s
             )
             return True
         except grpc.aio.AioRpcError as err:
-            # Connection refused: the process is gone and cannot write. A timeout proves nothing.
-            return err.code() == grpc.StatusCode.UNAVAILABLE
+            log.warning("prefill pod %s did not confirm it stopped %s: %s", peer.address, call_id, err.code())
+            return False
 
 
-async def serve(config: DecodeConfig) -> None:
+def _inject_engine_fault(engine: Engine, command: str) -> None:
+    """Fault testing only: the engine raises while handling ``command``, as a bug there would."""
+    name = _FAULT_COMMANDS[command]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"fault testing: injected error in Engine.{name}")
+
+    setattr(engine, name, fail)
+
+
+async def serve(config: DecodeConfig) -> int:
+    """Returns the process's exit status: non-zero when the engine died."""
     cluster = config.cluster
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
     engine = Engine(config.engine, remote_prefill=config.remote_prefill, record_cache_events=publisher is not None)
     transfer = TransferEngine(config.transfer)
-    register_memory(engine, transfer)
+    register_pools(engine, transfer)
     metrics = PodMetrics("decode", engine.resource_usage, lambda: engine.cache.stats)
     metrics_port = metrics.serve(config.host, config.metrics_port)
-    service = DecodeService(config, engine, transfer, metrics,
+    fatal = asyncio.Event()
+    service = DecodeService(config, engine, transfer, metrics, fatal,
                             on_cache_events=publisher.event_log.on_events if publisher else None)
     await service.connect()
     watcher = asyncio.ensure_future(service.watch_peers())
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((inference_handler(service),))
+    add_servicer(server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], service)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     if publisher is not None:
+        publisher.direct_requests_of = lambda: service.direct_requests
         publisher.start(service.async_engine, worker_record(
             "decode", service.decode_id, advertised_address(cluster, config.host, port),
             cluster.served_model_name or config.engine.model, service.handshake_request.layout.model_id, engine,
@@ -350,10 +464,14 @@ async def serve(config: DecodeConfig) -> None:
     log.info("decode pod serving on %s:%d (metrics %d), prefill pods: %s", config.host, port, metrics_port,
              [f"{p.address} ({'ok' if p.usable else p.reason})" for p in service.peers])
     try:
-        await run_until_signal(server)
+        failed = await run_until_signal(server, fatal=fatal)
     finally:
         if publisher is not None:
             await publisher.stop()
         watcher.cancel()
-        service.async_engine.shutdown()
+        if service.async_engine.dead is None:
+            service.async_engine.shutdown()
         transfer.close()
+    if failed:
+        log.critical("stopping: %s", service.async_engine.dead)
+    return 1 if failed else 0

@@ -3,6 +3,11 @@
 The engine is not thread-safe; only the loop thread touches it. Callers post commands (add, abort) on a
 queue and receive outputs on a per-request asyncio queue, filled with ``call_soon_threadsafe``. The thread
 blocks on the command queue while there is no work, so an idle engine burns no CPU.
+
+A failed step fails the requests that were in it and the engine goes on. Anything else that raises on the
+loop thread (handling a command: an abort, a remote prefill's result) leaves the engine in a state nobody
+can vouch for: the thread stops, every stream and every later call fails with EngineError saying why, and
+``on_fatal`` tells the pod, which reports not-serving and exits non-zero so that it is restarted.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (a bug, or a device error); the request was dropped."""
 
 
+class EngineDeadError(EngineError):
+    """The engine's loop thread stopped on an unexpected error; nothing is served any more."""
+
+
 @dataclass(frozen=True)
 class RemotePrefillTask:
     """Decode side: what a prefill pod must compute and where to write it (copied off the engine thread)."""
@@ -44,15 +53,17 @@ class RemotePrefillTask:
     request_id: str
     token_ids: list[int]
     params: SamplingParams
-    num_cached_tokens: int
+    num_cached_tokens: int  # D holds the KV of the tokens before this (page aligned)
     dest_page_ids: list[int]  # D's pages for tokens [num_cached_tokens, len(token_ids))
     dest_state_slot: int
+    dest_checkpoint_slot: int | None  # D's checkpoint slot for the state at the prompt's resume boundary
 
     @classmethod
     def of(cls, request: Request, page_size: int) -> RemotePrefillTask:
         return cls(
             request.request_id, list(request.all_token_ids), request.params, request.num_computed_tokens,
             list(request.page_ids[request.num_computed_tokens // page_size :]), request.state_slot,
+            request.snapshot_slot,
         )
 
 
@@ -64,22 +75,34 @@ class AsyncEngine:
     def __init__(
         self, engine: Engine, on_remote_prefill: Callable[[RemotePrefillTask], None] | None = None,
         on_cache_events: Callable[[list[CacheEvent], CacheDigest], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         """``on_remote_prefill`` is called on the engine thread for each request a decode pod's scheduler
         sends to a prefill pod; it must only hand the task over (e.g. ``loop.call_soon_threadsafe``).
         ``on_cache_events`` is called on the engine thread with the prefix cache's events of each step (and of
-        the commands before it) and the cache's digest after them; the engine must record events for it."""
+        the commands before it) and the cache's digest after them; the engine must record events for it.
+        ``on_fatal`` is called on the engine thread, once, if the thread stops on an unexpected error."""
         self.engine = engine
         self._on_remote_prefill = on_remote_prefill
         self._on_cache_events = on_cache_events
+        self._on_fatal = on_fatal
         # Read by other threads (heartbeats) without a round trip through the command queue: replaced whole,
         # never mutated, so a reader sees one consistent report.
         self.load: LoadReport = engine.load_report()
         self._next_load_report = 0.0
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
+        # Set once when the thread stops on an error; guarded by _post_lock so that no command is queued
+        # after the thread drained the queue for the last time (it would wait forever).
+        self._dead: EngineDeadError | None = None
+        self._post_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def dead(self) -> EngineDeadError | None:
+        """Why the engine thread stopped, or None while it serves."""
+        return self._dead
 
     # ---- caller side (any thread, any event loop) ----------------------------------------------------
     async def generate(
@@ -88,13 +111,14 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced; the last one has ``finished`` set.
 
-        Raises InvalidRequestError before yielding anything if the engine refuses the request. Leaving the
-        iteration early (client gone, task cancelled) aborts the request and frees its memory.
+        Raises InvalidRequestError before yielding anything if the engine refuses the request, and
+        EngineError if the engine fails it (EngineDeadError: the engine stopped). Leaving the iteration
+        early (client gone, task cancelled) aborts the request and frees its memory.
         """
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", (prompt, params, request_id, hold_memory, stream, accepted)))
+        self._post("add", (prompt, params, request_id, hold_memory, stream, accepted))
         await asyncio.wrap_future(accepted)
         finished = False
         try:
@@ -105,37 +129,58 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
-            if not finished:
+            if not finished and self._dead is None:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._post("abort", request_id)
 
-    def complete_remote_prefill(self, request_id: str, token: int, logprob: float | None) -> None:
-        self._commands.put(("remote_done", (request_id, token, logprob)))
+    def complete_remote_prefill(
+        self, request_id: str, token: int, logprob: float | None, checkpoint_written: bool = False
+    ) -> None:
+        self._post("remote_done", (request_id, token, logprob, checkpoint_written))
 
-    def fail_remote_prefill(self, request_id: str) -> None:
-        self._commands.put(("remote_failed", request_id))
+    def fail_remote_prefill(
+        self, request_id: str, quarantine_key: str | None = None, prefill_locally: bool = True
+    ) -> None:
+        """See Engine.fail_remote_prefill."""
+        self._post("remote_failed", (request_id, quarantine_key, prefill_locally))
 
-    def quarantine_remote_prefill(self, request_id: str) -> None:
-        self._commands.put(("remote_quarantine", request_id))
+    def reclaim_quarantined(self, quarantine_key: str) -> None:
+        self._post("reclaim", quarantine_key)
 
     def release_held(self, request_id: str) -> None:
-        self._commands.put(("release_held", request_id))
+        self._post("release_held", request_id)
 
     def call(self, fn, *args):
         """Run ``fn(engine, *args)`` on the engine thread and return a concurrent Future of its result
         (for reads of engine state that must not race with a step)."""
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("call", (fn, args, done)))
+        self._post("call", (fn, args, done))
         return done
 
     def shutdown(self) -> None:
-        self._commands.put(("stop", None))
+        with self._post_lock:
+            if self._dead is None:
+                self._commands.put(("stop", None))
         self._thread.join()
+
+    def _post(self, kind: str, payload) -> None:
+        with self._post_lock:
+            if self._dead is not None:
+                raise EngineDeadError(str(self._dead))
+            self._commands.put((kind, payload))
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("the engine thread stopped on an unexpected error; the engine serves nothing more",
+                         exc_info=True)
+            self._die(EngineDeadError(f"engine thread died: {type(exc).__name__}: {exc}"))
+
+    def _loop(self) -> None:
         while True:
             # Block when there is nothing to run, or when the last step could schedule nothing (e.g. all
             # requests wait on prefill pods): only a command can change that, so don't spin.
@@ -175,6 +220,23 @@ class AsyncEngine:
             self.load = self.engine.load_report()
             self._next_load_report = now + LOAD_REPORT_INTERVAL_S
 
+    def _die(self, error: EngineDeadError) -> None:
+        """Fail every stream and every queued or later command with ``error``; tell the owner."""
+        with self._post_lock:
+            self._dead = error
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+        while True:
+            try:
+                kind, payload = self._commands.get(block=False)
+            except queue.Empty:
+                break
+            if kind in ("add", "call"):  # their callers wait on the future that ends the payload
+                payload[-1].set_exception(error)
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
     def _deliver(self, output: RequestOutput | None) -> None:
         if output is None:
             return
@@ -210,9 +272,9 @@ class AsyncEngine:
         elif kind == "remote_done":
             self._deliver(self.engine.complete_remote_prefill(*payload))
         elif kind == "remote_failed":
-            self.engine.fail_remote_prefill(payload)
-        elif kind == "remote_quarantine":
-            self.engine.quarantine_remote_prefill(payload)
+            self.engine.fail_remote_prefill(*payload)
+        elif kind == "reclaim":
+            self.engine.reclaim_quarantined(payload)
         elif kind == "release_held":
             self.engine.release_held(payload)
         elif kind == "call":
@@ -221,6 +283,8 @@ class AsyncEngine:
                 done.set_result(fn(self.engine, *args))
             except Exception as exc:
                 done.set_exception(exc)
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
 
     def _fail_all(self, error: EngineError) -> None:
         for request_id, stream in list(self._streams.items()):

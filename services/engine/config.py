@@ -25,11 +25,15 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed for dummy weights and unseeded sampling"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
     max_num_seqs: int = field(default=64, metadata={"help": "requests running at once"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per forward pass"})
+    # 8192: on the H200 (35B-A3B, one prompt, warm) 8K / 32K / 50K / 128K prompts took 0.15 / 0.76 / 1.37 / 5.5 s
+    # at 8192, against 0.45 / 2.5 / 2.8 / 11.2 at 2048 and 0.15 / 0.68 / 1.34 / 5.1 at 16384 (twice the activations
+    # and the step time for 2-11%): loadtest/results/prefill_h200.json.
+    max_num_batched_tokens: int = field(default=8192, metadata={"help": "token budget per forward pass"})
     max_waiting_requests: int = field(
-        default=256, metadata={"help": "requests queued beyond the running ones; more are refused (overload)"}
+        default=256,
+        metadata={"help": "requests queued beyond max_num_seqs; more are refused at once (overload)"},
     )
-    prefill_chunk_size: int = field(default=512, metadata={"help": "most prompt tokens of one request per step"})
+    prefill_chunk_size: int = field(default=8192, metadata={"help": "most prompt tokens of one request per step"})
     max_model_len: int = field(default=0, metadata={"help": "prompt + output limit (0: what memory allows)"})
     cache_memory_mb: int = field(
         default=0,
@@ -53,6 +57,11 @@ class EngineConfig:
     remote_prefill_threshold: int = field(
         default=512,
         metadata={"help": "decode pods with prefill pods: prefill there when the uncached prompt is this long"},
+    )
+    handover_resume_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "decode pods: prefill pods also send the state at the prompt's last page boundary, so the "
+                          "same prompt again is served from this pod's cache (one more state slot per hand-over)"},
     )
     checkpoint_interval: int = field(
         default=128, metadata={"help": "tokens between state checkpoints in a long prefill (multiple of page_size)"}

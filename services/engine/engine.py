@@ -15,8 +15,10 @@ from .model_config import ModelConfig
 from .model_runner import ModelRunner
 from .prefix_cache import HybridPrefixCache
 from .presets import model_config_for
+from .quarantine import QuarantinedMemory
 from .radix_cache import CacheDigest, CacheEvent
 from .request import (
+    REMOTE_WRITABLE,
     FinishReason,
     InvalidRequestError,
     OverloadedError,
@@ -97,6 +99,7 @@ class Engine:
                 prefill_chunk_size=config.prefill_chunk_size,
                 page_size=config.page_size,
                 remote_prefill_threshold=config.remote_prefill_threshold if remote_prefill else 0,
+                handover_resume_checkpoint=config.handover_resume_checkpoint,
             ),
             self.pages,
             self.slots,
@@ -123,9 +126,12 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        capacity = self.config.max_num_seqs + self.config.max_waiting_requests
+        running = len(self.scheduler.running) + len(self.scheduler.remote)
+        if running + len(self.scheduler.waiting) >= capacity:
             raise OverloadedError(
-                f"{len(self.scheduler.waiting)} requests already waiting (max_waiting_requests); retry later"
+                f"{running} requests running and {len(self.scheduler.waiting)} waiting: at "
+                f"capacity (max_num_seqs + max_waiting_requests = {capacity}); retry later"
             )
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
@@ -145,22 +151,18 @@ class Engine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Cancel a request and free its memory. The stream ends now either way; the memory of a request
-        whose prompt a prefill pod is writing is freed only when that pod is done with it."""
+        """Cancel a request and free its memory; returns its final output (None if unknown or already
+        cancelled). The stream ends now either way; the memory of a request whose prompt a prefill pod is
+        writing is kept (ABORTING) until that pod is done with it."""
         if request_id in self.held:
             self.release_held(request_id)
             return None
         request = self.requests.get(request_id)
-        if request is None or request.abort_requested:
+        if request is None or request.status == RequestStatus.ABORTING:
             return None
         request.finish_reason = FinishReason.ABORT
-        if request.awaiting_remote_prefill:
-            request.abort_requested = True
-            request.status = RequestStatus.FINISHED
-            output = self._output(request, [], [])
-            request.status = RequestStatus.RUNNING
-            return output
-        self._finish(request)
+        if self.scheduler.abort(request):
+            self._forget(request)
         return self._output(request, [], [])
 
     # ---- prefill/decode disaggregation --------------------------------------------------------------
@@ -169,55 +171,56 @@ class Engine:
         tasks, self.scheduler.remote_prefills = self.scheduler.remote_prefills, []
         return tasks
 
-    def complete_remote_prefill(self, request_id: str, token: int, logprob: float | None) -> RequestOutput | None:
-        """A prefill pod wrote the prompt's KV pages and final state and sampled ``token``."""
+    def complete_remote_prefill(
+        self, request_id: str, token: int, logprob: float | None, checkpoint_written: bool = False
+    ) -> RequestOutput | None:
+        """A prefill pod wrote the prompt's KV pages and final state (and the resume-boundary checkpoint
+        into the request's snapshot slot, if ``checkpoint_written``) and sampled ``token``."""
         request = self.requests.get(request_id)
-        if request is None or not request.awaiting_remote_prefill:
+        if request is None or request.status not in REMOTE_WRITABLE:
             return None
-        request.awaiting_remote_prefill = False
-        if request.abort_requested:
-            self._finish(request)
+        aborted = request.status == RequestStatus.ABORTING
+        self.scheduler.remote_prefill_done(request, checkpoint_written)
+        if aborted:
+            self._forget(request)
             return None
-        request.num_computed_tokens = request.num_tokens
         # Keep a seeded request's random stream where a single engine would have it: the prefill pod
         # drew the first token's noise.
         self.runner.sampler.skip_draw(request, self.model_config.vocab_size)
         return self._append_token(request, token, logprob)
 
-    def fail_remote_prefill(self, request_id: str) -> None:
-        """The prefill pod failed and will write nothing more: prefill here instead (or drop the request if
-        the client already left)."""
+    def fail_remote_prefill(
+        self, request_id: str, quarantine_key: str | None = None, prefill_locally: bool = True
+    ) -> None:
+        """The prefill pod will not complete the request. ``quarantine_key`` None: it confirmed it writes
+        nothing more (or was never asked), so the memory is freed; else it may still write it, so the memory
+        is quarantined under that key until ``reclaim_quarantined(quarantine_key)``: a late write must never
+        land in another request's memory. The request is prefilled again with fresh memory, by a prefill pod
+        or (``prefill_locally``) here; dropped if the client already left."""
         request = self.requests.get(request_id)
-        if request is None or not request.awaiting_remote_prefill:
+        if request is None or request.status not in REMOTE_WRITABLE:
             return
-        if request.abort_requested:
-            request.awaiting_remote_prefill = False
-            self._finish(request)
-            return
-        request.local_prefill_only = True
-        self.scheduler.requeue(request)
+        if quarantine_key is not None:
+            log.error("quarantining the memory of %s: its prefill pod did not confirm it stopped (%s)", request_id,
+                      quarantine_key)
+        aborted = request.status == RequestStatus.ABORTING
+        self.scheduler.remote_prefill_failed(request, quarantine_key, prefill_locally)
+        if aborted:
+            self._forget(request)
 
-    def quarantine_remote_prefill(self, request_id: str) -> None:
-        """The prefill pod neither finished nor confirmed it stopped writing: its destination pages and slot
-        are taken out of use for good (a late write must never land in another request's memory), and the
-        request is prefilled here with fresh memory."""
-        request = self.requests.get(request_id)
-        if request is None or not request.awaiting_remote_prefill:
-            return
-        log.error("quarantining the memory of %s: its prefill pod did not confirm it stopped", request_id)
-        self.scheduler.quarantine(request)
-        if request.abort_requested:
-            self.requests.pop(request_id, None)
-            self._detokenizers.pop(request_id, None)
-        else:
-            request.local_prefill_only = True
-            self.scheduler.waiting.appendleft(request)
+    def reclaim_quarantined(self, quarantine_key: str) -> QuarantinedMemory | None:
+        """The write quarantined under this key can no longer land (its pod confirmed or restarted)."""
+        memory = self.scheduler.reclaim(quarantine_key)
+        if memory is not None:
+            log.info("reclaimed the quarantined memory of %s (%d pages, %d slots)", memory.request_id,
+                     len(memory.pages), len(memory.working_slots) + len(memory.checkpoint_slots))
+        return memory
 
     def release_held(self, request_id: str) -> None:
         """Prefill side: the state was handed over (or the hand-over failed); free the memory."""
         request = self.held.pop(request_id, None)
         if request is not None:
-            self.scheduler.release(request)
+            self.scheduler.release_held(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -320,10 +323,13 @@ class Engine:
 
     def _finish(self, request: Request) -> None:
         if request.hold_memory and request.finish_reason != FinishReason.ABORT:
-            self.scheduler.remove(request, release=False)
+            self.scheduler.hold(request)
             self.held[request.request_id] = request
-        elif request.status != RequestStatus.FINISHED:
-            self.scheduler.remove(request)
+        else:
+            self.scheduler.finish(request)
+        self._forget(request)
+
+    def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         self.runner.forget(request.request_id)
@@ -361,11 +367,14 @@ class Engine:
             "checkpoints_used": self.checkpoint_slots.num_used,
             "checkpoints_cached": self.cache.tree.num_cached_states,
             "checkpoints_total": self.checkpoint_slots.capacity,
-            "running": len(self.scheduler.running),
+            "running": len(self.scheduler.running) + len(self.scheduler.remote),
             "waiting": len(self.scheduler.waiting),
             "held": len(self.held),
             "cache_page_digest": self.cache.tree.digest.page_sum,
             "cache_state_digest": self.cache.tree.digest.state_sum,
+            "pages_quarantined": self.scheduler.quarantine.num_pages,
+            "slots_quarantined": self.scheduler.quarantine.num_working_slots,
+            "checkpoints_quarantined": self.scheduler.quarantine.num_checkpoint_slots,
         }
 
     def flush_cache(self) -> None:
@@ -389,11 +398,9 @@ class Engine:
     def load_report(self) -> LoadReport:
         scheduler = self.scheduler
         queued = sum(r.num_uncomputed_tokens for r in scheduler.waiting)
-        queued += sum(
-            r.num_uncomputed_tokens for r in scheduler.running
-            if r.num_uncomputed_tokens > 1 and not r.awaiting_remote_prefill
-        )
-        return LoadReport(len(scheduler.running), len(scheduler.waiting), self.pages.num_free, self.slots.num_free,
+        queued += sum(r.num_uncomputed_tokens for r in scheduler.running if r.num_uncomputed_tokens > 1)
+        return LoadReport(len(scheduler.running) + len(scheduler.remote), len(scheduler.waiting), self.pages.num_free,
+                          self.slots.num_free,
                           queued)
 
 

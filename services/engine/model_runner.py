@@ -135,7 +135,8 @@ class ModelRunner:
             state_slots=as_tensor([s.request.state_slot for s in seqs]),
             has_initial_state=[s.start > 0 for s in seqs],
             logits_indices=as_tensor(logits_indices),
-            snapshots=[s.snapshots for s in seqs] if any(s.snapshots for s in seqs) else None,
+            # Offset-0 snapshots are copies made before the step (execute), not the model's business.
+            snapshots=[[x for x in s.snapshots if x[0]] for s in seqs] if any(s.snapshots for s in seqs) else None,
         )
 
     def execute(
@@ -149,6 +150,9 @@ class ModelRunner:
         for seq in seqs:
             if seq.copy_state_from is not None:  # copy-on-write: never write a shared checkpoint
                 self.state_cache.copy_slot(seq.copy_state_from, seq.request.state_slot)
+            for offset, snapshot_slot in seq.snapshots:
+                if offset == 0:  # the state the step starts from (a prefill pod's hand-over snapshot)
+                    self.state_cache.copy_slot(seq.request.state_slot, snapshot_slot)
         if self.graphs is not None and self.graphs.can_run(seqs):
             logits = self.graphs.run(seqs, self.page_tables, input_ids_on_device)
             is_decode = True

@@ -11,6 +11,9 @@ Publish points, all at page boundaries:
 - the end of a request: during decode the request overwrites its own snapshot slot each time it
   completes a page; when it finishes, that snapshot becomes the node's checkpoint, so the next turn of
   the conversation resumes at most one page before the previous turn's end.
+- the prompt's resume boundary (``resume_boundary``) when a prefill pod computes it for a decode pod: the
+  prefill pod snapshots the state there and hands it over with the final state, so the decode pod can
+  serve the same prompt again (regenerate, retries, best-of-n) from its own cache.
 Checkpoints are taken inside the forward pass at exactly those positions (the GDN layer splits its work
 there), so prefill chunks stay as large as the token budget allows.
 """
@@ -39,6 +42,14 @@ class CacheStats:
 class Admission(NamedTuple):
     copy_state_from: int | None  # checkpoint slot to copy into the working slot (copy-on-write)
     kv_matched_tokens: int
+    kv_node: object = None  # the deepest matched node, checkpoint or not (a radix_cache.Node)
+    kv_page_ids: tuple[int, ...] = ()
+
+
+def resume_boundary(num_tokens: int, page_size: int) -> int:
+    """The deepest page boundary from which a request with these ``num_tokens`` can be served from a cache:
+    at least one token must be computed to produce logits, so the last full page before the last token."""
+    return (num_tokens - 1) // page_size * page_size
 
 
 class HybridPrefixCache:
@@ -78,7 +89,32 @@ class HybridPrefixCache:
         request.page_ids = list(result.page_ids)
         request.num_computed_tokens = request.num_cached_tokens = result.node.depth * self.page_size
         kv_tokens = min(result.num_kv_pages * self.page_size, len(tokens) - 1)
-        return Admission(result.state_slot, kv_tokens)
+        return Admission(result.state_slot, kv_tokens, result.kv_node, tuple(result.kv_page_ids))
+
+    def use_kv_match(self, request: Request, admission: Admission) -> None:
+        """For a prompt a prefill pod computes: keep every matched KV page, also past the deepest checkpoint
+        (the pod recomputes the state from its own cache; it only needs not to send those pages)."""
+        node = admission.kv_node
+        if not self.enabled or node is None or node is request.cache_node:
+            return
+        self.tree.lock(node)
+        self.tree.unlock(request.cache_node)
+        self.tree.touch(node)
+        request.cache_node = node
+        request.page_ids = list(admission.kv_page_ids)
+        request.num_computed_tokens = request.num_cached_tokens = node.depth * self.page_size
+
+    def reserve_resume_checkpoint(self, request: Request) -> None:
+        """For a prompt a prefill pod computes: a checkpoint slot for the state at its resume boundary,
+        which the pod writes with the final state (nothing if the cache already has one there or no slot is
+        free). Published when the prefill completes (``publish_snapshot``)."""
+        boundary = resume_boundary(request.num_tokens, self.page_size)
+        start = request.checkpoint_node.depth * self.page_size if request.checkpoint_node is not None else 0
+        if not self.enabled or boundary <= start:
+            return
+        slot = self._allocate_checkpoint()
+        if slot is not None:
+            request.snapshot_slot, request.snapshot_position = slot, boundary
 
     def cancel(self, request: Request) -> None:
         """Undo ``match`` for a request that could not be admitted after all."""
@@ -106,6 +142,8 @@ class HybridPrefixCache:
         if not self.enabled:
             return []
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
+        if request.hold_memory:
+            return self._plan_handover_snapshots(request, start, end, samples)
         if num_new_tokens == 1 and samples:
             # Decode: keep one snapshot at the last completed page, overwritten page after page.
             if end % self.page_size:
@@ -115,12 +153,18 @@ class HybridPrefixCache:
                 if request.snapshot_slot is None:
                     return []
             return [(1, request.snapshot_slot)]
+        return self._allocate_checkpoints(self._prefill_checkpoint_positions(start, end, samples), start)
+
+    def _prefill_checkpoint_positions(self, start: int, end: int, samples: bool) -> list[int]:
         interval = self.checkpoint_interval
         positions = list(range((start // interval + 1) * interval, end + 1, interval))
         if samples:  # the prefill's last chunk: its last page boundary is the prompt's checkpoint
             aligned_end = end // self.page_size * self.page_size
             if aligned_end > start and aligned_end not in positions:
                 positions.append(aligned_end)
+        return positions
+
+    def _allocate_checkpoints(self, positions: list[int], start: int) -> list[tuple[int, int]]:
         plan = []
         for position in positions:
             slot = self._allocate_checkpoint()
@@ -128,6 +172,46 @@ class HybridPrefixCache:
                 break
             plan.append((position - start, slot))
         return plan
+
+    def _plan_handover_snapshots(self, request: Request, start: int, end: int, samples: bool) -> list[tuple[int, int]]:
+        """A prefill pod's request: its own snapshot at the resume boundary first (the state it hands over
+        for the decode pod's cache; published here on release), then the usual checkpoints. When the prefill
+        starts exactly there (this cache had it), the snapshot is at offset 0: the runner copies the state
+        the step starts from."""
+        positions = self._prefill_checkpoint_positions(start, end, samples)
+        boundary = resume_boundary(request.num_tokens, self.page_size)
+        plan = []
+        if request.snapshot_slot is None and boundary > 0 and start <= boundary <= end:
+            request.snapshot_slot = self._allocate_checkpoint()
+            if request.snapshot_slot is not None:
+                plan.append((boundary - start, request.snapshot_slot))
+                positions = [p for p in positions if p != boundary]
+        return plan + self._allocate_checkpoints(positions, start)
+
+    def drop_snapshot(self, request: Request) -> None:
+        """The snapshot slot holds nothing usable (a prefill pod did not write it)."""
+        if request.snapshot_slot is not None:
+            self.checkpoint_slots.free([request.snapshot_slot])
+        request.snapshot_slot, request.snapshot_position = None, 0
+
+    def publish_snapshot(self, request: Request) -> None:
+        """Make the request's snapshot (the state at ``snapshot_position``, computed) a checkpoint of the tree
+        now, not at release: a decode pod's resume-boundary checkpoint, once its prefill pod wrote it."""
+        if request.snapshot_slot is not None and request.snapshot_position:
+            self._publish_pages(request, request.snapshot_position // self.page_size)
+            self._attach_snapshot(request)
+        self.drop_snapshot(request)
+
+    def _attach_snapshot(self, request: Request) -> None:
+        """Attach the snapshot to its node if the tree holds that node; clears ``snapshot_slot`` if taken."""
+        if not 0 < request.snapshot_position <= request.num_computed_tokens:  # not computed: never publish
+            return
+        target = self.tree.node_at(request.all_token_ids, request.page_hashes,
+                                   request.snapshot_position // self.page_size)
+        if target is not None and self.tree.attach_state(target, request.snapshot_slot):
+            self.stats.checkpoints_published += 1
+            request.snapshot_slot = None
+            self._advance_checkpoint(request, target)
 
     def commit(self, request: Request, start: int, snapshots: list[tuple[int, int]]) -> None:
         """After the step ran: publish the prefill checkpoints taken at ``start + offset``."""
@@ -172,13 +256,8 @@ class HybridPrefixCache:
         if self.enabled and request.page_ids:
             node = self._publish_pages(request, min(request.num_computed_tokens // self.page_size,
                                                     len(request.page_ids)))
-            if request.snapshot_slot is not None and request.snapshot_position and node is not None:
-                target = self.tree.node_at(request.all_token_ids, request.page_hashes,
-                                           request.snapshot_position // self.page_size)
-                if target is not None and self.tree.attach_state(target, request.snapshot_slot):
-                    self.stats.checkpoints_published += 1
-                    request.snapshot_slot = None
-                    self._advance_checkpoint(request, target)
+            if request.snapshot_slot is not None and node is not None:
+                self._attach_snapshot(request)
         if request.snapshot_slot is not None:
             self.checkpoint_slots.free([request.snapshot_slot])
         if request.cache_node is not None:

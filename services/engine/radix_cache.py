@@ -80,6 +80,8 @@ class MatchResult(NamedTuple):
     page_ids: list[int]  # the pages from the root to ``node``
     state_slot: int | None  # the checkpoint at ``node`` to start from
     num_kv_pages: int  # pages whose KV matched, with or without a checkpoint (>= len(page_ids))
+    kv_node: Node  # deepest matched node within ``max_pages``, checkpoint or not (KV a prefill pod need not send)
+    kv_page_ids: list[int]  # the pages from the root to ``kv_node``
 
 
 class RadixCache:
@@ -148,7 +150,18 @@ class RadixCache:
         if best.state_slot is not None:
             best.state_last_used = now
             best.state_superseded = False
-        return MatchResult(best, [n.page_id for n in path[: best.depth]], best.state_slot, len(path))
+        kv_path = path[:max_pages]
+        return MatchResult(
+            best, [n.page_id for n in path[: best.depth]], best.state_slot, len(path),
+            kv_path[-1] if kv_path else self.root, [n.page_id for n in kv_path],
+        )
+
+    def touch(self, node: Node) -> None:
+        """Mark the path to ``node`` as just used (its pages are in use without a match through them)."""
+        now = next(self._clock)
+        while node is not self.root:
+            node.last_access = now
+            node = node.parent
 
     # ---- insertion ----------------------------------------------------------------------------------
     def insert(self, token_ids: Sequence[int], hashes: Sequence[int], page_ids: Sequence[int]) -> Node:

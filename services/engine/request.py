@@ -17,10 +17,15 @@ class OverloadedError(RuntimeError):
     RESOURCE_EXHAUSTED / 429); the same request may succeed later."""
 
 
+# Temperatures below this sample greedily: dividing logits by a temperature near 0 (1e-38) overflows to inf,
+# and the draw then returns token 0 instead of the argmax. The limit of the argmax is the argmax (vLLM's cut).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -51,7 +56,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
@@ -59,9 +64,47 @@ class SamplingParams:
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # not placed yet, or preempted and waiting to be recomputed
-    RUNNING = "running"  # holds a state slot and pages
-    FINISHED = "finished"
+    """Where a request is in its life. One state at a time; ``Request.move_to`` allows only the transitions
+    in ``_TRANSITIONS``, so a path nobody designed (memory reused while a prefill pod may still write it,
+    a finished request scheduled again) fails loudly where it happens instead of corrupting a stream."""
+
+    WAITING = "waiting"  # queued (new, preempted, or back from a failed remote prefill); holds no memory
+    RUNNING = "running"  # holds pages and a working slot, computed by this engine
+    # Decode pod: pages and slots reserved, a prefill pod computes the prompt and writes them (compute and
+    # transfer are one state here: either way that pod may write the memory at any moment).
+    REMOTE_PREFILL = "remote_prefill"
+    # Decode pod: cancelled while its prefill pod may still write; the memory is kept until that pod has
+    # answered or confirmed it stopped (then freed) or is declared unreachable (then quarantined).
+    ABORTING = "aborting"
+    # Prefill pod: computed; its pages and slots are kept while they are written to a decode pod.
+    HANDING_OVER = "handing_over"
+    FINISHED = "finished"  # done or aborted; its memory is back in the pools, the cache or quarantine
+
+
+_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.WAITING: frozenset({RequestStatus.RUNNING, RequestStatus.REMOTE_PREFILL, RequestStatus.FINISHED}),
+    RequestStatus.RUNNING: frozenset({
+        RequestStatus.WAITING,  # preempted
+        RequestStatus.HANDING_OVER,  # a prefill pod's request, computed
+        RequestStatus.FINISHED,
+    }),
+    RequestStatus.REMOTE_PREFILL: frozenset({
+        RequestStatus.RUNNING,  # the prefill pod wrote everything and sent the first token
+        RequestStatus.WAITING,  # it failed: memory freed (it confirmed) or quarantined, prefill again
+        RequestStatus.ABORTING,  # the client left
+    }),
+    RequestStatus.ABORTING: frozenset({RequestStatus.FINISHED}),
+    RequestStatus.HANDING_OVER: frozenset({RequestStatus.FINISHED}),
+    RequestStatus.FINISHED: frozenset(),
+}
+
+# States in which a prefill pod may write into the request's reserved memory (decode side).
+REMOTE_WRITABLE = frozenset({RequestStatus.REMOTE_PREFILL, RequestStatus.ABORTING})
+_STREAM_ENDED = frozenset({RequestStatus.FINISHED, RequestStatus.HANDING_OVER, RequestStatus.ABORTING})
+
+
+class IllegalTransitionError(RuntimeError):
+    """A request was moved along a path the lifecycle does not allow: a bug in the caller."""
 
 
 class FinishReason(enum.StrEnum):
@@ -78,7 +121,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
-    status: RequestStatus = RequestStatus.WAITING
+    _status: RequestStatus = field(default=RequestStatus.WAITING, repr=False)
     finish_reason: FinishReason | None = None
     # Tokens whose KV pages / GDN state are in the cache (the next forward starts here).
     num_computed_tokens: int = 0
@@ -87,7 +130,9 @@ class Request:
     page_ids: list[int] = field(default_factory=list)
     state_slot: int | None = None  # the working slot: this request's GDN state, written every step
     # Prefix cache bookkeeping: chained hashes of the full pages of all_token_ids, the deepest tree node
-    # this request holds locked, and its decode snapshot (a checkpoint slot at a page boundary).
+    # this request holds locked, and its snapshot: a checkpoint slot at a page boundary, published on release
+    # (during decode, the last completed page; on a decode pod while a prefill pod computes the prompt, the
+    # state at the prompt's resume boundary that the pod writes there; on a prefill pod, that state's source).
     page_hashes: list[int] = field(default_factory=list)
     cache_node: Any = None
     checkpoint_node: Any = None  # the deepest checkpoint on its path that it started from or published
@@ -95,18 +140,27 @@ class Request:
     snapshot_position: int = 0
     num_preemptions: int = 0
     first_token_time: float | None = None
-    # Prefill/decode disaggregation. Decode side: the prompt is being computed by a prefill pod that
-    # writes into this request's pages and working slot; its memory must not be reused until that pod
-    # is done with it (finished, failed, or confirmed aborted). ``local_prefill_only`` after a failure.
-    awaiting_remote_prefill: bool = False
-    local_prefill_only: bool = False
-    abort_requested: bool = False
-    # Prefill side: keep pages and slot after finishing, until the state has been handed over.
+    # Prefill/decode disaggregation (the lifecycle itself is ``status``). Prefill side, an option fixed at
+    # creation: when computed, keep pages and slots (HANDING_OVER) until the hand-over is done. Decode side,
+    # a routing decision: prefill pods failed this request, so it is prefilled here.
     hold_memory: bool = False
+    prefill_locally: bool = False
     # Streaming text bookkeeping (owned by the engine's output processing).
     text: str = ""
     num_text_sent: int = 0
     num_tokens_sent: int = 0
+
+    @property
+    def status(self) -> RequestStatus:
+        return self._status
+
+    def move_to(self, status: RequestStatus) -> None:
+        """Change state; raises IllegalTransitionError for a transition the lifecycle does not allow."""
+        if status not in _TRANSITIONS[self._status]:
+            raise IllegalTransitionError(
+                f"request {self.request_id}: {self._status.value} -> {status.value} is not a legal transition"
+            )
+        self._status = status
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -140,7 +194,8 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
+        """Its stream has ended (its memory may still be held: HANDING_OVER, ABORTING)."""
+        return self.status in _STREAM_ENDED
 
 
 @dataclass

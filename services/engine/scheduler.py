@@ -7,6 +7,11 @@ working state slot, pages and token budget are left. A new request first takes i
 are evicted first; if that is not enough, the most recently arrived running request is preempted (its
 computed pages go to the cache, it is recomputed later from there), so the engine never fails for lack
 of memory. A request that could never fit is refused when it is added.
+
+Decode pods also admit requests for a prefill pod to compute (REMOTE_PREFILL): pages for the whole prompt
+and a working slot are reserved at once, and until that pod is done with them (answered, confirmed it
+stopped) they are neither preempted nor reused; if it cannot be established that it stopped, they are
+quarantined (see quarantine.py). The request's transitions are ``Request.move_to``'s, checked.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .allocator import IdPool
 from .prefix_cache import HybridPrefixCache
+from .quarantine import Quarantine, QuarantinedMemory
 from .request import Request, RequestStatus
 
 
@@ -28,6 +34,8 @@ class SchedulerConfig:
     # Decode pods: a new request whose uncached prompt is at least this long is prefilled by a prefill
     # pod (0 = never). Shorter suffixes (follow-up turns of a conversation) are prefilled locally.
     remote_prefill_threshold: int = 0
+    # Reserve a checkpoint slot for the state at the prompt's resume boundary, for the prefill pod to fill.
+    handover_resume_checkpoint: bool = True
 
 
 @dataclass
@@ -50,52 +58,101 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order: the last one is preempted first
-        self.remote_prefills: list[Request] = []  # admitted this step for a prefill pod to compute
-        self.quarantined_pages: list[int] = []  # never reused: a prefill pod may still write them
-        self.quarantined_slots: list[int] = []
+        self.remote: list[Request] = []  # REMOTE_PREFILL or ABORTING: a prefill pod may write their memory
+        self.remote_prefills: list[Request] = []  # admitted for a prefill pod since the engine last took them
+        self.quarantine = Quarantine(pages, slots, cache.checkpoint_slots)
 
     # ---- queue management ---------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.remote)
 
-    def remove(self, request: Request, release: bool = True) -> None:
-        """Take a request out (finished or aborted) and return its memory, unless ``release`` is False
-        (a prefill pod holds it until the hand-over is done, then calls ``release``)."""
-        if request in self.running:
+    def finish(self, request: Request) -> None:
+        """A waiting or running request is done (finished or aborted): out of the queues, memory back."""
+        if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-        elif request in self.waiting:
+        else:
             self.waiting.remove(request)
-        if release:
+        self._release(request)
+        request.move_to(RequestStatus.FINISHED)
+
+    def hold(self, request: Request) -> None:
+        """Prefill side: the request is computed; keep its memory until ``release_held`` (the hand-over)."""
+        self.running.remove(request)
+        request.move_to(RequestStatus.HANDING_OVER)
+
+    def release_held(self, request: Request) -> None:
+        self._release(request)
+        request.move_to(RequestStatus.FINISHED)
+
+    def abort(self, request: Request) -> bool:
+        """Cancel the request. True when it is finished with its memory back; False when a prefill pod may
+        still write its memory: it is ABORTING until that pod settles (``remote_prefill_done/failed``)."""
+        status = request.status
+        if status in (RequestStatus.REMOTE_PREFILL, RequestStatus.ABORTING):
+            if status == RequestStatus.REMOTE_PREFILL:
+                request.move_to(RequestStatus.ABORTING)
+            return False
+        if status == RequestStatus.HANDING_OVER:
+            self.release_held(request)
+        elif status != RequestStatus.FINISHED:
+            self.finish(request)
+        return True
+
+    # ---- remote prefill (decode side) ---------------------------------------------------------------
+    def remote_prefill_done(self, request: Request, checkpoint_written: bool) -> None:
+        """The prefill pod wrote the prompt's pages and final state (and, if ``checkpoint_written``, the
+        state at the resume boundary into the snapshot slot). The request decodes here from now on; an
+        aborted one is finished, what it computed going to the cache."""
+        self.remote.remove(request)
+        request.num_computed_tokens = request.num_tokens
+        if not checkpoint_written:
+            self.cache.drop_snapshot(request)
+        if request.status == RequestStatus.ABORTING:
             self._release(request)
-        request.status = RequestStatus.FINISHED
+            request.move_to(RequestStatus.FINISHED)
+            return
+        self.cache.publish_snapshot(request)
+        request.move_to(RequestStatus.RUNNING)
+        self.running.append(request)
 
-    def release(self, request: Request) -> None:
-        self._release(request)
-
-    def quarantine(self, request: Request) -> None:
-        """Take the request out with its destination memory kept out of circulation (see Engine)."""
-        self.running.remove(request)
-        request.awaiting_remote_prefill = False
-        if request.cache_node is not None:  # the prefix it matched is not written by the prefill pod
-            self.cache.tree.unlock(request.cache_node)
-        self.quarantined_pages += [p for p in request.page_ids if not self.cache.tree.owns_page(p)]
-        self.quarantined_slots.append(request.state_slot)
-        request.page_ids, request.state_slot = [], None
-        request.cache_node = request.checkpoint_node = None
+    def remote_prefill_failed(self, request: Request, quarantine_key: str | None, prefill_locally: bool) -> None:
+        """The prefill pod will not complete the request. ``quarantine_key`` None: it confirmed it writes
+        nothing more, so the memory is freed; otherwise the memory is quarantined under that key until
+        ``reclaim(quarantine_key)``. The request is prefilled again, first in line, on a prefill pod or
+        (``prefill_locally``) here; an aborted one is finished."""
+        self.remote.remove(request)
+        if quarantine_key is None:
+            self.cache.drop_snapshot(request)  # never written: must not become a checkpoint
+            self._release(request)
+        else:
+            self._quarantine(request, quarantine_key)
         request.num_computed_tokens = request.num_cached_tokens = 0
-        request.status = RequestStatus.WAITING
-
-    def requeue(self, request: Request) -> None:
-        """A remote prefill failed: give the memory back and put the request first in line again."""
-        self.running.remove(request)
-        request.awaiting_remote_prefill = False
-        self._release(request)
-        request.num_computed_tokens = request.num_cached_tokens = 0
-        request.status = RequestStatus.WAITING
+        if request.status == RequestStatus.ABORTING:
+            request.move_to(RequestStatus.FINISHED)
+            return
+        request.prefill_locally = request.prefill_locally or prefill_locally
+        request.move_to(RequestStatus.WAITING)
         self.waiting.appendleft(request)
+
+    def _quarantine(self, request: Request, key: str) -> None:
+        tree = self.cache.tree
+        if request.cache_node is not None:  # the prefix it matched is the cache's; the pod never writes it
+            tree.unlock(request.cache_node)
+        checkpoints = () if request.snapshot_slot is None else (request.snapshot_slot,)
+        self.quarantine.add(QuarantinedMemory(
+            key, request.request_id, tuple(p for p in request.page_ids if not tree.owns_page(p)),
+            (request.state_slot,), checkpoints,
+        ))
+        request.page_ids, request.state_slot = [], None
+        request.snapshot_slot, request.snapshot_position = None, 0
+        request.cache_node = request.checkpoint_node = None
+
+    def reclaim(self, key: str) -> QuarantinedMemory | None:
+        """The write quarantined under ``key`` can no longer land: its memory goes back to the pools."""
+        return self.quarantine.reclaim(key)
 
     def _release(self, request: Request) -> None:
         self.cache.release(request)
@@ -109,7 +166,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_cached_tokens = 0
         request.num_preemptions += 1
-        request.status = RequestStatus.WAITING
+        request.move_to(RequestStatus.WAITING)
         self.waiting.appendleft(request)
 
     # ---- paging -------------------------------------------------------------------------------------
@@ -117,7 +174,10 @@ class Scheduler:
         return -(-num_tokens // self.config.page_size)
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
-        """Make the request's pages cover ``num_tokens`` tokens, evicting cached pages if needed."""
+        """Make the request's pages cover ``num_tokens`` tokens, evicting cached pages if needed. Several
+        pages at once (a prefill chunk, a prefill pod's destination) come in runs of consecutive ids,
+        continuing the request's last page where possible: a hand-over of pages in runs costs Mooncake one
+        descriptor per run and layer instead of one per page and layer."""
         missing = self._pages_for(num_tokens) - len(request.page_ids)
         if missing <= 0:
             return True
@@ -125,18 +185,19 @@ class Scheduler:
             self.cache.evict_pages(missing - self.pages.num_free)
             if not self.pages.can_allocate(missing):
                 return False
-        request.page_ids.extend(self.pages.allocate(missing))
+        if missing == 1:
+            request.page_ids.extend(self.pages.allocate(1))
+        else:
+            last = request.page_ids[-1] if request.page_ids else None
+            request.page_ids.extend(self.pages.allocate_runs(missing, after=last))
         return True
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, scheduled: set[int]) -> bool:
         """Grow, preempting younger unscheduled running requests if needed. False if ``request`` itself
         had to be preempted (nothing younger was left to take from)."""
         while not self._grow(request, num_tokens):
-            # A request waiting for a remote prefill cannot give its pages back: a pod is writing them.
-            victims = [
-                r for r in self.running
-                if id(r) not in scheduled and r is not request and not r.awaiting_remote_prefill
-            ]
+            # Requests on a prefill pod are not in ``running``: their pages cannot be given back.
+            victims = [r for r in self.running if id(r) not in scheduled and r is not request]
             if not victims or self.running.index(victims[-1]) < self.running.index(request):
                 self._preempt(request)
                 return False
@@ -154,7 +215,7 @@ class Scheduler:
         for request in list(self.running):
             if budget == 0:
                 break
-            if request not in self.running or request.awaiting_remote_prefill:  # preempted, or on a prefill pod
+            if request not in self.running:  # preempted meanwhile
                 continue
             remaining = request.num_uncomputed_tokens
             num_new = 1 if remaining == 1 else min(remaining, cfg.prefill_chunk_size, budget)
@@ -165,14 +226,18 @@ class Scheduler:
             budget -= num_new
 
         # Then new (or preempted) requests, first come first served, while resources last.
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs and self.slots.can_allocate(1):
+        while (self.waiting and budget > 0 and len(self.running) + len(self.remote) < cfg.max_num_seqs
+               and self.slots.can_allocate(1)):
             request = self.waiting[0]
             admission = self.cache.match(request)
             remote = (
                 cfg.remote_prefill_threshold > 0
-                and not request.local_prefill_only
+                and not request.prefill_locally
+                and not request.hold_memory  # computed here for another pod: never passed on
                 and request.num_uncomputed_tokens >= cfg.remote_prefill_threshold
             )
+            if remote:  # the pod sends only the pages this cache lacks, also past its deepest checkpoint
+                self.cache.use_kv_match(request, admission)
             # A remote prefill needs pages for the whole prompt now (the pod writes them all at once).
             num_new = request.num_uncomputed_tokens if remote else min(
                 request.num_uncomputed_tokens, cfg.prefill_chunk_size, budget
@@ -183,12 +248,15 @@ class Scheduler:
             self.waiting.popleft()
             self.cache.confirm(request, admission)
             request.state_slot = self.slots.allocate_one()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
             if remote:  # no compute here; the pod also sends the final state, so no checkpoint copy
-                request.awaiting_remote_prefill = True
+                if cfg.handover_resume_checkpoint:
+                    self.cache.reserve_resume_checkpoint(request)
+                request.move_to(RequestStatus.REMOTE_PREFILL)
+                self.remote.append(request)
                 self.remote_prefills.append(request)
                 continue
+            request.move_to(RequestStatus.RUNNING)
+            self.running.append(request)
             batch.append(ScheduledSeq(request, num_new, copy_state_from=admission.copy_state_from))
             budget -= num_new
 
@@ -215,7 +283,7 @@ class Scheduler:
             if (not seq.samples or request.is_finished or request.hold_memory or params.needs_penalties
                     or len(request.output_token_ids) + 2 > params.max_tokens):
                 return None
-        runnable = [r for r in self.running if not r.awaiting_remote_prefill]
+        runnable = self.running
         if not requests or self.waiting or len(runnable) != len(requests):
             return None
         if any(a is not b for a, b in zip(runnable, requests, strict=True)):

@@ -123,6 +123,7 @@ class WorkerFeed:
 
     def _lose(self, problem: str) -> None:
         log.warning("index of %s out of step (%s): resynchronising from a snapshot", self.worker, problem)
+        self.index.clear_worker(self.worker)  # counts for no hit until rebuilt: better than a wrong one
         self.last_problem = problem
         self.resyncs += 1
         if self.state is FeedState.FOLLOWING:
@@ -147,11 +148,9 @@ class WorkerFeed:
         try:
             self.index.replace(self.worker, decode_events(snapshot.events))
         except (InconsistentEvents, ValueError) as err:
-            self.index.drop_worker(self.worker)
             self._lose(f"snapshot at batch {snapshot.seq} does not apply: {err}")
             return
         if self.index.digest(self.worker) != snapshot.digest:
-            self.index.drop_worker(self.worker)
             self._lose(f"snapshot at batch {snapshot.seq} does not match its digest")
             return
         self.applied_seq = snapshot.seq

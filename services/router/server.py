@@ -14,6 +14,7 @@ When every pod is full the router answers RESOURCE_EXHAUSTED at once, with a ret
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -22,8 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
-from services.common.grpc_util import MalformedRequest, inference_handler, prompt_from_request, sampling_from_proto
+from services.common.grpc_util import add_servicer, prompt_from_request, sampling_from_proto
 from services.common.page_hash import SCHEME, extend_page_hashes, page_hashes
 from services.common.protos import inference_pb2, inference_pb2_grpc
 from services.common.serving import run_until_signal
@@ -34,7 +36,7 @@ from services.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 from .config import RouterConfig
 from .index import CacheIndex
 from .metrics import RouterMetrics
-from .policy import Candidate, Choice, Placer, Policy
+from .policy import Choice, Placer, Policy, Workers
 from .sessions import SessionTable
 from .sync import ClusterSync
 from .workers import Worker, WorkerTable
@@ -101,8 +103,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request, context):
         try:
-            if isinstance(request, MalformedRequest):
-                raise InvalidRequestError(request.error)
             prompt = await self._prompt_ids(request)
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as err:
@@ -134,15 +134,20 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     request_id=request_id, token_ids=inference_pb2.TokenIds(ids=current),
                     sampling=request.sampling, session_id=request.session_id,
                     routing=inference_pb2.RoutingHints(
-                        prefill_address=placement.prefill.record.address if placement.prefill else ""
+                        prefill_address=placement.prefill.record.address if placement.prefill else "",
+                        router_id=self.sync.router_id,
                     ),
                 )
                 pod_request.sampling.max_tokens = stream.max_tokens - len(stream.tokens)
+                served_by = (("baton-decode-pod", placement.decode.record.address),)
+                if stream.first_decode is None:  # which pod serves it, for clients and operators
+                    await context.send_initial_metadata(served_by)
                 try:
                     async for response in self._relay(placement, pod_request, stream):
                         finished = response.finished
                         yield response
                     if finished:
+                        context.set_trailing_metadata(served_by)  # the last pod, after a failover
                         self.metrics.requests.labels("finished").inc()
                         self.sessions.answered(request.session_id, time.monotonic())
                         return
@@ -152,7 +157,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     log.warning("request %s: decode pod %s (%s); moving it to another pod", request_id, failure,
                                 stage)
                     self.metrics.failovers.labels(stage).inc()
-                    failure.worker.unavailable_until = time.monotonic() + self.config.unavailable_s
+                    self.table.failed(failure.worker, time.monotonic() + self.config.unavailable_s)
                     excluded.add(failure.worker.name)
             self.metrics.requests.labels("unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -206,10 +211,10 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
     def _place(self, prompt: list[int], hashes: list[int], session_id: str, excluded: set[str]) -> Placement:
         started = time.perf_counter()
         now = time.monotonic()
-        page = self.config.page_size
-        decodes = [w for w in self.table.eligible("decode", now) if w.name not in excluded]
-        if not decodes:
-            known = [w for w in self.table.by_role("decode") if w.name not in excluded]
+        decodes = self.table.arrays["decode"]
+        eligible = decodes.eligible(now, excluded)
+        if not eligible.any():
+            known = [w for w in decodes.workers if w.name not in excluded]
             if known and all(w.full for w in known):
                 raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"all {len(known)} decode pods are at capacity (running + waiting)")
@@ -218,38 +223,40 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         policy = self.placer.policy
         cache_known = self.sync.up
         self.sessions.expire(now)
-        usable = self.index.usable_pages(hashes) if cache_known else {}
+        page = self.config.page_size
         cap = (len(prompt) - 1) // page  # the last token is always computed: its logits are needed
-        in_sync = {w.name for w in self.table.workers.values() if w.feed.in_sync}
+        if cache_known:
+            slots, pages = self.index.usable(hashes)
+            pages = np.minimum(pages, cap) * page
+        else:
+            slots = pages = np.zeros(0, dtype=np.int64)
 
-        def hit(worker: Worker) -> int:
-            return min(usable.get(worker.name, 0), cap) * page if worker.name in in_sync else 0
+        def scored(arrays, mask) -> Workers:
+            return Workers(arrays.names, arrays.address_keys, arrays.active, arrays.queued_tokens,
+                           arrays.hits(slots, pages), mask)
 
-        def candidate(worker: Worker) -> Candidate:
-            return Candidate(worker.name, worker.record.address, worker.active, worker.record.queued_prefill_tokens,
-                             hit(worker), self.sessions.live(worker.name, session_id),
-                             self.sessions.worker_of(session_id) == worker.name)
-
-        candidates = [candidate(w) for w in decodes]
+        candidates = dataclasses.replace(
+            scored(decodes, eligible), sessions=self.sessions.counts(decodes.slot, len(decodes.names), session_id)
+        )
         if policy is Policy.CACHE_AWARE and not cache_known:
             choice = self.placer.least_load(candidates, "redis_down")
         else:
-            choice = self.placer.choose(candidates, len(prompt), session_id)
-        decode = next(w for w in decodes if w.name == choice.worker.name)
+            choice = self.placer.choose_among(candidates, len(prompt), session_id)
+        decode = decodes.workers[choice.index]
         self.sessions.placed(session_id, decode.name, now)
         prefill = None
-        prefills = self.table.eligible("prefill", now, fingerprint=decode.record.fingerprint)
-        if prefills:
-            p_candidates = [candidate(w) for w in prefills]
+        prefills = self.table.arrays["prefill"]
+        p_eligible = prefills.eligible(now, fingerprint=decode.record.fingerprint)
+        if p_eligible.any():
+            p_candidates = scored(prefills, p_eligible)
             if policy is Policy.CACHE_AWARE and cache_known:
-                p_choice = self.placer.choose(p_candidates, len(prompt), policy=Policy.CACHE_AWARE)
+                p_choice = self.placer.choose_among(p_candidates, len(prompt), policy=Policy.CACHE_AWARE)
             else:
                 p_choice = self.placer.least_load(p_candidates, "least_load")
-            prefill = next(w for w in prefills if w.name == p_choice.worker.name)
-        available = max((hit(w) for w in self.table.workers.values()), default=0)
+            prefill = prefills.workers[p_choice.index]
         self.metrics.placement_seconds.observe(time.perf_counter() - started)
         self.metrics.decisions.labels(policy.value, choice.reason).inc()
-        return Placement(decode, prefill, choice, policy.value, available)
+        return Placement(decode, prefill, choice, policy.value, int(pages.max(initial=0)))
 
     def _stub(self, address: str) -> inference_pb2_grpc.InferenceStub:
         channel = self._channels.get(address)
@@ -268,12 +275,12 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         # Text the dead pod held back (it might have been the start of a stop string) is not re-sent by the
         # next pod, whose prompt now contains those tokens: prepend it to the next pod's first text.
         held = self._held_text(stream) if resumed else ""
-        if not resumed:
+        if stream.first_decode is None:
             self.metrics.prompt_tokens.inc(len(stream.prompt))
             self.metrics.hit_tokens.labels("available").inc(placement.available_tokens)
-            self.metrics.hit_tokens.labels("chosen").inc(placement.choice.worker.hit_tokens)
+            self.metrics.hit_tokens.labels("chosen").inc(placement.choice.hit_tokens)
             stream.first_decode = worker
-        worker.inflight_here += 1
+        self.table.started(worker)
         call = self._stub(worker.record.address).Generate(pod_request)
         try:
             async for response in call:
@@ -298,7 +305,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                 raise _PodFailed(worker, code, err.details() or "") from err
             raise
         finally:
-            worker.inflight_here -= 1
+            self.table.ended(worker)
             call.cancel()
 
     def _held_text(self, stream: _Stream) -> str:
@@ -335,7 +342,7 @@ async def serve(config: RouterConfig) -> None:
     sync.start()
     await sync.wait_first_poll(timeout=5.0)
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((inference_handler(service),))
+    add_servicer(server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], service)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     ready = {"role": "router", "port": port, "metrics_port": metrics_port, "router_id": router_id}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
+import numpy as np
+
 
 class SessionTable:
     def __init__(self, ttl_s: float) -> None:
@@ -47,6 +49,19 @@ class SessionTable:
         if excluding and self.worker_of(excluding) == worker:
             count -= 1
         return count
+
+    def counts(self, positions: dict[str, int], size: int, session_id: str = "") -> np.ndarray:
+        """Per worker at ``positions`` (name -> index, ``size`` workers): live conversations other than
+        ``session_id``'s, less one half where ``session_id``'s is (``Workers.sessions``)."""
+        counts = np.zeros(size)
+        for worker, count in self._counts.items():
+            i = positions.get(worker)
+            if i is not None:
+                counts[i] = count
+        own = self.worker_of(session_id) if session_id else None
+        if own is not None and own in positions:
+            counts[positions[own]] -= 1.5
+        return counts
 
     def placed(self, session_id: str, worker: str, now: float) -> None:
         if not session_id:

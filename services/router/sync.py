@@ -22,13 +22,18 @@ from redis.exceptions import RedisError
 
 from services.cluster.publisher import redis_client
 from services.cluster.schema import EventBatch, Keys, Snapshot, WorkerRecord
+from services.common.serving import cancel_tasks
 from services.engine.radix_cache import CacheDigest
 
 from .workers import WorkerTable
 
 log = logging.getLogger("baton.router.sync")
 
-_XREAD_COUNT = 512  # entries per stream per read; a stream that returns this many is not read to its end
+# Bounds on one read: streams per read, entries per stream (a stream that returns this many is not read to its
+# end yet), and entries per stream in the blocking read that waits for the next batch.
+_XREAD_STREAMS = 64
+_XREAD_COUNT = 32
+_WAKE_COUNT = 4
 
 
 @dataclass
@@ -47,17 +52,21 @@ class ClusterSync:
         self.poll_interval_s = poll_interval_s
         self.ttl_s = ttl_s
         self.redis = redis_client(redis_url)
-        # XREAD blocks: its own connection, with a socket timeout longer than the block.
-        self.stream_redis = redis_client(redis_url, timeout_s=max(1.0, 4 * poll_interval_s))
+        # XREAD blocks: its own connection, with room for the block and for reading a full reply.
+        self.stream_redis = redis_client(redis_url, timeout_s=max(5.0, 4 * poll_interval_s))
         self.up = False
         self._reports: dict[str, _Report] = {}
         self._stream_ids: dict[str, bytes] = {}
         self._tasks: list[asyncio.Task] = []
+        # The loops also stop on this flag: redis-py can turn a cancellation that lands inside a command into
+        # a connection error, which the loops catch to ride out Redis outages.
+        self._running = False
         self._first_poll = asyncio.Event()
         self.on_batches = on_batches  # metrics hook: called with the number of events applied
         self.inflight_published: dict[str, int] = {}
 
     def start(self) -> None:
+        self._running = True
         self._tasks = [asyncio.ensure_future(self._poll_loop()), asyncio.ensure_future(self._stream_loop())]
 
     async def wait_first_poll(self, timeout: float) -> None:
@@ -65,11 +74,8 @@ class ClusterSync:
             await asyncio.wait_for(self._first_poll.wait(), timeout)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._running = False
+        await cancel_tasks(self._tasks)
         with contextlib.suppress(RedisError, OSError):
             pipe = self.redis.pipeline(transaction=False)
             pipe.srem(self.keys.routers, self.router_id)
@@ -88,7 +94,7 @@ class ClusterSync:
 
     # ---- registry, snapshots, in-flight -------------------------------------------------------------------
     async def _poll_loop(self) -> None:
-        while True:
+        while self._running:
             try:
                 await self.poll()
                 self._set_up(True)
@@ -174,49 +180,67 @@ class ClusterSync:
                 elsewhere[worker_id.decode()] = elsewhere.get(worker_id.decode(), 0) + int(count)
         if expired:
             await r.srem(keys.routers, *expired)
-        for worker in self.table.workers.values():
-            worker.inflight_elsewhere = elsewhere.get(worker.name, 0)
+        self.table.set_inflight_elsewhere(elsewhere)
 
     # ---- event streams ------------------------------------------------------------------------------
     async def _stream_loop(self) -> None:
+        """Drain every stream in bounded reads (a backlog of thousands of batches must not become one reply
+        so large it times out, again and again), then wait in one blocking read for the next batch anywhere."""
         block_ms = max(1, int(self.poll_interval_s * 1000))
-        while True:
-            workers = self.table.workers
-            for name in [n for n in self._stream_ids if n not in workers]:
+        while self._running:
+            names = list(self.table.workers)
+            for name in [n for n in self._stream_ids if n not in self.table.workers]:
                 del self._stream_ids[name]
                 self._reports.pop(name, None)
-            if not workers:
+            if not names:
                 await asyncio.sleep(self.poll_interval_s)  # nothing to follow yet: the registry poll adds workers
                 continue
-            streams = {self.keys.events(name): self._stream_ids.setdefault(name, b"0-0") for name in workers}
             started = time.monotonic()
+            not_caught_up: set[str] = set()
             try:
-                response = await self.stream_redis.xread(streams, count=_XREAD_COUNT, block=block_ms)
+                read_any = False
+                for first in range(0, len(names), _XREAD_STREAMS):
+                    chunk = names[first : first + _XREAD_STREAMS]
+                    response = await self.stream_redis.xread(self._positions(chunk), count=_XREAD_COUNT)
+                    read_any |= self._deliver(response, not_caught_up)
+                if not read_any:
+                    response = await self.stream_redis.xread(self._positions(names), count=_WAKE_COUNT,
+                                                             block=block_ms)
+                    read_any = self._deliver(response, not_caught_up)
+                    not_caught_up.update(name for name in names if read_any)  # drained on the next pass
             except (RedisError, OSError) as err:
                 self._set_up(False, err)
                 await asyncio.sleep(self.poll_interval_s)  # retry period while Redis is away
                 continue
-            not_caught_up = set()
-            applied_before = self.table.index.events_applied
-            for stream, entries in response or []:
-                name = stream.decode().rsplit(":", 1)[1]
-                worker = self.table.workers.get(name)
-                if worker is None:
-                    continue
-                for entry_id, fields in entries:
-                    self._stream_ids[name] = entry_id
-                    try:
-                        batch = EventBatch.from_fields(fields)
-                    except ValueError as err:
-                        log.warning("ignoring a malformed event batch of %s: %s", name, err)
-                        continue
-                    worker.feed.on_batch(batch)
-                if len(entries) >= _XREAD_COUNT:
-                    not_caught_up.add(name)
-            if self.on_batches is not None:
-                self.on_batches(self.table.index.events_applied - applied_before)
             for name, report in list(self._reports.items()):
                 worker = self.table.workers.get(name)
                 if worker is not None and name not in not_caught_up and report.read_at < started:
                     worker.feed.on_report(report.seq, report.digest)
                     del self._reports[name]
+
+    def _positions(self, names: list[str]) -> dict[str, bytes]:
+        return {self.keys.events(name): self._stream_ids.setdefault(name, b"0-0") for name in names}
+
+    def _deliver(self, response, not_caught_up: set[str]) -> bool:
+        """Hand the batches read to their feeds; True if there were any."""
+        applied_before = self.table.index.events_applied
+        read = False
+        for stream, entries in response or []:
+            name = stream.decode().rsplit(":", 1)[1]
+            worker = self.table.workers.get(name)
+            if worker is None:
+                continue
+            for entry_id, fields in entries:
+                read = True
+                self._stream_ids[name] = entry_id
+                try:
+                    batch = EventBatch.from_fields(fields)
+                except ValueError as err:
+                    log.warning("ignoring a malformed event batch of %s: %s", name, err)
+                    continue
+                worker.feed.on_batch(batch)
+            if len(entries) >= _XREAD_COUNT:
+                not_caught_up.add(name)
+        if self.on_batches is not None:
+            self.on_batches(self.table.index.events_applied - applied_before)
+        return read

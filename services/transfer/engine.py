@@ -106,7 +106,14 @@ class TransferConfig:
 
 
 class TransferError(RuntimeError):
-    """A Mooncake operation failed or timed out. After a failed write the destination holds unknown bytes."""
+    """A Mooncake operation failed or timed out. After a failed write the destination holds unknown bytes.
+
+    ``still_running``: for a write given up on at its timeout, set once Mooncake returns from it; until
+    then the call may still write into the peer's memory."""
+
+    def __init__(self, message: str, still_running: threading.Event | None = None) -> None:
+        super().__init__(message)
+        self.still_running = still_running
 
 
 @dataclass
@@ -300,7 +307,7 @@ class TransferEngine:
                     target.abandoned_at = time.monotonic()
             if not finished:
                 log.warning("%s: no answer within %s s, abandoning the call", what, self.config.timeout_s)
-                raise TransferError(f"{what}: timed out after {self.config.timeout_s} s")
+                raise TransferError(f"{what}: timed out after {self.config.timeout_s} s", still_running=done)
         if outcome[0] is not None:
             raise outcome[0]
         return total

@@ -440,10 +440,12 @@ def _check_alignment(topk_ids, block_m, experts, sorted_ids, expert_ids, num_pos
 
 @pytest.mark.parametrize(
     "tokens,top_k,experts,block_m",
-    [(1, 8, 256, 16), (4, 10, 512, 16), (37, 3, 11, 32), (64, 8, 16, 64), (600, 8, 64, 64)],
+    [(1, 8, 256, 16), (4, 10, 512, 16), (37, 3, 11, 32), (64, 8, 16, 64), (600, 8, 64, 64), (64, 9, 257, 16),
+     (256, 9, 257, 32), (29, 9, 257, 16)],
 )
 def test_moe_align_block_size(tokens, top_k, experts, block_m):
-    """The Triton (<= 4096 pairs) and torch (larger) paths against the invariants and against each other."""
+    """The Triton paths (one program up to 256 pairs, many up to 4096: batched decode of 35B-A3B with its shared
+    expert is 9 pairs a token) and the torch one (larger) against the invariants and against each other."""
     gen = _gen(tokens * top_k)
     topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     topk_ids = topk_ids.to(torch.int32).to(DEVICE)

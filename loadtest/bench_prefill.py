@@ -1,0 +1,130 @@
+"""Prefill speed of single prompts on one GPU, by chunk size: tokens/s, time to first token and MFU.
+
+    python -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000,131072 \\
+        --chunk-sizes 2048,4096,8192,16384 --out loadtest/results/prefill.json
+
+For each chunk size, each prompt length runs twice with fresh random tokens: the first run compiles what the
+new shapes need (Triton specialisations, flashinfer plans) and is not reported; the second is timed from
+``add_request`` to the step that returns the first token, chunked as the engine chunks it (``prefill_chunk_size``
+= the step's token budget). MFU is the model's FLOPs for the prompt (``loadtest.model_costs.prefill_flops``:
+projections with k experts + the shared one per token, causal attention, the delta rule's recurrence) over the
+time, divided by the bf16 GEMM rate measured at the start of the run. Peak memory per chunk size is recorded
+(above the weights and caches: activations grow with the chunk). Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine
+from services.engine.request import SamplingParams
+
+from .model_costs import prefill_flops
+
+log = logging.getLogger("bench_prefill")
+
+
+def prefill_once(engine: Engine, length: int, seed: int) -> float:
+    """Seconds from adding a prompt of ``length`` random tokens to its first token (one output token)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, engine.model_config.vocab_size, (length,), generator=gen).tolist()
+    start = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    while True:
+        outputs = engine.step()
+        if any(o.new_token_ids for o in outputs):
+            ttft = time.perf_counter() - start
+            break
+    while engine.has_unfinished():
+        engine.step()
+    return ttft
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    lengths = sorted({r["length"] for r in results["runs"]})
+    for chunk in sorted({r["chunk_size"] for r in results["runs"]}):
+        rows = sorted((r for r in results["runs"] if r["chunk_size"] == chunk), key=lambda r: r["length"])
+        left.plot([r["length"] for r in rows], [r["mfu"] for r in rows], marker="o", label=f"chunk {chunk}")
+        right.plot([r["length"] for r in rows], [r["ttft_s"] for r in rows], marker="o", label=f"chunk {chunk}")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(lengths, [f"{n // 1000}K" for n in lengths])
+        ax.legend(fontsize=8)
+        ax.set_xlabel("prompt tokens")
+    left.set(ylabel=f"MFU (of {results['gemm_bf16_TFLOPs']:.0f} TFLOP/s measured)", title="prefill MFU")
+    right.set(ylabel="time to first token (s)", yscale="log", title="TTFT, one prompt, warm")
+    fig.suptitle(f"{results['model']} on {results['gpu']}: single-prompt prefill", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    from kernels.bench_util import measure_gemm_flops
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3.5-35b-a3b")
+    parser.add_argument("--lengths", default="8192,32768,50000,131072")
+    parser.add_argument("--chunk-sizes", default="2048,4096,8192,16384")
+    parser.add_argument("--out", default="prefill.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    chunks = [int(c) for c in args.chunk_sizes.split(",")]
+
+    device = torch.device("cuda")
+    gemm_flops = measure_gemm_flops(device)
+    log.info("bf16 GEMM %.0f TFLOP/s", gemm_flops / 1e12)
+    config = EngineConfig(model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
+                          prefill_chunk_size=max(chunks), max_num_batched_tokens=max(chunks),
+                          max_model_len=max(lengths) + 16)
+    engine = Engine(config)
+    params = [(name, tuple(p.shape)) for name, p in engine.runner.model.named_parameters()]
+    results = {"benchmark": "single-prompt prefill", "model": args.model, "gpu": torch.cuda.get_device_name(device),
+               "torch": torch.__version__, "gemm_bf16_TFLOPs": gemm_flops / 1e12, "backend": engine.runner.ops.name,
+               "prefix_cache": config.enable_prefix_cache, "runs": []}
+    out = Path(args.out)
+    for chunk in chunks:
+        engine.scheduler.config = dataclasses.replace(engine.scheduler.config, prefill_chunk_size=chunk,
+                                                      max_num_batched_tokens=chunk)
+        static = torch.cuda.memory_allocated(device)  # weights, KV pool, state slots, graphs
+        torch.cuda.reset_peak_memory_stats(device)
+        for i, length in enumerate(lengths):
+            prefill_once(engine, length, seed=2 * i)  # compiles and plans the new shapes
+            engine.flush_cache()
+            ttft = prefill_once(engine, length, seed=2 * i + 1)
+            engine.flush_cache()
+            flops = prefill_flops(params, engine.model_config, length)
+            run = {"chunk_size": chunk, "length": length, "ttft_s": ttft, "tokens_per_s": length / ttft,
+                   "flops": flops, "tflops": flops / ttft / 1e12, "mfu": flops / ttft / gemm_flops}
+            results["runs"].append(run)
+            log.info("chunk %d, %d tokens: %.3f s, %.0f tok/s, MFU %.2f", chunk, length, ttft, run["tokens_per_s"],
+                     run["mfu"])
+            out.write_text(json.dumps(results, indent=2))  # after every run: a long sweep cut short keeps its part
+        peak = (torch.cuda.max_memory_allocated(device) - static) / 2**30
+        for run in results["runs"]:
+            if run["chunk_size"] == chunk:
+                run["activation_peak_GiB"] = peak
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"{'chunk':>6} {'tokens':>7} {'ttft s':>7} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>5} {'act GiB':>8}")
+    for r in results["runs"]:
+        print(f"{r['chunk_size']:>6} {r['length']:>7} {r['ttft_s']:>7.3f} {r['tokens_per_s']:>8.0f} "
+              f"{r['tflops']:>8.0f} {r['mfu']:>5.2f} {r['activation_peak_GiB']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""What a forward pass of the model must cost at least: bytes through device memory and FLOPs.
+
+The benchmarks divide these by the device-to-device copy bandwidth and the bf16 GEMM rate measured in the
+same run; the slower of the two is the roofline a step is compared against. No tensors here: only the
+parameter shapes and the model config.
+
+Decode step of B requests (``decode_step_bytes``): every weight the step reads once -- the dense parts (GDN and
+attention projections, norms, the router, the LM head), one embedding row per request, and of each MoE layer's
+stacked experts only those some request was routed to (plus the shared expert, stacked as expert E) --, the KV
+of every request's context (plus the new token's, written), each request's GDN conv and SSM states read and
+written back, and the logits written and read once by the sampler.
+
+FLOPs (``decode_step_flops``, ``prefill_flops``): 2 per multiply-add of every projection a token goes through
+(its k experts and the shared one), the attention's QK^T and PV over the context (causal within a prompt), and
+the gated delta rule's recurrent form per token and value head (k^T S, the rank-1 update, q^T S: 3 d_k x d_v
+multiply-adds). The LM head runs once per request (decode) or once per prompt (its last token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from services.engine.model_config import ModelConfig
+
+
+def _is_expert_stack(name: str) -> bool:
+    return name.endswith(".w13") or name.endswith(".w2")
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """One expert's gate/up and down weights."""
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
+
+
+def decode_step_bytes(
+    params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig, dtype: torch.dtype, contexts: Sequence[int],
+    experts_touched: Sequence[int] | None = None,
+) -> dict[str, int]:
+    """Fewest bytes one decode step of ``len(contexts)`` requests moves. ``params``: (name, shape) of every
+    parameter (``[(n, tuple(p.shape)) for n, p in model.named_parameters()]``); ``contexts``: each request's
+    tokens before the step; ``experts_touched``: distinct routed experts per MoE layer this step (None: the
+    expectation under uniform independent routing, ``E (1 - (1 - k/E)^B)``)."""
+    batch = len(contexts)
+    itemsize = dtype.itemsize
+    moe_layers = [name for name, _ in params if name.endswith(".w13")]
+    if experts_touched is None:
+        e, k = cfg.num_experts, cfg.num_experts_per_tok
+        expected = e * (1 - (1 - k / e) ** batch) if e else 0
+        experts_touched = [expected] * len(moe_layers)
+    if len(experts_touched) != len(moe_layers):
+        raise ValueError(f"experts_touched has {len(experts_touched)} entries for {len(moe_layers)} MoE layers")
+    dense = experts = 0
+    for name, shape in params:
+        if _is_expert_stack(name):
+            continue
+        nbytes = _numel(shape) * (4 if name.endswith(("A_log", "dt_bias")) else itemsize)
+        if name == "embed_tokens" and not cfg.tie_word_embeddings:
+            nbytes = min(batch, shape[0]) * shape[1] * itemsize  # the rows of the step's tokens
+        dense += nbytes
+    shared = 1 if cfg.shared_expert_in_experts else 0
+    per_expert = expert_bytes(cfg, dtype)
+    experts = int(sum((touched + shared) * per_expert for touched in experts_touched))
+    num_gdn = len(cfg.gdn_layers)
+    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    conv = cfg.gdn_conv_dim * (cfg.linear_conv_kernel_dim - 1) * itemsize
+    state = batch * 2 * num_gdn * (ssm + conv)  # read and written back
+    kv_per_token = len(cfg.attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    kv = sum(c + 1 for c in contexts) * kv_per_token
+    logits = batch * cfg.vocab_size * itemsize * 2  # written by the LM head, read by the sampler
+    total = dense + experts + state + kv + logits
+    return {"dense_weights": dense, "experts": experts, "gdn_state": state, "kv": kv, "logits": logits, "total": total}
+
+
+def _linear_macs_per_token(params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig) -> int:
+    """Multiply-adds of one token through every projection except the LM head (k routed experts + shared)."""
+    macs = 0
+    for name, shape in params:
+        if len(shape) < 2 or name in ("embed_tokens", "lm_head") or name.endswith("conv_weight"):
+            continue
+        if _is_expert_stack(name):
+            per_expert = _numel(shape[1:])
+            active = cfg.num_experts_per_tok + (1 if cfg.shared_expert_in_experts else 0)
+            macs += active * per_expert
+        else:
+            macs += _numel(shape)
+    return macs
+
+
+def _recurrent_macs_per_token(cfg: ModelConfig) -> int:
+    per_layer = cfg.linear_num_value_heads * 3 * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+    conv = cfg.gdn_conv_dim * cfg.linear_conv_kernel_dim
+    return len(cfg.gdn_layers) * (per_layer + conv)
+
+
+def decode_step_flops(params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig, contexts: Sequence[int]) -> int:
+    batch = len(contexts)
+    per_token = _linear_macs_per_token(params, cfg) + _recurrent_macs_per_token(cfg)
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    # QK^T and PV: 2 x heads x head_dim multiply-adds per context token, per attention layer.
+    attention = sum(c + 1 for c in contexts) * 2 * cfg.num_attention_heads * cfg.head_dim * len(cfg.attention_layers)
+    return 2 * (batch * (per_token + lm_head) + attention)
+
+
+def prefill_flops(params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig, length: int) -> int:
+    """One prompt of ``length`` tokens from an empty cache, logits of its last token only."""
+    per_token = _linear_macs_per_token(params, cfg) + _recurrent_macs_per_token(cfg)
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    # Causal: token i attends to i + 1 keys, sum over i is L (L + 1) / 2.
+    attention = length * (length + 1) // 2 * 2 * cfg.num_attention_heads * cfg.head_dim * len(cfg.attention_layers)
+    return 2 * (length * per_token + lm_head + attention)

@@ -1,0 +1,49 @@
+"""The batched-decode benchmark's bookkeeping on the tiny model (CPU): the roofline arithmetic against the model's
+own parameters, and one phase of handed-over requests (every step gives every request a token, the experts
+counted are possible ones, nothing is left behind)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from loadtest.bench_batch_decode import add_roofline, decode_engine_config, fill_caches, kv_fit, run_phase
+from loadtest.model_costs import decode_step_bytes, decode_step_flops, expert_bytes
+from services.engine.engine import Engine
+
+
+def _engine() -> Engine:
+    config = decode_engine_config("tiny-qwen3.5-moe", max_batch=4, max_context=64, max_new_tokens=16, device="cpu")
+    return Engine(dataclasses.replace(config, dtype="float32", load_format="dummy"), remote_prefill=True)
+
+
+def test_decode_bytes_count_every_weight_once():
+    engine = _engine()
+    model, cfg = engine.runner.model, engine.model_config
+    params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    num_moe = sum(name.endswith(".w13") for name, _ in params)
+    every_expert = decode_step_bytes(params, cfg, torch.float32, [10], [cfg.num_experts] * num_moe)
+    all_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed_rows_skipped = (cfg.vocab_size - 1) * cfg.hidden_size * 4
+    assert every_expert["dense_weights"] + every_expert["experts"] == all_params - embed_rows_skipped
+    one = decode_step_bytes(params, cfg, torch.float32, [10], [2] * num_moe)
+    per_expert = expert_bytes(cfg, torch.float32)
+    assert every_expert["experts"] - one["experts"] == (cfg.num_experts - 2) * num_moe * per_expert
+    # KV and states scale with the batch and the contexts; FLOPs with both.
+    two = decode_step_bytes(params, cfg, torch.float32, [10, 30], [2] * num_moe)
+    assert two["gdn_state"] == 2 * one["gdn_state"] and two["kv"] == one["kv"] * (11 + 31) // 11
+    assert decode_step_flops(params, cfg, [10, 30]) > 2 * decode_step_flops(params, cfg, [10])
+
+
+def test_one_phase_of_handed_over_requests():
+    engine = _engine()
+    fill_caches(engine, seed=0)
+    assert kv_fit(engine, 8, 64, 16) is not None  # more than max_num_seqs
+    run = run_phase(engine, 3, 40, warmup=1, steps=3, seed=1)  # raises if a step misses a token or memory leaks
+    add_roofline(run, engine, bandwidth=1e12, gemm_flops=1e14, warmup=1, steps=3)
+    cfg = engine.model_config
+    assert len(run["experts_touched"]) == cfg.num_hidden_layers
+    assert all(cfg.num_experts_per_tok <= n <= cfg.num_experts for n in run["experts_touched"])
+    assert run["bound"] == "memory" and run["fraction_of_roofline"] > 0
+    assert engine.resource_usage()["pages_used"] == 0
