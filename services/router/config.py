@@ -31,11 +31,19 @@ class RouterConfig:
         default="cache_aware", metadata={"help": "cache_aware, round_robin, least_load or session"}
     )
     weight_cache: float = field(
-        default=1.0, metadata={"help": "cost per prompt token a worker would compute instead of reusing"}
+        default=Weights.cache, metadata={"help": "cost per prompt token a worker would compute instead of reusing"}
     )
-    weight_queue: float = field(default=1.0, metadata={"help": "cost per prompt token already queued on a worker"})
+    weight_queue: float = field(
+        default=Weights.queue, metadata={"help": "cost per prompt token already queued on a worker"}
+    )
     weight_request: float = field(
-        default=512.0, metadata={"help": "cost per request running or waiting on a worker (in prompt tokens)"}
+        default=Weights.request, metadata={"help": "cost per request running or waiting on a worker (in prompt tokens)"}
+    )
+    weight_session: float = field(
+        default=Weights.session, metadata={"help": "cost per other live conversation placed on a worker (in tokens)"}
+    )
+    session_ttl_s: float = field(
+        default=10.0, metadata={"help": "a conversation silent this long after its last answer is taken as over"}
     )
     page_size: int = field(default=16, metadata={"help": "tokens per KV page (must equal the pods')"})
     poll_interval_s: float = field(
@@ -55,13 +63,15 @@ class RouterConfig:
         Keys(self.redis_namespace)
         if self.page_size <= 0 or self.max_attempts <= 0:
             raise ValueError("page_size and max_attempts must be positive")
+        if self.session_ttl_s <= 0:
+            raise ValueError("session_ttl_s must be positive")
         if self.poll_interval_s <= 0 or self.heartbeat_ttl_s <= 2 * self.poll_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed two poll intervals, both positive")
         self.weights  # noqa: B018  (validates them)
 
     @property
     def weights(self) -> Weights:
-        return Weights(self.weight_cache, self.weight_queue, self.weight_request)
+        return Weights(self.weight_cache, self.weight_queue, self.weight_request, self.weight_session)
 
     @property
     def model_name(self) -> str:

@@ -4,7 +4,10 @@ workers with their load and each one's usable cache hit for the prompt.
 Policies:
 - ``cache_aware`` (default): the lowest cost, where cost = ``cache`` x prompt tokens the worker would have to
   compute or receive (the prompt minus its usable hit) + ``queue`` x prompt tokens already queued there +
-  ``request`` x requests running or waiting there.
+  ``request`` x requests running or waiting there + ``session`` x other live conversations placed there
+  (services/router/sessions.py: between turns a conversation shows no load, yet it will come back), less half a
+  ``session`` on the worker the request's own conversation is on (a conversation that no worker can resume moves
+  only where that evens out the conversations).
 - ``round_robin``: the next eligible worker in id order.
 - ``least_load``: the fewest requests, then the fewest queued tokens.
 - ``session``: sticky by conversation: rendezvous hashing of the session id over the eligible workers'
@@ -37,12 +40,15 @@ class Policy(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Weights:
+    # Defaults chosen with the router simulator (loadtest/simulator; DESIGN.md "Router placement"): the sweep's
+    # load-aware weights closest to a balanced sticky assignment of conversations at every cache size.
     cache: float = 1.0  # per prompt token the worker would compute (or receive) rather than reuse
-    queue: float = 1.0  # per prompt token already queued on the worker
+    queue: float = 0.0  # per prompt token already queued on the worker
     request: float = 512.0  # per request running or waiting on the worker
+    session: float = 8192.0  # per other live conversation placed on the worker
 
     def __post_init__(self) -> None:
-        if min(self.cache, self.queue, self.request) < 0:
+        if min(self.cache, self.queue, self.request, self.session) < 0:
             raise ValueError(f"placement weights must be >= 0, got {self}")
 
 
@@ -55,6 +61,8 @@ class Candidate:
     active: int  # requests running or waiting there
     queued_tokens: int  # prompt tokens queued there
     hit_tokens: int  # usable prefix-cache hit for this prompt
+    sessions: int = 0  # live conversations placed there, other than this request's
+    holds_session: bool = False  # this request's conversation was last placed there
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class Workers:
     queued_tokens: np.ndarray
     hit_tokens: np.ndarray
     eligible: np.ndarray  # bool
+    # live conversations there other than this request's, less 1/2 where this request's is (SessionTable.counts)
+    sessions: np.ndarray | None = None
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate]) -> Workers:
@@ -76,6 +86,7 @@ class Workers:
             np.array([c.active for c in ordered], dtype=np.float64),
             np.array([c.queued_tokens for c in ordered], dtype=np.float64),
             np.array([c.hit_tokens for c in ordered], dtype=np.float64), np.ones(len(ordered), dtype=bool),
+            np.array([c.sessions - 0.5 * c.holds_session for c in ordered], dtype=np.float64),
         )
 
 
@@ -110,8 +121,11 @@ class Placer:
 
     def costs(self, workers: Workers, prompt_tokens: int) -> np.ndarray:
         w = self.weights
-        return (w.cache * (prompt_tokens - workers.hit_tokens) + w.queue * workers.queued_tokens
-                + w.request * workers.active)
+        costs = (w.cache * (prompt_tokens - workers.hit_tokens) + w.queue * workers.queued_tokens
+                 + w.request * workers.active)
+        if workers.sessions is not None and w.session:
+            costs += w.session * workers.sessions
+        return costs
 
     def choose_among(self, workers: Workers, prompt_tokens: int, session_id: str = "",
                      policy: Policy | None = None) -> Choice | None:

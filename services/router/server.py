@@ -14,6 +14,7 @@ When every pod is full the router answers RESOURCE_EXHAUSTED at once, with a ret
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from .config import RouterConfig
 from .index import CacheIndex
 from .metrics import RouterMetrics
 from .policy import Choice, Placer, Policy, Workers
+from .sessions import SessionTable
 from .sync import ClusterSync
 from .workers import Worker, WorkerTable
 
@@ -120,6 +122,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         self.tokenizer = load_tokenizer(config.tokenizer, config.model, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids)
         self.placer = Placer(Policy(config.policy), config.weights)
+        self.sessions = SessionTable(config.session_ttl_s)  # this replica's view of live conversations
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -207,6 +210,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                             self.metrics.requests.labels("finished").inc()
                         yield response
                         if finished:
+                            self.sessions.answered(route.session_id, time.monotonic())
                             return
                     raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
                 except _PodFailed as failure:
@@ -291,6 +295,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                            f"no decode pod serving {self.config.model_name!r} is available")
         policy = self.placer.policy
         cache_known = self.sync.up
+        self.sessions.expire(now)
         page = self.config.page_size
         cap = (len(prompt) - 1) // page  # the last token is always computed: its logits are needed
         if cache_known:
@@ -303,12 +308,15 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             return Workers(arrays.names, arrays.address_keys, arrays.active, arrays.queued_tokens,
                            arrays.hits(slots, pages), mask)
 
-        candidates = scored(decodes, eligible)
+        candidates = dataclasses.replace(
+            scored(decodes, eligible), sessions=self.sessions.counts(decodes.slot, len(decodes.names), session_id)
+        )
         if policy is Policy.CACHE_AWARE and not cache_known:
             choice = self.placer.least_load(candidates, "redis_down")
         else:
             choice = self.placer.choose_among(candidates, len(prompt), session_id)
         decode = decodes.workers[choice.index]
+        self.sessions.placed(session_id, decode.name, now)
         prefill = None
         prefills = self.table.arrays["prefill"]
         p_eligible = prefills.eligible(now, fingerprint=decode.record.fingerprint)
