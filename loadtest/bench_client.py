@@ -68,8 +68,8 @@ class TimedClient(GrpcClient):
         super().__init__(*args, **kwargs)
         self.delays_ms: list[float] = []
 
-    async def stream(self, prompt, max_tokens, request_id):
-        async for chunk in super().stream(prompt, max_tokens, request_id):
+    async def stream(self, prompt, max_tokens, request_id, session_id=""):
+        async for chunk in super().stream(prompt, max_tokens, request_id, session_id):
             self.delays_ms.append((time.monotonic_ns() - int(chunk.text)) / 1e6)
             chunk.text = ""
             yield chunk

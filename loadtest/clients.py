@@ -53,7 +53,9 @@ class Client(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def model_info(self) -> dict: ...
-    def stream(self, prompt: Prompt, max_tokens: int, request_id: str) -> AsyncIterator[Chunk]: ...
+    def stream(self, prompt: Prompt, max_tokens: int, request_id: str, session_id: str = "") -> AsyncIterator[Chunk]:
+        """``session_id`` names the conversation (routers keep a conversation's turns together)."""
+        ...
 
 
 # ---- Baton gRPC ---------------------------------------------------------------------------------------------
@@ -62,15 +64,16 @@ _FINISH = {0: None, 1: "stop", 2: "length", 3: "abort"}
 _MAX_MESSAGE = 256 << 20  # prompts of 128K+ tokens as text or ids
 
 
-def generate_request(prompt: Prompt, max_tokens: int, request_id: str, sampling: Sampling):
+def generate_request(prompt: Prompt, max_tokens: int, request_id: str, sampling: Sampling, session_id: str = ""):
     from services.common.protos import inference_pb2
 
     params = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
                                           ignore_eos=sampling.ignore_eos)
     if isinstance(prompt, str):
-        return inference_pb2.GenerateRequest(request_id=request_id, text=prompt, sampling=params)
+        return inference_pb2.GenerateRequest(request_id=request_id, text=prompt, sampling=params,
+                                             session_id=session_id)
     return inference_pb2.GenerateRequest(request_id=request_id, token_ids=inference_pb2.TokenIds(ids=prompt),
-                                         sampling=params)
+                                         sampling=params, session_id=session_id)
 
 
 def chunk_from_response(response) -> Chunk:
@@ -124,10 +127,11 @@ class GrpcClient:
         return {"model": info.model, "family": info.family, "vocab_size": info.vocab_size,
                 "max_model_len": info.max_model_len, "page_size": info.page_size}
 
-    async def stream(self, prompt: Prompt, max_tokens: int, request_id: str) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt: Prompt, max_tokens: int, request_id: str,
+                     session_id: str = "") -> AsyncIterator[Chunk]:
         import grpc
 
-        call = self._stub().Generate(generate_request(prompt, max_tokens, request_id, self.sampling),
+        call = self._stub().Generate(generate_request(prompt, max_tokens, request_id, self.sampling, session_id),
                                      timeout=self.timeout_s)
         try:
             async for response in call:
@@ -141,10 +145,13 @@ class GrpcClient:
 # ---- OpenAI-compatible HTTP ---------------------------------------------------------------------------------
 
 def completion_body(prompt: Prompt, max_tokens: int, model: str, sampling: Sampling,
-                    return_token_ids: bool = False) -> dict:
-    """The ``/v1/completions`` body: a prompt as text or as token ids (OpenAI accepts a list of ints)."""
+                    return_token_ids: bool = False, session_id: str = "") -> dict:
+    """The ``/v1/completions`` body: a prompt as text or as token ids (OpenAI accepts a list of ints); the
+    conversation goes in OpenAI's standard ``user`` field."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": sampling.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
+    if session_id:
+        body["user"] = session_id
     if sampling.ignore_eos:
         body["ignore_eos"] = True  # vLLM / SGLang extension; strict servers: --no-ignore-eos
     if return_token_ids:
@@ -230,12 +237,13 @@ class OpenAIClient:
             self.model = models[0]["id"]
         return {"model": self.model, "served": [m.get("id") for m in models]}
 
-    async def stream(self, prompt: Prompt, max_tokens: int, request_id: str) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt: Prompt, max_tokens: int, request_id: str,
+                     session_id: str = "") -> AsyncIterator[Chunk]:
         import aiohttp
 
         from loadtest.sse import SSEDecoder
 
-        body = completion_body(prompt, max_tokens, self.model, self.sampling, self.return_token_ids)
+        body = completion_body(prompt, max_tokens, self.model, self.sampling, self.return_token_ids, session_id)
         headers = {"X-Request-Id": request_id}
         try:
             async with self._session.post(f"{self.base_url}/v1/completions", json=body, headers=headers) as resp:

@@ -201,7 +201,8 @@ class Runner:
         request_id = f"lt-{self.run_id}-{level.index}-{session.id}-{turn}"
         start = time.perf_counter()
         try:
-            async for chunk in self.client.stream(prompt, max_tokens, request_id):
+            session_id = f"lt-{self.run_id}-{level.index}-{session.id}"  # one conversation, all its turns
+            async for chunk in self.client.stream(prompt, max_tokens, request_id, session_id):
                 if chunk.num_tokens:
                     record.chunks.append((time.perf_counter() - start, chunk.num_tokens))
                 if chunk.token_ids is not None:

@@ -341,6 +341,8 @@ def test_openai_request_body():
                     "top_k": 5}
     body = completion_body("hello", 4, "m", Sampling(temperature=0.7, ignore_eos=False))
     assert body["prompt"] == "hello" and "ignore_eos" not in body and "return_token_ids" not in body
+    assert "user" not in body
+    assert completion_body([1], 4, "m", Sampling(), session_id="conv-7")["user"] == "conv-7"
 
 
 def test_openai_stream_chunks_usage_and_errors():
@@ -370,6 +372,7 @@ def test_grpc_request_and_response():
     assert list(request.token_ids.ids) == [5, 6, 7] and request.request_id == "r1"
     assert request.sampling.max_tokens == 9 and request.sampling.temperature == 0 and request.sampling.ignore_eos
     assert generate_request("text", 2, "r2", Sampling()).text == "text"
+    assert request.session_id == "" and generate_request([1], 2, "r3", Sampling(), "conv-7").session_id == "conv-7"
     response = inference_pb2.GenerateResponse(
         token_ids=[4, 2], text="ab", finished=True, finish_reason=inference_pb2.FINISH_REASON_LENGTH,
         usage=inference_pb2.Usage(prompt_tokens=10, completion_tokens=2, cached_tokens=8))
