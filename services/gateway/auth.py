@@ -13,8 +13,10 @@ import grpc
 
 from .config import GatewayConfig
 
-# gRPC methods open without a key (the HTTP gateway's /health and /metrics are open too).
-OPEN_GRPC_METHODS = frozenset({"/baton.v1.Inference/Health"})
+# gRPC methods open without a key (the HTTP gateway's /health and /metrics are open too): Baton's Health and
+# the standard grpc.health.v1 Check/Watch that Kubernetes probes call. Reflection needs the key like the API.
+OPEN_GRPC_METHODS = frozenset({"/baton.v1.Inference/Health", "/grpc.health.v1.Health/Check",
+                               "/grpc.health.v1.Health/Watch"})
 
 
 class ApiKeys:
