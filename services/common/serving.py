@@ -59,6 +59,8 @@ class Streams:
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once none is in flight; False if some still are after ``timeout_s``."""
+        if self.count == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
