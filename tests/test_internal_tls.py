@@ -50,11 +50,12 @@ def test_router_decode_prefill_over_mutual_tls(tiny_checkpoint, certs):
     server = RedisServer()
     started: list[Pod] = []
     try:
+        # Kubernetes' probes present no client certificate: mTLS pods answer them on a plaintext health port.
         prefill = Pod("prefill", *engine_flags(tiny_checkpoint), "--redis-url", server.url,
-                      *_tls_flags(certs["prefill"], ca))
+                      *_tls_flags(certs["prefill"], ca), "--health-port", "0")
         started.append(prefill)
         decode = Pod("decode", *engine_flags(tiny_checkpoint), "--redis-url", server.url,
-                     *_tls_flags(certs["decode"], ca))
+                     *_tls_flags(certs["decode"], ca), "--health-port", "0")
         started.append(decode)
         # The router's public port stays plaintext here; its calls to the pods use TLS with its client certificate.
         router = Pod("router", "--model", tiny_checkpoint, "--tokenizer", "byte", "--page-size", str(PAGE),
@@ -85,6 +86,13 @@ def test_router_decode_prefill_over_mutual_tls(tiny_checkpoint, certs):
                 with channel, pytest.raises(grpc.RpcError) as err:
                     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The plaintext health port: the standard health service and nothing else.
+            with grpc.insecure_channel(f"127.0.0.1:{pod.info['health_port']}") as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.RpcError) as err:
+                    _health(channel)
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with _secure_channel(decode.address, ca, certs["router"]) as channel:  # the router named it; TLS to it
             assert [(p.address, p.usable) for p in _health(channel).prefill_peers] == [(prefill.address, True)]
     finally:

@@ -130,3 +130,16 @@ def _refuse(streaming: bool, message: str) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
     return grpc.unary_unary_rpc_method_handler(refuse_unary)
+
+
+async def start_health_port(host: str, port: int, health: HealthService) -> tuple[grpc.aio.Server | None, int]:
+    """A plaintext port serving only ``grpc.health.v1`` (``port`` -1: none). Kubernetes' native gRPC probes present
+    no client certificate, so a pod whose gRPC port requires one (internal mutual TLS) is probed here instead;
+    the statuses say nothing about any request. Returns the server (to stop it) and the bound port (-1: none)."""
+    if port < 0:
+        return None, -1
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound

@@ -35,7 +35,7 @@ from services.common.grpc_util import (
     sampling_from_proto,
     sampling_to_proto,
 )
-from services.common.health import LifecycleGate, add_health_and_reflection
+from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
 from services.common.lifecycle import Lifecycle, ServingState
 from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
@@ -462,7 +462,8 @@ async def serve(config: DecodeConfig) -> int:
     health = add_health_and_reflection(server, lifecycle, [api])
     port = bind(server, f"{config.host}:{config.port}", config.internal_tls)
     await server.start()
-    print("BATON_LISTENING " + json.dumps({"role": "decode", "port": port}), flush=True)
+    health_server, health_port = await start_health_port(config.host, config.health_port, health)
+    print("BATON_LISTENING " + json.dumps({"role": "decode", "port": port, "health_port": health_port}), flush=True)
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
     try:
         # Off the event loop (minutes with real weights), so that health checks are answered meanwhile.
@@ -470,10 +471,14 @@ async def serve(config: DecodeConfig) -> int:
     except Exception as err:
         lifecycle.fail(f"loading failed: {err}")
         await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         raise
     if stop.is_set():  # a signal while loading: nothing to drain
         lifecycle.to(ServingState.STOPPED, "signal while loading")
         await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         transfer.close()
         return 0
     metrics = PodMetrics("decode", engine.resource_usage, lambda: engine.cache.stats)
@@ -496,7 +501,7 @@ async def serve(config: DecodeConfig) -> int:
             config.engine.remote_prefill_threshold if config.remote_prefill else 0,
         ))
     ready = {"role": "decode", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id,
-             "instance_id": service.decode_id}
+             "instance_id": service.decode_id, "health_port": health_port}
     print("BATON_READY " + json.dumps(ready), flush=True)
     log.info("decode pod serving on %s:%d (metrics %d%s), prefill pods: %s", config.host, port, metrics_port,
              ", TLS" if config.internal_tls.serves_tls else "",
@@ -514,6 +519,8 @@ async def serve(config: DecodeConfig) -> int:
     try:
         failed = await serve_until_stopped(server, lifecycle, stop, fatal, drain)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if publisher is not None:
             await publisher.stop()
         watcher.cancel()

@@ -29,7 +29,7 @@ import grpc
 
 from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
 from services.common.grpc_util import add_servicer, pool_usage, sampling_from_proto
-from services.common.health import LifecycleGate, add_health_and_reflection
+from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
 from services.common.lifecycle import Lifecycle, ServingState
 from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
@@ -341,7 +341,8 @@ async def serve(config: PrefillConfig) -> int:
     health = add_health_and_reflection(server, lifecycle, [api])
     port = bind(server, f"{config.host}:{config.port}", config.internal_tls)
     await server.start()
-    print("BATON_LISTENING " + json.dumps({"role": "prefill", "port": port}), flush=True)
+    health_server, health_port = await start_health_port(config.host, config.health_port, health)
+    print("BATON_LISTENING " + json.dumps({"role": "prefill", "port": port, "health_port": health_port}), flush=True)
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
     try:
         # Off the event loop (minutes with real weights), so that health checks are answered meanwhile.
@@ -349,10 +350,14 @@ async def serve(config: PrefillConfig) -> int:
     except Exception as err:
         lifecycle.fail(f"loading failed: {err}")
         await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         raise
     if stop.is_set():  # a signal while loading: nothing to drain
         lifecycle.to(ServingState.STOPPED, "signal while loading")
         await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         transfer.close()
         return 0
     metrics = PodMetrics("prefill", engine.resource_usage, lambda: engine.cache.stats)
@@ -371,7 +376,7 @@ async def serve(config: PrefillConfig) -> int:
             f"{config.host}:{metrics_port}", 0,
         ))
     ready = {"role": "prefill", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id,
-             "instance_id": service.prefill_id}
+             "instance_id": service.prefill_id, "health_port": health_port}
     print("BATON_READY " + json.dumps(ready), flush=True)
     log.info("prefill pod serving on %s:%d (metrics %d%s)", config.host, port, metrics_port,
              ", TLS" if config.internal_tls.serves_tls else "")
@@ -384,6 +389,8 @@ async def serve(config: PrefillConfig) -> int:
     try:
         failed = await serve_until_stopped(server, lifecycle, stop, fatal, drain)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if publisher is not None:
             await publisher.stop()
         if service.async_engine.dead is None:

@@ -62,6 +62,10 @@ class RouterConfig:
     drain_grace_s: float = field(
         default=30.0, metadata={"help": "on SIGTERM, how long running streams get to finish before the router stops"}
     )
+    health_port: int = field(
+        default=-1, metadata={"help": "plaintext port serving only grpc.health.v1, for Kubernetes probes when the gRPC "
+                                      "port requires client certificates (-1: none; 0: any free port)"}
+    )
     internal_tls: InternalTLSConfig = field(default_factory=InternalTLSConfig)  # calls to the decode pods
 
     def __post_init__(self) -> None:

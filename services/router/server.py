@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from services.common.grpc_util import add_servicer, prompt_from_request, sampling_from_proto
-from services.common.health import LifecycleGate, add_health_and_reflection
+from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
 from services.common.lifecycle import Lifecycle, ServingState
 from services.common.page_hash import SCHEME, extend_page_hashes, page_hashes
 from services.common.protos import inference_pb2, inference_pb2_grpc
@@ -115,7 +115,8 @@ class _Stream:
 
 
 class RouterService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, config: RouterConfig, table: WorkerTable, sync: ClusterSync, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, table: WorkerTable, sync: ClusterSync, metrics: RouterMetrics,
+                 lifecycle: Lifecycle | None = None) -> None:
         self.config = config
         self.table = table
         self.index = table.index
@@ -128,9 +129,10 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         self.placer = Placer(Policy(config.policy), config.weights)
         self.sessions = SessionTable(config.session_ttl_s)  # this replica's view of live conversations
         self._channels: dict[str, grpc.aio.Channel] = {}
-        # Set by ``serve``; left in SERVING where the service is used without a server (benchmarks).
-        self.lifecycle = Lifecycle("router")
-        self.lifecycle.to(ServingState.SERVING)
+        if lifecycle is None:  # used without a server (benchmarks): serving from the start
+            lifecycle = Lifecycle("router")
+            lifecycle.to(ServingState.SERVING)
+        self.lifecycle = lifecycle
         self.streams = Streams()  # requests in flight (gRPC and HTTP), which a drain lets finish
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -456,7 +458,8 @@ async def serve(config: RouterConfig) -> int:
     credentials = grpc_server_credentials(config.gateway)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
-    print("BATON_LISTENING " + json.dumps({"role": "router", "port": port}), flush=True)
+    health_server, health_port = await start_health_port(config.host, config.health_port, health)
+    print("BATON_LISTENING " + json.dumps({"role": "router", "port": port, "health_port": health_port}), flush=True)
     index = CacheIndex()
     table = WorkerTable(index, config.model_name, SCHEME, config.page_size, config.heartbeat_ttl_s,
                         config.snapshot_retry_s)
@@ -464,8 +467,7 @@ async def serve(config: RouterConfig) -> int:
     metrics = RouterMetrics(lambda: holder["service"].state())
     sync = ClusterSync(config.redis_url, config.redis_namespace, router_id, table, config.poll_interval_s,
                        config.heartbeat_ttl_s, on_batches=metrics.events.inc)
-    service = holder["service"] = RouterService(config, table, sync, metrics)
-    service.lifecycle = lifecycle
+    service = holder["service"] = RouterService(config, table, sync, metrics, lifecycle)
     health.ready = service.serving
     metrics_port = metrics.serve(config.host, config.metrics_port)
     sync.start()
@@ -484,7 +486,8 @@ async def serve(config: RouterConfig) -> int:
     else:
         lifecycle.to(ServingState.SERVING)
         ready = {"role": "router", "port": port, "http_port": http_port, "metrics_port": metrics_port,
-                 "router_id": router_id, "tls": config.gateway.tls, "api_keys": keys.required}
+                 "router_id": router_id, "tls": config.gateway.tls, "api_keys": keys.required,
+                 "health_port": health_port}
         print("BATON_READY " + json.dumps(ready), flush=True)
         log.info("router %s serving gRPC on %s:%d, HTTP on %s, metrics %d%s%s; policy %s, Redis %s (%s), workers: "
                  "%s", router_id, config.host, port, http_port if gateway else "-", metrics_port,
@@ -507,6 +510,8 @@ async def serve(config: RouterConfig) -> int:
         else:
             await server.stop(0)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if gateway is not None:
             await gateway.stop()
         await cancel_tasks([lag_monitor])
