@@ -11,6 +11,8 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -60,14 +62,17 @@ def cluster(tiny_checkpoint, tmp_path_factory):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             prefill_f = pool.submit(start, "prefill", *engine_flags(tiny_checkpoint), "--redis-url", server.url, *TTL,
                                     "--fault-transfer-pause-s", "300", "--fault-transfer-resume-file", str(resume))
-            router_f = pool.submit(start, "router", "--model", tiny_checkpoint, "--tokenizer", "byte", "--page-size",
+            routers = [pool.submit(start, "router", "--model", tiny_checkpoint, "--tokenizer", "byte", "--page-size",
                                    str(PAGE), "--redis-url", server.url, "--poll-interval-s", "0.05", *TTL)
-            prefill, router = prefill_f.result(), router_f.result()
+                       for _ in range(2)]
+            prefill, router, router2 = prefill_f.result(), routers[0].result(), routers[1].result()
             decodes = list(pool.map(lambda _: start("decode", *engine_flags(tiny_checkpoint), "--redis-url",
                                                     server.url, *TTL, "--prefill-addrs", prefill.address,
                                                     "--drain-grace-s", "120"), range(2)))
-        wait_until(lambda: sum(w.eligible for w in router.health().workers) == 3, what="the router to see 3 pods")
-        yield {"redis": server, "router": router, "prefill": prefill, "decodes": decodes, "resume": resume}
+        for each in (router, router2):
+            wait_until(lambda r=each: sum(w.eligible for w in r.health().workers) == 3, what="a router to see 3 pods")
+        yield {"redis": server, "router": router, "router2": router2, "prefill": prefill, "decodes": decodes,
+               "resume": resume}
     finally:
         resume.touch()  # a paused hand-over must not hold a pod's stop
         for pod in started:
@@ -128,12 +133,20 @@ def test_generate_through_reflection_alone(cluster, reference):
     assert result["token_ids"] == normal == reference(prompt, 10)
 
 
-def test_sigterm_drains_a_decode_pod(cluster, reference):
-    """SIGTERM to pod A with two streams on it: one decoding (placed by the router) and one whose prompt a
+def _http_health_status(router: Pod) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{router.info['http_port']}/health", timeout=10).status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_sigterm_drains_a_decode_pod_and_a_router(cluster, reference):
+    """SIGTERM to decode pod A with two streams on it: one decoding (placed by the router) and one whose prompt a
     prefill pod is still computing (held there until the test lets it go). A says NOT_SERVING at once, leaves
     Redis, is dropped by the router, refuses new requests; new requests go to B without a failover; both streams
-    finish with every token; A exits 0."""
-    router, prefill, decodes = cluster["router"], cluster["prefill"], cluster["decodes"]
+    finish with every token; A exits 0. SIGTERM to a second router at the same time, with a held stream: it says
+    NOT_SERVING (gRPC and HTTP), refuses new requests, finishes its stream and exits 0."""
+    router, router2, prefill, decodes = cluster["router"], cluster["router2"], cluster["prefill"], cluster["decodes"]
     r = redis.Redis.from_url(cluster["redis"].url)
     try:
         # Stream 1 through the router; the pod it landed on is A.
@@ -148,11 +161,17 @@ def test_sigterm_drains_a_decode_pod(cluster, reference):
         mark = prefill.mark()
         held = a.inference.Generate(_request(held_prompt, 12), timeout=180)
         prefill.wait_for_log("pausing", since=mark)
+        # Stream 3 through the second router, held the same way (on whichever decode pod it places it).
+        routed_prompt = list(range(400, 400 + THRESHOLD + 8))
+        mark = prefill.mark()
+        through_router2 = router2.inference.Generate(_request(routed_prompt, 12), timeout=180)
+        prefill.wait_for_log("pausing", since=mark)
         failovers = router.metrics().get('baton_router_failovers_total{stage="before_first_token"}', 0.0)
         a_id = a.info["instance_id"]
         assert r.sismember("baton:workers", a_id) and r.exists(f"baton:worker:{a_id}")
 
         a.proc.terminate()
+        router2.proc.terminate()
         wait_until(lambda: _check(a, "baton.v1.Inference") == NOT_SERVING, what="A to say NOT_SERVING")
         assert _check(a, "") == NOT_SERVING
         assert _check(a, "liveness") == SERVING  # draining is alive: no restart mid-drain
@@ -171,10 +190,20 @@ def test_sigterm_drains_a_decode_pod(cluster, reference):
         assert router.metrics().get('baton_router_failovers_total{stage="before_first_token"}', 0.0) == failovers
         assert a.proc.poll() is None, "A must wait for its streams"
 
+        wait_until(lambda: _check(router2, "baton.v1.Inference") == NOT_SERVING, what="router 2 to say NOT_SERVING")
+        assert _check(router2, "") == NOT_SERVING and _check(router2, "liveness") == SERVING
+        assert not router2.health().serving and _http_health_status(router2) == 503
+        with pytest.raises(grpc.RpcError) as refused:
+            _routed(router2, list(range(10, 20)), 4)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
+        assert router2.proc.poll() is None, "router 2 must wait for its stream"
+
         cluster["resume"].touch()  # let the hand-over finish: both streams end, then A stops
         decoded += [t for response in stream for t in response.token_ids]
         assert decoded == reference(decoding_prompt, 64, ignore_eos=True)
         assert [t for response in held for t in response.token_ids] == reference(held_prompt, 12)
+        assert [t for response in through_router2 for t in response.token_ids] == reference(routed_prompt, 12)
+        assert router2.proc.wait(timeout=60) == 0
         assert a.proc.wait(timeout=60) == 0
         assert int(a.wait_for_log("streams (up to").split("draining ")[1].split()[0]) >= 1  # stream 2 at least
     finally:
