@@ -16,6 +16,7 @@ from services.common.lifecycle import IllegalLifecycleTransition, Lifecycle, Ser
 from services.common.protos import inference_pb2, inference_pb2_grpc
 from services.common.serving import Streams
 from services.common.tls import InternalTLSConfig
+from services.gateway.auth import ApiKeys, GrpcKeyInterceptor
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 API = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
@@ -145,3 +146,38 @@ def test_internal_tls_settings_are_checked(tmp_path):
         InternalTLSConfig(ca_file=str(tmp_path / "missing.pem"))
     config = InternalTLSConfig(ca_file=str(cert))
     assert config.calls_tls and not config.serves_tls
+
+
+def test_with_api_keys_health_is_open_and_reflection_needs_the_key():
+    """Probes carry no key; reflection describes the API and is keyed like it (grpcurl sends its -H headers with
+    reflection requests too)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def scenario() -> None:
+        life = Lifecycle("router")
+        server = grpc.aio.server(interceptors=[GrpcKeyInterceptor(ApiKeys(frozenset({"k1"}))),
+                                               LifecycleGate(life, [API], ())])
+        add_health_and_reflection(server, life, [API])
+        add_servicer(server, API, _Echo())
+        life.to(ServingState.SERVING)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        try:
+            status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=NAMED))
+            assert status.status == SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in reflect.ServerReflectionInfo(iter([ask])):
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answers = [a async for a in reflect.ServerReflectionInfo(iter([ask]),
+                                                                     metadata=(("authorization", "Bearer k1"),))]
+            names = {s.name for s in answers[0].list_services_response.service}
+            assert names == {NAMED, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    asyncio.run(scenario())

@@ -67,7 +67,13 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator, as a server-streaming handler is)
 
+    async def refuse_bidi(request_iterator, context):  # server reflection streams both ways
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover
+
     # Requests are not deserialised: nothing of a refused call is parsed.
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(refuse_bidi, response_serializer=handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(refuse_unary, response_serializer=handler.response_serializer)
