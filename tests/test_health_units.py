@@ -181,3 +181,35 @@ def test_with_api_keys_health_is_open_and_reflection_needs_the_key():
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_router_readiness_needs_a_decode_pod_not_spare_capacity():
+    """A router is ready while a decode pod (not draining) is registered, full or not: a full cluster answers
+    RESOURCE_EXHAUSTED, and a readiness that followed load would take every router out of service at peak."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from services.cluster.schema import WorkerRecord
+    from services.common.page_hash import SCHEME
+    from services.router.config import RouterConfig
+    from services.router.index import CacheIndex
+    from services.router.metrics import RouterMetrics
+    from services.router.server import RouterService
+    from services.router.workers import WorkerTable
+
+    config = RouterConfig()
+    table = WorkerTable(CacheIndex(), config.model_name, SCHEME, config.page_size, 3.0)
+    life = Lifecycle("router")
+    router = RouterService(config, table, SimpleNamespace(up=True, router_id="r"), RouterMetrics(lambda: {}), life)
+    life.to(ServingState.SERVING)
+    assert not router.serving()  # no decode pod
+    record = WorkerRecord("d1", "decode", "127.0.0.1:1", config.model_name, "fp", SCHEME, config.page_size,
+                          max_running=1, max_waiting=0, max_model_len=64, pages_total=8, slots_total=1,
+                          remote_prefill_threshold=0, metrics_address="", started_at=0.0, direct_requests=1)
+    table.update([record], now=0.0)
+    assert router.serving() and not table.eligible("decode", 0.0)  # full, still ready
+    table.update([dataclasses.replace(record, draining=True)], now=0.0)
+    assert not router.serving()
+    table.update([record], now=0.0)
+    life.to(ServingState.DRAINING)
+    assert not router.serving()
