@@ -114,6 +114,7 @@ class ClusterPublisher:
         self.draining = False
         self.direct_requests_of: Callable[[], int] = lambda: 0  # decode pods: requests no router placed
         self.snapshots_sent = 0
+        self._stopped = False
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _deliver(self, batch: EventBatch) -> None:
@@ -127,7 +128,12 @@ class ClusterPublisher:
         self._tasks = [asyncio.ensure_future(self._send_batches()), asyncio.ensure_future(self._heartbeat())]
 
     async def stop(self) -> None:
-        """Stop publishing and deregister (best effort: Redis may be gone)."""
+        """Stop publishing and deregister (best effort: Redis may be gone), leaving a departure notice so that
+        routers drop this pod at their next poll. A draining pod calls it as the drain starts; calling it again
+        (when the process ends) does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.record is None:
             await self.redis.aclose()
             return
@@ -136,9 +142,11 @@ class ClusterPublisher:
         worker_id = self.record.instance_id
         with contextlib.suppress(RedisError, OSError):
             pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self.keys.departed(worker_id), b"1", px=int(self.config.heartbeat_ttl_s * 1000) * 10)
             pipe.srem(self.keys.workers, worker_id)
             pipe.delete(self.keys.worker(worker_id), self.keys.events(worker_id), self.keys.snapshot(worker_id))
             await pipe.execute()
+            log.info("deregistered %s from %s", worker_id, self.config.redis_url)
         await self.redis.aclose()
 
     def _set_up(self, up: bool, err: Exception | None = None) -> None:

@@ -65,6 +65,11 @@ class Keys:
     def router(self, router_id: str) -> str:
         return f"{self.namespace}:router:{router_id}"
 
+    def departed(self, worker_id: str) -> str:
+        """Set by a pod as it deregisters (drain, stop): routers drop it at their next poll instead of waiting for
+        its record's TTL, during which they would still place requests there."""
+        return f"{self.namespace}:departed:{worker_id}"
+
 
 # ---- events ---------------------------------------------------------------------------------------------
 class Segment(NamedTuple):

@@ -35,10 +35,13 @@ from services.common.grpc_util import (
     sampling_from_proto,
     sampling_to_proto,
 )
+from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
+from services.common.lifecycle import Lifecycle, ServingState
 from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
 from services.common.protos import inference_pb2, inference_pb2_grpc, pd_pb2, pd_pb2_grpc
-from services.common.serving import run_until_signal
+from services.common.serving import Streams, serve_until_stopped, stop_on_signals
+from services.common.tls import InternalTLSConfig, bind, channel
 from services.engine.async_engine import AsyncEngine, EngineDeadError, EngineError, RemotePrefillTask
 from services.engine.engine import Engine
 from services.engine.request import InvalidRequestError, OverloadedError
@@ -76,6 +79,7 @@ class DecodeConfig(PodConfig):
         return bool(self.prefill_addrs.strip() or self.cluster.redis_url)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_prefill_attempts < 1:
             raise ValueError(f"max_prefill_attempts must be >= 1, got {self.max_prefill_attempts}")
         for name in ("prefill_timeout_s", "rpc_timeout_s", "peer_check_interval_s"):
@@ -90,13 +94,10 @@ class PrefillPeer:
     """One prefill pod: its channel, and whether its handshake accepted our layout. ``named`` peers were
     introduced by a router's request rather than configured."""
 
-    def __init__(self, address: str, named: bool = False) -> None:
+    def __init__(self, address: str, named: bool = False, tls: InternalTLSConfig | None = None) -> None:
         self.address = address
         self.named = named
-        # Reconnect quickly after a pod restarts (gRPC's default backoff grows to two minutes).
-        self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
-        )
+        self.channel = channel(address, tls or InternalTLSConfig())  # reconnects quickly after a pod restarts
         self.stub = pd_pb2_grpc.PrefillStub(self.channel)
         self.usable = False
         self.reason = "not connected yet"
@@ -165,7 +166,8 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             ),
             decode_id=self.decode_id,
         )
-        self.peers = [PrefillPeer(a.strip()) for a in config.prefill_addrs.split(",") if a.strip()]
+        self.peers = [PrefillPeer(a.strip(), tls=config.internal_tls) for a in config.prefill_addrs.split(",")
+                      if a.strip()]
         if config.fault_engine_error:
             _inject_engine_fault(engine, config.fault_engine_error)
         on_fatal = (lambda _: self.loop.call_soon_threadsafe(fatal.set)) if fatal is not None else None
@@ -179,6 +181,8 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         self.quarantined: dict[str, _QuarantinedCall] = {}  # by call id
         self.named_prefill: dict[str, str] = {}  # engine request id -> prefill pod a router chose for it
         self.direct_requests = 0  # Generate calls in flight that no router placed
+        self.streams = Streams()  # Generate calls in flight, which a drain lets finish
+        self.lifecycle: Lifecycle | None = None  # set by ``serve``: Health reports it
         self._tasks: set[asyncio.Task] = set()
 
     async def connect(self) -> None:
@@ -229,6 +233,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         engine_id = f"{request.request_id}.{uuid.uuid4().hex[:12]}" if request.request_id else request_id
         arrival, last_token_at, finished, refused = time.monotonic(), None, False, False
         self.live.add(engine_id)
+        self.streams.enter()
         named = request.routing.prefill_address
         if named:
             self.named_prefill[engine_id] = named
@@ -271,6 +276,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             self.direct_requests -= direct
             self.named_prefill.pop(engine_id, None)
             self.live.discard(engine_id)
+            self.streams.exit()
             if not finished and not refused:
                 self.metrics.requests.labels("cancelled").inc()
             self._stream_ended(engine_id, finished)
@@ -281,7 +287,10 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             return inference_pb2.HealthResponse(serving=False, role="decode", prefill_peers=peers)
         # Read on the engine thread, so the answer reflects every command sent before it.
         usage = await asyncio.wrap_future(self.async_engine.call(Engine.resource_usage))
-        return inference_pb2.HealthResponse(serving=True, role="decode", usage=pool_usage(usage), prefill_peers=peers)
+        # Not serving while draining: the same answer as grpc.health.v1 (services/common/health.py).
+        serving = self.lifecycle is None or self.lifecycle.accepting
+        return inference_pb2.HealthResponse(serving=serving, role="decode", usage=pool_usage(usage),
+                                            prefill_peers=peers)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         cfg = self.engine.config
@@ -324,7 +333,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         """The prefill pod a router named, connected on first use; None if it cannot be used."""
         peer = next((p for p in self.peers if p.address == address), None)
         if peer is None:
-            peer = PrefillPeer(address, named=True)
+            peer = PrefillPeer(address, named=True, tls=self.config.internal_tls)
             self.peers.append(peer)
             await peer.handshake(self.handshake_request, self.config.rpc_timeout_s, wait=True)
         return peer if peer.usable else None
@@ -432,24 +441,57 @@ def _inject_engine_fault(engine: Engine, command: str) -> None:
     setattr(engine, name, fail)
 
 
-async def serve(config: DecodeConfig) -> int:
-    """Returns the process's exit status: non-zero when the engine died."""
-    cluster = config.cluster
-    publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
-    engine = Engine(config.engine, remote_prefill=config.remote_prefill, record_cache_events=publisher is not None)
+def _load(config: DecodeConfig, record_cache_events: bool) -> tuple[Engine, TransferEngine]:
+    """The slow part of starting (weights, memory pools, their registration with Mooncake)."""
+    engine = Engine(config.engine, remote_prefill=config.remote_prefill, record_cache_events=record_cache_events)
     transfer = TransferEngine(config.transfer)
     register_pools(engine, transfer)
+    return engine, transfer
+
+
+async def serve(config: DecodeConfig) -> int:
+    """Returns the process's exit status: non-zero when the engine died.
+
+    The gRPC port listens before the model loads: health checks answer NOT_SERVING (not "connection refused")
+    while it loads, and ``baton.v1.Inference`` calls are refused with UNAVAILABLE until it serves."""
+    cluster = config.cluster
+    lifecycle = Lifecycle("decode pod")
+    stop = stop_on_signals(lifecycle)
+    api = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+    server = grpc.aio.server(interceptors=[LifecycleGate(lifecycle, [api], [f"/{api.full_name}/Generate"])])
+    health = add_health_and_reflection(server, lifecycle, [api])
+    port = bind(server, f"{config.host}:{config.port}", config.internal_tls)
+    await server.start()
+    health_server, health_port = await start_health_port(config.host, config.health_port, health)
+    print("BATON_LISTENING " + json.dumps({"role": "decode", "port": port, "health_port": health_port}), flush=True)
+    publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
+    try:
+        # Off the event loop (minutes with real weights), so that health checks are answered meanwhile.
+        engine, transfer = await asyncio.to_thread(_load, config, publisher is not None)
+    except Exception as err:
+        lifecycle.fail(f"loading failed: {err}")
+        await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
+        raise
+    if stop.is_set():  # a signal while loading: nothing to drain
+        lifecycle.to(ServingState.STOPPED, "signal while loading")
+        await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
+        transfer.close()
+        return 0
     metrics = PodMetrics("decode", engine.resource_usage, lambda: engine.cache.stats)
     metrics_port = metrics.serve(config.host, config.metrics_port)
     fatal = asyncio.Event()
     service = DecodeService(config, engine, transfer, metrics, fatal,
                             on_cache_events=publisher.event_log.on_events if publisher else None)
+    service.lifecycle = lifecycle
+    health.ready = lambda: service.async_engine.dead is None
     await service.connect()
     watcher = asyncio.ensure_future(service.watch_peers())
-    server = grpc.aio.server()
-    add_servicer(server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], service)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    await server.start()
+    add_servicer(server, api, service)
+    lifecycle.to(ServingState.SERVING)
     if publisher is not None:
         publisher.direct_requests_of = lambda: service.direct_requests
         publisher.start(service.async_engine, worker_record(
@@ -459,13 +501,26 @@ async def serve(config: DecodeConfig) -> int:
             config.engine.remote_prefill_threshold if config.remote_prefill else 0,
         ))
     ready = {"role": "decode", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id,
-             "instance_id": service.decode_id}
+             "instance_id": service.decode_id, "health_port": health_port}
     print("BATON_READY " + json.dumps(ready), flush=True)
-    log.info("decode pod serving on %s:%d (metrics %d), prefill pods: %s", config.host, port, metrics_port,
+    log.info("decode pod serving on %s:%d (metrics %d%s), prefill pods: %s", config.host, port, metrics_port,
+             ", TLS" if config.internal_tls.serves_tls else "",
              [f"{p.address} ({'ok' if p.usable else p.reason})" for p in service.peers])
+
+    async def drain() -> None:
+        if publisher is not None:  # routers stop placing requests here at their next poll
+            await publisher.stop()
+        if service.streams.count:
+            log.info("draining %d streams (up to %.0fs)", service.streams.count, config.drain_grace_s)
+        if not await service.streams.wait_idle(config.drain_grace_s):
+            log.warning("%d streams still running after %.0fs: stopping them", service.streams.count,
+                        config.drain_grace_s)
+
     try:
-        failed = await run_until_signal(server, fatal=fatal)
+        failed = await serve_until_stopped(server, lifecycle, stop, fatal, drain)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if publisher is not None:
             await publisher.stop()
         watcher.cancel()

@@ -13,8 +13,10 @@ import grpc
 
 from .config import GatewayConfig
 
-# gRPC methods open without a key (the HTTP gateway's /health and /metrics are open too).
-OPEN_GRPC_METHODS = frozenset({"/baton.v1.Inference/Health"})
+# gRPC methods open without a key (the HTTP gateway's /health and /metrics are open too): Baton's Health and
+# the standard grpc.health.v1 Check/Watch that Kubernetes probes call. Reflection needs the key like the API.
+OPEN_GRPC_METHODS = frozenset({"/baton.v1.Inference/Health", "/grpc.health.v1.Health/Check",
+                               "/grpc.health.v1.Health/Watch"})
 
 
 class ApiKeys:
@@ -65,7 +67,13 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator, as a server-streaming handler is)
 
+    async def refuse_bidi(request_iterator, context):  # server reflection streams both ways
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover
+
     # Requests are not deserialised: nothing of a refused call is parsed.
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(refuse_bidi, response_serializer=handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(refuse_unary, response_serializer=handler.response_serializer)

@@ -29,10 +29,13 @@ import grpc
 
 from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
 from services.common.grpc_util import add_servicer, pool_usage, sampling_from_proto
+from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
+from services.common.lifecycle import Lifecycle, ServingState
 from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
 from services.common.protos import inference_pb2, pd_pb2, pd_pb2_grpc
-from services.common.serving import run_until_signal
+from services.common.serving import serve_until_stopped, stop_on_signals
+from services.common.tls import bind
 from services.engine.async_engine import AsyncEngine, EngineError
 from services.engine.engine import Engine
 from services.engine.prefix_cache import resume_boundary
@@ -105,6 +108,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         self.inflight: dict[str, _Inflight] = {}
         self.aborted: OrderedDict[str, None] = OrderedDict()  # keys aborted before (or without) arriving
         self.draining = False
+        self.lifecycle: Lifecycle | None = None  # set by ``serve``: Health reports it
         self._tasks: set[asyncio.Task] = set()
 
     # ---- handshake ----------------------------------------------------------------------------------
@@ -309,25 +313,62 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             return inference_pb2.HealthResponse(serving=False, role="prefill")
         # Read on the engine thread, so the answer reflects every command sent before it.
         usage = await asyncio.wrap_future(self.async_engine.call(Engine.resource_usage))
-        return inference_pb2.HealthResponse(serving=not self.draining, role="prefill", usage=pool_usage(usage))
+        # The same answer as grpc.health.v1 (services/common/health.py): not serving while draining.
+        serving = not self.draining and (self.lifecycle is None or self.lifecycle.accepting)
+        return inference_pb2.HealthResponse(serving=serving, role="prefill", usage=pool_usage(usage))
+
+
+def _load(config: PrefillConfig, record_cache_events: bool) -> tuple[Engine, TransferEngine]:
+    """The slow part of starting (weights, memory pools, their registration with Mooncake)."""
+    engine = Engine(config.engine, record_cache_events=record_cache_events)
+    transfer = TransferEngine(config.transfer)
+    register_pools(engine, transfer)
+    return engine, transfer
 
 
 async def serve(config: PrefillConfig) -> int:
-    """Returns the process's exit status: non-zero when the engine died."""
+    """Returns the process's exit status: non-zero when the engine died.
+
+    The gRPC port listens before the model loads: health checks answer NOT_SERVING (not "connection refused")
+    while it loads, and ``baton.v1.Prefill`` calls are refused with UNAVAILABLE until it serves."""
     cluster = config.cluster
+    lifecycle = Lifecycle("prefill pod")
+    stop = stop_on_signals(lifecycle)
+    api = pd_pb2.DESCRIPTOR.services_by_name["Prefill"]
+    # While draining, a decode pod may still abort (and must be answered); new hand-overs go elsewhere.
+    gate = LifecycleGate(lifecycle, [api], [f"/{api.full_name}/Prefill", f"/{api.full_name}/Handshake"])
+    server = grpc.aio.server(interceptors=[gate])
+    health = add_health_and_reflection(server, lifecycle, [api])
+    port = bind(server, f"{config.host}:{config.port}", config.internal_tls)
+    await server.start()
+    health_server, health_port = await start_health_port(config.host, config.health_port, health)
+    print("BATON_LISTENING " + json.dumps({"role": "prefill", "port": port, "health_port": health_port}), flush=True)
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
-    engine = Engine(config.engine, record_cache_events=publisher is not None)
-    transfer = TransferEngine(config.transfer)
-    register_pools(engine, transfer)
+    try:
+        # Off the event loop (minutes with real weights), so that health checks are answered meanwhile.
+        engine, transfer = await asyncio.to_thread(_load, config, publisher is not None)
+    except Exception as err:
+        lifecycle.fail(f"loading failed: {err}")
+        await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
+        raise
+    if stop.is_set():  # a signal while loading: nothing to drain
+        lifecycle.to(ServingState.STOPPED, "signal while loading")
+        await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
+        transfer.close()
+        return 0
     metrics = PodMetrics("prefill", engine.resource_usage, lambda: engine.cache.stats)
     metrics_port = metrics.serve(config.host, config.metrics_port)
     fatal = asyncio.Event()
     service = PrefillService(config, engine, transfer, metrics, fatal,
                              on_cache_events=publisher.event_log.on_events if publisher else None)
-    server = grpc.aio.server()
-    add_servicer(server, pd_pb2.DESCRIPTOR.services_by_name["Prefill"], service)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    await server.start()
+    service.lifecycle = lifecycle
+    health.ready = lambda: service.async_engine.dead is None
+    add_servicer(server, api, service)
+    lifecycle.to(ServingState.SERVING)
     if publisher is not None:
         publisher.start(service.async_engine, worker_record(
             "prefill", service.prefill_id, advertised_address(cluster, config.host, port),
@@ -335,14 +376,21 @@ async def serve(config: PrefillConfig) -> int:
             f"{config.host}:{metrics_port}", 0,
         ))
     ready = {"role": "prefill", "port": port, "metrics_port": metrics_port, "transfer_session": transfer.session_id,
-             "instance_id": service.prefill_id}
+             "instance_id": service.prefill_id, "health_port": health_port}
     print("BATON_READY " + json.dumps(ready), flush=True)
-    log.info("prefill pod serving on %s:%d (metrics %d)", config.host, port, metrics_port)
+    log.info("prefill pod serving on %s:%d (metrics %d%s)", config.host, port, metrics_port,
+             ", TLS" if config.internal_tls.serves_tls else "")
+
+    async def drain() -> None:
+        if publisher is not None:  # routers stop naming this pod at their next poll
+            await publisher.stop()
+        await service.drain(config.drain_grace_s)
+
     try:
-        failed = await run_until_signal(
-            server, fatal=fatal, drain=lambda: service.drain(config.transfer.timeout_s)
-        )
+        failed = await serve_until_stopped(server, lifecycle, stop, fatal, drain)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if publisher is not None:
             await publisher.stop()
         if service.async_engine.dead is None:

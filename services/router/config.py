@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.cluster.schema import Keys
+from services.common.tls import InternalTLSConfig
 from services.gateway.config import GatewayConfig
 
 from .policy import Policy, Weights
@@ -57,12 +58,23 @@ class RouterConfig:
     retry_after_s: float = field(default=1.0, metadata={"help": "retry hint sent with RESOURCE_EXHAUSTED"})
     gateway: GatewayConfig = field(default_factory=GatewayConfig, metadata={"flatten": True})
     snapshot_retry_s: float = field(default=2.0, metadata={"help": "re-ask for a cache snapshot after this long"})
+    # Kubernetes' terminationGracePeriodSeconds must exceed it (plus a few seconds to stop): see README.
+    drain_grace_s: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, how long running streams get to finish before the router stops"}
+    )
+    health_port: int = field(
+        default=-1, metadata={"help": "plaintext port serving only grpc.health.v1, for Kubernetes probes when the gRPC "
+                                      "port requires client certificates (-1: none; 0: any free port)"}
+    )
+    internal_tls: InternalTLSConfig = field(default_factory=InternalTLSConfig)  # calls to the decode pods
 
     def __post_init__(self) -> None:
         Policy(self.policy)  # raises ValueError naming the bad value
         Keys(self.redis_namespace)
         if self.page_size <= 0 or self.max_attempts <= 0:
             raise ValueError("page_size and max_attempts must be positive")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.session_ttl_s <= 0:
             raise ValueError("session_ttl_s must be positive")
         if self.poll_interval_s <= 0 or self.heartbeat_ttl_s <= 2 * self.poll_interval_s:

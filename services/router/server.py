@@ -21,15 +21,19 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from services.common.grpc_util import add_servicer, prompt_from_request, sampling_from_proto
+from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
+from services.common.lifecycle import Lifecycle, ServingState
 from services.common.page_hash import SCHEME, extend_page_hashes, page_hashes
 from services.common.protos import inference_pb2, inference_pb2_grpc
-from services.common.serving import cancel_tasks, run_until_signal
+from services.common.serving import Streams, cancel_tasks, serve_until_stopped, stop_on_signals
+from services.common.tls import channel as channel_to
 from services.engine.presets import PRESETS, model_config_for
 from services.engine.request import InvalidRequestError
 from services.engine.tokenizer import TextStream, load_tokenizer
@@ -111,7 +115,8 @@ class _Stream:
 
 
 class RouterService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, config: RouterConfig, table: WorkerTable, sync: ClusterSync, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, table: WorkerTable, sync: ClusterSync, metrics: RouterMetrics,
+                 lifecycle: Lifecycle | None = None) -> None:
         self.config = config
         self.table = table
         self.index = table.index
@@ -124,6 +129,11 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         self.placer = Placer(Policy(config.policy), config.weights)
         self.sessions = SessionTable(config.session_ttl_s)  # this replica's view of live conversations
         self._channels: dict[str, grpc.aio.Channel] = {}
+        if lifecycle is None:  # used without a server (benchmarks): serving from the start
+            lifecycle = Lifecycle("router")
+            lifecycle.to(ServingState.SERVING)
+        self.lifecycle = lifecycle
+        self.streams = Streams()  # requests in flight (gRPC and HTTP), which a drain lets finish
 
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request, context):
@@ -147,6 +157,21 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             await context.abort(err.code, err.message)
 
     async def generate(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """``_generate``, refused with UNAVAILABLE once the router drains, and counted while it runs (a drain waits
+        for it)."""
+        if not self.lifecycle.accepting:
+            self.metrics.requests.labels("unavailable").inc()
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, self.lifecycle.refusal())
+        self.streams.enter()
+        try:
+            # aclosing: a consumer that leaves closes the inner generator now, which cancels the pod's call.
+            async with aclosing(self._generate(route, on_placed)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self.streams.exit()
+
+    async def _generate(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Place the request, relay its stream (moving it to another pod if one fails), and yield the client's view
         of it: tokens, text, usage. Raises RouterError when it cannot be served. ``on_placed(address)`` is awaited
         once the first decode pod is chosen. Leaving the iteration early (the client left) cancels the pod's call,
@@ -254,8 +279,11 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         )
 
     def serving(self) -> bool:
-        """Some decode pod would be considered for a request now."""
-        return bool(self.table.eligible("decode", time.monotonic()))
+        """Not draining, and a decode pod that is not draining is registered. Pods that are full or just failed a
+        call still count: a full cluster answers RESOURCE_EXHAUSTED (429), and a readiness probe that followed load
+        would take every router out of service at peak. The gRPC health service, this router's Health and its
+        HTTP /health all answer this."""
+        return self.lifecycle.accepting and any(not w.record.draining for w in self.table.by_role("decode"))
 
     def max_model_len(self) -> int:
         """The longest prompt + output every decode pod accepts (0 while none is known)."""
@@ -334,9 +362,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
     def _stub(self, address: str) -> inference_pb2_grpc.InferenceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
-            )
+            channel = self._channels[address] = channel_to(address, self.config.internal_tls)
         return inference_pb2_grpc.InferenceStub(channel)
 
     async def _relay(self, placement: Placement, pod_request, stream: _Stream):
@@ -416,8 +442,24 @@ async def _watch_loop_lag(metrics: RouterMetrics, period_s: float = 0.01) -> Non
         metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
 
-async def serve(config: RouterConfig) -> None:
+async def serve(config: RouterConfig) -> int:
+    """Returns the process's exit status. The gRPC port listens first (health NOT_SERVING while the tokenizer
+    loads and the registry is read for the first time)."""
     router_id = uuid.uuid4().hex
+    lifecycle = Lifecycle("router")
+    stop = stop_on_signals(lifecycle)
+    api = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+    keys = ApiKeys(config.gateway.load_api_keys())
+    # The router's Generate refusal while draining is in RouterService.generate (it serves HTTP too).
+    interceptors = [GrpcKeyInterceptor(keys)] if keys.required else []
+    server = grpc.aio.server(interceptors=[*interceptors, LifecycleGate(lifecycle, [api], ())])
+    health = add_health_and_reflection(server, lifecycle, [api])
+    address = f"{config.host}:{config.port}"
+    credentials = grpc_server_credentials(config.gateway)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    await server.start()
+    health_server, health_port = await start_health_port(config.host, config.health_port, health)
+    print("BATON_LISTENING " + json.dumps({"role": "router", "port": port, "health_port": health_port}), flush=True)
     index = CacheIndex()
     table = WorkerTable(index, config.model_name, SCHEME, config.page_size, config.heartbeat_ttl_s,
                         config.snapshot_retry_s)
@@ -425,18 +467,13 @@ async def serve(config: RouterConfig) -> None:
     metrics = RouterMetrics(lambda: holder["service"].state())
     sync = ClusterSync(config.redis_url, config.redis_namespace, router_id, table, config.poll_interval_s,
                        config.heartbeat_ttl_s, on_batches=metrics.events.inc)
-    service = holder["service"] = RouterService(config, table, sync, metrics)
+    service = holder["service"] = RouterService(config, table, sync, metrics, lifecycle)
+    health.ready = service.serving
     metrics_port = metrics.serve(config.host, config.metrics_port)
     sync.start()
     lag_monitor = asyncio.ensure_future(_watch_loop_lag(metrics))
     await sync.wait_first_poll(timeout=5.0)
-    keys = ApiKeys(config.gateway.load_api_keys())
-    server = grpc.aio.server(interceptors=[GrpcKeyInterceptor(keys)] if keys.required else None)
-    add_servicer(server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], service)
-    address = f"{config.host}:{config.port}"
-    credentials = grpc_server_credentials(config.gateway)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    await server.start()
+    add_servicer(server, api, service)
     gateway = None
     http_port = -1
     if config.gateway.http_port >= 0:
@@ -444,20 +481,40 @@ async def serve(config: RouterConfig) -> None:
 
         gateway = OpenAIGateway(service, config.gateway, keys)
         http_port = await gateway.start(config.host, config.gateway.http_port)
-    ready = {"role": "router", "port": port, "http_port": http_port, "metrics_port": metrics_port,
-             "router_id": router_id, "tls": config.gateway.tls, "api_keys": keys.required}
-    print("BATON_READY " + json.dumps(ready), flush=True)
-    log.info("router %s serving gRPC on %s:%d, HTTP on %s, metrics %d%s%s; policy %s, Redis %s (%s), workers: %s",
-             router_id, config.host, port, http_port if gateway else "-", metrics_port,
-             ", TLS" if config.gateway.tls else "", ", API keys" if keys.required else "", config.policy,
-             config.redis_url, "up" if sync.up else "down",
-             sorted(f"{w.record.role}@{w.record.address}" for w in table.workers.values()))
+    if stop.is_set():  # a signal while starting: nothing to drain
+        lifecycle.to(ServingState.STOPPED, "signal while starting")
+    else:
+        lifecycle.to(ServingState.SERVING)
+        ready = {"role": "router", "port": port, "http_port": http_port, "metrics_port": metrics_port,
+                 "router_id": router_id, "tls": config.gateway.tls, "api_keys": keys.required,
+                 "health_port": health_port}
+        print("BATON_READY " + json.dumps(ready), flush=True)
+        log.info("router %s serving gRPC on %s:%d, HTTP on %s, metrics %d%s%s; policy %s, Redis %s (%s), workers: "
+                 "%s", router_id, config.host, port, http_port if gateway else "-", metrics_port,
+                 ", TLS" if config.gateway.tls else "", ", API keys" if keys.required else "", config.policy,
+                 config.redis_url, "up" if sync.up else "down",
+                 sorted(f"{w.record.role}@{w.record.address}" for w in table.workers.values()))
+
+    async def drain() -> None:
+        # The router stays in Redis while it drains: its in-flight counts there are still real load on the pods,
+        # and it keeps reading the registry (a stream whose pod dies mid-drain fails over). It leaves at the end.
+        if service.streams.count:
+            log.info("draining %d streams (up to %.0fs)", service.streams.count, config.drain_grace_s)
+        if not await service.streams.wait_idle(config.drain_grace_s):
+            log.warning("%d streams still running after %.0fs: stopping them", service.streams.count,
+                        config.drain_grace_s)
+
     try:
-        await run_until_signal(server)
+        if lifecycle.state is ServingState.SERVING:
+            await serve_until_stopped(server, lifecycle, stop, drain=drain)
+        else:
+            await server.stop(0)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if gateway is not None:
             await gateway.stop()
         await cancel_tasks([lag_monitor])
         await sync.stop()
         await service.close()
-
+    return 0

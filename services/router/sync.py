@@ -121,6 +121,15 @@ class ClusterSync:
                 log.warning("ignoring malformed record of worker %s: %s", worker_id, err)
         if gone:
             await r.srem(keys.workers, *gone)
+        listed = set(ids) - set(gone)
+        missing = [name for name in self.table.workers if name not in listed]
+        if missing:  # deregistered (a drain) or expired: a departure notice says which, without waiting a TTL
+            pipe = r.pipeline(transaction=False)
+            for name in missing:
+                pipe.exists(keys.departed(name))
+            for name, departed in zip(missing, await pipe.execute(), strict=True):
+                if departed:
+                    self.table.drop(name, "deregistered (draining or stopped)")
         self.table.update(records, now)
         for record in records:
             if record.instance_id in self.table.workers:
