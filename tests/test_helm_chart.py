@@ -379,6 +379,20 @@ def test_disruption_budgets_and_rollouts(rendered, case):
     assert len(router_pdbs) == (1 if values.get("router", {}).get("replicas", 2) > 1 else 0)
 
 
+def test_a_router_setting_restarts_only_the_routers(chart):
+    def checksums(values):
+        docs = [d for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE).items()
+                if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+        return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+                for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != _name("redis")}
+
+    before = checksums({})
+    after = checksums({"router": {"config": {"policy": "least_load"}}})
+    assert {name for name in before if before[name] != after[name]} == {_name("router")}
+    after = checksums({"engine": {"page_size": 32}})  # the router hashes pages as the pods do: all of them
+    assert all(before[name] != after[name] for name in before)
+
+
 def test_monitoring_objects(rendered):
     docs = rendered["multi-node-rdma"]
     monitor = _get(docs, "ServiceMonitor", f"{RELEASE}-baton")

@@ -170,3 +170,25 @@ annotations:
 {{- define "baton.redisSecretSkip" -}}
 CKV_K8S_35=redis.urlSecret: Baton takes the Redis URL from flags, BATON_REDIS_URL or its config file, not a file
 {{- end -}}
+
+{{/* One process's config file (role: decode, prefill or router), as YAML. Pods carry a checksum of their own
+role's file only, so a router setting does not restart (and reload) the GPU pods. */}}
+{{- define "baton.config" -}}
+{{- $common := include "baton.commonConfig" .root | fromYaml -}}
+{{- $transfer := dict "transfer_protocol" (ternary "rdma" "tcp" .root.Values.rdma.enabled) "transfer_device_names" .root.Values.rdma.deviceNames "transfer_timeout_s" .root.Values.transfer.timeoutSeconds "transfer_metadata_server" .root.Values.transfer.metadataServer -}}
+{{- $decodeFixed := dict "port" .root.Values.decode.port "metrics_port" .root.Values.decode.metricsPort -}}
+{{- $prefillFixed := dict "port" .root.Values.prefill.port "metrics_port" .root.Values.prefill.metricsPort -}}
+{{- $engine := mergeOverwrite (dict "load_format" .root.Values.model.loadFormat) (deepCopy .root.Values.engine) -}}
+{{- $decode := mergeOverwrite (deepCopy $common) (deepCopy $engine) (deepCopy $transfer) (deepCopy .root.Values.decode.config) $decodeFixed -}}
+{{- $prefill := mergeOverwrite (deepCopy $common) (deepCopy $engine) (deepCopy $transfer) (deepCopy .root.Values.prefill.config) $prefillFixed -}}
+{{- $routerFixed := dict "port" .root.Values.router.port "http_port" .root.Values.router.httpPort "metrics_port" .root.Values.router.metricsPort "page_size" (index .root.Values.engine "page_size" | default 16) -}}
+{{- if or .root.Values.gateway.apiKeys.keys .root.Values.gateway.apiKeys.existingSecret }}
+{{- $_ := set $routerFixed "api_key_file" (printf "/etc/baton/api-keys/%s" .root.Values.gateway.apiKeys.secretKey) }}
+{{- end }}
+{{- if .root.Values.gateway.tls.enabled }}
+{{- $_ := set $routerFixed "tls_cert_file" "/etc/baton/tls/tls.crt" }}
+{{- $_ := set $routerFixed "tls_key_file" "/etc/baton/tls/tls.key" }}
+{{- end }}
+{{- $router := mergeOverwrite (deepCopy $common) (deepCopy .root.Values.router.config) $routerFixed -}}
+{{- toYaml (index (dict "decode" $decode "prefill" $prefill "router" $router) .role) -}}
+{{- end -}}
