@@ -87,6 +87,14 @@ def _get(docs: list[dict], kind: str, name: str) -> dict:
     return found[0]
 
 
+def _deployments(docs: list[dict], component: str) -> list[dict]:
+    """A component's Deployments: one, or one per slot for host-network pods (rdma.podsPerNode)."""
+    found = [d for d in docs if d["kind"] == "Deployment"
+             and d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    assert found, component
+    return found
+
+
 def _name(component: str) -> str:
     return f"{RELEASE}-baton-{component}"
 
@@ -181,20 +189,20 @@ def test_kubernetes_validation_catches_an_unknown_field(rendered):
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_pods_request_their_gpus(rendered, case):
     values = _values(case)
+    rdma = values.get("rdma", {})
     for role in ROLES:
-        container = _container(_get(rendered[case], "Deployment", _name(role)))
         gpus = values.get(role, {}).get("gpus", 1)
-        for kind in ("requests", "limits"):
-            assert container["resources"][kind]["nvidia.com/gpu"] == gpus
-            assert container["resources"][kind]["memory"] and container["resources"][kind]["cpu"]
-        rdma_resources = values.get("rdma", {}).get("resources", {}) if values.get("rdma", {}).get("enabled") else {}
-        for resource, count in rdma_resources.items():
-            assert container["resources"]["limits"][resource] == count
+        for deployment in _deployments(rendered[case], role):
+            resources = _container(deployment)["resources"]
+            for kind in ("requests", "limits"):
+                assert resources[kind]["nvidia.com/gpu"] == gpus
+                assert resources[kind]["memory"] and resources[kind]["cpu"]
+            for resource, count in (rdma.get("resources", {}) if rdma.get("enabled") else {}).items():
+                assert resources["limits"][resource] == count
     for component in ("router", "redis"):
-        for d in rendered[case]:
-            if d["kind"] != "Deployment" or d["metadata"]["name"] != _name(component):
-                continue
-            assert "nvidia.com/gpu" not in json.dumps(_container(d)["resources"])
+        for deployment in [d for d in rendered[case] if d["kind"] == "Deployment"
+                           and d["metadata"]["name"] == _name(component)]:
+            assert "nvidia.com/gpu" not in json.dumps(_container(deployment)["resources"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -204,36 +212,37 @@ def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
     readiness = {"router": "baton.v1.Inference", "decode": "baton.v1.Inference", "prefill": ""}
     for component in ("router", *ROLES):
         config = configs[component]
-        deployment = _get(docs, "Deployment", _name(component))
-        container = _container(deployment)
-        assert container["args"][:2] == ["serve", component]
-        assert container["args"][2:4] == ["--config", f"/etc/baton/{component}.yaml"]
-        grpc_port = _port(container, "grpc")
-        assert config["port"] == grpc_port and config["metrics_port"] == _port(container, "metrics")
-        assert config["host"] == "0.0.0.0"  # reachable from other pods, not the default 127.0.0.1
-        tls = component == "router" and _values(case).get("gateway", {}).get("tls", {}).get("enabled")
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            spec = container[probe]
-            if tls:  # kubelet gRPC probes cannot speak TLS
-                target = spec.get("tcpSocket") or spec["httpGet"]
-                assert target["port"] in (grpc_port, config["http_port"])
-                continue
-            assert spec["grpc"]["port"] == grpc_port, (component, probe)
-            expected = readiness[component] if probe == "readinessProbe" else ""
-            assert spec["grpc"]["service"] == expected, (component, probe)
         service = _get(docs, "Service", _name(component))
-        assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
         by_name = {p["name"]: p for p in service["spec"]["ports"]}
-        assert by_name["grpc"]["port"] == grpc_port and by_name["grpc"]["targetPort"] == "grpc"
-        assert by_name["metrics"]["port"] == config["metrics_port"]
-        if component == "router":
-            assert config["http_port"] == _port(container, "http") == by_name["http"]["port"]
-        else:
-            assert service["spec"]["clusterIP"] == "None"
+        assert by_name["grpc"]["port"] == config["port"] and by_name["grpc"]["targetPort"] == "grpc"
+        assert by_name["metrics"]["port"] == config["metrics_port"] and by_name["metrics"]["targetPort"] == "metrics"
+        assert config["host"] == "0.0.0.0"  # reachable from other pods, not the default 127.0.0.1
+        for deployment in _deployments(docs, component):
+            container = _container(deployment)
+            assert container["args"][:4] == ["serve", component, "--config", f"/etc/baton/{component}.yaml"]
             env = _env(container)
-            assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-            assert env["BATON_ADVERTISE_ADDRESS"]["value"] == f"$(POD_IP):{grpc_port}"
-            assert env["BATON_TRANSFER_HOSTNAME"]["value"] == "$(POD_IP)"
+            # The process listens where the environment says, else where its config file says.
+            grpc_port = int(env.get("BATON_PORT", {}).get("value", config["port"]))
+            metrics_port = int(env.get("BATON_METRICS_PORT", {}).get("value", config["metrics_port"]))
+            assert _port(container, "grpc") == grpc_port and _port(container, "metrics") == metrics_port
+            tls = component == "router" and _values(case).get("gateway", {}).get("tls", {}).get("enabled")
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                spec = container[probe]
+                if tls:  # kubelet gRPC probes cannot speak TLS
+                    target = spec.get("tcpSocket") or spec["httpGet"]
+                    assert target["port"] in (grpc_port, config["http_port"])
+                    continue
+                assert spec["grpc"]["port"] == grpc_port, (component, probe)
+                expected = readiness[component] if probe == "readinessProbe" else ""
+                assert spec["grpc"]["service"] == expected, (component, probe)
+            assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+            if component == "router":
+                assert config["http_port"] == _port(container, "http") == by_name["http"]["port"]
+            else:
+                assert service["spec"]["clusterIP"] == "None"
+                assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+                assert env["BATON_ADVERTISE_ADDRESS"]["value"] == f"$(POD_IP):{grpc_port}"
+                assert env["BATON_TRANSFER_HOSTNAME"]["value"] == "$(POD_IP)"
     # The router hashes pages as the pods do.
     assert configs["router"]["page_size"] == configs["decode"]["page_size"] == configs["prefill"]["page_size"]
     assert configs["router"]["redis_url"] == configs["decode"]["redis_url"] == configs["prefill"]["redis_url"]
@@ -243,8 +252,8 @@ def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
 def test_termination_grace_outlasts_the_drain(rendered, case):
     docs = rendered[case]
     configs = _config_files(docs)
-    for component in ("router", *ROLES):
-        pod = _get(docs, "Deployment", _name(component))["spec"]["template"]["spec"]
+    for pod in (d["spec"]["template"]["spec"] for c in ("router", *ROLES) for d in _deployments(docs, c)):
+        component = pod["containers"][0]["name"]
         drain = configs[component]["drain_grace_s"]
         pre_stop = pod["containers"][0].get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         pre_stop_s = int(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0
@@ -270,7 +279,9 @@ def test_rdma_privileges_only_with_rdma(rendered, case):
         if host_network:
             assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"  # else Redis's Service name does not resolve
             [term] = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-            assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
+            # Never two pods on one node's ports: the term selects exactly this Deployment's pods.
+            assert term["topologyKey"] == "kubernetes.io/hostname"
+            assert term["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
         assert ("IPC_LOCK" in security["capabilities"].get("add", [])) == ipc_lock, component
         assert security["capabilities"]["drop"] == ["ALL"]
         assert security.get("privileged", False) == privileged, component
@@ -290,12 +301,32 @@ def test_rdma_privileges_only_with_rdma(rendered, case):
             assert mount["mountPath"] == "/dev/shm"
 
 
+def test_host_network_slots_share_nodes_on_ports_of_their_own(rendered):
+    values = _values("roce-host-network")
+    slots = values["rdma"]["podsPerNode"]
+    docs = rendered["roce-host-network"]
+    ports = set()
+    for role in ROLES:
+        deployments = _deployments(docs, role)
+        assert len(deployments) == slots
+        assert sum(d["spec"]["replicas"] for d in deployments) == values[role]["replicas"]
+        assert max(d["spec"]["replicas"] for d in deployments) - min(d["spec"]["replicas"] for d in deployments) <= 1
+        selectors = [d["spec"]["selector"]["matchLabels"] for d in deployments]
+        assert len({json.dumps(sel, sort_keys=True) for sel in selectors}) == slots  # no Deployment adopts another's
+        for deployment in deployments:
+            container = _container(deployment)
+            ports |= {(_port(container, "grpc"),), (_port(container, "metrics"),)}
+    assert len(ports) == 2 * slots * len(ROLES)  # every pod a node may hold binds ports no other one binds
+    # Without hostNetwork, slots do not apply: one Deployment per role, whatever podsPerNode says.
+    assert len(_deployments(rendered["multi-node-rdma"], "decode")) == 1
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_model_volume_is_read_only_everywhere(rendered, case):
     volume = _values(case).get("model", {}).get("volume", {"type": "none"})
     configs = _config_files(rendered[case])
-    for component in ("router", *ROLES):
-        deployment = _get(rendered[case], "Deployment", _name(component))
+    for deployment in (d for c in ("router", *ROLES) for d in _deployments(rendered[case], c)):
+        component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
         mounts = [m for m in _container(deployment)["volumeMounts"] if m["name"] == "model"]
         volumes = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "model"]
         if volume["type"] == "none":
@@ -331,7 +362,7 @@ def test_secrets_are_mounted_where_the_router_config_points(rendered):
     assert all(volumes[n]["secret"]["defaultMode"] == 0o440 for n in ("api-keys", "tls"))
     # The Redis URL (it holds a password) from its Secret, in every process; none in the config files.
     for component in ("router", *ROLES):
-        env = _env(_container(_get(docs, "Deployment", _name(component))))
+        env = _env(_container(_deployments(docs, component)[0]))
         assert env["BATON_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "baton-redis", "key": "url"}
         assert not _config_files(docs)[component]["redis_url"]
     assert not [d for d in docs if d["metadata"]["name"] == _name("redis")]
@@ -366,8 +397,8 @@ def test_config_files_hold_only_fields_the_processes_know(rendered, case, tmp_pa
 def test_disruption_budgets_and_rollouts(rendered, case):
     docs = rendered[case]
     values = _values(case)
-    for role in ROLES:
-        deployment = _get(docs, "Deployment", _name(role))
+    for deployment in (d for role in ROLES for d in _deployments(docs, role)):
+        role = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
         # A surge pod would wait for a GPU a full cluster does not have.
         assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
         pdb = _get(docs, "PodDisruptionBudget", _name(role))
