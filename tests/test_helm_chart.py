@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def test_helm_lint_reports_a_broken_template(tmp_path):
     assert any(m["severity"] == 3 for m in report["messages"]), report
 
 
+def test_chart_packages_with_its_files(tmp_path):
+    archive = helm.package(str(CHART), destination=str(tmp_path))
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    for needed in ("values.schema.json", "templates/NOTES.txt", "files/baton-rules.yaml", "README.md"):
+        assert f"baton/{needed}" in names, needed
+    assert any(n.startswith("baton/files/dashboards/") and n.endswith(".json") for n in names)
+
+
 @pytest.mark.parametrize("bad", [
     {"decode": {"port": 0}},
     {"model": {"volume": {"type": "nfs"}}},
@@ -220,7 +230,7 @@ def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
         assert config["host"] == "0.0.0.0"  # reachable from other pods, not the default 127.0.0.1
         for deployment in _deployments(docs, component):
             container = _container(deployment)
-            assert container["args"][:4] == ["serve", component, "--config", f"/etc/baton/{component}.yaml"]
+            assert container["args"][:4] == ["serve", component, "--config", f"/etc/baton/config/{component}.yaml"]
             env = _env(container)
             # The process listens where the environment says, else where its config file says.
             grpc_port = int(env.get("BATON_PORT", {}).get("value", config["port"]))
@@ -361,6 +371,9 @@ def test_secrets_are_mounted_where_the_router_config_points(rendered):
     assert config["tls_cert_file"] == f"{mounts['tls']['mountPath']}/tls.crt"
     assert config["tls_key_file"] == f"{mounts['tls']['mountPath']}/tls.key"
     assert all(volumes[n]["secret"]["defaultMode"] == 0o440 for n in ("api-keys", "tls"))
+    # Sibling mounts: a mount inside the read-only config volume would need a mount point created in it.
+    paths = sorted(m["mountPath"] for m in mounts.values())
+    assert not [(a, b) for a in paths for b in paths if a != b and b.startswith(a + "/")], paths
     # The Redis URL (it holds a password) from its Secret, in every process; none in the config files.
     for component in ("router", *ROLES):
         env = _env(_container(_deployments(docs, component)[0]))
