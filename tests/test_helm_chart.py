@@ -550,8 +550,15 @@ def test_dockerfile_facts():
     [base] = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
     assert ":" in base and not base.endswith(":latest")
     assert "USER 10001:10001" in text and 'ENTRYPOINT ["baton"]' in text
-    for requirements in ("requirements-lock.txt", "requirements-gpu.txt"):
+    for requirements in ("requirements-lock.txt", "requirements-gpu.txt", "deploy/constraints-image.txt"):
         assert requirements in text
+    # Every file the image copies gets into the build context past .dockerignore's allow-list.
+    allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert source.rstrip("/") in allowed and (ROOT / source).exists(), source
     # The uid the chart runs Baton containers as is the image's user.
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["securityContext"]["runAsUser"] == 10001 and "--uid 10001" in text
