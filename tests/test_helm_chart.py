@@ -387,6 +387,23 @@ def test_secrets_are_mounted_where_the_router_config_points(rendered):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_helm_test_asks_the_router_for_the_served_model(rendered, case):
+    docs = rendered[case]
+    pod = _get(docs, "Pod", _name("test-api"))
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    env = _env(pod["spec"]["containers"][0])
+    config = _config_files(docs)["router"]
+    tls = _values(case).get("gateway", {}).get("tls", {}).get("enabled", False)
+    service = _get(docs, "Service", _name("router"))
+    assert env["URL"]["value"] == f"{'https' if tls else 'http'}://{service['metadata']['name']}:{config['http_port']}/v1/models"
+    assert env["MODEL"]["value"] == (config["served_model_name"] or config["model"])
+    router = _get(docs, "Deployment", _name("router"))["spec"]["template"]["spec"]
+    router_keys = [v["secret"]["secretName"] for v in router["volumes"] if v["name"] == "api-keys"]
+    test_keys = [v["secret"]["secretName"] for v in pod["spec"].get("volumes", []) if v["name"] == "api-keys"]
+    assert test_keys == router_keys and ("KEY_FILE" in env) == bool(router_keys)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_config_files_hold_only_fields_the_processes_know(rendered, case, tmp_path):
     configs = _config_files(rendered[case])
     for component, cls in (("router", RouterConfig), ("decode", DecodeConfig), ("prefill", PrefillConfig)):
@@ -523,11 +540,15 @@ def test_checkov_finds_nothing_unexplained(rendered, tmp_path):
                           if f["check_id"] not in ALLOWED_FINDINGS})
     assert not unexplained, unexplained
     assert {f["check_id"] for f in failed} == set(ALLOWED_FINDINGS), "an allowed finding no longer fires: drop it"
-    # Skips the chart renders as annotations carry a reason and come only from RDMA or secret settings.
+    # Skips the chart renders as annotations carry a reason and come only from RDMA or secret settings (and the helm
+    # test pod's probes).
     skipped = [s for r in reports for s in r["results"]["skipped_checks"]]
     assert skipped and all(s["check_result"].get("suppress_comment", "").strip() for s in skipped)
     assert {s["check_id"] for s in skipped} <= {"CKV_K8S_16", "CKV_K8S_19", "CKV_K8S_20", "CKV_K8S_23", "CKV_K8S_25",
-                                                 "CKV_K8S_35", "CKV_K8S_40"}
+                                                 "CKV_K8S_35", "CKV_K8S_40", "CKV_K8S_8", "CKV_K8S_9"}
+    # Probes are skipped on the helm test pod alone.
+    assert {s["resource"].split(".")[-1] for s in skipped if s["check_id"] in ("CKV_K8S_8", "CKV_K8S_9")} == {
+        _name("test-api")}
     passed = sum(r["summary"]["passed"] for r in reports)
     print(f"checkov: {passed} passed, {len(failed)} allowed, {len(skipped)} skipped in {elapsed:.1f} s",
           file=sys.stderr)
