@@ -7,20 +7,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.baton-setup
+# checkov (the security scan of the Helm chart and the Dockerfile) pins older networkx/packaging/python-dateutil
+# than requirements-lock.txt, so it gets a venv of its own; tests/test_helm_chart.py runs its CLI from there.
+SCAN_VENV ?= .venv-scan
+SCAN_STAMP := $(SCAN_VENV)/.baton-setup
 TORCH_CPU_VERSION := 2.13.0
 # Debian packages the tests need: the RDMA/NUMA/curl libraries Mooncake's transfer engine links against, and
 # redis-server (the cluster's registry and cache-event streams; tests start their own on free ports).
 SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4 redis-server
 
-.PHONY: help setup sysdeps protos run test lint clean
+.PHONY: help setup sysdeps protos run test lint clean chart-files
 
 help:
 	@echo "make run    - set up if needed, then start the cluster (baton up: Redis, router, 1 prefill + 2 decode pods"
 	@echo "              on Ray) on a tiny random model, chat with it through the OpenAI API, and stop it"
 	@echo "make test   - set up if needed, then run the whole test suite"
 	@echo "make lint   - ruff"
+	@echo "make chart-files - copy deploy/prometheus/baton-rules.yaml and deploy/grafana/*.json into the Helm chart"
 
-setup: sysdeps $(STAMP) protos
+setup: sysdeps $(STAMP) $(SCAN_STAMP) protos
 
 sysdeps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -61,15 +66,32 @@ $(STAMP): pyproject.toml requirements-lock.txt requirements-gpu.txt Makefile
 	fi
 	@touch $(STAMP)
 
+$(SCAN_STAMP): requirements-scan.txt
+	@set -e; \
+	[ -x $(SCAN_VENV)/bin/python ] || $(PYTHON) -m venv $(SCAN_VENV); \
+	echo "[setup] installing checkov into $(SCAN_VENV)"; \
+	$(SCAN_VENV)/bin/python -m pip install -q -r requirements-scan.txt
+	@touch $(SCAN_STAMP)
+
 run: setup
 	$(PY) -m services.launch.demo
 
+# BATON_REQUIRE_SCAN: here the chart's security scan must run (setup installed it), not skip.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	BATON_REQUIRE_SCAN=1 $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The chart reads files only from inside itself: it carries copies of the alert rules and dashboards
+# (tests/test_helm_chart.py fails while they differ from deploy/).
+chart-files:
+	@set -e; \
+	if [ -f deploy/prometheus/baton-rules.yaml ]; then cp deploy/prometheus/baton-rules.yaml helm/baton/files/baton-rules.yaml; fi; \
+	if ls deploy/grafana/*.json >/dev/null 2>&1; then \
+	  rm -f helm/baton/files/dashboards/*.json; cp deploy/grafana/*.json helm/baton/files/dashboards/; \
+	fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .ruff_cache .hypothesis
