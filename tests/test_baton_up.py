@@ -149,7 +149,7 @@ def test_one_yaml_file_sets_every_process(tmp_path):
 
     path = tmp_path / "cluster.yaml"
     path.write_text("model: /models/qwen\npage_size: 32\nnum_decode: 3\nhttp_port: 8000\napi_keys: a,b\n"
-                    "pod_args: --transfer-protocol rdma\nhost: 0.0.0.0\n")
+                    "pod_args: --transfer-protocol rdma\nhost: 0.0.0.0\ndrain_grace_s: 12\n")
     config = config_from(UpConfig, {"num_prefill": 2}, env={}, yaml_path=str(path))
     assert (config.num_prefill, config.num_decode, config.engine.page_size) == (2, 3, 32)
     pod = _serve_argv("decode", config, "redis://r:1/0", _network_flags("decode", config))
@@ -157,9 +157,11 @@ def test_one_yaml_file_sets_every_process(tmp_path):
     assert flags["--model"] == "/models/qwen" and flags["--page-size"] == "32" and flags["--redis-url"] == "redis://r:1/0"
     assert flags["--transfer-protocol"] == "rdma" and flags["--host"] == "0.0.0.0"
     assert flags["--advertise-address"] == "{node_ip}:{free_port}", "filled in on the pod's node"
+    assert float(flags["--drain-grace-s"]) == 12, "baton up waits this (and a margin) before it kills a process"
     first, second = (_serve_argv("router", config, "redis://r:1/0", _network_flags("router", config, i))
                      for i in (0, 1))
     assert first[first.index("--http-port") + 1] == "8000" and second[-1] == "0" and second[-2] == "--http-port"
     assert first[first.index("--api-keys") + 1] == "a,b"
+    assert float(first[first.index("--drain-grace-s") + 1]) == 12
     with pytest.raises(ValueError, match="at least 1 decode pod"):
         UpConfig(num_decode=0)

@@ -38,6 +38,9 @@ class UpConfig:
     router_port: int = field(default=0, metadata={"help": "gRPC port of the first router (0: any free port)"})
     pod_args: str = field(default="", metadata={"help": "extra flags for every pod, e.g. '--transfer-protocol rdma'"})
     router_args: str = field(default="", metadata={"help": "extra flags for every router"})
+    drain_grace_s: float = field(
+        default=30.0, metadata={"help": "on shutdown, how long every process may take to finish its streams"}
+    )
     ready_timeout_s: float = field(default=300.0, metadata={"help": "how long every process may take to be ready"})
     log_dir: str = field(default="", metadata={"help": "each process's output (default: a new temporary directory)"})
 
@@ -45,6 +48,8 @@ class UpConfig:
         if self.num_decode < 1 or self.num_routers < 1 or self.num_prefill < 0:
             raise ValueError("need at least 1 decode pod and 1 router (and 0 or more prefill pods)")
         Policy(self.policy)
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.ray_object_store_mb < 75:
             raise ValueError("ray_object_store_mb must be at least 75 (Ray's minimum)")
 

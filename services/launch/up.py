@@ -104,7 +104,7 @@ def _serve_argv(role: str, config: UpConfig, redis_url: str, extra: list[str]) -
             argv += ["--tokenizer", config.engine.tokenizer]
     else:
         argv += [*config.engine_flags(), *shlex.split(config.pod_args)]
-    return argv + extra
+    return argv + ["--drain-grace-s", str(config.drain_grace_s)] + extra
 
 
 def _network_flags(role: str, config: UpConfig, index: int = 0) -> list[str]:
@@ -143,7 +143,7 @@ def start_cluster(config: UpConfig, after_ray_init: Callable[[], None] = lambda:
     try:
         _start(config, cluster)
     except BaseException:
-        stop_cluster(cluster)
+        stop_cluster(cluster, config.drain_grace_s + _STOP_MARGIN_S)
         raise
     return cluster
 
@@ -224,9 +224,14 @@ def _wait_routed(router: Member, num_pods: int, config: UpConfig, deadline: floa
         channel.close()
 
 
-def stop_cluster(cluster: Cluster, grace_s: float = 15.0) -> list[int]:
-    """Routers, then pods, then Redis; actors killed; an embedded Ray shut down. Returns the pids of this node's
-    cluster processes that had to be killed after all that (none, normally)."""
+# Beyond a process's own drain grace: its server's last second and exiting.
+_STOP_MARGIN_S = 5.0
+
+
+def stop_cluster(cluster: Cluster, grace_s: float) -> list[int]:
+    """Routers, then pods, then Redis, each SIGTERMed and given ``grace_s`` (their drain grace and a margin, so a
+    stream in flight finishes); actors killed; an embedded Ray shut down. Returns the pids of this node's cluster
+    processes that had to be killed after all that (none, normally)."""
     import ray
 
     for roles in (("router",), ("prefill", "decode"), ("redis",)):
@@ -320,7 +325,7 @@ def up(config: UpConfig, run: Callable[[Cluster], None] | None = None) -> int:
         for sig in previous:  # a second Ctrl-C must not interrupt the shutdown half-way
             signal.signal(sig, signal.SIG_IGN)
         if cluster is not None:
-            leftover = stop_cluster(cluster)
+            leftover = stop_cluster(cluster, config.drain_grace_s + _STOP_MARGIN_S)
             if leftover:
                 log.warning("killed processes that outlived their actors: %s", leftover)
             print("BATON_DOWN " + json.dumps({"pids": sorted(m.pid for m in cluster.members if m.info),
