@@ -92,3 +92,16 @@ def test_baton_demo_prints_a_completion():
     assert "completion:" in result.stdout
     assert "finish: length, 8 tokens" in result.stdout
     assert "EngineConfig:" in result.stderr, "the resolved config is printed at start"
+
+
+def test_start_up_log_of_a_config_hides_secrets():
+    """The settings printed at start-up keep API keys and URL passwords out of the logs, and everything else in."""
+    from services.common.config import format_config
+    from services.router.config import RouterConfig
+
+    config = config_from(RouterConfig, {"model": "/m", "redis_url": "redis://admin:hunter2@redis:6379/0",
+                                        "api_keys": "k-one,k-two"}, env={})
+    text = format_config(config)
+    assert "hunter2" not in text and "k-one" not in text
+    assert "redis://admin:***@redis:6379/0" in text and "api_keys = <redacted>" in text
+    assert "model = '/m'" in text

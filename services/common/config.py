@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,6 +119,20 @@ def format_config(config: Any, indent: str = "  ") -> str:
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
             lines.append(indent + format_config(value, indent + "  ").replace("\n", "\n"))
+        elif field.metadata.get("secret") and value:
+            lines.append(f"{indent}{field.name} = <redacted>")
         else:
-            lines.append(f"{indent}{field.name} = {value!r}")
+            lines.append(f"{indent}{field.name} = {redact_url(value)!r}")
     return "\n".join(lines)
+
+
+def redact_url(value: Any) -> Any:
+    """A URL's password replaced (``redis://:secret@host`` -> ``redis://:***@host``), for logs; anything else as is."""
+    if not isinstance(value, str) or "://" not in value or "@" not in value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if parts.password is None:
+        return value
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

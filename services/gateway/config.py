@@ -13,7 +13,8 @@ class GatewayConfig:
         default=0, metadata={"help": "OpenAI-compatible HTTP port (0: any free port, printed at start; -1: none)"}
     )
     api_keys: str = field(
-        default="", metadata={"help": "comma-separated API keys; when set (or api_key_file), every call needs one"}
+        default="", metadata={"help": "comma-separated API keys; when set (or api_key_file), every call needs one",
+                              "secret": True}
     )
     api_key_file: str = field(default="", metadata={"help": "file with one API key per line"})
     tls_cert_file: str = field(default="", metadata={"help": "PEM certificate (chain): serve gRPC and HTTP over TLS"})
