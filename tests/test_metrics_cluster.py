@@ -15,6 +15,7 @@ and every alert rule's expression (deploy/prometheus/baton-rules.yaml, split at 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -86,6 +87,9 @@ def prometheus(cluster, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ready(base, proc), timeout=60, interval=0.2, what="prometheus to be ready")
+        # Traffic must come after a first scrape of every target: a counter first seen at 1 has no increase.
+        wait_until(lambda: len(_query(base, 'up{job=~"baton-.*"} == 1')) == 4, timeout=30, interval=0.2,
+                   what="a first scrape of every target")
         yield base
     finally:
         proc.terminate()
@@ -266,3 +270,90 @@ def test_counts_are_exact(traffic, layout):  # noqa: F811 (layout: the fixture i
     assert value(after["router"], "baton_router_requests_in_flight") == 0
     assert value(after["router"], "baton_router_redis_up") == 1
     assert value(after["router"], "baton_router_workers", eligible="true") == 3
+
+
+# ---- a real Prometheus: every dashboard query and alert expression returns data ---------------------------------
+# Grafana's ``$__rate_interval`` is fixed here to a window that covers the whole traffic above.
+WINDOW = "2m"
+
+
+def _query(base: str, expr: str) -> list[dict]:
+    """The result vector of an instant query through Prometheus' HTTP API (a bad expression fails the test)."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"{expr}: {err.read().decode()}") from err
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _has_data(result: list[dict]) -> bool:
+    """At least one series with a number (NaN, from 0/0 or a quantile of nothing, is no data)."""
+    return any(not math.isnan(float(series["value"][1])) for series in result)
+
+
+def _split_top_level(expr: str, words: tuple[str, ...]) -> list[str]:
+    """``expr`` cut at the binary operators ``words`` outside any parentheses or braces."""
+    parts, depth, start = [], 0, 0
+    for match in re.finditer(r"[(){}]|\b(?:" + "|".join(words) + r")\b", expr):
+        token = match.group()
+        if token in "({":
+            depth += 1
+        elif token in ")}":
+            depth -= 1
+        elif depth == 0:
+            parts.append(expr[start:match.start()])
+            start = match.end()
+    return [p.strip() for p in [*parts, expr[start:]]]
+
+
+def alert_queries(expr: str) -> list[str]:
+    """The queries inside an alert expression: its parts joined by ``and`` / ``or`` / ``unless``, each without its
+    trailing comparison with a number (``x > 0.05`` -> ``x``). A condition that holds returns data only while the
+    alert would fire; the query under it must return data whenever the cluster runs, or the alert could never fire
+    (a renamed metric, a wrong label)."""
+    return [re.sub(r"\s*(>=|<=|==|!=|>|<)\s*[-+]?[0-9.]+(e[-+]?[0-9]+)?\s*$", "", part)
+            for part in _split_top_level(expr, ("and", "or", "unless"))]
+
+
+def test_alert_queries_strip_comparisons():
+    assert alert_queries('up{job=~"baton-.*"} == 0') == ['up{job=~"baton-.*"}']
+    assert alert_queries("sum(rate(a[5m])) / sum(rate(b[5m])) < 0.5\nand\nsum(rate(b[5m])) > 100") == [
+        "sum(rate(a[5m])) / sum(rate(b[5m]))", "sum(rate(b[5m]))"]
+    assert alert_queries("max(x) and on (job) y > 1e3") == ["max(x)", "on (job) y"]
+
+
+def test_every_dashboard_query_and_alert_expression_returns_data(traffic, prometheus):
+    from deploy.grafana.build import queries
+
+    expressions = {f"panel {uid} / {title} / target {i}": expr.replace("$__rate_interval", WINDOW)
+                   for i, (uid, title, expr) in enumerate(queries())}
+    rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    for rule in rules:
+        for i, query in enumerate(alert_queries(rule["expr"].strip())):
+            expressions[f"alert {rule['alert']} part {i}"] = query
+    assert len(expressions) == len(queries()) + len(rules) + 1  # one rule has two parts
+    # Poll (not sleep): the last scrapes after the traffic arrive within a few scrape intervals.
+    missing: dict[str, str] = dict(expressions)
+
+    def all_have_data() -> bool:
+        for name, expr in list(missing.items()):
+            if _has_data(_query(prometheus, expr)):
+                del missing[name]
+        return not missing
+
+    try:
+        wait_until(all_have_data, timeout=60, interval=1.0, what="every query to return data")
+    except AssertionError:
+        raise AssertionError("no data for:\n" + "\n".join(f"  {n}: {e}" for n, e in missing.items())) from None
+    # Every target is up, and Prometheus itself evaluates every rule without an error.
+    assert len(_query(prometheus, 'up{job=~"baton-.*"} == 1')) == 4
+
+    def loaded_rules() -> list[dict]:
+        groups = json.loads(urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10).read())["data"]
+        return [rule for group in groups["groups"] for rule in group["rules"]]
+
+    assert sorted(r["name"] for r in loaded_rules()) == sorted(r["alert"] for r in rules)
+    wait_until(lambda: all(r["health"] == "ok" for r in loaded_rules()), timeout=10,
+               what="every rule evaluated without error")
