@@ -232,8 +232,15 @@ def test_temperature_near_zero_is_greedy(cluster, reference):
     assert tokens == reference(prompt, max_tokens=6)
 
 
+def _prefill_outcomes(prefill: Pod) -> dict[str, float]:
+    metrics = prefill.metrics()
+    return {o: metrics[f'baton_prefill_requests_total{{outcome="{o}"}}']
+            for o in ("finished", "invalid", "refused", "aborted", "error")}
+
+
 def test_malformed_prefill_calls(cluster, tiny_checkpoint):
     prefill, _ = cluster
+    before = _prefill_outcomes(prefill)
     with pytest.raises(grpc.RpcError) as err:
         prefill.prefill.Prefill(pd_pb2.PrefillRequest(request_id="x", decode_id="nobody", token_ids=[1]), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "handshake first" in err.value.details()
@@ -257,6 +264,10 @@ def test_malformed_prefill_calls(cluster, tiny_checkpoint):
     with pytest.raises(grpc.RpcError) as err:
         prefill.prefill.Prefill(call, timeout=10)
     assert err.value.code() == grpc.StatusCode.ABORTED and "before it arrived" in err.value.details()
+    # Each call counted once, under the outcome its status means.
+    after = _prefill_outcomes(prefill)
+    assert {o: after[o] - before[o] for o in after} == {"finished": 0, "invalid": 0, "refused": 2, "aborted": 1,
+                                                        "error": 0}
     assert_pod_clean(prefill)
 
 

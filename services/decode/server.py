@@ -18,6 +18,7 @@ handshake returns a new id), checked every ``peer_check_interval_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -229,10 +230,12 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             except InvalidRequestError as err:
                 outcome = "invalid"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            async for response in self._generate(request, prompt, params, arrival):
-                if response.finished:  # before the last yield: the caller may stop right there
-                    outcome = "finished"
-                yield response
+            # aclosing: a caller that leaves ends the engine's stream now, not when the generator is collected.
+            async with contextlib.aclosing(self._generate(request, prompt, params, arrival)) as responses:
+                async for response in responses:
+                    if response.finished:  # before the last yield: the caller may stop right there
+                        outcome = "finished"
+                    yield response
         except InvalidRequestError as err:
             outcome = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -245,6 +248,11 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         except EngineError as err:
             outcome = "error"
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
+        except grpc.aio.AbortError:
+            raise  # the validation's abort above: its outcome is set
+        except Exception:
+            outcome = "error"  # a bug: gRPC answers UNKNOWN
+            raise
         finally:
             self.metrics.requests.labels(outcome).inc()
 

@@ -14,6 +14,7 @@ When every pod is full the router answers RESOURCE_EXHAUSTED at once, with a ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -171,18 +172,20 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         first_token = True
         metrics.in_flight.inc()
         try:
-            async for response in self._generate(route, on_placed):
-                if response.token_ids:
-                    metrics.generation_tokens.inc(len(response.token_ids))
-                    if first_token:
-                        first_token = False
-                        metrics.ttft.observe(time.monotonic() - route.arrival)
-                if response.finished:  # counted before the last yield: a consumer may stop right there
-                    outcome = "finished"
-                    metrics.e2e.observe(time.monotonic() - route.arrival)
-                yield response
-                if response.finished:
-                    return
+            # aclosing: a client that leaves cancels the pod's call now, not when the generator is collected.
+            async with contextlib.aclosing(self._generate(route, on_placed)) as responses:
+                async for response in responses:
+                    if response.token_ids:
+                        metrics.generation_tokens.inc(len(response.token_ids))
+                        if first_token:
+                            first_token = False
+                            metrics.ttft.observe(time.monotonic() - route.arrival)
+                    if response.finished:  # counted before the last yield: a consumer may stop right there
+                        outcome = "finished"
+                        metrics.e2e.observe(time.monotonic() - route.arrival)
+                    yield response
+                    if response.finished:
+                        return
         except RouterError as err:
             outcome = err.outcome
             raise
