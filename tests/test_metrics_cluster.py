@@ -1,6 +1,7 @@
 """Metrics of a live cluster (redis-server, a router with its HTTP gateway, 1 prefill + 2 decode pods, all separate
 processes) under known traffic: successful requests (one prefilled remotely), bad parameters (gRPC, HTTP, and straight
-to a pod), requests refused because every pod is full (at the router and at a pod), and a cancelled stream.
+to a pod), requests refused because every pod is full (at the router and at a pod), and streams cancelled after their
+first token.
 
 ``test_counts_are_exact``: each request is counted once, under its outcome, in the router and in the decode pod that
 saw it; token counters equal the tokens sent and generated; the hand-over's bytes are exactly the missing pages plus
@@ -37,7 +38,7 @@ from tests.test_router_cluster import _request, _router, _serve, generate
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "baton-rules.yaml"
 SHORT, LONG, MAX_TOKENS = 12, 100, 6  # prompt lengths (short: prefilled on the decode pod; long: remotely)
-HOLD_TOKENS = 160  # the streams that fill the pods must outlast the requests refused meanwhile
+HOLD_TOKENS = 2500  # the streams that fill the pods are cancelled long before they could finish
 
 
 @pytest.fixture(scope="module")
@@ -166,50 +167,49 @@ def traffic(cluster, prometheus):
         grpc.StatusCode.INVALID_ARGUMENT
     assert _http(router, "/v1/completions", {"model": model, "prompt": [1, 2, 3], "max_tokens": 4, "n": 2})[0] == 400
 
-    # Fill both decode pods (one running + one waiting each), then one request through the router and one straight
-    # to a pod are refused as overloaded; the 4 holders then finish.
-    holders, results = [], []
-    for seed in range(4):
-        tokens = _tokens(SHORT, seed=920 + seed)
+    exact = _snapshot(cluster)
 
-        def hold(t=tokens):
-            results.append((t, generate(router, t, HOLD_TOKENS, ignore_eos=True)))
+    # Fill both decode pods: a long stream running on each (read up to its first token), then a short one queued
+    # behind each. One request through the router and one straight to a pod are refused as overloaded. The long
+    # streams are then cancelled, and the queued ones run and finish. Each request is placed only once the router
+    # counts the one before in flight: two placed at the same moment could pick the same pod.
+    def in_flight(n: int) -> None:
+        wait_until(lambda: sum(w.active for w in router.health().workers) == n, what=f"{n} requests in flight")
 
-        holders.append(threading.Thread(target=hold))
-        holders[-1].start()
-    wait_until(lambda: sum(w.active for w in router.health().workers) == 4, what="4 requests in flight")
+    running = []
+    for seed in range(2):
+        running.append(router.inference.Generate(_request(_tokens(SHORT, seed=920 + seed), HOLD_TOKENS,
+                                                          ignore_eos=True), timeout=120))
+        next(running[-1])  # its first token: admitted and running, its prompt counted
+        in_flight(seed + 1)
+    queued, results = [], []
+    for seed in range(2):
+        tokens = _tokens(SHORT, seed=930 + seed)
+        queued.append(threading.Thread(target=lambda t=tokens: results.append(
+            (t, generate(router, t, MAX_TOKENS, ignore_eos=True)))))
+        queued[-1].start()
+        in_flight(3 + seed)
     for pod in decodes:
         wait_until(lambda p=pod: (p.health().usage.running, p.health().usage.waiting) == (1, 1),
                    what="each decode pod to run one request and queue one")
-    assert _refused(router.inference.Generate(_request(_tokens(SHORT, 930), 4))) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _refused(decodes[0].inference.Generate(_request(_tokens(SHORT, 931), 4))) == \
+    assert _refused(router.inference.Generate(_request(_tokens(SHORT, 940), 4))) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _refused(decodes[0].inference.Generate(_request(_tokens(SHORT, 941), 4))) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
-    for thread in holders:
-        thread.join(timeout=180)
-    assert len(results) == 4
-    for tokens, (out, last, _) in results:
-        assert len(out) == HOLD_TOKENS and last.finished
-        sent["prompt_tokens"] += len(tokens)
-        sent["generated"] += len(out)
-        sent["cached"] += last.usage.cached_tokens
-    wait_until(lambda: all(p.health().usage.running == 0 for p in decodes), what="the decode pods to be idle")
-    exact = _snapshot(cluster)
-
-    # 1 cancelled: a long stream left after two responses.
-    call = router.inference.Generate(_request(_tokens(SHORT, seed=940), 2000, ignore_eos=True), timeout=120)
-    for _ in range(2):
-        next(call)
-    call.cancel()
+    for call in running:
+        call.cancel()
+    for thread in queued:
+        thread.join(timeout=120)
+    assert len(results) == 2 and all(len(out) == MAX_TOKENS and last.finished for _, (out, last, _) in results)
 
     def counted_everywhere() -> bool:
         after = _snapshot(cluster)
-        return (delta(exact["router"], after["router"], "baton_router_requests_total", outcome="cancelled") == 1
+        return (delta(exact["router"], after["router"], "baton_router_requests_total", outcome="cancelled") >= 2
                 and total(after["decodes"], "baton_requests_total", outcome="cancelled")
-                - total(exact["decodes"], "baton_requests_total", outcome="cancelled") == 1)
+                - total(exact["decodes"], "baton_requests_total", outcome="cancelled") >= 2)  # exact: in the test
 
-    wait_until(counted_everywhere, what="the cancelled stream to be counted by the router and its pod")
+    wait_until(counted_everywhere, what="the cancelled streams to be counted by the router and their pods")
     wait_until(lambda: all(p.health().usage.running == 0 for p in decodes), what="the decode pods to be idle")
-    return {"before": before, "exact": exact, "after": _snapshot(cluster), "sent": sent, "cancelled_prompt": SHORT}
+    return {"before": before, "exact": exact, "after": _snapshot(cluster), "sent": sent}
 
 
 def _decode_delta(traffic, name: str, until: str = "after", **labels: str) -> float:
@@ -221,14 +221,15 @@ def test_counts_are_exact(traffic, layout):  # noqa: F811 (layout: the fixture i
     # Router: each request once, under one outcome.
     router_outcomes = {o: delta(before["router"], after["router"], "baton_router_requests_total", outcome=o)
                        for o in ("finished", "invalid", "overloaded", "unavailable", "error", "cancelled")}
-    assert router_outcomes == {"finished": 9, "invalid": 2, "overloaded": 1, "unavailable": 0, "error": 0,
-                               "cancelled": 1}
-    # Decode pods: the 10 requests the router placed, and the 2 sent to a pod directly (invalid, overloaded).
+    assert router_outcomes == {"finished": 7, "invalid": 2, "overloaded": 1, "unavailable": 0, "error": 0,
+                               "cancelled": 2}
+    # Decode pods: the 9 requests the router placed, and the 2 sent to a pod directly (invalid, overloaded). A
+    # refusal is not also a cancellation.
     pod_outcomes = {o: _decode_delta(traffic, "baton_requests_total", outcome=o)
                     for o in ("finished", "invalid", "overloaded", "error", "cancelled")}
-    assert pod_outcomes == {"finished": 9, "invalid": 1, "overloaded": 1, "error": 0, "cancelled": 1}
-    # Tokens (the finished part, where every count is known): prompt tokens of every finished request, the tokens
-    # generated for them, and what their caches served, equal on the router and the pods.
+    assert pod_outcomes == {"finished": 7, "invalid": 1, "overloaded": 1, "error": 0, "cancelled": 2}
+    # Tokens, up to the snapshot before any stream was cancelled (every count known): the prompt tokens of the 5
+    # finished requests, the tokens generated for them, and what their caches served, equal on the router and pods.
     prompt_tokens, generated = sent["prompt_tokens"], sent["generated"]
     assert delta(before["router"], exact["router"], "baton_router_prompt_tokens_total") == prompt_tokens
     assert delta(before["router"], exact["router"], "baton_router_generation_tokens_total") == generated
@@ -236,19 +237,28 @@ def test_counts_are_exact(traffic, layout):  # noqa: F811 (layout: the fixture i
     assert _decode_delta(traffic, "baton_generation_tokens_total", until="exact") == generated
     assert _decode_delta(traffic, "baton_prefix_cache_query_tokens_total", until="exact") == prompt_tokens
     hits = _decode_delta(traffic, "baton_prefix_cache_hit_tokens_total", until="exact")
-    assert hits == delta(before["router"], exact["router"], "baton_router_prefix_hit_tokens_total", kind="delivered")
     assert hits == sent["cached"]
-    # One latency observation per finished request, on both sides; placements exactly the requests placed.
+    assert hits == delta(before["router"], exact["router"], "baton_router_prefix_hit_tokens_total", kind="delivered")
     for name in ("baton_time_to_first_token_seconds_count", "baton_e2e_request_latency_seconds_count",
                  "baton_request_decode_tokens_per_second_count", "baton_request_queue_time_seconds_count"):
-        assert _decode_delta(traffic, name, until="exact") == 9, name
+        assert _decode_delta(traffic, name, until="exact") == 5, name
     for name in ("baton_router_time_to_first_token_seconds_count", "baton_router_e2e_request_latency_seconds_count"):
-        assert delta(before["router"], exact["router"], name) == 9, name
-    assert delta(before["router"], after["router"], "baton_router_placement_seconds_count") == 10
-    assert delta(before["router"], after["router"], "baton_router_decisions_total") == 10
-    # The cancelled stream: its prompt counted once it produced a token, some of its tokens generated.
-    assert _decode_delta(traffic, "baton_prompt_tokens_total") - prompt_tokens == traffic["cancelled_prompt"]
-    assert _decode_delta(traffic, "baton_generation_tokens_total") - generated >= 2
+        assert delta(before["router"], exact["router"], name) == 5, name
+    # After the 4 requests that filled the pods (2 cancelled after their first token, 2 finished): their prompts
+    # counted once each, where they produced a first token; latencies of the finished ones only.
+    assert delta(exact["router"], after["router"], "baton_router_prompt_tokens_total") == 4 * SHORT
+    assert _decode_delta(traffic, "baton_prompt_tokens_total") - prompt_tokens == 4 * SHORT
+    assert _decode_delta(traffic, "baton_prefix_cache_query_tokens_total") - prompt_tokens == 4 * SHORT
+    assert _decode_delta(traffic, "baton_generation_tokens_total") - generated >= 2 * MAX_TOKENS + 2
+    assert delta(exact["router"], after["router"], "baton_router_generation_tokens_total") >= 2 * MAX_TOKENS + 2
+    assert _decode_delta(traffic, "baton_time_to_first_token_seconds_count") == 9
+    assert _decode_delta(traffic, "baton_request_queue_time_seconds_count") == 9
+    assert _decode_delta(traffic, "baton_e2e_request_latency_seconds_count") == 7
+    assert _decode_delta(traffic, "baton_request_decode_tokens_per_second_count") == 7
+    assert delta(before["router"], after["router"], "baton_router_e2e_request_latency_seconds_count") == 7
+    # Placements: exactly the requests placed (not the refused ones).
+    assert delta(before["router"], after["router"], "baton_router_placement_seconds_count") == 9
+    assert delta(before["router"], after["router"], "baton_router_decisions_total") == 9
     # The one long prompt went to the prefill pod: one call, one transfer of its 25 pages and two state slots.
     prefill_before, prefill_after = before["prefill"], after["prefill"]
     assert _decode_delta(traffic, "baton_remote_prefills_total", outcome="ok") == 1
