@@ -13,8 +13,10 @@ SCAN_VENV ?= .venv-scan
 SCAN_STAMP := $(SCAN_VENV)/.baton-setup
 TORCH_CPU_VERSION := 2.13.0
 # Debian packages the tests need: the RDMA/NUMA/curl libraries Mooncake's transfer engine links against, and
-# redis-server (the cluster's registry and cache-event streams; tests start their own on free ports).
-SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4 redis-server
+# redis-server (the cluster's registry and cache-event streams; tests start their own on free ports), and
+# prometheus (prometheus + promtool: the alert rules' unit tests and a live Prometheus scraping a test cluster; tests
+# start their own on a free port with a temporary config and data directory, the package's service plays no part).
+SYSTEM_PACKAGES := libibverbs1 librdmacm1 libnuma1 libcurl4 redis-server prometheus
 
 .PHONY: help setup sysdeps protos run test lint clean chart-files
 

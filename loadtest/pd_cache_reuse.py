@@ -28,12 +28,12 @@ def _counter(pod: Pod, name: str) -> float:
 
 
 def _send(decode: Pod, prefill: Pod, tokens: list[int], max_tokens: int) -> dict:
-    sent, pages = _counter(prefill, "baton_transfer_bytes_total"), _counter(prefill, "baton_kv_pages_transferred_total")
+    sent, pages = _counter(prefill, "baton_transfer_bytes_total"), _counter(prefill, "baton_transfer_kv_pages_total")
     out, last = decode.generate(tokens, max_tokens=max_tokens)
     return {
         "tokens": out, "cached_tokens": last.usage.cached_tokens,
         "bytes_sent": _counter(prefill, "baton_transfer_bytes_total") - sent,
-        "kv_pages_sent": _counter(prefill, "baton_kv_pages_transferred_total") - pages,
+        "kv_pages_sent": _counter(prefill, "baton_transfer_kv_pages_total") - pages,
     }
 
 

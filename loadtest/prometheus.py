@@ -66,17 +66,17 @@ def select(samples: Samples, name: str, **labels: str) -> float | None:
 
 # What the load test reads, by meaning: the first candidate a server exposes is used.
 SERIES: dict[str, list[tuple[str, dict[str, str]]]] = {
-    "running": [("baton_queue_requests", {"state": "running"}), ("vllm:num_requests_running", {}),
+    "running": [("baton_engine_requests", {"state": "running"}), ("vllm:num_requests_running", {}),
                 ("sglang:num_running_reqs", {})],
-    "waiting": [("baton_queue_requests", {"state": "waiting"}), ("vllm:num_requests_waiting", {}),
+    "waiting": [("baton_engine_requests", {"state": "waiting"}), ("vllm:num_requests_waiting", {}),
                 ("sglang:num_queue_reqs", {})],
-    "kv_pages_used": [("baton_pool_used", {"pool": "kv_pages"})],
-    "kv_pages_total": [("baton_pool_capacity", {"pool": "kv_pages"})],
+    "kv_pages_used": [("baton_kv_pages_used", {})],
+    "kv_pages_total": [("baton_kv_pages_capacity", {})],
     "kv_usage": [("vllm:kv_cache_usage_perc", {}), ("sglang:token_usage", {})],
     # Counters: prompt tokens looked up in the prefix cache, and those served from it.
-    "prefix_prompt_tokens": [("baton_prefix_cache_tokens_total", {"kind": "prompt"}),
+    "prefix_prompt_tokens": [("baton_prefix_cache_query_tokens_total", {}),
                              ("vllm:prefix_cache_queries_total", {})],
-    "prefix_cached_tokens": [("baton_prefix_cache_tokens_total", {"kind": "cached"}),
+    "prefix_cached_tokens": [("baton_prefix_cache_hit_tokens_total", {}),
                              ("vllm:prefix_cache_hits_total", {})],
     "transfer_bytes": [("baton_transfer_bytes_total", {})],
 }

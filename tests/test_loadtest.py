@@ -305,14 +305,14 @@ def test_sse_decoder_cut_anywhere():
 
 # ---- Prometheus -------------------------------------------------------------------------------------------------
 
-METRICS_PAGE = """# HELP baton_queue_requests Requests by scheduler state
-# TYPE baton_queue_requests gauge
-baton_queue_requests{state="running"} 3.0
-baton_queue_requests{state="waiting"} 1.0
-baton_pool_used{pool="kv_pages"} 150.0
-baton_pool_capacity{pool="kv_pages"} 600.0
-baton_prefix_cache_tokens_total{kind="prompt"} 12000.0
-baton_prefix_cache_tokens_total{kind="cached"} 9000.0
+METRICS_PAGE = """# HELP baton_engine_requests Requests in the engine by scheduler state
+# TYPE baton_engine_requests gauge
+baton_engine_requests{state="running"} 3.0
+baton_engine_requests{state="waiting"} 1.0
+baton_kv_pages_used 150.0
+baton_kv_pages_capacity 600.0
+baton_prefix_cache_query_tokens_total 12000.0
+baton_prefix_cache_hit_tokens_total 9000.0
 odd_labels{path="a\\"b\\\\c",le="+Inf"} +Inf 1712345678000
 not_a_number NaN
 """
@@ -321,8 +321,8 @@ not_a_number NaN
 def test_prometheus_parse_and_read():
     samples = parse(METRICS_PAGE)
     assert samples[("odd_labels", (("le", "+Inf"), ("path", 'a"b\\c')))] == float("inf")
-    assert select(samples, "baton_queue_requests") == 4.0
-    assert select(samples, "baton_queue_requests", state="running") == 3.0
+    assert select(samples, "baton_engine_requests") == 4.0
+    assert select(samples, "baton_engine_requests", state="running") == 3.0
     assert select(samples, "not_a_number") is None and select(samples, "absent") is None
     assert read(samples) == {"running": 3.0, "waiting": 1.0, "kv_pages_used": 150.0, "kv_pages_total": 600.0,
                              "kv_usage": 0.25, "prefix_prompt_tokens": 12000.0, "prefix_cached_tokens": 9000.0}

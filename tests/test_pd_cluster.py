@@ -129,11 +129,11 @@ def test_same_prompt_twice_is_served_from_the_decode_pods_cache(cluster, referen
     first, _ = decode.generate(prompt)
     assert first == reference(prompt)
     sent = _bytes_sent(prefill)
-    pages = decode.metrics().get("baton_kv_pages_transferred_total", 0.0)
+    pages = prefill.metrics().get("baton_transfer_kv_pages_total", 0.0)
     again, last = decode.generate(prompt)
     assert again == first
     assert last.usage.cached_tokens >= length - PAGE
-    assert _bytes_sent(prefill) == sent and decode.metrics().get("baton_kv_pages_transferred_total", 0.0) == pages
+    assert _bytes_sent(prefill) == sent and prefill.metrics().get("baton_transfer_kv_pages_total", 0.0) == pages
     assert_pod_clean(decode)
     assert_pod_clean(prefill)
 
@@ -232,8 +232,15 @@ def test_temperature_near_zero_is_greedy(cluster, reference):
     assert tokens == reference(prompt, max_tokens=6)
 
 
+def _prefill_outcomes(prefill: Pod) -> dict[str, float]:
+    metrics = prefill.metrics()
+    return {o: metrics[f'baton_prefill_requests_total{{outcome="{o}"}}']
+            for o in ("finished", "invalid", "refused", "aborted", "error")}
+
+
 def test_malformed_prefill_calls(cluster, tiny_checkpoint):
     prefill, _ = cluster
+    before = _prefill_outcomes(prefill)
     with pytest.raises(grpc.RpcError) as err:
         prefill.prefill.Prefill(pd_pb2.PrefillRequest(request_id="x", decode_id="nobody", token_ids=[1]), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "handshake first" in err.value.details()
@@ -257,6 +264,10 @@ def test_malformed_prefill_calls(cluster, tiny_checkpoint):
     with pytest.raises(grpc.RpcError) as err:
         prefill.prefill.Prefill(call, timeout=10)
     assert err.value.code() == grpc.StatusCode.ABORTED and "before it arrived" in err.value.details()
+    # Each call counted once, under the outcome its status means.
+    after = _prefill_outcomes(prefill)
+    assert {o: after[o] - before[o] for o in after} == {"finished": 0, "invalid": 0, "refused": 2, "aborted": 1,
+                                                        "error": 0}
     assert_pod_clean(prefill)
 
 
@@ -333,8 +344,8 @@ def test_transfer_slower_than_the_deadline_never_reuses_memory(tiny_checkpoint, 
         assert tokens == reference(prompt, max_tokens=4), "served by a local prefill"
         usage = decode.health().usage
         assert usage.pages_quarantined == 30 and usage.slots_quarantined == 1 and usage.checkpoints_quarantined == 1
-        assert decode.metrics()['baton_pool_quarantined{pool="kv_pages"}'] == 30
-        assert decode.metrics()['baton_remote_prefills_total{outcome="quarantined"}'] == 1
+        assert decode.metrics()["baton_kv_pages_quarantined"] == 30
+        assert decode.metrics()["baton_remote_prefill_quarantines_total"] == 1
 
         # A short prompt (prefilled here) decoding while the paused write goes on and lands.
         other = _tokens(10, seed=18)
@@ -375,7 +386,7 @@ def test_two_prefill_pods_one_killed_mid_transfer_then_restarted(tiny_checkpoint
         assert tokens == reference(prompt), "completed on the other prefill pod"
         assert second.metrics()["baton_transfer_bytes_total"] > 0
         metrics = decode.metrics()
-        assert metrics['baton_remote_prefills_total{outcome="quarantined"}'] == 1
+        assert metrics["baton_remote_prefill_quarantines_total"] == 1
         assert metrics['baton_remote_prefills_total{outcome="ok"}'] == 1
         assert metrics.get('baton_remote_prefills_total{outcome="local"}', 0.0) == 0
         health = decode.health()
@@ -417,7 +428,7 @@ def test_prefill_pod_finishes_its_hand_overs_when_terminated(tiny_checkpoint, re
         assert prefill.proc.wait(timeout=60) == 0
         metrics = decode.metrics()
         assert metrics['baton_remote_prefills_total{outcome="ok"}'] == 1
-        assert metrics.get('baton_remote_prefills_total{outcome="quarantined"}', 0.0) == 0
+        assert metrics.get("baton_remote_prefill_quarantines_total", 0.0) == 0
         assert_pod_clean(decode)
     finally:
         decode.stop()

@@ -18,6 +18,7 @@ handshake returns a new id), checked every ``peer_check_interval_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -222,16 +223,52 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
 
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
+        arrival = time.monotonic()
+        # Counted once, when the stream ends; a stream that ends any other way (the caller cancelled, its deadline
+        # passed) stays "cancelled".
+        outcome = "cancelled"
         try:
-            prompt = prompt_from_request(request)
-            params = sampling_from_proto(request.sampling)
+            try:
+                prompt = prompt_from_request(request)
+                params = sampling_from_proto(request.sampling)
+            except InvalidRequestError as err:
+                outcome = "invalid"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            # aclosing: a caller that leaves ends the engine's stream now, not when the generator is collected.
+            async with contextlib.aclosing(self._generate(request, prompt, params, arrival)) as responses:
+                async for response in responses:
+                    if response.finished:  # before the last yield: the caller may stop right there
+                        outcome = "finished"
+                    yield response
         except InvalidRequestError as err:
+            outcome = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except OverloadedError as err:
+            outcome = "overloaded"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except EngineDeadError as err:
+            outcome = "error"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decode pod stopped serving: {err}")
+        except EngineError as err:
+            outcome = "error"
+            await context.abort(grpc.StatusCode.INTERNAL, str(err))
+        except grpc.aio.AbortError:
+            raise  # the validation's abort above: its outcome is set
+        except Exception:
+            outcome = "error"  # a bug: gRPC answers UNKNOWN
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+
+    async def _generate(self, request: inference_pb2.GenerateRequest, prompt, params, arrival: float):
+        """The engine's stream as responses, with its latency and token metrics."""
+        metrics = self.metrics
         # The engine's id is unique even when a client reuses its request id: two requests never share a
         # stream, a remote prefill or an abort.
         request_id = request.request_id or uuid.uuid4().hex
         engine_id = f"{request.request_id}.{uuid.uuid4().hex[:12]}" if request.request_id else request_id
-        arrival, last_token_at, finished, refused = time.monotonic(), None, False, False
+        first_token_at = last_token_at = None
+        num_tokens, finished, queue_seen = 0, False, False
         self.live.add(engine_id)
         self.streams.enter()
         named = request.routing.prefill_address
@@ -242,13 +279,24 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         try:
             async for out in self.async_engine.generate(prompt, params, engine_id):
                 now = time.monotonic()
+                if not queue_seen and out.queue_time is not None:
+                    queue_seen = True
+                    metrics.queue_time.observe(out.queue_time)
                 if out.new_token_ids:
-                    if last_token_at is None:
-                        self.metrics.ttft.observe(now - arrival)
+                    if first_token_at is None:
+                        first_token_at = now
+                        metrics.ttft.observe(now - arrival)
+                        metrics.prompt_tokens.inc(out.num_prompt_tokens)
                     else:
-                        self.metrics.itl.observe((now - last_token_at) / len(out.new_token_ids))
+                        metrics.itl.observe((now - last_token_at) / len(out.new_token_ids))
                     last_token_at = now
+                    num_tokens += len(out.new_token_ids)
+                    metrics.generation_tokens.inc(len(out.new_token_ids))
                 finished = out.finished
+                if finished:
+                    metrics.e2e.observe(now - arrival)
+                    if num_tokens >= 2 and last_token_at > first_token_at:
+                        metrics.decode_speed.observe((num_tokens - 1) / (last_token_at - first_token_at))
                 yield inference_pb2.GenerateResponse(
                     request_id=request_id, token_ids=out.new_token_ids, text=out.new_text,
                     logprobs=out.new_logprobs or [], finished=out.finished,
@@ -258,27 +306,11 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
                         cached_tokens=out.num_cached_tokens,
                     ),
                 )
-            self.metrics.requests.labels("finished").inc()
-        except InvalidRequestError as err:
-            refused = True
-            self.metrics.requests.labels("rejected").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except OverloadedError as err:
-            self.metrics.requests.labels("overloaded").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        except EngineDeadError as err:
-            self.metrics.requests.labels("error").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decode pod stopped serving: {err}")
-        except EngineError as err:
-            self.metrics.requests.labels("error").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, str(err))
         finally:
             self.direct_requests -= direct
             self.named_prefill.pop(engine_id, None)
             self.live.discard(engine_id)
             self.streams.exit()
-            if not finished and not refused:
-                self.metrics.requests.labels("cancelled").inc()
             self._stream_ended(engine_id, finished)
 
     async def Health(self, request, context) -> inference_pb2.HealthResponse:
@@ -347,8 +379,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             named = self.named_prefill.get(request_id) if record.attempts == 0 else None
             peer = (await self._named_peer(named) if named else None) or self._pick_peer()
         if peer is None:  # the client left before it was sent, or no pod to send it to: nothing was written
-            if request_id in self.live:
-                self.metrics.remote_prefills.labels("local").inc()
+            self.metrics.remote_prefills.labels("local" if request_id in self.live else "cancelled").inc()
             self._settle(request_id, None, prefill_locally=True)
             return
         record.attempts += 1
@@ -362,10 +393,12 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             self.remote.pop(request_id, None)
             return
         if outcome == _QUARANTINE:
-            self.metrics.remote_prefills.labels("quarantined").inc()
+            self.metrics.remote_prefill_quarantines.inc()
             self.quarantined[record.call_id] = _QuarantinedCall(peer, writer, request_id, record.call_id)
         again = outcome != _LOCAL and record.attempts < self.config.max_prefill_attempts and request_id in self.live
-        self.metrics.remote_prefills.labels("retried" if again else "local").inc()
+        self.metrics.remote_prefills.labels(
+            "retried" if again else "local" if request_id in self.live else "cancelled"
+        ).inc()
         self._settle(request_id, record.call_id if outcome == _QUARANTINE else None, prefill_locally=not again)
 
     def _settle(self, request_id: str, quarantine_key: str | None, prefill_locally: bool) -> None:
@@ -410,7 +443,6 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             log.error("prefill pod %s answered %s with first token %d, outside [0, %d): prefilling locally",
                       peer.address, call_id, response.first_token, vocab)
             return _LOCAL
-        self.metrics.pages_transferred.inc(response.pages_transferred)
         logprob = response.first_logprob if response.has_logprob else None
         self.async_engine.complete_remote_prefill(
             task.request_id, response.first_token, logprob,
@@ -481,7 +513,7 @@ async def serve(config: DecodeConfig) -> int:
             await health_server.stop(0)
         transfer.close()
         return 0
-    metrics = PodMetrics("decode", engine.resource_usage, lambda: engine.cache.stats)
+    metrics = PodMetrics("decode", engine)
     metrics_port = metrics.serve(config.host, config.metrics_port)
     fatal = asyncio.Event()
     service = DecodeService(config, engine, transfer, metrics, fatal,

@@ -320,6 +320,7 @@ class Engine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids),
             num_cached_tokens=request.num_cached_tokens,
+            queue_time=None if request.scheduled_time is None else request.scheduled_time - request.arrival_time,
         )
 
     def _finish(self, request: Request) -> None:

@@ -142,6 +142,7 @@ class Request:
     snapshot_position: int = 0
     num_preemptions: int = 0
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # when it first left WAITING (its queue time ends there)
     # Prefill/decode disaggregation (the lifecycle itself is ``status``). Prefill side, an option fixed at
     # creation: when computed, keep pages and slots (HANDING_OVER) until the hand-over is done. Decode side,
     # a routing decision: prefill pods failed this request, so it is prefilled here.
@@ -162,6 +163,9 @@ class Request:
             raise IllegalTransitionError(
                 f"request {self.request_id}: {self._status.value} -> {status.value} is not a legal transition"
             )
+        leaves_queue = self._status is RequestStatus.WAITING and status is not RequestStatus.FINISHED
+        if leaves_queue and self.scheduled_time is None:
+            self.scheduled_time = time.monotonic()
         self._status = status
 
     @property
@@ -214,3 +218,4 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_time: float | None = None  # arrival in the engine to first scheduled, once known

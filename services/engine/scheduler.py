@@ -58,6 +58,7 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order: the last one is preempted first
+        self.num_preemptions = 0  # for the metrics
         self.remote: list[Request] = []  # REMOTE_PREFILL or ABORTING: a prefill pod may write their memory
         self.remote_prefills: list[Request] = []  # admitted for a prefill pod since the engine last took them
         self.quarantine = Quarantine(pages, slots, cache.checkpoint_slots)
@@ -166,6 +167,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_cached_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.move_to(RequestStatus.WAITING)
         self.waiting.appendleft(request)
 

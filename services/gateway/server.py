@@ -12,6 +12,7 @@ cancellation), which closes the router's stream and cancels the pod's call: the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -114,14 +115,32 @@ class OpenAIGateway:
 
     # ---- generation ---------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion(await self._json(request), self.model_name)
-        if parsed.prompt_ids is not None:
-            prompt = parsed.prompt_ids
-        else:
-            prompt = await self.router.encode(parsed.prompt_text)
-        return await self._serve(request, parsed, prompt)
+        arrival = time.monotonic()
+        with self._counted_if_refused():
+            parsed = parse_completion(await self._json(request), self.model_name)
+            if parsed.prompt_ids is not None:
+                prompt = parsed.prompt_ids
+            else:
+                prompt = await self.router.encode(parsed.prompt_text)
+        return await self._serve(request, parsed, prompt, arrival)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrival = time.monotonic()
+        with self._counted_if_refused():
+            parsed, prompt = await self._chat_prompt(request)
+        return await self._serve(request, parsed, prompt, arrival)
+
+    @contextlib.contextmanager
+    def _counted_if_refused(self):
+        """A request refused while it is parsed (bad JSON or field, unknown model, template error) never reaches
+        ``RouterService.generate``, which counts the others: count it here, once."""
+        try:
+            yield
+        except ApiError:
+            self.router.metrics.requests.labels("invalid").inc()
+            raise
+
+    async def _chat_prompt(self, request: web.Request) -> tuple[ParsedRequest, list[int]]:
         parsed = parse_chat(await self._json(request), self.model_name)
         template = self.router.tokenizer.chat_template
         if template is None:
@@ -143,7 +162,7 @@ class OpenAIGateway:
             limit = self.router.max_model_len()
             if limit and limit > len(prompt):
                 parsed.sampling.max_tokens = limit - len(prompt)
-        return await self._serve(request, parsed, prompt)
+        return parsed, prompt
 
     async def _json(self, request: web.Request):
         try:
@@ -151,9 +170,10 @@ class OpenAIGateway:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from err
 
-    async def _serve(self, request: web.Request, parsed: ParsedRequest, prompt: list[int]) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, parsed: ParsedRequest, prompt: list[int],
+                     arrival: float) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        route = RouteRequest(prompt, parsed.sampling, parsed.session_id, request_id)
+        route = RouteRequest(prompt, parsed.sampling, parsed.session_id, request_id, arrival=arrival)
         placed: list[str] = []
 
         async def on_placed(address: str) -> None:

@@ -54,6 +54,9 @@ from services.transfer.handover import (
 log = logging.getLogger("baton.prefill")
 
 _ABORTED_REMEMBERED = 4096  # aborted request keys kept to refuse a Prefill that arrives after its Abort
+# A Prefill call's metrics outcome by the status it was aborted with (anything else: "error").
+_OUTCOME_OF_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.FAILED_PRECONDITION: "refused",
+                      grpc.StatusCode.ABORTED: "aborted"}
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,20 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             raise InvalidRequestError("dest_checkpoint_slot is the same slot as dest_state_slot")
 
     async def Prefill(self, request: pd_pb2.PrefillRequest, context) -> pd_pb2.PrefillResponse:
+        # Counted once per call. A handler cancelled (the decode pod's deadline passed, or it went away) stays
+        # "aborted"; an abort's status says which outcome it was.
+        outcome = "aborted"
+        try:
+            response = await self._prefill_call(request, context)
+            outcome = "finished"
+            return response
+        except Exception:
+            outcome = _OUTCOME_OF_STATUS.get(context.code(), "error")
+            raise
+        finally:
+            self.metrics.prefill_requests.labels(outcome).inc()
+
+    async def _prefill_call(self, request: pd_pb2.PrefillRequest, context) -> pd_pb2.PrefillResponse:
         if self.draining:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the prefill pod is shutting down")
         decode = self.decodes.get(request.decode_id)
@@ -250,15 +267,17 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
                 inflight.writes.append(asyncio.ensure_future(asyncio.to_thread(err.still_running.wait)))
             # DATA_LOSS tells the decode pod its destination memory now holds unknown bytes, some of which
             # may still land late (see services/transfer/engine.py): it must not reuse that memory.
+            self.metrics.transfers.labels("failed").inc()
             log.error("hand-over of %s failed: %s", key, err)
             await context.abort(grpc.StatusCode.DATA_LOSS, f"hand-over to the decode pod failed: {err}")
         elapsed = time.monotonic() - started
-        if inflight.aborted:  # everything was written, but the decode pod gave up on it meanwhile
-            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
+        self.metrics.transfers.labels("ok").inc()
         self.metrics.transfer_bytes.inc(nbytes)
         self.metrics.transfer_seconds.observe(elapsed)
-        self.metrics.pages_transferred.inc(end - first)
-        self.metrics.requests.labels("finished").inc()
+        self.metrics.transfer_pages.inc(end - first)
+        if inflight.aborted:  # everything was written, but the decode pod gave up on it meanwhile
+            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
+        self.metrics.prefill_prompt_tokens.inc(n)
         logprob = last.new_logprobs[0] if last.new_logprobs else 0.0
         first_token = last.new_token_ids[0] if self.config.fault_first_token < 0 else self.config.fault_first_token
         return pd_pb2.PrefillResponse(
@@ -360,7 +379,7 @@ async def serve(config: PrefillConfig) -> int:
             await health_server.stop(0)
         transfer.close()
         return 0
-    metrics = PodMetrics("prefill", engine.resource_usage, lambda: engine.cache.stats)
+    metrics = PodMetrics("prefill", engine)
     metrics_port = metrics.serve(config.host, config.metrics_port)
     fatal = asyncio.Event()
     service = PrefillService(config, engine, transfer, metrics, fatal,

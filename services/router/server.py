@@ -14,6 +14,7 @@ When every pod is full the router answers RESOURCE_EXHAUSTED at once, with a ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -57,6 +58,14 @@ _POD_FAILED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.Status
                grpc.StatusCode.CANCELLED}
 
 
+# A refused or failed request's outcome in the metrics, by its status (anything else: "error").
+_OUTCOME_OF_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.OUT_OF_RANGE: "invalid",
+    grpc.StatusCode.NOT_FOUND: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
+
+
 class _Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -88,6 +97,11 @@ class RouterError(Exception):
         self.message = message
         self.retry_after_s = retry_after_s  # set with RESOURCE_EXHAUSTED: when trying again may succeed
 
+    @property
+    def outcome(self) -> str:
+        """The request metrics' outcome (services/router/metrics.py)."""
+        return _OUTCOME_OF_STATUS.get(self.code, "error")
+
 
 @dataclass
 class RouteRequest:
@@ -99,6 +113,7 @@ class RouteRequest:
     session_id: str = ""
     request_id: str = ""
     served_by: str = ""  # the decode pod that served it (the last one, after a failover); set by ``generate``
+    arrival: float = field(default_factory=time.monotonic)  # when the router received it (for latencies)
 
 
 @dataclass
@@ -137,12 +152,13 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
 
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request, context):
+        arrival = time.monotonic()
         try:
             prompt = await self.prompt_ids(request)
         except InvalidRequestError as err:
             self.metrics.requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        route = RouteRequest(prompt, request.sampling, request.session_id, request.request_id)
+        route = RouteRequest(prompt, request.sampling, request.session_id, request.request_id, arrival=arrival)
 
         async def placed(address: str) -> None:  # which pod serves it, for clients and operators
             await context.send_initial_metadata((("baton-decode-pod", address),))
@@ -175,7 +191,37 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         """Place the request, relay its stream (moving it to another pod if one fails), and yield the client's view
         of it: tokens, text, usage. Raises RouterError when it cannot be served. ``on_placed(address)`` is awaited
         once the first decode pod is chosen. Leaving the iteration early (the client left) cancels the pod's call,
-        which frees the request there."""
+        which frees the request there. Counted once in the request metrics, when it ends."""
+        metrics = self.metrics
+        outcome = "cancelled"  # unless it ends otherwise: the client left (the generator was closed or cancelled)
+        first_token = True
+        metrics.in_flight.inc()
+        try:
+            # aclosing: a client that leaves cancels the pod's call now, not when the generator is collected.
+            async with contextlib.aclosing(self._generate(route, on_placed)) as responses:
+                async for response in responses:
+                    if response.token_ids:
+                        metrics.generation_tokens.inc(len(response.token_ids))
+                        if first_token:
+                            first_token = False
+                            metrics.ttft.observe(time.monotonic() - route.arrival)
+                    if response.finished:  # counted before the last yield: a consumer may stop right there
+                        outcome = "finished"
+                        metrics.e2e.observe(time.monotonic() - route.arrival)
+                    yield response
+                    if response.finished:
+                        return
+        except RouterError as err:
+            outcome = err.outcome
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(outcome).inc()
+
+    async def _generate(self, route: RouteRequest, on_placed) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
             params = sampling_from_proto(route.sampling)
             self.check_prompt(route.prompt)
@@ -186,7 +232,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     f"context of {limit} tokens"
                 )
         except InvalidRequestError as err:
-            self.metrics.requests.labels("invalid").inc()
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
         prompt = route.prompt
         request_id = route.request_id or uuid.uuid4().hex
@@ -197,7 +242,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         stream = _Stream(prompt, params.max_tokens, TextStream(self.tokenizer, prompt, params.stop),
                          frozenset(params.stop_token_ids) | frozenset(eos))
         excluded: set[str] = set()
-        finished = False
         try:
             for _attempt in range(self.config.max_attempts):
                 current = prompt + stream.tokens
@@ -207,10 +251,8 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     placement = self._place(current, hashes, route.session_id, excluded)
                 except _Refusal as refusal:
                     if refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        self.metrics.requests.labels("overloaded").inc()
                         hint = self.config.retry_after_s
                         raise RouterError(refusal.code, f"{refusal}; retry after {hint:g} s", hint) from None
-                    self.metrics.requests.labels("unavailable").inc()
                     raise RouterError(refusal.code, str(refusal)) from None
                 sampling = inference_pb2.SamplingParams()
                 sampling.CopyFrom(route.sampling)
@@ -229,12 +271,10 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     await on_placed(placement.decode.record.address)
                 try:
                     async for response in self._relay(placement, pod_request, stream):
-                        if response.finished:  # counted before the last yield: a consumer may stop right there
-                            finished = True
+                        if response.finished:
                             route.served_by = placement.decode.record.address
-                            self.metrics.requests.labels("finished").inc()
                         yield response
-                        if finished:
+                        if response.finished:
                             self.sessions.answered(route.session_id, time.monotonic())
                             return
                     raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
@@ -245,16 +285,10 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                     self.metrics.failovers.labels(stage).inc()
                     self.table.failed(failure.worker, time.monotonic() + self.config.unavailable_s)
                     excluded.add(failure.worker.name)
-            self.metrics.requests.labels("unavailable").inc()
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no decode pod completed the request after {self.config.max_attempts} attempts")
         except grpc.aio.AioRpcError as err:  # the pod refused the request itself (bad for this model, ...)
-            self.metrics.requests.labels("rejected").inc()
             raise RouterError(err.code(), err.details() or "") from err
-        except (asyncio.CancelledError, GeneratorExit):  # the client left: leaving _relay cancelled the pod's call
-            if not finished:
-                self.metrics.requests.labels("cancelled").inc()
-            raise
 
     async def Health(self, request, context) -> inference_pb2.HealthResponse:
         now = time.monotonic()
@@ -426,11 +460,11 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         """For the metrics' gauges."""
         now = time.monotonic()
         eligible = {w.name for role in ("decode", "prefill") for w in self.table.eligible(role, now)}
-        counts = Counter((w.record.role, "eligible" if w.name in eligible else "not_eligible")
-                         for w in self.table.workers.values())
-        counts.update((w.record.role, "index_" + w.feed.state.value) for w in self.table.workers.values())
-        return {"redis_up": self.sync.up, "workers": dict(counts), "index_pages": self.index.num_pages,
-                "index_entries": self.index.num_page_entries}
+        workers = self.table.workers.values()
+        counts = Counter((w.record.role, "true" if w.name in eligible else "false") for w in workers)
+        feeds = Counter((w.record.role, w.feed.state.value) for w in workers)
+        return {"redis_up": self.sync.up, "workers": dict(counts), "feeds": dict(feeds),
+                "index_pages": self.index.num_pages, "index_entries": self.index.num_page_entries}
 
 
 async def _watch_loop_lag(metrics: RouterMetrics, period_s: float = 0.01) -> None:
