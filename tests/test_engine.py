@@ -329,3 +329,40 @@ def test_cache_events_are_kept_only_for_a_consumer(tiny_checkpoint):
     assert {e.page_hash for e in snapshot if e.kind == "stored"} == stored
     assert engine.cache_digest == silent.cache_digest
     assert engine.cache_digest.pages == len(stored)
+
+
+def test_callers_that_leave_before_the_engine_answers_do_not_stop_it(tiny_checkpoint):
+    """A Health read or a request whose caller gives up while the engine thread is busy: the engine skips the
+    read, drops the request (or aborts it), and keeps serving; nothing leaks."""
+    import threading
+
+    engine = cpu_engine(tiny_checkpoint)
+    async_engine = AsyncEngine(engine)
+    release = threading.Event()
+    busy = async_engine.call(lambda e: release.wait(30))  # holds the engine thread until released
+
+    async def main():
+        read = async_engine.call(lambda e: e.resource_usage())
+        waiter = asyncio.ensure_future(asyncio.wrap_future(read))
+        request = asyncio.ensure_future(anext(async_engine.generate([5, 6, 7, 8], GREEDY)))
+        await asyncio.sleep(0)  # let the generate post its command: it waits on the engine now
+        await asyncio.sleep(0)
+        waiter.cancel()
+        request.cancel()
+        for task in (waiter, request):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        release.set()
+        busy.result(timeout=30)
+        # Still serving: a new request gets its tokens (a dead engine thread would leave it waiting).
+        async def collect():
+            return [out async for out in async_engine.generate([5, 6, 7, 8], GREEDY)]
+
+        return await asyncio.wait_for(collect(), 30)
+
+    outs = asyncio.run(main())
+    assert async_engine.dead is None and outs[-1].finished
+    usage = async_engine.call(lambda e: e.resource_usage()).result(timeout=30)
+    assert usage["slots_used"] == 0 and usage["running"] == 0 and usage["waiting"] == 0, usage
+    async_engine.shutdown()
+    assert_no_leaks(engine)

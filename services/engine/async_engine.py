@@ -119,7 +119,14 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._post("add", (prompt, params, request_id, hold_memory, stream, accepted))
-        await asyncio.wrap_future(accepted)
+        try:
+            await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:
+            # The caller left while the engine thread had not answered yet: if the request was (or is being)
+            # added, nobody will read it, so abort it (after the add: one queue, in order; a no-op otherwise).
+            if self._dead is None:
+                self.abort(request_id)
+            raise
         finished = False
         try:
             while not finished:
@@ -232,7 +239,8 @@ class AsyncEngine:
                 kind, payload = self._commands.get(block=False)
             except queue.Empty:
                 break
-            if kind in ("add", "call"):  # their callers wait on the future that ends the payload
+            # Their callers wait on the future that ends the payload (unless they left: it is cancelled).
+            if kind in ("add", "call") and payload[-1].set_running_or_notify_cancel():
                 payload[-1].set_exception(error)
         if self._on_fatal is not None:
             self._on_fatal(error)
@@ -257,6 +265,10 @@ class AsyncEngine:
     def _handle(self, kind: str, payload) -> None:
         if kind == "add":
             prompt, params, request_id, hold_memory, stream, accepted = payload
+            # A future its caller cancelled (it left before this ran) cannot take a result, and setting one would
+            # raise here, on the engine thread, and end it: skip the request instead.
+            if not accepted.set_running_or_notify_cancel():
+                return
             try:
                 self.engine.add_request(prompt, params, request_id, hold_memory=hold_memory)
             except Exception as exc:
@@ -279,6 +291,8 @@ class AsyncEngine:
             self.engine.release_held(payload)
         elif kind == "call":
             fn, args, done = payload
+            if not done.set_running_or_notify_cancel():  # its caller left (e.g. a Health call timed out)
+                return
             try:
                 done.set_result(fn(self.engine, *args))
             except Exception as exc:

@@ -173,7 +173,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             await context.abort(err.code, err.message)
 
     async def generate(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """``_generate``, refused with UNAVAILABLE once the router drains, and counted while it runs (a drain waits
+        """``_counted``, refused with UNAVAILABLE once the router drains, and counted while it runs (a drain waits
         for it)."""
         if not self.lifecycle.accepting:
             self.metrics.requests.labels("unavailable").inc()
@@ -181,13 +181,13 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         self.streams.enter()
         try:
             # aclosing: a consumer that leaves closes the inner generator now, which cancels the pod's call.
-            async with aclosing(self._generate(route, on_placed)) as responses:
+            async with aclosing(self._counted(route, on_placed)) as responses:
                 async for response in responses:
                     yield response
         finally:
             self.streams.exit()
 
-    async def _generate(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    async def _counted(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Place the request, relay its stream (moving it to another pod if one fails), and yield the client's view
         of it: tokens, text, usage. Raises RouterError when it cannot be served. ``on_placed(address)`` is awaited
         once the first decode pod is chosen. Leaving the iteration early (the client left) cancels the pod's call,
@@ -254,37 +254,43 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                         hint = self.config.retry_after_s
                         raise RouterError(refusal.code, f"{refusal}; retry after {hint:g} s", hint) from None
                     raise RouterError(refusal.code, str(refusal)) from None
-                sampling = inference_pb2.SamplingParams()
-                sampling.CopyFrom(route.sampling)
-                del sampling.stop[:]  # the router finds stop strings in the text it makes
-                sampling.skip_detokenize = True
-                sampling.max_tokens = stream.max_tokens - len(stream.tokens)
-                pod_request = inference_pb2.GenerateRequest(
-                    request_id=request_id, token_ids=inference_pb2.TokenIds(ids=current), sampling=sampling,
-                    session_id=route.session_id,
-                    routing=inference_pb2.RoutingHints(
-                        prefill_address=placement.prefill.record.address if placement.prefill else "",
-                        router_id=self.sync.router_id,
-                    ),
-                )
-                if stream.first_decode is None and on_placed is not None:
-                    await on_placed(placement.decode.record.address)
+                # In flight from the moment of the choice, not from the pod call: requests placed while this one
+                # awaits (metadata, the channel) must see it, or several pile onto one pod that was free.
+                self.table.started(placement.decode)
                 try:
-                    async for response in self._relay(placement, pod_request, stream):
-                        if response.finished:
-                            route.served_by = placement.decode.record.address
-                        yield response
-                        if response.finished:
-                            self.sessions.answered(route.session_id, time.monotonic())
-                            return
-                    raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
-                except _PodFailed as failure:
-                    stage = "mid_stream" if stream.tokens else "before_first_token"
-                    log.warning("request %s: decode pod %s (%s); moving it to another pod", request_id, failure,
-                                stage)
-                    self.metrics.failovers.labels(stage).inc()
-                    self.table.failed(failure.worker, time.monotonic() + self.config.unavailable_s)
-                    excluded.add(failure.worker.name)
+                    sampling = inference_pb2.SamplingParams()
+                    sampling.CopyFrom(route.sampling)
+                    del sampling.stop[:]  # the router finds stop strings in the text it makes
+                    sampling.skip_detokenize = True
+                    sampling.max_tokens = stream.max_tokens - len(stream.tokens)
+                    pod_request = inference_pb2.GenerateRequest(
+                        request_id=request_id, token_ids=inference_pb2.TokenIds(ids=current), sampling=sampling,
+                        session_id=route.session_id,
+                        routing=inference_pb2.RoutingHints(
+                            prefill_address=placement.prefill.record.address if placement.prefill else "",
+                            router_id=self.sync.router_id,
+                        ),
+                    )
+                    if stream.first_decode is None and on_placed is not None:
+                        await on_placed(placement.decode.record.address)
+                    try:
+                        async for response in self._relay(placement, pod_request, stream):
+                            if response.finished:
+                                route.served_by = placement.decode.record.address
+                            yield response
+                            if response.finished:
+                                self.sessions.answered(route.session_id, time.monotonic())
+                                return
+                        raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
+                    except _PodFailed as failure:
+                        stage = "mid_stream" if stream.tokens else "before_first_token"
+                        log.warning("request %s: decode pod %s (%s); moving it to another pod", request_id, failure,
+                                    stage)
+                        self.metrics.failovers.labels(stage).inc()
+                        self.table.failed(failure.worker, time.monotonic() + self.config.unavailable_s)
+                        excluded.add(failure.worker.name)
+                finally:
+                    self.table.ended(placement.decode)
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no decode pod completed the request after {self.config.max_attempts} attempts")
         except grpc.aio.AioRpcError as err:  # the pod refused the request itself (bad for this model, ...)
@@ -410,7 +416,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             self.metrics.hit_tokens.labels("available").inc(placement.available_tokens)
             self.metrics.hit_tokens.labels("chosen").inc(placement.choice.hit_tokens)
             stream.first_decode = worker
-        self.table.started(worker)
         call = self._stub(worker.record.address).Generate(pod_request)
         try:
             async for response in call:
@@ -449,7 +454,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                 raise _PodFailed(worker, code, err.details() or "") from err
             raise
         finally:
-            self.table.ended(worker)
             call.cancel()
 
     async def close(self) -> None:
