@@ -368,32 +368,3 @@ def test_every_dashboard_query_and_alert_expression_returns_data(traffic, promet
     wait_until(lambda: all(r["health"] == "ok" for r in loaded_rules()), timeout=10,
                what="every rule evaluated without error")
 
-
-def test_requests_placed_at_the_same_moment_spread_over_the_pods(cluster, traffic):
-    """Two requests that reach the router together must not both take the pod that was free: each counts as in
-    flight from the moment it is placed (not from its pod call, an await later)."""
-    router, decodes = cluster["router"], cluster["decodes"]
-    for round_ in range(3):
-        barrier = threading.Barrier(2)
-        calls: list = []
-        pods: list[str] = []
-
-        def send(seed: int, barrier=barrier, calls=calls, pods=pods) -> None:
-            barrier.wait()
-            call = router.inference.Generate(_request(_tokens(SHORT, seed=seed), HOLD_TOKENS, ignore_eos=True),
-                                             timeout=120)
-            calls.append(call)
-            pods.append(dict(call.initial_metadata())["baton-decode-pod"])
-
-        threads = [threading.Thread(target=send, args=(950 + 2 * round_ + i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        try:
-            assert len(pods) == 2 and pods[0] != pods[1], f"round {round_}: both requests placed on {pods}"
-        finally:
-            for call in calls:
-                call.cancel()
-            wait_until(lambda: all(p.health().usage.running == 0 for p in decodes) and
-                       sum(w.active for w in router.health().workers) == 0, what="the pods and router to be idle")
