@@ -5,9 +5,11 @@
 - Every rendered manifest validates against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown
   fields fail) for the chart's oldest supported Kubernetes and the newest the package knows.
 - Facts of the rendered objects that a wrong template would silently break: GPU requests, probe and Service ports
-  against the ports in the config files the processes read, drain grace against terminationGracePeriodSeconds,
-  RDMA privileges only with RDMA, secrets mounted where the config says, config keys that exist in the processes'
-  config classes.
+  against the ports in the config files the processes read, probe service names per role (readiness: the API the
+  process serves; startup and liveness: ``liveness``), probes on the plaintext health port whenever the gRPC port
+  speaks TLS, drain grace against terminationGracePeriodSeconds, RDMA privileges only with RDMA, secrets (API keys,
+  public and internal TLS) mounted where the config says in every process that needs them, and config files that
+  load through the processes' own config classes (``config_from``).
 - A static security scan: checkov over every rendered manifest and the Dockerfile in one run (findings either
   fixed, skipped in the manifest by an annotation the chart renders with its reason, or listed in ALLOWED_FINDINGS
   with theirs), and hadolint on the Dockerfile.
@@ -44,10 +46,12 @@ RELEASE, NAMESPACE = "rel", "baton"
 KUBE_VERSIONS = ["1.27.0", kubernetes_validate.utils.latest_version()]
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # Prometheus Operator CRDs: no built-in schema
 ROLES = ("prefill", "decode")
-# Config fields the chart writes that another branch of issue 21 adds to the processes (the health/drain work:
-# drain_grace_s, --drain-grace-s). Accepted while no config class has them; once one has, every process the chart
-# gives them to must know them (an unknown field stops a process at start).
-PENDING_FIELDS = {"drain_grace_s"} - (_all_names(DecodeConfig) | _all_names(PrefillConfig) | _all_names(RouterConfig))
+CONFIG_CLASSES = {"router": RouterConfig, "decode": DecodeConfig, "prefill": PrefillConfig}
+# grpc.health.v1 service names the processes answer (services/common/health.py): readiness is the API the process
+# serves; liveness is SERVING unless the process failed (not while loading or draining).
+READINESS_SERVICE = {"router": "baton.v1.Inference", "decode": "baton.v1.Inference", "prefill": "baton.v1.Prefill"}
+LIVENESS_SERVICE = "liveness"
+INTERNAL_TLS_DIR = "/etc/baton/internal-tls"
 
 # checkov findings accepted across the chart and image, each with its reason (the README's "Security scan" lists
 # them too). A finding of any other check fails the test, and so does an entry here that no longer fires.
@@ -120,6 +124,39 @@ def _env(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def _internal_tls(case: str) -> dict:
+    settings = {"enabled": False, "existingSecret": "", "requireClientCert": True, "serverName": ""}
+    settings.update(_values(case).get("internalTLS", {}))
+    return settings
+
+
+def _gateway_tls(case: str) -> bool:
+    return bool(_values(case).get("gateway", {}).get("tls", {}).get("enabled"))
+
+
+def _speaks_tls(case: str, component: str) -> bool:
+    """Whether a component's gRPC port speaks TLS: the router's public port with gateway.tls, the pods' with
+    internalTLS. Kubelet's gRPC probes cannot, so those are probed on the plaintext health port."""
+    return _gateway_tls(case) if component == "router" else _internal_tls(case)["enabled"]
+
+
+def _load_config(cls: type, config: dict, tmp_path: Path, component: str):
+    """Build ``cls`` from a rendered config file through the processes' own loader (``config_from``: unknown
+    fields, types and value checks fail as they would at start). Files the config points at exist only in the
+    pod: stand-ins take their place here (TLS settings check the files exist)."""
+    config = dict(config)
+    for field, value in config.items():
+        if field.endswith("_file") and value:
+            stand_in = tmp_path / component / field / Path(value).name
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("k\n")
+            config[field] = str(stand_in)
+    path = tmp_path / f"{component}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {"BATON_ADVERTISE_ADDRESS": "10.0.0.7:1"} if component != "router" else {}
+    return config_from(cls, {}, env=env, yaml_path=str(path))
+
+
 # --- Helm lint and the values schema ----------------------------------------------------------------------------
 
 
@@ -156,6 +193,10 @@ def test_chart_packages_with_its_files(tmp_path):
     {"jitCache": {"type": "pvc"}},
     {"image": {"digest": "latest"}},
     {"redis": {"url": "http://redis:6379"}},
+    {"internalTLS": {"requireClientCert": "yes"}},
+    {"internalTLS": {"enabeld": True}},
+    {"decode": {"healthPort": 70000}},
+    {"prefill": {"probes": {"readinessService": ""}}},  # the service names are the processes', not values
 ])
 def test_values_schema_rejects(chart, bad):
     with pytest.raises(helm.HelmValuesError):
@@ -220,7 +261,6 @@ def test_gpu_pods_request_their_gpus(rendered, case):
 def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
     docs = rendered[case]
     configs = _config_files(docs)
-    readiness = {"router": "baton.v1.Inference", "decode": "baton.v1.Inference", "prefill": ""}
     for component in ("router", *ROLES):
         config = configs[component]
         service = _get(docs, "Service", _name(component))
@@ -228,6 +268,9 @@ def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
         assert by_name["grpc"]["port"] == config["port"] and by_name["grpc"]["targetPort"] == "grpc"
         assert by_name["metrics"]["port"] == config["metrics_port"] and by_name["metrics"]["targetPort"] == "metrics"
         assert config["host"] == "0.0.0.0"  # reachable from other pods, not the default 127.0.0.1
+        tls = _speaks_tls(case, component)
+        # The plaintext health port exactly when the gRPC port speaks TLS (-1: none).
+        assert (config["health_port"] > 0) == tls, (component, config["health_port"])
         for deployment in _deployments(docs, component):
             container = _container(deployment)
             assert container["args"][:4] == ["serve", component, "--config", f"/etc/baton/config/{component}.yaml"]
@@ -235,16 +278,20 @@ def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
             # The process listens where the environment says, else where its config file says.
             grpc_port = int(env.get("BATON_PORT", {}).get("value", config["port"]))
             metrics_port = int(env.get("BATON_METRICS_PORT", {}).get("value", config["metrics_port"]))
+            health_port = int(env.get("BATON_HEALTH_PORT", {}).get("value", config["health_port"]))
             assert _port(container, "grpc") == grpc_port and _port(container, "metrics") == metrics_port
-            tls = component == "router" and _values(case).get("gateway", {}).get("tls", {}).get("enabled")
+            if tls:
+                assert _port(container, "health") == health_port
+                assert health_port not in (grpc_port, metrics_port, config.get("http_port"))
+            else:
+                assert "health" not in {p["name"] for p in container["ports"]}
+            # Native gRPC probes on the port that speaks plaintext: the health port when the gRPC port is TLS.
+            probe_port = health_port if tls else grpc_port
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 spec = container[probe]
-                if tls:  # kubelet gRPC probes cannot speak TLS
-                    target = spec.get("tcpSocket") or spec["httpGet"]
-                    assert target["port"] in (grpc_port, config["http_port"])
-                    continue
-                assert spec["grpc"]["port"] == grpc_port, (component, probe)
-                expected = readiness[component] if probe == "readinessProbe" else ""
+                assert set(spec) == {"grpc", "periodSeconds", "failureThreshold", "timeoutSeconds"}, (component, spec)
+                assert spec["grpc"]["port"] == probe_port, (component, probe)
+                expected = READINESS_SERVICE[component] if probe == "readinessProbe" else LIVENESS_SERVICE
                 assert spec["grpc"]["service"] == expected, (component, probe)
             assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
             if component == "router":
@@ -326,8 +373,10 @@ def test_host_network_slots_share_nodes_on_ports_of_their_own(rendered):
         assert len({json.dumps(sel, sort_keys=True) for sel in selectors}) == slots  # no Deployment adopts another's
         for deployment in deployments:
             container = _container(deployment)
-            ports |= {(_port(container, "grpc"),), (_port(container, "metrics"),)}
-    assert len(ports) == 2 * slots * len(ROLES)  # every pod a node may hold binds ports no other one binds
+            ports |= {_port(container, "grpc"), _port(container, "metrics"), _port(container, "health")}
+            # The probes follow the slot's health port.
+            assert _container(deployment)["livenessProbe"]["grpc"]["port"] == _port(container, "health")
+    assert len(ports) == 3 * slots * len(ROLES)  # every pod a node may hold binds ports no other one binds
     # Without hostNetwork, slots do not apply: one Deployment per role, whatever podsPerNode says.
     assert len(_deployments(rendered["multi-node-rdma"], "decode")) == 1
 
@@ -404,24 +453,81 @@ def test_helm_test_asks_the_router_for_the_served_model(rendered, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_config_files_hold_only_fields_the_processes_know(rendered, case, tmp_path):
+def test_config_files_load_through_the_processes_config_classes(rendered, case, tmp_path):
+    """Each rendered config file builds its process's real config dataclass, as `baton serve ROLE --config` does:
+    a misspelled or unknown field, a wrong type or a value the class refuses fails here, not in the pod."""
     configs = _config_files(rendered[case])
-    for component, cls in (("router", RouterConfig), ("decode", DecodeConfig), ("prefill", PrefillConfig)):
-        known = _all_names(cls)
-        config = {k: v for k, v in configs[component].items() if k not in PENDING_FIELDS}
-        assert set(config) <= known, f"{component}: unknown fields {sorted(set(config) - known)}"
-        # The file must also build a valid config (types, value checks); the router's key and TLS files exist
-        # only in the pod, so empty ones stand in for them here.
-        for field in ("api_key_file", "tls_cert_file", "tls_key_file"):
-            if config.get(field):
-                stand_in = tmp_path / Path(config[field]).name
-                stand_in.write_text("k\n")
-                config[field] = str(stand_in)
-        path = tmp_path / f"{component}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        built = config_from(cls, {}, env={"BATON_ADVERTISE_ADDRESS": "10.0.0.7:1"} if component != "router" else {},
-                            yaml_path=str(path))
+    values = _values(case)
+    tls = _internal_tls(case)
+    for component, cls in CONFIG_CLASSES.items():
+        unknown = sorted(set(configs[component]) - _all_names(cls))
+        assert not unknown, f"{component}: unknown fields {unknown}"
+        built = _load_config(cls, configs[component], tmp_path, component)
         assert dataclasses.is_dataclass(built)
+        # What the chart derives its probes and termination grace from, as the process itself reads it.
+        assert built.drain_grace_s == values.get("cluster", {}).get("drainGraceSeconds", 30)
+        assert built.health_port == configs[component]["health_port"]
+        assert (built.health_port > 0) == _speaks_tls(case, component)
+        assert built.port == configs[component]["port"] and built.host == "0.0.0.0"
+        internal = built.internal_tls
+        assert internal.serves_tls == internal.calls_tls == tls["enabled"], component
+        assert internal.server_name == (tls["serverName"] if tls["enabled"] else "")
+        # Mutual TLS is the pods' (their gRPC ports are the internal ones; the router's is public).
+        assert internal.require_client_cert == (tls["enabled"] and tls["requireClientCert"] and component != "router")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_internal_tls_reaches_every_process(rendered, case):
+    """internalTLS: one Secret (tls.crt, tls.key, ca.crt) mounted read-only in every router and pod, its files
+    where each config file's internal_tls_* settings point; nothing of it without internalTLS."""
+    docs = rendered[case]
+    configs = _config_files(docs)
+    tls = _internal_tls(case)
+    secret_name = tls["existingSecret"] or _name("internal-tls")
+    made = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == _name("internal-tls")]
+    assert len(made) == (1 if tls["enabled"] and not tls["existingSecret"] else 0)
+    for secret in made:
+        assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    for component in ("router", *ROLES):
+        config = configs[component]
+        tls_fields = {k: v for k, v in config.items() if k.startswith("internal_tls_")}
+        for deployment in _deployments(docs, component):
+            pod = deployment["spec"]["template"]
+            volumes = [v for v in pod["spec"]["volumes"] if v["name"] == "internal-tls"]
+            mounts = [m for m in _container(deployment)["volumeMounts"] if m["name"] == "internal-tls"]
+            checksum = pod["metadata"]["annotations"].get("checksum/internal-tls")
+            if not tls["enabled"]:
+                assert not volumes and not mounts and not tls_fields and checksum is None, component
+                continue
+            [volume], [mount] = volumes, mounts
+            assert volume["secret"] == {"secretName": secret_name, "defaultMode": 0o440}
+            assert mount == {"name": "internal-tls", "mountPath": INTERNAL_TLS_DIR, "readOnly": True}
+            # A Secret the chart makes rolls the pods when it changes (certificates are read at start).
+            assert (checksum is not None) == bool(made), component
+        if not tls["enabled"]:
+            continue
+        assert config["internal_tls_cert_file"] == f"{INTERNAL_TLS_DIR}/tls.crt"
+        assert config["internal_tls_key_file"] == f"{INTERNAL_TLS_DIR}/tls.key"
+        assert config["internal_tls_ca_file"] == f"{INTERNAL_TLS_DIR}/ca.crt"
+        assert config["internal_tls_server_name"] == tls["serverName"]
+        if component == "router":
+            assert "internal_tls_require_client_cert" not in config
+        else:
+            assert config["internal_tls_require_client_cert"] is tls["requireClientCert"]
+    # The CI values cover mutual TLS with a Secret the chart makes, and with an existing one.
+    if case == "internal-mtls":
+        assert tls["enabled"] and tls["requireClientCert"] and made
+    if case == "roce-host-network":
+        assert tls["enabled"] and tls["requireClientCert"] and tls["existingSecret"]
+
+
+def test_internal_tls_and_health_port_come_from_the_chart_only(chart):
+    with pytest.raises(helm.HelmError, match="internalTLS"):
+        chart.render({"internalTLS": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)
+    for role, key in (("decode", "internal_tls_ca_file"), ("prefill", "health_port"),
+                      ("router", "internal_tls_cert_file")):
+        with pytest.raises(helm.HelmError, match=f"{role}.config.{key}"):
+            chart.render({role: {"config": {key: "x"}}}, name=RELEASE, namespace=NAMESPACE)
 
 
 @pytest.mark.parametrize("case", CASES)

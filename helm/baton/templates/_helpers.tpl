@@ -85,6 +85,53 @@ there: BATON_REDIS_URL from the Secret sets it, and environment variables overri
 {{- add (int .root.Values.cluster.drainGraceSeconds) (int .root.Values.cluster.terminationMarginSeconds) (int (default 0 .preStop)) -}}
 {{- end -}}
 
+{{/* The grpc.health.v1 service a role's readiness probe asks about: the API the process serves. */}}
+{{- define "baton.apiService" -}}
+{{- index (dict "decode" "baton.v1.Inference" "prefill" "baton.v1.Prefill" "router" "baton.v1.Inference") . -}}
+{{- end -}}
+
+{{/* "true" when a role's gRPC port speaks TLS: the router's with gateway.tls (its public port), the pods' with
+internalTLS. Kubelet's gRPC probes speak plaintext only (and present no client certificate), so such a process
+also serves grpc.health.v1 on a plaintext health port (health_port) and is probed there. */}}
+{{- define "baton.healthPortOn" -}}
+{{- if eq .role "router" -}}
+{{- if .root.Values.gateway.tls.enabled }}true{{ end -}}
+{{- else if .root.Values.internalTLS.enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* Where the internal TLS Secret (tls.crt, tls.key, ca.crt) is mounted in every process. */}}
+{{- define "baton.internalTLSDir" -}}/etc/baton/internal-tls{{- end -}}
+
+{{- define "baton.internalTLSSecret" -}}
+{{- .Values.internalTLS.existingSecret | default (include "baton.componentName" (dict "root" . "component" "internal-tls")) -}}
+{{- end -}}
+
+{{- define "baton.internalTLSVolume" -}}
+{{- if .Values.internalTLS.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ include "baton.internalTLSSecret" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "baton.internalTLSMount" -}}
+{{- if .Values.internalTLS.enabled }}
+- name: internal-tls
+  mountPath: {{ include "baton.internalTLSDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* A checksum of the internal TLS Secret the chart makes: the processes read their certificates at start, so new
+ones roll the pods. (An existing Secret's rotation needs a rollout restart, or a reloader.) */}}
+{{- define "baton.internalTLSChecksum" -}}
+{{- $t := .Values.internalTLS -}}
+{{- if and $t.enabled (not $t.existingSecret) }}
+checksum/internal-tls: {{ print $t.cert $t.key $t.ca | sha256sum }}
+{{- end }}
+{{- end -}}
+
 {{/* A native gRPC probe (grpc.health.v1) with the timings of one probe kind. */}}
 {{- define "baton.grpcProbe" -}}
 grpc:
@@ -179,8 +226,6 @@ role's file only, so a router setting does not restart (and reload) the GPU pods
 {{- $decodeFixed := dict "port" .root.Values.decode.port "metrics_port" .root.Values.decode.metricsPort -}}
 {{- $prefillFixed := dict "port" .root.Values.prefill.port "metrics_port" .root.Values.prefill.metricsPort -}}
 {{- $engine := mergeOverwrite (dict "load_format" .root.Values.model.loadFormat) (deepCopy .root.Values.engine) -}}
-{{- $decode := mergeOverwrite (deepCopy $common) (deepCopy $engine) (deepCopy $transfer) (deepCopy .root.Values.decode.config) $decodeFixed -}}
-{{- $prefill := mergeOverwrite (deepCopy $common) (deepCopy $engine) (deepCopy $transfer) (deepCopy .root.Values.prefill.config) $prefillFixed -}}
 {{- $routerFixed := dict "port" .root.Values.router.port "http_port" .root.Values.router.httpPort "metrics_port" .root.Values.router.metricsPort "page_size" (index .root.Values.engine "page_size" | default 16) -}}
 {{- if or .root.Values.gateway.apiKeys.keys .root.Values.gateway.apiKeys.existingSecret }}
 {{- $_ := set $routerFixed "api_key_file" (printf "/etc/baton/api-keys/%s" .root.Values.gateway.apiKeys.secretKey) }}
@@ -189,6 +234,36 @@ role's file only, so a router setting does not restart (and reload) the GPU pods
 {{- $_ := set $routerFixed "tls_cert_file" "/etc/baton/tls/tls.crt" }}
 {{- $_ := set $routerFixed "tls_key_file" "/etc/baton/tls/tls.key" }}
 {{- end }}
+{{- /* Internal TLS: every process gets the certificate (a pod serves with it; every process presents it as its
+client certificate), the CA (to verify the pods it calls) and the server name; the pods, whose gRPC ports are the
+internal ones, also whether callers need a certificate. Probes go to the health port of a TLS port. */}}
+{{- $itls := .root.Values.internalTLS -}}
+{{- range $fixed := list $decodeFixed $prefillFixed $routerFixed }}
+{{- if $itls.enabled }}
+{{- $dir := include "baton.internalTLSDir" $.root }}
+{{- $_ := set $fixed "internal_tls_cert_file" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $fixed "internal_tls_key_file" (printf "%s/tls.key" $dir) }}
+{{- $_ := set $fixed "internal_tls_ca_file" (printf "%s/ca.crt" $dir) }}
+{{- $_ := set $fixed "internal_tls_server_name" $itls.serverName }}
+{{- end }}
+{{- end }}
+{{- if $itls.enabled }}
+{{- $_ := set $decodeFixed "internal_tls_require_client_cert" $itls.requireClientCert }}
+{{- $_ := set $prefillFixed "internal_tls_require_client_cert" $itls.requireClientCert }}
+{{- end }}
+{{- $_ := set $decodeFixed "health_port" (ternary .root.Values.decode.healthPort -1 (eq (include "baton.healthPortOn" (dict "root" .root "role" "decode")) "true")) }}
+{{- $_ := set $prefillFixed "health_port" (ternary .root.Values.prefill.healthPort -1 (eq (include "baton.healthPortOn" (dict "root" .root "role" "prefill")) "true")) }}
+{{- $_ := set $routerFixed "health_port" (ternary .root.Values.router.healthPort -1 (eq (include "baton.healthPortOn" (dict "root" .root "role" "router")) "true")) }}
+{{- /* What the chart owns cannot come from a role's config: the probes and mounts would disagree with it. */}}
+{{- range $role := list "decode" "prefill" "router" }}
+{{- range $key, $_ := index $.root.Values $role "config" }}
+{{- if or (hasPrefix "internal_tls_" $key) (eq $key "health_port") }}
+{{- fail (printf "%s.config.%s: set internalTLS.* (and %s.healthPort) instead; the chart derives it" $role $key $role) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $router := mergeOverwrite (deepCopy $common) (deepCopy .root.Values.router.config) $routerFixed -}}
+{{- $decode := mergeOverwrite (deepCopy $common) (deepCopy $engine) (deepCopy $transfer) (deepCopy .root.Values.decode.config) $decodeFixed -}}
+{{- $prefill := mergeOverwrite (deepCopy $common) (deepCopy $engine) (deepCopy $transfer) (deepCopy .root.Values.prefill.config) $prefillFixed -}}
 {{- toYaml (index (dict "decode" $decode "prefill" $prefill "router" $router) .role) -}}
 {{- end -}}
