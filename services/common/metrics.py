@@ -70,6 +70,12 @@ class PodMetrics:
                                       registry=r)
         self.transfer_seconds = Histogram("baton_transfer_seconds", "Duration of one hand-over",
                                           buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_compute_seconds = Histogram(
+            "baton_prefill_compute_seconds", "Prefill pod: a call's arrival to its first token (queue + compute)",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.remote_prefill_seconds = Histogram(
+            "baton_remote_prefill_seconds", "Decode pod: one answered Prefill call (compute + hand-over + RPC)",
+            buckets=_LATENCY_BUCKETS, registry=r)
         self.pages_transferred = Counter("baton_kv_pages_transferred", "KV pages (all layers) handed over",
                                          registry=r)
         self.pages_reused = Counter("baton_kv_pages_reused", "Prompt KV pages a decode pod already held",
