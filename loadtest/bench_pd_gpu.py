@@ -118,8 +118,8 @@ def engine_flags(args) -> dict:
             "max_model_len": args.max_model_len}
 
 
-def pod_flags(args, cache_mb: int, max_num_seqs: int) -> list[str]:
-    flags = []
+def pod_flags(args, cache_mb: int, max_num_seqs: int, checkpoint_slots: int = 0) -> list[str]:
+    flags = ["--num-checkpoint-slots", str(checkpoint_slots)] if checkpoint_slots else []
     for key, value in engine_flags(args).items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags + ["--cache-memory-mb", str(cache_mb), "--max-num-seqs", str(max_num_seqs),
@@ -127,6 +127,25 @@ def pod_flags(args, cache_mb: int, max_num_seqs: int) -> list[str]:
 
 
 # ---- 1. the single-process reference ------------------------------------------------------------------------
+def _generate(engine, tokens: list[int], params, hold: bool) -> tuple[list[int], list[float], list[float]]:
+    """One prompt through ``engine`` alone: its tokens, their log-probabilities and their times since it was
+    added. ``hold``: as a prefill pod runs it (``hold_memory``: the hand-over's checkpoint plan, with the state
+    at the prompt's resume boundary), the memory released at the end."""
+    start = time.perf_counter()
+    request_id = engine.add_request(list(tokens), params, hold_memory=hold)
+    stamps, out, logprobs = [], [], []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.new_token_ids:
+                now = time.perf_counter() - start
+                stamps.extend([now] * len(o.new_token_ids))
+                out.extend(o.new_token_ids)
+                logprobs.extend(o.new_logprobs or [])
+    if hold:
+        engine.release_held(request_id)
+    return out, logprobs, stamps
+
+
 def _reference(args, prompts: list[dict], conn) -> None:
     import torch
 
@@ -135,26 +154,42 @@ def _reference(args, prompts: list[dict], conn) -> None:
     from services.engine.request import SamplingParams
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    engine = Engine(EngineConfig(**engine_flags(args), cache_memory_mb=args.reference_cache_mb, max_num_seqs=4))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    # The prefill pod's checkpoint settings, so that a prompt is split at the same places in both (see
+    # same_plan below).
+    engine = Engine(EngineConfig(**engine_flags(args), cache_memory_mb=args.prefill_cache_mb,
+                                 max_num_seqs=args.prefill_max_seqs, num_checkpoint_slots=args.checkpoint_slots))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True, logprobs=True)
     rows = []
     for p in prompts:
-        start = time.perf_counter()
-        engine.add_request(list(p["tokens"]), params)
-        stamps, tokens = [], []
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.new_token_ids:
-                    now = time.perf_counter() - start
-                    stamps.extend([now] * len(out.new_token_ids))
-                    tokens.extend(out.new_token_ids)
-        rows.append({"length": p["length"], "rep": p["rep"], "tokens": tokens, "ttft_s": stamps[0],
+        tokens, logprobs, stamps = _generate(engine, p["tokens"], params, hold=False)
+        engine.flush_cache()
+        # The same engine with the hand-over's checkpoint plan (the request held as a prefill pod holds it):
+        # a prefill pod also checkpoints the state at the prompt's resume boundary, (n - 1) // page * page, which
+        # for a page-aligned prompt is a split point the plain engine does not have; the GDN kernels then chunk
+        # the last tokens differently (rounding-level differences that flip near-tied argmaxes of random weights).
+        same_tokens, same_logprobs, _ = _generate(engine, p["tokens"], params, hold=True)
+        engine.flush_cache()
+        rows.append({"length": p["length"], "rep": p["rep"], "tokens": tokens, "logprobs": logprobs,
+                     "same_plan_tokens": same_tokens, "same_plan_logprobs": same_logprobs, "ttft_s": stamps[0],
+                     "plain_equals_same_plan": tokens == same_tokens,
                      "first_decode_step_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
                      "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None})
-        log.info("reference %d tokens (rep %d): TTFT %.3f s", p["length"], p["rep"], stamps[0])
-        engine.flush_cache()
+        log.info("reference %d tokens (rep %d): TTFT %.3f s; plain == same plan: %s", p["length"], p["rep"],
+                 stamps[0], tokens == same_tokens)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     conn.send({"gpu": gpu, "runs": rows, "backend": engine.runner.ops.name})
+
+
+def compare(tokens: list[int], logprobs: list[float], ref_tokens: list[int], ref_logprobs: list[float]) -> dict:
+    """Greedy agreement with a reference: equal, the first differing position, and the largest log-probability
+    difference of the chosen tokens up to there (how close the two computations are where they agree)."""
+    mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=False)) if a != b), None)
+    if mismatch is None and len(tokens) != len(ref_tokens):
+        mismatch = min(len(tokens), len(ref_tokens))
+    upto = len(tokens) if mismatch is None else mismatch + 1
+    diffs = [abs(a - b) for a, b in zip(logprobs[:upto], ref_logprobs[:upto], strict=False)]
+    return {"equal": mismatch is None, "first_mismatch": mismatch,
+            "max_logprob_diff": max(diffs) if diffs else None}
 
 
 def run_reference(args, prompts: list[dict]) -> dict:
@@ -168,20 +203,22 @@ def run_reference(args, prompts: list[dict]) -> dict:
 
 
 # ---- 2-3. the pair ---------------------------------------------------------------------------------------------
-def _stream(decode, tokens: list[int], max_tokens: int, request_id: str) -> tuple[list[int], list[float]]:
+def _stream(decode, tokens: list[int], max_tokens: int, request_id: str):
     from services.common.protos import inference_pb2
 
     request = inference_pb2.GenerateRequest(
         request_id=request_id, token_ids=inference_pb2.TokenIds(ids=tokens),
-        sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                              logprobs=True),
     )
-    out, stamps = [], []
+    out, logprobs, stamps = [], [], []
     start = time.perf_counter()
     for response in decode.inference.Generate(request, timeout=600):
         now = time.perf_counter() - start
         out.extend(response.token_ids)
+        logprobs.extend(response.logprobs)
         stamps.extend([now] * len(response.token_ids))
-    return out, stamps
+    return out, logprobs, stamps
 
 
 def run_pair(args, prompts: list[dict], reference: dict) -> dict:
@@ -192,25 +229,29 @@ def run_pair(args, prompts: list[dict], reference: dict) -> dict:
     tests.pods.READY_TIMEOUT_S = max(tests.pods.READY_TIMEOUT_S, 600)
 
     started = time.monotonic()
-    prefill = Pod("prefill", *pod_flags(args, args.prefill_cache_mb, args.prefill_max_seqs))
+    prefill = Pod("prefill", *pod_flags(args, args.prefill_cache_mb, args.prefill_max_seqs, args.checkpoint_slots))
     decode = Pod("decode", *pod_flags(args, args.decode_cache_mb, args.decode_max_seqs),
                  "--prefill-addrs", prefill.address, "--prefill-timeout-s", "300")
     log.info("pods ready in %.1f s (prefill %s, decode %s)", time.monotonic() - started, prefill.address,
              decode.address)
-    ref = {(r["length"], r["rep"]): r for r in reference["runs"]}
+    ref = {(r["length"], r["rep"]): r for r in reference["runs"]} if reference else None
     rows = []
     try:
         for i, p in enumerate(prompts):
             request_id = f"bench{i}"
             since = decode.mark()
-            tokens, stamps = _stream(decode, p["tokens"], args.max_tokens, request_id)
+            tokens, logprobs, stamps = _stream(decode, p["tokens"], args.max_tokens, request_id)
             line = decode.wait_for_log(f"remote prefill {request_id}.", timeout=30, since=since)
             handover = parse_handover(line)
+            if ref is None:  # --floor-only: a warm-up of the pods, nothing to compare with
+                log.info("warm-up %d tokens: TTFT %.3f s, split %s", p["length"], stamps[0], handover)
+                continue
             r = ref[(p["length"], p["rep"])]
+            same = compare(tokens, logprobs, r["same_plan_tokens"], r["same_plan_logprobs"])
+            plain = compare(tokens, logprobs, r["tokens"], r["logprobs"])
             row = {"length": p["length"], "rep": p["rep"], "warmup": p["warmup"],
-                   "equal_to_reference": tokens == r["tokens"],
-                   "first_mismatch": next((j for j, (a, b) in enumerate(zip(tokens, r["tokens"], strict=False))
-                                           if a != b), None),
+                   "equal_to_reference": same["equal"], "vs_same_plan": same, "vs_plain": plain,
+                   "reference_plain_equals_same_plan": r["plain_equals_same_plan"],
                    **ttft_split(stamps[0], handover), "handover": handover,
                    "first_decode_step_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
                    "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None,
@@ -218,9 +259,10 @@ def run_pair(args, prompts: list[dict], reference: dict) -> dict:
             row["ttft_ratio_to_reference"] = row["ttft_s"] / r["ttft_s"]
             row["transfer_GBps"] = handover["bytes"] / handover["transfer_s"] / 1e9 if handover["transfer_s"] else None
             rows.append(row)
-            log.info("PD %d tokens (rep %d%s): equal %s, TTFT %.3f s (single process %.3f) = compute %.3f + "
+            log.info("PD %d tokens (rep %d%s): equal %s (plain engine: %s), TTFT %.3f s (single process %.3f) = "
+                     "compute %.3f + "
                      "transfer %.3f (%.0f MB, %.2f GB/s) + call rest %.3f + decode pod %.3f; first decode step %.1f ms",
-                     p["length"], p["rep"], ", warm-up" if p["warmup"] else "", row["equal_to_reference"],
+                     p["length"], p["rep"], ", warm-up" if p["warmup"] else "", row["equal_to_reference"], plain,
                      row["ttft_s"], r["ttft_s"], row["prefill_compute_s"], row["transfer_s"], handover["bytes"] / 1e6,
                      row["transfer_GBps"] or 0, row["prefill_call_rest_s"], row["decode_pod_s"],
                      1e3 * (row["first_decode_step_s"] or 0))
@@ -275,20 +317,48 @@ def run_floor(args, prefill, decode) -> dict:
             "at_floor": floor_point(summary), "loadtest_json": raw.name}
 
 
-def plot(results: dict, path: Path) -> None:
+def _floor_panel(ax, floor: dict) -> None:
+    levels = floor["levels"]
+    cs = [lv["concurrency"] for lv in levels]
+    ax.plot(cs, [lv["decode_p10_tok_s"] or 0 for lv in levels], "o-", label="decode tok/s per request, p10")
+    ax.plot(cs, [lv["decode_p50_tok_s"] or 0 for lv in levels], "x--", label="p50")
+    ax.axhline(floor["floor_tok_s"], color="red", lw=0.8, label=f"{floor['floor_tok_s']:.0f} tok/s floor")
+    ax.set(xlabel="concurrent agentic users (closed loop)", ylabel="tok/s per request",
+           title="floor sweep (prefill + decode pod on one GPU)")
+    twin = ax.twinx()
+    twin.plot(cs, [lv["output_tok_s"] or 0 for lv in levels], "s:", color="green", label="output tok/s (GPU)")
+    twin.set_ylabel("output tok/s, whole GPU")
+    ax.legend(fontsize=8, loc="lower left")
+    twin.legend(fontsize=8, loc="upper right")
+
+
+def _figure(results: dict, panels: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    fig.suptitle(f"{results['model']} on {results['gpu']}: prefill + decode pod on one GPU, Mooncake TCP", fontsize=10)
+    return fig, axes[0]
+
+
+def plot_floor(results: dict, path: Path) -> None:
+    fig, (ax,) = _figure(results, 1)
+    _floor_panel(ax, results["pair"]["floor"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot(results: dict, path: Path) -> None:
     runs = [r for r in results["pair"]["runs"] if not r["warmup"]]
     lengths = sorted({r["length"] for r in runs})
     parts = (("prefill_compute_s", "prefill pod compute"), ("transfer_s", "Mooncake write (KV + states)"),
              ("prefill_call_rest_s", "gRPC + scheduling of the call"),
              ("decode_pod_s", "decode pod (admit, hand back)"))
     floor = results["pair"].get("floor")
-    fig, axes = plt.subplots(1, 2 if floor else 1, figsize=(12 if floor else 7, 4.5), squeeze=False)
-    ax = axes[0][0]
+    fig, axes = _figure(results, 2 if floor else 1)
+    ax = axes[0]
     x = range(len(lengths))
     bottom = [0.0] * len(lengths)
     for key, label in parts:
@@ -297,25 +367,29 @@ def plot(results: dict, path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ref = [statistics.median(r["reference_ttft_s"] for r in runs if r["length"] == n) for n in lengths]
     ax.bar([i + 0.2 for i in x], ref, 0.4, label="single-process engine TTFT", color="grey")
-    ax.set_xticks(list(x), [f"{n // 1024}K" for n in lengths])
+    ax.set_xticks(list(x), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
     ax.set(xlabel="prompt tokens", ylabel="seconds (median)", title="time to first token: PD pair vs one engine")
     ax.legend(fontsize=8)
     if floor:
-        ax = axes[0][1]
-        levels = floor["levels"]
-        cs = [lv["concurrency"] for lv in levels]
-        ax.plot(cs, [lv["decode_p10_tok_s"] or 0 for lv in levels], "o-", label="decode tok/s per user, p10")
-        ax.plot(cs, [lv["decode_p50_tok_s"] or 0 for lv in levels], "x--", label="p50")
-        ax.axhline(70, color="red", lw=0.8, label="70 tok/s floor")
-        ax.set(xlabel="concurrent agentic users", ylabel="tok/s per user", title="floor sweep (PD pair on one GPU)")
-        twin = ax.twinx()
-        twin.plot(cs, [lv["output_tok_s"] or 0 for lv in levels], "s:", color="green", label="output tok/s (GPU)")
-        twin.set_ylabel("output tok/s, whole GPU")
-        ax.legend(fontsize=8, loc="lower left")
-        twin.legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"{results['model']} on {results['gpu']}: prefill + decode pod on one GPU, Mooncake TCP", fontsize=10)
+        _floor_panel(axes[1], floor)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def print_floor(floor: dict) -> None:
+    def ms(v):
+        return f"{1e3 * v:.0f}" if v is not None else "-"
+
+    for lv in floor["levels"]:
+        t = lv["ttft"]
+        print(f"c={lv['concurrency']:>3}: p10 {lv['decode_p10_tok_s'] or 0:6.1f} tok/s (p50 "
+              f"{lv['decode_p50_tok_s'] or 0:5.1f}), {lv['output_tok_per_min']:8.0f} tok/min, TTFT ms first turn "
+              f"p50/p99 {ms(t['first_turn']['p50_s'])}/{ms(t['first_turn']['p99_s'])} (n={t['first_turn']['n']}), "
+              f"follow-up {ms(t['follow_up']['p50_s'])}/{ms(t['follow_up']['p99_s'])} (n={t['follow_up']['n']}), "
+              f"hit {lv['cache_hit_rate'] or 0:.2f}, errors {lv['errors']}")
+    at = floor["at_floor"]
+    print(f"floor metric: {at['concurrency'] if at else 0} users at p10 >= 70 tok/s"
+          + (f", {at['output_tok_per_min']:.0f} output tokens/min on the GPU" if at else ""))
 
 
 def main() -> int:
@@ -330,8 +404,9 @@ def main() -> int:
     parser.add_argument("--threshold", type=int, default=512, help="the decode pod's remote-prefill threshold")
     parser.add_argument("--max-model-len", type=int, default=40960)
     parser.add_argument("--cuda-graph-max-batch", type=int, default=64)
-    parser.add_argument("--reference-cache-mb", type=int, default=8192)
-    parser.add_argument("--prefill-cache-mb", type=int, default=8192)
+    parser.add_argument("--prefill-cache-mb", type=int, default=12288, help="also the reference engine's")
+    parser.add_argument("--checkpoint-slots", type=int, default=300,
+                        help="the prefill pod's and the reference's: every checkpoint of the longest prompt")
     parser.add_argument("--decode-cache-mb", type=int, default=16384)
     parser.add_argument("--prefill-max-seqs", type=int, default=8)
     parser.add_argument("--decode-max-seqs", type=int, default=64)
@@ -343,7 +418,8 @@ def main() -> int:
     parser.add_argument("--floor-output-tokens", type=int, default=256)
     parser.add_argument("--floor-think-s", type=float, default=5.0)
     parser.add_argument("--floor-duration-s", type=float, default=60.0)
-    parser.add_argument("--skip-pair", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-only", action="store_true",
+                        help="no reference and no TTFT prompts: the pods, one warm-up prompt, the floor sweep")
     parser.add_argument("--out", default="pd_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -351,6 +427,20 @@ def main() -> int:
     from services.engine.presets import model_config_for
 
     args.vocab_size = model_config_for(args.model, dummy=True).vocab_size
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.floor_only:
+        warmup = make_prompts([args.floor_first_turn], 0, args.vocab_size, args.seed)
+        import torch
+
+        gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+        results = {"benchmark": "PD pair on one GPU: agentic floor metric", "model": args.model, "gpu": gpu,
+                   "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                   "pair": run_pair(args, warmup, None)}
+        out.write_text(json.dumps(results, indent=2))
+        plot_floor(results, out.with_suffix(".png"))
+        print_floor(results["pair"]["floor"])
+        return 0
     lengths = [int(n) for n in args.lengths.split(",")]
     prompts = make_prompts(lengths, args.reps, args.vocab_size, args.seed)
     started = time.monotonic()
@@ -358,12 +448,13 @@ def main() -> int:
     log.info("reference done in %.1f s", time.monotonic() - started)
     results = {"benchmark": "PD pair on one GPU", "model": args.model, "gpu": reference["gpu"],
                "backend": reference["backend"], "settings": {k: v for k, v in vars(args).items() if k != "out"},
-               "reference": [{k: v for k, v in r.items() if k != "tokens"} for r in reference["runs"]]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+               "reference": [{k: v for k, v in r.items() if "tokens" not in k and "logprobs" not in k}
+                             for r in reference["runs"]]}
     results["pair"] = run_pair(args, prompts, reference)
     runs = results["pair"]["runs"]
     results["all_equal_to_reference"] = all(r["equal_to_reference"] for r in runs)
+    results["all_equal_to_plain_engine"] = all(r["vs_plain"]["equal"] for r in runs)
+    results["reference_plain_equals_same_plan"] = all(r["plain_equals_same_plan"] for r in reference["runs"])
     results["summary"] = []
     for n in lengths:
         timed = [r for r in runs if r["length"] == n and not r["warmup"]]
@@ -384,17 +475,13 @@ def main() -> int:
               f"{s['prefill_compute_s']:>8.3f} {s['transfer_s']:>8.3f} {s['transfer_GBps']:>6.2f} "
               f"{s['prefill_call_rest_s']:>6.3f} {s['decode_pod_s']:>7.3f} {1e3 * s['first_decode_step_s']:>11.2f} "
               f"{s['decode_tok_s']:>6.1f}")
-    print(f"greedy tokens equal to the single-process engine's for all {len(runs)} prompts: "
-          f"{results['all_equal_to_reference']}")
-    floor = results["pair"].get("floor")
-    if floor:
-        for lv in floor["levels"]:
-            t = lv["ttft"]
-            print(f"c={lv['concurrency']:>3}: p10 {lv['decode_p10_tok_s'] or 0:6.1f} tok/s, "
-                  f"{lv['output_tok_per_min']:9.0f} tok/min, TTFT first p50/p99 {t['first_turn']['p50_s']}/"
-                  f"{t['first_turn']['p99_s']}, follow-up {t['follow_up']['p50_s']}/{t['follow_up']['p99_s']}, "
-                  f"errors {lv['errors']}")
-        print(f"at the floor: {floor['at_floor']}")
+    print(f"greedy tokens equal to the single-process engine's (same checkpoint plan) for all {len(runs)} prompts: "
+          f"{results['all_equal_to_reference']}; to the plain engine's: {results['all_equal_to_plain_engine']} "
+          f"(the plain engine equals itself with the hand-over's plan: {results['reference_plain_equals_same_plan']}); "
+          f"largest log-prob difference to the plain engine up to the first differing token: "
+          f"{max(r['vs_plain']['max_logprob_diff'] or 0 for r in runs):.4f}")
+    if results["pair"].get("floor"):
+        print_floor(results["pair"]["floor"])
     return 0 if results["all_equal_to_reference"] else 1
 
 
