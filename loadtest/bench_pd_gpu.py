@@ -288,16 +288,35 @@ def run_floor(args, prefill, decode) -> dict:
                     "--turn-tokens", str(args.floor_turn_tokens), "--follow-ups", args.floor_follow_ups,
                     "--output-tokens", str(args.floor_output_tokens), "--think-time-s", str(args.floor_think_s),
                     "--vocab-size", str(args.vocab_size), "--seed", "1"], check=True)
-    raw = out_dir / f"{stem}_loadtest.json"
     metrics = [f"http://127.0.0.1:{pod.info['metrics_port']}/metrics" for pod in (decode, prefill)]
-    cmd = [sys.executable, "-m", "loadtest", "run", "--workload", str(workload), "--api", "grpc",
-           "--target", decode.address, "--concurrency", args.floor_concurrency,
-           "--max-duration-s", str(args.floor_duration_s), "--request-timeout-s", "300", "--no-progress",
-           "--out", str(raw)]
-    for url in metrics:
-        cmd += ["--metrics-url", url]
-    subprocess.run(cmd, check=True)
-    results = json.loads(raw.read_text())
+    # One `loadtest run` per level, each with its own time limit and fresh tokens (--salt): a level that hangs
+    # costs only itself, and the levels done so far are kept.
+    results = None
+    for c in levels:
+        raw = out_dir / f"{stem}_loadtest_c{c}.json"
+        cmd = [sys.executable, "-m", "loadtest", "run", "--workload", str(workload), "--api", "grpc",
+               "--target", decode.address, "--concurrency", str(c), "--salt", str(1000 + c),
+               "--max-duration-s", str(args.floor_duration_s), "--request-timeout-s", "120", "--no-progress",
+               "--out", str(raw)]
+        for url in metrics:
+            cmd += ["--metrics-url", url]
+        try:
+            subprocess.run(cmd, check=True, timeout=args.floor_duration_s + 60)
+        except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as err:
+            log.error("floor level c=%d did not complete: %s", c, err)
+            break
+        level = json.loads(raw.read_text())
+        if results is None:
+            results = level
+        else:
+            results["levels"] += level["levels"]
+        s = level["levels"][0]["summary"]
+        log.info("floor level c=%d: p10 %s tok/s, %s output tok/s, %d ok, errors %s", c,
+                 (s["decode_tok_s_per_user"] or {}).get("p10"), s["throughput"]["output_tok_s"], s["ok"], s["errors"])
+    if results is None:
+        return {"levels": [], "floor_tok_s": 70.0, "at_floor": None}
+    raw = out_dir / f"{stem}_loadtest.json"
+    raw.write_text(json.dumps(results, indent=1))
     summary = []
     for level in results["levels"]:
         s = level["summary"]
