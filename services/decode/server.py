@@ -53,6 +53,11 @@ _OK, _RETRY, _LOCAL, _QUARANTINE = "ok", "retry", "local", "quarantine"
 _FAULT_COMMANDS = {"abort": "abort_request", "remote_done": "complete_remote_prefill"}
 
 
+# One INFO line per answered Prefill call (loadtest.bench_pd_gpu parses it for the TTFT split).
+HANDOVER_LOG = ("remote prefill %s: %d tokens (%d cached here) from %s: call %.4f s = compute %.4f s + "
+                "transfer %.4f s (%d bytes, %d pages) + rest")
+
+
 @dataclass(frozen=True)
 class DecodeConfig(PodConfig):
     prefill_addrs: str = field(default="", metadata={"help": "prefill pods, comma-separated host:port"})
@@ -406,10 +411,9 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         self.metrics.remote_prefill_seconds.observe(call)
         # One line per hand-over, for a TTFT split (loadtest.bench_pd_gpu parses it): the call's time here,
         # and the prefill pod's own compute and write times within it (the rest is gRPC and scheduling).
-        log.info("remote prefill %s: %d tokens (%d cached here) from %s: call %.4f s = compute %.4f s + "
-                 "transfer %.4f s (%d bytes, %d pages) + rest", call_id, len(task.token_ids), task.num_cached_tokens,
-                 peer.address, call, response.compute_seconds, response.transfer_seconds,
-                 response.bytes_transferred, response.pages_transferred)
+        log.info(HANDOVER_LOG, call_id, len(task.token_ids), task.num_cached_tokens, peer.address, call,
+                 response.compute_seconds, response.transfer_seconds, response.bytes_transferred,
+                 response.pages_transferred)
         self.metrics.pages_transferred.inc(response.pages_transferred)
         logprob = response.first_logprob if response.has_logprob else None
         self.async_engine.complete_remote_prefill(
