@@ -182,11 +182,12 @@ def _reference(args, prompts: list[dict], conn) -> None:
 
 def compare(tokens: list[int], logprobs: list[float], ref_tokens: list[int], ref_logprobs: list[float]) -> dict:
     """Greedy agreement with a reference: equal, the first differing position, and the largest log-probability
-    difference of the chosen tokens up to there (how close the two computations are where they agree)."""
+    difference of the chosen tokens before it (how close the two computations are where they agree; None when
+    they differ at the first token)."""
     mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=False)) if a != b), None)
     if mismatch is None and len(tokens) != len(ref_tokens):
         mismatch = min(len(tokens), len(ref_tokens))
-    upto = len(tokens) if mismatch is None else mismatch + 1
+    upto = len(tokens) if mismatch is None else mismatch
     diffs = [abs(a - b) for a, b in zip(logprobs[:upto], ref_logprobs[:upto], strict=False)]
     return {"equal": mismatch is None, "first_mismatch": mismatch,
             "max_logprob_diff": max(diffs) if diffs else None}
@@ -497,7 +498,7 @@ def main() -> int:
     print(f"greedy tokens equal to the single-process engine's (same checkpoint plan) for all {len(runs)} prompts: "
           f"{results['all_equal_to_reference']}; to the plain engine's: {results['all_equal_to_plain_engine']} "
           f"(the plain engine equals itself with the hand-over's plan: {results['reference_plain_equals_same_plan']}); "
-          f"largest log-prob difference to the plain engine up to the first differing token: "
+          f"largest log-prob difference to the plain engine before the first differing token: "
           f"{max(r['vs_plain']['max_logprob_diff'] or 0 for r in runs):.4f}")
     if results["pair"].get("floor"):
         print_floor(results["pair"]["floor"])
