@@ -132,6 +132,9 @@ class PodMetrics:
             self.remote_prefill_quarantines = Counter("baton_remote_prefill_quarantines", "Failed remote prefills "
                                                       "whose memory was quarantined (the pod may still write)",
                                                       registry=r)
+            self.remote_prefill_seconds = Histogram("baton_remote_prefill_seconds", "One answered Prefill call, "
+                                                    "seen from the decode pod (compute + hand-over + RPC)",
+                                                    buckets=TTFT_BUCKETS, registry=r)
             self.pages_reused = Counter("baton_kv_pages_reused", "Prompt KV pages a decode pod already held when "
                                         "it sent a prompt to a prefill pod (not transferred)", registry=r)
         else:
@@ -150,6 +153,9 @@ class PodMetrics:
                                           "decode pods", registry=r)
             self.transfer_pages = Counter("baton_transfer_kv_pages", "KV pages (all layers) written to decode pods",
                                           registry=r)
+            self.prefill_compute_seconds = Histogram("baton_prefill_compute_seconds", "A Prefill call's arrival to "
+                                                     "its first token (queue + compute)", buckets=TTFT_BUCKETS,
+                                                     registry=r)
             self.transfer_seconds = Histogram("baton_transfer_duration_seconds", "Duration of one successful "
                                               "hand-over write", buckets=TRANSFER_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))

@@ -57,6 +57,11 @@ _OK, _RETRY, _LOCAL, _QUARANTINE = "ok", "retry", "local", "quarantine"
 _FAULT_COMMANDS = {"abort": "abort_request", "remote_done": "complete_remote_prefill"}
 
 
+# One INFO line per answered Prefill call (loadtest.bench_pd_gpu parses it for the TTFT split).
+HANDOVER_LOG = ("remote prefill %s: %d tokens (%d cached here) from %s: call %.4f s = compute %.4f s + "
+                "transfer %.4f s (%d bytes, %d pages) + rest")
+
+
 @dataclass(frozen=True)
 class DecodeConfig(PodConfig):
     prefill_addrs: str = field(default="", metadata={"help": "prefill pods, comma-separated host:port"})
@@ -417,6 +422,7 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
         if task.dest_checkpoint_slot is not None:
             request.dest_checkpoint_slot = task.dest_checkpoint_slot
         peer.inflight += 1
+        sent = time.monotonic()
         try:
             response = await peer.stub.Prefill(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -443,6 +449,13 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
             log.error("prefill pod %s answered %s with first token %d, outside [0, %d): prefilling locally",
                       peer.address, call_id, response.first_token, vocab)
             return _LOCAL
+        call = time.monotonic() - sent
+        self.metrics.remote_prefill_seconds.observe(call)
+        # One line per hand-over, for a TTFT split (loadtest.bench_pd_gpu parses it): the call's time here,
+        # and the prefill pod's own compute and write times within it (the rest is gRPC and scheduling).
+        log.info(HANDOVER_LOG, call_id, len(task.token_ids), task.num_cached_tokens, peer.address, call,
+                 response.compute_seconds, response.transfer_seconds, response.bytes_transferred,
+                 response.pages_transferred)
         logprob = response.first_logprob if response.has_logprob else None
         self.async_engine.complete_remote_prefill(
             task.request_id, response.first_token, logprob,

@@ -186,6 +186,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             )
         self.decodes.move_to_end(request.decode_id)
         key = f"{request.decode_id}/{request.request_id}"
+        arrived = time.monotonic()
         try:
             self._validate(request, decode)
             params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, stop=())
@@ -197,7 +198,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.ABORTED, "prefill aborted before it arrived")
         inflight = self.inflight[key] = _Inflight()
         try:
-            return await self._prefill(request, key, params, decode, inflight, context)
+            return await self._prefill(request, key, params, decode, inflight, context, arrived)
         finally:
             pending = [w for w in inflight.writes if not w.done()]
             if pending:
@@ -221,7 +222,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         del self.inflight[key]
         log.info("hand-over settled: %s", key)
 
-    async def _prefill(self, request, key, params, decode: _Decode, inflight: _Inflight, context):
+    async def _prefill(self, request, key, params, decode: _Decode, inflight: _Inflight, context, arrived: float):
         last = None
         try:
             async for out in self.async_engine.generate(list(request.token_ids), params, key, hold_memory=True):
@@ -257,6 +258,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         if inflight.aborted:
             await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
         started = time.monotonic()
+        compute = started - arrived
         log.info("hand-over started: %s, %d pages, %d state slots to %s", key, end - first, len(slots), decode.session)
         write = asyncio.ensure_future(asyncio.to_thread(self._write, key, decode.session, *regions))
         inflight.writes.append(write)
@@ -274,6 +276,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         self.metrics.transfers.labels("ok").inc()
         self.metrics.transfer_bytes.inc(nbytes)
         self.metrics.transfer_seconds.observe(elapsed)
+        self.metrics.prefill_compute_seconds.observe(compute)
         self.metrics.transfer_pages.inc(end - first)
         if inflight.aborted:  # everything was written, but the decode pod gave up on it meanwhile
             await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
@@ -283,7 +286,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         return pd_pb2.PrefillResponse(
             first_token=first_token, first_logprob=logprob, has_logprob=bool(last.new_logprobs),
             bytes_transferred=nbytes, pages_transferred=end - first, prefill_cached_tokens=own_cached,
-            transfer_seconds=elapsed, checkpoint_written=checkpoint,
+            transfer_seconds=elapsed, checkpoint_written=checkpoint, compute_seconds=compute,
         )
 
     def _write(self, key: str, session: str, src: list[int], dst: list[int], lengths: list[int]) -> int:
