@@ -566,6 +566,16 @@ def test_monitoring_objects(rendered):
     monitor = _get(docs, "ServiceMonitor", f"{RELEASE}-baton")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # The alert rules and dashboards select job="baton-<role>": each scrape is relabelled to it.
+    rules_text = (ROOT / "deploy" / "prometheus" / "baton-rules.yaml").read_text()
+    assert 'job=~"baton-.*"' in rules_text
+    [relabel] = monitor["spec"]["endpoints"][0]["relabelings"]
+    assert relabel == {"sourceLabels": ["__meta_kubernetes_service_label_app_kubernetes_io_component"],
+                       "targetLabel": "job", "replacement": "baton-$1"}
+    pod_monitor = _get(rendered["external-redis-tls"], "PodMonitor", f"{RELEASE}-baton")
+    [relabel] = pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert relabel["sourceLabels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]
+    assert (relabel["targetLabel"], relabel["replacement"]) == ("job", "baton-$1")
     scraped = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in docs
                if d["kind"] == "Service" and any(p["name"] == "metrics" for p in d["spec"]["ports"])}
     assert scraped == {"router", "prefill", "decode"}
