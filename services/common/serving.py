@@ -14,10 +14,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
 from .lifecycle import Lifecycle, ServingState
+
+Loaded = TypeVar("Loaded")
 
 log = logging.getLogger("baton.serving")
 
@@ -102,3 +105,31 @@ async def cancel_tasks(tasks: list[asyncio.Task]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def load_while_listening(
+    load: Callable[[], Loaded], lifecycle: Lifecycle, stop: asyncio.Event, servers: list[grpc.aio.Server | None],
+    close: Callable[[Loaded], None],
+) -> Loaded | None:
+    """``load()`` off the event loop (minutes with real weights), so that the already listening ``servers`` answer
+    health checks meanwhile. Returns what it loaded; None when a signal came while loading (then ``close`` gets it,
+    the servers are stopped and the lifecycle is STOPPED: nothing to drain). A failed load is FAILED, stops the
+    servers and raises."""
+    try:
+        loaded = await asyncio.to_thread(load)
+    except Exception as err:
+        lifecycle.fail(f"loading failed: {err}")
+        await _stop_all(servers)
+        raise
+    if not stop.is_set():
+        return loaded
+    lifecycle.to(ServingState.STOPPED, "signal while loading")
+    await _stop_all(servers)
+    close(loaded)
+    return None
+
+
+async def _stop_all(servers: list[grpc.aio.Server | None]) -> None:
+    for server in servers:
+        if server is not None:
+            await server.stop(0)

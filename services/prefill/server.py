@@ -34,7 +34,7 @@ from services.common.lifecycle import Lifecycle, ServingState
 from services.common.metrics import PodMetrics
 from services.common.pod_config import PodConfig
 from services.common.protos import inference_pb2, pd_pb2, pd_pb2_grpc
-from services.common.serving import serve_until_stopped, stop_on_signals
+from services.common.serving import load_while_listening, serve_until_stopped, stop_on_signals
 from services.common.tls import bind
 from services.engine.async_engine import AsyncEngine, EngineError
 from services.engine.engine import Engine
@@ -366,22 +366,11 @@ async def serve(config: PrefillConfig) -> int:
     health_server, health_port = await start_health_port(config.host, config.health_port, health)
     print("BATON_LISTENING " + json.dumps({"role": "prefill", "port": port, "health_port": health_port}), flush=True)
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
-    try:
-        # Off the event loop (minutes with real weights), so that health checks are answered meanwhile.
-        engine, transfer = await asyncio.to_thread(_load, config, publisher is not None)
-    except Exception as err:
-        lifecycle.fail(f"loading failed: {err}")
-        await server.stop(0)
-        if health_server is not None:
-            await health_server.stop(0)
-        raise
-    if stop.is_set():  # a signal while loading: nothing to drain
-        lifecycle.to(ServingState.STOPPED, "signal while loading")
-        await server.stop(0)
-        if health_server is not None:
-            await health_server.stop(0)
-        transfer.close()
+    loaded = await load_while_listening(lambda: _load(config, publisher is not None), lifecycle, stop,
+                                        [server, health_server], lambda pair: pair[1].close())
+    if loaded is None:  # a signal while loading
         return 0
+    engine, transfer = loaded
     metrics = PodMetrics("prefill", engine)
     metrics_port = metrics.serve(config.host, config.metrics_port)
     fatal = asyncio.Event()
