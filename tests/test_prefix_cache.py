@@ -189,3 +189,20 @@ def test_agentic_trace_hit_rate(tiny_checkpoint, page_size):
     assert reusable_total > 8 * 10 * 2048
     assert hit_rate >= 0.95
     assert_no_leaks(engine)
+
+
+def test_the_same_prompt_again_resumes_one_page_before_its_end(tiny_checkpoint):
+    """Regenerate / retry on one engine: a prompt is checkpointed at its resume boundary (its last page boundary
+    before its last token, as a prefill pod does for a decode pod), so sending it again computes at most one page,
+    also when its length is a whole number of pages (its last page boundary is then its end, unusable to resume
+    the same prompt). Output stays the uncached engine's."""
+    page = 4
+    for length in (160, 162):  # a whole number of pages, and not
+        prompt = _tokens(length, seed=11)
+        engine = cpu_engine(tiny_checkpoint, page_size=page, checkpoint_interval=64)
+        [first] = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0))  # no decode page
+        [again] = engine.generate([prompt], GREEDY)
+        assert again.num_cached_tokens == (length - 1) // page * page, (length, again.num_cached_tokens)
+        [expected] = cpu_engine(tiny_checkpoint, enable_prefix_cache=False).generate([prompt], GREEDY)
+        assert again.token_ids == expected.token_ids and first.token_ids == expected.token_ids[:2]
+        assert_no_leaks(engine)

@@ -153,7 +153,14 @@ class HybridPrefixCache:
                 if request.snapshot_slot is None:
                     return []
             return [(1, request.snapshot_slot)]
-        return self._allocate_checkpoints(self._prefill_checkpoint_positions(start, end, samples), start)
+        positions = self._prefill_checkpoint_positions(start, end, samples)
+        # The prompt's resume boundary too, as a prefill pod takes it (_plan_handover_snapshots): the same prompt
+        # sent again (regenerate, retries) resumes there, and the GDN layers then split the prompt at the same
+        # points on one engine as on a prefill/decode pair, so the two compute the same numbers.
+        boundary = resume_boundary(request.num_tokens, self.page_size)
+        if start < boundary <= end and boundary not in positions:
+            positions = sorted([*positions, boundary])
+        return self._allocate_checkpoints(positions, start)
 
     def _prefill_checkpoint_positions(self, start: int, end: int, samples: bool) -> list[int]:
         interval = self.checkpoint_interval
