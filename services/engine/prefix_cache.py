@@ -11,9 +11,9 @@ Publish points, all at page boundaries:
 - the end of a request: during decode the request overwrites its own snapshot slot each time it
   completes a page; when it finishes, that snapshot becomes the node's checkpoint, so the next turn of
   the conversation resumes at most one page before the previous turn's end.
-- the prompt's resume boundary (``resume_boundary``) when a prefill pod computes it for a decode pod: the
-  prefill pod snapshots the state there and hands it over with the final state, so the decode pod can
-  serve the same prompt again (regenerate, retries, best-of-n) from its own cache.
+- the prompt's resume boundary (``resume_boundary``), so the same prompt can be served again (regenerate,
+  retries, best-of-n) from the cache; when a prefill pod computes a prompt for a decode pod it snapshots the
+  state there and hands it over with the final state, so the decode pod can do the same from its own cache.
 Checkpoints are taken inside the forward pass at exactly those positions (the GDN layer splits its work
 there), so prefill chunks stay as large as the token budget allows.
 """
