@@ -14,7 +14,6 @@ When every pod is full the router answers RESOURCE_EXHAUSTED at once, with a ret
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -173,32 +172,22 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             await context.abort(err.code, err.message)
 
     async def generate(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """``_counted``, refused with UNAVAILABLE once the router drains, and counted while it runs (a drain waits
-        for it)."""
-        if not self.lifecycle.accepting:
-            self.metrics.requests.labels("unavailable").inc()
-            raise RouterError(grpc.StatusCode.UNAVAILABLE, self.lifecycle.refusal())
-        self.streams.enter()
-        try:
-            # aclosing: a consumer that leaves closes the inner generator now, which cancels the pod's call.
-            async with aclosing(self._counted(route, on_placed)) as responses:
-                async for response in responses:
-                    yield response
-        finally:
-            self.streams.exit()
-
-    async def _counted(self, route: RouteRequest, on_placed=None) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Place the request, relay its stream (moving it to another pod if one fails), and yield the client's view
-        of it: tokens, text, usage. Raises RouterError when it cannot be served. ``on_placed(address)`` is awaited
-        once the first decode pod is chosen. Leaving the iteration early (the client left) cancels the pod's call,
-        which frees the request there. Counted once in the request metrics, when it ends."""
+        of it: tokens, text, usage. Raises RouterError when it cannot be served, UNAVAILABLE once the router drains.
+        ``on_placed(address)`` is awaited once the first decode pod is chosen. Leaving the iteration early (the
+        client left) cancels the pod's call, which frees the request there. Counted once in the request metrics,
+        when it ends, and among the streams a drain waits for while it runs."""
         metrics = self.metrics
+        if not self.lifecycle.accepting:
+            metrics.requests.labels("unavailable").inc()
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, self.lifecycle.refusal())
         outcome = "cancelled"  # unless it ends otherwise: the client left (the generator was closed or cancelled)
         first_token = True
+        self.streams.enter()
         metrics.in_flight.inc()
         try:
             # aclosing: a client that leaves cancels the pod's call now, not when the generator is collected.
-            async with contextlib.aclosing(self._generate(route, on_placed)) as responses:
+            async with aclosing(self._generate(route, on_placed)) as responses:
                 async for response in responses:
                     if response.token_ids:
                         metrics.generation_tokens.inc(len(response.token_ids))
@@ -220,6 +209,7 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
         finally:
             metrics.in_flight.dec()
             metrics.requests.labels(outcome).inc()
+            self.streams.exit()
 
     async def _generate(self, route: RouteRequest, on_placed) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
