@@ -47,7 +47,7 @@ from services.engine.async_engine import AsyncEngine, EngineDeadError, EngineErr
 from services.engine.engine import Engine
 from services.engine.request import InvalidRequestError, OverloadedError
 from services.transfer.engine import TransferEngine
-from services.transfer.handover import layout_mismatches, local_regions, register_pools, state_layout
+from services.transfer.handover import layout_mismatches, load_pod_engines, local_regions, state_layout
 
 log = logging.getLogger("baton.decode")
 
@@ -486,14 +486,6 @@ def _inject_engine_fault(engine: Engine, command: str) -> None:
     setattr(engine, name, fail)
 
 
-def _load(config: DecodeConfig, record_cache_events: bool) -> tuple[Engine, TransferEngine]:
-    """The slow part of starting (weights, memory pools, their registration with Mooncake)."""
-    engine = Engine(config.engine, remote_prefill=config.remote_prefill, record_cache_events=record_cache_events)
-    transfer = TransferEngine(config.transfer)
-    register_pools(engine, transfer)
-    return engine, transfer
-
-
 async def serve(config: DecodeConfig) -> int:
     """Returns the process's exit status: non-zero when the engine died.
 
@@ -510,8 +502,12 @@ async def serve(config: DecodeConfig) -> int:
     health_server, health_port = await start_health_port(config.host, config.health_port, health)
     print("BATON_LISTENING " + json.dumps({"role": "decode", "port": port, "health_port": health_port}), flush=True)
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
-    loaded = await load_while_listening(lambda: _load(config, publisher is not None), lifecycle, stop,
-                                        [server, health_server], lambda pair: pair[1].close())
+
+    def load() -> tuple[Engine, TransferEngine]:
+        return load_pod_engines(config.engine, config.transfer, publisher is not None,
+                                remote_prefill=config.remote_prefill)
+
+    loaded = await load_while_listening(load, lifecycle, stop, [server, health_server], lambda pair: pair[1].close())
     if loaded is None:  # a signal while loading
         return 0
     engine, transfer = loaded

@@ -45,8 +45,8 @@ from services.transfer.handover import (
     PoolRegions,
     handover_regions,
     layout_mismatches,
+    load_pod_engines,
     local_regions,
-    register_pools,
     remote_regions,
     state_layout,
 )
@@ -340,14 +340,6 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         return inference_pb2.HealthResponse(serving=serving, role="prefill", usage=pool_usage(usage))
 
 
-def _load(config: PrefillConfig, record_cache_events: bool) -> tuple[Engine, TransferEngine]:
-    """The slow part of starting (weights, memory pools, their registration with Mooncake)."""
-    engine = Engine(config.engine, record_cache_events=record_cache_events)
-    transfer = TransferEngine(config.transfer)
-    register_pools(engine, transfer)
-    return engine, transfer
-
-
 async def serve(config: PrefillConfig) -> int:
     """Returns the process's exit status: non-zero when the engine died.
 
@@ -366,8 +358,11 @@ async def serve(config: PrefillConfig) -> int:
     health_server, health_port = await start_health_port(config.host, config.health_port, health)
     print("BATON_LISTENING " + json.dumps({"role": "prefill", "port": port, "health_port": health_port}), flush=True)
     publisher = ClusterPublisher(cluster, asyncio.get_running_loop()) if cluster.redis_url else None
-    loaded = await load_while_listening(lambda: _load(config, publisher is not None), lifecycle, stop,
-                                        [server, health_server], lambda pair: pair[1].close())
+
+    def load() -> tuple[Engine, TransferEngine]:
+        return load_pod_engines(config.engine, config.transfer, publisher is not None)
+
+    loaded = await load_while_listening(load, lifecycle, stop, [server, health_server], lambda pair: pair[1].close())
     if loaded is None:  # a signal while loading
         return 0
     engine, transfer = loaded

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from services.common.protos import pd_pb2
+from services.engine.config import EngineConfig
 from services.engine.engine import Engine
-from services.transfer.engine import TransferEngine
+from services.transfer.engine import TransferConfig, TransferEngine
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,15 @@ def register_pools(engine: Engine, transfer: TransferEngine) -> None:
     transfer.register(engine.runner.kv_cache.buffer)
     transfer.register(engine.runner.state_cache.conv)
     transfer.register(engine.runner.state_cache.ssm)
+
+
+def load_pod_engines(engine_config: EngineConfig, transfer_config: TransferConfig, record_cache_events: bool,
+                     remote_prefill: bool = False) -> tuple[Engine, TransferEngine]:
+    """The slow part of a pod's start (either role): weights, memory pools, their registration with Mooncake."""
+    engine = Engine(engine_config, remote_prefill=remote_prefill, record_cache_events=record_cache_events)
+    transfer = TransferEngine(transfer_config)
+    register_pools(engine, transfer)
+    return engine, transfer
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
