@@ -28,7 +28,7 @@ for step in ${stage//,/ }; do
     case $step in
     pd)  # greedy vs one engine, TTFT split
         timeout "${PD_S:-300}" python3 -m loadtest.bench_pd_gpu --model "$model" --lengths 8192,32768 --reps 3 \
-            --out "$work/pd_gpu_h200.json"
+            --checkpoint-slots "${PD_SLOTS:-300}" --out "$work/pd_gpu_h200.json"
         cp "$work"/pd_gpu_h200.json "$work"/pd_gpu_h200.png "$out"/ 2>/dev/null ;;
     transfer)  # hand-over efficiency against a raw Mooncake write, GPU memory
         timeout 100 python3 -m loadtest.bench_transfer --device cuda --contexts 4096,16384,32768 \
@@ -39,7 +39,8 @@ for step in ${stage//,/ }; do
     floor)  # the agentic floor sweep against the pair
         timeout "$(( $(left) - 15 ))" python3 -m loadtest.bench_pd_gpu --model "$model" --floor-only \
             --decode-max-seqs "${FLOOR_SEQS:-192}" --cuda-graph-max-batch "${FLOOR_SEQS:-192}" \
-            --decode-cache-mb "${FLOOR_DECODE_MB:-53248}" --prefill-cache-mb 8192 --checkpoint-slots 0 \
+            --decode-cache-mb "${FLOOR_DECODE_MB:-53248}" --prefill-cache-mb "${FLOOR_PREFILL_MB:-8192}" \
+            --checkpoint-slots "${FLOOR_PREFILL_SLOTS:-0}" --threshold "${FLOOR_THRESHOLD:-512}" \
             --max-model-len 65536 --floor-concurrency "${FLOOR_LEVELS:-32,64,128,192}" \
             --floor-duration-s "${FLOOR_S:-60}" --floor-first-turn 8192 --floor-turn-tokens 800 \
             --floor-output-tokens 256 --floor-think-s 5 --out "$work/pd_floor_h200.json"
