@@ -49,6 +49,8 @@ for step in ${stage//,/ }; do
     esac
 done
 # flashinfer's JIT cache as it now is (kernels compiled in this call included), for the next machine's .whl/jit.tgz
+# (its build files name absolute paths: run from the same directory next time, or ninja rebuilds), and Triton's
 tar czf "$out/jit.tgz" .jitcache/.cache 2>/dev/null
+tar czf "$out/triton.tgz" .jitcache/triton 2>/dev/null
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv,noheader
 echo "stage $stage done in ${SECONDS}s"

@@ -206,3 +206,25 @@ def test_the_same_prompt_again_resumes_one_page_before_its_end(tiny_checkpoint):
         [expected] = cpu_engine(tiny_checkpoint, enable_prefix_cache=False).generate([prompt], GREEDY)
         assert again.token_ids == expected.token_ids and first.token_ids == expected.token_ids[:2]
         assert_no_leaks(engine)
+
+
+def test_a_prompt_is_computed_in_the_same_pieces_whether_or_not_its_checkpoints_were_taken(tiny_checkpoint):
+    """The GDN layers split a prompt at its resume boundary always, not only where a checkpoint is taken: an
+    engine without a prefix cache and one that checkpoints the prompt there compute bitwise the same log-probs
+    (a prefill pod snapshots there too, so a prefill/decode pair equals one engine whether or not either could
+    spare a checkpoint slot), and the same prompt resumed from that checkpoint the same tokens. A whole-pages
+    prompt is the case that matters: its resume boundary is one page before its end, inside the GDN kernels'
+    last chunk."""
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True)
+    for length in (160, 161):
+        prompt = _tokens(length, seed=12)
+        [uncached] = cpu_engine(tiny_checkpoint, enable_prefix_cache=False).generate([prompt], params)
+        engine = cpu_engine(tiny_checkpoint, checkpoint_interval=64)
+        [first] = engine.generate([prompt], params)
+        [again] = engine.generate([prompt], params)
+        assert again.num_cached_tokens == (length - 1) // 4 * 4
+        assert first.token_ids == uncached.token_ids == again.token_ids
+        assert first.logprobs == uncached.logprobs, length  # bitwise: the same pieces, the same kernels
+        # Resumed, the last page's queries attend to cached keys in a smaller block: equal up to rounding.
+        assert max(abs(x - y) for x, y in zip(again.logprobs, first.logprobs, strict=True)) < 1e-4
+        assert_no_leaks(engine)

@@ -320,14 +320,16 @@ def _as_list(x, name: str) -> list[int]:
 
 
 def _plan_chunks(
-    seq_lens: list[int], checkpoints: list[tuple[int, int, int]], chunk: int
+    seq_lens: list[int], checkpoints: list[tuple[int, int, int]], chunk: int,
+    splits: list[tuple[int, int]] = (),
 ) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, int]], list[tuple[int, int]]]:
     """Lays the chunks out on the host.
 
     Returns (chunk_start, chunk_len, chunk_ckpt, seq_chunk_ptr, zero_ckpts, dup_ckpts): chunk_start is
     relative to the packed batch, chunk_ckpt is the slot that receives the state after the chunk (-1: none),
     zero_ckpts are (seq, dest) checkpoints taken before any token, dup_ckpts (src_dest, dest) extra
-    checkpoints at an offset that already has one (copied after the launch).
+    checkpoints at an offset that already has one (copied after the launch). ``splits``: (seq, offset) where
+    a chunk must end although no state is stored there, as if a checkpoint were taken.
     """
     per_seq: list[dict[int, int]] = [{} for _ in seq_lens]
     zero_ckpts: list[tuple[int, int]] = []
@@ -343,6 +345,11 @@ def _plan_chunks(
             dup_ckpts.append((per_seq[seq][offset], dest))
         else:
             per_seq[seq][offset] = dest
+    for seq, offset in splits:
+        if not 0 <= seq < len(seq_lens) or not 0 <= offset <= seq_lens[seq]:
+            raise ValueError(f"split ({seq}, {offset}) outside the batch's sequences {seq_lens}")
+        if offset:
+            per_seq[seq].setdefault(offset, -1)
     chunk_start: list[int] = []
     chunk_len: list[int] = []
     chunk_ckpt: list[int] = []
@@ -386,8 +393,11 @@ def plan_gdn_prefill(
     has_initial_state: torch.Tensor | Sequence[bool],
     checkpoints: torch.Tensor | Sequence[tuple[int, int, int]] | None,
     device: torch.device | str,
+    splits: Sequence[tuple[int, int]] = (),
 ) -> GdnPrefillPlan:
-    """Chunk tables for :func:`gdn_prefill` (reads its arguments on the host: pass lists or CPU tensors)."""
+    """Chunk tables for :func:`gdn_prefill` (reads its arguments on the host: pass lists or CPU tensors).
+    ``splits``: (sequence index, token offset) where a chunk ends without storing the state there, so that
+    a sequence is computed in the same pieces whether or not a checkpoint could be taken at that offset."""
     cu = _as_list(cu_seqlens, "cu_seqlens")
     num_seqs = len(cu) - 1
     if num_seqs < 0 or cu[0] != 0 or any(x > y for x, y in zip(cu, cu[1:], strict=False)):
@@ -401,7 +411,10 @@ def plan_gdn_prefill(
         flat = checkpoints.tolist() if isinstance(checkpoints, torch.Tensor) else list(checkpoints)
         ckpts = [(int(s), int(o), int(d)) for s, o, d in flat]
     seq_lens = [y - x for x, y in zip(cu, cu[1:], strict=False)]
-    chunk_start, chunk_len, chunk_ckpt, seq_chunk_ptr, zero_ckpts, dup_ckpts = _plan_chunks(seq_lens, ckpts, CHUNK)
+    split_points = [(int(seq), int(offset)) for seq, offset in splits]
+    chunk_start, chunk_len, chunk_ckpt, seq_chunk_ptr, zero_ckpts, dup_ckpts = _plan_chunks(
+        seq_lens, ckpts, CHUNK, split_points
+    )
     n = len(chunk_start)
     # One host->device copy for all the tables.
     meta = torch.tensor(chunk_start + chunk_len + chunk_ckpt + seq_chunk_ptr + [int(x) for x in has_init],

@@ -28,6 +28,11 @@ class ForwardBatch:
     # Per sequence: (tokens into this step, state slot) where the GDN state must also be written, for
     # prefix-cache checkpoints taken at exact positions.
     snapshots: list[list[tuple[int, int]]] | None = None
+    # Per sequence: tokens into this step where the GDN recurrence is split into pieces although no state is
+    # stored there (the prompt's resume boundary): a prompt resumed there from a cache, or computed on a
+    # prefill pod that snapshots there, is computed in these same pieces, so its numbers do not depend on
+    # whether a checkpoint slot was free.
+    gdn_splits: list[list[int]] | None = None
     # Set by the model once per forward pass: the GDN kernels' precomputed chunk tables (GPU ops only).
     gdn_plan: object = None
 
@@ -37,6 +42,13 @@ class ForwardBatch:
         if self.snapshots is None:
             return []
         return [(seq, offset, slot) for seq, snaps in enumerate(self.snapshots) for offset, slot in snaps]
+
+    @property
+    def splits(self) -> list[tuple[int, int]]:
+        """``gdn_splits`` flattened to ``(sequence, tokens into the step)``."""
+        if self.gdn_splits is None:
+            return []
+        return [(seq, offset) for seq, offsets in enumerate(self.gdn_splits) for offset in offsets]
 
     @property
     def cu_seqlens(self) -> list[int]:

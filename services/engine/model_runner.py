@@ -16,6 +16,7 @@ from .model import Qwen35ForCausalLM
 from .model_config import ModelConfig
 from .ops import select_ops
 from .page_tables import PageTableMirror
+from .prefix_cache import resume_boundary
 from .sampler import SampledTokens, Sampler
 from .scheduler import ScheduledSeq
 from .state_cache import KVCache, StateCache
@@ -108,9 +109,12 @@ class ModelRunner:
         kv_slot_ids: list[int] = []
         logits_indices: list[int] = []
         page_tables: list[list[int]] = []
+        gdn_splits: list[list[int]] = []
         for seq in seqs:
             req = seq.request
             start, end = seq.start, seq.start + seq.num_new_tokens
+            boundary = resume_boundary(req.num_tokens, page_size)
+            gdn_splits.append([boundary - start] if start < boundary < end else [])
             if input_ids_on_device is None:
                 input_ids.extend(req.token_ids_between(start, end))
             positions.extend(range(start, end))
@@ -137,6 +141,7 @@ class ModelRunner:
             logits_indices=as_tensor(logits_indices),
             # Offset-0 snapshots are copies made before the step (execute), not the model's business.
             snapshots=[[x for x in s.snapshots if x[0]] for s in seqs] if any(s.snapshots for s in seqs) else None,
+            gdn_splits=gdn_splits if any(gdn_splits) else None,
         )
 
     def execute(

@@ -115,13 +115,15 @@ def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.T
         return core[:, 0]
     core = torch.empty(num_tokens, layer.num_v_heads, layer.v_dim, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
     snapshots = batch.snapshots or [[]] * batch.num_seqs
-    for start, q_len, slot, has_state, snaps in zip(
+    splits = batch.gdn_splits or [[]] * batch.num_seqs
+    for start, q_len, slot, has_state, snaps, seq_splits in zip(
         batch.query_starts, batch.query_lens, batch.state_slots.tolist(), batch.has_initial_state, snapshots,
-        strict=True,
+        splits, strict=True,
     ):
         conv_state = conv_states[slot] if has_state else None
         ssm_state = ssm_states[slot][None] if has_state else None
-        ends = sorted({offset for offset, _ in snaps if 0 < offset < q_len} | {q_len})
+        ends = sorted({offset for offset, _ in snaps if 0 < offset < q_len}
+                      | {offset for offset in seq_splits if 0 < offset < q_len} | {q_len})
         piece_start = 0
         for piece_end in ends:
             rows = slice(start + piece_start, start + piece_end)
@@ -282,7 +284,8 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     def plan_gdn(batch):
         if batch.is_decode:
             return None
-        return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device)
+        return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device,
+                                batch.splits)
 
     def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
         num_tokens = mixed_qkv.shape[0]

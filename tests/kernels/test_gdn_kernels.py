@@ -348,6 +348,20 @@ def test_gdn_prefill_chunk_plan():
         _plan_chunks([10], [(0, 11, 3)], CHUNK)
 
 
+def test_gdn_prefill_chunk_plan_splits_without_storing():
+    """A split ends a chunk as a checkpoint would, storing nothing (-1); one at an offset that also has a
+    checkpoint keeps the checkpoint's slot; a split at 0 or at the end changes nothing."""
+    starts, lens, ckpts, _, zero, dup = _plan_chunks(
+        [160, 40], [(1, 24, 5)], CHUNK, splits=[(0, 156), (0, 0), (1, 24), (1, 40)]
+    )
+    assert list(zip(starts, lens, ckpts, strict=True)) == [
+        (0, 64, -1), (64, 64, -1), (128, 28, -1), (156, 4, -1), (160, 24, 5), (184, 16, -1),
+    ]
+    assert zero == [] and dup == []
+    with pytest.raises(ValueError, match="split"):
+        _plan_chunks([10], [], CHUNK, splits=[(0, 11)])
+
+
 def test_gdn_prefill_refuses_narrow_single_stage_state_pass():
     """BV=32 with one pipeline stage faulted on the H100 (illegal address): refused with a clear error, and
     nothing is written to the pool before the check."""
