@@ -231,7 +231,10 @@ def run_pair(args, prompts: list[dict], reference: dict) -> dict:
 
     started = time.monotonic()
     prefill = Pod("prefill", *pod_flags(args, args.prefill_cache_mb, args.prefill_max_seqs, args.checkpoint_slots))
-    decode = Pod("decode", *pod_flags(args, args.decode_cache_mb, args.decode_max_seqs),
+    # A decode pod's step budget bounds how long a follow-up's local prefill stalls every running decode.
+    step_flags = (["--max-num-batched-tokens", str(args.decode_step_tokens), "--prefill-chunk-size",
+                   str(args.decode_step_tokens)] if args.decode_step_tokens else [])
+    decode = Pod("decode", *pod_flags(args, args.decode_cache_mb, args.decode_max_seqs), *step_flags,
                  "--prefill-addrs", prefill.address, "--prefill-timeout-s", "300")
     log.info("pods ready in %.1f s (prefill %s, decode %s)", time.monotonic() - started, prefill.address,
              decode.address)
@@ -430,6 +433,8 @@ def main() -> int:
     parser.add_argument("--decode-cache-mb", type=int, default=16384)
     parser.add_argument("--prefill-max-seqs", type=int, default=8)
     parser.add_argument("--decode-max-seqs", type=int, default=64)
+    parser.add_argument("--decode-step-tokens", type=int, default=0,
+                        help="the decode pod's token budget per step and prefill chunk (0: the engine's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--floor-concurrency", default="", help="closed-loop sweep of agentic users (empty: none)")
     parser.add_argument("--floor-first-turn", type=int, default=8192)

@@ -41,6 +41,7 @@ for step in ${stage//,/ }; do
             --decode-max-seqs "${FLOOR_SEQS:-192}" --cuda-graph-max-batch "${FLOOR_SEQS:-192}" \
             --decode-cache-mb "${FLOOR_DECODE_MB:-53248}" --prefill-cache-mb "${FLOOR_PREFILL_MB:-8192}" \
             --checkpoint-slots "${FLOOR_PREFILL_SLOTS:-0}" --threshold "${FLOOR_THRESHOLD:-512}" \
+            --decode-step-tokens "${FLOOR_STEP_TOKENS:-0}" \
             --max-model-len 65536 --floor-concurrency "${FLOOR_LEVELS:-32,64,128,192}" \
             --floor-duration-s "${FLOOR_S:-60}" --floor-first-turn 8192 --floor-turn-tokens 800 \
             --floor-output-tokens 256 --floor-think-s 5 --out "$work/pd_floor_h200.json"
