@@ -48,6 +48,40 @@ def prefill_once(engine: Engine, length: int, seed: int) -> float:
     return ttft
 
 
+# Substrings of kernel names, first match wins: where a prefill chunk's GPU time goes.
+KERNEL_GROUPS = (("gdn", ("gdn", "chunk_", "delta", "solve", "kkt")), ("conv1d", ("conv",)),
+                 ("moe", ("moe", "expert", "align", "topk", "router")),
+                 ("attention", ("prefill", "flashinfer", "attention", "fmha")),
+                 ("gemm (cuBLAS/CUTLASS)", ("gemm", "cutlass", "xmma", "nvjet", "cublas")),
+                 ("norms / rope", ("norm", "rope")))
+
+
+def profile_prefill(engine: Engine, length: int, seed: int) -> dict:
+    """GPU time per kernel over one warm prefill of ``length`` tokens, largest first, and summed by group."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ttft = prefill_once(engine, length, seed)
+        torch.cuda.synchronize()
+    engine.flush_cache()
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = event.self_cuda_time_total
+        if device_us > 0:
+            kernels.append({"name": event.key[:160], "ms": device_us / 1e3, "calls": event.count})
+    kernels.sort(key=lambda k: -k["ms"])
+    groups: dict[str, float] = {}
+    for k in kernels:
+        name = k["name"].lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(key in name for key in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + k["ms"]
+    return {"length": length, "ttft_s_profiled": ttft, "gpu_ms": sum(k["ms"] for k in kernels),
+            "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])), "kernels": kernels[:60]}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -79,6 +113,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3.5-35b-a3b")
     parser.add_argument("--lengths", default="8192,32768,50000,131072")
     parser.add_argument("--chunk-sizes", default="2048,4096,8192,16384")
+    parser.add_argument("--profile-length", type=int, default=0,
+                        help="then profile one prompt of this length at the largest chunk size (0: none)")
     parser.add_argument("--out", default="prefill.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -90,7 +126,8 @@ def main() -> None:
     log.info("bf16 GEMM %.0f TFLOP/s", gemm_flops / 1e12)
     config = EngineConfig(model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
                           prefill_chunk_size=max(chunks), max_num_batched_tokens=max(chunks),
-                          max_model_len=max(lengths) + 16)
+                          max_model_len=max(lengths + [args.profile_length]) + 16,
+                          cuda_graph_max_batch=0)  # prefill is never graphed: no capture time
     engine = Engine(config)
     params = [(name, tuple(p.shape)) for name, p in engine.runner.model.named_parameters()]
     results = {"benchmark": "single-prompt prefill", "model": args.model, "gpu": torch.cuda.get_device_name(device),
@@ -118,6 +155,15 @@ def main() -> None:
         for run in results["runs"]:
             if run["chunk_size"] == chunk:
                 run["activation_peak_GiB"] = peak
+    if args.profile_length:
+        prefill_once(engine, args.profile_length, seed=98)
+        engine.flush_cache()
+        results["profile"] = {"chunk_size": chunks[-1], **profile_prefill(engine, args.profile_length, seed=99)}
+        prof = results["profile"]
+        log.info("profile of %d tokens (chunk %d): %.0f ms of GPU time: %s", args.profile_length, chunks[-1],
+                 prof["gpu_ms"], ", ".join(f"{g} {ms:.0f}" for g, ms in prof["groups_ms"].items()))
+        for k in prof["kernels"][:25]:
+            log.info("  %8.1f ms %5d x  %s", k["ms"], k["calls"], k["name"][:110])
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"{'chunk':>6} {'tokens':>7} {'ttft s':>7} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>5} {'act GiB':>8}")
