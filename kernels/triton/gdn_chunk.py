@@ -386,6 +386,10 @@ class GdnPrefillPlan:
     chunk_ckpt: torch.Tensor  # [num_chunks] int32, slot receiving the state after the chunk, -1: none
     seq_chunk_ptr: torch.Tensor  # [num_seqs + 1] int32, chunks of sequence n: [ptr[n], ptr[n+1])
     has_init_dev: torch.Tensor  # [num_seqs] int32
+    # The plan's inputs on the device, for the conv kernel of the same layers (conv1d_prefill takes them as
+    # tensors): copying host lists per layer would be a synchronising pageable copy each time.
+    cu_seqlens_dev: torch.Tensor  # [num_seqs + 1] int32
+    checkpoints_dev: torch.Tensor  # [num_checkpoints, 3] int32: (sequence, offset, destination slot)
 
 
 def plan_gdn_prefill(
@@ -416,17 +420,21 @@ def plan_gdn_prefill(
         seq_lens, ckpts, CHUNK, split_points
     )
     n = len(chunk_start)
-    # One host->device copy for all the tables.
-    meta = torch.tensor(chunk_start + chunk_len + chunk_ckpt + seq_chunk_ptr + [int(x) for x in has_init],
-                        dtype=torch.int32)
+    # One host->device copy for all the tables (pinned and asynchronous: a pageable copy would wait for the
+    # stream to drain).
+    ckpt_flat = [v for triple in ckpts for v in triple]
+    meta = torch.tensor(chunk_start + chunk_len + chunk_ckpt + seq_chunk_ptr + [int(x) for x in has_init] + cu
+                        + ckpt_flat, dtype=torch.int32)
     if torch.device(device).type == "cuda":
         meta = meta.pin_memory()
     meta = meta.to(device, non_blocking=True)
+    bounds = [0, n, 2 * n, 3 * n, 3 * n + num_seqs + 1, 3 * n + 2 * num_seqs + 1, 3 * n + 3 * num_seqs + 2]
+    tables = [meta[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
     return GdnPrefillPlan(
         total_tokens=cu[-1], num_seqs=num_seqs, num_chunks=n, has_init=has_init,
         zero_ckpts=tuple(zero_ckpts), dup_ckpts=tuple(dup_ckpts),
-        chunk_start=meta[:n], chunk_len=meta[n : 2 * n], chunk_ckpt=meta[2 * n : 3 * n],
-        seq_chunk_ptr=meta[3 * n : 3 * n + num_seqs + 1], has_init_dev=meta[3 * n + num_seqs + 1 :],
+        chunk_start=tables[0], chunk_len=tables[1], chunk_ckpt=tables[2], seq_chunk_ptr=tables[3],
+        has_init_dev=tables[4], cu_seqlens_dev=tables[5], checkpoints_dev=meta[bounds[-1]:].view(-1, 3),
     )
 
 

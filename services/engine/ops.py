@@ -294,8 +294,9 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
             q, k, v = layer.split_heads(mixed_qkv, num_tokens)
             return gdn_decode(q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], layer.A_log,
                               layer.dt_bias, ssm_states, slots)[:, 0]
-        mixed = triton_conv.conv1d_prefill(mixed_qkv, layer.conv_weight, conv_states, slots, batch.cu_seqlens,
-                                           batch.has_initial_state, batch.checkpoints)
+        plan = batch.gdn_plan  # the batch's tables, on the device once per forward pass
+        mixed = triton_conv.conv1d_prefill(mixed_qkv, layer.conv_weight, conv_states, slots, plan.cu_seqlens_dev,
+                                           plan.has_init_dev, plan.checkpoints_dev)
         q, k, v = layer.split_heads(mixed, num_tokens)
         return gdn_prefill(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, slots, batch.cu_seqlens,
                            batch.has_initial_state, batch.checkpoints, plan=batch.gdn_plan)
