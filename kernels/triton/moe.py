@@ -79,6 +79,18 @@ _ROUTER_BLOCK_N = 4
 # ----------------------------------------------------------------------------------------------------------
 
 
+def padded_router_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [N, H]`` seen with its rows padded to a multiple of 8, when its storage holds those rows right
+    after it (the model allocates its router that way, the pad rows zero); else ``weight`` itself. cuBLAS runs an
+    align-1 sm75 kernel for an odd number of output columns (35B-A3B's 257: ~55 TFLOP/s over an 8K-token prefill
+    chunk on the H200) and an aligned one for 264; the logits' extra columns are not read."""
+    rows = -(-weight.shape[0] // 8) * 8
+    needed = (weight.storage_offset() + rows * weight.stride(0)) * weight.element_size()
+    if rows == weight.shape[0] or not weight.is_contiguous() or weight.untyped_storage().nbytes() < needed:
+        return weight
+    return weight.as_strided((rows, weight.shape[1]), weight.stride())
+
+
 def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch.Tensor) -> torch.Tensor:
     """``[E, H]`` router + ``[1, H]`` shared-expert gate -> one ``[E+1, H]`` weight (do this once, at load)."""
     if router_weight.dim() != 2 or shared_gate_weight.shape != (1, router_weight.shape[1]):
@@ -325,10 +337,11 @@ def route_topk(
             return topk_weights, topk_ids, shared, normed, new_res
         return topk_weights, topk_ids, shared
 
-    # [T, E(+1)] in hidden's dtype, like the reference's F.linear. (cuBLAS runs an align-1 sm75 kernel for 35B-A3B's
-    # 257 rows, 5-12 us per layer on the H200; writing into rows padded to 8 did not change that, 8.3 -> 8.1 us at
-    # 8 tokens: kernels/bench_moe_parts.py, loadtest/results/moe_parts_h200.json.)
-    logits = F.linear(hidden, weight)
+    # [T, E(+1)] in hidden's dtype, like the reference's F.linear, through the padded weight when there is one.
+    # (cuBLAS runs an align-1 sm75 kernel for 35B-A3B's 257 rows, 5-12 us per layer on the H200; writing into
+    # output rows padded to 8 did not change that, 8.3 -> 8.1 us at 8 tokens: kernels/bench_moe_parts.py,
+    # loadtest/results/moe_parts_h200.json; a weight of 264 rows is not measured yet.)
+    logits = F.linear(hidden, padded_router_rows(weight))[:, : weight.shape[0]]
     _route_topk_kernel[(tokens,)](
         # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
         logits, topk_weights, topk_ids, shared if shared is not None else logits,

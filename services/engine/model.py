@@ -150,8 +150,12 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         h, i = cfg.hidden_size, cfg.moe_intermediate_size
-        # The experts' router and the shared expert's gate share one GEMM: rows [0, E) route, row E gates.
-        self.router = _param(cfg.num_experts + 1, h, dtype=dtype, device=device)
+        # The experts' router and the shared expert's gate share one GEMM: rows [0, E) route, row E gates. Its
+        # storage has zero rows up to a multiple of 8 after them (kernels.triton.moe.padded_router_rows): with 257
+        # rows (35B-A3B) cuBLAS picks an align-1 sm75 kernel, with 264 an aligned one.
+        rows = cfg.num_experts + 1
+        padded = torch.zeros(-(-rows // 8) * 8, h, dtype=dtype, device=device)
+        self.router = nn.Parameter(padded[:rows], requires_grad=False)
         stacked = cfg.num_experts + int(cfg.shared_expert_in_experts)
         self.w13 = _param(stacked, 2 * i, h, dtype=dtype, device=device)
         self.w2 = _param(stacked, h, i, dtype=dtype, device=device)

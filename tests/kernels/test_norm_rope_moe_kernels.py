@@ -398,6 +398,28 @@ def test_route_topk_ties_pick_the_lowest_ids(ticket):
     assert weights[0, 0] > weights[0, 1] and torch.equal(weights[0, 1:], weights[0, 1:2].expand(top_k - 1))
 
 
+def test_route_topk_through_a_router_padded_to_eight_rows():
+    """A router stored with rows up to a multiple of 8 after it (as the model allocates it: 257 -> 264 rows at
+    35B-A3B, for an aligned cuBLAS kernel) routes as the same weight without them, whatever the pad rows hold; a
+    weight whose storage holds no such rows, or whose row count is already a multiple of 8, is used as it is."""
+    experts, hidden, top_k, tokens = 40, 32, 4, 9  # 41 rows -> 48; more tokens than the single-launch router
+    gen = torch.Generator().manual_seed(5)
+    plain = torch.randn(experts + 1, hidden, generator=gen).to(DEVICE)
+    storage = torch.full((48, hidden), float("nan"), device=DEVICE)  # pad rows never read into results
+    storage[: experts + 1] = plain
+    padded = storage[: experts + 1]
+    view = moe_tk.padded_router_rows(padded)
+    assert view.shape == (48, hidden) and view.data_ptr() == padded.data_ptr()
+    assert moe_tk.padded_router_rows(plain) is plain and moe_tk.padded_router_rows(storage) is storage
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE)
+    weights, ids, gate = moe_tk.route_topk(x, plain, None, top_k, True, fused_shared_gate=True)
+    padded_weights, padded_ids, padded_gate = moe_tk.route_topk(x, padded, None, top_k, True, fused_shared_gate=True)
+    # A GEMM of another width may block its sums differently: equal up to rounding, the same experts.
+    assert torch.equal(padded_ids, ids)
+    torch.testing.assert_close(padded_weights, weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded_gate, gate, rtol=1e-5, atol=1e-6)
+
+
 def test_route_topk_argument_checks():
     x = torch.randn(2, 16, device=DEVICE)
     router = torch.randn(8, 16, device=DEVICE)
