@@ -55,7 +55,10 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_ids:
     pages = torch.div(slot_ids, page_size, rounding_mode="floor")
     offsets = slot_ids - pages * page_size
     if is_fp8(kv_cache.dtype):
-        k, v = quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
+        # Indexed through uint8 views: the same bytes, and index kernels exist for uint8 on every device and
+        # torch version (not all have them for fp8).
+        kv_cache = kv_cache.view(torch.uint8)
+        k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
     kv_cache[pages, 0, offsets] = k.to(kv_cache.dtype)
     kv_cache[pages, 1, offsets] = v.to(kv_cache.dtype)
 
@@ -63,7 +66,10 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_ids:
 def gather_kv(kv_cache: torch.Tensor, page_ids: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``kv_len`` tokens of one sequence as contiguous ``k, v [kv_len, kv_heads, head_dim]``, as
     stored (fp8 values are not rescaled)."""
-    pages = kv_cache.index_select(0, page_ids)  # [P, 2, page_size, H, D]
+    if is_fp8(kv_cache.dtype):  # as in write_kv
+        pages = kv_cache.view(torch.uint8).index_select(0, page_ids).view(kv_cache.dtype)
+    else:
+        pages = kv_cache.index_select(0, page_ids)  # [P, 2, page_size, H, D]
     k = pages[:, 0].flatten(0, 1)[:kv_len]
     v = pages[:, 1].flatten(0, 1)[:kv_len]
     return k, v
