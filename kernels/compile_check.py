@@ -210,6 +210,16 @@ def decode_chain_35b() -> None:
     conv1d.conv1d_prefill(w(300, 8192), w(8192, 4), conv_states, torch.tensor([1, 2]), [0, 100, 300], [True, False])
 
 
+def qk_norm_rope_fp8_kv_35b() -> None:
+    """QK-norm/RoPE storing k and v into an fp8 KV cache (quantized with per-layer scales, saturated)."""
+    from kernels.triton import qk_norm_rope
+
+    w = _bf16
+    qk_norm_rope.qk_norm_rope(w(1, 9216), w(256), w(256), torch.empty(4096, 64), torch.tensor([7]), 16, 2, 256,
+                              1e-6, kv_cache=torch.empty(64, 2, 16, 2, 256, dtype=torch.float8_e4m3fn),
+                              kv_slot_ids=torch.tensor([5]), k_scale=0.5, v_scale=0.25)
+
+
 def batched_decode_35b(tokens: int) -> Callable[[], None]:
     """The MoE and GDN kernels of a batched decode step of Qwen3.5-35B-A3B: router top-k after cuBLAS, the pair
     alignment (many programs beyond 256 pairs), the grouped expert GEMMs and their sum, GDN decode, conv update."""
@@ -232,6 +242,7 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
 CASES: dict[str, Callable[[], None]] = {
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,
+    "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,
     "rms_norm_linear_capped_35b": rms_norm_linear_capped_35b,
     "moe_shared_last_35b": moe_shared_last_case(2048, 512, 256, 8),

@@ -3,6 +3,9 @@
 Baton's per-layer KV pool ``[num_pages, 2, page_size, kv_heads, head_dim]`` is flashinfer's "NHD" paged
 layout with K and V in one tensor, so layers are passed as they are. The page table is the same for
 every attention layer of a step, so it is planned once per step (``plan``) and each layer only ``run``s.
+An fp8 KV cache (``kv_dtype`` float8_e4m3fn, queries in the model dtype) is planned with that KV dtype; its
+per-layer scales go to ``run``, where flashinfer folds ``k_scale`` into the softmax scale and multiplies the
+output by ``v_scale`` (as kernels.attention does; a scale of exactly 1.0 costs nothing).
 Decode steps (one query token per sequence) use the decode kernel with tensor cores (GQA groups of 8 make
 the query tile worth it); everything else uses the prefill kernel with causal masking, which also covers
 prefill on top of a cached prefix.
@@ -12,14 +15,17 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention import is_fp8
+
 _WORKSPACE_BYTES = 256 << 20
 
 
 class FlashInferAttention:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device, graph_batch_size: int = 0, graph_max_pages: int = 0,
-                 workspace: torch.Tensor | None = None) -> None:
-        """``graph_batch_size``: a decode-only backend for a CUDA graph of that batch size, whose page-table
+                 device: torch.device, kv_dtype: torch.dtype | None = None, graph_batch_size: int = 0,
+                 graph_max_pages: int = 0, workspace: torch.Tensor | None = None) -> None:
+        """``dtype``: the queries' and the output's; ``kv_dtype``: the cache's (default ``dtype``).
+        ``graph_batch_size``: a decode-only backend for a CUDA graph of that batch size, whose page-table
         buffers are static (``graph_max_pages`` entries) and re-filled by ``plan_graph_decode`` before each
         replay. ``workspace``: flashinfer's scratch (``new_workspace``), shared by backends that run one at a
         time on one stream -- each plan rewrites it before its run, as SGLang shares one for all its graphs."""
@@ -27,6 +33,8 @@ class FlashInferAttention:
 
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
+        self.kv_dtype = kv_dtype or dtype
+        self.kv_fp8 = is_fp8(self.kv_dtype)
         self.workspace = workspace if workspace is not None else new_workspace(device)
         if graph_batch_size:
             # The graph reads these device buffers; each step fills them with one async copy apiece from
@@ -56,9 +64,7 @@ class FlashInferAttention:
                                  dtype=torch.int32)
         kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
         last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
-        common = dict(
-            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=scale,
-        )
+        common = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=scale)
         if all(q == 1 for q in query_lens):
             self.decode.plan(
                 kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device), self.num_qo_heads,
@@ -92,7 +98,7 @@ class FlashInferAttention:
         self._last_page_len.copy_(last_page_len, non_blocking=True)
         self._indices[:total].copy_(indices, non_blocking=True)
         args = (indptr, indices, last_page_len, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
-        kwargs = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=scale)
+        kwargs = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=scale)
         if self._graph_planned and self._fast_plan is not None:
             self._fast_plan(self.decode, *args, **kwargs, non_blocking=True, global_override_indptr_cpu=indptr)
         else:
@@ -100,9 +106,14 @@ class FlashInferAttention:
             self._graph_planned = True
         self._wrapper = self.decode
 
-    def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor) -> torch.Tensor:
-        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]`` over the planned page tables."""
-        return self._wrapper.run(q, kv_cache_layer)
+    def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor, k_scale: float = 1.0,
+            v_scale: float = 1.0) -> torch.Tensor:
+        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]`` over the planned page tables; ``k_scale`` /
+        ``v_scale``: the layer's fp8 scales (ignored for any other cache). Python floats: under a CUDA graph
+        they are captured as kernel arguments, constants like the model's weights."""
+        if not self.kv_fp8:
+            return self._wrapper.run(q, kv_cache_layer)
+        return self._wrapper.run(q, kv_cache_layer, k_scale=float(k_scale), v_scale=float(v_scale))
 
 
 def new_workspace(device: torch.device) -> torch.Tensor:

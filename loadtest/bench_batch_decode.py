@@ -61,7 +61,18 @@ def fill_caches(engine: Engine, seed: int) -> None:
     can run faster than real data)."""
     runner = engine.runner
     gen = torch.Generator(device=runner.device).manual_seed(seed)
-    runner.kv_cache.buffer.normal_(0.0, 1.0, generator=gen)
+    kv = runner.kv_cache.buffer
+    if kv.dtype.itemsize == 1:
+        # torch draws no normal numbers in fp8: draw in bf16 a slice at a time (the pool is most of the GPU's
+        # memory, so a bf16 copy of it all would not fit) and round them into the cache.
+        flat = kv.view(-1)
+        step = 1 << 28
+        for start in range(0, flat.numel(), step):
+            piece = flat[start:start + step]
+            piece.copy_(torch.empty(piece.shape, dtype=torch.bfloat16, device=kv.device).normal_(0.0, 1.0,
+                                                                                                 generator=gen))
+    else:
+        kv.normal_(0.0, 1.0, generator=gen)
     runner.state_cache.conv.normal_(0.0, 1.0, generator=gen)
     runner.state_cache.ssm.normal_(0.0, 0.05, generator=gen)
 
@@ -187,7 +198,8 @@ def add_roofline(run: dict, engine: Engine, bandwidth: float, gemm_flops: float,
     model = engine.runner.model
     params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     contexts = [run["context"] + warmup + steps // 2] * run["batch"]
-    traffic = decode_step_bytes(params, engine.model_config, engine.runner.dtype, contexts, run["experts_touched"])
+    traffic = decode_step_bytes(params, engine.model_config, engine.runner.dtype, contexts, run["experts_touched"],
+                                engine.runner.kv_dtype)
     flops = decode_step_flops(params, engine.model_config, contexts)
     memory_ms, compute_ms = traffic["total"] / bandwidth * 1e3, flops / gemm_flops * 1e3
     roofline_ms = max(memory_ms, compute_ms)
@@ -258,6 +270,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--profile-batches", default="", help="batch sizes (first context) to profile per kernel")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
     parser.add_argument("--out", default="batch_decode.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -270,7 +283,8 @@ def main() -> None:
     log.info("copy %.0f GB/s (read + write), bf16 GEMM %.0f TFLOP/s", bandwidth / 1e9, gemm_flops / 1e12)
     max_new = args.warmup + args.steps + 16
     config = decode_engine_config(args.model, max(batches), max(contexts), max_new,
-                                  gpu_memory_utilization=args.gpu_memory_utilization)
+                                  gpu_memory_utilization=args.gpu_memory_utilization,
+                                  kv_cache_dtype=args.kv_cache_dtype)
     started = time.monotonic()
     engine = Engine(config, remote_prefill=True)
     log.info("engine ready in %.0fs", time.monotonic() - started)
@@ -279,7 +293,8 @@ def main() -> None:
     results = {
         "benchmark": "batched decode", "model": args.model,
         "backend": f"{runner.ops.name}, CUDA graphs up to {max(runner.graphs.sizes) if runner.graphs else 0}, "
-                   f"overlap {'on' if config.overlap_schedule else 'off'}",
+                   f"overlap {'on' if config.overlap_schedule else 'off'}, KV {config.kv_cache_dtype}",
+        "kv_cache_dtype": config.kv_cache_dtype,
         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9, "gemm_bf16_TFLOPs": gemm_flops / 1e12,
         "engine": {"kv_pages": runner.num_pages, "page_size": config.page_size,

@@ -1,12 +1,14 @@
 """Single-request decode speed of the engine, against the HBM roofline measured in the same run.
 
     python -m loadtest.bench_decode --model qwen3.5-35b-a3b:20 --contexts 1024,32768 --out decode.json
+    python -m loadtest.bench_decode --kv-cache-dtype fp8_e4m3 --contexts 1024,32768,131072 --out decode_fp8.json
 
 For each context length: prefill a random prompt of that length, then time each decode step (one
 ``Engine.step()``, host included, as a user would see it). The roofline is the fewest bytes a decode
 step must move (``loadtest.model_costs``: weights actually read for one token -- the dense parts, the top-k
-experts of each MoE layer, the LM head --, the GDN states read and written, the KV of the context, the
-logits) over the device-to-device copy bandwidth measured in this run. Writes JSON and a PNG plot.
+experts of each MoE layer, the LM head --, the GDN states read and written, the KV of the context at the KV
+cache's bytes per element, the logits) over the device-to-device copy bandwidth measured in this run. Writes
+JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ def single_request_config(model: str, max_model_len: int, prefill_chunk_size: in
     )
 
 
-def decode_bytes_per_token(model: torch.nn.Module, cfg: ModelConfig, context: int, dtype: torch.dtype) -> dict:
+def decode_bytes_per_token(model: torch.nn.Module, cfg: ModelConfig, context: int, dtype: torch.dtype,
+                           kv_dtype: torch.dtype | None = None) -> dict:
     """The fewest bytes one decode step of one request must move through device memory (its top-k experts)."""
     params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     num_moe = sum(name.endswith(".w13") for name, _ in params)
-    return decode_step_bytes(params, cfg, dtype, [context], [cfg.num_experts_per_tok] * num_moe)
+    return decode_step_bytes(params, cfg, dtype, [context], [cfg.num_experts_per_tok] * num_moe, kv_dtype)
 
 
 def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, seed: int) -> dict:
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="auto", help="auto (GPU kernels), torch, gpu")
     parser.add_argument("--cuda-graphs", type=int, default=64, help="CUDA graphs up to this batch size (0: off)")
     parser.add_argument("--overlap", type=int, default=1, help="1: launch each step before processing the last")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -107,6 +111,7 @@ def main() -> None:
     config = single_request_config(
         args.model, max(contexts) + args.warmup + args.decode_tokens + 16, args.prefill_chunk_size,
         kernels=args.kernels, cuda_graph_max_batch=args.cuda_graphs, overlap_schedule=bool(args.overlap),
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     device = config.torch_device
     bandwidth = measure_copy_bandwidth(device)
@@ -117,7 +122,9 @@ def main() -> None:
         "benchmark": "single-request decode",
         "model": args.model,
         "backend": f"{engine.runner.ops.name}, CUDA graphs {'on' if graphs_on else 'off'}, "
-                   f"overlap {'on' if args.overlap else 'off'}",
+                   f"overlap {'on' if args.overlap else 'off'}, KV {args.kv_cache_dtype}",
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_pages": engine.runner.num_pages,
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9,
@@ -125,7 +132,8 @@ def main() -> None:
     }
     for i, context in enumerate(contexts):
         run = run_context(engine, context, args.decode_tokens, args.warmup, seed=i)
-        traffic = decode_bytes_per_token(engine.runner.model, engine.model_config, context, config.torch_dtype)
+        traffic = decode_bytes_per_token(engine.runner.model, engine.model_config, context, config.torch_dtype,
+                                         config.kv_torch_dtype)
         run["bytes_per_token"] = traffic
         run["roofline_tokens_per_s"] = bandwidth / traffic["total"]
         run["fraction_of_roofline"] = run["tokens_per_s"] / run["roofline_tokens_per_s"]

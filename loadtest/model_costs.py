@@ -7,8 +7,8 @@ parameter shapes and the model config.
 Decode step of B requests (``decode_step_bytes``): every weight the step reads once -- the dense parts (GDN and
 attention projections, norms, the router, the LM head), one embedding row per request, and of each MoE layer's
 stacked experts only those some request was routed to (plus the shared expert, stacked as expert E) --, the KV
-of every request's context (plus the new token's, written), each request's GDN conv and SSM states read and
-written back, and the logits written and read once by the sampler.
+of every request's context (plus the new token's, written; one byte per element in an fp8 cache), each
+request's GDN conv and SSM states read and written back, and the logits written and read once by the sampler.
 
 FLOPs (``decode_step_flops``, ``prefill_flops``): 2 per multiply-add of every projection a token goes through
 (its k experts and the shared one), the attention's QK^T and PV over the context (causal within a prompt), and
@@ -43,12 +43,13 @@ def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 def decode_step_bytes(
     params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig, dtype: torch.dtype, contexts: Sequence[int],
-    experts_touched: Sequence[int] | None = None,
+    experts_touched: Sequence[int] | None = None, kv_dtype: torch.dtype | None = None,
 ) -> dict[str, int]:
     """Fewest bytes one decode step of ``len(contexts)`` requests moves. ``params``: (name, shape) of every
     parameter (``[(n, tuple(p.shape)) for n, p in model.named_parameters()]``); ``contexts``: each request's
     tokens before the step; ``experts_touched``: distinct routed experts per MoE layer this step (None: the
-    expectation under uniform independent routing, ``E (1 - (1 - k/E)^B)``)."""
+    expectation under uniform independent routing, ``E (1 - (1 - k/E)^B)``); ``kv_dtype``: the KV cache's
+    (default ``dtype``; an fp8 cache is one byte per element, its per-layer scales are kernel arguments)."""
     batch = len(contexts)
     itemsize = dtype.itemsize
     moe_layers = [name for name, _ in params if name.endswith(".w13")]
@@ -73,7 +74,8 @@ def decode_step_bytes(
     ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
     conv = cfg.gdn_conv_dim * (cfg.linear_conv_kernel_dim - 1) * itemsize
     state = batch * 2 * num_gdn * (ssm + conv)  # read and written back
-    kv_per_token = len(cfg.attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    kv_itemsize = (kv_dtype or dtype).itemsize
+    kv_per_token = len(cfg.attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim * kv_itemsize
     kv = sum(c + 1 for c in contexts) * kv_per_token
     logits = batch * cfg.vocab_size * itemsize * 2  # written by the LM head, read by the sampler
     total = dense + experts + state + kv + logits

@@ -6,6 +6,7 @@ Weights are HF's random init plus noise on the norms (zero-initialised Gemma nor
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -107,3 +108,20 @@ def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Pat
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def with_tensors(checkpoint: Path, out: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """A copy of a single-file checkpoint with extra tensors (e.g. fp8 KV cache scales)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    weights = load_file(out / "model.safetensors")
+    weights.update(tensors)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return str(out)
+
+
+def kv_scales(scales: dict[int, tuple[float, float]]) -> dict[str, torch.Tensor]:
+    """``{layer: (k_scale, v_scale)}`` as checkpoint tensors, under llm-compressor's names."""
+    return {f"model.layers.{layer}.self_attn.{kind}_scale": torch.tensor(scale)
+            for layer, pair in scales.items() for kind, scale in zip("kv", pair, strict=True)}

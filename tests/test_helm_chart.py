@@ -304,6 +304,8 @@ def test_ports_probes_and_services_agree_with_the_config_files(rendered, case):
     # The router hashes pages as the pods do.
     assert configs["router"]["page_size"] == configs["decode"]["page_size"] == configs["prefill"]["page_size"]
     assert configs["router"]["redis_url"] == configs["decode"]["redis_url"] == configs["prefill"]["redis_url"]
+    # A hand-over needs the same KV cache dtype on both pods: one engine setting for both.
+    assert configs["decode"]["kv_cache_dtype"] == configs["prefill"]["kv_cache_dtype"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -34,6 +34,10 @@ def test_decode_bytes_count_every_weight_once():
     two = decode_step_bytes(params, cfg, torch.float32, [10, 30], [2] * num_moe)
     assert two["gdn_state"] == 2 * one["gdn_state"] and two["kv"] == one["kv"] * (11 + 31) // 11
     assert decode_step_flops(params, cfg, [10, 30]) > 2 * decode_step_flops(params, cfg, [10])
+    # An fp8 KV cache: one byte per element, everything else unchanged.
+    bf16 = decode_step_bytes(params, cfg, torch.bfloat16, [10, 30], [2] * num_moe)
+    fp8 = decode_step_bytes(params, cfg, torch.bfloat16, [10, 30], [2] * num_moe, kv_dtype=torch.float8_e4m3fn)
+    assert fp8["kv"] * 2 == bf16["kv"] and fp8["total"] == bf16["total"] - fp8["kv"]
 
 
 def test_one_phase_of_handed_over_requests():
@@ -47,3 +51,16 @@ def test_one_phase_of_handed_over_requests():
     assert all(cfg.num_experts_per_tok <= n <= cfg.num_experts for n in run["experts_touched"])
     assert run["bound"] == "memory" and run["fraction_of_roofline"] > 0
     assert engine.resource_usage()["pages_used"] == 0
+
+
+def test_one_phase_with_an_fp8_kv_cache():
+    """fill_caches draws the fp8 pool through bf16 (torch has no normal_ in fp8): finite values, all of it."""
+    config = decode_engine_config("tiny-qwen3.5-moe", max_batch=4, max_context=64, max_new_tokens=16, device="cpu",
+                                  kv_cache_dtype="fp8_e4m3")
+    engine = Engine(dataclasses.replace(config, dtype="float32", load_format="dummy"), remote_prefill=True)
+    fill_caches(engine, seed=0)
+    kv = engine.runner.kv_cache.buffer.float()
+    assert kv.dtype == torch.float32 and torch.isfinite(kv).all() and 0.9 < kv.std() < 1.1
+    run = run_phase(engine, 3, 40, warmup=1, steps=3, seed=1)
+    add_roofline(run, engine, bandwidth=1e12, gemm_flops=1e14, warmup=1, steps=3)
+    assert run["bytes_per_step"]["kv"] == 3 * (40 + 1 + 2) * 2 * engine.runner.kv_cache.buffer[:, 0, 0, 0].numel()

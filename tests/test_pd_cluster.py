@@ -505,3 +505,52 @@ def test_handshake_mismatch_is_refused_clearly(tiny_checkpoint, reference):
     finally:
         decode.stop()
         mismatched.stop()
+
+
+def test_fp8_kv_cache_on_both_pods(tiny_checkpoint, reference):
+    """Both pods with ``--kv-cache-dtype fp8_e4m3``: the prefill pod's fp8 pages (one byte per element) land in
+    the decode pod as they are, and the output equals a single fp8 engine's token for token, a prefix-cache hit
+    included. A decode pod with the model-dtype cache finds the prefill pod unusable, the reason naming both KV
+    dtypes, and serves locally; nothing is sent to it."""
+    fp8 = ("--kv-cache-dtype", "fp8_e4m3")
+    prefill = _serve("prefill", tiny_checkpoint, *fp8)
+    decode = _serve("decode", tiny_checkpoint, *fp8, "--prefill-addrs", prefill.address)
+    plain = _serve("decode", tiny_checkpoint, "--prefill-addrs", prefill.address)
+    try:
+        single = cpu_engine(tiny_checkpoint, page_size=PAGE, num_pages=700, max_num_seqs=40, prefill_chunk_size=64,
+                            max_num_batched_tokens=512, kv_cache_dtype="fp8_e4m3")
+        kv = single.runner.kv_cache.buffer
+        layout = {"kv_page_bytes": kv[0, 0].numel(), "attn_layers": kv.shape[0],
+                  "slot_bytes": sum(s[0].numel() * s.element_size()
+                                    for s in (single.runner.state_cache.conv, single.runner.state_cache.ssm))}
+        assert kv.element_size() == 1
+
+        def expected(tokens: list[int]) -> list[int]:
+            return single.generate([tokens], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+
+        fresh = _tokens(100, seed=71)
+        before = _bytes_sent(prefill)
+        tokens, last = decode.generate(fresh)
+        assert tokens == expected(fresh)
+        assert last.usage.cached_tokens == 0
+        assert _bytes_sent(prefill) - before == _expected_bytes(100, 0, layout)
+        # The decode pod's cached fp8 pages serve a prompt sharing 60 tokens; the prefill pod sends the rest.
+        shared = fresh[:60] + _tokens(50, seed=72)
+        before = _bytes_sent(prefill)
+        tokens, last = decode.generate(shared)
+        assert tokens == expected(shared)
+        assert last.usage.cached_tokens == 60
+        assert _bytes_sent(prefill) - before == _expected_bytes(110, 60, layout)
+
+        [peer] = plain.health().prefill_peers
+        assert not peer.usable
+        assert "kv_dtype: prefill float8_e4m3fn, decode float32" in peer.reason and "--kv-cache-dtype" in peer.reason
+        before = _bytes_sent(prefill)
+        prompt = _tokens(60, seed=73)
+        assert plain.generate(prompt)[0] == reference(prompt), "served locally, with its own float32 cache"
+        assert _bytes_sent(prefill) == before
+        for pod in (decode, plain, prefill):
+            assert_pod_clean(pod)
+    finally:
+        for pod in (plain, decode, prefill):
+            pod.stop()

@@ -13,7 +13,9 @@ and rotate-half is then plain elementwise math on x1/x2 (no register shuffles, n
 
 Numerics match ``kernels.norm.gemma_rms_norm`` then ``kernels.rope.apply_partial_rope`` rounding for rounding:
 the normed head is rounded to the model dtype, cos/sin are rounded to the model dtype, each product
-``n * cos`` / ``n * sin`` is rounded, then their sum is rounded.
+``n * cos`` / ``n * sin`` is rounded, then their sum is rounded. Into an fp8 KV cache, k and v (so rounded) are
+then quantized as ``kernels.attention.quantize_fp8`` does: multiplied by the fp32 ``1 / scale``, saturated at
++-448, rounded to nearest even; the same bytes.
 """
 
 from __future__ import annotations
@@ -22,19 +24,49 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import FP8_E4M3_MAX, fp8_multiplier, is_fp8
 from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """fp32 ``y`` (|y| <= 448) rounded to the nearest e4m3 value (ties to even), still in fp32, so that the cast
+    that follows is exact. Done here rather than left to the cast because Triton's CPU interpreter rounds that
+    cast wrongly (a value rounding up across a power of two loses its carry: -125 -> -64), and the CPU tests
+    compare these bytes with torch's; on the GPU it is a few integer operations in a memory-bound kernel."""
+    bits = y.to(tl.int32, bitcast=True)
+    # Normal range (|y| >= 2^-6): drop 20 of fp32's 23 mantissa bits, half to even; a carry moves into the exponent.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    # Subnormal range: one fixed step of 2^-9. Adding and subtracting 1.5 * 2^23 rounds |y| * 2^9 to an integer
+    # (half to even); the sign bit is put back after, so -0.0 stays -0.0 as in torch's cast.
+    steps = (tl.abs(y) * 512.0 + 12582912.0) - 12582912.0
+    sign = (bits >> 31) << 31
+    subnormal = ((steps * 0.001953125).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _store(ptrs, x, mask, multiplier, FP8_OUT: tl.constexpr):
+    """Store fp32 ``x`` (already rounded to the model dtype) in ``ptrs``' dtype; into an fp8 cache as
+    ``x * multiplier`` saturated at the e4m3 range (a NaN stays NaN: it is a bug upstream, not ours to hide)."""
+    if FP8_OUT:
+        x = _round_to_e4m3(tl.clamp(x * multiplier, -_FP8_MAX, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_rope_heads(
-    in_ptrs, out_ptrs, w_ptr, head_mask, cos, sin, eps,
+    in_ptrs, out_ptrs, w_ptr, head_mask, cos, sin, eps, out_multiplier,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    FP8_OUT: tl.constexpr,
 ):
-    """Gemma-RMSNorm then rotate a ``[BLOCK_H]`` block of head rows; ``in_ptrs``/``out_ptrs`` point at each row."""
-    dtype = out_ptrs.dtype.element_ty
+    """Gemma-RMSNorm then rotate a ``[BLOCK_H]`` block of head rows; ``in_ptrs``/``out_ptrs`` point at each row.
+    Rounded in the input's (the model's) dtype; stored in the output's (fp8: see ``_store``)."""
+    dtype = in_ptrs.dtype.element_ty
     r = tl.arange(0, BLOCK_HALF)
     p = tl.arange(0, BLOCK_PASS)
     rot_mask = head_mask[:, None] & (r < HALF)[None, :]
@@ -57,20 +89,20 @@ def _norm_rope_heads(
     # apply_partial_rope: x_rot * cos + rotate_half(x_rot) * sin, every product and the sum in the model dtype.
     out1 = round_to(round_to(n1 * cos, dtype) - round_to(n2 * sin, dtype), dtype)
     out2 = round_to(round_to(n2 * cos, dtype) + round_to(n1 * sin, dtype), dtype)
-    tl.store(out_ptrs[:, None] + r[None, :], out1.to(dtype), mask=rot_mask)
-    tl.store(out_ptrs[:, None] + HALF + r[None, :], out2.to(dtype), mask=rot_mask)
-    tl.store(out_ptrs[:, None] + 2 * HALF + p[None, :], n3.to(dtype), mask=pass_mask)
+    _store(out_ptrs[:, None] + r[None, :], out1, rot_mask, out_multiplier, FP8_OUT)
+    _store(out_ptrs[:, None] + HALF + r[None, :], out2, rot_mask, out_multiplier, FP8_OUT)
+    _store(out_ptrs[:, None] + 2 * HALF + p[None, :], n3, pass_mask, out_multiplier, FP8_OUT)
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr, kv_ptr, slot_ptr,
     num_heads, num_kv_heads, stride_qkv, stride_cos_sin, eps,
-    page_size, stride_kv_page, stride_kv_kind, stride_kv_token,
+    page_size, stride_kv_page, stride_kv_kind, stride_kv_token, k_multiplier, v_multiplier,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, SIGMOID_GATE: tl.constexpr, WRITE_KV: tl.constexpr,
-    PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
     pdl_wait(PDL)
@@ -95,7 +127,8 @@ def _qk_norm_rope_kernel(
         q_mask = q_heads < num_heads
         q_in = row + q_heads * (2 * HEAD_DIM)  # q of head h starts at h * 2D, its gate at h * 2D + D
         q_out = q_ptr + (token * num_heads + q_heads) * HEAD_DIM
-        _norm_rope_heads(q_in, q_out, q_w_ptr, q_mask, cos, sin, eps, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS)
+        _norm_rope_heads(q_in, q_out, q_w_ptr, q_mask, cos, sin, eps, 1.0, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS,
+                         False)
         # The gate: copied out contiguous, with the sigmoid applied (fp32, rounded once) if asked.
         d = tl.arange(0, BLOCK_D)
         gate_mask = q_mask[:, None] & (d < HEAD_DIM)[None, :]
@@ -114,14 +147,16 @@ def _qk_norm_rope_kernel(
             slot = tl.load(slot_ptr + token).to(tl.int64)
             page = slot // page_size
             k_dst = kv_ptr + page * stride_kv_page + (slot - page * page_size) * stride_kv_token + k_heads * HEAD_DIM
-            _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS)
+            _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
+                             BLOCK_PASS, KV_FP8)
             d = tl.arange(0, BLOCK_D)
             v_mask = k_mask[:, None] & (d < HEAD_DIM)[None, :]
             v = tl.load(k_in[:, None] + num_kv_heads * HEAD_DIM + d[None, :], mask=v_mask, other=0.0)
-            tl.store(k_dst[:, None] + stride_kv_kind + d[None, :], v, mask=v_mask)
+            _store(k_dst[:, None] + stride_kv_kind + d[None, :], v.to(tl.float32), v_mask, v_multiplier, KV_FP8)
         else:
             k_out = k_ptr + (token * num_kv_heads + k_heads) * HEAD_DIM
-            _norm_rope_heads(k_in, k_out, k_w_ptr, k_mask, cos, sin, eps, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS)
+            _norm_rope_heads(k_in, k_out, k_w_ptr, k_mask, cos, sin, eps, 1.0, HEAD_DIM, HALF, BLOCK_HALF,
+                             BLOCK_PASS, False)
 
 
 def qk_norm_rope(
@@ -139,6 +174,8 @@ def qk_norm_rope(
     heads_per_program: int | None = None,
     kv_cache: torch.Tensor | None = None,
     kv_slot_ids: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Split the gated-attention qkv projection and prepare q, k for attention, in one kernel.
 
@@ -153,9 +190,11 @@ def qk_norm_rope(
             raw gate is copied.
         heads_per_program: heads per program (power of two); default picks by token count.
         kv_cache, kv_slot_ids: one layer's paged KV cache ``[num_pages, 2, page_size, num_kv_heads, head_dim]``
-            (K then V in each page; qkv's dtype; each token's ``[heads, head_dim]`` contiguous) and ``[T]`` flat
-            slots ``page * page_size + offset``: k and v go straight there, as ``kernels.attention.write_kv``
-            stores them, and the k and v results are None.
+            (K then V in each page; qkv's dtype or float8_e4m3fn; each token's ``[heads, head_dim]`` contiguous)
+            and ``[T]`` flat slots ``page * page_size + offset``: k and v go straight there, as
+            ``kernels.attention.write_kv`` stores them, and the k and v results are None.
+        k_scale, v_scale: an fp8 cache's per-layer scales (it stores ``k / k_scale``, ``v / v_scale``);
+            ignored for any other cache.
 
     Returns:
         ``q [T, H, D]`` and ``k [T, Hkv, D]``: normed and roped, new contiguous tensors in qkv's dtype;
@@ -202,8 +241,11 @@ def qk_norm_rope(
         if kv_cache.dim() != 5 or tuple(kv_cache.shape[1:]) != expected:
             raise ValueError(f"kv_cache must be [pages, 2, page_size, {num_kv_heads}, {head_dim}], "
                              f"got {tuple(kv_cache.shape)}")
-        if kv_cache.dtype != qkv.dtype or kv_cache.device != qkv.device:
-            raise ValueError(f"kv_cache must be {qkv.dtype} on {qkv.device}, got {kv_cache.dtype} on {kv_cache.device}")
+        if kv_cache.dtype not in (qkv.dtype, torch.float8_e4m3fn) or kv_cache.device != qkv.device:
+            raise ValueError(f"kv_cache must be {qkv.dtype} or float8_e4m3fn on {qkv.device}, got {kv_cache.dtype} "
+                             f"on {kv_cache.device}")
+        if not (k_scale > 0 and v_scale > 0):
+            raise ValueError(f"k_scale and v_scale must be positive, got {k_scale} and {v_scale}")
         if kv_cache.stride()[3:] != (head_dim, 1):
             raise ValueError(f"each token of kv_cache must be a contiguous [heads, head_dim], got strides "
                              f"{tuple(kv_cache.stride())}")
@@ -226,6 +268,8 @@ def qk_norm_rope(
         k = v = None
         kv_slot_ids = kv_slot_ids.contiguous()
         kv_strides = (kv_cache.shape[2], kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
+    kv_fp8 = kv_cache is not None and is_fp8(kv_cache.dtype)
+    multipliers = (fp8_multiplier(k_scale), fp8_multiplier(v_scale)) if kv_fp8 else (1.0, 1.0)
     if tokens == 0:
         return q, k, v, gate
 
@@ -242,9 +286,10 @@ def qk_norm_rope(
     _qk_norm_rope_kernel[grid](
         qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, q, k if k is not None else q, gate,
         kv_cache if kv_cache is not None else q, kv_slot_ids if kv_slot_ids is not None else positions,
-        num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), float(eps), *kv_strides,
+        num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), float(eps), *kv_strides, *multipliers,
         HEAD_DIM=head_dim, HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_PASS=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        SIGMOID_GATE=sigmoid_gate, WRITE_KV=kv_cache is not None, num_warps=num_warps, **pdl_launch_args(qkv.device),
+        SIGMOID_GATE=sigmoid_gate, WRITE_KV=kv_cache is not None, KV_FP8=kv_fp8, num_warps=num_warps,
+        **pdl_launch_args(qkv.device),
     )
     return q, k, v, gate

@@ -123,7 +123,7 @@ class PrefillPeer:
             self.reason = ("handshake refused: " if refused else "unreachable: ") + (err.details() or str(err.code()))
             log.warning("prefill pod %s not usable: %s", self.address, self.reason)
             return
-        problems = layout_mismatches(request.layout, response.layout)
+        problems = layout_mismatches(request.layout, response.layout, ("decode", "prefill"))
         if problems:
             self.usable, self.reason = False, "handshake refused: " + "; ".join(problems)
             log.warning("prefill pod %s not usable: %s", self.address, self.reason)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# KV cache storage other than the model dtype ("auto"). Only the full-attention layers' pages change; GDN conv
+# and SSM states keep their dtypes.
+_KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,12 @@ class EngineConfig:
     )
     load_format: str = field(default="auto", metadata={"help": "auto (read safetensors) or dummy (random)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "full-attention KV pages: auto (the model dtype) or fp8_e4m3 (half the bytes, twice the "
+                          "pages; per-layer k/v scales from the checkpoint, else 1.0). Prefill and decode pods must "
+                          "agree"},
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     kernels: str = field(
         default="auto",
@@ -77,6 +86,9 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", *_KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be auto (the model dtype) or one of {sorted(_KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size",
                      "max_waiting_requests"):
             if getattr(self, name) <= 0:
@@ -97,3 +109,10 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        """What the KV pages hold: the model dtype, or float8_e4m3fn."""
+        if self.kv_cache_dtype == "auto":
+            return self.torch_dtype
+        return _KV_CACHE_DTYPES[self.kv_cache_dtype]

@@ -52,8 +52,8 @@ class DecodeGraphs:
         workspace = new_workspace(device)
         self.attention = {
             bs: FlashInferAttention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.page_size,
-                                    runner.dtype, device, graph_batch_size=bs, graph_max_pages=max_pages + bs,
-                                    workspace=workspace)
+                                    runner.dtype, device, kv_dtype=runner.kv_dtype, graph_batch_size=bs,
+                                    graph_max_pages=max_pages + bs, workspace=workspace)
             for bs in self.sizes
         }
         # Recorded once a step's host staging (ours and flashinfer's plan buffers) has been copied to the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kernels.attention import round_to_fp32
+
 from .model import Qwen35ForCausalLM
 from .model_config import FULL_ATTENTION, ModelConfig
 
@@ -24,6 +27,17 @@ log = logging.getLogger(__name__)
 
 # Checkpoint tensors that belong to parts Baton does not run.
 _IGNORED = (re.compile(r"^model\.visual\."), re.compile(r"^mtp\."), re.compile(r"^model\.mtp\."))
+
+# FP8 KV cache scales of a full-attention layer, under the names vLLM's loader accepts: llm-compressor /
+# compressed-tensors (``self_attn.k_scale``), vLLM's own (``self_attn.attn.k_scale``), ModelOpt
+# (``self_attn.k_proj.k_scale``, ``self_attn.v_proj.v_scale``) and the deprecated single ``kv_scale`` (both).
+# Each is a scalar: the stored fp8 value times the scale is the real K (V).
+_KV_SCALE_NAME = re.compile(r"^model\.layers\.(\d+)\.(self_attn\..+)$")
+_KV_SCALE_SUFFIXES = {
+    "self_attn.k_scale": "k", "self_attn.v_scale": "v", "self_attn.kv_scale": "kv",
+    "self_attn.attn.k_scale": "k", "self_attn.attn.v_scale": "v",
+    "self_attn.k_proj.k_scale": "k", "self_attn.v_proj.v_scale": "v",
+}
 
 
 class WeightLoadError(ValueError):
@@ -156,6 +170,52 @@ def _canonical_name(name: str) -> str:
     return name
 
 
+def kv_scale_name(name: str) -> tuple[int, str] | None:
+    """``(layer, "k" | "v" | "kv")`` if ``name`` (canonical) is a KV cache scale, else None."""
+    found = _KV_SCALE_NAME.match(name)
+    if found is None or found.group(2) not in _KV_SCALE_SUFFIXES:
+        return None
+    return int(found.group(1)), _KV_SCALE_SUFFIXES[found.group(2)]
+
+
+def load_kv_scales(model_dir: str | Path, cfg: ModelConfig) -> tuple[list[float], list[float]] | None:
+    """Per full-attention layer ``(k_scales, v_scales)`` (fp32 values) from the checkpoint, or None if it has
+    none. Every attention layer must have both (a partial set is a broken export, not something to fill with
+    1.0 silently), each a positive finite scalar."""
+    k: dict[int, float] = {}
+    v: dict[int, float] = {}
+    both: dict[int, float] = {}
+    for f in checkpoint_files(Path(model_dir)):
+        with safe_open(f, framework="pt") as reader:
+            for raw_name in list(reader.keys()):  # safe_open is not iterable
+                parsed = kv_scale_name(_canonical_name(raw_name))
+                if parsed is None:
+                    continue
+                layer, kind = parsed
+                if layer >= cfg.num_hidden_layers or cfg.layer_types[layer] != FULL_ATTENTION:
+                    raise WeightLoadError(f"{raw_name}: layer {layer} is not a full-attention layer")
+                tensor = reader.get_tensor(raw_name).float()
+                if tensor.numel() != 1:
+                    raise WeightLoadError(f"{raw_name} has shape {tuple(tensor.shape)}: only one scale per layer "
+                                          f"(per-tensor) is supported")
+                value = tensor.item()
+                if not (math.isfinite(value) and value > 0):
+                    raise WeightLoadError(f"{raw_name} is {value}: a KV scale must be positive and finite")
+                {"k": k, "v": v, "kv": both}[kind][layer] = round_to_fp32(value)
+    if not (k or v or both):
+        return None
+    for layer, value in both.items():  # the deprecated single scale, where no separate one is given
+        k.setdefault(layer, value)
+        v.setdefault(layer, value)
+    layers = cfg.attention_layers
+    missing = [f"{kind}_scale of layer {layer}" for layer in layers for kind, got in (("k", k), ("v", v))
+               if layer not in got]
+    if missing:
+        raise WeightLoadError(f"checkpoint {model_dir} has KV scales for some attention layers but lacks "
+                              f"{_summarise(missing)}")
+    return [k[layer] for layer in layers], [v[layer] for layer in layers]
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -195,6 +255,7 @@ def load_weights(model: Qwen35ForCausalLM, model_dir: str | Path) -> None:
         n for n in all_names
         if n not in plan
         and not any(p.match(n) for p in _IGNORED)
+        and kv_scale_name(n) is None  # read by load_kv_scales, for an fp8 KV cache
         and not (cfg.tie_word_embeddings and n == "lm_head.weight")
     )
     missing = sorted(n for n in plan if n not in all_names)

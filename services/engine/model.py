@@ -63,13 +63,14 @@ class GatedAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj, self.qkv_bias)
         # QK RMSNorm, partial RoPE, the output gate split off (already passed through a sigmoid), and the
-        # new K/V stored in the layer's pages.
+        # new K/V stored in the layer's pages (an fp8 cache: quantized with the layer's scales).
         layer_kv = kv_cache.layer(self.attn_index)
+        k_scale, v_scale = kv_cache.scales(self.attn_index)
         q, gate = self.ops.qk_norm_rope_store_kv(
             qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, batch.positions, self.num_heads,
-            self.num_kv_heads, self.head_dim, self.eps, layer_kv, batch.kv_slot_ids,
+            self.num_kv_heads, self.head_dim, self.eps, layer_kv, batch.kv_slot_ids, k_scale, v_scale,
         )
-        out = attention.run(q, layer_kv)
+        out = attention.run(q, layer_kv, k_scale, v_scale)
         return self.ops.gated_linear(out.reshape(num_tokens, -1), gate, self.o_proj, self.o_bias), residual
 
 
@@ -218,7 +219,8 @@ class DecoderLayer(nn.Module):
 
 class Qwen35ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, ops: Ops,
-                 page_size: int) -> None:
+                 page_size: int, kv_dtype: torch.dtype | None = None) -> None:
+        """``kv_dtype``: what the KV cache holds (default ``dtype``; float8_e4m3fn for an fp8 cache)."""
         super().__init__()
         self.config = cfg
         self.dtype = dtype
@@ -227,7 +229,8 @@ class Qwen35ForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device, ops) for i in range(cfg.num_hidden_layers))
         # One attention backend for all layers: the page table is planned once per step.
         self.attention = ops.make_attention(
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, page_size, dtype, torch.device(device)
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, page_size, dtype, torch.device(device),
+            kv_dtype or dtype,
         )
         self.attention_scale = cfg.head_dim**-0.5
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)

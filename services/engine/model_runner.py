@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
+from kernels.attention import is_fp8
+
 from .config import EngineConfig
 from .forward_batch import ForwardBatch
-from .loader import init_dummy_weights, load_weights
+from .loader import init_dummy_weights, load_kv_scales, load_weights
 from .model import Qwen35ForCausalLM
 from .model_config import ModelConfig
 from .ops import select_ops
@@ -34,17 +36,20 @@ class ModelRunner:
         self.model_config = model_config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_torch_dtype  # the full-attention KV pages only; GDN states keep theirs
         self.page_size = config.page_size
 
         started = time.monotonic()
         self.ops = select_ops(config.kernels, self.device)
-        self.model = Qwen35ForCausalLM(model_config, self.dtype, self.device, self.ops, config.page_size)
+        self.model = Qwen35ForCausalLM(model_config, self.dtype, self.device, self.ops, config.page_size,
+                                       self.kv_dtype)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, Path(config.model))
         log.info("model ready in %.1fs (%s, %s, %s, %s kernels)", time.monotonic() - started, model_config.family,
                  self.dtype, self.device, self.ops.name)
+        k_scales, v_scales = self._kv_scales()
 
         # State slots: one working slot per running request, then the prefix cache's checkpoint slots.
         self.num_working_slots = config.max_num_seqs
@@ -53,12 +58,15 @@ class ModelRunner:
         # One more page and one more slot than the allocators hand out: scratch space that the padding rows
         # of a CUDA graph batch write into, so they never touch a request's memory.
         self.scratch_page, self.scratch_slot = self.num_pages, num_slots
-        self.kv_cache = KVCache(model_config, self.num_pages + 1, self.page_size, self.dtype, self.device)
+        self.kv_cache = KVCache(model_config, self.num_pages + 1, self.page_size, self.kv_dtype, self.device,
+                                k_scales, v_scales)
         self.state_cache = StateCache(model_config, num_slots + 1, self.dtype, self.device)
         log.info(
-            "cache: %d pages of %d tokens, %d working + %d checkpoint state slots (%.1f MiB per slot)",
-            self.num_pages, self.page_size, self.num_working_slots, self.num_checkpoint_slots,
-            StateCache.bytes_per_slot(model_config, self.dtype) / _MiB,
+            "cache: %d pages of %d tokens (%s KV, %.1f KiB per page), %d working + %d checkpoint state slots "
+            "(%.1f MiB per slot)",
+            self.num_pages, self.page_size, str(self.kv_dtype).removeprefix("torch."),
+            KVCache.bytes_per_page(model_config, self.page_size, self.kv_dtype) / 1024, self.num_working_slots,
+            self.num_checkpoint_slots, StateCache.bytes_per_slot(model_config, self.dtype) / _MiB,
         )
         self.sampler = Sampler(self.device, config.seed)
         self.page_tables = PageTableMirror()
@@ -67,6 +75,20 @@ class ModelRunner:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, config.cuda_graph_max_batch)
+
+    def _kv_scales(self) -> tuple[list[float] | None, list[float] | None]:
+        """An fp8 cache's per-layer scales: the checkpoint's where it has them, else 1.0 (said once, here)."""
+        if not is_fp8(self.kv_dtype) or not self.model_config.attention_layers:
+            return None, None
+        scales = None if self.config.load_format == "dummy" else load_kv_scales(self.config.model, self.model_config)
+        if scales is None:
+            log.info("fp8 KV cache: no k/v scales (none in the checkpoint, or dummy weights): 1.0, K and V "
+                     "stored as they are, saturated at +-448")
+            return None, None
+        k_scales, v_scales = scales
+        log.info("fp8 KV cache: k/v scales from the checkpoint (k %.4g-%.4g, v %.4g-%.4g over %d layers)",
+                 min(k_scales), max(k_scales), min(v_scales), max(v_scales), len(k_scales))
+        return k_scales, v_scales
 
     def _size_pools(self) -> tuple[int, int]:
         """(checkpoint slots, KV pages) from the cache memory budget, after the working slots."""
@@ -87,7 +109,8 @@ class ModelRunner:
         else:  # twice the running requests, but never more than half of what is left
             checkpoints = max(1, min(2 * config.max_num_seqs, budget // 2 // max(1, slot_bytes)))
         budget -= checkpoints * slot_bytes
-        num_pages = config.num_pages or budget // max(1, KVCache.bytes_per_page(cfg, self.page_size, self.dtype))
+        # Page bytes from the KV dtype: an fp8 cache gets twice the pages of a bf16 one from the same memory.
+        num_pages = config.num_pages or budget // max(1, KVCache.bytes_per_page(cfg, self.page_size, self.kv_dtype))
         if num_pages < 1:
             raise MemoryError(
                 f"no memory left for KV pages after {self.num_working_slots + checkpoints} state slots; lower "

@@ -35,12 +35,12 @@ def qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positio
 
 
 def qk_norm_rope_store_kv_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
-                                head_dim, eps, kv_cache_layer, kv_slot_ids):
+                                head_dim, eps, kv_cache_layer, kv_slot_ids, k_scale=1.0, v_scale=1.0):
     """Reference for kernels.triton.qk_norm_rope with a KV cache: ``(q, sigmoid(gate))``, k and v stored at
-    the tokens' slots of ``kv_cache_layer``."""
+    the tokens' slots of ``kv_cache_layer`` (quantized with the scales into an fp8 cache)."""
     q, k, v, gate = qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads,
                                        num_kv_heads, head_dim, eps)
-    torch_attention.write_kv(kv_cache_layer, k, v, kv_slot_ids)
+    torch_attention.write_kv(kv_cache_layer, k, v, kv_slot_ids, k_scale, v_scale)
     return q, gate
 
 
@@ -153,9 +153,11 @@ class TorchAttention:
         tables = [torch.tensor(t, dtype=torch.long, device=self.device) for t in page_tables]
         self._args = (tables, query_lens, kv_lens, scale)
 
-    def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv_cache_layer: torch.Tensor, k_scale: float = 1.0,
+            v_scale: float = 1.0) -> torch.Tensor:
         page_tables, query_lens, kv_lens, scale = self._args
-        return torch_attention.paged_attention(q, kv_cache_layer, page_tables, query_lens, kv_lens, scale)
+        return torch_attention.paged_attention(q, kv_cache_layer, page_tables, query_lens, kv_lens, scale, k_scale,
+                                               v_scale)
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,8 @@ class Ops:
     norm_linear_conv: Callable
     gated_linear: Callable  # (x, gate, weight, bias=None) -> linear(x * gate, weight, bias)
     gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
-    # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids)
-    # -> (q, sigmoid(gate)), with k and v stored in the cache
+    # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids,
+    # k_scale, v_scale) -> (q, sigmoid(gate)), with k and v stored in the cache (an fp8 one: divided by the scales)
     qk_norm_rope_store_kv: Callable
     # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
     # layer, the scratch of the single-launch router kernel (the torch references ignore it).
@@ -179,7 +181,9 @@ class Ops:
     # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
     # -> (output, residual): the post-attention norm, then the experts with the shared one stored as expert E
     norm_moe_with_shared_expert: Callable
-    make_attention: Callable  # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device) -> backend
+    # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype) -> backend with plan(query_lens,
+    # kv_lens, page_tables, scale) and run(q, kv_cache_layer, k_scale, v_scale)
+    make_attention: Callable
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
     # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]; on decode steps
     # mixed_qkv is already through the conv (norm_linear_conv)
@@ -248,9 +252,10 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         return triton_gemv.linear(triton_norm.gated_rms_norm(core, z, norm_weight, eps).flatten(1), weight)
 
     def qk_norm_rope_store_kv(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
-                              head_dim, eps, kv_cache_layer, kv_slot_ids):
+                              head_dim, eps, kv_cache_layer, kv_slot_ids, k_scale=1.0, v_scale=1.0):
         q, _, _, gate = qk_norm_rope(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads,
-                                     num_kv_heads, head_dim, eps, kv_cache=kv_cache_layer, kv_slot_ids=kv_slot_ids)
+                                     num_kv_heads, head_dim, eps, kv_cache=kv_cache_layer, kv_slot_ids=kv_slot_ids,
+                                     k_scale=k_scale, v_scale=v_scale)
         return q, gate
 
     def route_topk(x, router_weight, top_k, renormalize, ticket):
@@ -275,11 +280,11 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
         return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
 
-    def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device):
+    def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype=None):
         # flashinfer has no fp32 kernels (fp32 is for exactness tests) and only the usual head sizes.
         if not flashinfer or dtype == torch.float32 or head_dim not in (64, 128, 256):
             return TorchAttention(device)
-        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device)
+        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype)
 
     def plan_gdn(batch):
         if batch.is_decode:

@@ -116,7 +116,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
 
     # ---- handshake ----------------------------------------------------------------------------------
     async def Handshake(self, request: pd_pb2.HandshakeRequest, context) -> pd_pb2.HandshakeResponse:
-        problems = layout_mismatches(self.layout, request.layout)
+        problems = layout_mismatches(self.layout, request.layout, ("prefill", "decode"))
         if problems:
             log.warning("refusing decode pod %s: %s", request.decode_id, "; ".join(problems))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "state layout mismatch: " + "; ".join(problems))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.attention import is_fp8
 from services.common.protos import pd_pb2
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
@@ -55,7 +56,7 @@ def local_regions(engine: Engine) -> PoolRegions:
 
 def remote_regions(memory: pd_pb2.MemoryRegions, layout: pd_pb2.StateLayout) -> PoolRegions:
     """The decode pod's regions, as its handshake described them (geometry from the agreed layout)."""
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
     def nbytes(shape, dtype: str) -> int:
         count = 1
@@ -144,8 +145,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def state_layout(engine: Engine) -> pd_pb2.StateLayout:
     cfg = engine.model_config
-    kv = engine.runner.kv_cache.buffer
+    kv_cache = engine.runner.kv_cache
+    kv = kv_cache.buffer
     states = engine.runner.state_cache
+    # The same fp8 bytes with other scales would be other values: the pods must agree on them too.
+    kv_scales = [s for pair in zip(kv_cache.k_scales, kv_cache.v_scales, strict=True) for s in pair]
     arch = hashlib.blake2b(repr(sorted(cfg.describe().items())).encode(), digest_size=6).hexdigest()
     return pd_pb2.StateLayout(
         model_id=f"{cfg.family}:{arch}:{weights_fingerprint(engine.runner.model)}",
@@ -159,16 +163,21 @@ def state_layout(engine: Engine) -> pd_pb2.StateLayout:
         conv_state_shape=list(states.conv.shape[1:]),
         ssm_dtype=_dtype_name(states.ssm.dtype),
         ssm_state_shape=list(states.ssm.shape[1:]),
+        kv_scales=kv_scales if is_fp8(kv.dtype) else [],
     )
 
 
-def layout_mismatches(ours: pd_pb2.StateLayout, theirs: pd_pb2.StateLayout) -> list[str]:
-    """Human-readable differences, empty when the two pods can exchange state."""
+def layout_mismatches(ours: pd_pb2.StateLayout, theirs: pd_pb2.StateLayout,
+                      sides: tuple[str, str] = ("ours", "theirs")) -> list[str]:
+    """Human-readable differences, empty when the two pods can exchange state. ``sides`` names the two layouts
+    in the messages (a prefill pod's refusal is read on the decode pod: "prefill ..., decode ..." says whose is
+    whose there)."""
     problems = []
     for field in pd_pb2.StateLayout.DESCRIPTOR.fields:
         a, b = getattr(ours, field.name), getattr(theirs, field.name)
         if not isinstance(a, str | int | float):  # repeated fields
             a, b = list(a), list(b)
         if a != b:
-            problems.append(f"{field.name}: ours {a}, theirs {b}")
+            hint = " (prefill and decode pods need the same --kv-cache-dtype)" if field.name == "kv_dtype" else ""
+            problems.append(f"{field.name}: {sides[0]} {a}, {sides[1]} {b}{hint}")
     return problems

@@ -6,7 +6,13 @@ replay the same kernels as eager execution: on the same batch, greedy tokens and
 graph-replayed decode steps must equal the eager fast path's (logprobs within 0.05 up to any divergence, >= 90%
 of the tokens equal). The overlap scheduler (each decode step launched before the last one's tokens reach
 the host, its input ids read on the device) must not change a token: graphs with it on and off give the
-same tokens and logprobs (within 1e-3, for any nondeterministic reduction order)."""
+same tokens and logprobs (within 1e-3, for any nondeterministic reduction order).
+
+The fp8 KV cache (``kv_cache_dtype="fp8_e4m3"``, with scales other than 1.0 from the checkpoint) on the same
+yardsticks: flashinfer's attention over fp8 pages against the torch reference's on the same pages (output within
+bf16 rounding, prefill and decode wrappers, the CUDA-graph wrapper too); the fast path's logits against the fp32
+torch path with the same fp8 cache, no further from it than the bf16 torch path with that cache; CUDA graphs
+equal to eager."""
 
 from __future__ import annotations
 
@@ -48,19 +54,7 @@ def test_fast_path_matches_torch_path(checkpoint):
     torch16 = cuda_engine(tiny_checkpoint, kernels="torch", cuda_graph_max_batch=0)
     fast = cuda_engine(tiny_checkpoint, kernels="gpu", cuda_graph_max_batch=16)
     assert fast.runner.ops.name == "triton+flashinfer" and fast.runner.graphs.enabled
-    errors, agreement = {"torch": [], "fast": []}, {"torch": [], "fast": []}
-    for prompt in _prompts(4, 90, seed=0):
-        ref = _logits(reference, prompt)
-        for name, engine in (("torch", torch16), ("fast", fast)):
-            logits = _logits(engine, prompt)
-            errors[name].append(rel_err(logits, ref))
-            agreement[name].append((logits.argmax(-1) == ref.argmax(-1)).float().mean().item())
-    err_torch, err_fast = sum(errors["torch"]) / 4, sum(errors["fast"]) / 4
-    agree_torch, agree_fast = sum(agreement["torch"]) / 4, sum(agreement["fast"]) / 4
-    print(f"\nbf16 vs fp32: torch path rel err {err_torch:.4f} argmax agreement {agree_torch:.3f}; "
-          f"fast path rel err {err_fast:.4f} argmax agreement {agree_fast:.3f}")
-    assert err_fast < 1.5 * err_torch + 2e-3
-    assert agree_fast >= agree_torch - 0.05
+    _assert_fast_path_as_close_as_torch_path(reference, torch16, fast, seed=0, what="bf16 vs fp32")
 
     # Decode steps through the CUDA graphs against the same engine without graphs, on the same batch: the
     # same kernels on (nearly) the same shapes, so the tiny model's large bf16 noise (rel err ~0.4 against
@@ -80,6 +74,24 @@ def test_fast_path_matches_torch_path(checkpoint):
         _assert_graphed_matches_eager(graphed, plain, f"{num_prompts} requests")
     for engine in (reference, torch16, fast, eager, sequential):
         assert_no_leaks(engine)
+
+
+def _assert_fast_path_as_close_as_torch_path(reference, torch16, fast, seed: int, what: str) -> None:
+    """The fast path's logits (4 prompts, prefill chunks and decode steps) at most 1.5x (+2e-3) as far from the fp32
+    reference's as the bf16 torch path's, its argmax as often equal to the reference's (-5 points)."""
+    errors, agreement = {"torch": [], "fast": []}, {"torch": [], "fast": []}
+    for prompt in _prompts(4, 90, seed=seed):
+        ref = _logits(reference, prompt)
+        for name, engine in (("torch", torch16), ("fast", fast)):
+            logits = _logits(engine, prompt)
+            errors[name].append(rel_err(logits, ref))
+            agreement[name].append((logits.argmax(-1) == ref.argmax(-1)).float().mean().item())
+    err_torch, err_fast = sum(errors["torch"]) / 4, sum(errors["fast"]) / 4
+    agree_torch, agree_fast = sum(agreement["torch"]) / 4, sum(agreement["fast"]) / 4
+    print(f"\n{what}: torch path rel err {err_torch:.4f} argmax agreement {agree_torch:.3f}; "
+          f"fast path rel err {err_fast:.4f} argmax agreement {agree_fast:.3f}")
+    assert err_fast < 1.5 * err_torch + 2e-3
+    assert agree_fast >= agree_torch - 0.05
 
 
 def _assert_graphed_matches_eager(graphed, plain, what: str) -> None:
@@ -172,3 +184,81 @@ def test_graph_decode_logits_match_eager_35b_dims():
         for i in ids:
             engine.abort_request(i)
     assert_no_leaks(engine)
+
+
+FP8_SCALES = {3: (0.5, 0.25), 7: (2.0, 0.125)}  # layers 3 and 7 are the tiny model's attention layers
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(checkpoint, tmp_path_factory):
+    """The head_dim-64 test model with fp8 KV scales in the checkpoint (llm-compressor's names)."""
+    from pathlib import Path
+
+    from tests.hf_models import kv_scales, with_tensors
+
+    return with_tensors(Path(checkpoint), tmp_path_factory.mktemp("fp8") / "scaled", kv_scales(FP8_SCALES))
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(256, 16, 2), (64, 4, 2)])  # Qwen3.5-35B-A3B; the test model
+def test_flashinfer_over_fp8_pages_matches_the_torch_reference(head_dim, heads, kv_heads):
+    """The same fp8 pages and scales through kernels.attention (dequantizing reference) and flashinfer (fp8
+    ``kv_data_type`` planned, ``k_scale``/``v_scale`` at run): prefill with a cached prefix, decode, and the
+    CUDA-graph decode wrapper's plan."""
+    from kernels.attention import FP8_KV_DTYPE, quantize_fp8
+    from kernels.flashinfer_attention import FlashInferAttention
+    from services.engine.ops import TorchAttention
+
+    device, page, num_pages = torch.device("cuda"), 16, 64
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    k_scale, v_scale = 0.02, 0.5
+    cache = torch.empty(num_pages, 2, page, kv_heads, head_dim, dtype=FP8_KV_DTYPE, device=device)
+    cache[:, 0] = quantize_fp8(torch.randn(cache[:, 0].shape, generator=gen, device=device) * 3, k_scale)
+    cache[:, 1] = quantize_fp8(torch.randn(cache[:, 1].shape, generator=gen, device=device), v_scale)
+    tables = [list(range(0, 9)), list(range(20, 23)), list(range(40, 58))]  # 3 sequences on distinct pages
+    scale = head_dim**-0.5
+    cases = {"prefill": ([7, 1, 33], [140, 40, 280]), "decode": ([1, 1, 1], [141, 41, 281])}
+    for name, (query_lens, kv_lens) in cases.items():
+        q = torch.randn(sum(query_lens), heads, head_dim, generator=gen, device=device).to(torch.bfloat16)
+        reference, fast = TorchAttention(device), FlashInferAttention(heads, kv_heads, head_dim, page, torch.bfloat16,
+                                                                      device, kv_dtype=FP8_KV_DTYPE)
+        outputs = []
+        for backend in (reference, fast):
+            backend.plan(query_lens, kv_lens, tables, scale)
+            outputs.append(backend.run(q, cache, k_scale, v_scale).float())
+        err = rel_err(outputs[1], outputs[0])
+        print(f"\nflashinfer fp8 {name}, head_dim {head_dim}: rel err vs torch reference {err:.2e}")
+        assert torch.isfinite(outputs[1]).all() and err < 1e-2
+        if name == "decode":
+            graph = FlashInferAttention(heads, kv_heads, head_dim, page, torch.bfloat16, device,
+                                        kv_dtype=FP8_KV_DTYPE, graph_batch_size=4, graph_max_pages=num_pages)
+            padded = [torch.tensor(t, dtype=torch.int32) for t in tables] + [torch.tensor([63], dtype=torch.int32)]
+            graph.plan_graph_decode(kv_lens + [1], padded, scale)
+            out = graph.run(torch.cat([q, q[:1]]), cache, k_scale, v_scale)[:3].float()
+            assert rel_err(out, outputs[0]) < 1e-2
+
+
+def test_fp8_fast_path_matches_fp8_torch_path(fp8_checkpoint):
+    settings = dict(kv_cache_dtype="fp8_e4m3", cuda_graph_max_batch=0)
+    reference = cuda_engine(fp8_checkpoint, dtype="float32", kernels="torch", **settings)
+    torch16 = cuda_engine(fp8_checkpoint, kernels="torch", **settings)
+    fast = cuda_engine(fp8_checkpoint, kernels="gpu", **settings)
+    assert fast.runner.ops.name == "triton+flashinfer" and fast.runner.model.attention.kv_fp8
+    assert fast.runner.kv_cache.k_scales == [0.5, 2.0] and fast.runner.kv_cache.v_scales == [0.25, 0.125]
+    _assert_fast_path_as_close_as_torch_path(reference, torch16, fast, seed=1, what="fp8 KV, bf16 vs fp32 model")
+    for engine in (reference, torch16, fast):
+        assert_no_leaks(engine)
+
+
+def test_fp8_graphs_match_eager(fp8_checkpoint):
+    """Decode steps replayed from CUDA graphs captured with the fp8 cache (flashinfer's fp8 decode, the scales
+    captured as constants) against the same engine without graphs."""
+    graphed = cuda_engine(fp8_checkpoint, kernels="gpu", kv_cache_dtype="fp8_e4m3", cuda_graph_max_batch=16)
+    eager = cuda_engine(fp8_checkpoint, kernels="gpu", kv_cache_dtype="fp8_e4m3", cuda_graph_max_batch=0)
+    assert graphed.runner.graphs.enabled and all(a.kv_fp8 for a in graphed.runner.graphs.attention.values())
+    for num_prompts in (6, 8):
+        prompts = _prompts(num_prompts, 40, seed=num_prompts)
+        params = SamplingParams(max_tokens=12, temperature=0, logprobs=True)
+        _assert_graphed_matches_eager(graphed.generate(prompts, params), eager.generate(prompts, params),
+                                      f"fp8 KV, {num_prompts} requests")
+    for engine in (graphed, eager):
+        assert_no_leaks(engine)

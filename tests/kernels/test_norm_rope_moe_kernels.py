@@ -194,6 +194,17 @@ def test_qk_norm_rope_raw_gate_and_int32_positions():
     assert torch.equal(gate, ref[3])
 
 
+def _qk_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, dtype, gen):
+    """A qkv projection output, the q/k norm weights, a RoPE cache and random positions."""
+    width = heads * 2 * head_dim + 2 * kv_heads * head_dim
+    qkv = _randn(tokens, width, gen=gen, dtype=dtype, scale=3.0)
+    q_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
+    k_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
+    cos_sin = rope_cos_sin_cache(rotary_dim, 4096, 1e7, device=DEVICE)
+    positions = torch.randint(0, 4096, (tokens,), generator=_gen(3)).to(DEVICE)
+    return qkv, q_w, k_w, cos_sin, positions
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim,rotary_dim,page_size", [
     (3, 16, 2, 256, 64, 16),  # Qwen3.5-35B-A3B
@@ -203,12 +214,7 @@ def test_qk_norm_rope_stores_kv(dtype, tokens, heads, kv_heads, head_dim, rotary
     """With a KV cache, k and v land in the pages exactly where kernels.attention.write_kv puts them, and
     nothing else in the cache changes; q and the gate are as without it."""
     gen = _gen(tokens * head_dim + page_size)
-    width = heads * 2 * head_dim + 2 * kv_heads * head_dim
-    qkv = _randn(tokens, width, gen=gen, dtype=dtype, scale=3.0)
-    q_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
-    k_w = _randn(head_dim, gen=gen, dtype=dtype, scale=0.3)
-    cos_sin = rope_cos_sin_cache(rotary_dim, 4096, 1e7, device=DEVICE)
-    positions = torch.randint(0, 4096, (tokens,), generator=_gen(3)).to(DEVICE)
+    qkv, q_w, k_w, cos_sin, positions = _qk_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, dtype, gen)
     num_pages = 6
     cache = _randn(num_pages, 2, page_size, kv_heads, head_dim, gen=gen, dtype=dtype)
     slots = torch.randperm(num_pages * page_size, generator=_gen(5))[:tokens].to(DEVICE)
@@ -229,6 +235,34 @@ def test_qk_norm_rope_stores_kv(dtype, tokens, heads, kv_heads, head_dim, rotary
     assert torch.equal(cache[untouched.to(DEVICE)], want_cache[untouched.to(DEVICE)])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.037, 0.5), (0.004, 0.003)])  # the last saturates
+def test_qk_norm_rope_stores_fp8_kv(dtype, k_scale, v_scale):
+    """Into an fp8 cache, k and v are quantized as kernels.attention.write_kv quantizes them: ``x * fp32(1 /
+    scale)``, saturated at +-448 (never NaN), rounded to nearest even. The same bytes under the interpreter; on
+    the GPU a k rounded one model-dtype ulp apart (rsqrt) may land on the neighbouring fp8 code."""
+    tokens, heads, kv_heads, head_dim, rotary_dim, page_size = 5, 16, 2, 256, 64, 16
+    qkv, q_w, k_w, cos_sin, positions = _qk_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, dtype,
+                                                   _gen(int(1 / k_scale)))
+    num_pages = 4
+    cache = torch.zeros(num_pages, 2, page_size, kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE)
+    slots = torch.randperm(num_pages * page_size, generator=_gen(5))[:tokens].to(DEVICE)
+    want_cache = cache.clone()
+    _, k_ref, v_ref, _ = _reference_attention_prep(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, True)
+    attn_ref.write_kv(want_cache, k_ref, v_ref, slots, k_scale, v_scale)
+    qk_norm_rope(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, EPS, kv_cache=cache,
+                 kv_slot_ids=slots, k_scale=k_scale, v_scale=v_scale)
+    got, want = cache.view(torch.uint8), want_cache.view(torch.uint8)
+    assert not torch.isnan(cache.float()).any()
+    if k_scale == 0.004:
+        assert (cache.float().abs() == 448).sum() > 100, "this case must saturate"
+    if DEVICE == "cpu":
+        assert torch.equal(got, want)
+    else:
+        assert (got.int() - want.int()).abs().max() <= 1
+        assert (got != want).float().mean() < 0.01
+
+
 def test_qk_norm_rope_argument_checks():
     qkv = torch.randn(2, 2 * 2 * 8 + 2 * 8, device=DEVICE)
     w = torch.zeros(8, device=DEVICE)
@@ -247,6 +281,11 @@ def test_qk_norm_rope_argument_checks():
         qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache[:, :1], kv_slot_ids=pos)
     with pytest.raises(ValueError, match="kv_slot_ids"):
         qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache, kv_slot_ids=pos[:1])
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache.half(), kv_slot_ids=pos)
+    with pytest.raises(ValueError, match="positive"):
+        qk_norm_rope(qkv, w, w, cos_sin, pos, 2, 1, 8, EPS, kv_cache=cache.to(torch.float8_e4m3fn), kv_slot_ids=pos,
+                     k_scale=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- routing
