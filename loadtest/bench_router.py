@@ -124,30 +124,42 @@ def bench_decisions(num_workers: int, total_pages: int, repeats: int, rng: rando
     started = time.perf_counter()
     index, table, system, real = build_cluster(num_workers, num_workers // 10, total_pages, rng)
     built = time.perf_counter() - started
-    config = RouterConfig(model="tiny-qwen3.5-moe", served_model_name="bench", page_size=PAGE)
+    config = RouterConfig(model="tiny-qwen3.5-moe", served_model_name="bench", page_size=PAGE, session_ttl_s=1e9)
     metrics = RouterMetrics(lambda: {})
     service = RouterService(config, table, SimpleNamespace(up=True, router_id="bench"), metrics)
+    # Live conversations between turns, four per decode pod as in an agentic cluster: every decision scores them
+    # (the session and memory terms); the follow-ups are turns of conversations the table holds.
+    decodes = [w.name for w in table.by_role("decode")]
+    for i, name in enumerate(decodes * 4):
+        service.sessions.placed(f"live{i}", name, time.monotonic(), 50_000)
+        service.sessions.answered(f"live{i}", time.monotonic())
+    for c, (tokens, holder) in enumerate(real):
+        service.sessions.placed(f"real{c}", holder, time.monotonic(), len(tokens))
+        service.sessions.answered(f"real{c}", time.monotonic())
     prompts = {
-        "follow_up_50k": [(tokens + [rng.randrange(VOCAB) for _ in range(800)], holder) for tokens, holder in real],
-        "fresh_50k": [(system + [rng.randrange(VOCAB) for _ in range(48_000)], None) for _ in range(5)],
-        "short_1k": [(system[:256] + [rng.randrange(VOCAB) for _ in range(768)], None) for _ in range(5)],
+        "follow_up_50k": [(tokens + [rng.randrange(VOCAB) for _ in range(800)], holder, f"real{c}")
+                          for c, (tokens, holder) in enumerate(real)],
+        "fresh_50k": [(system + [rng.randrange(VOCAB) for _ in range(48_000)], None, "") for _ in range(5)],
+        "short_1k": [(system[:256] + [rng.randrange(VOCAB) for _ in range(768)], None, "") for _ in range(5)],
     }
     results = {}
     for kind, cases in prompts.items():
         hash_s, place_s, total_s, right = [], [], [], 0
         for i in range(repeats):
-            prompt, holder = cases[i % len(cases)]
+            prompt, holder, session_id = cases[i % len(cases)]
+            session_id = session_id or f"{kind}{i}"  # a new conversation
             t0 = time.perf_counter()
             hashes = page_hashes(prompt, PAGE)
             t1 = time.perf_counter()
-            placement = service._place(prompt, hashes, "", set())
+            placement = service._place(prompt, hashes, session_id, set())
             t2 = time.perf_counter()
+            service.sessions.answered(session_id, time.monotonic())
             hash_s.append(t1 - t0)
             place_s.append(t2 - t1)
             total_s.append(t2 - t0)
             right += holder is None or placement.decode.name == holder
         peer = []
-        for prompt, _ in cases[:3]:
+        for prompt, *_ in cases[:3]:
             t0 = time.perf_counter()
             blake2b_chain(prompt)
             peer.append(time.perf_counter() - t0)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from loadtest.simulator.__main__ import main as simulator_main
 from loadtest.simulator.config import SimConfig
-from loadtest.simulator.experiments import choose_weights
+from loadtest.simulator.experiments import choose_weights, paired
 from loadtest.simulator.router import POLICIES
 from loadtest.simulator.simulation import Simulation, run
 from loadtest.simulator.timing import DEFAULT_DECODE, DEFAULT_PREFILL, TimeModel
@@ -166,36 +166,99 @@ def test_cli_compare_writes_json_png_and_table(tmp_path):
     assert result["table"].count("\n") == 1 + 2 * 3
 
 
+def test_cli_seeds_pairs_the_policy_with_the_oracle_seed_by_seed(tmp_path):
+    out = tmp_path / "seeds.json"
+    simulator_main(["seeds", "--workers", "2", "--cache-sizes", "400000,120000", "--seeds", "3,4",
+                    "--users-per-worker", "2", "--duration-s", "25", "--warmup-s", "5", "--jobs", "1",
+                    "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 2 * 2 * 2 and out.with_suffix(".png").stat().st_size > 10_000
+    for tokens in ("400000", "120000"):
+        s = result["summary"][tokens]
+        assert s["seeds"] == [3, 4]
+        mine = [r["reusable_served"] for r in result["runs"]
+                if r["policy"] == "cache_aware" and str(r["cache_tokens"]) == tokens]
+        assert s["cache_aware"]["served"] == mine
+    assert result["table"].count("\n") == 1 + 2 * (2 + 2)
+
+
+def test_paired_summary_meets_only_with_both_served_and_idle():
+    def run_(policy, cache, seed, served, idle):
+        return {"policy": policy, "cache_tokens": cache, "seed": seed, "reusable_served": served,
+                "idle_fraction": {"max": idle}}
+
+    runs = [run_("oracle", 10, 0, 0.5, 0.2), run_("oracle", 10, 1, 0.7, 0.2), run_("oracle", 10, 2, 0.9, 0.2),
+            run_("cache_aware", 10, 0, 0.6, 0.1), run_("cache_aware", 10, 1, 0.6, 0.3),
+            run_("cache_aware", 10, 2, 0.9, 0.1), run_("cache_aware", 10, 3, 0.0, 0.0),  # seed 3: no oracle run
+            run_("oracle", 20, 0, 0.5, 0.2), run_("cache_aware", 20, 0, 0.6, 0.25)]
+    summary = paired({"cache_sizes": [10, 20], "runs": runs}, "cache_aware", "oracle")
+    s = summary["10"]
+    assert s["seeds"] == [0, 1, 2] and s["seeds_at_least"] == 2
+    assert s["served_diff_mean"] == pytest.approx(0.0) and s["served_diff_se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert s["met"]  # as much served, idle 0.167 against 0.2
+    assert not summary["20"]["met"]  # more served, but its most idle worker idler than the oracle's
+
+
 # ---- the router's session table ---------------------------------------------------------------------------
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["place", "expire", "drop"]), st.integers(0, 5), st.integers(0, 3),
-                          st.floats(0, 5)), max_size=60))
-def test_session_table_counts_match_a_plain_model(ops):
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["place", "answer", "expire", "drop", "end"]), st.integers(0, 5),
+                          st.integers(0, 3), st.integers(0, 3), st.floats(0, 5)), max_size=60))
+def test_session_table_matches_a_plain_model(ops):
+    """Counts, tokens and expiry against the definition: a conversation is live from a placement until ``ttl``
+    after its last request ended, and never while one of its requests is in flight."""
     ttl = 2.0
-    table, model = SessionTable(ttl), {}
+    table, model = SessionTable(ttl), {}  # session -> [worker, tokens, in flight, silent since]
     now = 0.0
-    for op, session, worker, dt in ops:
+    for op, session, worker, tokens, dt in ops:
         now += dt
+        s, w = f"s{session}", f"w{worker}"
         if op == "place":
-            table.placed(f"s{session}", f"w{worker}", now)
-            model[f"s{session}"] = (f"w{worker}", now)
+            table.placed(s, w, now, 1000 * tokens)
+            held = model.setdefault(s, [w, 0, 0, now])
+            held[0], held[1], held[2], held[3] = w, 1000 * tokens, held[2] + 1, now
+        elif op == "answer":
+            table.answered(s, now)
+            if s in model and model[s][2] > 0:
+                model[s][2] -= 1
+                model[s][3] = now
         elif op == "expire":
             table.expire(now)
-            model = {s: (w, t) for s, (w, t) in model.items() if t > now - ttl}
+            model = {k: v for k, v in model.items() if v[2] > 0 or v[3] > now - ttl}
+        elif op == "drop":
+            table.drop_worker(w)
+            model = {k: v for k, v in model.items() if v[0] != w}
         else:
-            table.drop_worker(f"w{worker}")
-            model = {s: (w, t) for s, (w, t) in model.items() if w != f"w{worker}"}
+            table.ended(s)
+            model.pop(s, None)
         assert len(table) == len(model)
-        counts = table.counts({f"w{w}": w for w in range(4)}, 4, "s0")
+        for k in (f"s{i}" for i in range(6)):
+            assert table.worker_of(k) == (model[k][0] if k in model else None)
+            assert table.in_flight(k) == (model[k][2] if k in model else 0)
+        positions = {f"w{i}": i for i in range(4)}
+        counts, held_tokens = table.counts(positions, 4, "s0"), table.tokens(positions, 4, "s0")
         holder = model.get("s0", (None,))[0]
-        for w in range(4):
-            others = sum(1 for k, (v, _) in model.items() if v == f"w{w}" and k != "s0")
-            assert counts[w] == others - (0.5 if holder == f"w{w}" else 0)
-        for w in range(4):
-            assert table.live(f"w{w}") == sum(1 for v, _ in model.values() if v == f"w{w}")
-            for s in range(6):
-                expected = sum(1 for k, (v, _) in model.items() if v == f"w{w}" and k != f"s{s}")
-                assert table.live(f"w{w}", excluding=f"s{s}") == expected
+        for i in range(4):
+            others = [v for k, v in model.items() if v[0] == f"w{i}" and k != "s0"]
+            assert counts[i] == len(others) - (0.5 if holder == f"w{i}" else 0)
+            assert held_tokens[i] == sum(v[1] for v in others)
+            assert table.live(f"w{i}") == sum(1 for v in model.values() if v[0] == f"w{i}")
+
+
+def test_a_conversation_is_not_forgotten_while_its_request_waits_longer_than_the_ttl():
+    table = SessionTable(ttl_s=10.0)
+    table.placed("a", "w0", now=0.0, tokens=50_000)
+    table.expire(now=60.0)  # queued and running for a minute: still live
+    assert table.worker_of("a") == "w0" and table.live("w0") == 1
+    table.answered("a", now=60.0)
+    table.expire(now=69.0)
+    assert table.worker_of("a") == "w0"
+    table.placed("a", "w1", now=69.5, tokens=51_000)  # the next turn, placed elsewhere: moves, counted once
+    table.placed("a", "w1", now=69.6, tokens=51_000)  # and a second request of it at once
+    table.answered("a", now=70.0)
+    table.expire(now=200.0)  # one request still in flight
+    assert table.live("w0") == 0 and table.live("w1") == 1 and table.in_flight("a") == 1
+    table.answered("a", now=200.0)
+    assert table.expire(now=210.0) == ["w1"] and len(table) == 0
 
 
 def test_session_term_spreads_new_conversations_and_keeps_follow_ups():
@@ -221,7 +284,7 @@ def test_session_term_spreads_new_conversations_and_keeps_follow_ups():
 
 def test_weights_are_chosen_by_the_oracle_bar_then_ttft():
     def named(weights):
-        return dict(zip(("cache", "queue", "request", "session"), weights, strict=True))
+        return dict(zip(("cache", "queue", "request", "session", "memory"), (*weights, 0.0), strict=True))
 
     def run_(policy, weights, cache, served, idle, p99, seed=0):
         return {"policy": policy, "weights": named(weights),
@@ -251,22 +314,44 @@ def test_weights_are_chosen_by_the_oracle_bar_then_ttft():
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4) .map(lambda x: x * 1000), st.integers(0, 3),
-                          st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
-       st.sampled_from([Weights(), Weights(1, 1, 512, 0), Weights(1, 0.1, 0, 32768), Weights(0, 0, 0, 0)]))
+                          st.integers(0, 2), st.booleans(), st.integers(0, 3).map(lambda x: x * 32),
+                          st.sampled_from([0, 64, 128])), min_size=1, max_size=12),
+       st.sampled_from([Weights(), Weights(1, 1, 512, 0), Weights(1, 0.1, 0, 32768), Weights(0, 0, 0, 0),
+                        Weights(1, 0, 512, 8192, 1.0), Weights(0, 0, 0, 0, 2.0)]))
 def test_cache_aware_choice_is_the_lowest_cost_then_the_lowest_name(rows, weights):
     """Placer.choose against the plain definition, ties included (small integer values make many)."""
-    candidates = [Candidate(f"w{i:02d}", f"a{i}", active, queued, hit * 16, sessions, holds)
-                  for i, (hit, queued, active, sessions, holds) in enumerate(rows)]
+    candidates = [Candidate(f"w{i:02d}", f"a{i}", active, queued, hit * 16, sessions, holds, held, size)
+                  for i, (hit, queued, active, sessions, holds, held, size) in enumerate(rows)]
     random.Random(len(rows)).shuffle(candidates)
     placer = Placer(Policy.CACHE_AWARE, weights)
 
     def plain_cost(c):
+        # the 64-token prompt on top of the other conversations' tokens: what passes the cache, less what did
+        pushed_out = max(0, c.session_tokens + 64 - c.cache_tokens) - max(0, c.session_tokens - c.cache_tokens)
         return (weights.cache * (64 - c.hit_tokens) + weights.queue * c.queued_tokens + weights.request * c.active
-                + weights.session * (c.sessions - 0.5 * c.holds_session))
+                + weights.session * (c.sessions - 0.5 * c.holds_session)
+                + (weights.memory * pushed_out if c.cache_tokens else 0))
 
     expected = min(candidates, key=lambda c: (plain_cost(c), c.name))
     choice = placer.choose(candidates, 64)
     assert choice.name == expected.name and choice.cost == pytest.approx(plain_cost(expected))
+
+
+def test_memory_term_keeps_conversations_within_each_cache():
+    """Caches of 250K tokens. w0 holds three conversations of 70K (210K), w1 four of 40K (160K): a new 60K
+    conversation would push 20K of w0's histories out, none of w1's, so it goes to w1 though w1 holds more
+    conversations. A follow-up whose 60K history w0 holds stays there even if w0 is past its cache: pushing 10K out
+    costs less than computing the 60K again elsewhere. Without a known capacity the term is off."""
+    placer = Placer(Policy.CACHE_AWARE, Weights(cache=1.0, queue=0.0, request=512.0, session=8192.0, memory=1.0))
+    w0 = Candidate("w0", "a0", active=0, queued_tokens=0, hit_tokens=0, sessions=3, session_tokens=210_000,
+                   cache_tokens=250_000)
+    w1 = Candidate("w1", "a1", active=0, queued_tokens=0, hit_tokens=0, sessions=4, session_tokens=160_000,
+                   cache_tokens=250_000)
+    assert placer.choose([w0, w1], 60_000).name == "w1"
+    assert placer.choose([dataclasses.replace(w0, cache_tokens=0), dataclasses.replace(w1, cache_tokens=0)],
+                         60_000).name == "w0"  # unknown capacity: fewer conversations wins
+    holder = dataclasses.replace(w0, hit_tokens=59_000, session_tokens=200_000, holds_session=True)
+    assert placer.choose([holder, dataclasses.replace(w1, session_tokens=0, sessions=0)], 60_000).name == "w0"
 
 
 @pytest.mark.parametrize("handover_checkpoint, expected", [(True, 28), (False, 0)])
@@ -281,3 +366,62 @@ def test_remote_prefill_hands_over_the_resume_checkpoint(handover_checkpoint, ex
                                               handover_resume_checkpoint=handover_checkpoint), users)
     assert [r.cached for r in by_user[0]] == [0, expected]
     assert report.index["matches_caches"] and report.index["resyncs"] == 0
+
+
+def test_the_router_ends_every_attempt_of_a_conversation_in_its_session_table():
+    """In the router itself: a conversation is in flight from each placement to the end of that attempt, whether it
+    failed over (the first pod fails: the request moves, and the conversation with it), finished, or was abandoned
+    by its client mid-stream. An attempt left in flight would keep the conversation live forever."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import grpc
+
+    from services.cluster.schema import WorkerRecord
+    from services.common.page_hash import SCHEME
+    from services.common.protos import inference_pb2
+    from services.router import server
+    from services.router.config import RouterConfig
+    from services.router.index import CacheIndex
+    from services.router.metrics import RouterMetrics
+    from services.router.workers import WorkerTable
+
+    config = RouterConfig()
+    table = WorkerTable(CacheIndex(), config.model_name, SCHEME, config.page_size, 3.0)
+    router = server.RouterService(config, table, SimpleNamespace(up=True, router_id="r"), RouterMetrics(lambda: {}))
+    table.update([WorkerRecord(f"d{i}", "decode", f"127.0.0.1:{i}", config.model_name, "fp", SCHEME,
+                               config.page_size, max_running=4, max_waiting=4, max_model_len=1024, pages_total=64,
+                               slots_total=4, remote_prefill_threshold=0, metrics_address="", started_at=0.0)
+                  for i in (1, 2)], now=time.monotonic())
+    attempts = []
+
+    async def relay(placement, pod_request, stream):
+        attempts.append(placement.decode.name)
+        assert router.sessions.in_flight("conv") == 1  # this attempt only: the failed one has ended
+        assert router.sessions.worker_of("conv") == placement.decode.name
+        if len(attempts) == 1:
+            raise server._PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "pod gone")
+        yield inference_pb2.GenerateResponse(token_ids=[5], finished=len(attempts) == 2)
+        yield inference_pb2.GenerateResponse(token_ids=[6], finished=True)
+
+    router._relay = relay
+
+    def route():
+        return server.RouteRequest([1, 2, 3], inference_pb2.SamplingParams(max_tokens=2), session_id="conv")
+
+    async def consume(stop_early: bool) -> None:
+        responses = router.generate(route())
+        async for response in responses:
+            if stop_early:
+                await responses.aclose()  # the client left mid-stream
+                break
+            assert response.finished
+
+    asyncio.run(consume(stop_early=False))
+    assert attempts == ["d1", "d2"]
+    assert router.sessions.in_flight("conv") == 0 and router.sessions.worker_of("conv") == "d2"
+    asyncio.run(consume(stop_early=True))
+    assert len(attempts) == 3 and router.sessions.in_flight("conv") == 0
+    router.sessions.expire(time.monotonic() + config.session_ttl_s + 1)
+    assert router.sessions.worker_of("conv") is None

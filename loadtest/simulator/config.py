@@ -22,6 +22,9 @@ class SimConfig:
     weight_queue: float = field(default=Weights.queue, metadata={"help": "cost per prompt token queued"})
     weight_request: float = field(default=Weights.request, metadata={"help": "cost per request on the worker"})
     weight_session: float = field(default=Weights.session, metadata={"help": "cost per other live conversation"})
+    weight_memory: float = field(
+        default=Weights.memory, metadata={"help": "cost per live history token pushed past a worker's cache"}
+    )
     session_ttl_s: float = field(default=10.0, metadata={"help": "router: a conversation silent this long is over"})
     session_ids: bool = field(default=True, metadata={"help": "requests carry their conversation's id"})
     session_end_signal: bool = field(
@@ -65,7 +68,8 @@ class SimConfig:
 
     @property
     def weights(self) -> Weights:
-        return Weights(self.weight_cache, self.weight_queue, self.weight_request, self.weight_session)
+        return Weights(self.weight_cache, self.weight_queue, self.weight_request, self.weight_session,
+                       self.weight_memory)
 
     @property
     def num_users(self) -> int:

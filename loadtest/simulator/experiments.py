@@ -23,7 +23,7 @@ from .router import ORACLE, POLICIES
 from .simulation import run
 
 log = logging.getLogger("loadtest.simulator")
-_WEIGHTS = ("cache", "queue", "request", "session")
+_WEIGHTS = ("cache", "queue", "request", "session", "memory")
 
 
 def _run_one(config: SimConfig) -> dict:
@@ -66,21 +66,81 @@ def compare(base: SimConfig, workers: list[int], caches: list[int], policies: li
             "policies": policies, "runs": runs}
 
 
+def seeds(base: SimConfig, caches: list[int], policies: list[str], seeds_: list[int], jobs: int) -> dict:
+    """The policies (the first against the last, paired by workload seed) at every cache size and seed, at the
+    base config's cluster size; ``summary`` says whether the first met the last (``paired``)."""
+    configs = [dataclasses.replace(base, policy=p, cache_tokens=c, seed=s)
+               for s, c, p in itertools.product(seeds_, caches, policies)]
+    runs = run_all(configs, jobs)
+    for run_, config in zip(runs, configs, strict=True):
+        run_["cache_tokens"], run_["seed"] = config.cache_tokens, config.seed
+    result = {"kind": "seeds", "base": _describe(base), "cache_sizes": caches, "policies": policies,
+              "seeds": seeds_, "runs": runs}
+    result["summary"] = paired(result, policies[0], policies[-1])
+    return result
+
+
+def paired(result: dict, policy: str, baseline: str) -> dict:
+    """Per cache size: ``policy`` against ``baseline`` over the workload seeds both ran. Met: at least the
+    baseline's mean reusable tokens served, and a most idle worker no idler on average than the baseline's."""
+    by = {(r["policy"], r["cache_tokens"], r["seed"]): r for r in result["runs"]}
+    summary = {}
+    for tokens in result["cache_sizes"]:
+        seeds_ = sorted(s for p, c, s in by if p == policy and c == tokens and (baseline, c, s) in by)
+        mine, theirs = ([by[(p, tokens, s)] for s in seeds_] for p in (policy, baseline))
+        served = np.array([[r["reusable_served"] for r in runs] for runs in (mine, theirs)])
+        idle = np.array([[r["idle_fraction"]["max"] for r in runs] for runs in (mine, theirs)])
+        diff = served[0] - served[1]
+        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+        summary[str(tokens)] = {
+            "seeds": seeds_, policy: {"served": served[0].tolist(), "idle_max": idle[0].tolist()},
+            baseline: {"served": served[1].tolist(), "idle_max": idle[1].tolist()},
+            "served_mean": [float(served[0].mean()), float(served[1].mean())],
+            "idle_max_mean": [float(idle[0].mean()), float(idle[1].mean())],
+            "served_diff_mean": float(diff.mean()), "served_diff_se": se, "seeds_at_least": int((diff >= 0).sum()),
+            "met": bool(diff.mean() >= 0 and idle[0].mean() <= idle[1].mean()),
+        }
+    return summary
+
+
+def seeds_table(result: dict) -> str:
+    """Markdown: per cache size and seed, both policies' reusable tokens served and most idle worker; then the
+    means, the paired difference (with its standard error) and whether the first policy met the second."""
+    policy, baseline = result["policies"][0], result["policies"][-1]
+    lines = [f"| cache per worker | seed | {policy} served | {baseline} served | {policy} most idle | "
+             f"{baseline} most idle |", "|---|---|---|---|---|---|"]
+    for tokens in result["cache_sizes"]:
+        s = result["summary"][str(tokens)]
+        for i, seed in enumerate(s["seeds"]):
+            lines.append(f"| {tokens / 1e3:.0f}K | {seed} | {s[policy]['served'][i]:.4f} | "
+                         f"{s[baseline]['served'][i]:.4f} | {s[policy]['idle_max'][i]:.3f} | "
+                         f"{s[baseline]['idle_max'][i]:.3f} |")
+        lines.append(f"| {tokens / 1e3:.0f}K | **mean** | **{s['served_mean'][0]:.4f}** | **{s['served_mean'][1]:.4f}**"
+                     f" | **{s['idle_max_mean'][0]:.3f}** | **{s['idle_max_mean'][1]:.3f}** |")
+        lines.append(f"| {tokens / 1e3:.0f}K | difference | {s['served_diff_mean']:+.4f} +- {s['served_diff_se']:.4f}"
+                     f" ({s['seeds_at_least']}/{len(s['seeds'])} seeds at least) | | "
+                     f"{s['idle_max_mean'][0] - s['idle_max_mean'][1]:+.3f} | {'met' if s['met'] else 'not met'} |")
+    return "\n".join(lines)
+
+
 def sweep(base: SimConfig, caches: list[int], queue: list[float], request: list[float], session: list[float],
-          jobs: int, seeds: list[int]) -> dict:
+          jobs: int, seeds: list[int], memory: list[float] | None = None) -> dict:
     """cache_aware at every weight combination (cache weight 1: only ratios of weights matter), and the oracle, per
-    cache size and workload seed; then the choice (``choose_weights``)."""
+    cache size and workload seed; then the choice (``choose_weights``). ``memory``: its values (default: the
+    base config's)."""
+    memory = memory if memory is not None else [base.weight_memory]
     configs = []
     for seed, tokens in itertools.product(seeds, caches):
         configs.append(dataclasses.replace(base, policy=ORACLE, cache_tokens=tokens, seed=seed))
-        for q, r, s in itertools.product(queue, request, session):
+        for q, r, s, m in itertools.product(queue, request, session, memory):
             configs.append(dataclasses.replace(base, policy="cache_aware", cache_tokens=tokens, seed=seed,
-                                               weight_cache=1.0, weight_queue=q, weight_request=r, weight_session=s))
+                                               weight_cache=1.0, weight_queue=q, weight_request=r, weight_session=s,
+                                               weight_memory=m))
     runs = run_all(configs, jobs)
     for run_, config in zip(runs, configs, strict=True):
         run_["cache_tokens"], run_["seed"] = config.cache_tokens, config.seed
     result = {"kind": "sweep", "base": _describe(base), "cache_sizes": caches, "seeds": seeds, "queue": queue,
-              "request": request, "session": session, "runs": runs}
+              "request": request, "session": session, "memory": memory, "runs": runs}
     result["choice"] = choose_weights(result)
     return result
 
@@ -105,7 +165,7 @@ def choose_weights(sweep_result: dict) -> dict:
     runs = sweep_result["runs"]
     oracle = _mean_by([r for r in runs if r["policy"] == ORACLE], lambda r: r["cache_tokens"])
     means = _mean_by([r for r in runs if r["policy"] != ORACLE],
-                     lambda r: (tuple(r["weights"][k] for k in _WEIGHTS), r["cache_tokens"]))
+                     lambda r: (tuple(r["weights"].get(k, 0.0) for k in _WEIGHTS), r["cache_tokens"]))
     by_weights: dict[tuple, dict] = {}
     for (weights, tokens), m in means.items():
         if weights[1] or weights[2]:  # queue or request: load-aware
@@ -147,7 +207,7 @@ def table(result: dict, workers: int) -> str:
 
 
 def _weights_label(weights: dict) -> str:
-    return "/".join(f"{weights[k]:g}" for k in ("cache", "queue", "request", "session"))
+    return "/".join(f"{weights.get(k, 0.0):g}" for k in _WEIGHTS)
 
 
 def _describe(config: SimConfig) -> dict:

@@ -89,6 +89,36 @@ def plot_sweep(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_seeds(result: dict, path: Path) -> None:
+    """Per cache size: each seed's runs as points (most idle worker, reusable served), the two policies' runs of
+    one seed joined by a line."""
+    plt = _pyplot()
+    caches = result["cache_sizes"]
+    policy, baseline = result["policies"][0], result["policies"][-1]
+    fig, axes = plt.subplots(1, len(caches), figsize=(4.6 * len(caches), 4.0), squeeze=False)
+    for ax, tokens in zip(axes[0], caches, strict=True):
+        s = result["summary"][str(tokens)]
+        for i in range(len(s["seeds"])):
+            xs = [s[policy]["idle_max"][i], s[baseline]["idle_max"][i]]
+            ys = [s[policy]["served"][i], s[baseline]["served"][i]]
+            ax.plot(xs, ys, "-", color="0.8", linewidth=0.8)
+        ax.plot(s[policy]["idle_max"], s[policy]["served"], "o", label=policy, markersize=5)
+        ax.plot(s[baseline]["idle_max"], s[baseline]["served"], "r*", label=baseline, markersize=9)
+        ax.plot(*s["idle_max_mean"][:1], s["served_mean"][0], "kD", markersize=8, markerfacecolor="none",
+                label=f"{policy} mean")
+        ax.plot(*s["idle_max_mean"][1:], s["served_mean"][1], "ks", markersize=8, markerfacecolor="none",
+                label=f"{baseline} mean")
+        ax.set_xlabel("most idle worker's idle fraction")
+        ax.set_ylabel("reusable tokens served")
+        ax.set_title(f"cache {tokens / 1e3:.0f}K tokens per worker ({len(s['seeds'])} seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{policy} against {baseline} per workload seed at {result['base']['workers']} workers", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _once(name: str, labelled: set[str]) -> str | None:
     """The legend label the first time, none after (one point per seed)."""
     if name in labelled:

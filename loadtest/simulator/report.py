@@ -11,6 +11,15 @@ tokens (simulated ones times the token scale), times are simulated seconds.
 - ``idle_fraction``: per worker, the part of the window with no request on it (waiting, prefilling or decoding);
   ``max`` is the most idle worker.
 - ``load_imbalance``: the busiest worker's GPU work (prefill seconds + seconds with a decode batch) over the mean.
+- ``losses``: where the follow-ups' reusable tokens that were not served went, as fractions of all reusable tokens
+  (they add up to 1 - ``reusable_served`` but for first turns' shared prompts): ``gone_before_placement``: not
+  usable on the worker that served the previous turn when the router placed this one (evicted between turns, and
+  the sub-page remainder a checkpoint cannot cover); ``left_behind``: usable there, but the router placed the turn
+  elsewhere with less; ``evicted_before_admission``: usable on the chosen worker when placed, evicted before the
+  worker admitted it. With the counts of follow-ups, of those moved to another worker, of those moved away from a
+  usable hit, and of follow-ups whose conversation the router's session table had already taken as over.
+  ``working_set_overflow``: the part of the live histories (each counted on the worker of its last turn) beyond the
+  cache of its worker, over the window: how unevenly placement spread the histories, whatever the eviction order.
 """
 
 from __future__ import annotations
@@ -41,13 +50,15 @@ class Record(NamedTuple):
     cached: int
     chosen_hit: int
     available_hit: int
+    previous_worker: int  # -1: a first turn
+    previous_hit: int
 
     @classmethod
     def of(cls, sim: SimRequest, scale: int) -> Record:
         return cls(sim.sent_at, sim.first_token_at, sim.finished_at, sim.worker, sim.conversation.user, sim.turn,
                    sim.prompt_len * scale,
                    len(sim.answer) * scale, sim.reusable * scale, sim.cached * scale, sim.chosen_hit,
-                   sim.available_hit)
+                   sim.available_hit, sim.previous_worker, sim.previous_hit)
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ class Report:
     decode_tok_s_per_request: dict[str, float]
     idle_fraction: dict[str, float]
     load_imbalance: float
+    losses: dict[str, float]
+    working_set_overflow: float
     requests_per_worker: dict[str, float]
     evicted_tokens: int  # KV evicted from the caches
     evicted_checkpoints: int
@@ -97,7 +110,8 @@ def summarize(sim: Simulation, wall_s: float) -> Report:
     w0, w1 = config.warmup_s, config.duration_s
     records = [r for r in sim.finished if w0 <= r.sent_at <= w1]
     cols = np.array(records, dtype=float).reshape(-1, len(Record._fields))
-    sent, first, done, worker, _, _, prompt, answer, reusable, cached, chosen, available = cols.T
+    (sent, first, done, worker, _, _, prompt, answer, reusable, cached, chosen, available, previous,
+     previous_hit) = cols.T
     reusable_sum = reusable.sum()
 
     def of_reusable(x: np.ndarray) -> float:
@@ -134,6 +148,9 @@ def summarize(sim: Simulation, wall_s: float) -> Report:
         decode_tok_s_per_request=_percentiles(rates, {"p10": 10, "p50": 50}),
         idle_fraction={"max": float(idle.max()), "mean": float(idle.mean()), "min": float(idle.min())},
         load_imbalance=float(work.max() / work.mean()) if work.mean() > 0 else float("nan"),
+        losses=_losses(reusable, cached, chosen, worker, previous, previous_hit, router.sessions_forgotten),
+        working_set_overflow=(sim.overflow_token_seconds / sim.live_token_seconds
+                              if sim.live_token_seconds else float("nan")),
         requests_per_worker={"max": float(per_worker.max()), "mean": float(per_worker.mean()),
                              "min": float(per_worker.min())},
         evicted_tokens=sum(w.cache.tree.num_evicted_pages for w in sim.workers) * config.page_size * scale,
@@ -144,3 +161,24 @@ def summarize(sim: Simulation, wall_s: float) -> Report:
         sim_seconds=max((r.finished_at for r in sim.finished), default=0.0),
         wall_s=wall_s,
     )
+
+
+def _losses(reusable: np.ndarray, cached: np.ndarray, chosen: np.ndarray, worker: np.ndarray, previous: np.ndarray,
+            previous_hit: np.ndarray, forgotten: int) -> dict[str, float]:
+    """``Report.losses``: each follow-up's unserved reusable tokens split exactly into the three causes."""
+    total = reusable.sum()
+    follow = previous >= 0
+    moved = follow & (worker != previous)
+
+    def share(x: np.ndarray) -> float:
+        return float(x[follow].sum() / total) if total else float("nan")
+
+    return {
+        "follow_ups": int(follow.sum()),
+        "moved": int(moved.sum()),
+        "moved_off_hit": int((moved & (previous_hit > chosen)).sum()),
+        "sessions_forgotten": forgotten,
+        "gone_before_placement": share(reusable - previous_hit),
+        "left_behind": share(np.where(moved, previous_hit - chosen, 0.0)),
+        "evicted_before_admission": share(chosen - cached),
+    }

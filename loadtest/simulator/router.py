@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +31,15 @@ from .worker import SimWorker
 
 ORACLE = "oracle"
 POLICIES = (*(p.value for p in Policy), ORACLE)
+
+
+class Placed(NamedTuple):
+    """A placement as the router saw it (usable hits in real tokens)."""
+
+    worker: SimWorker | None  # None: every worker is at capacity
+    chosen_hit: int  # on the chosen worker
+    available_hit: int  # the best on any worker
+    previous_hit: int  # on the worker that served the conversation's previous turn (0 without one)
 
 
 class SimRouter:
@@ -48,6 +58,7 @@ class SimRouter:
         self.placer = Placer(Policy(policy), weights) if policy != ORACLE else None
         self.sessions = SessionTable(session_ttl_s)
         self.names = [w.name for w in workers]
+        self.cache_tokens = np.array([w.config.num_pages * page_size * token_scale for w in workers], dtype=np.float64)
         self.position = {w.name: w.index for w in workers}
         self.address_keys = np.array([address_key(w.address) for w in workers], dtype=np.uint64)
         index_slots = np.array([self.index.register(name) for name in self.names], dtype=np.int64)
@@ -56,6 +67,7 @@ class SimRouter:
         self._pending: deque[tuple[float, str, EventBatch]] = deque()
         self.live_conversations = [0] * len(workers)  # the oracle's balance
         self.decisions: dict[str, int] = {}
+        self.sessions_forgotten = 0
 
     # ---- the index ----------------------------------------------------------------------------------
     def publish(self, worker: SimWorker, batch: EventBatch, now: float) -> None:
@@ -78,9 +90,9 @@ class SimRouter:
 
     # ---- placement ----------------------------------------------------------------------------------
     def place(self, prompt_len: int, hashes: list[int], session_id: str, now: float,
-              sticky: SimWorker | None = None) -> tuple[SimWorker | None, int, int]:
-        """The worker for a prompt (None: every worker is at capacity), with the usable hit (real tokens) on it as
-        the router saw it and the best anywhere. ``sticky``: the oracle's worker for a later turn."""
+              sticky: SimWorker | None = None, previous: int | None = None) -> Placed:
+        """The worker for a prompt, with the usable hits the router saw. ``sticky``: the oracle's worker for a
+        later turn; ``previous``: the worker that served the conversation's previous turn (for the report)."""
         self.poll(now)
         page, scale = self.page_size, self.scale
         cap = (prompt_len - 1) // page  # the last token is always computed: its logits are needed
@@ -88,22 +100,27 @@ class SimRouter:
         hits = np.zeros(len(self.workers))
         hits[self.position_of[slots]] = np.minimum(pages, cap) * page * scale
         available = int(hits.max(initial=0))
+        previous_hit = int(hits[previous]) if previous is not None else 0
         if self.policy == ORACLE:
             worker = sticky or min(self.workers, key=lambda w: (self.live_conversations[w.index], w.index))
             self._count("oracle_sticky" if sticky else "oracle_new")
-            return worker, int(hits[worker.index]), available
+            return Placed(worker, int(hits[worker.index]), available, previous_hit)
         self.sessions.expire(now)
         active = np.fromiter((w.active for w in self.workers), dtype=np.float64, count=len(self.workers))
         queued = np.fromiter((w.queued_tokens for w in self.workers), dtype=np.float64, count=len(self.workers))
+        n = len(self.workers)
         workers = Workers(self.names, self.address_keys, active, queued * scale, hits, active < self.capacity,
-                          self.sessions.counts(self.position, len(self.workers), session_id))
+                          self.sessions.counts(self.position, n, session_id),
+                          self.sessions.tokens(self.position, n, session_id), self.cache_tokens)
         choice = self.placer.choose_among(workers, prompt_len * scale, session_id)
         if choice is None:
             self._count("refused_all_full")
-            return None, 0, available
+            return Placed(None, 0, available, previous_hit)
         self._count(choice.reason)
-        self.sessions.placed(session_id, choice.name, now)
-        return self.workers[choice.index], choice.hit_tokens, available
+        if session_id and previous is not None and self.sessions.worker_of(session_id) is None:
+            self.sessions_forgotten += 1  # a follow-up of a conversation the table had taken as over
+        self.sessions.placed(session_id, choice.name, now, prompt_len * scale)
+        return Placed(self.workers[choice.index], choice.hit_tokens, available, previous_hit)
 
     def answered(self, session_id: str, now: float) -> None:
         self.sessions.answered(session_id, now)

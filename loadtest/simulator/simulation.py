@@ -53,6 +53,12 @@ class Simulation:
         self._live_tokens = 0
         self._live_since = 0.0
         self.live_token_seconds = 0.0
+        # The same per worker (a conversation's history counts on the worker of its last turn): what exceeds the
+        # worker's cache, integrated, says how evenly placement spread the histories, whatever the eviction order.
+        self._cache_size = worker_config.num_pages * config.page_size
+        self._live_on = [0] * config.workers
+        self._overflow_tokens = 0
+        self.overflow_token_seconds = 0.0
 
     def run(self) -> Report:
         started = time.perf_counter()
@@ -72,7 +78,7 @@ class Simulation:
                     self._after(worker, now)
         for worker in self.workers:
             worker.close(max(now, self.config.duration_s))
-        self._live_changed(max(now, self.config.duration_s), 0)
+        self._live_changed(max(now, self.config.duration_s), [])
         self.router.flush()
         return summarize(self, time.perf_counter() - started)
 
@@ -97,7 +103,8 @@ class Simulation:
         turn = conversation.turns[conversation.turn]
         sticky = self.workers[conversation.worker] if conversation.worker is not None else None
         session_id = conversation.key if self.config.session_ids else ""
-        worker, chosen, available = self.router.place(len(prompt), hashes, session_id, now, sticky)
+        placed = self.router.place(len(prompt), hashes, session_id, now, sticky, conversation.last_worker)
+        worker = placed.worker
         if worker is None:
             self.refusals += 1
             self._push(now + self.config.retry_after_s, _SEND, (conversation, now if sent_at is None else sent_at))
@@ -108,8 +115,10 @@ class Simulation:
         request = Request(f"r{next(self._requests)}", prompt,
                           SamplingParams(max_tokens=len(turn.answer), temperature=0.0, ignore_eos=True),
                           arrival_time=now, page_hashes=list(hashes))
+        previous = conversation.last_worker
         sim = SimRequest(request, conversation, conversation.turn, turn.answer, now if sent_at is None else sent_at,
-                         self._reusable(conversation, len(prompt)), chosen, available)
+                         self._reusable(conversation, len(prompt)), placed.chosen_hit, placed.available_hit,
+                         -1 if previous is None else previous, placed.previous_hit)
         worker.submit(sim, now)
         self._after(worker, now)
 
@@ -127,9 +136,13 @@ class Simulation:
         self._any_finished = True
         conversation = sim.conversation
         self.router.answered(conversation.key, now)
-        before = len(conversation.history)
+        before, before_on = len(conversation.history), conversation.last_worker
         think = conversation.finish_turn(sim.request.prompt_token_ids)
-        self._live_changed(now, -before if conversation.done else len(conversation.history) - before)
+        conversation.last_worker = sim.worker
+        changes = [] if before_on is None else [(before_on, -before)]
+        if not conversation.done:
+            changes.append((sim.worker, len(conversation.history)))
+        self._live_changed(now, changes)
         if conversation.done:
             self.conversations_finished += 1
             if self.config.session_end_signal:
@@ -140,13 +153,20 @@ class Simulation:
         else:
             self._push(now + think, _SEND, (conversation, None))
 
-    def _live_changed(self, now: float, delta: int) -> None:
+    def _live_changed(self, now: float, changes: list[tuple[int, int]]) -> None:
+        """Live history tokens change on workers at ``now``: (worker, delta) each."""
         w0, w1 = self.config.warmup_s, self.config.duration_s
         span = min(now, w1) - max(self._live_since, w0)
         if span > 0:
             self.live_token_seconds += self._live_tokens * span
+            self.overflow_token_seconds += self._overflow_tokens * span
         self._live_since = now
-        self._live_tokens += delta
+        size, live = self._cache_size, self._live_on
+        for worker, delta in changes:
+            self._overflow_tokens -= max(0, live[worker] - size)
+            live[worker] += delta
+            self._live_tokens += delta
+            self._overflow_tokens += max(0, live[worker] - size)
 
     # ---- events -------------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload) -> None:

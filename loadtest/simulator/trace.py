@@ -88,6 +88,7 @@ class Conversation:
         self.hashes: list[int] = []  # page hashes of the full pages of ``history`` + the current turn
         self.turn = 0
         self.worker: int | None = None  # the oracle's sticky worker
+        self.last_worker: int | None = None  # the worker that served the previous turn (every policy)
 
     @property
     def done(self) -> bool:

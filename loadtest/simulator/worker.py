@@ -66,6 +66,8 @@ class SimRequest:
     reusable: int  # tokens of the prompt computed by an earlier finished request (an upper bound on hits)
     chosen_hit: int = 0  # the usable hit the router saw on the worker it chose
     available_hit: int = 0  # the best usable hit the router saw on any worker
+    previous_worker: int = -1  # the worker that served the conversation's previous turn (-1: first turn)
+    previous_hit: int = 0  # the usable hit the router saw there when it placed this turn
     worker: int = -1
     remote: bool = False
     cached: int = 0  # tokens the worker's cache served at admission

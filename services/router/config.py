@@ -43,6 +43,11 @@ class RouterConfig:
     weight_session: float = field(
         default=Weights.session, metadata={"help": "cost per other live conversation placed on a worker (in tokens)"}
     )
+    weight_memory: float = field(
+        default=Weights.memory,
+        metadata={"help": "cost per token of live conversations' histories a placement pushes past a worker's KV "
+                          "capacity"},
+    )
     session_ttl_s: float = field(
         default=10.0, metadata={"help": "a conversation silent this long after its last answer is taken as over"}
     )
@@ -83,7 +88,8 @@ class RouterConfig:
 
     @property
     def weights(self) -> Weights:
-        return Weights(self.weight_cache, self.weight_queue, self.weight_request, self.weight_session)
+        return Weights(self.weight_cache, self.weight_queue, self.weight_request, self.weight_session,
+                       self.weight_memory)
 
     @property
     def model_name(self) -> str:

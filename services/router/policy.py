@@ -7,7 +7,11 @@ Policies:
   ``request`` x requests running or waiting there + ``session`` x other live conversations placed there
   (services/router/sessions.py: between turns a conversation shows no load, yet it will come back), less half a
   ``session`` on the worker the request's own conversation is on (a conversation that no worker can resume moves
-  only where that evens out the conversations).
+  only where that evens out the conversations) + ``memory`` x the tokens of live conversations' histories that
+  placing this prompt there pushes past the worker's KV capacity (the prompt tokens of the conversations placed
+  there, this one's included, beyond the capacity, less what was beyond it already): those histories will be
+  evicted before their next turn and computed again. The term is zero wherever everything fits, so it only acts
+  under memory pressure, where conversation counts alone put four long conversations where three short ones fit.
 - ``round_robin``: the next eligible worker in id order.
 - ``least_load``: the fewest requests, then the fewest queued tokens.
 - ``session``: sticky by conversation: rendezvous hashing of the session id over the eligible workers'
@@ -46,9 +50,13 @@ class Weights:
     queue: float = 0.0  # per prompt token already queued on the worker
     request: float = 512.0  # per request running or waiting on the worker
     session: float = 8192.0  # per other live conversation placed on the worker
+    # per token of live conversations' histories that the placement pushes past the worker's cache (they will be
+    # evicted and computed again): the conversation's own prompt on top of the others placed there. 1: such a
+    # token costs what a token computed now costs.
+    memory: float = 1.0
 
     def __post_init__(self) -> None:
-        if min(self.cache, self.queue, self.request, self.session) < 0:
+        if min(self.cache, self.queue, self.request, self.session, self.memory) < 0:
             raise ValueError(f"placement weights must be >= 0, got {self}")
 
 
@@ -63,6 +71,8 @@ class Candidate:
     hit_tokens: int  # usable prefix-cache hit for this prompt
     sessions: int = 0  # live conversations placed there, other than this request's
     holds_session: bool = False  # this request's conversation was last placed there
+    session_tokens: int = 0  # the prompt tokens of those other live conversations
+    cache_tokens: int = 0  # the worker's KV capacity in tokens (0: unknown, no memory term)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class Workers:
     eligible: np.ndarray  # bool
     # live conversations there other than this request's, less 1/2 where this request's is (SessionTable.counts)
     sessions: np.ndarray | None = None
+    session_tokens: np.ndarray | None = None  # their prompt tokens (SessionTable.tokens)
+    cache_tokens: np.ndarray | None = None  # KV capacity in tokens (0: unknown)
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate]) -> Workers:
@@ -87,6 +99,8 @@ class Workers:
             np.array([c.queued_tokens for c in ordered], dtype=np.float64),
             np.array([c.hit_tokens for c in ordered], dtype=np.float64), np.ones(len(ordered), dtype=bool),
             np.array([c.sessions - 0.5 * c.holds_session for c in ordered], dtype=np.float64),
+            np.array([c.session_tokens for c in ordered], dtype=np.float64),
+            np.array([c.cache_tokens for c in ordered], dtype=np.float64),
         )
 
 
@@ -125,6 +139,10 @@ class Placer:
                  + w.request * workers.active)
         if workers.sessions is not None and w.session:
             costs += w.session * workers.sessions
+        if workers.session_tokens is not None and workers.cache_tokens is not None and w.memory:
+            held, size = workers.session_tokens, workers.cache_tokens
+            overflow = np.maximum(held + prompt_tokens - size, 0) - np.maximum(held - size, 0)
+            costs += w.memory * np.where(size > 0, overflow, 0.0)
         return costs
 
     def choose_among(self, workers: Workers, prompt_tokens: int, session_id: str = "",

@@ -269,7 +269,6 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                                 route.served_by = placement.decode.record.address
                             yield response
                             if response.finished:
-                                self.sessions.answered(route.session_id, time.monotonic())
                                 return
                         raise _PodFailed(placement.decode, grpc.StatusCode.UNAVAILABLE, "stream ended unfinished")
                     except _PodFailed as failure:
@@ -281,6 +280,8 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
                         excluded.add(failure.worker.name)
                 finally:
                     self.table.ended(placement.decode)
+                    # Answered, failed or abandoned: the conversation's silence counts from now (sessions.py).
+                    self.sessions.answered(route.session_id, time.monotonic())
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no decode pod completed the request after {self.config.max_attempts} attempts")
         except grpc.aio.AioRpcError as err:  # the pod refused the request itself (bad for this model, ...)
@@ -366,15 +367,17 @@ class RouterService(inference_pb2_grpc.InferenceServicer):
             return Workers(arrays.names, arrays.address_keys, arrays.active, arrays.queued_tokens,
                            arrays.hits(slots, pages), mask)
 
+        size = len(decodes.names)
         candidates = dataclasses.replace(
-            scored(decodes, eligible), sessions=self.sessions.counts(decodes.slot, len(decodes.names), session_id)
+            scored(decodes, eligible), sessions=self.sessions.counts(decodes.slot, size, session_id),
+            session_tokens=self.sessions.tokens(decodes.slot, size, session_id), cache_tokens=decodes.cache_tokens,
         )
         if policy is Policy.CACHE_AWARE and not cache_known:
             choice = self.placer.least_load(candidates, "redis_down")
         else:
             choice = self.placer.choose_among(candidates, len(prompt), session_id)
         decode = decodes.workers[choice.index]
-        self.sessions.placed(session_id, decode.name, now)
+        self.sessions.placed(session_id, decode.name, now, len(prompt))
         prefill = None
         prefills = self.table.arrays["prefill"]
         p_eligible = prefills.eligible(now, fingerprint=decode.record.fingerprint)

@@ -69,6 +69,7 @@ class RoleArrays:
         self.address_keys = np.array([address_key(r.address) for r in records], dtype=np.uint64)
         self.fingerprints = np.array([r.fingerprint for r in records], dtype=object)
         self.capacity = np.array([r.capacity for r in records], dtype=np.float64)
+        self.cache_tokens = np.array([r.pages_total * r.page_size for r in records], dtype=np.float64)
         self.queued_tokens = np.array([r.queued_prefill_tokens for r in records], dtype=np.float64)
         self.draining = np.array([r.draining for r in records], dtype=bool)
         # Decode pods: routers' in-flight counts + requests no router placed; prefill pods: their own report.
