@@ -77,35 +77,46 @@ def _expected_bytes(prompt_len: int, cached: int, layout) -> int:
     return missing_pages * layout["kv_page_bytes"] * layout["attn_layers"] + 2 * layout["slot_bytes"]
 
 
-@pytest.fixture(scope="module")
-def layout(tiny_checkpoint):
-    engine = cpu_engine(tiny_checkpoint, page_size=PAGE, num_pages=8)
+def _layout_of(engine) -> dict:
+    """Bytes of one KV page of one attention layer, the attention layers, bytes of one conv + SSM state slot."""
     kv = engine.runner.kv_cache.buffer
     states = engine.runner.state_cache
     return {
         "kv_page_bytes": kv[0, 0].numel() * kv.element_size(),
         "attn_layers": kv.shape[0],
-        "slot_bytes": states.conv[0].numel() * states.conv.element_size() + states.ssm[0].numel() * 4,
+        "slot_bytes": sum(s[0].numel() * s.element_size() for s in (states.conv, states.ssm)),
     }
+
+
+@pytest.fixture(scope="module")
+def layout(tiny_checkpoint):
+    return _layout_of(cpu_engine(tiny_checkpoint, page_size=PAGE, num_pages=8))
+
+
+def _fresh_then_shared(prefill: Pod, decode: Pod, expected, layout: dict, seeds: tuple[int, int]) -> list[int]:
+    """A fresh 100-token prompt, then one sharing its first 60 tokens: outputs as ``expected``, every page of
+    the first sent, and for the second only the pages past those the decode pod holds (with the two state
+    slots each time). Returns the fresh prompt."""
+    fresh = _tokens(100, seed=seeds[0])
+    before = _bytes_sent(prefill)
+    tokens, last = decode.generate(fresh)
+    assert tokens == expected(fresh)
+    assert last.usage.cached_tokens == 0
+    assert _bytes_sent(prefill) - before == _expected_bytes(100, 0, layout)
+    # The decode pod holds the shared tokens' KV (no checkpoint there), so the prefill pod recomputes the state
+    # from its own cache but sends only the pages past them.
+    shared = fresh[:60] + _tokens(50, seed=seeds[1])
+    before = _bytes_sent(prefill)
+    tokens, last = decode.generate(shared)
+    assert tokens == expected(shared)
+    assert last.usage.cached_tokens == 60
+    assert _bytes_sent(prefill) - before == _expected_bytes(110, 60, layout)
+    return fresh
 
 
 def test_handover_matches_single_process_and_moves_only_missing_pages(cluster, reference, layout):
     prefill, decode = cluster
-    fresh = _tokens(100, seed=1)
-    before = _bytes_sent(prefill)
-    tokens, last = decode.generate(fresh)
-    assert tokens == reference(fresh)
-    assert last.usage.cached_tokens == 0
-    assert _bytes_sent(prefill) - before == _expected_bytes(100, 0, layout)
-
-    # Shares its first 60 tokens: the decode pod holds their KV (no checkpoint there), so the prefill pod
-    # recomputes the state from its own cache but sends only the pages past them.
-    shared = fresh[:60] + _tokens(50, seed=2)
-    before = _bytes_sent(prefill)
-    tokens, last = decode.generate(shared)
-    assert tokens == reference(shared)
-    assert last.usage.cached_tokens == 60
-    assert _bytes_sent(prefill) - before == _expected_bytes(110, 60, layout)
+    fresh = _fresh_then_shared(prefill, decode, reference, layout, seeds=(1, 2))
 
     # Follow-up turn: previous prompt + answer + a short message. The decode pod holds all but the short
     # suffix, so it prefills locally: nothing is handed over.
@@ -519,28 +530,13 @@ def test_fp8_kv_cache_on_both_pods(tiny_checkpoint, reference):
     try:
         single = cpu_engine(tiny_checkpoint, page_size=PAGE, num_pages=700, max_num_seqs=40, prefill_chunk_size=64,
                             max_num_batched_tokens=512, kv_cache_dtype="fp8_e4m3")
-        kv = single.runner.kv_cache.buffer
-        layout = {"kv_page_bytes": kv[0, 0].numel(), "attn_layers": kv.shape[0],
-                  "slot_bytes": sum(s[0].numel() * s.element_size()
-                                    for s in (single.runner.state_cache.conv, single.runner.state_cache.ssm))}
-        assert kv.element_size() == 1
+        assert single.runner.kv_cache.buffer.element_size() == 1
 
         def expected(tokens: list[int]) -> list[int]:
             return single.generate([tokens], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
 
-        fresh = _tokens(100, seed=71)
-        before = _bytes_sent(prefill)
-        tokens, last = decode.generate(fresh)
-        assert tokens == expected(fresh)
-        assert last.usage.cached_tokens == 0
-        assert _bytes_sent(prefill) - before == _expected_bytes(100, 0, layout)
         # The decode pod's cached fp8 pages serve a prompt sharing 60 tokens; the prefill pod sends the rest.
-        shared = fresh[:60] + _tokens(50, seed=72)
-        before = _bytes_sent(prefill)
-        tokens, last = decode.generate(shared)
-        assert tokens == expected(shared)
-        assert last.usage.cached_tokens == 60
-        assert _bytes_sent(prefill) - before == _expected_bytes(110, 60, layout)
+        _fresh_then_shared(prefill, decode, expected, _layout_of(single), seeds=(71, 72))
 
         [peer] = plain.health().prefill_peers
         assert not peer.usable
