@@ -77,17 +77,23 @@ def test_fast_path_matches_torch_path(checkpoint):
 
 
 def _assert_fast_path_as_close_as_torch_path(reference, torch16, fast, seed: int, what: str) -> None:
-    """The fast path's logits (4 prompts, prefill chunks and decode steps) at most 1.5x (+2e-3) as far from the fp32
-    reference's as the bf16 torch path's, its argmax as often equal to the reference's (-5 points)."""
+    """The fast path's logits (24 prompts, prefill chunks and decode steps) at most 1.5x (+2e-3) as far from the
+    fp32 reference's as the bf16 torch path's, its argmax as often equal to the reference's (-5 points).
+
+    24 prompts, not fewer: on this deliberately sensitive model the argmax agreement of 4 prompts moves by up to
+    +-0.08 from one set to the next for either path (H200, bf16 and fp8 KV alike), while the mean over 24 shows
+    the fast path 0.02 below the torch path in both cases."""
     errors, agreement = {"torch": [], "fast": []}, {"torch": [], "fast": []}
-    for prompt in _prompts(4, 90, seed=seed):
+    prompts = [p for s in range(seed, seed + 6) for p in _prompts(4, 90, seed=s)]
+    for prompt in prompts:
         ref = _logits(reference, prompt)
         for name, engine in (("torch", torch16), ("fast", fast)):
             logits = _logits(engine, prompt)
             errors[name].append(rel_err(logits, ref))
             agreement[name].append((logits.argmax(-1) == ref.argmax(-1)).float().mean().item())
-    err_torch, err_fast = sum(errors["torch"]) / 4, sum(errors["fast"]) / 4
-    agree_torch, agree_fast = sum(agreement["torch"]) / 4, sum(agreement["fast"]) / 4
+    n = len(prompts)
+    err_torch, err_fast = sum(errors["torch"]) / n, sum(errors["fast"]) / n
+    agree_torch, agree_fast = sum(agreement["torch"]) / n, sum(agreement["fast"]) / n
     print(f"\n{what}: torch path rel err {err_torch:.4f} argmax agreement {agree_torch:.3f}; "
           f"fast path rel err {err_fast:.4f} argmax agreement {agree_fast:.3f}")
     assert err_fast < 1.5 * err_torch + 2e-3
@@ -235,6 +241,41 @@ def test_flashinfer_over_fp8_pages_matches_the_torch_reference(head_dim, heads, 
             graph.plan_graph_decode(kv_lens + [1], padded, scale)
             out = graph.run(torch.cat([q, q[:1]]), cache, k_scale, v_scale)[:3].float()
             assert rel_err(out, outputs[0]) < 1e-2
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(256, 16, 2), (64, 4, 2)])  # Qwen3.5-35B-A3B; the test model
+def test_fresh_prompts_take_the_ragged_kernel_and_match_the_torch_reference(head_dim, heads, kv_heads):
+    """A step of fresh prompts (keys = their own queries) runs flashinfer's ragged prefill over K/V gathered from
+    pages scattered through the pool, partly filled last pages included; a step with a cached prefix, a decode
+    step and an fp8 cache stay on the paged kernels. Each against kernels.attention on the same pages."""
+    from kernels.attention import FP8_KV_DTYPE
+    from kernels.flashinfer_attention import FlashInferAttention
+    from services.engine.ops import TorchAttention
+
+    device, page, num_pages = torch.device("cuda"), 16, 96
+    gen = torch.Generator(device="cuda").manual_seed(head_dim + 1)
+    cache = torch.randn(num_pages, 2, page, kv_heads, head_dim, generator=gen, device=device).to(torch.bfloat16)
+    pool = torch.randperm(num_pages, generator=torch.Generator().manual_seed(head_dim)).tolist()
+    pages = [pool[0:20], pool[20:40], pool[40:60], pool[60:80]]  # each sequence's pages: scattered, in no order
+    scale = head_dim**-0.5
+    cases = {"ragged": ([140, 40, 317, 1], [140, 40, 317, 1]),  # fresh: partly filled last pages, a 1-token one
+             "prefill": ([7, 40, 33, 1], [140, 40, 280, 1]),  # one cached prefix makes the step paged
+             "decode": ([1, 1, 1, 1], [141, 41, 281, 2])}
+    for expected, (query_lens, kv_lens) in cases.items():
+        q = torch.randn(sum(query_lens), heads, head_dim, generator=gen, device=device).to(torch.bfloat16)
+        tables = [p[: -(-n // page)] for p, n in zip(pages, kv_lens, strict=True)]  # the pages covering kv_lens
+        reference = TorchAttention(device)
+        fast = FlashInferAttention(heads, kv_heads, head_dim, page, torch.bfloat16, device)
+        reference.plan(query_lens, kv_lens, tables, scale)
+        fast.plan(query_lens, kv_lens, tables, scale)
+        assert fast.mode == expected
+        want, got = reference.run(q, cache).float(), fast.run(q, cache).float()
+        err = rel_err(got, want)
+        print(f"\nflashinfer {expected}, head_dim {head_dim}: rel err vs torch reference {err:.2e}")
+        assert torch.isfinite(got).all() and err < 1e-2
+    fp8 = FlashInferAttention(heads, kv_heads, head_dim, page, torch.bfloat16, device, kv_dtype=FP8_KV_DTYPE)
+    fp8.plan(*cases["ragged"], [p[: -(-n // page)] for p, n in zip(pages, cases["ragged"][1], strict=True)], scale)
+    assert fp8.mode == "prefill"
 
 
 def test_fp8_fast_path_matches_fp8_torch_path(fp8_checkpoint):
