@@ -1,8 +1,10 @@
-"""Sweep the fused-MoE launch configurations for decode-sized batches on this GPU (as vLLM's and SGLang's
-MoE tuners do) and report the best of each path against the defaults: the grouped-GEMM path (tile shapes,
-one GEMM at a time) and the matrix-vector path (``GemvConfig``).
+"""Sweep the fused-MoE launch configurations on this GPU (as vLLM's and SGLang's MoE tuners do) and report the
+best of each path against the defaults: the grouped-GEMM path (tile shapes, one GEMM at a time) and the
+matrix-vector path (``GemvConfig``), for decode-sized batches; with ``--sweep prefill``, the grouped path for
+prefill chunks (BLOCK_M 64 and 128, wider tiles, 4 and 8 warps).
 
     python -m kernels.tune_moe --model 35b-a3b --tokens 1,2,4 --sweep gemv,grouped --out moe_tune.json
+    python -m kernels.tune_moe --model 35b-a3b --tokens 8192,50000 --sweep prefill --out moe_tune_prefill.json
 
 Each timing replays a CUDA graph of 32 ``fused_experts`` calls with different routings (so the same
 experts' weights are not served from L2 call after call), with the shared expert as expert E routed to
@@ -35,7 +37,9 @@ def _routings(tokens: int, num_routed: int, top_k: int, count: int, seed: int) -
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
-        ids = torch.stack([torch.randperm(num_routed, generator=gen)[:top_k] for _ in range(tokens)])
+        # The top-k of random scores: top_k distinct experts per token, uniform (a randperm per token is slow
+        # at prefill sizes).
+        ids = torch.rand(tokens, num_routed, generator=gen).topk(top_k, dim=1).indices
         ids = torch.cat([ids, torch.full((tokens, 1), num_routed)], dim=1).to(torch.int32).cuda()
         weights = torch.rand(tokens, top_k + 1, generator=gen).cuda()
         out.append((ids, weights))
@@ -67,6 +71,48 @@ _GEMM_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s)
 _GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w, down_block_n=down_n, down_num_warps=down_w)
                  for (n, k, w), (down_n, down_w) in itertools.product(
                      itertools.product((1, 2, 4), (0, 512), (4, 8)), ((1, 1), (2, 1), (4, 4)))]
+
+
+# Prefill chunks: hundreds to thousands of pairs per expert, so wide tiles and 8 warps come into play.
+_PREFILL_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s, group_m=8)
+                  for n, k, w, s in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
+
+
+def tune_prefill(model: str, tokens: int, seed: int) -> dict:
+    """The grouped path at a prefill chunk of ``tokens``: each BLOCK_M, gate/up tiles with the default down tile,
+    then down tiles with the best gate/up; two calls per graph (each is milliseconds)."""
+    s = MODELS[model]
+    num_experts = s.experts + 1
+    torch.manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * s.moe_inter, s.hidden, device="cuda", dtype=torch.bfloat16) * s.hidden**-0.5
+    w2 = torch.randn(num_experts, s.hidden, s.moe_inter, device="cuda", dtype=torch.bfloat16) * s.moe_inter**-0.5
+    x = torch.randn(tokens, s.hidden, device="cuda", dtype=torch.bfloat16)
+    routings = _routings(tokens, s.experts, s.top_k, 2, seed)
+    default = moe_tk.default_moe_config(tokens, s.top_k + 1, num_experts)
+    default_us = _time_config(x, w13, w2, routings, default)
+    flops = 2 * 3 * tokens * (s.top_k + 1) * s.hidden * s.moe_inter
+    log.info("%s T=%d: default %s -> %.0f us (%.0f TFLOP/s)", model, tokens, default, default_us,
+             flops / default_us / 1e6)
+    best, best_us, sweep = default, default_us, []
+    for block_m in (64, 128):
+        current = dataclasses.replace(default, block_m=block_m)
+        current_us = _time_config(x, w13, w2, routings, current)
+        for which in ("gate_up", "down"):
+            for tile in _PREFILL_TILES:
+                cfg = dataclasses.replace(current, **{which: tile})
+                us = _time_config(x, w13, w2, routings, cfg)
+                sweep.append({"block_m": block_m, "gemm": which, "tile": dataclasses.asdict(tile), "us": us})
+                log.info("  block_m %d %s %s: %.0f us", block_m, which, tile, us)
+                if us < current_us:
+                    current, current_us = cfg, us
+        if current_us < best_us:
+            best, best_us = current, current_us
+    ids, weights = routings[0]
+    torch.testing.assert_close(moe_tk.fused_experts(x, w13, w2, weights, ids, config=best),
+                               moe_tk.fused_experts(x, w13, w2, weights, ids, config=default), rtol=2e-2, atol=2e-2)
+    return {"model": model, "tokens": tokens, "flops": flops, "default": dataclasses.asdict(default),
+            "default_us": default_us, "best": dataclasses.asdict(best), "best_us": best_us,
+            "default_TFLOPs": flops / default_us / 1e6, "best_TFLOPs": flops / best_us / 1e6, "sweep": sweep}
 
 
 def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
@@ -157,8 +203,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "copy_bandwidth_GBps": measure_copy_bandwidth(torch.device("cuda")) / 1e9, "runs": []}
+    sweeps = set(args.sweep.split(","))
+    if "prefill" in sweeps:
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            run = tune_prefill(args.model, tokens, args.seed)
+            results["runs"].append(run)
+            print(f"{args.model} T={tokens}: default {run['default_us']:.0f} us ({run['default_TFLOPs']:.0f} TFLOP/s), "
+                  f"best {run['best_us']:.0f} us ({run['best_TFLOPs']:.0f} TFLOP/s): {run['best']}")
+        args.out.write_text(json.dumps(results, indent=2))
+        return
     for tokens in (int(t) for t in args.tokens.split(",")):
-        run = tune(args.model, tokens, args.seed, set(args.sweep.split(",")))
+        run = tune(args.model, tokens, args.seed, sweeps)
         results["runs"].append(run)
         print(f"{args.model} T={tokens}: grouped default {run['default_us']:.1f} us "
               f"({run['default_weight_GBps']:.0f} GB/s), best {run['best_us']:.1f} us: {run['best']}; "

@@ -657,7 +657,10 @@ def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConf
     if per_expert <= 96:
         return MoeConfig(64, GemmTile(64, 64, num_warps=4, num_stages=4, group_m=8),
                          GemmTile(128, 64, num_warps=4, num_stages=4, group_m=8))
-    return MoeConfig(128, GemmTile(64, 64, num_warps=8, num_stages=3, group_m=8),
+    # Prefill chunks: gate/up 128 columns of each of gate and up, swept on the H200 at 8K and 50K tokens
+    # (``python -m kernels.tune_moe --sweep prefill``, kernels/results/moe_tune_prefill_h200.json): 6.9 against
+    # 7.1-7.3 ms at 50K (~410 TFLOP/s), even at 8K; BLOCK_M 64 and the other tiles were slower.
+    return MoeConfig(128, GemmTile(128, 64, num_warps=8, num_stages=3, group_m=8),
                      GemmTile(128, 64, num_warps=8, num_stages=3, group_m=8))
 
 
