@@ -26,8 +26,18 @@ from .state_cache import KVCache, StateCache
 log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
-# Headroom for activations of one step, kept out of the cache budget on GPUs.
-_ACTIVATION_RESERVE_BYTES = 2 << 30
+# Headroom for activations of one step, kept out of the cache budget on GPUs: at least 2 GiB, and more for large
+# steps. A prefill step's peak above the static memory was 0.63 / 1.26 / 2.52 / 3.84 / 10.07 GiB at 8K / 16K /
+# 32K / 64K / 128K tokens on 35B-A3B dims (hidden 2048; loadtest/results/prefill_*h200.json): up to ~40 bytes per
+# token per hidden unit; 44 keeps a margin of ~10%.
+_ACTIVATION_RESERVE_MIN_BYTES = 2 << 30
+_ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 44
+
+
+def activation_reserve_bytes(max_num_batched_tokens: int, hidden_size: int) -> int:
+    """GPU memory kept free for one step's activations when the cache is sized from free memory."""
+    per_token = hidden_size * _ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
+    return max(_ACTIVATION_RESERVE_MIN_BYTES, max_num_batched_tokens * per_token)
 
 
 class ModelRunner:
@@ -97,7 +107,8 @@ class ModelRunner:
             budget = config.cache_memory_mb * _MiB
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - int(total * (1 - config.gpu_memory_utilization)) - _ACTIVATION_RESERVE_BYTES
+            reserve = activation_reserve_bytes(config.max_num_batched_tokens, cfg.hidden_size)
+            budget = free - int(total * (1 - config.gpu_memory_utilization)) - reserve
         else:
             budget = 256 * _MiB
         slot_bytes = StateCache.bytes_per_slot(cfg, self.dtype)
