@@ -7,13 +7,18 @@ An fp8 KV cache (``kv_dtype`` float8_e4m3fn, queries in the model dtype) is plan
 per-layer scales go to ``run``, where flashinfer folds ``k_scale`` into the softmax scale and multiplies the
 output by ``v_scale`` (as kernels.attention does; a scale of exactly 1.0 costs nothing).
 Decode steps (one query token per sequence) use the decode kernel with tensor cores (GQA groups of 8 make
-the query tile worth it). A step of fresh prompts only (every sequence's keys are its own queries: no cached
-prefix, no earlier chunk) uses the ragged prefill kernel on K/V gathered out of the pages into contiguous
-tensors: on the H200 flashinfer's paged prefill (page-table gathers in the main loop) reaches ~460 TFLOP/s at
-head_dim 256 where the contiguous one loads whole tiles; the gather costs one read of the chunk's K/V per layer
-(0.1 GB for 50K tokens of 35B-A3B: ~50 us against ~44 ms of attention). Everything else uses the paged prefill
-kernel with causal masking, which also covers prefill on top of a cached prefix. An fp8 cache stays on the
-paged kernels (the ragged one would attend over the unquantized K/V while later steps read fp8).
+the query tile worth it). A prefill step -- fresh prompts, later chunks of a long prompt, prompts on top of a
+cached prefix -- uses the ragged prefill kernel on each sequence's whole K/V (prefix included) gathered out of
+the pages into contiguous tensors, causal with the queries aligned to the end of their keys: on the H200
+flashinfer's paged prefill (page-table gathers in the main loop) reaches ~460 TFLOP/s at head_dim 256 where the
+contiguous one loads whole tiles; the gather costs one read of the step's K/V per layer (0.1 GB for 50K tokens of
+35B-A3B: ~50 us against ~44 ms of attention). The gather grows with the keys, not the queries, so a step whose
+keys outnumber its queries more than ``_RAGGED_MAX_KV_PER_QUERY`` times (decodes riding along with a short
+prefill), or whose keys exceed ``_RAGGED_MAX_KV_TOKENS``, stays on the paged prefill kernel. Over an fp8 cache the
+ragged step gathers the fp8 K/V and dequantizes them to the model dtype (fp8 -> bf16 is exact; the scale multiply
+rounds once, ~2^-9 relative, and not at all for power-of-two scales), so it attends over the same values as the
+paged fp8 kernels and later decode steps do (SGLang instead attends over the unquantized K/V of new tokens there);
+flashinfer's paged fp8 prefill is its FA2 kernel, about half the ragged one's speed at head_dim 256 on the H200.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ import torch
 from kernels.attention import is_fp8
 
 _WORKSPACE_BYTES = 256 << 20
+# Ragged prefill gathers every key of the step, one layer at a time: at most this many (35B-A3B: 2 KB of bf16 K+V
+# per token and layer, 512 MB), and at most this many per query token (a 128K prompt's last 8K chunk is 16;
+# 64 decodes of 4K riding along with a 1K-token follow-up would be ~250: those steps stay paged).
+_RAGGED_MAX_KV_TOKENS = 1 << 18
+_RAGGED_MAX_KV_PER_QUERY = 32
 
 
 class FlashInferAttention:
@@ -63,7 +73,7 @@ class FlashInferAttention:
             self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
             self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self._wrapper = None
-        # For a ragged step: each token's (page, offset) in the pool, in query order (set by plan).
+        # For a ragged step: each key's (page, offset) in the pool, sequence by sequence (set by plan).
         self._token_pages: torch.Tensor | None = None
         self._token_offsets: torch.Tensor | None = None
 
@@ -88,20 +98,22 @@ class FlashInferAttention:
                 self.num_kv_heads, self.head_dim, self.page_size, **common,
             )
             self._wrapper = self.decode
-        elif not self.kv_fp8 and list(query_lens) == list(kv_lens):
-            # Fresh prompts only: causal attention over their own keys, read out of the pages once per layer.
+        elif self._ragged_fits(query_lens, kv_lens):
+            # Each sequence's keys (prefix included) read out of the pages once per layer; causal, the queries
+            # being the last query_len of them.
             qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-            pages_used = [-(-n // self.page_size) for n in query_lens]
-            positions = torch.cat([torch.arange(n) for n in query_lens])
+            kv_token_indptr = torch.tensor([0, *torch.tensor(kv_lens).cumsum(0).tolist()], dtype=torch.int32)
+            pages_used = [-(-n // self.page_size) for n in kv_lens]
+            positions = torch.cat([torch.arange(n) for n in kv_lens])
             tables = torch.cat([torch.tensor(t[:used], dtype=torch.long)
                                 for t, used in zip(page_tables, pages_used, strict=True)])
             first_page = torch.tensor([0, *pages_used[:-1]]).cumsum(0)
-            page_index = first_page.repeat_interleave(torch.tensor(query_lens)) + positions // self.page_size
+            page_index = first_page.repeat_interleave(torch.tensor(kv_lens)) + positions // self.page_size
             self._token_pages = tables[page_index].to(self.device, non_blocking=True)
             self._token_offsets = (positions % self.page_size).to(self.device, non_blocking=True)
-            qo_indptr = qo_indptr.to(self.device)
-            self.ragged.plan(qo_indptr, qo_indptr, self.num_qo_heads, self.num_kv_heads, self.head_dim, causal=True,
-                             **common)
+            self.ragged.plan(qo_indptr.to(self.device), kv_token_indptr.to(self.device), self.num_qo_heads,
+                             self.num_kv_heads, self.head_dim, causal=True,
+                             **{**common, "kv_data_type": self.dtype})  # an fp8 cache's K/V dequantized in run
             self._wrapper = self.ragged
         else:
             qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -110,6 +122,13 @@ class FlashInferAttention:
                 self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common,
             )
             self._wrapper = self.prefill
+
+    def _ragged_fits(self, query_lens: list[int], kv_lens: list[int]) -> bool:
+        """Whether a (non-decode) step's keys are few enough to gather: see the module docstring."""
+        if self.ragged is None:
+            return False
+        keys = sum(kv_lens)
+        return keys <= _RAGGED_MAX_KV_TOKENS and keys <= _RAGGED_MAX_KV_PER_QUERY * sum(query_lens)
 
     def plan_graph_decode(self, kv_lens: list[int], page_tables: list[torch.Tensor], scale: float) -> None:
         """Decode step of a CUDA-graph backend: ``page_tables`` are int32 CPU tensors, one per sequence
@@ -146,10 +165,19 @@ class FlashInferAttention:
         if self.ragged is not None and self._wrapper is self.ragged:
             k = kv_cache_layer[self._token_pages, 0, self._token_offsets]
             v = kv_cache_layer[self._token_pages, 1, self._token_offsets]
+            if self.kv_fp8:
+                k, v = _dequantize(k, k_scale, q.dtype), _dequantize(v, v_scale, q.dtype)
             return self.ragged.run(q, k, v)
         if not self.kv_fp8:
             return self._wrapper.run(q, kv_cache_layer)
         return self._wrapper.run(q, kv_cache_layer, k_scale=float(k_scale), v_scale=float(v_scale))
+
+
+def _dequantize(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 cache values -> ``dtype``: ``values * scale``, the product rounded once (exact for a scale of 1.0)."""
+    if scale == 1.0:
+        return values.to(dtype)
+    return (values.to(torch.float32) * float(scale)).to(dtype)
 
 
 def new_workspace(device: torch.device) -> torch.Tensor:

@@ -208,8 +208,9 @@ def fp8_checkpoint(checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(256, 16, 2), (64, 4, 2)])  # Qwen3.5-35B-A3B; the test model
 def test_flashinfer_over_fp8_pages_matches_the_torch_reference(head_dim, heads, kv_heads):
     """The same fp8 pages and scales through kernels.attention (dequantizing reference) and flashinfer (fp8
-    ``kv_data_type`` planned, ``k_scale``/``v_scale`` at run): prefill with a cached prefix, decode, and the
-    CUDA-graph decode wrapper's plan."""
+    ``kv_data_type`` planned, ``k_scale``/``v_scale`` at run): prefill with a cached prefix and fresh prompts (the
+    ragged kernel over dequantized K/V), a prefill step with too many keys per query (the paged fp8 kernel),
+    decode, and the CUDA-graph decode wrapper's plan."""
     from kernels.attention import FP8_KV_DTYPE, quantize_fp8
     from kernels.flashinfer_attention import FlashInferAttention
     from services.engine.ops import TorchAttention
@@ -222,8 +223,11 @@ def test_flashinfer_over_fp8_pages_matches_the_torch_reference(head_dim, heads, 
     cache[:, 1] = quantize_fp8(torch.randn(cache[:, 1].shape, generator=gen, device=device), v_scale)
     tables = [list(range(0, 9)), list(range(20, 23)), list(range(40, 58))]  # 3 sequences on distinct pages
     scale = head_dim**-0.5
-    cases = {"prefill": ([7, 1, 33], [140, 40, 280]), "decode": ([1, 1, 1], [141, 41, 281])}
-    for name, (query_lens, kv_lens) in cases.items():
+    cases = {"on a prefix": ("ragged", [7, 1, 33], [140, 40, 280]),
+             "fresh": ("ragged", [140, 40, 280], [140, 40, 280]),
+             "keys > 32 x queries": ("prefill", [1, 2, 1], [140, 40, 280]),
+             "decode": ("decode", [1, 1, 1], [141, 41, 281])}
+    for name, (mode, query_lens, kv_lens) in cases.items():
         q = torch.randn(sum(query_lens), heads, head_dim, generator=gen, device=device).to(torch.bfloat16)
         reference, fast = TorchAttention(device), FlashInferAttention(heads, kv_heads, head_dim, page, torch.bfloat16,
                                                                       device, kv_dtype=FP8_KV_DTYPE)
@@ -231,6 +235,7 @@ def test_flashinfer_over_fp8_pages_matches_the_torch_reference(head_dim, heads, 
         for backend in (reference, fast):
             backend.plan(query_lens, kv_lens, tables, scale)
             outputs.append(backend.run(q, cache, k_scale, v_scale).float())
+        assert fast.mode == mode
         err = rel_err(outputs[1], outputs[0])
         print(f"\nflashinfer fp8 {name}, head_dim {head_dim}: rel err vs torch reference {err:.2e}")
         assert torch.isfinite(outputs[1]).all() and err < 1e-2
@@ -244,11 +249,11 @@ def test_flashinfer_over_fp8_pages_matches_the_torch_reference(head_dim, heads, 
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(256, 16, 2), (64, 4, 2)])  # Qwen3.5-35B-A3B; the test model
-def test_fresh_prompts_take_the_ragged_kernel_and_match_the_torch_reference(head_dim, heads, kv_heads):
-    """A step of fresh prompts (keys = their own queries) runs flashinfer's ragged prefill over K/V gathered from
-    pages scattered through the pool, partly filled last pages included; a step with a cached prefix, a decode
-    step and an fp8 cache stay on the paged kernels. Each against kernels.attention on the same pages."""
-    from kernels.attention import FP8_KV_DTYPE
+def test_prefill_steps_take_the_ragged_kernel_and_match_the_torch_reference(head_dim, heads, kv_heads):
+    """A prefill step -- fresh prompts, or prompts on a cached prefix -- runs flashinfer's ragged prefill over K/V
+    gathered from pages scattered through the pool, partly filled last pages included, causal with the queries at
+    the end of their keys; a step with more than 32 keys per query and a decode step stay on the paged kernels.
+    Each against kernels.attention on the same pages."""
     from kernels.flashinfer_attention import FlashInferAttention
     from services.engine.ops import TorchAttention
 
@@ -258,10 +263,11 @@ def test_fresh_prompts_take_the_ragged_kernel_and_match_the_torch_reference(head
     pool = torch.randperm(num_pages, generator=torch.Generator().manual_seed(head_dim)).tolist()
     pages = [pool[0:20], pool[20:40], pool[40:60], pool[60:80]]  # each sequence's pages: scattered, in no order
     scale = head_dim**-0.5
-    cases = {"ragged": ([140, 40, 317, 1], [140, 40, 317, 1]),  # fresh: partly filled last pages, a 1-token one
-             "prefill": ([7, 40, 33, 1], [140, 40, 280, 1]),  # one cached prefix makes the step paged
-             "decode": ([1, 1, 1, 1], [141, 41, 281, 2])}
-    for expected, (query_lens, kv_lens) in cases.items():
+    cases = {"fresh": ("ragged", [140, 40, 317, 1], [140, 40, 317, 1]),  # partly filled last pages, a 1-token one
+             "on a prefix": ("ragged", [7, 40, 33, 1], [140, 40, 280, 1]),  # 461 keys for 81 queries
+             "keys > 32 x queries": ("prefill", [1, 1, 2, 1], [141, 41, 281, 2]),  # decodes and a 2-token chunk
+             "decode": ("decode", [1, 1, 1, 1], [141, 41, 281, 2])}
+    for name, (expected, query_lens, kv_lens) in cases.items():
         q = torch.randn(sum(query_lens), heads, head_dim, generator=gen, device=device).to(torch.bfloat16)
         tables = [p[: -(-n // page)] for p, n in zip(pages, kv_lens, strict=True)]  # the pages covering kv_lens
         reference = TorchAttention(device)
@@ -271,11 +277,8 @@ def test_fresh_prompts_take_the_ragged_kernel_and_match_the_torch_reference(head
         assert fast.mode == expected
         want, got = reference.run(q, cache).float(), fast.run(q, cache).float()
         err = rel_err(got, want)
-        print(f"\nflashinfer {expected}, head_dim {head_dim}: rel err vs torch reference {err:.2e}")
+        print(f"\nflashinfer {expected} ({name}), head_dim {head_dim}: rel err vs torch reference {err:.2e}")
         assert torch.isfinite(got).all() and err < 1e-2
-    fp8 = FlashInferAttention(heads, kv_heads, head_dim, page, torch.bfloat16, device, kv_dtype=FP8_KV_DTYPE)
-    fp8.plan(*cases["ragged"], [p[: -(-n // page)] for p, n in zip(pages, cases["ragged"][1], strict=True)], scale)
-    assert fp8.mode == "prefill"
 
 
 def test_fp8_fast_path_matches_fp8_torch_path(fp8_checkpoint):
