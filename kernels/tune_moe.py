@@ -76,9 +76,15 @@ _GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w, down_block_n=down_n, down_
 # Prefill chunks: hundreds to thousands of pairs per expert, so wide tiles and 8 warps come into play.
 _PREFILL_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s, group_m=8)
                   for n, k, w, s in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
+# The down GEMM's K is only I (512 at 35B-A3B) and it writes a [pairs, H] output: also 256-column tiles (fewer
+# re-reads of the activations per output byte) and a K step of 32 with deeper pipelines. (Gate/up's block_n
+# counts each of gate and up: 256 there would be a 128 x 512 fp32 accumulator.)
+_PREFILL_DOWN_TILES = _PREFILL_TILES + [moe_tk.GemmTile(n, k, num_warps=8, num_stages=s, group_m=8)
+                                        for n, k, s in ((256, 64, 3), (256, 64, 4), (256, 32, 4), (256, 32, 5),
+                                                        (128, 32, 4), (128, 32, 5))]
 
 
-def tune_prefill(model: str, tokens: int, seed: int) -> dict:
+def tune_prefill(model: str, tokens: int, seed: int, block_ms: tuple[int, ...] = (64, 128)) -> dict:
     """The grouped path at a prefill chunk of ``tokens``: each BLOCK_M, gate/up tiles with the default down tile,
     then down tiles with the best gate/up; two calls per graph (each is milliseconds)."""
     s = MODELS[model]
@@ -94,11 +100,11 @@ def tune_prefill(model: str, tokens: int, seed: int) -> dict:
     log.info("%s T=%d: default %s -> %.0f us (%.0f TFLOP/s)", model, tokens, default, default_us,
              flops / default_us / 1e6)
     best, best_us, sweep = default, default_us, []
-    for block_m in (64, 128):
+    for block_m in block_ms:
         current = dataclasses.replace(default, block_m=block_m)
         current_us = _time_config(x, w13, w2, routings, current)
-        for which in ("gate_up", "down"):
-            for tile in _PREFILL_TILES:
+        for which, tiles in (("gate_up", _PREFILL_TILES), ("down", _PREFILL_DOWN_TILES)):
+            for tile in tiles:
                 cfg = dataclasses.replace(current, **{which: tile})
                 us = _time_config(x, w13, w2, routings, cfg)
                 sweep.append({"block_m": block_m, "gemm": which, "tile": dataclasses.asdict(tile), "us": us})
@@ -198,6 +204,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", default="gemv,grouped", help="which paths to sweep: gemv, grouped")
+    parser.add_argument("--block-m", default="64,128", help="prefill sweep: the BLOCK_M values to sweep")
     parser.add_argument("--out", type=Path, default=Path("moe_tune.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -206,7 +213,7 @@ def main() -> None:
     sweeps = set(args.sweep.split(","))
     if "prefill" in sweeps:
         for tokens in (int(t) for t in args.tokens.split(",")):
-            run = tune_prefill(args.model, tokens, args.seed)
+            run = tune_prefill(args.model, tokens, args.seed, tuple(int(m) for m in args.block_m.split(",")))
             results["runs"].append(run)
             print(f"{args.model} T={tokens}: default {run['default_us']:.0f} us ({run['default_TFLOPs']:.0f} TFLOP/s), "
                   f"best {run['best_us']:.0f} us ({run['best_TFLOPs']:.0f} TFLOP/s): {run['best']}")

@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", default="2048,4096,8192,16384")
     parser.add_argument("--profile-length", type=int, default=0,
                         help="then profile one prompt of this length at the largest chunk size (0: none)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
     parser.add_argument("--out", default="prefill.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -129,12 +130,13 @@ def main() -> None:
     config = EngineConfig(model=args.model, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=4,
                           prefill_chunk_size=max(chunks), max_num_batched_tokens=max(chunks),
                           max_model_len=max(lengths + [args.profile_length]) + 16,
+                          kv_cache_dtype=args.kv_cache_dtype,
                           cuda_graph_max_batch=0)  # prefill is never graphed: no capture time
     engine = Engine(config)
     params = [(name, tuple(p.shape)) for name, p in engine.runner.model.named_parameters()]
     results = {"benchmark": "single-prompt prefill", "model": args.model, "gpu": torch.cuda.get_device_name(device),
                "torch": torch.__version__, "gemm_bf16_TFLOPs": gemm_flops / 1e12, "backend": engine.runner.ops.name,
-               "prefix_cache": config.enable_prefix_cache, "runs": []}
+               "prefix_cache": config.enable_prefix_cache, "kv_cache_dtype": args.kv_cache_dtype, "runs": []}
     out = Path(args.out)
     for chunk in chunks:
         engine.scheduler.config = dataclasses.replace(engine.scheduler.config, prefill_chunk_size=chunk,

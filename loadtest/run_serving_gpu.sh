@@ -5,12 +5,15 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gputests,fp8acc   # every GPU kernel/engine test, fp8 KV accuracy vs bf16
 #     bash loadtest/run_serving_gpu.sh OUT_DIR decode            # single-request decode, bf16 vs fp8 KV, 1K-128K
 #     bash loadtest/run_serving_gpu.sh OUT_DIR prefill,batch     # prefill by chunk size + profile, batched decode
+#     bash loadtest/run_serving_gpu.sh OUT_DIR fp8prefill        # one-pass prefill, bf16 vs fp8 KV (ragged kernel)
+#     bash loadtest/run_serving_gpu.sh OUT_DIR cputransfer       # issue 23's hand-over efficiency, host memory
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.tgz, .whl/triton.tgz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
-out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill batch jitsave)}
+out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill batch
+cputransfer jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -22,9 +25,10 @@ for step in ${stage//,/ }; do
     case $step in
     fp8tests)  # flashinfer over fp8 pages vs the torch reference, graphs vs eager, the Triton fp8 write
         timeout "$(( $(left) / 2 ))" python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_gpu_engine.py \
-            tests/kernels/test_norm_rope_moe_kernels.py -k fp8 ;;
+            tests/kernels/test_norm_rope_moe_kernels.py -k "fp8 or ragged" ;;
     gputests)  # every test that needs the GPU: kernels against their torch references, engines against torch
-        timeout "$(( $(left) / 2 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels ;;
+        # (188 tests in 286 s on the H200 with warm caches: give it the call)
+        timeout "$(( $(left) - 20 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels ;;
     fp8acc)  # greedy agreement and log-prob difference, fp8 vs bf16 KV, dummy 35B-A3B dims (4 layers)
         timeout 240 python3 -m loadtest.bench_kv_fp8 --model qwen3.5-35b-a3b:4 --prompt-lens 2048,32768 \
             --out "$out/kv_fp8_h200_35b-a3b-4L.json" ;;
@@ -36,6 +40,14 @@ for step in ${stage//,/ }; do
     prefill)  # prefill by chunk size (40 layers), then a per-kernel profile of a 32K prompt in 8K chunks (the last)
         timeout 300 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000 \
             --chunk-sizes 16384,32768,65536,8192 --profile-length 32768 --out "$out/prefill_profile_h200.json" ;;
+    fp8prefill)  # single prompts in one pass (the ragged kernel for fresh prompts), bf16 KV then fp8 KV
+        for kv in auto fp8_e4m3; do
+            timeout 150 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000,131072 \
+                --chunk-sizes 131072 --kv-cache-dtype "$kv" --out "$out/prefill_${kv}_h200.json"
+        done ;;
+    cputransfer)  # hand-over vs raw Mooncake write between host-memory pools (TCP), 5 fresh process pairs
+        timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_transfer --device cpu --contexts 4096,16384,32768 \
+            --trials 5 --out "$out/transfer_tcp_cpu_h200host_35b-a3b.json" ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         tar czf "$out/jit.tgz" .jitcache/.cache && tar czf "$out/triton.tgz" .jitcache/triton
         ls -la "$out"/*.tgz ;;
