@@ -174,10 +174,11 @@ class FlashInferAttention:
 
 
 def _dequantize(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 cache values -> ``dtype``: ``values * scale``, the product rounded once (exact for a scale of 1.0)."""
-    if scale == 1.0:
-        return values.to(dtype)
-    return (values.to(torch.float32) * float(scale)).to(dtype)
+    """fp8 cache values -> ``dtype``: ``values * scale``, the product rounded once (exact for a scale of 1.0).
+    In place on the converted copy: torch multiplies bf16 by a scalar in fp32 and rounds once, so this equals an
+    fp32 product rounded to bf16 without an fp32 temporary (512 MB for 256K keys of 35B-A3B)."""
+    converted = values.to(dtype)
+    return converted if scale == 1.0 else converted.mul_(float(scale))
 
 
 def new_workspace(device: torch.device) -> torch.Tensor:
