@@ -87,18 +87,9 @@ class FlashInferAttention:
 
     def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[list[int]], scale: float) -> None:
         """Describe this step's sequences (same for every layer); page tables are host lists."""
-        kv_indptr = torch.tensor([0, *torch.tensor([len(t) for t in page_tables]).cumsum(0).tolist()],
-                                 dtype=torch.int32)
-        kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
-        last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
         common = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=scale)
-        if all(q == 1 for q in query_lens):
-            self.decode.plan(
-                kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device), self.num_qo_heads,
-                self.num_kv_heads, self.head_dim, self.page_size, **common,
-            )
-            self._wrapper = self.decode
-        elif self._ragged_fits(query_lens, kv_lens):
+        decode = all(q == 1 for q in query_lens)
+        if not decode and self._ragged_fits(query_lens, kv_lens):
             # Each sequence's keys (prefix included) read out of the pages once per layer; causal, the queries
             # being the last query_len of them.
             qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -115,6 +106,18 @@ class FlashInferAttention:
                              self.num_kv_heads, self.head_dim, causal=True,
                              **{**common, "kv_data_type": self.dtype})  # an fp8 cache's K/V dequantized in run
             self._wrapper = self.ragged
+            return
+        # The paged kernels read the page tables themselves.
+        kv_indptr = torch.tensor([0, *torch.tensor([len(t) for t in page_tables]).cumsum(0).tolist()],
+                                 dtype=torch.int32)
+        kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
+        last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
+        if decode:
+            self.decode.plan(
+                kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device), self.num_qo_heads,
+                self.num_kv_heads, self.head_dim, self.page_size, **common,
+            )
+            self._wrapper = self.decode
         else:
             qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
             self.prefill.plan(

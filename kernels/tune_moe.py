@@ -73,6 +73,14 @@ _GEMV_CONFIGS = [moe_tk.GemvConfig(n, k, num_warps=w, down_block_n=down_n, down_
                      itertools.product((1, 2, 4), (0, 512), (4, 8)), ((1, 1), (2, 1), (4, 4)))]
 
 
+def _weights_and_input(s, num_experts: int, tokens: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 expert stacks (gate/up ``[E, 2I, H]``, down ``[E, H, I]``) and a ``[tokens, H]`` input."""
+    torch.manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * s.moe_inter, s.hidden, device="cuda", dtype=torch.bfloat16) * s.hidden**-0.5
+    w2 = torch.randn(num_experts, s.hidden, s.moe_inter, device="cuda", dtype=torch.bfloat16) * s.moe_inter**-0.5
+    return w13, w2, torch.randn(tokens, s.hidden, device="cuda", dtype=torch.bfloat16)
+
+
 # Prefill chunks: hundreds to thousands of pairs per expert, so wide tiles and 8 warps come into play.
 _PREFILL_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=s, group_m=8)
                   for n, k, w, s in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
@@ -89,10 +97,7 @@ def tune_prefill(model: str, tokens: int, seed: int, block_ms: tuple[int, ...] =
     then down tiles with the best gate/up; two calls per graph (each is milliseconds)."""
     s = MODELS[model]
     num_experts = s.experts + 1
-    torch.manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * s.moe_inter, s.hidden, device="cuda", dtype=torch.bfloat16) * s.hidden**-0.5
-    w2 = torch.randn(num_experts, s.hidden, s.moe_inter, device="cuda", dtype=torch.bfloat16) * s.moe_inter**-0.5
-    x = torch.randn(tokens, s.hidden, device="cuda", dtype=torch.bfloat16)
+    w13, w2, x = _weights_and_input(s, num_experts, tokens, seed)
     routings = _routings(tokens, s.experts, s.top_k, 2, seed)
     default = moe_tk.default_moe_config(tokens, s.top_k + 1, num_experts)
     default_us = _time_config(x, w13, w2, routings, default)
@@ -124,10 +129,7 @@ def tune_prefill(model: str, tokens: int, seed: int, block_ms: tuple[int, ...] =
 def tune(model: str, tokens: int, seed: int, sweeps: set[str]) -> dict:
     s = MODELS[model]
     num_experts = s.experts + 1  # the shared expert stacked as expert E
-    torch.manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * s.moe_inter, s.hidden, device="cuda", dtype=torch.bfloat16) * s.hidden**-0.5
-    w2 = torch.randn(num_experts, s.hidden, s.moe_inter, device="cuda", dtype=torch.bfloat16) * s.moe_inter**-0.5
-    x = torch.randn(tokens, s.hidden, device="cuda", dtype=torch.bfloat16)
+    w13, w2, x = _weights_and_input(s, num_experts, tokens, seed)
     routings = _routings(tokens, s.experts, s.top_k, _CALLS_PER_GRAPH, seed)
     top_k = s.top_k + 1
     default = moe_tk.default_moe_config(tokens, top_k, num_experts)

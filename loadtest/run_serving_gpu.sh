@@ -40,7 +40,7 @@ for step in ${stage//,/ }; do
     prefill)  # prefill by chunk size (40 layers), then a per-kernel profile of a 32K prompt in 8K chunks (the last)
         timeout 300 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000 \
             --chunk-sizes 16384,32768,65536,8192 --profile-length 32768 --out "$out/prefill_profile_h200.json" ;;
-    fp8prefill)  # single prompts in one pass (the ragged kernel for fresh prompts), bf16 KV then fp8 KV
+    fp8prefill)  # single prompts in one pass (flashinfer's ragged kernel), bf16 KV then fp8 KV
         for kv in auto fp8_e4m3; do
             timeout 150 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000,131072 \
                 --chunk-sizes 131072 --kv-cache-dtype "$kv" --out "$out/prefill_${kv}_h200.json"
