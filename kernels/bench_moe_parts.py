@@ -8,8 +8,6 @@ Each callable runs 40 times with 40 different inputs (a decode step's 40 MoE lay
 graphs are replayed in alternation (``bench_util.alternating_graph_us``) and reported per layer in microseconds.
 Router GEMM: ``F.linear`` writing a 257-wide output (what ``route_topk`` does; cuBLAS runs an align-1 sm75 kernel
 for it) against ``torch.mm`` into rows padded to 8 elements (tried and measured no faster: cuBLAS keeps its kernel).
-Routing of a decode batch with the post-attention norm (up to 64 tokens): norm kernel + cuBLAS + top-k kernel,
-norm kernel + the tensor-core router, and the router with the norm inside (the engine's path).
 Alignment of the T x 9 (token, expert) pairs: the one-program bitonic sort, the
 many-program ranking, and the torch ops, each checked equal to the torch result first. Experts: ``fused_experts``
 on those routings (gate/up, down, sum and the alignment).
@@ -27,8 +25,6 @@ import torch.nn.functional as F
 
 from kernels.bench_util import alternating_graph_us
 from kernels.triton import moe as moe_tk
-from kernels.triton import norm as norm_tk
-from kernels.triton.gemv import GemvTile
 
 log = logging.getLogger("bench_moe_parts")
 
@@ -42,8 +38,7 @@ def routings(tokens: int, gen: torch.Generator, device: torch.device) -> torch.T
     return torch.cat([ids, shared], dim=1).to(torch.int32).to(device)
 
 
-def bench_tokens(tokens: int, device: torch.device, experts_weights: tuple[torch.Tensor, torch.Tensor],
-                 sweep_router: bool = False) -> dict:
+def bench_tokens(tokens: int, device: torch.device, experts_weights: tuple[torch.Tensor, torch.Tensor]) -> dict:
     gen = torch.Generator().manual_seed(tokens)
     x = [torch.randn(tokens, HIDDEN, generator=gen).to(device, torch.bfloat16) for _ in range(LAYERS)]
     router = [torch.randn(EXPERTS + 1, HIDDEN, generator=gen).to(device, torch.bfloat16) * 0.02 for _ in range(LAYERS)]
@@ -68,32 +63,6 @@ def bench_tokens(tokens: int, device: torch.device, experts_weights: tuple[torch
     def layers(fn):
         return lambda: [fn(i) for i in range(LAYERS)]
 
-    # Routing of a decode batch, the post-attention norm included, three ways: the norm kernel, cuBLAS logits and
-    # a top-k kernel (the engine up to 2026-12-04); the norm kernel and the tensor-core router; all in one kernel.
-    # The router weight as the model stores it (rows padded to 264 in its storage).
-    residual = [torch.randn(tokens, HIDDEN, generator=gen).to(device, torch.bfloat16) for _ in range(LAYERS)]
-    norm_w = torch.randn(HIDDEN, generator=gen).to(device, torch.bfloat16) * 0.1
-    model_router = [torch.cat([r, torch.zeros(264 - r.shape[0], HIDDEN, dtype=r.dtype, device=device)])[: r.shape[0]]
-                    for r in router]
-    ticket = torch.zeros(moe_tk.ROUTER_TICKETS, dtype=torch.int32, device=device)
-
-    def route_two_kernels(i):
-        h, _ = norm_tk.gemma_rms_norm_residual(x[i], residual[i], norm_w, 1e-6)
-        return moe_tk.route_topk(h, model_router[i], None, TOP_K, True, fused_shared_gate=True, shared_as_expert=True)
-
-    def route_norm_then_dot(i):
-        h, _ = norm_tk.gemma_rms_norm_residual(x[i], residual[i], norm_w, 1e-6)
-        return moe_tk.route_topk(h, model_router[i], None, TOP_K, True, fused_shared_gate=True, shared_as_expert=True,
-                                 ticket=ticket)
-
-    def route_fused(i):
-        return moe_tk.norm_route_topk(x[i], residual[i], norm_w, 1e-6, model_router[i], TOP_K, True, ticket)
-
-    batched = tokens <= moe_tk._ROUTER_DOT_MAX_TOKENS
-    if batched:  # the same experts picked, up to near-ties the GEMMs' summation orders may flip
-        route_ids = [route_two_kernels(0)[1], route_norm_then_dot(0)[1], route_fused(0)[1]]
-        route_same_ids = [float((ids_ == route_ids[0]).float().mean()) for ids_ in route_ids[1:]]
-
     calls = {
         "router_gemm_unpadded": layers(lambda i: F.linear(x[i], router[i])),
         "router_gemm_padded": layers(lambda i: torch.mm(x[i], router[i].t(), out=padded)),
@@ -105,23 +74,9 @@ def bench_tokens(tokens: int, device: torch.device, experts_weights: tuple[torch
                                                                 max_padded, max_blocks)),
         "experts": layers(lambda i: moe_tk.fused_experts(x[i], w13, w2, weights[i], ids[i], shared_last=True)),
     }
-    if batched:
-        calls.update({"route_norm_cublas_topk": layers(route_two_kernels),
-                      "route_norm_then_dot": layers(route_norm_then_dot), "route_fused_norm_dot": layers(route_fused)})
-    if batched and sweep_router:  # the tensor-core router's tile, without the norm; top-1 shows the sort's share
-        h = [norm_tk.gemma_rms_norm_residual(x[i], residual[i], norm_w, 1e-6)[0] for i in range(LAYERS)]
-        for bn, bk, warps, stages, k in ((16, 256, 4, 3, TOP_K), (16, 256, 4, 3, 1), (16, 64, 4, 4, TOP_K),
-                                         (16, 128, 4, 4, TOP_K), (16, 512, 4, 2, TOP_K), (16, 1024, 8, 1, TOP_K),
-                                         (16, 128, 2, 4, TOP_K), (16, 128, 8, 4, TOP_K), (32, 128, 4, 4, TOP_K)):
-            tile = GemvTile(bn, bk, num_warps=warps, num_stages=stages)
-            calls[f"dot_n{bn}_k{bk}_w{warps}_s{stages}_top{k}"] = layers(
-                lambda i, tile=tile, k=k: moe_tk.route_topk(h[i], model_router[i], None, k, True,
-                                                            fused_shared_gate=True, shared_as_expert=True,
-                                                            ticket=ticket, router_tile=tile))
     us = alternating_graph_us(calls, rounds=7, replays=3)
     return {"tokens": tokens, "pairs": tokens * (TOP_K + 1), "block_m": cfg.block_m,
             "router_gemm_max_abs_err": gemm_err, "align_equal_to_torch": align_equal,
-            "route_ids_equal_to_two_kernels": route_same_ids if batched else None,
             "us_per_layer": {k: v / LAYERS for k, v in us.items()}}
 
 
@@ -129,7 +84,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="8,64,128,256")
     parser.add_argument("--out", default="moe_parts.json")
-    parser.add_argument("--sweep-router", action="store_true", help="also time the batched router's tiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device("cuda")
@@ -141,7 +95,7 @@ def main() -> None:
     results = {"benchmark": "batched-decode MoE parts, 35B-A3B shapes", "gpu": torch.cuda.get_device_name(device),
                "torch": torch.__version__, "runs": []}
     for tokens in (int(t) for t in args.tokens.split(",")):
-        run = bench_tokens(tokens, device, (w13, w2), args.sweep_router)
+        run = bench_tokens(tokens, device, (w13, w2))
         results["runs"].append(run)
         print(f"tokens {tokens} (block_m {run['block_m']}, gemm err {run['router_gemm_max_abs_err']:.2e}, align equal "
               f"{run['align_equal_to_torch']}): " + ", ".join(f"{k} {v:.2f}" for k, v in run["us_per_layer"].items()))

@@ -239,22 +239,8 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
     return case
 
 
-def batched_router_35b(tokens: int) -> Callable[[], None]:
-    """The post-attention norm and the routing of a decode batch of Qwen3.5-35B-A3B in one kernel (tensor-core
-    logits, the top-k by the last program of each 16-token block)."""
-    def case() -> None:
-        from kernels.triton import moe
-
-        w = _bf16
-        moe.norm_route_topk(w(tokens, 2048), w(tokens, 2048), w(2048), 1e-6, w(257, 2048), 8, True,
-                            torch.zeros(moe.ROUTER_TICKETS, dtype=torch.int32))
-    return case
-
-
 CASES: dict[str, Callable[[], None]] = {
     "batched_decode_35b_B256": batched_decode_35b(256),
-    "batched_router_35b_B8": batched_router_35b(8),
-    "batched_router_35b_B64": batched_router_35b(64),
     "decode_chain_35b": decode_chain_35b,
     "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,

@@ -3,9 +3,7 @@
 Routing (``route_topk``): one cuBLAS GEMM gives the router logits and the shared-expert gate logit together
 (weights concatenated once at load time with ``concat_router_weights``); one Triton kernel then does, per token,
 the fp32 softmax (or sigmoid scoring), the top-k by a sorting network (``tl.topk``), the optional
-renormalisation and the sigmoid of the shared gate. Decode batches, given a ticket, route in one launch: one
-token with matrix-vector logits, up to 64 with tensor-core dots, the top-k by the program that finishes last
-(with the post-attention norm inside it too: ``norm_route_topk``).
+renormalisation and the sigmoid of the shared gate.
 
 Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Triton kernels:
 
@@ -74,17 +72,6 @@ _ROUTER_GEMV_MAX_TOKENS = 4
 # Router rows per program: 65 programs of 4 x 4 KB for 35B-A3B's 257 rows. On the H200 in the MoE block
 # (kernels/bench_moe_block.py) 4 rows x 4 warps beat 2 x 4 by ~0.8 us at 35B-A3B and ~1 us at 397B.
 _ROUTER_BLOCK_N = 4
-# Tokens routed by the batched single-launch router (``_router_dot_topk_kernel``: tensor-core logits, top-k by
-# the last program of each block of _ROUTER_DOT_BLOCK_T tokens); more tokens take cuBLAS and a routing kernel.
-# At batch 8 of 35B-A3B the two-kernel path cost ~8 us per layer on the H200 (cuBLAS 5.3 + top-k 2.9, plus a
-# 2.6 us norm kernel in front: loadtest/NOTES_serving_speed.md).
-_ROUTER_DOT_MAX_TOKENS = 64
-_ROUTER_DOT_BLOCK_T = 16  # the smallest tensor-core M
-_ROUTER_DOT_BLOCK_N = 16
-_ROUTER_DOT_BLOCK_K = 256
-# Entries of the ticket tensor a caller of route_topk / norm_route_topk keeps for up to _ROUTER_DOT_MAX_TOKENS
-# tokens: one per token block.
-ROUTER_TICKETS = _ROUTER_DOT_MAX_TOKENS // _ROUTER_DOT_BLOCK_T
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,63 +100,56 @@ def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch
 
 
 @triton.jit
-def _route_rows(
-    logits_ptr, stride_logits, rows, row_mask, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
+def _route_token(
+    row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
 ):
-    """Top-k of the tokens ``rows`` (a ``[R]`` tile, ``row_mask`` the real ones) from their logits rows
-    (experts, then the shared gate's logit if HAS_SHARED) in one ``[R, BLOCK_E]`` register tile; ``dtype`` is
-    the activation dtype the shared gate is rounded to."""
+    """Top-k of one token from its logits at ``row`` (experts, then the shared gate's logit if HAS_SHARED);
+    ``dtype`` is the activation dtype the shared gate is rounded to."""
     e = tl.arange(0, BLOCK_E)
     valid = e < num_experts
-    row_ptrs = logits_ptr + rows.to(tl.int64) * stride_logits
-    # .cg: in the fused routers the logits were written by other programs of the same launch; read them from
+    # .cg: in the fused router the logits were written by other programs of the same launch; read them from
     # L2, never from a line this SM's L1 might hold.
-    logits = tl.load(row_ptrs[:, None] + e[None, :], mask=row_mask[:, None] & valid[None, :], other=0.0,
-                     cache_modifier=".cg").to(tl.float32)
-    logits = tl.where(valid[None, :], logits, float("-inf"))
+    logits = tl.load(row + e, mask=valid, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
     if SOFTMAX:
         # kernels.moe.topk_softmax: softmax in fp32 over all experts, top-k on the probabilities.
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = tl.where(valid[None, :], p, 0.0)
-        scores = p / tl.sum(p, axis=1)[:, None]
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = tl.where(valid, p, 0.0)
+        scores = p / tl.sum(p, axis=0)
     else:
         scores = 1.0 / (1.0 + tl.exp(-logits))
-    scores = tl.where(valid[None, :], scores, -1.0)  # scores are >= 0: padding lanes can never be picked
+    scores = tl.where(valid, scores, -1.0)  # scores are >= 0: padding lanes can never be picked
 
     k = tl.arange(0, BLOCK_K)
     if BLOCK_K == 1:  # (tl.topk needs k >= 2)
-        best, idx = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        top_w = best[:, None] + tl.zeros([1, BLOCK_K], dtype=tl.float32)
-        top_i = idx.to(tl.int32)[:, None] + tl.zeros([1, BLOCK_K], dtype=tl.int32)
+        best, idx = tl.max(scores, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        top_w = tl.zeros([BLOCK_K], dtype=tl.float32) + best
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int32) + idx.to(tl.int32)
     else:
         # One sorting network rather than TOP_K dependent argmax rounds (each a reduction across the warps):
         # int64 keys of the score's bits over the reversed expert id, so that equal scores rank the lower id
         # first. Scores >= 0 order like their int32 bits; padding lanes (-1) are negative and rank last.
-        # tl.topk returns the BLOCK_K largest keys of each row in descending order, like torch.topk. On the
-        # H200 this took the one-token decode step from 752 to 763 tok/s (35B-A3B, 20 layers: NOTES_fused.md).
-        keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)[None, :]
+        # tl.topk returns the BLOCK_K largest keys in descending order, like torch.topk. On the H200 this
+        # took the one-token decode step from 752 to 763 tok/s (35B-A3B, 20 layers: NOTES_fused.md).
+        keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)
         top = tl.topk(keys, BLOCK_K)
         top_i = (BLOCK_E - 1 - (top & 0xFFFFFFFF)).to(tl.int32)
-        top_w = tl.where(k[None, :] < TOP_K, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+        top_w = tl.where(k < TOP_K, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     if RENORMALIZE:
-        top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # lanes >= TOP_K are zero
-    out = rows.to(tl.int64)[:, None] * OUT_K + k[None, :]
-    out_mask = row_mask[:, None] & (k < TOP_K)[None, :]
-    tl.store(weights_ptr + out, top_w, mask=out_mask)
-    tl.store(ids_ptr + out, top_i, mask=out_mask)
+        top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= TOP_K are zero
+    tl.store(weights_ptr + token * OUT_K + k, top_w, mask=k < TOP_K)
+    tl.store(ids_ptr + token * OUT_K + k, top_i, mask=k < TOP_K)
 
     if HAS_SHARED:
         # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
-        g = tl.load(row_ptrs + num_experts, mask=row_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
         gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
         if SHARED_AS_EXPERT:  # column k: expert id E (the shared expert) with its gate as the weight
-            shared_col = rows.to(tl.int64) * OUT_K + TOP_K
-            tl.store(weights_ptr + shared_col, gate, mask=row_mask)
-            tl.store(ids_ptr + shared_col, tl.zeros_like(rows) + num_experts, mask=row_mask)
+            tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
+            tl.store(ids_ptr + token * OUT_K + TOP_K, num_experts)
         else:
-            tl.store(shared_ptr + rows, gate.to(dtype), mask=row_mask)
+            tl.store(shared_ptr + token, gate.to(dtype))
 
 
 @triton.jit
@@ -182,10 +162,10 @@ def _route_topk_kernel(
 ):
     pdl_trigger(PDL)
     pdl_wait(PDL)
-    token = tl.program_id(0) + tl.arange(0, 1)
-    _route_rows(logits_ptr, stride_logits, token, token >= 0, weights_ptr, ids_ptr, shared_ptr, num_experts,
-                logits_ptr.dtype.element_ty, TOP_K, OUT_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE, HAS_SHARED,
-                SHARED_AS_EXPERT)
+    token = tl.program_id(0).to(tl.int64)
+    _route_token(logits_ptr + token * stride_logits, token, weights_ptr, ids_ptr, shared_ptr, num_experts,
+                 logits_ptr.dtype.element_ty, TOP_K, OUT_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE, HAS_SHARED,
+                 SHARED_AS_EXPERT)
 
 
 @triton.jit
@@ -232,97 +212,13 @@ def _router_gemv_topk_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
-        _route_rows(logits_ptr, num_rows, rows, row_mask, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype,
-                    TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED, SHARED_AS_EXPERT)
+        token = 0
+        while token < num_tokens:  # (a while loop: the interpreter cannot take a runtime range bound)
+            _route_token(logits_ptr + token * num_rows, token, weights_ptr, ids_ptr, shared_ptr, num_experts,
+                         dtype, TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED,
+                         SHARED_AS_EXPERT)
+            token += 1
         tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
-
-
-@triton.jit
-def _norm_rows(x_ptr, res_ptr, new_res_ptr, rows, row_mask, k0, stride_x, stride_res, write,
-               HIDDEN: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """Columns ``k0 ..`` of ``s = x + residual`` for the tokens ``rows`` as fp32 ``[R, BLOCK_K]``, rounded to the
-    activation dtype as kernels.triton.norm rounds it; where ``write``, also stored at ``new_res_ptr``."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = row_mask[:, None] & (offs_k < HIDDEN)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + offs_k[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + rows64 * stride_res + offs_k[None, :], mask=mask, other=0.0)
-        s = round_to(x.to(tl.float32) + res.to(tl.float32), x.dtype)
-        tl.store(new_res_ptr + rows64 * HIDDEN + offs_k[None, :], s.to(x.dtype), mask=mask & write)
-    else:
-        s = x.to(tl.float32)
-    return s
-
-
-@triton.jit
-def _router_dot_topk_kernel(
-    x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr, shared_ptr,
-    res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps,
-    num_tokens, num_rows, num_experts, stride_x, stride_res, stride_w,
-    HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
-    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Router logits and top-k in one launch for a batch of decode tokens: program (n, t) computes the logits of
-    router rows ``n * BLOCK_N ..`` for tokens ``t * BLOCK_T ..`` with tensor-core dots, and the last program of
-    each token block to finish -- the one drawing the block's last ticket, as in ``_router_gemv_topk_kernel`` --
-    routes that block from its complete logits and resets its ticket.
-
-    NORM: the input is ``gemma_rms_norm(x + residual)``. Every program computes the sums of squares of its
-    tokens itself (a first pass over their rows, from L2), then normalises each K step before its dot;
-    programs of router block 0 write the new residual and the normed rows, which the experts read."""
-    pdl_trigger(PDL)
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = rows < num_tokens
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < num_rows
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_K)[None, :]
-    pdl_wait(PDL)
-    write = pid_n == 0
-    dtype = x_ptr.dtype.element_ty
-    rows64 = rows.to(tl.int64)[:, None]
-    if NORM:
-        sum_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BLOCK_K):
-            s = _norm_rows(x_ptr, res_ptr, new_res_ptr, rows, row_mask, k0, stride_x, stride_res, write, HIDDEN,
-                           BLOCK_K, HAS_RESIDUAL)
-            sum_sq += tl.sum(s * s, axis=1)
-        rstd = tl.math.rsqrt(sum_sq / HIDDEN + eps)
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < HIDDEN
-        if NORM:
-            s = _norm_rows(x_ptr, res_ptr, new_res_ptr, rows, row_mask, k0, stride_x, stride_res, False, HIDDEN,
-                           BLOCK_K, HAS_RESIDUAL)
-            nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            # As rms_norm_row: the normed row rounded once to the activation dtype, the GEMM's input.
-            h = round_to((s * rstd[:, None]) * (1.0 + nw[None, :]), dtype)
-            tl.store(normed_ptr + rows64 * HIDDEN + offs_k[None, :], h.to(dtype),
-                     mask=row_mask[:, None] & k_mask[None, :] & write)
-            h = h.to(dtype)
-        else:
-            h = tl.load(x_ptr + rows64 * stride_x + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST_DOT:  # interpreter only, see _upcast_dot
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        w_ptrs += BLOCK_K
-    # The reference's F.linear returns the logits in the activation dtype: round them so.
-    tl.store(logits_ptr + rows64 * num_rows + offs_n[None, :], round_to(acc, dtype),
-             mask=row_mask[:, None] & n_mask[None, :])
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + pid_t, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
-        _route_rows(logits_ptr, num_rows, rows, row_mask, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype,
-                    TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED, SHARED_AS_EXPERT)
-        tl.atomic_xchg(ticket_ptr + pid_t, 0)  # ready for the next launch
 
 
 def route_topk(
@@ -359,15 +255,14 @@ def route_topk(
     it is returned as a (k+1)-th column instead: ids ``[T, k+1]`` ending in ``E``, weights ending in the gate
     (its bf16 value, as fp32); the third result is None. ``fused_experts`` then computes it with the rest.
 
-    ``ticket``: a 1-D int32 tensor of zeros, owned by the caller and used by one stream at a time. With it, up
-    to ``_ROUTER_DOT_MAX_TOKENS`` tokens are routed by one kernel (logits and top-k: matrix-vector
-    ``_router_gemv_topk_kernel`` up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens, ``_router_dot_topk_kernel`` above,
-    which needs one ticket entry per ``_ROUTER_DOT_BLOCK_T`` tokens), which leaves the ticket at 0 again;
-    otherwise cuBLAS computes the logits and a second kernel routes.
+    ``ticket``: an int32 ``[1]`` tensor holding 0, owned by the caller and used by one stream at a time. With
+    it, up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens are routed by one kernel (logits and top-k,
+    ``_router_gemv_topk_kernel``), which leaves the ticket at 0 again; otherwise cuBLAS computes the logits and
+    a second kernel routes.
 
-    ``norm=(residual, norm_weight, eps)`` (with a ticket; up to ``_ROUTER_DOT_MAX_TOKENS`` tokens, hidden <=
-    8192 for one): ``hidden`` is the un-normed layer output and the kernel routes ``gemma_rms_norm(hidden +
-    residual)``; use ``norm_route_topk``, which also returns the normed rows and the new residual.
+    ``norm=(residual, norm_weight, eps)`` (with a ticket, one token, hidden <= 8192): ``hidden`` is the
+    un-normed layer output and the kernel routes ``gemma_rms_norm(hidden + residual)``; use
+    ``norm_route_topk``, which also returns the normed row and the new residual.
 
     ``router_tile``: the single-launch router's rows per program and warps (its ``block_k`` is not used; by
     default ``_ROUTER_BLOCK_N`` rows and ``default_tile``'s warps).
@@ -401,9 +296,8 @@ def route_topk(
     if weight.device != hidden.device:
         raise ValueError(f"router weight is on {weight.device}, hidden on {hidden.device}")
 
-    if ticket is not None and (ticket.dim() != 1 or ticket.numel() < 1 or ticket.dtype != torch.int32
-                               or ticket.device != hidden.device):
-        raise ValueError(f"ticket must be a 1-D int32 tensor of zeros on {hidden.device}")
+    if ticket is not None and (ticket.shape != (1,) or ticket.dtype != torch.int32 or ticket.device != hidden.device):
+        raise ValueError(f"ticket must be an int32 [1] tensor on {hidden.device}")
 
     tokens = hidden.shape[0]
     out_k = top_k + int(shared_as_expert)
@@ -415,22 +309,9 @@ def route_topk(
     if tokens == 0:
         return topk_weights, topk_ids, shared
     block_e = triton.next_power_of_2(num_experts)
-    one_row = tokens == 1 and hidden.shape[1] <= gemv_tk.MAX_SINGLE_TILE_K
-    if norm is not None and (ticket is None or hidden.stride(1) != 1
-                             or not (one_row or tokens <= _ROUTER_DOT_MAX_TOKENS)):
-        raise ValueError(f"norm needs a ticket, a unit last stride and at most {_ROUTER_DOT_MAX_TOKENS} tokens "
-                         f"(one token: hidden <= {gemv_tk.MAX_SINGLE_TILE_K}), got {tokens} tokens of "
-                         f"{hidden.shape[1]}")
-    batched = (ticket is not None and hidden.stride(1) == 1 and tokens <= _ROUTER_DOT_MAX_TOKENS
-               and not (one_row or (norm is None and tokens <= _ROUTER_GEMV_MAX_TOKENS)))
-    if batched:
-        token_blocks = triton.cdiv(tokens, _ROUTER_DOT_BLOCK_T)
-        if ticket.numel() < token_blocks:
-            raise ValueError(f"{tokens} tokens need a ticket of {token_blocks} entries (one per "
-                             f"{_ROUTER_DOT_BLOCK_T} tokens; ROUTER_TICKETS covers {_ROUTER_DOT_MAX_TOKENS}), "
-                             f"got {ticket.numel()}")
-        return _route_batched(hidden, weight, num_experts, top_k, out_k, renormalize, scoring, has_shared,
-                              shared_as_expert, ticket, norm, topk_weights, topk_ids, shared, router_tile)
+    if norm is not None and (ticket is None or tokens != 1 or hidden.shape[1] > gemv_tk.MAX_SINGLE_TILE_K):
+        raise ValueError("norm needs a ticket, one token and hidden <= "
+                         f"{gemv_tk.MAX_SINGLE_TILE_K}, got {tokens} tokens of {hidden.shape[1]}")
     if ticket is not None and tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
         num_rows = weight.shape[0]
         logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
@@ -473,58 +354,16 @@ def route_topk(
     return topk_weights, topk_ids, shared
 
 
-def _route_batched(hidden, weight, num_experts, top_k, out_k, renormalize, scoring, has_shared, shared_as_expert,
-                   ticket, norm, topk_weights, topk_ids, shared, tile: gemv_tk.GemvTile | None):
-    """route_topk's batched single launch (``_router_dot_topk_kernel``), with the norm when ``norm`` is given;
-    ``tile``: router rows per program, K step, warps and stages (benchmark sweeps)."""
-    tokens, hidden_size = hidden.shape
-    tile = tile or gemv_tk.GemvTile(_ROUTER_DOT_BLOCK_N, _ROUTER_DOT_BLOCK_K, num_warps=4, num_stages=3)
-    num_rows = weight.shape[0]
-    logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
-    residual, norm_weight, eps = norm if norm is not None else (None, hidden, 0.0)
-    normed = torch.empty(tokens, hidden_size, dtype=hidden.dtype, device=hidden.device) if norm is not None else hidden
-    new_res = torch.empty_like(normed) if residual is not None else hidden
-    grid = (triton.cdiv(num_rows, tile.block_n), triton.cdiv(tokens, _ROUTER_DOT_BLOCK_T))
-    _router_dot_topk_kernel[grid](
-        hidden, weight, logits, ticket, topk_weights, topk_ids, shared if shared is not None else hidden,
-        residual if residual is not None else hidden, norm_weight, new_res, normed, float(eps),
-        tokens, num_rows, num_experts, hidden.stride(0), residual.stride(0) if residual is not None else 0,
-        weight.stride(0),
-        HIDDEN=hidden_size, BLOCK_T=_ROUTER_DOT_BLOCK_T, BLOCK_N=tile.block_n,
-        BLOCK_K=max(16, min(tile.block_k or hidden_size, triton.next_power_of_2(hidden_size))),
-        TOP_K=top_k, OUT_K=out_k, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_TK=triton.next_power_of_2(top_k), SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize,
-        HAS_SHARED=has_shared, SHARED_AS_EXPERT=shared_as_expert, NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=_upcast_dot(hidden.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
-        **pdl_launch_args(hidden.device),
-    )
-    if norm is not None:
-        return topk_weights, topk_ids, shared, normed, new_res
-    return topk_weights, topk_ids, shared
-
-
-def can_norm_route(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether ``norm_route_topk`` takes these rows: 1 to ``_ROUTER_DOT_MAX_TOKENS`` contiguous tokens (hidden <=
-    8192 for one) and a contiguous residual of the same shape, if any."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= _ROUTER_DOT_MAX_TOKENS and x.is_contiguous()
-            and (x.shape[0] > 1 or x.shape[1] <= gemv_tk.MAX_SINGLE_TILE_K)
-            and (residual is None or (residual.shape == x.shape and residual.is_contiguous())))
-
-
 def norm_route_topk(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
     router_weight: torch.Tensor, top_k: int, renormalize: bool, ticket: torch.Tensor, *,
     shared_as_expert: bool = True, router_tile: gemv_tk.GemvTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The post-attention norm and the routing of a decode batch in one kernel: ``h, s =
+    """The post-attention norm and the routing of one token in one kernel: ``h, s =
     gemma_rms_norm_residual(x, residual)``, then ``route_topk(h, router_weight, ...)`` with the fused shared
-    gate. Returns ``(topk_weights, topk_ids, shared_gate, h, s)`` (``s`` is x itself without a residual).
-    One token takes the matrix-vector router, 2 to ``_ROUTER_DOT_MAX_TOKENS`` the tensor-core one (``ticket``
-    then needs one entry per 16 tokens: ``ROUTER_TICKETS``)."""
-    if x.dim() != 2 or not 1 <= x.shape[0] <= _ROUTER_DOT_MAX_TOKENS or not x.is_contiguous():
-        raise ValueError(f"norm_route_topk routes 1 to {_ROUTER_DOT_MAX_TOKENS} contiguous tokens [T, H], got "
-                         f"{tuple(x.shape)}")
+    gate. Returns ``(topk_weights, topk_ids, shared_gate, h, s)`` (``s`` is x itself without a residual)."""
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError(f"norm_route_topk routes one contiguous token [1, H], got {tuple(x.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or not residual.is_contiguous()):
         raise ValueError(f"residual must be a contiguous {tuple(x.shape)} {x.dtype} tensor")

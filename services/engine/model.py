@@ -164,8 +164,7 @@ class SparseMoE(nn.Module):
         if not cfg.shared_expert_in_experts:
             self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size, dtype, device)
         # Scratch of the single-launch router kernel (kept at 0 between launches; see Ops.route_topk).
-        self.register_buffer("route_ticket", torch.zeros(ops.router_tickets, dtype=torch.int32, device=device),
-                             persistent=False)
+        self.register_buffer("route_ticket", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,8 +174,8 @@ class Ops:
     # (qkv, q_norm_w, k_norm_w, cos_sin, positions, heads, kv_heads, head_dim, eps, kv_cache_layer, kv_slot_ids,
     # k_scale, v_scale) -> (q, sigmoid(gate)), with k and v stored in the cache (an fp8 one: divided by the scales)
     qk_norm_rope_store_kv: Callable
-    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [router_tickets] zero
-    # tensor per layer, the scratch of the single-launch router kernels (the torch references ignore it).
+    # route_topk and norm_moe_with_shared_expert take a last argument ``ticket``: an int32 [1] zero tensor per
+    # layer, the scratch of the single-launch router kernel (the torch references ignore it).
     route_topk: Callable  # (x, router [E+1, H], k, renorm, ticket) -> (weights, ids, shared gate)
     fused_experts: Callable
     # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
@@ -188,7 +188,6 @@ class Ops:
     # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]; on decode steps
     # mixed_qkv is already through the conv (norm_linear_conv)
     gdn: Callable
-    router_tickets: int = 1  # entries of each MoE layer's ticket tensor (see route_topk)
 
 
 def torch_ops() -> Ops:
@@ -272,9 +271,9 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
                                     ticket):
-        # Decode batches: the norm runs inside the routing kernel, which also writes the normed rows for the
-        # experts (prefill chunks: a norm kernel, cuBLAS logits, a routing kernel).
-        if triton_moe.can_norm_route(x, residual):
+        # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
+        if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
+                and (residual is None or residual.is_contiguous())):
             weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
                                                                       top_k, renormalize, ticket)
             return triton_moe.fused_experts(h, w13, w2, weights, ids, shared_last=True), residual
@@ -322,7 +321,6 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         make_attention=make_attention,
         plan_gdn=plan_gdn,
         gdn=gdn,
-        router_tickets=triton_moe.ROUTER_TICKETS,
     )
 
 

@@ -169,7 +169,7 @@ def test_graph_decode_logits_match_eager_35b_dims():
                          enable_prefix_cache=False, overlap_schedule=False)
     runner, states = engine.runner, engine.runner.state_cache
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    for batch in (8, 33, 64, 128, 200, 256):  # 8-64: the tensor-core router with the norm inside
+    for batch in (8, 33, 64, 128, 200, 256):  # 33 replays the graph of 40 with padding rows
         gen = torch.Generator().manual_seed(batch)
         ids = [engine.add_request(torch.randint(0, 248320, (40 + i % 5,), generator=gen).tolist(), params)
                for i in range(batch)]
