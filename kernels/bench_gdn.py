@@ -268,19 +268,19 @@ def bench_decode(shape: GdnShape, batch: int, timer: Timer, device, fla: dict, s
     for name, err in errs.items():
         require(f"decode {shape.name} B={batch} {name}", err, DECODE_TOL)
 
-    block_v, num_warps = decode_config(batch, shape.hv, shape.d)
+    block_v, num_warps, evict = decode_config(batch, shape.hv, shape.d)
 
-    def ours(bv: int, nw: int) -> list[Callable[[], object]]:
+    def ours(bv: int, nw: int, evict: bool | None = None) -> list[Callable[[], object]]:
         return [
             (lambda layer=layer: gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, layer], slots, out=out,
-                                            block_v=bv, num_warps=nw))
+                                            block_v=bv, num_warps=nw, evict_state=evict))
             for layer in range(layers)
         ]
 
     t_ours, how = timer.graph_us(ours(block_v, num_warps))
     result = {
         "shape": shape.name, "model": shape.key, "batch": batch, "layers_rotated": layers,
-        "block_v": block_v, "num_warps": num_warps,
+        "block_v": block_v, "num_warps": num_warps, "evict_state": evict,
         "ours_us": t_ours, "timing": how, "err_out": errs["out"], "err_state": errs["state"],
     }
     if sweep:
@@ -290,6 +290,9 @@ def bench_decode(shape: GdnShape, batch: int, timer: Timer, device, fla: dict, s
                 if bv > shape.d or bv * shape.d // (32 * nw) < 4:
                     continue
                 grid[f"BV{bv}_w{nw}"] = timer.graph_us(ours(bv, nw))[0]
+        for evict in (False, True):  # the state's L2 eviction policy, at the default tile
+            grid[f"BV{block_v}_w{num_warps}_evict_{'first' if evict else 'normal'}"] = timer.graph_us(
+                ours(block_v, num_warps, evict))[0]
         result["sweep_us"] = grid
         best = min(grid, key=grid.get)
         result["best_config"], result["best_us"] = best, grid[best]

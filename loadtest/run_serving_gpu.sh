@@ -7,13 +7,14 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR prefill,batch     # prefill by chunk size + profile, batched decode
 #     bash loadtest/run_serving_gpu.sh OUT_DIR fp8prefill        # one-pass prefill, bf16 vs fp8 KV (ragged kernel)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR cputransfer       # issue 23's hand-over efficiency, host memory
+#     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.tgz, .whl/triton.tgz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill batch
-cputransfer jitsave)}
+gdntests gdndecode cputransfer jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -33,7 +34,7 @@ for step in ${stage//,/ }; do
         timeout 240 python3 -m loadtest.bench_kv_fp8 --model qwen3.5-35b-a3b:4 --prompt-lens 2048,32768 \
             --out "$out/kv_fp8_h200_35b-a3b-4L.json" ;;
     decode)  # single request, all 40 layers, bf16 KV then fp8 KV
-        for kv in auto fp8_e4m3; do
+        for kv in ${KV_DTYPES:-auto fp8_e4m3}; do
             timeout "$(( $(left) / 2 ))" python3 -m loadtest.bench_decode --model qwen3.5-35b-a3b \
                 --contexts 1024,32768,131072 --kv-cache-dtype "$kv" --out "$out/decode_${kv}_h200_35b-a3b.json"
         done ;;
@@ -48,12 +49,19 @@ for step in ${stage//,/ }; do
     cputransfer)  # hand-over vs raw Mooncake write between host-memory pools (TCP), 5 fresh process pairs
         timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_transfer --device cpu --contexts 4096,16384,32768 \
             --trials 5 --out "$out/transfer_tcp_cpu_h200host_35b-a3b.json" ;;
+    gdntests)  # the GDN kernels against the torch reference, then graphs vs eager and the fast path on the engine
+        timeout "$(( $(left) / 2 ))" python3 -m pytest -q -p no:cacheprovider \
+            tests/kernels/test_gdn_kernels.py tests/kernels/test_gpu_engine.py \
+            -k "decode or graph_decode_logits or fast_path_matches_torch_path" ;;
+    gdndecode)  # GDN decode against the copy of the same state bytes, tiles and L2 policy swept (35B-A3B)
+        timeout 240 python3 -m kernels.bench_gdn --only decode --shapes 35b --batches 1,8,64,256 --sweep \
+            --out "$out/gdn_decode_h200_35b.json" ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         tar czf "$out/jit.tgz" .jitcache/.cache && tar czf "$out/triton.tgz" .jitcache/triton
         ls -la "$out"/*.tgz ;;
     batch)  # batched decode against its roofline (40 layers)
         timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_batch_decode --model qwen3.5-35b-a3b \
-            --batches 1,8,64,256 --contexts 4096 --steps 30 --warmup 5 --gpu-memory-utilization 0.92 \
+            --batches "${BATCHES:-1,8,64,256}" --contexts 4096 --steps 30 --warmup 5 --gpu-memory-utilization 0.92 \
             --out "$out/batch_decode_h200.json" ;;
     esac
 done

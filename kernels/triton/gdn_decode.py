@@ -38,21 +38,25 @@ def softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
-def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
-    """(BV, num_warps) for the decode kernel.
+def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int, bool]:
+    """(BV, num_warps, evict_state) for the decode kernel, from ``kernels/bench_gdn.py --sweep`` on the H200
+    (35B-A3B, ``kernels/results/gdn_decode_h200_35b.json``).
 
-    Small batches need many programs to spread 4 MiB of state over 132 SMs (B=1, Hv=64: BV=16 gives 512
-    programs of 8 KiB, ~4 per SM); large batches have programs to spare, and a wider BV reads q/k fewer
-    times and makes longer contiguous rows. A starting point: ``kernels/bench_gdn.py --sweep`` tunes it.
+    Small batches need many programs to spread the state over 132 SMs: at B=1 (32 heads) BV=16 gives 256
+    programs of 8 KiB, and one warp each ran in 2.5 us against 4.3 with four (the copy of the same bytes: 2.9).
+    Large batches have programs to spare; a wider BV reads q/k fewer times and makes longer contiguous rows, and
+    there marking the state's loads and stores evict-first in L2 (each is read and written once per step, and
+    a step streams far more than L2 holds) took B=64 / 256 from 77.4 / 292 to 72.7 / 281 us; at B=1 and 8 it
+    changed nothing measurable.
     """
     heads = batch * num_v_heads
     if heads <= 64:
-        block_v = 16
+        block_v, warps = 16, 1
     elif heads <= 1024:
-        block_v = 32
+        block_v, warps = 32, 4
     else:
-        block_v = 64
-    return min(block_v, triton.next_power_of_2(v_dim)), 4
+        block_v, warps = 64, 4
+    return min(block_v, triton.next_power_of_2(v_dim)), warps, heads > 1024
 
 
 @triton.jit
@@ -70,6 +74,7 @@ def _gdn_decode_kernel(
     GROUP: tl.constexpr,  # value heads per key head
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STEP_STATES: tl.constexpr,  # write the state after each token to step_ptr, leave the pool slot as it is
+    STATE_EVICT: tl.constexpr,  # L2 eviction policy of the state's load and store ("" or "evict_first")
     PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
@@ -89,7 +94,7 @@ def _gdn_decode_kernel(
     mask_s = mask_k[:, None] & mask_v[None, :]
 
     p_state = state_ptr + slot * stride_s_slot + i_h * stride_s_head + offs_k[:, None] * stride_s_k + offs_v[None, :]
-    state = tl.load(p_state, mask=mask_s, other=0.0)
+    state = tl.load(p_state, mask=mask_s, other=0.0, eviction_policy=STATE_EVICT)
 
     neg_a = -tl.exp(tl.load(a_log_ptr + i_h).to(tl.float32))
     dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
@@ -133,7 +138,7 @@ def _gdn_decode_kernel(
         t += 1
 
     if not STEP_STATES:
-        tl.store(p_state, state, mask=mask_s)
+        tl.store(p_state, state, mask=mask_s, eviction_policy=STATE_EVICT)
 
 
 def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
@@ -156,6 +161,7 @@ def gdn_decode(
     step_states: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
+    evict_state: bool | None = None,
 ) -> torch.Tensor:
     """One decode (or short speculative) step of a GDN layer for a batch of requests.
 
@@ -163,8 +169,9 @@ def gdn_decode(
     contiguous), ``a, b [B, T, Hv]`` raw projections, ``A_log, dt_bias [Hv]`` fp32, ``ssm_states`` the pool view
     of one layer ``[num_slots, Hv, Dk, Dv]`` fp32 (any slot stride; each slot's ``[Hv, Dk, Dv]`` contiguous),
     ``state_slots [B]`` int slot per request (distinct). Updates the states in place and returns
-    ``o [B, T, Hv, Dv]`` in v's dtype (written into ``out`` if given). ``block_v``/``num_warps`` override the
-    tuning heuristic. No host synchronisation: safe to capture in a CUDA graph.
+    ``o [B, T, Hv, Dv]`` in v's dtype (written into ``out`` if given). ``block_v``/``num_warps``/``evict_state``
+    (the state's loads and stores marked evict-first in L2) override the tuning heuristic. No host
+    synchronisation: safe to capture in a CUDA graph.
 
     ``step_states [B, T, Hv, Dk, Dv]`` fp32 (speculative verification; each ``[Hv, Dk, Dv]`` contiguous): the
     state after token t of request b goes to ``step_states[b, t]`` and the pool slots are only read; commit
@@ -209,9 +216,10 @@ def gdn_decode(
     if batch == 0 or num_tokens == 0:
         return out
 
-    default_bv, default_warps = decode_config(batch, num_v_heads, v_dim)
+    default_bv, default_warps, default_evict = decode_config(batch, num_v_heads, v_dim)
     block_v = block_v or default_bv
     num_warps = num_warps or default_warps
+    evict_state = default_evict if evict_state is None else evict_state
     grid = (triton.cdiv(v_dim, block_v), num_v_heads, batch)
     step = step_states if step_states is not None else out
     step_strides = step_states.stride()[:4] if step_states is not None else (0, 0, 0, 0)
@@ -228,6 +236,7 @@ def gdn_decode(
         num_tokens, k_dim**-0.5,
         GROUP=num_v_heads // num_k_heads,
         DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v, STEP_STATES=step_states is not None,
+        STATE_EVICT="evict_first" if evict_state else "",
         num_warps=num_warps, **pdl_launch_args(q.device),
     )
     return out
