@@ -133,6 +133,9 @@ def _add_run(sub) -> None:
     p.add_argument("--think-time-scale", type=float, default=1.0)
     p.add_argument("--max-sessions", type=int)
     p.add_argument("--max-duration-s", type=float)
+    p.add_argument("--ramp-s", type=float, default=0.0,
+                   help="closed loop: start the conversation slots spread over this many seconds; the summary "
+                   "counts requests started after it")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--prompt-format", choices=("ids", "text"), default="ids")
     p.add_argument("--tokenizer", help="tokenizer.json or a model directory holding it")

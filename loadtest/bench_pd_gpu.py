@@ -300,7 +300,8 @@ def run_floor(args, prefill, decode) -> dict:
         raw = out_dir / f"{stem}_loadtest_c{c}.json"
         cmd = [sys.executable, "-m", "loadtest", "run", "--workload", str(workload), "--api", "grpc",
                "--target", decode.address, "--concurrency", str(c), "--salt", str(1000 + c),
-               "--max-duration-s", str(args.floor_duration_s), "--request-timeout-s", "120", "--no-progress",
+               "--max-duration-s", str(args.floor_duration_s), "--ramp-s", str(args.floor_ramp_s),
+               "--request-timeout-s", "120", "--no-progress",
                "--out", str(raw)]
         for url in metrics:
             cmd += ["--metrics-url", url]
@@ -443,6 +444,9 @@ def main() -> int:
     parser.add_argument("--floor-output-tokens", type=int, default=256)
     parser.add_argument("--floor-think-s", type=float, default=5.0)
     parser.add_argument("--floor-duration-s", type=float, default=60.0)
+    parser.add_argument("--floor-ramp-s", type=float, default=0.0,
+                        help="users start spread over this many seconds; each level's summary counts the requests "
+                        "started after it")
     parser.add_argument("--floor-only", action="store_true",
                         help="no reference and no TTFT prompts: the pods, one warm-up prompt, the floor sweep")
     parser.add_argument("--out", default="pd_gpu.json")

@@ -43,15 +43,15 @@ for step in ${stage//,/ }; do
             --checkpoint-slots "${FLOOR_PREFILL_SLOTS:-0}" --threshold "${FLOOR_THRESHOLD:-512}" \
             --decode-step-tokens "${FLOOR_STEP_TOKENS:-0}" \
             --max-model-len 65536 --floor-concurrency "${FLOOR_LEVELS:-32,64,128,192}" \
-            --floor-duration-s "${FLOOR_S:-60}" --floor-first-turn 8192 --floor-turn-tokens 800 \
+            --floor-duration-s "${FLOOR_S:-60}" --floor-ramp-s "${FLOOR_RAMP_S:-0}" --floor-first-turn 8192 --floor-turn-tokens 800 \
             --floor-output-tokens 256 --floor-think-s 5 --out "$work/pd_floor_h200.json"
         cp "$work"/pd_floor_h200.json "$work"/pd_floor_h200.png "$out"/ 2>/dev/null
         gzip -c "$work"/pd_floor_h200_loadtest.json > "$out"/pd_floor_h200_loadtest.json.gz ;;
     esac
 done
-# flashinfer's JIT cache as it now is (kernels compiled in this call included), for the next machine's .whl/jit.tgz
+# flashinfer's JIT cache as it now is (kernels compiled in this call included), for the next machine's .whl/jit.txz
 # (its build files name absolute paths: run from the same directory next time, or ninja rebuilds), and Triton's
-tar czf "$out/jit.tgz" .jitcache/.cache 2>/dev/null
-tar czf "$out/triton.tgz" .jitcache/triton 2>/dev/null
+XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache 2>/dev/null
+XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton 2>/dev/null
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv,noheader
 echo "stage $stage done in ${SECONDS}s"

@@ -8,7 +8,7 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR fp8prefill        # one-pass prefill, bf16 vs fp8 KV (ragged kernel)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR cputransfer       # issue 23's hand-over efficiency, host memory
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
-#     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.tgz, .whl/triton.tgz
+#     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
@@ -57,8 +57,8 @@ for step in ${stage//,/ }; do
         timeout 240 python3 -m kernels.bench_gdn --only decode --shapes 35b --batches 1,8,64,256 --sweep \
             --out "$out/gdn_decode_h200_35b.json" ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
-        tar czf "$out/jit.tgz" .jitcache/.cache && tar czf "$out/triton.tgz" .jitcache/triton
-        ls -la "$out"/*.tgz ;;
+        XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
+        ls -la "$out"/*.txz ;;
     batch)  # batched decode against its roofline (40 layers)
         timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_batch_decode --model qwen3.5-35b-a3b \
             --batches "${BATCHES:-1,8,64,256}" --contexts 4096 --steps 30 --warmup 5 --gpu-memory-utilization 0.92 \

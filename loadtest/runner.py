@@ -51,6 +51,10 @@ class RunConfig:
     think_time_scale: float = 1.0  # think times are multiplied by this (0: none)
     max_sessions: int | None = None  # conversations taken from the workload (None: all)
     max_duration_s: float | None = None  # per level: no new turn starts after this
+    # Closed loop: conversation slot i starts i/concurrency of this into the level, so first turns arrive spread out
+    # as in steady state rather than all at once; the level's summary then counts only requests started after it
+    # (``summary_with_ramp``: all of them).
+    ramp_s: float = 0.0
     request_timeout_s: float = 600.0
     prompt_format: str = "ids"  # ids | text (decoded with ``tokenizer``)
     tokenizer: str | None = None  # tokenizer.json (or a directory holding it)
@@ -82,6 +86,10 @@ class RunConfig:
             raise RunError("rates must be > 0")
         if self.speedup <= 0 or self.think_time_scale < 0:
             raise RunError("speedup must be > 0 and think_time_scale >= 0")
+        if self.ramp_s < 0 or (self.ramp_s and self.mode != "closed"):
+            raise RunError("ramp_s must be >= 0, and only the closed loop ramps")
+        if self.ramp_s and self.max_duration_s is not None and self.ramp_s >= self.max_duration_s:
+            raise RunError(f"ramp_s ({self.ramp_s}) must be shorter than max_duration_s ({self.max_duration_s})")
         if self.prompt_format == "text" and not self.tokenizer:
             raise RunError("text prompts need --tokenizer (the workload's tokens are decoded to text with it)")
         if self.record_trace and self.prompt_format != "ids":
@@ -271,7 +279,10 @@ class Runner:
     async def _closed_loop(self, level: _Level, concurrency: int) -> None:
         queue = list(reversed(self.roots))
 
-        async def conversation_slot() -> None:
+        async def conversation_slot(slot: int) -> None:
+            delay = level.clock_zero + slot * self.config.ramp_s / concurrency - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the ramp: this slot's first arrival, not synchronisation
             while queue:
                 root = queue.pop()
                 if level.past_deadline():
@@ -279,7 +290,7 @@ class Runner:
                     continue
                 await self._run_session(level, root, self.codec.empty())
 
-        await asyncio.gather(*(conversation_slot() for _ in range(concurrency)))
+        await asyncio.gather(*(conversation_slot(i) for i in range(concurrency)))
 
     def _arrivals(self, rate: float | None, level_index: int) -> list[float]:
         if rate is None:
@@ -346,10 +357,14 @@ class Runner:
             level.bar.close()
             pods = await poller.stop() if self.config.metrics_urls else []
         records = sorted(level.records, key=lambda r: r.start_s)
+        ramp = self.config.ramp_s
+        steady = [r for r in records if r.start_s >= ramp]
         result = {
             **level_spec, "salt": level.salt,
-            "summary": summarize(records, duration, self.config.decode_floor_tok_s),
+            "summary": summarize(steady, max(duration - ramp, 1e-9), self.config.decode_floor_tok_s),
             "not_sent": dict(level.not_sent),
+            **({"ramp_s": ramp, "summary_with_ramp": summarize(records, duration, self.config.decode_floor_tok_s)}
+               if ramp else {}),
             "client_loop_lag_ms": distribution([lag * 1e3 for lag in lags]),
             "pods": [p.to_json() for p in pods],
             "requests": [r.to_json() for r in records],

@@ -447,38 +447,31 @@ def test_segment_expansion_lengths():
 
 # ---- the runner over HTTP -------------------------------------------------------------------------------------
 
-def test_runner_over_openai_http_multi_turn_and_errors(tmp_path):
-    """The runner's OpenAI path end to end against a server that answers each prompt with the tokens 1..n
-    (ids included, as vLLM's return_token_ids gives them) and refuses prompts longer than 40 tokens with 429:
-    follow-ups resend the history with the answer, a refused turn ends its conversation, and the rest of it is
-    counted as not sent."""
+async def _stream_answer(request, body: dict, ids: bool = True):
+    """An SSE completion of ``max_tokens`` tokens 1..n, then the usage chunk."""
+    from aiohttp import web
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    n = body["max_tokens"]
+    for i in range(1, n + 1):
+        choice = {"index": 0, "text": "x", "token_ids": [i], "finish_reason": "length" if i == n else None}
+        await response.write(b"data: " + json.dumps({"choices": [choice], "usage": None}).encode() + b"\n\n")
+    usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
+             "prompt_tokens_details": {"cached_tokens": 16 if len(body["prompt"]) > 20 else 0}}
+    await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+    return response
+
+
+def _run_over_http(completions, workload, **config) -> dict:
+    """``loadtest.runner.run`` over the OpenAI API against an aiohttp server answering /v1/completions with
+    ``completions``."""
     from aiohttp import web
 
     from loadtest.runner import RunConfig, run
 
-    prompts = []
-
-    async def completions(request):
-        body = await request.json()
-        prompts.append(body["prompt"])
-        if len(body["prompt"]) > 40:
-            return web.json_response({"error": {"message": "queue full"}}, status=429)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        n = body["max_tokens"]
-        for i in range(1, n + 1):
-            choice = {"index": 0, "text": "x", "token_ids": [i], "finish_reason": "length" if i == n else None}
-            await response.write(b"data: " + json.dumps({"choices": [choice], "usage": None}).encode() + b"\n\n")
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
-                 "prompt_tokens_details": {"cached_tokens": 16 if len(body["prompt"]) > 20 else 0}}
-        await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
-        return response
-
     async def models(request):
         return web.json_response({"data": [{"id": "fake"}]})
-
-    workload = generators.agentic(3, 512, first_turn_tokens=20, follow_ups=(4, 4), turn_tokens=5, output_tokens=4,
-                                  think_time_s=0.0, jitter=0.0, seed=1)
 
     async def scenario():
         app = web.Application()
@@ -489,15 +482,36 @@ def test_runner_over_openai_http_multi_turn_and_errors(tmp_path):
         site = web.TCPSite(server, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        config = RunConfig(workload="(in memory)", api="openai", target=f"http://127.0.0.1:{port}",
-                           concurrency=(2,), return_token_ids=True, reuse_block=4, progress=False,
-                           out=str(tmp_path / "http.json"))
+        run_config = RunConfig(workload="(in memory)", api="openai", target=f"http://127.0.0.1:{port}",
+                               progress=False, **config)
         try:
-            return await run(config, workload)
+            return await run(run_config, workload)
         finally:
             await server.cleanup()
 
-    results = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_runner_over_openai_http_multi_turn_and_errors(tmp_path):
+    """The runner's OpenAI path end to end against a server that answers each prompt with the tokens 1..n
+    (ids included, as vLLM's return_token_ids gives them) and refuses prompts longer than 40 tokens with 429:
+    follow-ups resend the history with the answer, a refused turn ends its conversation, and the rest of it is
+    counted as not sent."""
+    from aiohttp import web
+
+    prompts = []
+
+    async def completions(request):
+        body = await request.json()
+        prompts.append(body["prompt"])
+        if len(body["prompt"]) > 40:
+            return web.json_response({"error": {"message": "queue full"}}, status=429)
+        return await _stream_answer(request, body)
+
+    workload = generators.agentic(3, 512, first_turn_tokens=20, follow_ups=(4, 4), turn_tokens=5, output_tokens=4,
+                                  think_time_s=0.0, jitter=0.0, seed=1)
+    results = _run_over_http(completions, workload, concurrency=(2,), return_token_ids=True, reuse_block=4,
+                             out=str(tmp_path / "http.json"))
     [level] = results["levels"]
     s = level["summary"]
     # Turns of 20, 29, 38 tokens pass; the fourth (47) is refused; the fifth is never sent.
@@ -513,6 +527,35 @@ def test_runner_over_openai_http_multi_turn_and_errors(tmp_path):
     assert all(r["output_tokens"] == 4 and len(r["chunks"]) == 4 for r in ok)
     assert {r["turn"]: r["reusable_tokens"] for r in ok} == {0: 0, 1: 20, 2: 32}  # (20 + 3) and (29 + 3), 4-blocks
     assert s["cache"]["cached_tokens"] == 6 * 16 and results["config"]["api_key"] is None
+
+
+def test_closed_loop_ramp_spreads_the_first_turns_and_the_summary_counts_after_it(tmp_path):
+    """With a ramp, conversation slot i starts no earlier than i/concurrency of it into the level, and the level's
+    summary covers only the requests started after the ramp (all of them under ``summary_with_ramp``)."""
+    async def completions(request):
+        await asyncio.sleep(0.05)  # the server's time per request, so that conversations overlap the ramp's end
+        return await _stream_answer(request, await request.json())
+
+    workload = generators.agentic(3, 512, first_turn_tokens=20, follow_ups=(4, 4), turn_tokens=5, output_tokens=4,
+                                  think_time_s=0.0, jitter=0.0, seed=1)
+    results = _run_over_http(completions, workload, concurrency=(3,), ramp_s=0.3, return_token_ids=True,
+                             out=str(tmp_path / "ramp.json"))
+    [level] = results["levels"]
+    starts = sorted(r["start_s"] for r in level["requests"] if r["turn"] == 0)
+    assert len(starts) == 3 and all(start >= i * 0.1 for i, start in enumerate(starts))
+    after = [r for r in level["requests"] if r["start_s"] >= 0.3]
+    assert 0 < len(after) < len(level["requests"]) == 15
+    assert level["summary"]["requests"] == len(after) and level["summary_with_ramp"]["requests"] == 15
+    assert level["ramp_s"] == 0.3
+
+
+def test_ramp_needs_a_closed_loop_shorter_than_the_level():
+    from loadtest.runner import RunConfig, RunError
+
+    with pytest.raises(RunError, match="only the closed loop ramps"):
+        RunConfig(workload="w", mode="open", ramp_s=5.0)
+    with pytest.raises(RunError, match="shorter than max_duration_s"):
+        RunConfig(workload="w", ramp_s=30.0, max_duration_s=20.0)
 
 
 def test_prompt_codec_text_and_ids(tmp_path):
