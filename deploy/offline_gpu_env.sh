@@ -3,10 +3,10 @@
 #     source deploy/offline_gpu_env.sh
 # Installs the wheels into /tmp/site next to the image's torch/triton (no dependency resolution: the image
 # has the rest), points flashinfer's and Triton's JIT caches into .jitcache/, and unpacks a flashinfer JIT
-# cache saved from an earlier run (.whl/jit.txz: `tar cJf jit.txz .jitcache/.cache`, or a gzip .tgz) and a Triton
-# one (.whl/triton.txz: `tar cJf triton.txz .jitcache/triton`, 3 MB in xz after the serving benchmarks) so their
-# kernels are not compiled again (the first decode request on a fresh machine otherwise compiles for ~100 s; Triton keys
-# each kernel by its source, so an edited kernel is compiled again and the rest are reused).
+# cache saved from an earlier run (.whl/jit.txz: `tar cJf jit.txz .jitcache/.cache`, or a gzip .tgz) and a
+# Triton one (.whl/triton.txz: `tar cJf triton.txz .jitcache/triton`, 3-9 MB in xz after the benchmarks) so
+# their kernels are not compiled again (the first decode request on a fresh machine otherwise compiles for
+# ~100 s; Triton keys each kernel by its source, so an edited kernel is compiled again and the rest are reused).
 #
 # Also, for a wheelhouse that must fit a small transfer limit (the benchmark machines take 64 MiB):
 # - .whl/site-*.txz: installed package trees packed with xz, unpacked into /tmp/site (flashinfer's wheel is
@@ -40,7 +40,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export FLASHINFER_WORKSPACE_BASE=$PWD/.jitcache TRITON_CACHE_DIR=$PWD/.jitcache/triton
 mkdir -p .jitcache
 if [ ! -f .jitcache/.restored ]; then
-    # (gzip .tgz or xz .txz: tar detects which; xz packs Triton's cache 5x smaller, 16 -> 3 MB)
+    # (gzip .tgz or xz .txz: tar detects which; xz packs Triton's cache 2-5x smaller than gzip)
     for cache in .whl/jit.t?z .whl/triton.t?z; do [ -f "$cache" ] && tar xf "$cache"; done
     touch .jitcache/.restored
 fi

@@ -43,7 +43,8 @@ for step in ${stage//,/ }; do
             --checkpoint-slots "${FLOOR_PREFILL_SLOTS:-0}" --threshold "${FLOOR_THRESHOLD:-512}" \
             --decode-step-tokens "${FLOOR_STEP_TOKENS:-0}" \
             --max-model-len 65536 --floor-concurrency "${FLOOR_LEVELS:-32,64,128,192}" \
-            --floor-duration-s "${FLOOR_S:-60}" --floor-ramp-s "${FLOOR_RAMP_S:-0}" --floor-first-turn 8192 --floor-turn-tokens 800 \
+            --floor-duration-s "${FLOOR_S:-60}" --floor-ramp-s "${FLOOR_RAMP_S:-0}" \
+            --floor-first-turn 8192 --floor-turn-tokens 800 \
             --floor-output-tokens 256 --floor-think-s 5 --out "$work/pd_floor_h200.json"
         cp "$work"/pd_floor_h200.json "$work"/pd_floor_h200.png "$out"/ 2>/dev/null
         gzip -c "$work"/pd_floor_h200_loadtest.json > "$out"/pd_floor_h200_loadtest.json.gz ;;

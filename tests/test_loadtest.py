@@ -447,7 +447,7 @@ def test_segment_expansion_lengths():
 
 # ---- the runner over HTTP -------------------------------------------------------------------------------------
 
-async def _stream_answer(request, body: dict, ids: bool = True):
+async def _stream_answer(request, body: dict):
     """An SSE completion of ``max_tokens`` tokens 1..n, then the usage chunk."""
     from aiohttp import web
 
@@ -542,7 +542,8 @@ def test_closed_loop_ramp_spreads_the_first_turns_and_the_summary_counts_after_i
                              out=str(tmp_path / "ramp.json"))
     [level] = results["levels"]
     starts = sorted(r["start_s"] for r in level["requests"] if r["turn"] == 0)
-    assert len(starts) == 3 and all(start >= i * 0.1 for i, start in enumerate(starts))
+    # (1 ms: the event loop's timer granularity)
+    assert len(starts) == 3 and all(start >= i * 0.1 - 1e-3 for i, start in enumerate(starts))
     after = [r for r in level["requests"] if r["start_s"] >= 0.3]
     assert 0 < len(after) < len(level["requests"]) == 15
     assert level["summary"]["requests"] == len(after) and level["summary_with_ramp"]["requests"] == 15
