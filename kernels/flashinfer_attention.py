@@ -92,8 +92,7 @@ class FlashInferAttention:
         if not decode and self._ragged_fits(query_lens, kv_lens):
             # Each sequence's keys (prefix included) read out of the pages once per layer; causal, the queries
             # being the last query_len of them.
-            qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-            kv_token_indptr = torch.tensor([0, *torch.tensor(kv_lens).cumsum(0).tolist()], dtype=torch.int32)
+            qo_indptr, kv_token_indptr = _indptr(query_lens), _indptr(kv_lens)
             pages_used = [-(-n // self.page_size) for n in kv_lens]
             positions = torch.cat([torch.arange(n) for n in kv_lens])
             tables = torch.cat([torch.tensor(t[:used], dtype=torch.long)
@@ -108,8 +107,7 @@ class FlashInferAttention:
             self._wrapper = self.ragged
             return
         # The paged kernels read the page tables themselves.
-        kv_indptr = torch.tensor([0, *torch.tensor([len(t) for t in page_tables]).cumsum(0).tolist()],
-                                 dtype=torch.int32)
+        kv_indptr = _indptr([len(t) for t in page_tables])
         kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
         last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
         if decode:
@@ -119,7 +117,7 @@ class FlashInferAttention:
             )
             self._wrapper = self.decode
         else:
-            qo_indptr = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+            qo_indptr = _indptr(query_lens)
             self.prefill.plan(
                 qo_indptr.to(self.device), kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device),
                 self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common,
@@ -174,6 +172,13 @@ class FlashInferAttention:
         if not self.kv_fp8:
             return self._wrapper.run(q, kv_cache_layer)
         return self._wrapper.run(q, kv_cache_layer, k_scale=float(k_scale), v_scale=float(v_scale))
+
+
+def _indptr(lengths: list[int]) -> torch.Tensor:
+    """flashinfer's CSR offsets of consecutive runs of these lengths: int32 ``[0, l0, l0 + l1, ...]`` on the host."""
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return offsets
 
 
 def _dequantize(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
