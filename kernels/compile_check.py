@@ -239,7 +239,27 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
     return case
 
 
+def moe_prefill_35b(tokens: int) -> Callable[[], None]:
+    """The prefill MoE's Triton kernels at a chunk of ``tokens``: gate/up with TMA weight tiles storing in the
+    sorted order (the down projection is torch's grouped GEMM there), and the k-sum through the slots."""
+    def case() -> None:
+        from kernels.triton import moe
+
+        w = _bf16
+        ids = torch.randint(0, 257, (tokens, 9), dtype=torch.int32)
+        cfg = moe.default_moe_config(tokens, 9, 257)
+        max_padded, max_blocks = moe._padded_sizes(ids.numel(), 257, cfg.block_m)
+        sorted_ids, expert_ids, num_post, _, slots = moe._moe_align_torch(ids.flatten(), cfg.block_m, 257,
+                                                                          max_padded, max_blocks)
+        moe._grouped_gate_up(w(tokens, 2048), w(257, 1024, 2048), sorted_ids, expert_ids, num_post, cfg, 9,
+                             sorted_out=True)
+        moe._moe_sum_kernel[(tokens, 2)](w(max_padded, 2048), w(tokens, 2048), slots, torch.rand(tokens, 9), 2048,
+                                         TOP_K=9, BLOCK_H=1024, SLOTS=True, num_warps=4)
+    return case
+
+
 CASES: dict[str, Callable[[], None]] = {
+    "moe_prefill_35b_8k": moe_prefill_35b(8192),
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,
     "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,

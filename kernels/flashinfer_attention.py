@@ -99,27 +99,29 @@ class FlashInferAttention:
                                 for t, used in zip(page_tables, pages_used, strict=True)])
             first_page = torch.tensor([0, *pages_used[:-1]]).cumsum(0)
             page_index = first_page.repeat_interleave(torch.tensor(kv_lens)) + positions // self.page_size
-            self._token_pages = tables[page_index].to(self.device, non_blocking=True)
-            self._token_offsets = (positions % self.page_size).to(self.device, non_blocking=True)
-            self.ragged.plan(qo_indptr.to(self.device), kv_token_indptr.to(self.device), self.num_qo_heads,
+            self._token_pages = _to_device(tables[page_index], self.device)
+            self._token_offsets = _to_device(positions % self.page_size, self.device)
+            # Offsets passed as host tensors: flashinfer's plan reads them on the host, and a device tensor
+            # there is copied back (a synchronisation that left the GPU idle before a long prompt's first layer).
+            self.ragged.plan(qo_indptr, kv_token_indptr, self.num_qo_heads,
                              self.num_kv_heads, self.head_dim, causal=True,
                              **{**common, "kv_data_type": self.dtype})  # an fp8 cache's K/V dequantized in run
             self._wrapper = self.ragged
             return
         # The paged kernels read the page tables themselves.
         kv_indptr = _indptr([len(t) for t in page_tables])
-        kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
+        kv_indices = _to_device(torch.tensor([p for t in page_tables for p in t], dtype=torch.int32), self.device)
         last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
-        if decode:
+        if decode:  # (host offsets, as above)
             self.decode.plan(
-                kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device), self.num_qo_heads,
+                kv_indptr, kv_indices, last_page_len, self.num_qo_heads,
                 self.num_kv_heads, self.head_dim, self.page_size, **common,
             )
             self._wrapper = self.decode
         else:
             qo_indptr = _indptr(query_lens)
             self.prefill.plan(
-                qo_indptr.to(self.device), kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device),
+                qo_indptr, kv_indptr, kv_indices, last_page_len,
                 self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common,
             )
             self._wrapper = self.prefill
@@ -192,6 +194,13 @@ def _dequantize(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch
 def new_workspace(device: torch.device) -> torch.Tensor:
     """flashinfer's scratch for one backend, or for several that never run concurrently."""
     return torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+
+def _to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """An asynchronous copy through pinned memory (a pageable source makes the host wait for the copy)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _fast_decode_plan():

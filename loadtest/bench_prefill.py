@@ -74,6 +74,9 @@ def profile_prefill(engine: Engine, length: int, seed: int) -> dict:
         if device_us > 0 and not event.key.startswith(("aten::", "cuLaunch", "cuda")):
             kernels.append({"name": event.key[:160], "ms": device_us / 1e3, "calls": event.count})
     kernels.sort(key=lambda k: -k["ms"])
+    gaps = _gpu_idle_gaps(prof)
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()
+                   if e.self_cpu_time_total > 0), key=lambda t: -t[1])[:20]
     groups: dict[str, float] = {}
     for k in kernels:
         name = k["name"].lower()
@@ -81,7 +84,50 @@ def profile_prefill(engine: Engine, length: int, seed: int) -> dict:
         groups[group] = groups.get(group, 0.0) + k["ms"]
     # gpu_ms below the TTFT is time the GPU waited for the host (planning, synchronisations between chunks).
     return {"length": length, "ttft_s_profiled": ttft, "gpu_ms": sum(k["ms"] for k in kernels),
-            "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])), "kernels": kernels[:60]}
+            "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])), "idle": gaps, "kernels": kernels[:60],
+            "host_ops_self_ms": [{"name": n[:100], "ms": ms, "calls": c} for n, ms, c in host]}
+
+
+def _gpu_idle_gaps(prof, top: int = 15) -> dict:
+    """Where the GPU ran nothing: from the first host op to the first kernel, and the gaps between kernels (the
+    longest ``top`` with the kernels on either side), in ms."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    device = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start),
+                    key=lambda t: t[0])
+    if not device:
+        return {}
+    host_start = min(e.time_range.start for e in events if e.device_type == DeviceType.CPU)
+    gaps, busy_until, before = [], device[0][1], device[0][2]
+    for start, end, name in device[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, before, name))
+        if end > busy_until:
+            busy_until, before = end, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"before_first_kernel_ms": (device[0][0] - host_start) / 1e3,
+            "between_kernels_ms": sum(g[0] for g in gaps) / 1e3,
+            "gaps_over_0.1ms": sum(1 for g in gaps if g[0] > 100),
+            "longest": [{"ms": g / 1e3, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]]}
+
+
+def host_profile_prefill(engine: Engine, length: int, seed: int, top: int = 30) -> list[dict]:
+    """Python functions by cumulative host time over one warm prefill of ``length`` tokens (cProfile: what the
+    host does while the GPU waits for its first kernel; its own overhead inflates Python-heavy functions)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    prefill_once(engine, length, seed)
+    profiler.disable()
+    engine.flush_cache()
+    stats = pstats.Stats(profiler)
+    rows = [{"function": f"{func[0].rsplit('/', 2)[-1]}:{func[1]} {func[2]}", "cumulative_ms": ct * 1e3,
+             "own_ms": tt * 1e3, "calls": nc} for func, (_, nc, tt, ct, _) in stats.stats.items()]
+    return sorted(rows, key=lambda r: -r["cumulative_ms"])[:top]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -117,6 +163,8 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", default="2048,4096,8192,16384")
     parser.add_argument("--profile-length", type=int, default=0,
                         help="then profile one prompt of this length at the largest chunk size (0: none)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also cProfile the host over one warm prefill of --profile-length (or the longest) tokens")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
     parser.add_argument("--out", default="prefill.json")
     args = parser.parse_args()
@@ -168,6 +216,21 @@ def main() -> None:
                  prof["gpu_ms"], ", ".join(f"{g} {ms:.0f}" for g, ms in prof["groups_ms"].items()))
         for k in prof["kernels"][:25]:
             log.info("  %8.1f ms %5d x  %s", k["ms"], k["calls"], k["name"][:110])
+        idle = prof["idle"]
+        if idle:
+            log.info("GPU idle: %.1f ms before the first kernel, %.1f ms between kernels (%d gaps over 0.1 ms)",
+                     idle["before_first_kernel_ms"], idle["between_kernels_ms"], idle["gaps_over_0.1ms"])
+        for g in idle.get("longest", []):
+            log.info("  %7.2f ms after %s, before %s", g["ms"], g["after"][:60], g["before"][:60])
+        for h in prof["host_ops_self_ms"]:
+            log.info("  host %8.1f ms %6d x  %s", h["ms"], h["calls"], h["name"][:90])
+    if args.host_profile:
+        prefill_once(engine, args.profile_length or max(lengths), seed=96)
+        engine.flush_cache()
+        results["host_profile"] = host_profile_prefill(engine, args.profile_length or max(lengths), seed=97)
+        for r in results["host_profile"]:
+            log.info("  host %8.1f ms cumulative %8.1f own %7d x  %s", r["cumulative_ms"], r["own_ms"], r["calls"],
+                     r["function"][:100])
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"{'chunk':>6} {'tokens':>7} {'ttft s':>7} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>5} {'act GiB':>8}")

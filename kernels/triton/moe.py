@@ -18,6 +18,14 @@ Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Tri
 3. ``_moe_down_kernel``: ``act @ w2[e]^T`` times the pair's routing weight, written per pair.
 4. ``_moe_sum_kernel``: sum over the k pairs of each token in fp32 (deterministic, no atomics).
 
+Prefill chunks in bf16 on sm90/sm100 (more than ``_ALIGN_TRITON_MAX_PAIRS`` pairs): gate/up writes each pair's
+activations at its slot of the expert-sorted, block-padded order (padding rows as zeros), so that the down
+projection is one CUTLASS grouped GEMM (``torch._grouped_mm``, groups ending at each expert's padded end) with no
+row gather; the k-sum then reads each pair's row through its slot and applies the routing weight there. On the
+H200 that down GEMM runs at 455-470 TFLOP/s where the Triton kernel, which gathers its rows through the pair ids,
+runs at 300-360 (``kernels/bench_moe_prefill.py``). The prefill gate/up kernel loads its weight tiles through a
+TMA descriptor (the rows of x stay gathered loads): 5-10% faster than per-thread loads there.
+
 Decode-sized batches (at most ``_GEMV_MAX_PAIRS`` pairs) skip the sort: with about one token per expert a
 BLOCK_M block is one real row and fifteen padding rows, and the alignment kernel is a launch of its own.
 Instead one program per (pair, N tile) reads its expert id straight from ``topk_ids`` and computes gate/up with
@@ -48,6 +56,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton import gemv as gemv_tk
 from kernels.triton.gemv import gemv_tile, load_weight_tile, rms_norm_row
@@ -493,8 +502,10 @@ def _moe_align_parallel_kernel(
 
 def _moe_align_torch(
     flat_ids: torch.Tensor, block_m: int, num_experts: int, max_padded: int, max_blocks: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same result as ``_moe_align_kernel`` with torch ops, for batches too large for one program."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same result as ``_moe_align_kernel`` with torch ops, for batches too large for one program; also returns
+    ``group_ends`` (int32 [E], the end of each expert's padded run: the offsets of a grouped GEMM over the
+    sorted rows) and ``slots`` (int32 [T*k], each pair's slot in the sorted order)."""
     device = flat_ids.device
     num_pairs = flat_ids.numel()
     ids = flat_ids.long()
@@ -512,7 +523,10 @@ def _moe_align_torch(
     sorted_ids[dest] = order.to(torch.int32)
     expert_ids = torch.zeros(max_blocks, dtype=torch.int32, device=device)
     expert_ids[dest // block_m] = expert.to(torch.int32)
-    return sorted_ids, expert_ids, padded_end[-1:].to(torch.int32)
+    slots = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    slots[order] = dest.to(torch.int32)
+    group_ends = padded_end.to(torch.int32)
+    return sorted_ids, expert_ids, group_ends[-1:], group_ends, slots
 
 
 def moe_align_block_size(
@@ -540,7 +554,7 @@ def moe_align_block_size(
     num_pairs = flat.numel()
     max_padded, max_blocks = _padded_sizes(num_pairs, num_experts, block_m)
     if num_pairs > _ALIGN_TRITON_MAX_PAIRS:
-        return _moe_align_torch(flat, block_m, num_experts, max_padded, max_blocks)
+        return _moe_align_torch(flat, block_m, num_experts, max_padded, max_blocks)[:3]
 
     device = topk_ids.device
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
@@ -591,6 +605,8 @@ class GemmTile:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 1  # M blocks per group in the program order (L2 reuse of weight tiles across M blocks)
+    # Weight tiles through a TMA descriptor instead of per-thread loads (gate/up only; needs I % block_n == 0).
+    tma: bool = False
 
 
 @dataclass(frozen=True)
@@ -603,6 +619,9 @@ class MoeConfig:
     block_m: int
     gate_up: GemmTile
     down: GemmTile
+    # The down projection as torch's CUTLASS grouped GEMM on activations stored in sorted order (None: where it
+    # runs, i.e. bf16 on sm90/sm100, and for more than _ALIGN_TRITON_MAX_PAIRS pairs; the module docstring).
+    down_grouped_mm: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -659,8 +678,10 @@ def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConf
                          GemmTile(128, 64, num_warps=4, num_stages=4, group_m=8))
     # Prefill chunks: gate/up 128 columns of each of gate and up, swept on the H200 at 8K and 50K tokens
     # (``python -m kernels.tune_moe --sweep prefill``, kernels/results/moe_tune_prefill_h200.json): 6.9 against
-    # 7.1-7.3 ms at 50K (~410 TFLOP/s), even at 8K; BLOCK_M 64 and the other tiles were slower.
-    return MoeConfig(128, GemmTile(128, 64, num_warps=8, num_stages=3, group_m=8),
+    # 7.1-7.3 ms at 50K (~410 TFLOP/s), even at 8K; BLOCK_M 64 and the other tiles were slower. Its weight tiles
+    # through TMA: 5-10% faster at 8K-64K tokens (``python -m kernels.bench_moe_prefill --sweep-tma``,
+    # kernels/results/moe_prefill_tma*_h200.json; used where the shapes allow, see _experts_grouped).
+    return MoeConfig(128, GemmTile(128, 64, num_warps=8, num_stages=3, group_m=8, tma=True),
                      GemmTile(128, 64, num_warps=8, num_stages=3, group_m=8))
 
 
@@ -688,13 +709,16 @@ def _block_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    x_ptr, w13_ptr, w13_desc, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     num_pairs, max_padded,
     stride_x, stride_we, stride_wn, stride_act,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, SORTED_OUT: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr,
 ):
+    """SORTED_OUT: act rows are the sorted slots (padding rows written as zeros), else the pairs. WEIGHT_TMA: the
+    weight tiles come through ``w13_desc`` (block ``[1, BLOCK_N, BLOCK_K]``; K past the end reads zeros)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(INTER, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return  # past the last live block (the grid is sized for the worst case)
@@ -715,7 +739,13 @@ def _moe_gate_up_kernel(
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):  # constexpr bounds: a pipelined loop with a known trip count
-        if EVEN_K:
+        if WEIGHT_TMA:
+            e32 = expert.to(tl.int32)
+            n0 = pid_n * BLOCK_N
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < HIDDEN - k0), other=0.0)
+            g = w13_desc.load([e32, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+            u = w13_desc.load([e32, INTER + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
             g = tl.load(g_ptrs, mask=n_mask[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=n_mask[None, :], other=0.0)
@@ -737,8 +767,12 @@ def _moe_gate_up_kernel(
     gate = round_to(acc_g, dtype)
     up = round_to(acc_u, dtype)
     act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
-    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_act + offs_n[None, :]
-    tl.store(out_ptrs, act.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
+    if SORTED_OUT:  # padding rows (zero inputs, so zeros) too: the grouped GEMM reads every row of a group
+        out_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_n[None, :]
+        tl.store(out_ptrs, act.to(dtype), mask=n_mask[None, :])
+    else:
+        out_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_act + offs_n[None, :]
+        tl.store(out_ptrs, act.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -910,15 +944,24 @@ def _moe_down_sum_gemv_kernel(
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum_j y[t*k + j] in fp32, rounded once to the dtype."""
+def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                    SLOTS: tl.constexpr):
+    """out[t] = sum_j y[t*k + j] in fp32, rounded once to the dtype. SLOTS: pair t*k + j's row of y is
+    ``slots[t*k + j]`` and its routing weight is applied here, rounded as ``_moe_down_kernel`` rounds it."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
+    dtype = out_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(y_ptr + (token * TOP_K + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
+        pair = token * TOP_K + j
+        if SLOTS:
+            row = tl.load(slots_ptr + pair).to(tl.int64)
+            y = tl.load(y_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            routing = round_to(tl.load(topk_w_ptr + pair).to(tl.float32), dtype)
+            acc += round_to(y * routing, dtype)
+        else:
+            acc += tl.load(y_ptr + pair * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * hidden + cols, round_to(acc, dtype).to(dtype), mask=mask)
 
 
@@ -975,10 +1018,11 @@ def fused_experts(
         _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(inter, tokens), out,
                       shared_last)
         return out
-    y = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
+    y, slots = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
-        y, out, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+        y, out, y if slots is None else slots, topk_weights.contiguous(), hidden, TOP_K=top_k, BLOCK_H=block_h,
+        SLOTS=slots is not None, num_warps=4,
     )
     return out
 
@@ -1014,13 +1058,31 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torc
     )
 
 
-def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None) -> torch.Tensor:
-    """Per-pair expert outputs ``y [T*k, H]`` (routing weight applied) from the expert-sorted grouped GEMMs."""
-    tokens, hidden = x.shape
-    num_experts, two_inter, _ = w13.shape
-    inter = two_inter // 2
+def grouped_mm_down_supported(x: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether torch's CUTLASS grouped GEMM runs the down projection here: bf16 on sm90/sm100 (the architectures
+    its kernels are built for), rows 16-byte aligned."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and w2.shape[1] % 8 == 0 and w2.shape[2] % 8 == 0
+            and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+
+
+def _gate_up_tma_supported(x: torch.Tensor, w13: torch.Tensor, tile: GemmTile) -> bool:
+    """16-bit stacks whose gate half is a whole number of tiles (a tile must not run into the up rows), with
+    16-byte rows, as the TMA descriptor needs; fp32 (the exactness tests) keeps pointer loads."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and (w13.shape[1] // 2) % tile.block_n == 0
+            and (w13.shape[2] * w13.element_size()) % 16 == 0 and w13.is_contiguous())
+
+
+def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-pair expert outputs from the expert-sorted grouped GEMMs: ``(y [T*k, H] with the routing weights
+    applied, None)``, or with the grouped_mm down ``(y [max_padded, H] in sorted order without them, slots)``."""
+    tokens = x.shape[0]
+    num_experts = w13.shape[0]
     top_k = topk_ids.shape[1]
+    num_pairs = tokens * top_k
     cfg = config or default_moe_config(tokens, top_k, num_experts)
+    if config is None and cfg.gate_up.tma and not _gate_up_tma_supported(x, w13, cfg.gate_up):
+        cfg = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, tma=False))
     if config is None and x.dtype == torch.float32:
         # fp32 tiles are twice the bytes: 4 pipeline stages overflow the H100's 227 KB of shared memory
         # (measured: 278 KB for the decode tile); 2 stages fit. fp32 is the exactness-test path only.
@@ -1030,32 +1092,72 @@ def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | Non
             down=dataclasses.replace(cfg.down, num_stages=min(2, cfg.down.num_stages)),
         )
     _check_config(cfg)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
-    max_padded = sorted_ids.numel()
-    num_pairs = tokens * top_k
-    num_m = triton.cdiv(max_padded, cfg.block_m)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only ever applies to fp32 operands
-    upcast = _upcast_dot(x.dtype)
+    grouped_mm = cfg.down_grouped_mm
+    if grouped_mm is None:
+        grouped_mm = num_pairs > _ALIGN_TRITON_MAX_PAIRS and grouped_mm_down_supported(x, w2)
+    elif grouped_mm and x.is_cuda and not grouped_mm_down_supported(x, w2):
+        raise ValueError(f"MoeConfig.down_grouped_mm: torch's grouped GEMM needs bf16 on sm90/sm100 and H, I "
+                         f"multiples of 8; got {x.dtype} on {torch.cuda.get_device_name(x.device)}, w2 "
+                         f"{tuple(w2.shape)}")
+    if not grouped_mm:
+        sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
+        act = _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg, top_k)
+        return _grouped_down(act, w2, topk_weights, sorted_ids, expert_ids, num_post, cfg), None
+    max_padded, max_blocks = _padded_sizes(num_pairs, num_experts, cfg.block_m)
+    sorted_ids, expert_ids, num_post, group_ends, slots = _moe_align_torch(
+        topk_ids.reshape(-1), cfg.block_m, num_experts, max_padded, max_blocks)
+    act = _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg, top_k, sorted_out=True)
+    # Rows past the last group's end (never live) come out unspecified; the k-sum reads live slots only.
+    return torch._grouped_mm(act, w2.transpose(1, 2), offs=group_ends), slots
 
-    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    # tf32 only ever applies to fp32 operands; the interpreter upcasts (see _upcast_dot).
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST_DOT": _upcast_dot(dtype)}
+
+
+def _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg: MoeConfig, top_k: int,
+                     sorted_out: bool = False) -> torch.Tensor:
+    """SwiGLU of each pair's gate/up projection: ``act [T*k, I]`` in pair order, or with ``sorted_out``
+    ``[max_padded, I]`` in the sorted order (padding rows zero, rows past the live blocks unwritten)."""
+    tokens, hidden = x.shape
+    inter = w13.shape[1] // 2
+    num_pairs = tokens * top_k
+    max_padded = sorted_ids.numel()
+    act = torch.empty(max_padded if sorted_out else num_pairs, inter, dtype=x.dtype, device=x.device)
     t = cfg.gate_up
-    _moe_gate_up_kernel[(num_m * triton.cdiv(inter, t.block_n),)](
-        x, w13, act, sorted_ids, expert_ids, num_post,
+    desc = None
+    if t.tma:
+        if inter % t.block_n or (hidden * w13.element_size()) % 16 or not w13.is_contiguous():
+            raise ValueError(f"GemmTile.tma needs I % block_n == 0, 16-byte rows and contiguous stacks; got I={inter}, "
+                             f"{t}, w13 {tuple(w13.shape)} strides {w13.stride()}")
+        # A host-side descriptor (no device allocation); built per call: a few microseconds against milliseconds.
+        desc = TensorDescriptor(w13, list(w13.shape), list(w13.stride()), [1, t.block_n, t.block_k])
+    _moe_gate_up_kernel[(triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(inter, t.block_n),)](
+        x, w13, desc, act, sorted_ids, expert_ids, num_post,
         num_pairs, max_padded,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, HIDDEN=hidden, INTER=inter,
         BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=hidden % t.block_k == 0,
-        DOT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=t.num_warps, num_stages=t.num_stages,
+        SORTED_OUT=sorted_out, WEIGHT_TMA=t.tma, num_warps=t.num_warps, num_stages=t.num_stages,
+        **_dot_args(x.dtype),
     )
+    return act
 
-    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+
+def _grouped_down(act, w2, topk_weights, sorted_ids, expert_ids, num_post, cfg: MoeConfig) -> torch.Tensor:
+    """Per-pair expert outputs ``y [T*k, H]`` in pair order, the routing weight applied."""
+    num_pairs, inter = act.shape
+    hidden = w2.shape[1]
+    max_padded = sorted_ids.numel()
+    y = torch.empty(num_pairs, hidden, dtype=act.dtype, device=act.device)
     t = cfg.down
-    _moe_down_kernel[(num_m * triton.cdiv(hidden, t.block_n),)](
+    _moe_down_kernel[(triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(hidden, t.block_n),)](
         act, w2, y, topk_weights.contiguous(), sorted_ids, expert_ids, num_post,
         num_pairs, max_padded,
         act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         HIDDEN=hidden, INTER=inter,
         BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=inter % t.block_k == 0,
-        DOT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=t.num_warps, num_stages=t.num_stages,
+        num_warps=t.num_warps, num_stages=t.num_stages, **_dot_args(act.dtype),
     )
     return y

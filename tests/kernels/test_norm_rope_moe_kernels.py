@@ -13,6 +13,7 @@ on the GPU exp/rsqrt and the GEMM summation order may move a value by one bf16 u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -519,6 +520,13 @@ def test_moe_align_block_size(tokens, top_k, experts, block_m):
     total = int(result[2].item())
     assert torch.equal(result[0], other[0]) and torch.equal(result[2], other[2])
     assert torch.equal(result[1][: total // block_m], other[1][: total // block_m])
+    # The grouped GEMM's offsets and each pair's slot (the grouped_mm down path).
+    group_ends, slots = other[3].long().cpu(), other[4].long().cpu()
+    counts = torch.bincount(topk_ids.flatten().long().cpu(), minlength=experts)
+    assert torch.equal(group_ends, torch.cumsum((counts + block_m - 1) // block_m * block_m, 0))
+    assert torch.equal(other[0].long().cpu()[slots], torch.arange(num_pairs)), "slot of pair p holds p"
+    owner = torch.searchsorted(group_ends, slots, right=True)  # the group each slot falls in
+    assert torch.equal(owner, topk_ids.flatten().long().cpu()), "each pair's slot lies in its expert's group"
 
 
 # --------------------------------------------------------------------------------------------- experts
@@ -574,6 +582,58 @@ def test_fused_experts(dtype, tokens, hidden, inter, experts, top_k, config):
         out = moe_tk.fused_experts(x, w13, w2, weights, ids, config=config)
     ref = moe_ref.fused_experts(x, w13, w2, weights, ids.long())
     _close(out, ref, dtype)
+
+
+def _grouped_mm_config(base: moe_tk.MoeConfig | None) -> moe_tk.MoeConfig:
+    return dataclasses.replace(base or moe_tk.default_moe_config(1024, 9, 257), down_grouped_mm=True)
+
+
+_PREFILL = moe_tk.default_moe_config(65536, 9, 257)  # the prefill-chunk tier
+_PREFILL_TMA = dataclasses.replace(_PREFILL, gate_up=dataclasses.replace(_PREFILL.gate_up, tma=True))
+
+
+@pytest.mark.parametrize(
+    "tokens,hidden,inter,experts,top_k,config",
+    [
+        # Several blocks per expert and partial N tiles (H, I multiples of 8, as the grouped GEMM needs).
+        (40, 64, 48, 4, 2, _grouped_mm_config(_SMALL_TILES)),
+        # An expert nobody routes to (an empty group) among many; BLOCK_M 32.
+        (24, 32, 16, 12, 3, _grouped_mm_config(dataclasses.replace(_SMALL_TILES, block_m=32))),
+        # Gate/up weight tiles through a TMA descriptor; K (72) not a multiple of the K step (32).
+        (40, 72, 48, 4, 2, _grouped_mm_config(dataclasses.replace(
+            _SMALL_TILES, gate_up=dataclasses.replace(_SMALL_TILES.gate_up, tma=True)))),
+        # 35B-A3B's expert shape with the shared expert as a 9th column of every token: on a GPU with the
+        # default configuration, which takes the grouped GEMM by itself above 4096 pairs; under the interpreter
+        # with the big tiles, forced, and fewer tokens and experts.
+        *([(1024, 2048, 512, 257, 9, None), (1024, 2048, 512, 257, 9, _PREFILL_TMA)] if DEVICE == "cuda" else
+          [(6, 2048, 512, 5, 3, _grouped_mm_config(_BIG_TILES))]),
+    ],
+)
+def test_fused_experts_down_as_grouped_mm(tokens, hidden, inter, experts, top_k, config):
+    """bf16 prefill chunks: gate/up writes activations in the sorted order, torch's grouped GEMM does the down
+    projection, the k-sum applies the routing weights through each pair's slot. Against the reference, and
+    on a GPU against the Triton down kernel on the same inputs. Unused experts' weights are NaN."""
+    x, w13, w2, weights, ids = _expert_inputs(tokens, hidden, inter, experts, top_k, torch.bfloat16,
+                                              seed=tokens + experts)
+    if top_k == 9:  # the serving layout: 8 routed experts, then the shared one (the stacks' last) for every token
+        routed = torch.stack([torch.randperm(experts - 1, generator=_gen(t))[:8] for t in range(tokens)])
+        ids = torch.cat([routed, torch.full((tokens, 1), experts - 1)], dim=1).to(torch.int32).to(DEVICE)
+    unused = torch.ones(experts, dtype=torch.bool, device=DEVICE)
+    unused[ids.flatten().long()] = False
+    w13[unused] = float("nan")
+    w2[unused] = float("nan")
+    if config is None:
+        assert moe_tk.grouped_mm_down_supported(x, w2), "the H200/B200 test machines run the grouped GEMM"
+    with poisoned_outputs():
+        out = moe_tk.fused_experts(x, w13, w2, weights, ids, config=config)
+    _close(out, moe_ref.fused_experts(x, w13, w2, weights, ids.long()), torch.bfloat16)
+    if DEVICE == "cuda":
+        triton_down = dataclasses.replace(config or moe_tk.default_moe_config(tokens, top_k, experts),
+                                          down_grouped_mm=False)
+        _close(out, moe_tk.fused_experts(x, w13, w2, weights, ids, config=triton_down), torch.bfloat16)
+        with pytest.raises(ValueError, match="down_grouped_mm"):
+            moe_tk.fused_experts(x.float(), w13.float(), w2.float(), weights, ids,
+                                 config=_grouped_mm_config(config))
 
 
 @pytest.mark.parametrize(
