@@ -6,6 +6,7 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR decode            # single-request decode, bf16 vs fp8 KV, 1K-128K
 #     bash loadtest/run_serving_gpu.sh OUT_DIR prefill,batch     # prefill by chunk size + profile, batched decode
 #     bash loadtest/run_serving_gpu.sh OUT_DIR fp8prefill        # one-pass prefill, bf16 vs fp8 KV (ragged kernel)
+#     bash loadtest/run_serving_gpu.sh OUT_DIR onepass,moeprefill  # one-pass prefill + 32K profile; its MoE by part
 #     bash loadtest/run_serving_gpu.sh OUT_DIR cputransfer       # issue 23's hand-over efficiency, host memory
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
@@ -13,8 +14,8 @@
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
-out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill batch
-gdntests gdndecode cputransfer jitsave)}
+out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
+moeprefill batch gdntests gdndecode cputransfer jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -46,6 +47,12 @@ for step in ${stage//,/ }; do
             timeout 150 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000,131072 \
                 --chunk-sizes 131072 --kv-cache-dtype "$kv" --out "$out/prefill_${kv}_h200.json"
         done ;;
+    onepass)  # single prompts in one pass, then a kernel profile of a 32K prompt with the GPU's idle gaps
+        timeout 200 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000,131072 \
+            --chunk-sizes 131072 --profile-length 32768 --out "$out/prefill_onepass_h200.json" ;;
+    moeprefill)  # the prefill MoE part by part: Triton vs CUTLASS grouped GEMMs vs dense cuBLAS, TMA tiles
+        timeout 200 python3 -m kernels.bench_moe_prefill --tokens 8192,32768,65536 --sweep-tma \
+            --out "$out/moe_prefill_h200.json" ;;
     cputransfer)  # hand-over vs raw Mooncake write between host-memory pools (TCP), 5 fresh process pairs
         timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_transfer --device cpu --contexts 4096,16384,32768 \
             --trials 5 --out "$out/transfer_tcp_cpu_h200host_35b-a3b.json" ;;
