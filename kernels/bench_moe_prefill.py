@@ -10,7 +10,8 @@ every token, as the engine runs it) and timed in alternation with the others:
 
 * ``fused_triton_down`` / ``fused_grouped_mm_down``: ``fused_experts`` with each down path (the second is the
   default for bf16 prefill on sm90/sm100): alignment, gate/up, down, k-sum;
-* ``align``: the torch alignment (with slots and group ends); ``sum_pairs`` / ``sum_slots``: the k-sum over rows in
+* ``align`` / ``align_blocked``: the torch alignment (with slots and group ends) / the blocked Triton one (the same
+  result, checked here); ``sum_pairs`` / ``sum_slots``: the k-sum over rows in
   pair order / through the slots with the routing weights;
 * ``triton_gate_up`` / ``triton_gate_up_sorted``: the gate/up kernel storing in pair / sorted order;
   ``triton_down`` / ``grouped_mm_down``: the two down GEMMs alone;
@@ -84,6 +85,9 @@ def bench(model: str, tokens: int, seed: int, sweep_tma: bool = False) -> dict:
                                moe_tk.fused_experts(x, w13, w2, weights, ids, config=triton_down),
                                rtol=2e-2, atol=2e-2)
 
+    blocked = moe_tk._moe_align_blocked(ids.flatten(), cfg.block_m, num_experts, max_padded, max_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(blocked, aligned[0], strict=True)), "blocked alignment differs"
+
     def twice(fn):
         return lambda: [fn(i) for i in range(2)]
 
@@ -100,6 +104,8 @@ def bench(model: str, tokens: int, seed: int, sweep_tma: bool = False) -> dict:
                                                                       config=grouped_down)),
         "align": twice(lambda i: moe_tk._moe_align_torch(routings[i][0].flatten(), cfg.block_m, num_experts,
                                                          max_padded, max_blocks)),
+        "align_blocked": twice(lambda i: moe_tk._moe_align_blocked(routings[i][0].flatten(), cfg.block_m, num_experts,
+                                                                   max_padded, max_blocks)),
         "sum_pairs": twice(lambda i: k_sum(i, None)),
         "sum_slots": twice(lambda i: k_sum(i, aligned[i][4])),
         "triton_gate_up": twice(lambda i: moe_tk._grouped_gate_up(x, w13, *aligned[i][:3], cfg, top_k)),

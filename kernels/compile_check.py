@@ -240,8 +240,9 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
 
 
 def moe_prefill_35b(tokens: int) -> Callable[[], None]:
-    """The prefill MoE's Triton kernels at a chunk of ``tokens``: gate/up with TMA weight tiles storing in the
-    sorted order (the down projection is torch's grouped GEMM there), and the k-sum through the slots."""
+    """The prefill MoE's Triton kernels at a chunk of ``tokens``: the blocked alignment, gate/up with TMA weight
+    tiles storing in the sorted order (the down projection is torch's grouped GEMM there), the k-sum through the
+    slots."""
     def case() -> None:
         from kernels.triton import moe
 
@@ -251,6 +252,7 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
         max_padded, max_blocks = moe._padded_sizes(ids.numel(), 257, cfg.block_m)
         sorted_ids, expert_ids, num_post, _, slots = moe._moe_align_torch(ids.flatten(), cfg.block_m, 257,
                                                                           max_padded, max_blocks)
+        moe._moe_align_blocked(ids.flatten(), cfg.block_m, 257, max_padded, max_blocks)
         moe._grouped_gate_up(w(tokens, 2048), w(257, 1024, 2048), sorted_ids, expert_ids, num_post, cfg, 9,
                              sorted_out=True)
         moe._moe_sum_kernel[(tokens, 2)](w(max_padded, 2048), w(tokens, 2048), slots, torch.rand(tokens, 9), 2048,

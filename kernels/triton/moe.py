@@ -71,6 +71,8 @@ _ALIGN_TRITON_MAX_PAIRS = 4096
 # decode of 256 tokens of 35B-A3B with the shared expert: 3.1 of the step's 36.9 ms; 10 us at 576 pairs).
 _ALIGN_ONE_PROGRAM_MAX_PAIRS = 256
 _ALIGN_PAIRS_PER_PROGRAM = 64
+# Pairs per program of the blocked alignment for prefill-sized batches (_moe_align_blocked).
+_ALIGN_BLOCKED_PAIRS = 1024
 _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile in registers
 # Most (token, expert) pairs for the matrix-vector path (no sort) when no config is given: on the H100 it
 # beat the best grouped tiles at 1, 2 and 4 tokens of 35B-A3B (9 pairs each with the shared expert; 26.5 vs
@@ -498,6 +500,71 @@ def _moe_align_parallel_kernel(
         b = b0 + tl.arange(0, BLOCK_FILL)
         tl.store(expert_ids_ptr + b, tl.zeros([BLOCK_FILL], dtype=tl.int32), mask=b < max_blocks)
         b0 += num_programs * BLOCK_FILL
+
+
+@triton.jit
+def _moe_align_count_kernel(ids_ptr, hist_ptr, num_pairs, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """hist[program, e] = how many of the program's BLOCK pairs go to expert e."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=0).to(tl.int32)
+    counts = tl.histogram(ids, BLOCK_E, mask=i < num_pairs)
+    tl.store(hist_ptr + pid * BLOCK_E + tl.arange(0, BLOCK_E), counts)
+
+
+@triton.jit
+def _moe_align_scatter_kernel(
+    ids_ptr, before_ptr, padded_start_ptr, sorted_ids_ptr, expert_ids_ptr, slots_ptr, num_pairs, num_experts,
+    BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Each program's BLOCK pairs to their slots: ``padded_start[e]`` + the pairs of e in earlier programs
+    (``before[program, e]``) + the pair's rank among the program's pairs of e (an in-program sort by expert, then
+    index: the stable order)."""
+    pid = tl.program_id(0)
+    local = tl.arange(0, BLOCK)
+    i = pid * BLOCK + local
+    valid = i < num_pairs
+    ids = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
+    counts = tl.histogram(ids, BLOCK_E, mask=valid)
+    block_start = tl.cumsum(counts, axis=0) - counts  # where each expert's run begins in the sorted block
+    keys = tl.sort(tl.where(valid, ids, num_experts) * BLOCK + local)  # invalid lanes sort last
+    expert = keys // BLOCK
+    pair = pid * BLOCK + keys % BLOCK
+    live = local < num_pairs - pid * BLOCK
+    e = tl.minimum(expert, BLOCK_E - 1)  # (the invalid lanes' expert id may be BLOCK_E; they store nothing)
+    rank = local - tl.gather(block_start, e, 0)
+    dest = tl.load(padded_start_ptr + e, mask=live, other=0) + tl.load(before_ptr + pid * BLOCK_E + e, mask=live,
+                                                                          other=0) + rank
+    tl.store(sorted_ids_ptr + dest, pair.to(tl.int32), mask=live)
+    tl.store(slots_ptr + pair, dest.to(tl.int32), mask=live)
+    tl.store(expert_ids_ptr + dest // BLOCK_M, expert.to(tl.int32), mask=live)
+
+
+def _moe_align_blocked(
+    flat_ids: torch.Tensor, block_m: int, num_experts: int, max_padded: int, max_blocks: int,
+    block_pairs: int = _ALIGN_BLOCKED_PAIRS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_moe_align_torch``'s result (bit for bit) from two Triton passes over programs of ``block_pairs`` pairs and
+    a few torch ops on a [programs, experts] table, for prefill-sized batches (no host sync)."""
+    device = flat_ids.device
+    num_pairs = flat_ids.numel()
+    block_e = triton.next_power_of_2(num_experts)
+    programs = triton.cdiv(num_pairs, block_pairs)
+    hist = torch.empty(programs, block_e, dtype=torch.int32, device=device)
+    _moe_align_count_kernel[(programs,)](flat_ids, hist, num_pairs, BLOCK=block_pairs, BLOCK_E=block_e, num_warps=4)
+    before = torch.cumsum(hist, 0, dtype=torch.int32) - hist
+    counts = hist.sum(0, dtype=torch.int32)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0, dtype=torch.int32)
+    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    expert_ids = torch.zeros(max_blocks, dtype=torch.int32, device=device)
+    slots = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    _moe_align_scatter_kernel[(programs,)](
+        flat_ids, before, padded_end - padded, sorted_ids, expert_ids, slots, num_pairs, num_experts,
+        BLOCK=block_pairs, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=8,
+    )
+    group_ends = padded_end[:num_experts]
+    return sorted_ids, expert_ids, group_ends[-1:], group_ends, slots
 
 
 def _moe_align_torch(

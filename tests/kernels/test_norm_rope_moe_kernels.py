@@ -520,6 +520,11 @@ def test_moe_align_block_size(tokens, top_k, experts, block_m):
     total = int(result[2].item())
     assert torch.equal(result[0], other[0]) and torch.equal(result[2], other[2])
     assert torch.equal(result[1][: total // block_m], other[1][: total // block_m])
+    # The blocked Triton alignment for prefill-sized batches (several programs of 256 pairs here) gives the torch
+    # alignment's result bit for bit, its extra outputs included.
+    blocked = moe_tk._moe_align_blocked(topk_ids.flatten(), block_m, experts, max_padded, max_blocks, block_pairs=256)
+    for got, want in zip(blocked, other, strict=True):
+        assert torch.equal(got, want)
     # The grouped GEMM's offsets and each pair's slot (the grouped_mm down path).
     group_ends, slots = other[3].long().cpu(), other[4].long().cpu()
     counts = torch.bincount(topk_ids.flatten().long().cpu(), minlength=experts)
