@@ -13,7 +13,8 @@ every token, as the engine runs it) and timed in alternation with the others:
 * ``align`` / ``align_blocked``: the torch alignment (with slots and group ends) / the blocked Triton one (the same
   result, checked here); ``sum_pairs`` / ``sum_slots``: the k-sum over rows in
   pair order / through the slots with the routing weights;
-* ``triton_gate_up`` / ``triton_gate_up_sorted``: the gate/up kernel storing in pair / sorted order;
+* ``triton_gate_up`` / ``triton_gate_up_sorted`` / ``triton_gate_up_sorted_tma``: the gate/up kernel storing in
+  pair / sorted order with pointer loads of its weight tiles, and in sorted order through TMA (the default);
   ``triton_down`` / ``grouped_mm_down``: the two down GEMMs alone;
 * ``grouped_mm_gate_up``: ``torch._grouped_mm`` of the expert-sorted input rows (gathered beforehand) with the
   gate/up stacks, and ``gather`` / ``swiglu``: the gather of those rows and the SwiGLU it would need after (why
@@ -44,8 +45,9 @@ log = logging.getLogger("bench_moe_prefill")
 
 
 # Gate/up tiles timed with their weights through TMA or pointers (``--sweep-tma``), around the prefill default
-# (128 x 64 x 8 warps, 3 stages, pointers): a first sweep (moe_prefill_tma_h200.json) found K steps of 32 with 5
-# stages best by 8-14%, K 128 and 64-column tiles worse by 20-60%.
+# (128 x 64 x 8 warps, 3 stages; pointer loads when these sweeps ran, TMA since). A first sweep
+# (moe_prefill_tma_h200.json) found K steps of 32 with 5 stages best by 8-14%, which a second did not repeat
+# (moe_prefill_tma2_h200.json); K 128 and 64-column tiles were 20-60% slower in both.
 _TMA_TILES = [moe_tk.GemmTile(n, k, num_warps=w, num_stages=st, group_m=8, tma=tma)
               for n, k, w, st, tma in ((128, 64, 8, 4, True), (128, 32, 8, 4, True), (128, 32, 8, 5, True),
                                        (128, 32, 8, 6, True), (128, 32, 4, 5, True), (64, 32, 4, 6, True),
@@ -62,6 +64,9 @@ def bench(model: str, tokens: int, seed: int, sweep_tma: bool = False) -> dict:
     cfg = moe_tk.default_moe_config(tokens, top_k, num_experts)
     pairs = tokens * top_k
 
+    # Gate/up with pointer loads of its weight tiles and with TMA (the default), whatever the default is.
+    ptr_cfg = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, tma=False))
+    tma_cfg = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, tma=True))
     triton_down = dataclasses.replace(cfg, down_grouped_mm=False)
     grouped_down = dataclasses.replace(cfg, down_grouped_mm=True)
     max_padded, max_blocks = moe_tk._padded_sizes(pairs, num_experts, cfg.block_m)
@@ -108,12 +113,11 @@ def bench(model: str, tokens: int, seed: int, sweep_tma: bool = False) -> dict:
                                                                    max_padded, max_blocks)),
         "sum_pairs": twice(lambda i: k_sum(i, None)),
         "sum_slots": twice(lambda i: k_sum(i, aligned[i][4])),
-        "triton_gate_up": twice(lambda i: moe_tk._grouped_gate_up(x, w13, *aligned[i][:3], cfg, top_k)),
-        "triton_gate_up_sorted": twice(lambda i: moe_tk._grouped_gate_up(x, w13, *aligned[i][:3], cfg, top_k,
+        "triton_gate_up": twice(lambda i: moe_tk._grouped_gate_up(x, w13, *aligned[i][:3], ptr_cfg, top_k)),
+        "triton_gate_up_sorted": twice(lambda i: moe_tk._grouped_gate_up(x, w13, *aligned[i][:3], ptr_cfg, top_k,
                                                                          sorted_out=True)),
-        "triton_gate_up_sorted_tma": twice(lambda i: moe_tk._grouped_gate_up(
-            x, w13, *aligned[i][:3], dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, tma=True)),
-            top_k, sorted_out=True)),
+        "triton_gate_up_sorted_tma": twice(lambda i: moe_tk._grouped_gate_up(x, w13, *aligned[i][:3], tma_cfg, top_k,
+                                                                             sorted_out=True)),
         "triton_down": twice(lambda i: moe_tk._grouped_down(act, w2, routings[i][1], *aligned[i][:3], cfg)),
         "grouped_mm_down": twice(lambda i: torch._grouped_mm(act_sorted, w2_t, offs=aligned[i][3])),
         "grouped_mm_gate_up": twice(lambda i: torch._grouped_mm(gathered[i][0], w13_t, offs=gathered[i][2])),

@@ -86,7 +86,14 @@ class FlashInferAttention:
         return None
 
     def plan(self, query_lens: list[int], kv_lens: list[int], page_tables: list[list[int]], scale: float) -> None:
-        """Describe this step's sequences (same for every layer); page tables are host lists."""
+        """Describe this step's sequences (same for every layer); page tables are host lists.
+
+        The offsets go to flashinfer as device tensors on purpose: its ``plan`` copies them back to the host, and
+        that synchronisation is what keeps the host from planning the next step into flashinfer's pinned plan
+        buffer while this step's asynchronous copy out of it is still queued (the next chunk of a long prompt is
+        planned without waiting for this one's tokens). Host tensors there saved ~2 ms of GPU idle time before a
+        32K prompt's first layer, within the noise of the prefill time, and opened that race (mini-sglang and
+        vLLM hit the same one); they were taken out again."""
         common = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=scale)
         decode = all(q == 1 for q in query_lens)
         if not decode and self._ragged_fits(query_lens, kv_lens):
@@ -99,29 +106,27 @@ class FlashInferAttention:
                                 for t, used in zip(page_tables, pages_used, strict=True)])
             first_page = torch.tensor([0, *pages_used[:-1]]).cumsum(0)
             page_index = first_page.repeat_interleave(torch.tensor(kv_lens)) + positions // self.page_size
-            self._token_pages = _to_device(tables[page_index], self.device)
-            self._token_offsets = _to_device(positions % self.page_size, self.device)
-            # Offsets passed as host tensors: flashinfer's plan reads them on the host, and a device tensor
-            # there is copied back (a synchronisation that left the GPU idle before a long prompt's first layer).
-            self.ragged.plan(qo_indptr, kv_token_indptr, self.num_qo_heads,
+            self._token_pages = tables[page_index].to(self.device, non_blocking=True)
+            self._token_offsets = (positions % self.page_size).to(self.device, non_blocking=True)
+            self.ragged.plan(qo_indptr.to(self.device), kv_token_indptr.to(self.device), self.num_qo_heads,
                              self.num_kv_heads, self.head_dim, causal=True,
                              **{**common, "kv_data_type": self.dtype})  # an fp8 cache's K/V dequantized in run
             self._wrapper = self.ragged
             return
         # The paged kernels read the page tables themselves.
         kv_indptr = _indptr([len(t) for t in page_tables])
-        kv_indices = _to_device(torch.tensor([p for t in page_tables for p in t], dtype=torch.int32), self.device)
+        kv_indices = torch.tensor([p for t in page_tables for p in t], dtype=torch.int32).to(self.device)
         last_page_len = torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32)
-        if decode:  # (host offsets, as above)
+        if decode:
             self.decode.plan(
-                kv_indptr, kv_indices, last_page_len, self.num_qo_heads,
+                kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device), self.num_qo_heads,
                 self.num_kv_heads, self.head_dim, self.page_size, **common,
             )
             self._wrapper = self.decode
         else:
             qo_indptr = _indptr(query_lens)
             self.prefill.plan(
-                qo_indptr, kv_indptr, kv_indices, last_page_len,
+                qo_indptr.to(self.device), kv_indptr.to(self.device), kv_indices, last_page_len.to(self.device),
                 self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common,
             )
             self._wrapper = self.prefill
@@ -194,13 +199,6 @@ def _dequantize(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch
 def new_workspace(device: torch.device) -> torch.Tensor:
     """flashinfer's scratch for one backend, or for several that never run concurrently."""
     return torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-
-
-def _to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """An asynchronous copy through pinned memory (a pageable source makes the host wait for the copy)."""
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _fast_decode_plan():

@@ -99,7 +99,9 @@ def tune_prefill(model: str, tokens: int, seed: int, block_ms: tuple[int, ...] =
     num_experts = s.experts + 1
     w13, w2, x = _weights_and_input(s, num_experts, tokens, seed)
     routings = _routings(tokens, s.experts, s.top_k, 2, seed)
-    default = moe_tk.default_moe_config(tokens, s.top_k + 1, num_experts)
+    # The down tiles swept are the Triton down kernel's: bf16 prefill in the engine takes torch's grouped GEMM for
+    # the down projection instead (MoeConfig.down_grouped_mm; kernels/bench_moe_prefill.py compares the two).
+    default = dataclasses.replace(moe_tk.default_moe_config(tokens, s.top_k + 1, num_experts), down_grouped_mm=False)
     default_us = _time_config(x, w13, w2, routings, default)
     flops = 2 * 3 * tokens * (s.top_k + 1) * s.hidden * s.moe_inter
     log.info("%s T=%d: default %s -> %.0f us (%.0f TFLOP/s)", model, tokens, default, default_us,

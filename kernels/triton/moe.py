@@ -71,6 +71,8 @@ _ALIGN_TRITON_MAX_PAIRS = 4096
 # decode of 256 tokens of 35B-A3B with the shared expert: 3.1 of the step's 36.9 ms; 10 us at 576 pairs).
 _ALIGN_ONE_PROGRAM_MAX_PAIRS = 256
 _ALIGN_PAIRS_PER_PROGRAM = 64
+# torch._grouped_mm refuses 1024 groups or more.
+_GROUPED_MM_MAX_GROUPS = 1024
 # Pairs per program of the blocked alignment for prefill-sized batches (_moe_align_blocked).
 _ALIGN_BLOCKED_PAIRS = 1024
 _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile in registers
@@ -1127,16 +1129,17 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torc
 
 def grouped_mm_down_supported(x: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether torch's CUTLASS grouped GEMM runs the down projection here: bf16 on sm90/sm100 (the architectures
-    its kernels are built for), rows 16-byte aligned."""
+    its kernels are built for), rows 16-byte aligned, fewer experts than it takes groups."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and w2.shape[1] % 8 == 0 and w2.shape[2] % 8 == 0
-            and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+            and w2.shape[0] < _GROUPED_MM_MAX_GROUPS and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
 
 
 def _gate_up_tma_supported(x: torch.Tensor, w13: torch.Tensor, tile: GemmTile) -> bool:
     """16-bit stacks whose gate half is a whole number of tiles (a tile must not run into the up rows), with
-    16-byte rows, as the TMA descriptor needs; fp32 (the exactness tests) keeps pointer loads."""
+    16-byte rows and a 16-byte-aligned start, as the TMA descriptor needs; fp32 (the exactness tests) keeps pointer
+    loads."""
     return (x.dtype in (torch.bfloat16, torch.float16) and (w13.shape[1] // 2) % tile.block_n == 0
-            and (w13.shape[2] * w13.element_size()) % 16 == 0 and w13.is_contiguous())
+            and (w13.shape[2] * w13.element_size()) % 16 == 0 and w13.is_contiguous() and w13.data_ptr() % 16 == 0)
 
 
 def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None
@@ -1195,9 +1198,10 @@ def _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg: MoeConfig, t
     t = cfg.gate_up
     desc = None
     if t.tma:
-        if inter % t.block_n or (hidden * w13.element_size()) % 16 or not w13.is_contiguous():
-            raise ValueError(f"GemmTile.tma needs I % block_n == 0, 16-byte rows and contiguous stacks; got I={inter}, "
-                             f"{t}, w13 {tuple(w13.shape)} strides {w13.stride()}")
+        if not _gate_up_tma_supported(x, w13, t):
+            raise ValueError(f"GemmTile.tma needs 16-bit, contiguous, 16-byte-aligned stacks with 16-byte rows and "
+                             f"I % block_n == 0; got {x.dtype}, I={inter}, {t}, w13 {tuple(w13.shape)} strides "
+                             f"{w13.stride()}")
         # A host-side descriptor (no device allocation); built per call: a few microseconds against milliseconds.
         desc = TensorDescriptor(w13, list(w13.shape), list(w13.stride()), [1, t.block_n, t.block_k])
     _moe_gate_up_kernel[(triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(inter, t.block_n),)](

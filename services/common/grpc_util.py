@@ -21,6 +21,28 @@ FINISH_REASONS = {
 }
 
 
+class CallOutcome:
+    """One call's outcome in a requests counter, counted once, and before the caller can see the call end: grpc's
+    ``abort`` sends the status before it raises, so a count taken after it (in a ``finally``) could come after a
+    client had already read the metrics (tests/test_pd_cluster.py saw it)."""
+
+    def __init__(self, counter, outcome_of_status: dict[grpc.StatusCode, str] | None = None) -> None:
+        self._counter = counter
+        self._outcome_of_status = outcome_of_status or {}
+        self._counted = False
+
+    def count(self, outcome: str) -> None:
+        """Count ``outcome`` unless the call is counted already."""
+        if not self._counted:
+            self._counted = True
+            self._counter.labels(outcome).inc()
+
+    async def abort(self, context, code: grpc.StatusCode, details: str, outcome: str | None = None) -> None:
+        """Count (``outcome``, else the one ``code`` maps to, else "error"), then ``context.abort``, which raises."""
+        self.count(outcome or self._outcome_of_status.get(code, "error"))
+        await context.abort(code, details)
+
+
 def sampling_from_proto(msg: inference_pb2.SamplingParams) -> SamplingParams:
     """Raises InvalidRequestError naming the bad field."""
     kwargs = {name: getattr(msg, name) for name in _OPTIONAL_FLOATS if msg.HasField(name)}

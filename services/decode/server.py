@@ -30,6 +30,7 @@ import grpc
 from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
 from services.common.grpc_util import (
     FINISH_REASONS,
+    CallOutcome,
     add_servicer,
     pool_usage,
     prompt_from_request,
@@ -229,41 +230,36 @@ class DecodeService(inference_pb2_grpc.InferenceServicer):
     # ---- public API ---------------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
         arrival = time.monotonic()
-        # Counted once, when the stream ends; a stream that ends any other way (the caller cancelled, its deadline
-        # passed) stays "cancelled".
-        outcome = "cancelled"
+        # Counted once, when the stream ends, before the caller can see it end (see CallOutcome); a stream that
+        # ends any other way (the caller cancelled, its deadline passed) stays "cancelled".
+        call = CallOutcome(self.metrics.requests)
         try:
             try:
                 prompt = prompt_from_request(request)
                 params = sampling_from_proto(request.sampling)
             except InvalidRequestError as err:
-                outcome = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                await call.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid")
             # aclosing: a caller that leaves ends the engine's stream now, not when the generator is collected.
             async with contextlib.aclosing(self._generate(request, prompt, params, arrival)) as responses:
                 async for response in responses:
                     if response.finished:  # before the last yield: the caller may stop right there
-                        outcome = "finished"
+                        call.count("finished")
                     yield response
         except InvalidRequestError as err:
-            outcome = "invalid"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await call.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid")
         except OverloadedError as err:
-            outcome = "overloaded"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            await call.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), "overloaded")
         except EngineDeadError as err:
-            outcome = "error"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decode pod stopped serving: {err}")
+            await call.abort(context, grpc.StatusCode.UNAVAILABLE, f"the decode pod stopped serving: {err}", "error")
         except EngineError as err:
-            outcome = "error"
-            await context.abort(grpc.StatusCode.INTERNAL, str(err))
+            await call.abort(context, grpc.StatusCode.INTERNAL, str(err), "error")
         except grpc.aio.AbortError:
-            raise  # the validation's abort above: its outcome is set
+            raise  # the validation's abort above: counted there
         except Exception:
-            outcome = "error"  # a bug: gRPC answers UNKNOWN
+            call.count("error")  # a bug: gRPC answers UNKNOWN
             raise
         finally:
-            self.metrics.requests.labels(outcome).inc()
+            call.count("cancelled")
 
     async def _generate(self, request: inference_pb2.GenerateRequest, prompt, params, arrival: float):
         """The engine's stream as responses, with its latency and token metrics."""

@@ -173,7 +173,11 @@ class ModelRunner:
             starts.append(start)
             lengths.append(seq.num_new_tokens)
             page_offsets.append(len(pages) - start // page_size)
-            pages.extend(req.page_ids[start // page_size: -(-end // page_size)])
+            touched = req.page_ids[start // page_size: -(-end // page_size)]
+            if len(touched) != -(-end // page_size) - start // page_size:  # (the layout below would not notice)
+                raise RuntimeError(f"request {req.request_id} has {len(req.page_ids)} pages, too few for "
+                                   f"tokens [{start}, {end})")
+            pages.extend(touched)
             num_tokens += seq.num_new_tokens
             if seq.samples:
                 logits_indices.append(num_tokens - 1)

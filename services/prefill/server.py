@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from services.cluster.publisher import ClusterPublisher, advertised_address, worker_record
-from services.common.grpc_util import add_servicer, pool_usage, sampling_from_proto
+from services.common.grpc_util import CallOutcome, add_servicer, pool_usage, sampling_from_proto
 from services.common.health import LifecycleGate, add_health_and_reflection, start_health_port
 from services.common.lifecycle import Lifecycle, ServingState
 from services.common.metrics import PodMetrics
@@ -165,25 +165,25 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
     async def Prefill(self, request: pd_pb2.PrefillRequest, context) -> pd_pb2.PrefillResponse:
         # Counted once per call. A handler cancelled (the decode pod's deadline passed, or it went away) stays
         # "aborted"; an abort's status says which outcome it was.
-        outcome = "aborted"
+        call = CallOutcome(self.metrics.prefill_requests, _OUTCOME_OF_STATUS)
         try:
-            response = await self._prefill_call(request, context)
-            outcome = "finished"
+            response = await self._prefill_call(request, context, call)
+            call.count("finished")
             return response
         except Exception:
-            outcome = _OUTCOME_OF_STATUS.get(context.code(), "error")
+            call.count(_OUTCOME_OF_STATUS.get(context.code(), "error"))
             raise
         finally:
-            self.metrics.prefill_requests.labels(outcome).inc()
+            call.count("aborted")  # cancelled: CancelledError is no Exception
 
-    async def _prefill_call(self, request: pd_pb2.PrefillRequest, context) -> pd_pb2.PrefillResponse:
+    async def _prefill_call(self, request: pd_pb2.PrefillRequest, context, call: CallOutcome
+                            ) -> pd_pb2.PrefillResponse:
         if self.draining:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the prefill pod is shutting down")
+            await call.abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the prefill pod is shutting down")
         decode = self.decodes.get(request.decode_id)
         if decode is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"unknown decode pod {request.decode_id!r}: handshake first"
-            )
+            await call.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                             f"unknown decode pod {request.decode_id!r}: handshake first")
         self.decodes.move_to_end(request.decode_id)
         key = f"{request.decode_id}/{request.request_id}"
         arrived = time.monotonic()
@@ -193,12 +193,12 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             if key in self.inflight:
                 raise InvalidRequestError(f"request {request.request_id!r} is already being prefilled")
         except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await call.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if key in self.aborted:
-            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted before it arrived")
+            await call.abort(context, grpc.StatusCode.ABORTED, "prefill aborted before it arrived")
         inflight = self.inflight[key] = _Inflight()
         try:
-            return await self._prefill(request, key, params, decode, inflight, context, arrived)
+            return await self._prefill(request, key, params, decode, inflight, context, call, arrived)
         finally:
             pending = [w for w in inflight.writes if not w.done()]
             if pending:
@@ -222,17 +222,18 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         del self.inflight[key]
         log.info("hand-over settled: %s", key)
 
-    async def _prefill(self, request, key, params, decode: _Decode, inflight: _Inflight, context, arrived: float):
+    async def _prefill(self, request, key, params, decode: _Decode, inflight: _Inflight, context, call: CallOutcome,
+                       arrived: float):
         last = None
         try:
             async for out in self.async_engine.generate(list(request.token_ids), params, key, hold_memory=True):
                 last = out
         except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await call.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except EngineError as err:
-            await context.abort(grpc.StatusCode.INTERNAL, str(err))
+            await call.abort(context, grpc.StatusCode.INTERNAL, str(err))
         if inflight.aborted or last is None or last.finish_reason == FinishReason.ABORT:
-            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
+            await call.abort(context, grpc.StatusCode.ABORTED, "prefill aborted")
 
         def held_memory(engine: Engine):
             held = engine.held[key]
@@ -244,7 +245,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
                 self.async_engine.call(held_memory)
             )
         except KeyError:  # aborted between finishing and here: its memory is already released
-            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
+            await call.abort(context, grpc.StatusCode.ABORTED, "prefill aborted")
         page, n = self.engine.config.page_size, len(request.token_ids)
         first, end = request.num_cached_tokens // page, -(-n // page)
         slots = [(slot, request.dest_state_slot)]
@@ -256,7 +257,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             self.regions, decode.regions, page_ids[first:end], list(request.dest_page_ids), slots
         )
         if inflight.aborted:
-            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
+            await call.abort(context, grpc.StatusCode.ABORTED, "prefill aborted")
         started = time.monotonic()
         compute = started - arrived
         log.info("hand-over started: %s, %d pages, %d state slots to %s", key, end - first, len(slots), decode.session)
@@ -271,7 +272,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
             # may still land late (see services/transfer/engine.py): it must not reuse that memory.
             self.metrics.transfers.labels("failed").inc()
             log.error("hand-over of %s failed: %s", key, err)
-            await context.abort(grpc.StatusCode.DATA_LOSS, f"hand-over to the decode pod failed: {err}")
+            await call.abort(context, grpc.StatusCode.DATA_LOSS, f"hand-over to the decode pod failed: {err}")
         elapsed = time.monotonic() - started
         self.metrics.transfers.labels("ok").inc()
         self.metrics.transfer_bytes.inc(nbytes)
@@ -279,7 +280,7 @@ class PrefillService(pd_pb2_grpc.PrefillServicer):
         self.metrics.prefill_compute_seconds.observe(compute)
         self.metrics.transfer_pages.inc(end - first)
         if inflight.aborted:  # everything was written, but the decode pod gave up on it meanwhile
-            await context.abort(grpc.StatusCode.ABORTED, "prefill aborted")
+            await call.abort(context, grpc.StatusCode.ABORTED, "prefill aborted")
         self.metrics.prefill_prompt_tokens.inc(n)
         logprob = last.new_logprobs[0] if last.new_logprobs else 0.0
         first_token = last.new_token_ids[0] if self.config.fault_first_token < 0 else self.config.fault_first_token
