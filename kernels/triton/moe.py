@@ -1166,9 +1166,9 @@ def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | Non
     if grouped_mm is None:
         grouped_mm = num_pairs > _ALIGN_TRITON_MAX_PAIRS and grouped_mm_down_supported(x, w2)
     elif grouped_mm and x.is_cuda and not grouped_mm_down_supported(x, w2):
-        raise ValueError(f"MoeConfig.down_grouped_mm: torch's grouped GEMM needs bf16 on sm90/sm100 and H, I "
-                         f"multiples of 8; got {x.dtype} on {torch.cuda.get_device_name(x.device)}, w2 "
-                         f"{tuple(w2.shape)}")
+        raise ValueError(f"MoeConfig.down_grouped_mm: torch's grouped GEMM needs bf16 on sm90/sm100, H and I "
+                         f"multiples of 8 and fewer than {_GROUPED_MM_MAX_GROUPS} experts; got {x.dtype} on "
+                         f"{torch.cuda.get_device_name(x.device)}, w2 {tuple(w2.shape)}")
     if not grouped_mm:
         sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
         act = _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg, top_k)

@@ -172,16 +172,17 @@ class ModelRunner:
                 input_ids.extend(req.token_ids_between(start, end))
             starts.append(start)
             lengths.append(seq.num_new_tokens)
-            page_offsets.append(len(pages) - start // page_size)
-            touched = req.page_ids[start // page_size: -(-end // page_size)]
-            if len(touched) != -(-end // page_size) - start // page_size:  # (the layout below would not notice)
+            first_page, end_page = start // page_size, -(-end // page_size)
+            touched = req.page_ids[first_page:end_page]
+            if len(touched) != end_page - first_page:  # (the layout below would not notice)
                 raise RuntimeError(f"request {req.request_id} has {len(req.page_ids)} pages, too few for "
                                    f"tokens [{start}, {end})")
+            page_offsets.append(len(pages) - first_page)
             pages.extend(touched)
             num_tokens += seq.num_new_tokens
             if seq.samples:
                 logits_indices.append(num_tokens - 1)
-            page_tables.append(req.page_ids[: -(-end // page_size)])
+            page_tables.append(req.page_ids[:end_page])
         positions, kv_slot_ids = token_positions_and_slots(starts, lengths, pages, page_offsets, page_size)
 
         pin = self.device.type == "cuda"
