@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,3 +45,26 @@ def test_positions_and_slots_equal_the_token_by_token_rule(step):
     assert positions.tolist() == want_positions
     assert slots.tolist() == want_slots
     assert len(set(want_slots)) == len(want_slots)  # distinct pages: no two tokens share a slot
+
+
+def test_a_step_for_a_request_without_the_pages_it_needs_is_refused(tiny_checkpoint):
+    """The numpy layout reads the pages of the whole step from one list, so a request short of pages would take
+    the next sequence's: build_batch checks each sequence's pages first."""
+    from services.engine.request import Request, SamplingParams
+    from services.engine.scheduler import ScheduledSeq
+    from tests.helpers import cpu_engine
+
+    engine = cpu_engine(tiny_checkpoint)
+    page_size = engine.runner.page_size
+    short = Request("short", list(range(3 * page_size)), SamplingParams())
+    full = Request("full", list(range(2 * page_size)), SamplingParams())
+    short.page_ids = engine.pages.allocate(2)  # three pages' worth of tokens
+    full.page_ids = engine.pages.allocate(2)
+    short.state_slot, full.state_slot = engine.slots.allocate_one(), engine.slots.allocate_one()
+    seqs = [ScheduledSeq(short, 3 * page_size, start=0), ScheduledSeq(full, 2 * page_size, start=0)]
+    with pytest.raises(RuntimeError, match="short has 2 pages, too few for tokens \\[0, 12\\)"):
+        engine.runner.build_batch(seqs)
+    short.page_ids.extend(engine.pages.allocate(1))
+    batch = engine.runner.build_batch(seqs)
+    assert batch.kv_slot_ids.tolist()[-2 * page_size:] == [p * page_size + o for p in full.page_ids
+                                                          for o in range(page_size)]
