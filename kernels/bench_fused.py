@@ -147,7 +147,31 @@ def case_qk_norm_rope(s: Shapes, tokens: int):
     result = {}
     for name, got, want in zip(("q", "k", "v", "gate"), fused(), ref(), strict=True):
         result.update(check(name, got, want))
-    return ref, fused, result, {}
+    extra = {}
+    if tokens >= 64:
+        # As the engine's prefill calls it: k and v straight into a paged cache. Bytes: qkv read; q, the gate,
+        # k and v written. Each heads-per-program choice, timed alone (do_bench, L2 flushed).
+        page = 64
+        kv_cache = torch.empty(tokens // page + 1, 2, page, s.kv_heads, s.head_dim, device=DEVICE,
+                               dtype=torch.bfloat16)
+        slots = torch.arange(tokens, device=DEVICE)
+        moved = qkv.numel() * 2 + tokens * (2 * s.heads + 2 * s.kv_heads) * s.head_dim * 2
+        extra["bytes"] = moved
+        for heads in QK_HEADS_SWEEP:
+            for warps in (None, *QK_WARPS_SWEEP):
+                ms = time_events(lambda heads=heads, warps=warps: qk_norm_rope(
+                    qkv, q_w, k_w, cos_sin, positions, s.heads, s.kv_heads, s.head_dim, EPS,
+                    heads_per_program=heads, num_warps=warps, kv_cache=kv_cache, kv_slot_ids=slots), 50)
+                label = f"kv_cache_heads_{heads}" + (f"_warps_{warps}" if warps else "")
+                extra[f"{label}_ms"] = ms
+                extra[f"{label}_GBps"] = moved / (ms * 1e-3) / 1e9
+    return ref, fused, result, extra
+
+
+# Heads per program and warps timed at prefill sizes (``qk_norm_rope``'s default: 4 heads from 64 tokens on,
+# warps by the block's size).
+QK_HEADS_SWEEP = (1, 2, 4, 8, 16)
+QK_WARPS_SWEEP = (1, 2, 4, 8)
 
 
 def case_route(s: Shapes, tokens: int):

@@ -19,6 +19,7 @@ multiply-adds). The LM head runs once per request (decode) or once per prompt (i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +81,109 @@ def decode_step_bytes(
     logits = batch * cfg.vocab_size * itemsize * 2  # written by the LM head, read by the sampler
     total = dense + experts + state + kv + logits
     return {"dense_weights": dense, "experts": experts, "gdn_state": state, "kv": kv, "logits": logits, "total": total}
+
+
+@dataclass(frozen=True)
+class ChainKernel:
+    """One kernel of the shortest chain a decode step can run as, one kernel per grid-wide dependency: the bytes
+    it must read and write through device memory, and how many of the read bytes it may load before the kernel
+    before it completes (under programmatic dependent launch: weights and what earlier steps wrote; not what
+    depends on this step's data, such as the routed experts' addresses)."""
+
+    name: str
+    read_bytes: int
+    write_bytes: int
+    early_read_bytes: int
+
+
+# Which kernel of a decoder layer each parameter belongs to (the last name component, or the last two).
+_LAYER_KERNEL_OF_PARAM = {
+    "input_layernorm.weight": "in", "mixer.in_proj": "in", "mixer.conv_weight": "in", "mixer.qkv_proj": "in",
+    "mixer.A_log": "mixer", "mixer.dt_bias": "mixer", "q_norm.weight": "mixer", "k_norm.weight": "mixer",
+    "mixer.norm_weight": "out", "mixer.out_proj": "out", "mixer.o_proj": "out",
+    "post_attention_layernorm.weight": "router", "mlp.router": "router",
+    "mlp.w13": "gate_up", "shared_expert.gate_up_proj": "gate_up", "mlp.gate_up_proj": "gate_up",
+    "mlp.w2": "down", "shared_expert.down_proj": "down", "mlp.down_proj": "down",
+}
+_LAYER_KERNELS = ("in", "mixer", "out", "router", "gate_up", "down")
+
+
+def decode_kernel_chain(
+    params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig, dtype: torch.dtype, contexts: Sequence[int],
+    experts_touched: Sequence[int] | None = None, kv_dtype: torch.dtype | None = None,
+) -> list[ChainKernel]:
+    """The decode step of ``decode_step_bytes`` (same arguments, the same bytes in total) as the fewest
+    kernels a kernel-per-operation design needs: a new kernel wherever an operation needs the whole output of
+    the one before it. Per layer: the input projection (its norm needs the whole hidden vector; the GDN conv
+    state is updated in its epilogue), the mixer (a head's recurrence or attention needs the whole head's
+    q/k/v, written by many projection programs), the output projection (the whole mixer output), the router
+    (the whole hidden vector after the residual), the experts' gate/up (the routing: their weights' addresses
+    are known only then, except the shared expert's), the experts' down projection (the whole intermediate
+    activation; its experts are known by then, so their weights count as loadable early, which flatters the
+    chain). Then the LM head and the sampler (every logit). The embedding's rows start the chain."""
+    batch = len(contexts)
+    itemsize = dtype.itemsize
+    totals = decode_step_bytes(params, cfg, dtype, contexts, experts_touched, kv_dtype)
+    num_moe = sum(name.endswith(".w13") for name, _ in params)
+    if experts_touched is None:
+        e, k = cfg.num_experts, cfg.num_experts_per_tok
+        experts_touched = [e * (1 - (1 - k / e) ** batch) if e else 0] * num_moe
+    shared = 1 if cfg.shared_expert_in_experts else 0
+    layers: list[dict[str, list[int]]] = [
+        {kernel: [0, 0, 0] for kernel in _LAYER_KERNELS} for _ in range(cfg.num_hidden_layers)]  # read, write, early
+    moe_layers = sorted({int(name.split(".")[1]) for name, _ in params if name.endswith(".w13")})
+    head_read = embed_read = 0
+    for name, shape in params:
+        if not name.startswith("layers."):
+            nbytes = _numel(shape) * itemsize
+            if name == "embed_tokens" and not cfg.tie_word_embeddings:
+                embed_read = min(batch, shape[0]) * shape[1] * itemsize
+            elif name in ("embed_tokens", "lm_head", "norm.weight"):  # a tied table is read whole as the LM head
+                head_read += nbytes
+            else:
+                raise ValueError(f"no kernel of the decode chain reads {name}")
+            continue
+        layer = int(name.split(".")[1])
+        kernel = _LAYER_KERNEL_OF_PARAM.get(".".join(name.split(".")[-2:]))
+        if kernel is None:
+            raise ValueError(f"no kernel of the decode chain reads {name}")
+        if _is_expert_stack(name):
+            touched = experts_touched[moe_layers.index(layer)]
+            per_expert = _numel(shape[1:]) * itemsize
+            nbytes = round((touched + shared) * per_expert)
+            early = shared * per_expert if kernel == "gate_up" else nbytes
+        else:
+            nbytes = _numel(shape) * (4 if name.endswith(("A_log", "dt_bias")) else itemsize)
+            early = nbytes
+        entry = layers[layer][kernel]
+        entry[0] += nbytes
+        entry[2] += early
+    for i, kernels in enumerate(layers):
+        if i not in moe_layers:  # a dense MLP: its gate/up projection applies the post-attention norm itself
+            kernels["gate_up"] = [a + b for a, b in zip(kernels.pop("router"), kernels["gate_up"], strict=True)]
+    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    conv = cfg.gdn_conv_dim * (cfg.linear_conv_kernel_dim - 1) * itemsize
+    kv_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * (kv_dtype or dtype).itemsize
+    for i in cfg.gdn_layers:  # each request's states: read (before the wait: an earlier step wrote them), written
+        for kernel, nbytes in (("in", batch * conv), ("mixer", batch * ssm)):
+            entry = layers[i][kernel]
+            entry[0] += nbytes
+            entry[1] += nbytes
+            entry[2] += nbytes
+    for i in cfg.attention_layers:  # the context's KV (earlier steps'), and the new token's written
+        entry = layers[i]["mixer"]
+        entry[0] += sum(contexts) * kv_layer_token
+        entry[1] += batch * kv_layer_token
+        entry[2] += sum(contexts) * kv_layer_token
+    logits = batch * cfg.vocab_size * itemsize
+    chain = [ChainKernel("embed", embed_read, 0, embed_read)] if embed_read else []
+    for i, kernels in enumerate(layers):
+        chain += [ChainKernel(f"{i}.{k}", r, w, e) for k, (r, w, e) in kernels.items() if r or w]
+    chain += [ChainKernel("lm_head", head_read, logits, head_read), ChainKernel("sample", logits, 0, 0)]
+    moved = sum(k.read_bytes + k.write_bytes for k in chain)
+    if abs(moved - totals["total"]) > cfg.num_hidden_layers:  # expected expert counts round per layer
+        raise AssertionError(f"decode chain moves {moved} bytes, decode_step_bytes counts {totals['total']}")
+    return chain
 
 
 def _linear_macs_per_token(params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig) -> int:

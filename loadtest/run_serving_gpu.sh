@@ -7,6 +7,8 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR prefill,batch     # prefill by chunk size + profile, batched decode
 #     bash loadtest/run_serving_gpu.sh OUT_DIR fp8prefill        # one-pass prefill, bf16 vs fp8 KV (ragged kernel)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR onepass,moeprefill  # one-pass prefill + 32K profile; its MoE by part
+#     bash loadtest/run_serving_gpu.sh OUT_DIR floor,profile     # the decode step's kernel-chain floor, by kind; the engine's
+#     bash loadtest/run_serving_gpu.sh OUT_DIR qkrope            # QK-norm + RoPE tiles at prefill sizes
 #     bash loadtest/run_serving_gpu.sh OUT_DIR cputransfer       # issue 23's hand-over efficiency, host memory
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
@@ -15,7 +17,7 @@
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
-moeprefill batch gdntests gdndecode cputransfer jitsave)}
+moeprefill batch gdntests gdndecode floor profile qkrope cputransfer jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -50,9 +52,21 @@ for step in ${stage//,/ }; do
     onepass)  # single prompts in one pass, then a kernel profile of a 32K prompt with the GPU's idle gaps
         timeout 200 python3 -m loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000,131072 \
             --chunk-sizes 131072 --profile-length 32768 --out "$out/prefill_onepass_h200.json" ;;
-    moeprefill)  # the prefill MoE part by part: Triton vs CUTLASS grouped GEMMs vs dense cuBLAS, TMA tiles
-        timeout 200 python3 -m kernels.bench_moe_prefill --tokens 8192,32768,65536 --sweep-tma \
+    moeprefill)  # the prefill MoE part by part: Triton vs CUTLASS grouped GEMMs vs dense cuBLAS, the alignments
+        timeout 200 python3 -m kernels.bench_moe_prefill --tokens 8192,32768,65536 \
             --out "$out/moe_prefill_h200.json" ;;
+    floor)  # the decode step as a chain of pure stream kernels (one per grid-wide dependency) vs its roofline,
+        # next to the engine's committed fractions (40 layers)
+        timeout 240 python3 -m loadtest.bench_decode_floor --model qwen3.5-35b-a3b --by-kind \
+            --cases 1x1024,1x4096,1x32768,1x131072,8x4096 \
+            --engine loadtest/results/decode_auto_h200_35b-a3b_gdn_tiles.json,loadtest/results/batch_decode_h200_gdn_tiles.json \
+            --out "$out/decode_floor_h200.json" ;;
+    profile)  # per-kernel profile of single-request decode at 1K, all 40 layers (set against the floor's kinds)
+        timeout 200 python3 -m loadtest.profile_decode --model qwen3.5-35b-a3b --contexts 1024 \
+            --out "$out/profile_decode_h200_35b-a3b.json" ;;
+    qkrope)  # QK-norm + RoPE + KV store at prefill sizes, heads per program swept (35B-A3B)
+        timeout 150 python3 -m kernels.bench_fused --models 35b-a3b --kernels qk_norm_rope \
+            --tokens 8192,32768 --out "$out/qk_norm_rope_prefill_h200.json" ;;
     cputransfer)  # hand-over vs raw Mooncake write between host-memory pools (TCP), 5 fresh process pairs
         timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_transfer --device cpu --contexts 4096,16384,32768 \
             --trials 5 --out "$out/transfer_tcp_cpu_h200host_35b-a3b.json" ;;

@@ -507,7 +507,8 @@ def _check_alignment(topk_ids, block_m, experts, sorted_ids, expert_ids, num_pos
 )
 def test_moe_align_block_size(tokens, top_k, experts, block_m):
     """The Triton paths (one program up to 256 pairs, many up to 4096: batched decode of 35B-A3B with its shared
-    expert is 9 pairs a token) and the torch one (larger) against the invariants and against each other."""
+    expert is 9 pairs a token) and the blocked one (larger: 4,800 pairs here) against the invariants and against
+    the torch alignment, the reference."""
     gen = _gen(tokens * top_k)
     topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     topk_ids = topk_ids.to(torch.int32).to(DEVICE)
