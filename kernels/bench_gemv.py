@@ -130,67 +130,45 @@ _FUSED = {"gdn in_proj": "rms_norm_linear", "attn qkv_proj": "rms_norm_linear", 
           "attn o_proj": "gated_linear"}
 _FUSED_WEIGHT = {"gdn in_proj": 3, "attn qkv_proj": 1, "gdn out_proj": 3, "attn o_proj": 1}
 _FUSED_TILES = [gemv_tk.GemvTile(n, 0, num_warps=w) for n, w in itertools.product((1, 2, 4, 8), (1, 2, 4))]
-# Several rows: fewer, wider tiles (one row's best were 1-8 columns x 1-4 warps).
-_FUSED_ROWS_TILES = [gemv_tk.GemvTile(n, 0, num_warps=w) for n, w in itertools.product((2, 4), (2, 4, 8))]
 _MAX_TILE_ELEMENTS_PER_THREAD = 256  # beyond, the whole-K tile spills: not worth compiling
 
 
-def bench_fused_case(model: str, name: str, tiles: list[gemv_tk.GemvTile], rows: int = 1) -> dict:
+def bench_fused_case(model: str, name: str, tiles: list[gemv_tk.GemvTile]) -> dict:
     """The projection ``name`` through its fused launcher (the norm / gate prologue, the GDN in_proj with its
-    conv epilogue, as the decode step runs it) for ``rows`` decode requests at each tile, against the launcher's
-    default tile and against the unfused path the engine takes beyond ``FUSED_MAX_ROWS`` (the norm kernel, then
-    cuBLAS, then the conv update kernel)."""
-    from kernels.triton import conv1d as conv_tk
-    from kernels.triton import norm as norm_tk
-
+    conv epilogue, as the decode step runs it) at each tile, against the launcher's default tile."""
     s = MODELS[model]
     n, k = projections(model)[name]
     weights = rotating_weights(n, k)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     if _FUSED[name] == "gated_norm_linear":
         heads = s.gdn_v_heads
-        core, z = (torch.randn(rows, heads, k // heads, **bf16) for _ in range(2))
+        core, z = (torch.randn(1, heads, k // heads, **bf16) for _ in range(2))
         norm_weight = torch.randn(k // heads, **bf16) * 0.1 + 1
 
         def call(w, tile):
             return gemv_tk.gated_norm_linear(core, z, norm_weight, 1e-6, w, tile=tile)
-
-        def unfused(w):
-            return F.linear(norm_tk.gated_rms_norm(core, z, norm_weight, 1e-6).flatten(1), w)
     elif _FUSED[name] == "gated_linear":
-        x, gate = (torch.randn(rows, k, **bf16) for _ in range(2))
+        x, gate = (torch.randn(1, k, **bf16) for _ in range(2))
 
         def call(w, tile):
             return gemv_tk.gated_linear(x, gate, w, tile=tile)
-
-        def unfused(w):
-            return F.linear(x * gate, w)
     else:
-        x, residual = (torch.randn(rows, k, **bf16) for _ in range(2))
+        x, residual = (torch.randn(1, k, **bf16) for _ in range(2))
         norm_weight = torch.randn(k, **bf16) * 0.1
         conv = {}
-        if name == "gdn in_proj":  # the conv update on the q|k|v columns, a state slot per row
+        if name == "gdn in_proj":  # the conv update on the q|k|v columns, one state slot
             conv_dim = 2 * 16 * 128 + s.gdn_v_heads * s.gdn_v_dim
             conv = dict(conv_weight=torch.randn(conv_dim, 4, **bf16) * 0.5,
-                        conv_states=torch.zeros(rows + 1, conv_dim, 3, **bf16),
-                        state_slot=torch.arange(1, rows + 1, device="cuda"))
+                        conv_states=torch.zeros(2, conv_dim, 3, **bf16), state_slot=torch.ones(1, dtype=torch.long,
+                                                                                             device="cuda"))
 
         def call(w, tile):
             return gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, w, tile=tile, **conv)[0]
-
-        def unfused(w):
-            h, _ = norm_tk.gemma_rms_norm_residual(x, residual, norm_weight, 1e-6)
-            y = F.linear(h, w)
-            if conv:
-                qkv = y[:, :conv["conv_weight"].shape[0]]
-                conv_tk.conv1d_update(qkv, conv["conv_weight"], conv["conv_states"], conv["state_slot"], out=qkv)
-            return y
     want = call(weights[0], None)
-    out = {"model": model, "projection": name, "launcher": _FUSED[name], "rows": rows, "N": n, "K": k,
-           "weight_bytes": n * k * 2,
-           "default_tile": dataclasses.asdict(gemv_tk.default_fused_tile(_FUSED[name], k, rows)),
-           "default_us": time_calls(lambda w: call(w, None), weights),
-           "unfused_us": time_calls(unfused, weights), "tiles": []}
+    out = {"model": model, "projection": name, "launcher": _FUSED[name], "N": n, "K": k, "weight_bytes": n * k * 2,
+           "default_tile": dataclasses.asdict(gemv_tk.default_norm_tile(k) if _FUSED[name] == "rms_norm_linear"
+                                              else gemv_tk.default_tile(k)),
+           "default_us": time_calls(lambda w: call(w, None), weights), "tiles": []}
     for tile in tiles:
         if tile.block_n * k > _MAX_TILE_ELEMENTS_PER_THREAD * 32 * tile.num_warps:
             continue
@@ -202,13 +180,13 @@ def bench_fused_case(model: str, name: str, tiles: list[gemv_tk.GemvTile], rows:
     return out
 
 
-def best_fused_tiles(cases: list[dict]) -> dict[str, dict[str, dict]]:
-    """Launcher -> "K x rows" -> the tile with the least weighted time over the projections that share it (among
-    the tiles timed on all of them)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+def best_fused_tiles(cases: list[dict]) -> dict[str, dict[int, dict]]:
+    """Launcher -> K -> the tile with the least weighted time over the projections that share it (among the
+    tiles timed on all of them)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
     for case in cases:
-        groups.setdefault((case["launcher"], f"{case['K']}x{case['rows']}"), []).append(case)
-    best: dict[str, dict[str, dict]] = {}
+        groups.setdefault((case["launcher"], case["K"]), []).append(case)
+    best: dict[str, dict[int, dict]] = {}
     for (launcher, k), group in groups.items():
         timed = [{tuple(t["tile"].items()): t["us"] for t in case["tiles"]} for case in group]
         common = set.intersection(*(set(us) for us in timed))
@@ -223,7 +201,6 @@ def main() -> None:
     parser.add_argument("--models", default="35b-a3b,397b")
     parser.add_argument("--tokens", default="1,2,4")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile only")
-    parser.add_argument("--fused-rows", default="1", help="decode rows through the fused launchers (fused section)")
     parser.add_argument("--out", type=Path, default=Path("gemv.json"))
     parser.add_argument("--sections", default="plain,normed,fused",
                         help="plain: gemv vs cuBLAS; normed: rms_norm_linear grid caps; fused: fused launchers' tiles")
@@ -279,14 +256,13 @@ def main() -> None:
             print(f"{model} {name} with the norm [{n}x{k}]: " + ", ".join(labels), flush=True)
     results["fused"] = []
     for model in (models if "fused" in sections else []):
-        for name, rows in itertools.product(_FUSED, [int(r) for r in args.fused_rows.split(",")]):
-            case = bench_fused_case(model, name, _FUSED_TILES if rows == 1 else _FUSED_ROWS_TILES, rows)
+        for name in _FUSED:
+            case = bench_fused_case(model, name, _FUSED_TILES)
             results["fused"].append(case)
             top = sorted(case["tiles"], key=lambda t: t["us"])[:3]
             fastest = ", ".join(f"{t['tile']['block_n']}x{t['tile']['num_warps']}w {t['us']:.1f} us" for t in top)
-            print(f"{model} {name} via {case['launcher']} [{case['N']}x{case['K']}] x{rows} rows: "
-                  f"default {case['default_us']:.1f} us, unfused {case['unfused_us']:.1f} us; best {fastest}",
-                  flush=True)
+            print(f"{model} {name} via {case['launcher']} [{case['N']}x{case['K']}]: "
+                  f"default {case['default_us']:.1f} us; best {fastest}", flush=True)
     if results["fused"]:
         results["fused_best"] = best_fused_tiles(results["fused"])
         print("best fused tiles:", json.dumps(results["fused_best"]), flush=True)

@@ -260,25 +260,7 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
     return case
 
 
-def fused_projections_35b(rows: int) -> Callable[[], None]:
-    def case() -> None:
-        """The fused-prologue projections of a small decode batch (each row through the weight tile)."""
-        from kernels.triton import gemv
-
-        w = _bf16
-        x, residual, norm_w = w(rows, 2048), w(rows, 2048), w(2048)
-        gemv.rms_norm_linear(x, residual, norm_w, 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
-                             conv_states=w(rows + 1, 8192, 3), state_slot=torch.arange(rows))
-        gemv.rms_norm_linear(x, residual, norm_w, 1e-6, w(9216, 2048))
-        gemv.gated_norm_linear(w(rows, 32, 128), w(rows, 32, 128), w(128), 1e-6, w(2048, 4096))
-        gemv.gated_linear(w(rows, 4096), w(rows, 4096), w(2048, 4096))
-
-    return case
-
-
 CASES: dict[str, Callable[[], None]] = {
-    "fused_projections_35b_B2": fused_projections_35b(2),
-    "fused_projections_35b_B8": fused_projections_35b(8),
     "moe_prefill_35b_8k": moe_prefill_35b(8192),
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,

@@ -49,10 +49,6 @@ class GemvTile:
 
 # Widest K loaded as one tile: [block_n, K] weights in registers.
 MAX_SINGLE_TILE_K = 8192
-# Most rows (decode requests) the fused-prologue projections take (rms_norm_linear, gated_linear,
-# gated_norm_linear): each program loads its weight tile once, before the PDL wait, and runs every row through
-# it. Above this, the norm kernel and cuBLAS.
-FUSED_MAX_ROWS = 8
 
 
 def default_tile(k: int) -> GemvTile:
@@ -90,17 +86,6 @@ def default_norm_tile(k: int) -> GemvTile:
         if k <= 4096:
             return GemvTile(block_n=4, num_warps=4)
     return default_tile(k)
-
-
-def default_fused_tile(launcher: str, k: int, rows: int) -> GemvTile:
-    """The default tile of a fused launcher (``rms_norm_linear``, ``gated_linear``, ``gated_norm_linear``) for
-    ``rows`` rows. One row: ``default_norm_tile`` for the first, ``default_tile`` for the others. Several rows:
-    4 columns a program (8 columns x 4 warps, one row's choice at K=4096, spills at 2 rows or more: compiled for
-    sm_90 by kernels/compile_check.py), 8 warps for the gated norm (its [4, heads, head_dim] tile and the rows'
-    norms), 4 otherwise."""
-    if rows == 1 or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return default_norm_tile(k) if launcher == "rms_norm_linear" else default_tile(k)
-    return GemvTile(block_n=4, num_warps=8 if launcher == "gated_norm_linear" else 4)
 
 
 @triton.jit
@@ -203,28 +188,26 @@ def _rms_norm_gemv_kernel(
     x_ptr, res_ptr, norm_w_ptr, w_ptr, y_ptr, new_res_ptr, normed_ptr, conv_w_ptr, conv_state_ptr, slot_ptr,
     num_cols, conv_dim, eps,
     stride_w, stride_cw, stride_s_slot, stride_s_d,
-    K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, CONV_K: tl.constexpr, CONV_KP: tl.constexpr,
     ONE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """ROWS rows (contiguous ``[ROWS, K]`` in, ``[ROWS, N]`` out): ``s = x + residual`` (rounded),
-    ``h = gemma_rms_norm(s)``, ``y = h @ W^T``, BLOCK_N columns per tile. Every program normalises the rows
-    itself (K elements each from L2, next to its BLOCK_N*K weights, which it loads once for all rows) and, unless
-    ONE_TILE (one row only), takes tiles pid, pid + programs, ... with it (the first loaded before the PDL wait);
-    program 0 also writes ``s`` (the next residual) and, if asked, ``h``. With ``CONV_K > 0`` the columns below
-    ``conv_dim`` of row r go through the causal conv update of state slot ``slot_ptr[r]`` (the GDN in_proj
-    epilogue: each program owns its columns' conv state)."""
+    """One row: ``s = x + residual`` (rounded), ``h = gemma_rms_norm(s)``, ``y = h @ W^T``, BLOCK_N columns per
+    tile. Every program normalises the row itself (K elements from L2, next to its BLOCK_N*K weights) and, unless
+    ONE_TILE, takes tiles pid, pid + programs, ... with it (the first loaded before the PDL wait); program 0
+    also writes ``s`` (the next residual) and, if asked, ``h``. With ``CONV_K > 0`` the columns below
+    ``conv_dim`` go through the causal conv update of state slot ``slot_ptr[0]`` (the GDN in_proj epilogue:
+    each program owns its columns' conv state)."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     pdl_trigger(PDL)
     w = load_weight_tile(w_ptr, pid * BLOCK_N, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)
-    for r in tl.static_range(ROWS):  # unrolled: the rows' loads from L2 overlap
-        h = rms_norm_row(x_ptr + r * K, res_ptr + r * K, norm_w_ptr, new_res_ptr + r * K, normed_ptr + r * K, eps,
-                         pid == 0, K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED)
-        _norm_tile_out(h, w, pid * BLOCK_N, y_ptr + r * num_cols, num_cols, conv_dim, conv_w_ptr, conv_state_ptr,
-                       slot_ptr + r, stride_cw, stride_s_slot, stride_s_d, BLOCK_N, CONV_K, CONV_KP)
-    if not ONE_TILE:  # (one row: the launcher caps grids only then)
+    h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, pid == 0,
+                     K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED)
+    _norm_tile_out(h, w, pid * BLOCK_N, y_ptr, num_cols, conv_dim, conv_w_ptr, conv_state_ptr, slot_ptr, stride_cw,
+                   stride_s_slot, stride_s_d, BLOCK_N, CONV_K, CONV_KP)
+    if not ONE_TILE:
         # Grid-stride loop as a while loop: the interpreter cannot take a runtime range bound (numpy >= 2.4).
         tile = pid + num_programs
         while tile < (num_cols + BLOCK_N - 1) // BLOCK_N:
@@ -254,39 +237,37 @@ def _norm_tile_out(h, w, col0, y_ptr, num_cols, conv_dim, conv_w_ptr, conv_state
 @triton.jit
 def _gated_gemv_kernel(
     x_ptr, gate_ptr, w_ptr, y_ptr, num_cols, stride_w,
-    K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """ROWS rows (contiguous ``[ROWS, K]`` in, ``[ROWS, N]`` out): ``y = (x * gate) @ W^T`` for BLOCK_N columns,
-    the product rounded to x's dtype first (as the unfused elementwise multiply stores it); the weight tile is
-    loaded once for all rows."""
+    """One row: ``y = (x * gate) @ W^T`` for BLOCK_N columns, the product rounded to x's dtype first (as the
+    unfused elementwise multiply stores it)."""
     pdl_trigger(PDL)
     col0 = tl.program_id(0) * BLOCK_N
     w = load_weight_tile(w_ptr, col0, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+    gate = tl.load(gate_ptr + offs_k, mask=k_mask, other=0.0)
+    h = round_to(x.to(tl.float32) * gate.to(tl.float32), x.dtype)
+    y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)
     offs_n = col0 + tl.arange(0, BLOCK_N)
-    for r in tl.static_range(ROWS):
-        x = tl.load(x_ptr + r * K + offs_k, mask=k_mask, other=0.0)
-        gate = tl.load(gate_ptr + r * K + offs_k, mask=k_mask, other=0.0)
-        h = round_to(x.to(tl.float32) * gate.to(tl.float32), x.dtype)
-        y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)
-        tl.store(y_ptr + r * num_cols + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < num_cols)
 
 
 @triton.jit
 def _gated_norm_gemv_kernel(
     core_ptr, z_ptr, norm_w_ptr, w_ptr, y_ptr,
     num_cols, eps,
-    stride_core_t, stride_core_h, stride_z_t, stride_z_h, stride_w,
+    stride_core_h, stride_z_h, stride_w,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PROD_DTYPE: tl.constexpr, ONE_TILE: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROD_DTYPE: tl.constexpr, ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """ROWS tokens (``[ROWS, N]`` out): ``g = gated_rms_norm(core, z)`` per head (as
-    kernels.triton.norm.gated_rms_norm, rounding for rounding), then ``y = g.flatten() @ W^T``, BLOCK_N columns
-    per tile, tiles pid, pid + programs, ...: each program normalises a row once for all its tiles (ROWS > 1:
-    once per tile). The first tile is loaded before the PDL wait, the second (PREFETCH) asked of L2."""
+    """One row: ``g = gated_rms_norm(core, z)`` per head (as kernels.triton.norm.gated_rms_norm, rounding for
+    rounding), then ``y = g.flatten() @ W^T``, BLOCK_N columns per tile, tiles pid, pid + programs, ...: each
+    program normalises the row once for all its tiles. The first tile is loaded before the PDL wait, the
+    second (PREFETCH) asked of L2."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     pdl_trigger(PDL)
@@ -298,43 +279,18 @@ def _gated_norm_gemv_kernel(
             lines = tl.arange(0, (HEADS * HEAD_DIM + 63) // 64) * 64  # one prefetch per 128-byte line of a row
             prefetch_l2(w_ptr + rows[:, None].to(tl.int64) * stride_w + lines[None, :])
     pdl_wait(PDL)
-    if ROWS == 1:
-        g = gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS, HEAD_DIM, BLOCK_H,
-                           BLOCK_D, PROD_DTYPE)
-        store_row_tile(g, w, y_ptr, pid, num_cols, BLOCK_N)  # masked off past the last tile
-        # ONE_TILE (a program per tile) compiles without the loop: at 35B's 64 KiB tiles its code alone spills.
-        if not ONE_TILE:
-            # Grid-stride loop as a while loop: the interpreter cannot take a runtime range bound (numpy >= 2.4).
-            tile = pid + num_programs
-            while tile < (num_cols + BLOCK_N - 1) // BLOCK_N:
-                w_next = load_head_weight_tile(w_ptr, tile * BLOCK_N, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H,
-                                               BLOCK_D, BLOCK_N)
-                store_row_tile(g, w_next, y_ptr, tile, num_cols, BLOCK_N)
-                tile += num_programs
-    else:
-        _gated_norm_rows_out(core_ptr, z_ptr, norm_w_ptr, w, y_ptr, pid, num_cols, eps, stride_core_t,
-                             stride_core_h, stride_z_t, stride_z_h, HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, ROWS, BLOCK_N,
-                             PROD_DTYPE)
-        if not ONE_TILE:
-            tile = pid + num_programs
-            while tile < (num_cols + BLOCK_N - 1) // BLOCK_N:
-                w_next = load_head_weight_tile(w_ptr, tile * BLOCK_N, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H,
-                                               BLOCK_D, BLOCK_N)
-                _gated_norm_rows_out(core_ptr, z_ptr, norm_w_ptr, w_next, y_ptr, tile, num_cols, eps, stride_core_t,
-                                     stride_core_h, stride_z_t, stride_z_h, HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, ROWS,
-                                     BLOCK_N, PROD_DTYPE)
-                tile += num_programs
-
-
-@triton.jit
-def _gated_norm_rows_out(core_ptr, z_ptr, norm_w_ptr, w, y_ptr, tile, num_cols, eps, stride_core_t, stride_core_h,
-                         stride_z_t, stride_z_h, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PROD_DTYPE: tl.constexpr):
-    """One tile's columns of every row: each row's gated norm, then its dot products with the tile ``w``."""
-    for r in tl.static_range(ROWS):  # unrolled: the rows' loads from L2 overlap
-        g = gated_norm_row(core_ptr + r * stride_core_t, z_ptr + r * stride_z_t, norm_w_ptr, eps, stride_core_h,
-                           stride_z_h, HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, PROD_DTYPE)
-        store_row_tile(g, w, y_ptr + r * num_cols, tile, num_cols, BLOCK_N)
+    g = gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, HEADS, HEAD_DIM, BLOCK_H,
+                       BLOCK_D, PROD_DTYPE)
+    store_row_tile(g, w, y_ptr, pid, num_cols, BLOCK_N)  # masked off past the last tile
+    # ONE_TILE (a program per tile) compiles without the loop: at 35B's 64 KiB tiles its code alone spills.
+    if not ONE_TILE:
+        # Grid-stride loop as a while loop: the interpreter cannot take a runtime range bound (numpy >= 2.4).
+        tile = pid + num_programs
+        while tile < (num_cols + BLOCK_N - 1) // BLOCK_N:
+            w_next = load_head_weight_tile(w_ptr, tile * BLOCK_N, num_cols, stride_w, HEADS, HEAD_DIM, BLOCK_H,
+                                           BLOCK_D, BLOCK_N)
+            store_row_tile(g, w_next, y_ptr, tile, num_cols, BLOCK_N)
+            tile += num_programs
 
 
 @triton.jit
@@ -390,9 +346,8 @@ def capped_grid(tiles: int, programs_per_sm: int, device: torch.device) -> int:
 
 
 def can_fuse_prologue(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``rms_norm_linear`` / ``gated_linear`` / ``gated_norm_linear`` take this input: 1 to
-    ``FUSED_MAX_ROWS`` rows, the whole K as one tile."""
-    return 1 <= x.shape[0] <= FUSED_MAX_ROWS and weight.shape[1] <= MAX_SINGLE_TILE_K and weight.stride(1) == 1
+    """Whether ``rms_norm_linear`` / ``gated_norm_linear`` take this input: one row, the whole K as one tile."""
+    return x.shape[0] == 1 and weight.shape[1] <= MAX_SINGLE_TILE_K and weight.stride(1) == 1
 
 
 def rms_norm_linear(
@@ -400,57 +355,53 @@ def rms_norm_linear(
     *, write_normed: bool = False, conv_weight: torch.Tensor | None = None, conv_states: torch.Tensor | None = None,
     state_slot: torch.Tensor | None = None, programs_per_sm: int = 0, tile: GemvTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``h, s = gemma_rms_norm_residual(x, residual)`` then ``y = h @ weight^T``, one kernel, for up to
-    ``FUSED_MAX_ROWS`` rows (``can_fuse_prologue``): returns ``(y, s, h if write_normed else None)``; with
-    ``residual=None``, ``s`` is x. x, residual: ``[M, K]`` contiguous; norm_weight ``[K]``; weight ``[N, K]``
-    with unit last stride.
+    """``h, s = gemma_rms_norm_residual(x, residual)`` then ``y = h @ weight^T``, one kernel, for one row
+    (``can_fuse_prologue``): returns ``(y, s, h if write_normed else None)``; with ``residual=None``, ``s`` is x.
+    x, residual: ``[1, K]`` contiguous; norm_weight ``[K]``; weight ``[N, K]`` with unit last stride.
 
-    With ``conv_weight [D, W]`` (D <= N), ``conv_states [slots, D, W-1]`` and ``state_slot`` (int ``[M]`` on the
-    device, a slot per row), ``y[:, :D]`` is ``conv1d_update`` of the projection instead: ``silu(conv)``, with
-    the state slots updated in place (the GDN in_proj and its conv in one kernel).
+    With ``conv_weight [D, W]`` (D <= N), ``conv_states [slots, D, W-1]`` and ``state_slot`` (int ``[1]`` on the
+    device), ``y[:, :D]`` is ``conv1d_update`` of the projection instead: ``silu(conv)``, with the state slot
+    updated in place (the GDN in_proj and its conv in one kernel).
 
-    ``programs_per_sm`` (one row only): 0 (the default, measured on the H100/H200) launches one program per
-    column tile, each normalising the row; n > 0 caps the grid at n programs per SM, each normalising the row
-    once for several tiles (what made gated_norm_linear 1.64x faster at 397B; here it tied or lost on the H200
-    except at 35B's qkv_proj, 11.6 vs 12.3 us at 4 per SM: kernels/results/gemv_h200.json).
+    ``programs_per_sm``: 0 (the default, measured on the H100/H200) launches one program per column tile, each
+    normalising the row; n > 0 caps the grid at n programs per SM, each normalising the row once for several
+    tiles (what made gated_norm_linear 1.64x faster at 397B; here it tied or lost on the H200 except at 35B's
+    qkv_proj, 11.6 vs 12.3 us at 4 per SM: kernels/results/gemv_h200.json).
 
     ``tile``: rows per program and warps (``block_k`` is not used: the whole K is one tile); by default
     ``default_norm_tile(K)``."""
     if x.dim() != 2 or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"rms_norm_linear takes x [1..{FUSED_MAX_ROWS}, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], "
-                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
-    rows = x.shape[0]
-    if rows > 1 and programs_per_sm:
-        raise ValueError("rms_norm_linear caps its grid (programs_per_sm) for one row only")
+        raise ValueError(f"rms_norm_linear takes x [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
     if weight.dtype != x.dtype or norm_weight.shape != (x.shape[1],):
         raise ValueError("weight must have x's dtype and norm_weight shape [K]")
     k = x.shape[1]
-    y = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+    y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
     conv_dim = conv_taps = 0
     if conv_weight is not None:
         conv_dim, conv_taps = conv_weight.shape
         if (conv_states is None or state_slot is None or conv_dim > weight.shape[0] or conv_taps < 2
                 or conv_states.shape[1:] != (conv_dim, conv_taps - 1) or conv_states.stride(2) != 1
-                or conv_weight.stride(1) != 1 or state_slot.numel() != rows):
+                or conv_weight.stride(1) != 1 or state_slot.numel() != 1):
             raise ValueError(f"conv needs conv_weight [D <= {weight.shape[0]}, W >= 2], conv_states [slots, D, W-1] "
-                             f"(unit last stride) and a state_slot per row; got {tuple(conv_weight.shape)}, "
+                             f"(unit last stride) and one state_slot; got {tuple(conv_weight.shape)}, "
                              f"{None if conv_states is None else tuple(conv_states.shape)}")
     x, norm_weight = x.contiguous(), norm_weight.contiguous()
     residual = residual.contiguous() if residual is not None else None
     new_res = torch.empty_like(x) if residual is not None else x
     normed = torch.empty_like(x) if write_normed else None
-    conv_args = (conv_weight, conv_states, state_slot.reshape(-1).contiguous()) if conv_dim else (y, y, y)
+    conv_args = (conv_weight, conv_states, state_slot) if conv_dim else (y, y, y)
     conv_strides = (conv_weight.stride(0), conv_states.stride(0), conv_states.stride(1)) if conv_dim else (0, 0, 0)
-    tile = _checked(tile or default_fused_tile("rms_norm_linear", k, rows))
+    tile = _checked(tile or default_norm_tile(k))
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
     programs = capped_grid(tiles, programs_per_sm, x.device)
     _rms_norm_gemv_kernel[(programs,)](
         x, residual if residual is not None else x, norm_weight, weight, y, new_res,
         normed if normed is not None else y, *conv_args, weight.shape[0], conv_dim, float(eps), weight.stride(0),
         *conv_strides,
-        K=k, ROWS=rows, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k),
+        K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k),
         HAS_RESIDUAL=residual is not None, WRITE_NORMED=write_normed, CONV_K=conv_taps,
         CONV_KP=triton.next_power_of_2(max(conv_taps - 1, 1)), ONE_TILE=programs == tiles,
         num_warps=tile.num_warps, **pdl_launch_args(x.device),
@@ -460,21 +411,21 @@ def rms_norm_linear(
 
 def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, *,
                  tile: GemvTile | None = None) -> torch.Tensor:
-    """``(x * gate) @ weight^T``, one kernel, for up to ``FUSED_MAX_ROWS`` rows (``can_fuse_prologue``): the
-    gated attention output into o_proj. x, gate: ``[M, K]`` contiguous, same dtype as weight ``[N, K]`` (unit
-    last stride). ``tile`` as in ``rms_norm_linear``."""
+    """``(x * gate) @ weight^T``, one kernel, for one row (``can_fuse_prologue``): the gated attention output
+    into o_proj. x, gate: ``[1, K]`` contiguous, same dtype as weight ``[N, K]`` (unit last stride). ``tile``
+    as in ``rms_norm_linear``."""
     if (x.dim() != 2 or gate.shape != x.shape or not can_fuse_prologue(x, weight) or x.shape[1] != weight.shape[1]
             or not x.is_contiguous() or not gate.is_contiguous()):
-        raise ValueError(f"gated_linear takes contiguous x, gate [1..{FUSED_MAX_ROWS}, K <= {MAX_SINGLE_TILE_K}] and "
-                         f"weight [N, K], got {tuple(x.shape)}, {tuple(gate.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"gated_linear takes contiguous x, gate [1, K <= {MAX_SINGLE_TILE_K}] and weight [N, K], "
+                         f"got {tuple(x.shape)}, {tuple(gate.shape)} and {tuple(weight.shape)}")
     if weight.dtype != x.dtype or gate.dtype != x.dtype:
         raise ValueError(f"x, gate and weight must share a dtype, got {x.dtype}, {gate.dtype}, {weight.dtype}")
     k = x.shape[1]
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    tile = _checked(tile or default_fused_tile("gated_linear", k, x.shape[0]))
+    y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
+    tile = _checked(tile or default_tile(k))
     _gated_gemv_kernel[(triton.cdiv(weight.shape[0], tile.block_n),)](
         x, gate, weight, y, weight.shape[0], weight.stride(0),
-        K=k, ROWS=x.shape[0], BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=tile.num_warps,
+        K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=tile.num_warps,
         **pdl_launch_args(x.device),
     )
     return y
@@ -482,31 +433,29 @@ def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, *,
 
 def gated_norm_linear(core: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                       weight: torch.Tensor, *, programs_per_sm: int = 2, tile: GemvTile | None = None) -> torch.Tensor:
-    """``gated_rms_norm(core, z, norm_weight)`` flattened, then ``@ weight^T``, one kernel, for up to
-    ``FUSED_MAX_ROWS`` tokens: core, z ``[M, heads, head_dim]`` (unit stride in the last dim, any head and token
-    strides), weight ``[N, heads * head_dim]``. Returns ``[M, N]``. At most ``programs_per_sm`` programs per SM,
-    each taking several column tiles where there are more (0: one program per tile): the gated norm of a single
-    row is computed once per program, not once per tile (at 397B's 8192-wide row it cost as much as the tile).
+    """``gated_rms_norm(core, z, norm_weight)`` flattened, then ``@ weight^T``, one kernel, for one token:
+    core, z ``[1, heads, head_dim]`` (unit stride in the last dim, any head stride), weight
+    ``[N, heads * head_dim]``. Returns ``[1, N]``. At most ``programs_per_sm`` programs per SM, each taking
+    several column tiles where there are more (0: one program per tile): the gated norm of the whole row is
+    computed once per program, not once per tile (at 397B's 8192-wide row it cost as much as the tile).
     ``tile`` as in ``rms_norm_linear``."""
-    if core.dim() != 3 or z.shape != core.shape:
-        raise ValueError(f"core and z must be [tokens, heads, head_dim], got {tuple(core.shape)} and "
-                         f"{tuple(z.shape)}")
-    rows, heads, head_dim = core.shape
+    if core.dim() != 3 or z.shape != core.shape or core.shape[0] != 1:
+        raise ValueError(f"core and z must be [1, heads, head_dim], got {tuple(core.shape)} and {tuple(z.shape)}")
+    _, heads, head_dim = core.shape
     if weight.dim() != 2 or weight.shape[1] != heads * head_dim or not can_fuse_prologue(core, weight):
-        raise ValueError(f"weight must be [N, {heads * head_dim}] (<= {MAX_SINGLE_TILE_K}) and tokens "
-                         f"1..{FUSED_MAX_ROWS}, got {tuple(weight.shape)} and {rows} tokens")
+        raise ValueError(f"weight must be [N, {heads * head_dim}] (<= {MAX_SINGLE_TILE_K}), got {tuple(weight.shape)}")
     if core.stride(2) != 1 or z.stride(2) != 1 or weight.dtype != core.dtype or norm_weight.shape != (head_dim,):
         raise ValueError("core and z need unit last stride, weight core's dtype, norm_weight [head_dim]")
-    y = torch.empty(rows, weight.shape[0], dtype=core.dtype, device=core.device)
-    tile = _checked(tile or default_fused_tile("gated_norm_linear", heads * head_dim, rows))
+    y = torch.empty(1, weight.shape[0], dtype=core.dtype, device=core.device)
+    tile = _checked(tile or default_tile(heads * head_dim))
     tiles = triton.cdiv(weight.shape[0], tile.block_n)
     programs = capped_grid(tiles, programs_per_sm, core.device)
     prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, core.dtype)]
     _gated_norm_gemv_kernel[(programs,)](
         core, z, norm_weight.contiguous(), weight, y, weight.shape[0], float(eps),
-        core.stride(0), core.stride(1), z.stride(0), z.stride(1), weight.stride(0),
+        core.stride(1), z.stride(1), weight.stride(0),
         HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), ROWS=rows, BLOCK_N=tile.block_n, PROD_DTYPE=prod_dtype,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=tile.block_n, PROD_DTYPE=prod_dtype,
         ONE_TILE=programs == tiles,
         PREFETCH=(programs < tiles and core.dtype == torch.bfloat16 and (heads * head_dim) % 64 == 0
                   and os.environ.get("TRITON_INTERPRET", "0") != "1"),

@@ -222,7 +222,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     from kernels.triton.qk_norm_rope import qk_norm_rope
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
-        # A few rows (decode requests, up to FUSED_MAX_ROWS): the norm runs inside the projection kernel.
+        # One row (a single decode request): the norm runs inside the projection kernel.
         if bias is None and x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
             y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight)
             return y, residual
@@ -230,8 +230,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         return triton_gemv.linear(h, weight, bias), residual
 
     def norm_linear_conv(x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots):
-        # A few requests: the conv runs in the projection's epilogue (each program owns its columns' conv state,
-        # each row its own state slot).
+        # One request: the conv runs in the projection's epilogue (each program owns its columns' conv state).
         if x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
             y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight,
                                                          conv_weight=conv_weight, conv_states=conv_states,

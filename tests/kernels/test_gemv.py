@@ -170,84 +170,20 @@ def test_gated_linear(dtype, k, n, tile):
 
 
 def test_fused_prologue_argument_checks():
-    rows = gemv_tk.FUSED_MAX_ROWS + 1
-    x = torch.zeros(rows, 16, device=DEVICE)
+    x = torch.zeros(2, 16, device=DEVICE)
     w = torch.zeros(8, 16, device=DEVICE)
-    with pytest.raises(ValueError, match=f"1..{rows - 1}, K"):
+    with pytest.raises(ValueError, match="one|1, K"):
         gemv_tk.rms_norm_linear(x, None, torch.zeros(16, device=DEVICE), 1e-6, w)
-    with pytest.raises(ValueError, match="one row only"):
-        gemv_tk.rms_norm_linear(x[:2], None, torch.zeros(16, device=DEVICE), 1e-6, w, programs_per_sm=2)
     with pytest.raises(ValueError, match="residual"):
         gemv_tk.rms_norm_linear(x[:1], x, torch.zeros(16, device=DEVICE), 1e-6, w)
     with pytest.raises(ValueError, match="heads"):
-        gemv_tk.gated_norm_linear(torch.zeros(2, 2, 8, device=DEVICE), torch.zeros(2, 2, 4, device=DEVICE),
-                                  torch.zeros(8, device=DEVICE), 1e-6, w)
-    with pytest.raises(ValueError, match="tokens 1.."):
-        gemv_tk.gated_norm_linear(torch.zeros(rows, 2, 8, device=DEVICE), torch.zeros(rows, 2, 8, device=DEVICE),
+        gemv_tk.gated_norm_linear(torch.zeros(2, 2, 8, device=DEVICE), torch.zeros(2, 2, 8, device=DEVICE),
                                   torch.zeros(8, device=DEVICE), 1e-6, w)
     with pytest.raises(ValueError, match="conv needs"):
         gemv_tk.rms_norm_linear(x[:1], None, torch.zeros(16, device=DEVICE), 1e-6, w,
                                 conv_weight=torch.zeros(12, 4, device=DEVICE),
                                 conv_states=torch.zeros(2, 12, 3, device=DEVICE), state_slot=torch.zeros(1))
-    with pytest.raises(ValueError, match="a state_slot per row"):
-        gemv_tk.rms_norm_linear(x[:2], None, torch.zeros(16, device=DEVICE), 1e-6, w,
-                                conv_weight=torch.zeros(8, 4, device=DEVICE),
-                                conv_states=torch.zeros(2, 8, 3, device=DEVICE), state_slot=torch.zeros(1))
     with pytest.raises(ValueError, match="gated_linear"):
         gemv_tk.gated_linear(x, x, w)
     with pytest.raises(ValueError, match="powers of two"):
         gemv_tk.gated_linear(x[:1], x[:1], w, tile=gemv_tk.GemvTile(block_n=3))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [2, 3, gemv_tk.FUSED_MAX_ROWS])
-def test_fused_projections_take_several_rows(dtype, rows):
-    """A few decode requests through each fused launcher at once: every row comes out exactly as the same row
-    alone would (its own norm, residual and conv state slot; the weight tile shared), and the slots of no row
-    change."""
-    gen = torch.Generator().manual_seed(rows)
-    k, n, conv_dim, taps = 72, 40, 24, 4
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
-
-    x, residual, norm_weight, weight = rand(rows, k), rand(rows, k), rand(k, scale=0.1), rand(n, k, scale=k**-0.5)
-    conv_weight, pool = rand(conv_dim, taps, scale=0.5), rand(rows + 2, conv_dim, taps - 1)
-    slots = torch.randperm(rows + 2, generator=gen)[:rows].to(DEVICE)  # a slot per request, in no order
-    states = pool.clone()
-    y, new_res, normed = gemv_tk.rms_norm_linear(x, residual, norm_weight, 1e-6, weight, write_normed=True,
-                                                 conv_weight=conv_weight, conv_states=states, state_slot=slots)
-    alone_states = pool.clone()
-    for r in range(rows):
-        want_y, want_res, want_h = gemv_tk.rms_norm_linear(
-            x[r:r + 1], residual[r:r + 1], norm_weight, 1e-6, weight, write_normed=True, conv_weight=conv_weight,
-            conv_states=alone_states, state_slot=slots[r:r + 1])
-        for got, want in ((y, want_y), (new_res, want_res), (normed, want_h)):
-            torch.testing.assert_close(got[r:r + 1], want, rtol=0, atol=0)
-    torch.testing.assert_close(states, alone_states, rtol=0, atol=0)
-    untouched = [i for i in range(rows + 2) if i not in slots.tolist()]
-    assert torch.equal(states[untouched], pool[untouched])
-    assert not torch.equal(states[slots], pool[slots])
-    # The same rows against the reference steps.
-    want_h, _ = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, 1e-6)
-    torch.testing.assert_close(y[:, conv_dim:].float(), F.linear(want_h.float(), weight.float())[:, conv_dim:],
-                               **TOL[dtype])
-
-    heads, head_dim = 3, 24
-    core = rand(rows, heads, head_dim)
-    z = rand(rows, 2 * heads * head_dim + 5)[:, 5:5 + heads * head_dim].view(rows, heads, head_dim)  # strided
-    out_w = rand(n, heads * head_dim, scale=(heads * head_dim) ** -0.5)
-    for programs_per_sm in (0, 1):  # one tile per program; several (the rows normalised again for each)
-        y = gemv_tk.gated_norm_linear(core, z, norm_weight[:head_dim], 1e-6, out_w, programs_per_sm=programs_per_sm)
-        for r in range(rows):
-            want = gemv_tk.gated_norm_linear(core[r:r + 1], z[r:r + 1], norm_weight[:head_dim], 1e-6, out_w,
-                                             programs_per_sm=programs_per_sm)
-            torch.testing.assert_close(y[r:r + 1], want, rtol=0, atol=0)
-    gated = norm_ref.gated_rms_norm(core, z, norm_weight[:head_dim], 1e-6).flatten(1)
-    torch.testing.assert_close(y.float(), F.linear(gated.float(), out_w.float()), **TOL[dtype])
-
-    gate = rand(rows, k)
-    y = gemv_tk.gated_linear(x, gate, weight)
-    for r in range(rows):
-        torch.testing.assert_close(y[r:r + 1], gemv_tk.gated_linear(x[r:r + 1], gate[r:r + 1], weight), rtol=0, atol=0)
-    torch.testing.assert_close(y.float(), F.linear((x * gate).float(), weight.float()), **TOL[dtype])
