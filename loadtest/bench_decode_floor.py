@@ -7,17 +7,17 @@
 The decode step's roofline (``loadtest.model_costs.decode_step_bytes`` over the copy bandwidth) assumes its bytes
 stream as one copy. A step is a chain of dependent operations, though, and a kernel per operation pays its ramp-up
 and its predecessor's tail at every grid-wide dependency. ``model_costs.decode_kernel_chain`` lists the fewest
-kernels the step needs (six per layer, the LM head, the sampler) with the bytes each must read and write, and how
-many of them it may load before its predecessor completes (weights, states and KV of earlier steps; not the routed
-experts' weights, whose addresses come from the router). Here every such kernel is replaced by one that only streams
-its bytes: each program loads its chunk (before ``gdc_wait`` where allowed, as the engine's kernels do under
-programmatic dependent launch), stores what it must write, and sums the rest so that the loads are kept. The chain
+kernels the step needs (six per layer, five for a dense MLP, the LM head, the sampler; and the embedding's rows for
+an untied table, a kernel of its own as in the engine) with the bytes each must read and write, and how many of them
+it may load before its predecessor completes (weights, states and KV of earlier steps; not the routed experts'
+weights, whose addresses come from the router). Here every such kernel is replaced by one that only streams its
+bytes: each program loads its chunk (before ``gdc_wait`` where allowed, as the engine's kernels do under
+programmatic dependent launch), stores what it must write, and sums what it loaded so that the loads are kept. The chain
 of these runs in a CUDA graph with PDL on, for a few chunk sizes and warp counts; its best time is a measured floor
 for a kernel-per-operation engine on this GPU (with these plain loads: a cleverer stream could lower it a little),
-and its fraction of the roofline that engine's ceiling.
-The same bytes in one launch and the chain without PDL are timed alongside; ``--by-kind`` also times each kind of
-kernel alone (all the step's GDN input projections as one chain, and so on), to set against the engine's per-kernel
-profile (``loadtest.profile_decode``).
+and its fraction of the roofline that engine's ceiling. The same bytes in one launch and the chain without PDL are
+timed alongside; ``--by-kind`` also times each kind of kernel alone (all the step's GDN input projections as one
+chain, and so on), to set against the engine's per-kernel profile (``loadtest.profile_decode``).
 
 ``--engine`` takes result files of ``bench_decode`` and ``bench_batch_decode`` and puts the engine's measured
 fraction of the roofline (their own run's copy bandwidth) next to the floor's for the same batch and context.
@@ -53,8 +53,9 @@ _ALIGN = 256
 def _stream_kernel(src_ptr, dst_ptr, sums_ptr, n_read, n_write, early_programs, CHUNK: tl.constexpr,
                    PDL: tl.constexpr):
     """Program p loads elements [p * CHUNK, (p + 1) * CHUNK) of ``src`` (the first ``early_programs`` before
-    waiting for the previous kernel), stores those below ``n_write`` to ``dst`` and the sum of the rest to
-    ``sums[p]``, so that the compiler keeps every load."""
+    waiting for the previous kernel; a program straddling the boundary loads all of its chunk early, which
+    flatters the floor by at most a chunk a kernel), stores those below ``n_write`` to ``dst`` and the sum of
+    all it loaded to ``sums[p]``, so that the compiler keeps every load."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     pdl_trigger(PDL)
@@ -74,27 +75,33 @@ def _aligned(nbytes: int) -> int:
 
 class StreamChain:
     """The arena and launches of one decode chain: kernel i reads its own region of ``src`` and writes its own
-    region of ``dst`` (bf16 elements), so nothing is read twice and L2 holds none of it between kernels."""
+    region of ``dst`` (bf16 elements), so nothing is read twice and L2 holds none of it between kernels. A
+    kernel may write at most what it reads (a stream kernel stores what it loaded): a chain of contexts of under
+    about a token, whose attention writes more KV than it reads, is refused."""
 
     def __init__(self, chain: list[ChainKernel], device: torch.device, min_chunk: int) -> None:
         for kernel in chain:
             if kernel.write_bytes > kernel.read_bytes or kernel.early_read_bytes > kernel.read_bytes:
                 raise ValueError(f"{kernel.name}: a stream kernel writes and loads early at most what it reads")
         self.chain = chain
-        self.read_offsets, self.write_offsets = [], []
-        read_end = write_end = 0
+        self.read_offsets, self.write_offsets, self.sum_offsets = [], [], []
+        read_end = write_end = sums_end = 0
         for kernel in chain:
             self.read_offsets.append(read_end // 2)
             self.write_offsets.append(write_end // 2)
+            self.sum_offsets.append(sums_end)
             read_end += _aligned(kernel.read_bytes)
             write_end += _aligned(kernel.write_bytes)
+            sums_end += triton.cdiv(kernel.read_bytes // 2, min_chunk)
         # Uninitialised memory: the bytes move whatever they hold.
         self.src = torch.empty(read_end // 2, dtype=torch.bfloat16, device=device)
         self.dst = torch.empty(max(write_end, _ALIGN) // 2, dtype=torch.bfloat16, device=device)
-        # One sums buffer for every launch shape, allocated once: a graph captured earlier must not be left
-        # holding a buffer that a later, larger launch replaced (capturing a graph empties torch's cache).
+        # One sums buffer for every launch shape, allocated once (a graph captured earlier must not be left
+        # holding a buffer that a later, larger launch replaced: capturing a graph empties torch's cache), with
+        # each kernel's programs at their own offset.
         self.min_chunk = min_chunk
-        self.sums = torch.empty(triton.cdiv(self.src.numel(), min_chunk), dtype=torch.float32, device=device)
+        self.sums = torch.empty(max(sums_end, triton.cdiv(self.src.numel(), min_chunk)), dtype=torch.float32,
+                                device=device)
         self.device = device
 
     @property
@@ -114,9 +121,10 @@ class StreamChain:
         self._check_chunk(chunk)
         launch = pdl_launch_args(self.device) if pdl else {"PDL": False}
         programs = [triton.cdiv(k.read_bytes // 2, chunk) for k in self.chain]
-        for kernel, grid, r, w in zip(self.chain, programs, self.read_offsets, self.write_offsets, strict=True):
+        offsets = zip(self.read_offsets, self.write_offsets, self.sum_offsets, strict=True)
+        for kernel, grid, (r, w, p) in zip(self.chain, programs, offsets, strict=True):
             _stream_kernel[(grid,)](
-                self.src[r:], self.dst[w:], self.sums, kernel.read_bytes // 2, kernel.write_bytes // 2,
+                self.src[r:], self.dst[w:], self.sums[p:], kernel.read_bytes // 2, kernel.write_bytes // 2,
                 triton.cdiv(kernel.early_read_bytes // 2, chunk), CHUNK=chunk, num_warps=num_warps, **launch,
             )
 
@@ -233,8 +241,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3.5-35b-a3b")
     parser.add_argument("--cases", default="1x1024,1x32768,1x131072,8x4096", help="BATCHxCONTEXT,...")
-    parser.add_argument("--chunks", default="2048,4096,8192,16384", help="bf16 elements per program")
-    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--chunks", default="2048,4096,8192,16384,32768", help="bf16 elements per program")
+    parser.add_argument("--warps", default="4,8,16")
     parser.add_argument("--by-kind", action="store_true",
                         help="also time each kind of kernel alone (chains of that kind), for the first case")
     parser.add_argument("--engine", default="", help="bench_decode / bench_batch_decode JSON files, comma-separated")

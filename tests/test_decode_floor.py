@@ -48,6 +48,11 @@ def test_chain_moves_the_steps_bytes(name, contexts, touched, kv_fp8):
     assert all(0 <= k.early_read_bytes <= k.read_bytes for k in chain)
     by_name = {k.name: k for k in chain}
     assert by_name["sample"].early_read_bytes == 0  # the logits are this step's
+    # Everything else is weights, or state and KV of earlier steps: all loadable before the wait.
+    for kernel in chain:
+        if kernel.name != "sample" and not (kernel.name.endswith(".gate_up") and int(kernel.name.split(".")[0])
+                                             in moe_layers):
+            assert kernel.early_read_bytes == kernel.read_bytes, kernel.name
     for layer in moe_layers:
         gate_up = by_name[f"{layer}.gate_up"]
         # Only what needs no routing loads early: the shared expert (stacked as expert E, or its own MLP).

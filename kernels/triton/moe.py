@@ -11,8 +11,8 @@ Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Tri
    to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to exactly one expert. Padding slots hold the
    sentinel ``T*k`` and are masked out. For decode-sized batches this is one single-program Triton kernel
    (histogram + cumsum + bitonic sort of ``expert * 2^n + pair`` keys, so the order is the stable order of the
-   torch reference); for large batches it is a few torch ops (no host sync either way, so it can be captured
-   in a CUDA graph).
+   torch reference), many programs up to 4096 pairs; for larger batches two blocked Triton passes around a few
+   torch ops on a per-block histogram (no host sync either way, so it can be captured in a CUDA graph).
 2. ``_moe_gate_up_kernel``: for each block, ``x[tokens] @ w13[e, :I]^T`` and ``x[tokens] @ w13[e, I:]^T`` as two
    accumulators of the same N columns, with the SwiGLU epilogue ``silu(gate) * up``, written per pair.
 3. ``_moe_down_kernel``: ``act @ w2[e]^T`` times the pair's routing weight, written per pair.
@@ -67,7 +67,8 @@ from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest number of (token, expert) pairs aligned by the Triton kernels; beyond it, torch ops.
+# Largest number of (token, expert) pairs aligned by the one-pass Triton kernels; beyond it, the blocked
+# alignment (_moe_align_blocked).
 _ALIGN_TRITON_MAX_PAIRS = 4096
 # Up to this many pairs one program aligns them all (a bitonic sort); beyond, the pairs are spread over programs
 # of _ALIGN_PAIRS_PER_PROGRAM. On the H200 the one-program sort took 77 us per MoE layer at 2,304 pairs (batched
@@ -579,7 +580,8 @@ def _moe_align_blocked(
 def _moe_align_torch(
     flat_ids: torch.Tensor, block_m: int, num_experts: int, max_padded: int, max_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same result as ``_moe_align_kernel`` with torch ops, for batches too large for one program; also returns
+    """Same result as ``_moe_align_kernel`` with torch ops (the reference the blocked alignment is tested and
+    timed against; the engine no longer calls it); also returns
     ``group_ends`` (int32 [E], the end of each expert's padded run: the offsets of a grouped GEMM over the
     sorted rows) and ``slots`` (int32 [T*k], each pair's slot in the sorted order)."""
     device = flat_ids.device

@@ -190,7 +190,8 @@ def qk_norm_rope(
             is bit-for-bit what ``torch.sigmoid(gate)`` gives, so the model computes ``out * gate``. If False, the
             raw gate is copied.
         heads_per_program: heads per program (power of two); default picks by token count.
-        num_warps: warps per program; default by the block's size.
+        num_warps: warps per program; default by the block's size (1 for prefill-sized calls whose heads per
+            program are defaulted too).
         kv_cache, kv_slot_ids: one layer's paged KV cache ``[num_pages, 2, page_size, num_kv_heads, head_dim]``
             (K then V in each page; qkv's dtype or float8_e4m3fn; each token's ``[heads, head_dim]`` contiguous)
             and ``[T]`` flat slots ``page * page_size + offset``: k and v go straight there, as
@@ -275,20 +276,22 @@ def qk_norm_rope(
     if tokens == 0:
         return q, k, v, gate
 
-    prefill = tokens >= 64
+    # Prefill-sized calls (a chunk of a prompt: the sweep below measured 8K and 32K tokens) get their own
+    # launch shape; batched decode (64 to a few hundred tokens) keeps the one its batch runs were measured with.
+    prefill_shape = tokens >= 1024 and heads_per_program is None and num_warps is None
     if heads_per_program is None:
         # Decode: one head per program for parallelism (a handful of tokens would otherwise be a handful of
-        # programs). Prefill: two heads per program, to amortise the per-program position/cos/sin loads.
-        heads_per_program = 2 if prefill else 1
+        # programs). Larger batches: several heads per program to amortise the position/cos/sin loads.
+        heads_per_program = 1 if tokens < 64 else 2 if prefill_shape else 4
     block_hq = min(heads_per_program, triton.next_power_of_2(num_heads))
     block_hk = min(heads_per_program, triton.next_power_of_2(num_kv_heads))
     half = rotary_dim // 2
     block_d = triton.next_power_of_2(head_dim)
     grid = (tokens, triton.cdiv(num_heads, block_hq) + triton.cdiv(num_kv_heads, block_hk))
-    if num_warps is None and prefill:
-        # One warp: each thread then loads and stores 16-byte vectors of a head's pieces (a [2, 32] rotary half
-        # over 4 warps is one bf16 per thread). Swept on the H200 at 35B-A3B shapes into the paged cache
-        # (kernels/bench_fused.py, kernels/results/qk_norm_rope_prefill_h200.json): 0.63 ms at 32K tokens
+    if prefill_shape:
+        # Two heads, one warp: each thread then loads and stores 16-byte vectors of a head's pieces (a [4, 32]
+        # rotary half over 4 warps is one bf16 per thread). Swept on the H200 at 35B-A3B shapes into the paged
+        # cache (kernels/bench_fused.py, kernels/results/qk_norm_rope_prefill_h200.json): 0.63 ms at 32K tokens
         # against 0.76 for 4 heads x 4 warps, 0.16 against 0.20 at 8K; more heads or warps were slower.
         num_warps = 1
     elif num_warps is None:

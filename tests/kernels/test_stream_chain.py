@@ -24,17 +24,19 @@ def test_stream_kernels_move_the_chains_bytes():
     streams.src.copy_(torch.randn(streams.src.numel()).to(torch.bfloat16))
     streams.dst.fill_(float("nan"))
     streams.launch_chain(chunk=256, num_warps=1, pdl=True)
-    written = 0
-    for kernel, r, w in zip(chain, streams.read_offsets, streams.write_offsets, strict=True):
+    written = torch.zeros(streams.dst.numel(), dtype=torch.bool, device=streams.dst.device)
+    offsets = zip(streams.read_offsets, streams.write_offsets, streams.sum_offsets, strict=True)
+    for kernel, (r, w, p) in zip(chain, offsets, strict=True):
         n = kernel.write_bytes // 2
         torch.testing.assert_close(streams.dst[w:w + n], streams.src[r:r + n], rtol=0, atol=0)
-        written += n
-    last = chain[-1]
-    programs = -(-last.read_bytes // 2 // 256)
-    region = streams.src[streams.read_offsets[-1]:streams.read_offsets[-1] + last.read_bytes // 2].float()
-    torch.testing.assert_close(streams.sums[:programs].sum(), region.sum(), rtol=1e-5, atol=1e-3)
-    assert written > 0
+        written[w:w + n] = True
+        # Every element the kernel must read was loaded: its programs' sums add up to its region's.
+        programs = -(-kernel.read_bytes // 2 // 256)
+        region = streams.src[r:r + kernel.read_bytes // 2].double()
+        torch.testing.assert_close(streams.sums[p:p + programs].double().sum(), region.sum(), rtol=1e-4, atol=1e-2)
+    assert written.any() and streams.dst[~written].isnan().all(), "nothing is written beyond each kernel's bytes"
     streams.dst.fill_(float("nan"))
     streams.launch_one(chunk=256, num_warps=1)
     total_write = streams.write_bytes // 2
     torch.testing.assert_close(streams.dst[:total_write], streams.src[:total_write], rtol=0, atol=0)
+    assert streams.dst[total_write:].isnan().all()
