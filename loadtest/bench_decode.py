@@ -56,7 +56,7 @@ def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, s
     params = SamplingParams(max_tokens=warmup + decode_tokens, temperature=0, ignore_eos=True)
     engine.add_request(prompt, params)
     t0 = time.perf_counter()
-    step_times, generated = [], 0
+    step_times, generated, token_ids = [], 0, []
     ttft = None
     while engine.has_unfinished():
         start = time.perf_counter()
@@ -64,6 +64,7 @@ def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, s
         elapsed = time.perf_counter() - start
         for out in outputs:
             generated += len(out.new_token_ids)
+            token_ids += out.new_token_ids
             if ttft is None and out.new_token_ids:
                 ttft = time.perf_counter() - t0
                 log.info("context %d: prefill done in %.2fs", context, ttft)
@@ -79,6 +80,7 @@ def run_context(engine: Engine, context: int, decode_tokens: int, warmup: int, s
         "step_ms_median": median * 1e3,
         "step_ms_p90": sorted(step_times)[int(0.9 * (len(step_times) - 1))] * 1e3,
         "tokens_per_s": 1.0 / median,
+        "token_ids": token_ids,  # greedy: two runs of the same code path and weights must agree
     }
 
 
