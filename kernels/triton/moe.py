@@ -124,35 +124,6 @@ def _route_token(
 ):
     """Top-k of one token from its logits at ``row`` (experts, then the shared gate's logit if HAS_SHARED);
     ``dtype`` is the activation dtype the shared gate is rounded to."""
-    top_w, top_i = _topk_of_logits(row, num_experts, TOP_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE)
-    k = tl.arange(0, BLOCK_K)
-    tl.store(weights_ptr + token * OUT_K + k, top_w, mask=k < TOP_K)
-    tl.store(ids_ptr + token * OUT_K + k, top_i, mask=k < TOP_K)
-    if HAS_SHARED:
-        _store_shared_gate(row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype, TOP_K, OUT_K,
-                           SHARED_AS_EXPERT)
-
-
-@triton.jit
-def _store_shared_gate(row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
-                       TOP_K: tl.constexpr, OUT_K: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr):
-    """The shared-expert gate, torch.sigmoid of its logit (after the experts' at ``row``) in the activation dtype
-    (fp32 math, one rounding): column TOP_K of the token's weights and ids (id ``num_experts``) if
-    SHARED_AS_EXPERT, else ``shared[token]``."""
-    g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
-    gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
-    if SHARED_AS_EXPERT:
-        tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
-        tl.store(ids_ptr + token * OUT_K + TOP_K, num_experts)
-    else:
-        tl.store(shared_ptr + token, gate.to(dtype))
-
-
-@triton.jit
-def _topk_of_logits(row, num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """``(weights fp32 [BLOCK_K], ids int32 [BLOCK_K])``: the top-k of the ``num_experts`` logits at ``row``, in
-    descending order (lanes >= TOP_K: weight 0)."""
     e = tl.arange(0, BLOCK_E)
     valid = e < num_experts
     # .cg: in the fused router the logits were written by other programs of the same launch; read them from
@@ -184,7 +155,18 @@ def _topk_of_logits(row, num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr
         top_w = tl.where(k < TOP_K, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= TOP_K are zero
-    return top_w, top_i
+    tl.store(weights_ptr + token * OUT_K + k, top_w, mask=k < TOP_K)
+    tl.store(ids_ptr + token * OUT_K + k, top_i, mask=k < TOP_K)
+
+    if HAS_SHARED:
+        # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
+        g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
+        gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
+        if SHARED_AS_EXPERT:  # column k: expert id E (the shared expert) with its gate as the weight
+            tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
+            tl.store(ids_ptr + token * OUT_K + TOP_K, num_experts)
+        else:
+            tl.store(shared_ptr + token, gate.to(dtype))
 
 
 @triton.jit
@@ -211,10 +193,9 @@ def _router_gemv_topk_kernel(
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RANK: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Router logits and top-k in one launch for a few tokens (RANK=False: the logits only, for experts that
-    rank them themselves: ``norm_route_experts``): every program computes BLOCK_N logit columns
+    """Router logits and top-k in one launch for a few tokens: every program computes BLOCK_N logit columns
     of all tokens (a matrix-vector product, like kernels.triton.gemv), and the program that finishes last --
     the one drawing the last ticket -- routes the tokens from the complete logits and resets the ticket.
 
@@ -245,8 +226,6 @@ def _router_gemv_topk_kernel(
     logits = round_to(y, dtype)
     tl.store(logits_ptr + rows[:, None] * num_rows + offs_n[None, :], logits,
              mask=row_mask[:, None] & n_mask[None, :])
-    if not RANK:
-        return
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
@@ -272,7 +251,6 @@ def route_topk(
     ticket: torch.Tensor | None = None,
     norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None,
     router_tile: gemv_tk.GemvTile | None = None,
-    logits_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
 
@@ -305,9 +283,6 @@ def route_topk(
 
     ``router_tile``: the single-launch router's rows per program and warps (its ``block_k`` is not used; by
     default ``_ROUTER_BLOCK_N`` rows and ``default_tile``'s warps).
-
-    ``logits_only`` (with ``norm``): the kernel stops at the logits (fp32 ``[T, E(+1)]``, rounded to hidden's
-    dtype), which it returns in place of the weights and ids, with neither the ticket nor the top-k.
     """
     if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
@@ -354,8 +329,6 @@ def route_topk(
     if norm is not None and (ticket is None or tokens != 1 or hidden.shape[1] > gemv_tk.MAX_SINGLE_TILE_K):
         raise ValueError("norm needs a ticket, one token and hidden <= "
                          f"{gemv_tk.MAX_SINGLE_TILE_K}, got {tokens} tokens of {hidden.shape[1]}")
-    if logits_only and norm is None:
-        raise ValueError("logits_only is for the single-launch router with the norm")
     if ticket is not None and tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
         num_rows = weight.shape[0]
         logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
@@ -375,11 +348,8 @@ def route_topk(
             NORM=norm is not None, HAS_RESIDUAL=residual is not None,
             TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_TK=triton.next_power_of_2(top_k),
             SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
-            SHARED_AS_EXPERT=shared_as_expert, RANK=not logits_only, num_warps=tile.num_warps,
-            **pdl_launch_args(hidden.device),
+            SHARED_AS_EXPERT=shared_as_expert, num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
         )
-        if logits_only:
-            return logits, None, None, normed, new_res
         if norm is not None:
             return topk_weights, topk_ids, shared, normed, new_res
         return topk_weights, topk_ids, shared
@@ -421,36 +391,6 @@ def norm_route_topk(
         ticket=ticket, norm=(residual, norm_weight, eps), router_tile=router_tile,
     )
     return weights, ids, shared, normed, (new_res if residual is not None else x)
-
-
-# The one-token MoE block as the router's logits plus experts that rank them (norm_route_experts) rather than
-# norm_route_topk + fused_experts. Off until it is measured faster on a GPU (kernels/NOTES_fused.md).
-RANK_IN_EXPERTS = False
-
-
-def norm_route_experts(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalize: bool,
-    ticket: torch.Tensor, *, config: GemvConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``norm_route_topk`` then ``fused_experts(..., shared_last=True)`` for one token, the same result bit for
-    bit, with the top-k moved out of the router: the router kernel writes the logits and ends (no ticket, no
-    last program sorting after everyone), and every routed gate/up program sorts the token's logits itself and
-    takes its own expert from them (one of them writes the weights and ids for the down kernel). Returns
-    ``(out [1, H], new residual)``; the shared expert is the last of the stacks, its gate the router's last row."""
-    logits, _, _, h, new_res = route_topk(
-        x, router_weight, None, top_k, renormalize, fused_shared_gate=True, shared_as_expert=True, ticket=ticket,
-        norm=(residual, norm_weight, eps), logits_only=True)
-    num_experts = router_weight.shape[0] - 1
-    if w13.shape[0] != num_experts + 1:
-        raise ValueError(f"the stacks must hold the {num_experts} routed experts and the shared one, got "
-                         f"{w13.shape[0]}")
-    out = torch.empty_like(h)
-    topk_weights = torch.empty(1, top_k + 1, dtype=torch.float32, device=x.device)
-    topk_ids = torch.empty(1, top_k + 1, dtype=torch.int32, device=x.device)
-    _experts_gemv(h, w13, w2, topk_weights, topk_ids, config or default_gemv_config(w13.shape[1] // 2, 1), out,
-                  shared_last=True, logits=(logits, num_experts, renormalize))
-    return out, (new_res if residual is not None else x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -964,21 +904,14 @@ def _moe_down_kernel(
 def _moe_gate_up_gemv_kernel(
     x_ptr, w13_ptr, act_ptr, ids_ptr, shared_expert,
     stride_x, stride_we, stride_wn, stride_act,
-    logits_ptr, topk_w_ptr, num_experts, stride_logits,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SHARED_LAST: tl.constexpr, BLOCK_H: tl.constexpr, RANK: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_TK: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
+    SHARED_LAST: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[pair, n] = silu(x[token] . w13[e, n]) * (x[token] . w13[e, I + n]) for one pair and BLOCK_N columns.
 
     SHARED_LAST: every token's last pair is expert ``shared_expert`` (the shared expert, whatever ``ids``
     says), so its programs need no routing: they load their whole ``[2, BLOCK_N, HIDDEN]`` weight tile
-    before the PDL wait, while the router still runs.
-
-    RANK (with SHARED_LAST): the kernel before wrote the router's logits, not the routing; each routed program
-    takes the softmax top-(TOP_K - 1) of its token's logits itself (as ``_route_token``) and its pair's expert
-    from it, and the token's first program of the first column tile writes the token's routing weights and ids
-    (the shared gate last) for the down kernel."""
+    before the PDL wait, while the router still runs."""
     pdl_trigger(PDL)
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOP_K
@@ -1002,19 +935,7 @@ def _moe_gate_up_gemv_kernel(
         up_sum = tl.sum(shared_u.to(tl.float32) * x_row[None, :], axis=1)
     else:
         pdl_wait(PDL)
-        if RANK:
-            row = logits_ptr + token * stride_logits
-            top_w, top_i = _topk_of_logits(row, num_experts, TOP_K - 1, BLOCK_E, BLOCK_TK, True, RENORMALIZE)
-            j = pair % TOP_K
-            expert = tl.sum(tl.where(tl.arange(0, BLOCK_TK) == j, top_i, 0), axis=0).to(tl.int64)
-            if (j == 0) & (tl.program_id(1) == 0):
-                kk = tl.arange(0, BLOCK_TK)
-                tl.store(topk_w_ptr + token * TOP_K + kk, top_w, mask=kk < TOP_K - 1)
-                tl.store(ids_ptr + token * TOP_K + kk, top_i, mask=kk < TOP_K - 1)
-                _store_shared_gate(row, token, topk_w_ptr, ids_ptr, ids_ptr, num_experts, act_ptr.dtype.element_ty,
-                                   TOP_K - 1, TOP_K, True)
-        else:
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + token * stride_x + offs_k
         g_ptrs = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
@@ -1184,12 +1105,9 @@ def fused_experts(
     return out
 
 
-def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor, shared_last: bool,
-                  logits: tuple[torch.Tensor, int, bool] | None = None) -> None:
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor, shared_last: bool) -> None:
     """``out [T, H]`` = the k-sum of the routed expert outputs: one program per (pair, N tile) for gate/up, then
-    one per (token, N tile) for the down projection and the sum. ``logits=(logits [T, E+1], E, renormalize)``
-    (with ``shared_last``): gate/up ranks the logits itself and fills ``topk_weights`` / ``topk_ids`` for the
-    down kernel (``norm_route_experts``)."""
+    one per (token, N tile) for the down projection and the sum."""
     down_block_n = cfg.down_block_n or cfg.block_n
     if any(n < 1 or n & (n - 1) for n in (cfg.block_n, down_block_n)) or (cfg.block_k and (
             cfg.block_k < 16 or cfg.block_k & (cfg.block_k - 1))):
@@ -1201,17 +1119,11 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torc
     ids = topk_ids.contiguous().view(-1)
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     shared_expert = w13.shape[0] - 1
-    if logits is not None and not shared_last:
-        raise ValueError("ranking in the experts needs the shared expert last (shared_last)")
-    logits_t, num_experts, renormalize = logits if logits is not None else (x, 1, False)
     _moe_gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, cfg.block_n))](
         x, w13, act, ids, shared_expert, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        logits_t, topk_weights, num_experts, logits_t.stride(0),
         TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k or triton.next_power_of_2(hidden), SHARED_LAST=shared_last,
-        BLOCK_H=triton.next_power_of_2(hidden), RANK=logits is not None,
-        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TK=triton.next_power_of_2(max(top_k - 1, 2)),
-        RENORMALIZE=renormalize,
+        BLOCK_H=triton.next_power_of_2(hidden),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
     _moe_down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, down_block_n))](

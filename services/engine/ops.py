@@ -274,9 +274,6 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
         if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
                 and (residual is None or residual.is_contiguous())):
-            if triton_moe.RANK_IN_EXPERTS:  # the experts rank the router's logits themselves
-                return triton_moe.norm_route_experts(x, residual, norm_weight, eps, router_weight, w13, w2, top_k,
-                                                     renormalize, ticket)
             weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
                                                                       top_k, renormalize, ticket)
             return triton_moe.fused_experts(h, w13, w2, weights, ids, shared_last=True), residual
