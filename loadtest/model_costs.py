@@ -42,6 +42,13 @@ def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
 
 
+def expected_experts_touched(cfg: ModelConfig, batch: int) -> float:
+    """Distinct routed experts of one MoE layer that ``batch`` tokens pick, under uniform independent routing:
+    ``E (1 - (1 - k/E)^B)``."""
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    return e * (1 - (1 - k / e) ** batch) if e else 0
+
+
 def decode_step_bytes(
     params: Sequence[tuple[str, tuple[int, ...]]], cfg: ModelConfig, dtype: torch.dtype, contexts: Sequence[int],
     experts_touched: Sequence[int] | None = None, kv_dtype: torch.dtype | None = None,
@@ -55,9 +62,7 @@ def decode_step_bytes(
     itemsize = dtype.itemsize
     moe_layers = [name for name, _ in params if name.endswith(".w13")]
     if experts_touched is None:
-        e, k = cfg.num_experts, cfg.num_experts_per_tok
-        expected = e * (1 - (1 - k / e) ** batch) if e else 0
-        experts_touched = [expected] * len(moe_layers)
+        experts_touched = [expected_experts_touched(cfg, batch)] * len(moe_layers)
     if len(experts_touched) != len(moe_layers):
         raise ValueError(f"experts_touched has {len(experts_touched)} entries for {len(moe_layers)} MoE layers")
     dense = experts = 0
@@ -126,8 +131,7 @@ def decode_kernel_chain(
     totals = decode_step_bytes(params, cfg, dtype, contexts, experts_touched, kv_dtype)
     num_moe = sum(name.endswith(".w13") for name, _ in params)
     if experts_touched is None:
-        e, k = cfg.num_experts, cfg.num_experts_per_tok
-        experts_touched = [e * (1 - (1 - k / e) ** batch) if e else 0] * num_moe
+        experts_touched = [expected_experts_touched(cfg, batch)] * num_moe
     shared = 1 if cfg.shared_expert_in_experts else 0
     layers: list[dict[str, list[int]]] = [
         {kernel: [0, 0, 0] for kernel in _LAYER_KERNELS} for _ in range(cfg.num_hidden_layers)]  # read, write, early
