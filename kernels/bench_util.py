@@ -124,7 +124,9 @@ def grouped_bar_chart(
 
     width = 0.8 / len(series)
     xs = range(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels)), 4))
+    legend_rows = -(-(len(series) + (hline is not None)) // 2)
+    height = 4 + 0.25 * legend_rows
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels)), height))
     for i, (name, values) in enumerate(series):
         offset = (i - (len(series) - 1) / 2) * width
         ax.bar([x + offset for x in xs], values, width=width, label=name)
@@ -134,6 +136,7 @@ def grouped_bar_chart(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(textwrap.fill(title, 70), fontsize=10)  # run descriptions are long: wrap, don't clip
-    ax.legend(fontsize=9)
-    fig.tight_layout()
+    # Under the plot, in a strip of its own: inside the axes it covered the bars of the last groups.
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
