@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="2048,4096,8192,16384,32768", help="bf16 elements per program")
     parser.add_argument("--warps", default="4,8,16")
     parser.add_argument("--by-kind", action="store_true",
-                        help="also time each kind of kernel alone (chains of that kind), for the first case")
+                        help="also time each kind of kernel alone (chains of that kind), for every case")
     parser.add_argument("--engine", default="", help="bench_decode / bench_batch_decode JSON files, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("decode_floor.json"))
     args = parser.parse_args()
@@ -261,8 +261,8 @@ def main() -> None:
     results = {"benchmark": "decode step as a chain of stream kernels", "model": args.model,
                "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "copy_bandwidth_GBps": bandwidth / 1e9, "engine_results": args.engine, "runs": []}
-    for i, (batch, context) in enumerate(parse_cases(args.cases)):
-        run = bench_case(params, cfg, batch, context, bandwidth, configs, device, by_kind=args.by_kind and i == 0)
+    for batch, context in parse_cases(args.cases):
+        run = bench_case(params, cfg, batch, context, bandwidth, configs, device, by_kind=args.by_kind)
         run["engine_fraction"] = engine.get((batch, context))
         results["runs"].append(run)
         torch.cuda.empty_cache()  # the case's arena

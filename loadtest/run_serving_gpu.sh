@@ -80,10 +80,10 @@ for step in ${stage//,/ }; do
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;
-    batch)  # batched decode against its roofline (40 layers)
+    batch)  # batched decode against its roofline (40 layers); PROFILE_BATCHES=8: per-kernel profiles of those
         timeout "$(( $(left) - 20 ))" python3 -m loadtest.bench_batch_decode --model qwen3.5-35b-a3b \
             --batches "${BATCHES:-1,8,64,256}" --contexts 4096 --steps 30 --warmup 5 --gpu-memory-utilization 0.92 \
-            --out "$out/batch_decode_h200.json" ;;
+            --profile-batches "${PROFILE_BATCHES:-}" --out "$out/batch_decode_h200.json" ;;
     esac
 done
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv,noheader
