@@ -85,8 +85,9 @@ def bench_tokens(tokens: int, device: torch.device, experts_weights: tuple[torch
 def norm_router_calls(tokens: int, x: list[torch.Tensor], router: list[torch.Tensor], block_m: int,
                       gen: torch.Generator, device: torch.device) -> dict:
     """The engine's routing of a decode batch of up to ROUTER_NORM_MAX_TOKENS tokens, the post-attention norm
-    included: the norm kernel, the router (cuBLAS logits and the top-k kernel; up to 4 tokens the single-launch
-    router) and the alignment apart, against ``norm_route_topk`` (one launch), over router tiles."""
+    included: the norm kernel, cuBLAS logits (up to 4 tokens the single-launch router), the top-k kernel and the
+    alignment, against ``norm_route_topk`` without and with the alignment in a routing kernel's last program,
+    over router tiles."""
     from kernels.triton import norm as norm_tk
     from kernels.triton.gemv import GemvTile
 
@@ -94,19 +95,21 @@ def norm_router_calls(tokens: int, x: list[torch.Tensor], router: list[torch.Ten
     norm_weight = torch.randn(HIDDEN, generator=gen).to(device, torch.bfloat16) * 0.1
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
 
-    def apart(i):
+    def four_launches(i):
         h, _ = norm_tk.gemma_rms_norm_residual(x[i], residual[i], norm_weight, 1e-6)
         _, ids, _ = moe_tk.route_topk(h, router[i], None, TOP_K, True, fused_shared_gate=True, shared_as_expert=True,
-                                      ticket=ticket)
+                                      ticket=ticket if tokens <= moe_tk._ROUTER_GEMV_MAX_TOKENS else None)
         return moe_tk.moe_align_block_size(ids, block_m, EXPERTS + 1)
 
-    def norm_route(tile: GemvTile | None = None):
+    def norm_route(align: bool, tile: GemvTile | None = None):
         return lambda: [moe_tk.norm_route_topk(x[i], residual[i], norm_weight, 1e-6, router[i], TOP_K, True, ticket,
-                                               router_tile=tile) for i in range(LAYERS)]
+                                               router_tile=tile, align_block_m=block_m if align else None)
+                        for i in range(LAYERS)]
 
-    calls = {"norm_router_align_apart": lambda: [apart(i) for i in range(LAYERS)], "norm_route": norm_route()}
+    calls = {"norm_cublas_topk_align": lambda: [four_launches(i) for i in range(LAYERS)],
+             "norm_route": norm_route(False), "norm_route_align": norm_route(True)}
     for block_n, warps in ((4, 2), (8, 4), (2, 4)):
-        calls[f"norm_route_{block_n}x{warps}w"] = norm_route(GemvTile(block_n=block_n, num_warps=warps))
+        calls[f"norm_route_align_{block_n}x{warps}w"] = norm_route(True, GemvTile(block_n=block_n, num_warps=warps))
     return calls
 
 

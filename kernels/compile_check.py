@@ -232,10 +232,13 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
         ticket = torch.zeros(1, dtype=torch.int32)
         weights, ids, _ = moe.route_topk(h, w(257, 2048), None, 8, True, fused_shared_gate=True,
                                          shared_as_expert=True, ticket=ticket)
-        if tokens <= moe.ROUTER_NORM_MAX_TOKENS:  # the engine's norm + routing in one launch
-            moe.norm_route_topk(h, w(tokens, 2048), w(2048), 1e-6, w(257, 2048), 8, True, ticket)
+        blocks = None
+        if tokens <= moe.ROUTER_NORM_MAX_TOKENS:  # the engine's norm + routing + alignment in one launch
+            block_m = moe.default_moe_config(tokens, 9, 257).block_m
+            blocks = moe.norm_route_topk(h, w(tokens, 2048), w(2048), 1e-6, w(257, 2048), 8, True, ticket,
+                                         align_block_m=block_m).blocks
         moe.fused_experts(h, w(257, 1024, 2048), w(257, 2048, 512), torch.rand(tokens, 9),
-                          torch.randint(0, 257, (tokens, 9), dtype=torch.int32), shared_last=True)
+                          torch.randint(0, 257, (tokens, 9), dtype=torch.int32), shared_last=True, blocks=blocks)
         conv1d.conv1d_update(w(tokens, 8192), w(8192, 4), w(tokens + 1, 8192, 3), torch.arange(tokens))
         q, k, v, a, b, a_log, dt_bias = _gdn_inputs((tokens, 1), 16, 32, 128)
         gdn_decode(q, k, v, a, b, a_log, dt_bias, torch.empty(tokens + 1, 32, 128, 128), torch.arange(tokens))
@@ -265,7 +268,7 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
 
 CASES: dict[str, Callable[[], None]] = {
     "moe_prefill_35b_8k": moe_prefill_35b(8192),
-    "batched_decode_35b_B4": batched_decode_35b(4),
+    "batched_decode_35b_B8": batched_decode_35b(8),
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,
     "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,

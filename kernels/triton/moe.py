@@ -87,12 +87,9 @@ _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile
 _GEMV_MAX_PAIRS = 36
 # Tokens routed by the single-launch router (logits and top-k in one kernel); its register tile grows with them.
 _ROUTER_GEMV_MAX_TOKENS = 4
-# Tokens normed and routed by norm_route_topk (the single-launch router with the norm): its programs norm the
-# rows one after another against their weight tile in registers. On the H200 at 35B-A3B, PDL-chained
-# (kernels/bench_moe_parts.py, kernels/results/moe_parts_router_h200.json): 6.4 / 10.5 us a layer at 2 / 4 tokens
-# against 10.5 / 13.3 for the norm kernel, the router and the alignment apart; at 8 tokens the rows' norms one
-# after another cost more than the launches they save (18.6 against 17.7).
-ROUTER_NORM_MAX_TOKENS = _ROUTER_GEMV_MAX_TOKENS
+# Tokens normed and routed by norm_route_topk's single launch: its programs norm the rows one after another
+# against their weight tile in registers.
+ROUTER_NORM_MAX_TOKENS = 8
 # Router rows per program: 65 programs of 4 x 4 KB for 35B-A3B's 257 rows. On the H200 in the MoE block
 # (kernels/bench_moe_block.py) 4 rows x 4 warps beat 2 x 4 by ~0.8 us at 35B-A3B and ~1 us at 397B.
 _ROUTER_BLOCK_N = 4
@@ -188,26 +185,39 @@ def _route_rows(
 def _route_topk_kernel(
     logits_ptr, weights_ptr, ids_ptr, shared_ptr,
     num_experts, stride_logits,
+    ticket_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, max_padded, max_blocks, align_experts,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    PDL: tl.constexpr,
+    ALIGN_M: tl.constexpr, ALIGN_PAIRS: tl.constexpr, ALIGN_E: tl.constexpr, PDL: tl.constexpr,
 ):
+    """One program per token. ALIGN_M > 0: the program drawing the last ticket also sorts all tokens' pairs into
+    ALIGN_M-row expert blocks (``_align_pairs``) and resets the ticket."""
     pdl_trigger(PDL)
     pdl_wait(PDL)
     _route_rows(logits_ptr, stride_logits, tl.program_id(0), tl.num_programs(0), weights_ptr, ids_ptr, shared_ptr,
                 num_experts, logits_ptr.dtype.element_ty, 1, TOP_K, OUT_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE,
                 HAS_SHARED, SHARED_AS_EXPERT)
+    if ALIGN_M > 0:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            _align_pairs(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr,
+                         tl.num_programs(0) * OUT_K, align_experts, max_padded, max_blocks, ALIGN_M, ALIGN_PAIRS,
+                         ALIGN_E, 1024)
+            tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
 def _router_gemv_topk_kernel(
     x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr, shared_ptr,
     res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps,
+    sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, max_padded, max_blocks, align_experts,
     num_tokens, num_rows, num_experts, stride_x, stride_w,
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUTE: tl.constexpr,
+    ALIGN_M: tl.constexpr, ALIGN_PAIRS: tl.constexpr, ALIGN_E: tl.constexpr, PDL: tl.constexpr,
 ):
     """Router logits and top-k in one launch for a few tokens: every program computes BLOCK_N logit columns
     of all tokens (a matrix-vector product, like kernels.triton.gemv), and the program that finishes last --
@@ -220,7 +230,13 @@ def _router_gemv_topk_kernel(
     NORM (``BLOCK_K >= HIDDEN``): the input rows are ``gemma_rms_norm(x + residual)``, computed by every program
     from x, a row at a time against its weight tile loaded before the PDL wait (as
     kernels.triton.gemv.rms_norm_linear does for one row); program 0 writes the new residual and the normed
-    rows, which the experts read."""
+    rows, which the experts read.
+
+    ALIGN_M > 0: the last program also sorts the routed (token, expert) pairs into ALIGN_M-row expert blocks
+    for the grouped expert GEMMs, as ``moe_align_block_size`` does (``_align_pairs``), saving that launch.
+
+    Not ROUTE: only the logits (rounded, in the logits' dtype); ``_route_topk_kernel`` routes them, a token per
+    program, where one program routing all the tokens would take longer."""
     col0 = tl.program_id(0) * BLOCK_N
     rows = tl.arange(0, ROWS)
     if NORM:
@@ -245,25 +261,42 @@ def _router_gemv_topk_kernel(
     dtype = x_ptr.dtype.element_ty
     # The reference's F.linear returns the logits in the activation dtype: round them so.
     logits = round_to(y, dtype)
-    tl.store(logits_ptr + rows[:, None] * num_rows + offs_n[None, :], logits,
+    tl.store(logits_ptr + rows[:, None] * num_rows + offs_n[None, :], logits.to(logits_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
+    if not ROUTE:
+        return
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         _route_rows(logits_ptr, num_rows, 0, num_tokens, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype,
                     ROWS, TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED, SHARED_AS_EXPERT)
+        if ALIGN_M > 0:
+            tl.debug_barrier()  # the ids this program's threads stored are visible to all of them from here
+            _align_pairs(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, num_tokens * OUT_K,
+                         align_experts, max_padded, max_blocks, ALIGN_M, ALIGN_PAIRS, ALIGN_E, 1024)
         tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
 
 
+class ExpertBlocks(NamedTuple):
+    """(token, expert) pairs sorted into ``block_m``-row blocks of one expert each: ``moe_align_block_size``'s
+    result, which ``fused_experts`` takes instead of sorting the pairs itself."""
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_post: torch.Tensor
+    block_m: int
+
+
 class Routing(NamedTuple):
-    """``norm_route_topk``'s result: the routing, and the normed rows and the new residual that the experts and
-    the next layer read."""
+    """``norm_route_topk``'s result: the routing, the normed rows and the new residual the experts and the next
+    layer read, and the expert blocks when asked for."""
 
     weights: torch.Tensor
     ids: torch.Tensor
     shared_gate: torch.Tensor | None
     normed: torch.Tensor
     residual: torch.Tensor
+    blocks: ExpertBlocks | None
 
 
 def route_topk(
@@ -313,7 +346,7 @@ def route_topk(
     tokens = hidden.shape[0]
     if ticket is not None and 0 < tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
         routing = _route_gemv(hidden, weight, num_experts, top_k, renormalize, shared_as_expert, scoring,
-                              ticket, None, router_tile)
+                                       ticket, None, router_tile, None)
         return routing.weights, routing.ids, routing.shared_gate
     topk_weights, topk_ids, shared = _routing_outputs(hidden, weight, num_experts, top_k, shared_as_expert)
     if tokens == 0:
@@ -327,11 +360,11 @@ def route_topk(
     _route_topk_kernel[(tokens,)](
         # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
         logits, topk_weights, topk_ids, shared if shared is not None else logits,
-        num_experts, logits.stride(0),
+        num_experts, logits.stride(0), topk_ids, *_blocks_for(topk_ids, 0, None)[1],  # (no ticket, no blocks)
         TOP_K=top_k, OUT_K=topk_ids.shape[1], BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=weight.shape[0] > num_experts,
-        SHARED_AS_EXPERT=shared_as_expert,
-        num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4, **pdl_launch_args(hidden.device),
+        SHARED_AS_EXPERT=shared_as_expert, ALIGN_M=0, ALIGN_PAIRS=1, ALIGN_E=1,
+        num_warps=_route_warps(block_e), **pdl_launch_args(hidden.device),
     )
     return topk_weights, topk_ids, shared
 
@@ -387,44 +420,88 @@ def _routing_outputs(hidden, weight, num_experts, top_k, shared_as_expert
     return topk_weights, topk_ids, shared
 
 
+def _blocks_for(topk_ids: torch.Tensor, align_experts: int, block_m: int | None
+                ) -> tuple[ExpertBlocks | None, tuple, dict]:
+    """The expert blocks a routing kernel's last program fills (None without ``block_m``), the kernel's
+    alignment arguments and its ALIGN_* constexprs."""
+    if block_m is None:
+        return None, (topk_ids, topk_ids, topk_ids, topk_ids, 0, 0, 0), dict(ALIGN_M=0, ALIGN_PAIRS=1, ALIGN_E=1)
+    device = topk_ids.device
+    num_pairs = topk_ids.numel()
+    max_padded, max_blocks = _padded_sizes(num_pairs, align_experts, block_m)
+    blocks = ExpertBlocks(torch.empty(max_padded, dtype=torch.int32, device=device),
+                          torch.empty(max_blocks, dtype=torch.int32, device=device),
+                          torch.empty(1, dtype=torch.int32, device=device), block_m)
+    shift = torch.empty(align_experts, dtype=torch.int32, device=device)  # scratch
+    args = (blocks.sorted_ids, blocks.expert_ids, blocks.num_post, shift, max_padded, max_blocks, align_experts)
+    return blocks, args, dict(ALIGN_M=block_m, ALIGN_PAIRS=max(16, triton.next_power_of_2(num_pairs)),
+                              ALIGN_E=triton.next_power_of_2(align_experts))
+
+
 def _route_gemv(hidden, weight, num_experts, top_k, renormalize, shared_as_expert, scoring, ticket,
-                norm, router_tile) -> Routing:
-    """``_router_gemv_topk_kernel``: the logits and the top-k, with ``norm=(residual, norm_weight, eps)`` the norm
-    before them."""
+                norm, router_tile, align_block_m) -> Routing:
+    """``_router_gemv_topk_kernel``: the logits, with ``norm=(residual, norm_weight, eps)`` the norm before them,
+    and up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens the top-k in the last program (with ``align_block_m``, the
+    expert blocks after it); more tokens are routed (and aligned) by ``_route_topk_kernel``, a program per
+    token: on the H200 one program routing 8 tokens of 35B-A3B took ~8 us more than one token
+    (``kernels/bench_moe_parts.py``)."""
     topk_weights, topk_ids, shared = _routing_outputs(hidden, weight, num_experts, top_k, shared_as_expert)
     tokens = hidden.shape[0]
     num_rows = weight.shape[0]
-    logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
+    route_here = tokens <= _ROUTER_GEMV_MAX_TOKENS
+    # Routed here: fp32 (its values rounded to the activation dtype); else in that dtype, whose pointer tells
+    # _route_topk_kernel the shared gate's dtype.
+    logits = torch.empty(tokens, num_rows, dtype=torch.float32 if route_here else hidden.dtype, device=hidden.device)
     residual, norm_weight, eps = norm if norm is not None else (None, hidden, 0.0)
     normed = torch.empty_like(hidden) if norm is not None else hidden
     new_res = torch.empty_like(hidden) if residual is not None else hidden
     tile = router_tile or gemv_tk.default_tile(hidden.shape[1])
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     block_n = tile.block_n if router_tile is not None or interpret else _ROUTER_BLOCK_N
+    blocks, align_args, align_consts = _blocks_for(topk_ids, num_experts + int(shared_as_expert), align_block_m)
+    route_consts = dict(TOP_K=top_k, OUT_K=topk_ids.shape[1], SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize,
+                        HAS_SHARED=weight.shape[0] > num_experts, SHARED_AS_EXPERT=shared_as_expert)
+    block_e = triton.next_power_of_2(num_experts)
+    shared_out = shared if shared is not None else hidden
     _router_gemv_topk_kernel[(triton.cdiv(num_rows, block_n),)](
-        hidden, weight, logits, ticket, topk_weights, topk_ids, shared if shared is not None else hidden,
+        hidden, weight, logits, ticket, topk_weights, topk_ids, shared_out,
         residual if residual is not None else hidden, norm_weight, new_res, normed, float(eps),
+        *align_args,
         tokens, num_rows, num_experts, hidden.stride(0), weight.stride(0),
         HIDDEN=hidden.shape[1], ROWS=triton.next_power_of_2(tokens), BLOCK_N=block_n,
         BLOCK_K=triton.next_power_of_2(hidden.shape[1]) if norm is not None else gemv_tk.block_k_for(
             tile, hidden.shape[1]),
-        NORM=norm is not None, HAS_RESIDUAL=residual is not None,
-        TOP_K=top_k, OUT_K=topk_ids.shape[1], BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_TK=triton.next_power_of_2(top_k),
-        SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=weight.shape[0] > num_experts,
-        SHARED_AS_EXPERT=shared_as_expert, num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
+        NORM=norm is not None, HAS_RESIDUAL=residual is not None, ROUTE=route_here, BLOCK_E=block_e,
+        BLOCK_TK=triton.next_power_of_2(top_k), **route_consts, **(align_consts if route_here else dict(
+            ALIGN_M=0, ALIGN_PAIRS=1, ALIGN_E=1)),
+        num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
     )
-    return Routing(topk_weights, topk_ids, shared, normed, new_res if residual is not None else hidden)
+    if not route_here:
+        _route_topk_kernel[(tokens,)](
+            logits, topk_weights, topk_ids, shared_out, num_experts, logits.stride(0), ticket, *align_args,
+            BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), **route_consts, **align_consts,
+            # The last program's alignment (a histogram over the experts, a sort of the pairs) wants a few warps.
+            num_warps=4 if align_block_m else _route_warps(block_e), **pdl_launch_args(hidden.device),
+        )
+    return Routing(topk_weights, topk_ids, shared, normed, new_res if residual is not None else hidden, blocks)
+
+
+def _route_warps(block_e: int) -> int:
+    return 1 if block_e <= 256 else 2 if block_e <= 512 else 4
 
 
 def norm_route_topk(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
     router_weight: torch.Tensor, top_k: int, renormalize: bool, ticket: torch.Tensor, *,
-    shared_as_expert: bool = True, router_tile: gemv_tk.GemvTile | None = None,
+    shared_as_expert: bool = True, router_tile: gemv_tk.GemvTile | None = None, align_block_m: int | None = None,
 ) -> Routing:
     """The post-attention norm and the routing of up to ``ROUTER_NORM_MAX_TOKENS`` tokens in one kernel:
     ``h, s = gemma_rms_norm_residual(x, residual)``, then ``route_topk(h, router_weight, ...)`` with the fused
-    shared gate and the ticket (the residual ``s`` is x itself without a residual)."""
+    shared gate and the ticket (the residual ``s`` is x itself without a residual).
+
+    ``align_block_m``: the kernel's last program also sorts the routed pairs (the shared expert's among them)
+    into expert blocks of that many rows for ``fused_experts(..., blocks=...)``, which then launches no
+    alignment kernel. ``Routing.blocks`` holds them."""
     tokens = x.shape[0] if x.dim() == 2 else 0
     if x.dim() != 2 or not 1 <= tokens <= ROUTER_NORM_MAX_TOKENS or not x.is_contiguous():
         raise ValueError(f"norm_route_topk routes 1 to {ROUTER_NORM_MAX_TOKENS} contiguous tokens [T, H], got "
@@ -436,12 +513,14 @@ def norm_route_topk(
         raise ValueError(f"residual must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
     if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
         raise ValueError(f"norm_weight must be a contiguous [{x.shape[1]}] tensor")
+    if align_block_m is not None and (align_block_m < 1 or align_block_m & (align_block_m - 1)):
+        raise ValueError(f"align_block_m must be a power of two, got {align_block_m}")
     weight, num_experts = _router_weight(x, router_weight, None, top_k, True, shared_as_expert, "softmax")
     _check_ticket(ticket, x)
     if ticket is None:
         raise ValueError("norm_route_topk needs a ticket")
     return _route_gemv(x, weight, num_experts, top_k, renormalize, shared_as_expert, "softmax", ticket,
-                       (residual, norm_weight, eps), router_tile)
+                                (residual, norm_weight, eps), router_tile, align_block_m)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,10 +541,21 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_FILL: tl.constexpr,
 ):
     """One program: every pair's slot in the expert-sorted, block-padded order."""
+    _align_pairs(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, num_pairs, num_experts,
+                 max_padded, max_blocks, BLOCK_M, BLOCK_PAIRS, BLOCK_E, BLOCK_FILL)
+
+
+@triton.jit
+def _align_pairs(
+    ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr,
+    num_pairs, num_experts, max_padded, max_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_FILL: tl.constexpr,
+):
+    """The alignment by one program (``_moe_align_kernel``, and the routing kernel's last program)."""
     i = tl.arange(0, BLOCK_PAIRS)
     valid = i < num_pairs
-    ids = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
-
+    # .cg: in the routing kernels other programs of the same launch stored the ids (see _route_rows).
+    ids = tl.load(ids_ptr + i, mask=valid, other=0, cache_modifier=".cg").to(tl.int32)
     counts = tl.histogram(ids, BLOCK_E, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
@@ -790,6 +880,16 @@ def default_gemv_config(inter: int, tokens: int = 1) -> GemvConfig:
     return GemvConfig(block_n=2, block_k=0, num_warps=4, down_block_n=1 if inter <= 512 else 2, down_num_warps=1)
 
 
+def grouped_block_m(num_tokens: int, top_k: int, num_experts: int) -> int | None:
+    """The expert block rows ``fused_experts`` sorts ``num_tokens`` tokens' pairs into with its default config, or
+    None where it takes no grouped path of its own blocks (the matrix-vector path; the prefill path, which sorts
+    its pairs with slots for the grouped_mm down)."""
+    pairs = num_tokens * top_k
+    if pairs <= _GEMV_MAX_PAIRS or pairs > _ALIGN_TRITON_MAX_PAIRS:
+        return None
+    return default_moe_config(num_tokens, top_k, num_experts).block_m
+
+
 def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """Heuristic configuration by pairs per active expert; the starting point for per-GPU tuning (NOTES_fused.md).
 
@@ -1112,6 +1212,7 @@ def fused_experts(
     *,
     config: MoeConfig | GemvConfig | None = None,
     shared_last: bool = False,
+    blocks: ExpertBlocks | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` with SwiGLU experts; new ``[T, H]``.
 
@@ -1124,6 +1225,10 @@ def fused_experts(
     ``shared_last``: every token's last column is the shared expert, the last of the stacks (``E - 1``), as
     ``route_topk(..., shared_as_expert=True)`` returns it; the matrix-vector path then loads its weights
     before waiting for the router (PDL), and takes the expert id of that column as ``E - 1`` without reading it.
+
+    ``blocks``: these pairs already sorted into expert blocks (``norm_route_topk(..., align_block_m=...)``); the
+    grouped path then runs no alignment of its own. Their ``block_m`` must be the config's (by default
+    ``default_moe_config``'s); the matrix-vector path does not read them.
     """
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a float [T, H] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -1156,7 +1261,7 @@ def fused_experts(
         _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(inter, tokens), out,
                       shared_last)
         return out
-    y, slots = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
+    y, slots = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config, blocks)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
         y, out, y if slots is None else slots, topk_weights.contiguous(), hidden, TOP_K=top_k, BLOCK_H=block_h,
@@ -1211,7 +1316,7 @@ def _gate_up_tma_supported(x: torch.Tensor, w13: torch.Tensor, tile: GemmTile) -
             and (w13.shape[2] * w13.element_size()) % 16 == 0 and w13.is_contiguous() and w13.data_ptr() % 16 == 0)
 
 
-def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None
+def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None, blocks: ExpertBlocks | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-pair expert outputs from the expert-sorted grouped GEMMs: ``(y [T*k, H] with the routing weights
     applied, None)``, or with the grouped_mm down ``(y [max_padded, H] in sorted order without them, slots)``."""
@@ -1238,8 +1343,12 @@ def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | Non
         raise ValueError(f"MoeConfig.down_grouped_mm: torch's grouped GEMM needs bf16 on sm90/sm100, H and I "
                          f"multiples of 8 and fewer than {_GROUPED_MM_MAX_GROUPS} experts; got {x.dtype} on "
                          f"{torch.cuda.get_device_name(x.device)}, w2 {tuple(w2.shape)}")
+    if blocks is not None and (grouped_mm or blocks.block_m != cfg.block_m):
+        raise ValueError(f"expert blocks of {blocks.block_m} rows given, but this call's grouped path sorts its own "
+                         f"{cfg.block_m}-row blocks{' with slots for the grouped_mm down' if grouped_mm else ''}")
     if not grouped_mm:
-        sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
+        sorted_ids, expert_ids, num_post, _ = blocks or ExpertBlocks(
+            *moe_align_block_size(topk_ids, cfg.block_m, num_experts), cfg.block_m)
         act = _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg, top_k)
         return _grouped_down(act, w2, topk_weights, sorted_ids, expert_ids, num_post, cfg), None
     max_padded, max_blocks = _padded_sizes(num_pairs, num_experts, cfg.block_m)
