@@ -115,10 +115,10 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
     ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def block(x, residual, v: BlockVariant):
-        routing = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, s.top_k, True, ticket,
-                                         router_tile=v.router_tile())
-        return moe_tk.fused_experts(routing.normed, w13, w2, routing.weights, routing.ids, config=v.experts(inter),
-                                    shared_last=v.shared_last), routing.residual
+        weights, ids, _, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, s.top_k, True,
+                                                             ticket, router_tile=v.router_tile())
+        return moe_tk.fused_experts(h, w13, w2, weights, ids, config=v.experts(inter),
+                                    shared_last=v.shared_last), new_res
 
     default = BlockVariant()
     expected = [block(x, r, default) for x, r in inputs[:3]]
@@ -134,7 +134,7 @@ def bench_model(key: str, calls: int, bandwidth: float, sweep: bool) -> dict:
         "router_top1": lambda: [moe_tk.norm_route_topk(x, r, norm_weight, EPS, router, 1, True, ticket)
                                 for x, r in inputs],
         "experts": lambda: [moe_tk.fused_experts(h, w13, w2, weights, ids, config=config, shared_last=True)
-                            for weights, ids, _, h, _, _ in routings],
+                            for weights, ids, _, h, _ in routings],
     }
     parts_us = {name: t / calls for name, t in alternating_graph_us(parts, rounds=7, replays=3).items()}
     log.info("%s parts (us per call): %s", s.name, {k: round(v, 2) for k, v in parts_us.items()})

@@ -74,43 +74,10 @@ def bench_tokens(tokens: int, device: torch.device, experts_weights: tuple[torch
                                                                 max_padded, max_blocks)),
         "experts": layers(lambda i: moe_tk.fused_experts(x[i], w13, w2, weights[i], ids[i], shared_last=True)),
     }
-    if tokens <= moe_tk.ROUTER_NORM_MAX_TOKENS:
-        calls.update(norm_router_calls(tokens, x, router, cfg.block_m, gen, device))
     us = alternating_graph_us(calls, rounds=7, replays=3)
     return {"tokens": tokens, "pairs": tokens * (TOP_K + 1), "block_m": cfg.block_m,
             "router_gemm_max_abs_err": gemm_err, "align_equal_to_torch": align_equal,
             "us_per_layer": {k: v / LAYERS for k, v in us.items()}}
-
-
-def norm_router_calls(tokens: int, x: list[torch.Tensor], router: list[torch.Tensor], block_m: int,
-                      gen: torch.Generator, device: torch.device) -> dict:
-    """The engine's routing of a decode batch of up to ROUTER_NORM_MAX_TOKENS tokens, the post-attention norm
-    included: the norm kernel, cuBLAS logits (up to 4 tokens the single-launch router), the top-k kernel and the
-    alignment, against ``norm_route_topk`` without and with the alignment in a routing kernel's last program,
-    over router tiles."""
-    from kernels.triton import norm as norm_tk
-    from kernels.triton.gemv import GemvTile
-
-    residual = [torch.randn(tokens, HIDDEN, generator=gen).to(device, torch.bfloat16) for _ in range(LAYERS)]
-    norm_weight = torch.randn(HIDDEN, generator=gen).to(device, torch.bfloat16) * 0.1
-    ticket = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def four_launches(i):
-        h, _ = norm_tk.gemma_rms_norm_residual(x[i], residual[i], norm_weight, 1e-6)
-        _, ids, _ = moe_tk.route_topk(h, router[i], None, TOP_K, True, fused_shared_gate=True, shared_as_expert=True,
-                                      ticket=ticket if tokens <= moe_tk._ROUTER_GEMV_MAX_TOKENS else None)
-        return moe_tk.moe_align_block_size(ids, block_m, EXPERTS + 1)
-
-    def norm_route(align: bool, tile: GemvTile | None = None):
-        return lambda: [moe_tk.norm_route_topk(x[i], residual[i], norm_weight, 1e-6, router[i], TOP_K, True, ticket,
-                                               router_tile=tile, align_block_m=block_m if align else None)
-                        for i in range(LAYERS)]
-
-    calls = {"norm_cublas_topk_align": lambda: [four_launches(i) for i in range(LAYERS)],
-             "norm_route": norm_route(False), "norm_route_align": norm_route(True)}
-    for block_n, warps in ((4, 2), (8, 4), (2, 4)):
-        calls[f"norm_route_align_{block_n}x{warps}w"] = norm_route(True, GemvTile(block_n=block_n, num_warps=warps))
-    return calls
 
 
 def main() -> None:

@@ -39,7 +39,6 @@ from triton.runtime.errors import OutOfResources
 from kernels.bench_fused import MODELS
 from kernels.bench_util import alternating_graph_us, grouped_bar_chart
 from kernels.triton import moe as moe_tk
-from kernels.triton.pdl import pdl_launch_args
 from kernels.tune_moe import _routings, _weights_and_input
 
 log = logging.getLogger("bench_moe_prefill")
@@ -101,7 +100,7 @@ def bench(model: str, tokens: int, seed: int, sweep_tma: bool = False) -> dict:
         block_h = 1024
         moe_tk._moe_sum_kernel[(tokens, hidden // block_h)](
             y, out, y if slots is None else slots, routings[i][1], hidden, TOP_K=top_k, BLOCK_H=block_h,
-            SLOTS=slots is not None, num_warps=4, **pdl_launch_args(x.device))
+            SLOTS=slots is not None, num_warps=4)
 
     parts = {
         "fused_triton_down": twice(lambda i: moe_tk.fused_experts(x, w13, w2, routings[i][1], routings[i][0],

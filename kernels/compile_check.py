@@ -202,9 +202,9 @@ def decode_chain_35b() -> None:
     gemv.linear(x, w(248320, 2048))
     qk_norm_rope.qk_norm_rope(w(1, 9216), w(256), w(256), torch.empty(4096, 64), torch.tensor([7]), 16, 2, 256,
                               1e-6, kv_cache=w(64, 2, 16, 2, 256), kv_slot_ids=torch.tensor([5]))
-    routing = moe.norm_route_topk(x, residual, norm_w, 1e-6, w(257, 2048), 8, True, torch.zeros(1, dtype=torch.int32))
-    moe.fused_experts(routing.normed, w(257, 1024, 2048), w(257, 2048, 512), torch.rand(1, 9),
-                      torch.zeros(1, 9, dtype=torch.int32))
+    weights, ids, _, h, _ = moe.norm_route_topk(x, residual, norm_w, 1e-6, w(257, 2048), 8, True,
+                                                torch.zeros(1, dtype=torch.int32))
+    moe.fused_experts(h, w(257, 1024, 2048), w(257, 2048, 512), torch.rand(1, 9), torch.zeros(1, 9, dtype=torch.int32))
     norm.gemma_rms_norm_residual(x, residual, norm_w, 1e-6)
     conv1d.conv1d_update(w(2, 8192), w(8192, 4), conv_states, torch.tensor([1, 2]))
     conv1d.conv1d_prefill(w(300, 8192), w(8192, 4), conv_states, torch.tensor([1, 2]), [0, 100, 300], [True, False])
@@ -229,16 +229,10 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
 
         w = _bf16
         h = w(tokens, 2048)
-        ticket = torch.zeros(1, dtype=torch.int32)
         weights, ids, _ = moe.route_topk(h, w(257, 2048), None, 8, True, fused_shared_gate=True,
-                                         shared_as_expert=True, ticket=ticket)
-        blocks = None
-        if tokens <= moe.ROUTER_NORM_MAX_TOKENS:  # the engine's norm + routing + alignment in one launch
-            block_m = moe.default_moe_config(tokens, 9, 257).block_m
-            blocks = moe.norm_route_topk(h, w(tokens, 2048), w(2048), 1e-6, w(257, 2048), 8, True, ticket,
-                                         align_block_m=block_m).blocks
+                                         shared_as_expert=True, ticket=torch.zeros(1, dtype=torch.int32))
         moe.fused_experts(h, w(257, 1024, 2048), w(257, 2048, 512), torch.rand(tokens, 9),
-                          torch.randint(0, 257, (tokens, 9), dtype=torch.int32), shared_last=True, blocks=blocks)
+                          torch.randint(0, 257, (tokens, 9), dtype=torch.int32), shared_last=True)
         conv1d.conv1d_update(w(tokens, 8192), w(8192, 4), w(tokens + 1, 8192, 3), torch.arange(tokens))
         q, k, v, a, b, a_log, dt_bias = _gdn_inputs((tokens, 1), 16, 32, 128)
         gdn_decode(q, k, v, a, b, a_log, dt_bias, torch.empty(tokens + 1, 32, 128, 128), torch.arange(tokens))
@@ -262,13 +256,12 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
         moe._grouped_gate_up(w(tokens, 2048), w(257, 1024, 2048), sorted_ids, expert_ids, num_post, cfg, 9,
                              sorted_out=True)
         moe._moe_sum_kernel[(tokens, 2)](w(max_padded, 2048), w(tokens, 2048), slots, torch.rand(tokens, 9), 2048,
-                                         TOP_K=9, BLOCK_H=1024, SLOTS=True, PDL=False, num_warps=4)
+                                         TOP_K=9, BLOCK_H=1024, SLOTS=True, num_warps=4)
     return case
 
 
 CASES: dict[str, Callable[[], None]] = {
     "moe_prefill_35b_8k": moe_prefill_35b(8192),
-    "batched_decode_35b_B8": batched_decode_35b(8),
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,
     "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,

@@ -318,7 +318,7 @@ def main() -> None:
                      batch, context, run["step_ms_median"], run["graph_replay_ms"] or 0, run["tokens_per_s"],
                      run["per_user_tokens_per_s"], run["fraction_of_roofline"])
             if ci == 0 and batch in profile_batches:
-                ids = admit_handed_over(engine, batch, context, max_new, seed=7)
+                ids = admit_handed_over(engine, batch, context, 64, seed=7)
                 engine.step()
                 results["profiles"].append({"batch": batch, "context": context,
                                             "kernels": kernel_table(engine, 3)[:40]})

@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +86,6 @@ _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile
 _GEMV_MAX_PAIRS = 36
 # Tokens routed by the single-launch router (logits and top-k in one kernel); its register tile grows with them.
 _ROUTER_GEMV_MAX_TOKENS = 4
-# Tokens normed and routed by norm_route_topk's single launch: its programs norm the rows one after another
-# against their weight tile in registers.
-ROUTER_NORM_MAX_TOKENS = 8
 # Router rows per program: 65 programs of 4 x 4 KB for 35B-A3B's 257 rows. On the H200 in the MoE block
 # (kernels/bench_moe_block.py) 4 rows x 4 warps beat 2 x 4 by ~0.8 us at 35B-A3B and ~1 us at 397B.
 _ROUTER_BLOCK_N = 4
@@ -121,103 +117,83 @@ def concat_router_weights(router_weight: torch.Tensor, shared_gate_weight: torch
 
 
 @triton.jit
-def _route_rows(
-    logits_ptr, stride_logits, row0, num_tokens, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
-    ROWS: tl.constexpr, TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+def _route_token(
+    row, token, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype: tl.constexpr,
+    TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
 ):
-    """Top-k of tokens ``row0 .. row0 + ROWS`` (those below ``num_tokens``) at once, one row of the tile each,
-    from their logits (experts, then the shared gate's logit if HAS_SHARED); ``dtype`` is the activation dtype
-    the shared gate is rounded to."""
-    r = row0 + tl.arange(0, ROWS)
-    live = r < num_tokens
+    """Top-k of one token from its logits at ``row`` (experts, then the shared gate's logit if HAS_SHARED);
+    ``dtype`` is the activation dtype the shared gate is rounded to."""
     e = tl.arange(0, BLOCK_E)
     valid = e < num_experts
-    row_ptrs = logits_ptr + r.to(tl.int64) * stride_logits
     # .cg: in the fused router the logits were written by other programs of the same launch; read them from
     # L2, never from a line this SM's L1 might hold.
-    logits = tl.load(row_ptrs[:, None] + e[None, :], mask=live[:, None] & valid[None, :], other=float("-inf"),
-                     cache_modifier=".cg").to(tl.float32)
-    logits = tl.where(live[:, None], logits, 0.0)  # rows past num_tokens (never stored): no -inf - -inf NaNs
+    logits = tl.load(row + e, mask=valid, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
     if SOFTMAX:
         # kernels.moe.topk_softmax: softmax in fp32 over all experts, top-k on the probabilities.
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = tl.where(valid[None, :], p, 0.0)
-        scores = p / tl.sum(p, axis=1)[:, None]
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = tl.where(valid, p, 0.0)
+        scores = p / tl.sum(p, axis=0)
     else:
         scores = 1.0 / (1.0 + tl.exp(-logits))
-    scores = tl.where(valid[None, :], scores, -1.0)  # scores are >= 0: padding lanes can never be picked
+    scores = tl.where(valid, scores, -1.0)  # scores are >= 0: padding lanes can never be picked
 
     k = tl.arange(0, BLOCK_K)
     if BLOCK_K == 1:  # (tl.topk needs k >= 2)
-        best, idx = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        top_w = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32) + best[:, None]
-        top_i = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32) + idx.to(tl.int32)[:, None]
+        best, idx = tl.max(scores, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        top_w = tl.zeros([BLOCK_K], dtype=tl.float32) + best
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int32) + idx.to(tl.int32)
     else:
-        # One sorting network per row rather than TOP_K dependent argmax rounds (each a reduction across the
-        # warps): int64 keys of the score's bits over the reversed expert id, so that equal scores rank the
-        # lower id first. Scores >= 0 order like their int32 bits; padding lanes (-1) are negative and rank
-        # last. tl.topk returns the BLOCK_K largest keys of each row in descending order, like torch.topk. On
-        # the H200 this took the one-token decode step from 752 to 763 tok/s (35B-A3B, 20 layers: NOTES_fused.md).
-        keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)[None, :]
+        # One sorting network rather than TOP_K dependent argmax rounds (each a reduction across the warps):
+        # int64 keys of the score's bits over the reversed expert id, so that equal scores rank the lower id
+        # first. Scores >= 0 order like their int32 bits; padding lanes (-1) are negative and rank last.
+        # tl.topk returns the BLOCK_K largest keys in descending order, like torch.topk. On the H200 this
+        # took the one-token decode step from 752 to 763 tok/s (35B-A3B, 20 layers: NOTES_fused.md).
+        keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)
         top = tl.topk(keys, BLOCK_K)
         top_i = (BLOCK_E - 1 - (top & 0xFFFFFFFF)).to(tl.int32)
-        top_w = tl.where(k[None, :] < TOP_K, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+        top_w = tl.where(k < TOP_K, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     if RENORMALIZE:
-        top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # lanes >= TOP_K are zero
-    out = r[:, None].to(tl.int64) * OUT_K + k[None, :]
-    out_mask = live[:, None] & (k < TOP_K)[None, :]
-    tl.store(weights_ptr + out, top_w, mask=out_mask)
-    tl.store(ids_ptr + out, top_i, mask=out_mask)
+        top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= TOP_K are zero
+    tl.store(weights_ptr + token * OUT_K + k, top_w, mask=k < TOP_K)
+    tl.store(ids_ptr + token * OUT_K + k, top_i, mask=k < TOP_K)
 
     if HAS_SHARED:
         # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
-        g = tl.load(row_ptrs + num_experts, mask=live, other=0.0, cache_modifier=".cg").to(tl.float32)
+        g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
         gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
         if SHARED_AS_EXPERT:  # column k: expert id E (the shared expert) with its gate as the weight
-            tl.store(weights_ptr + r * OUT_K + TOP_K, gate, mask=live)
-            tl.store(ids_ptr + r * OUT_K + TOP_K, tl.zeros([ROWS], dtype=tl.int32) + num_experts, mask=live)
+            tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
+            tl.store(ids_ptr + token * OUT_K + TOP_K, num_experts)
         else:
-            tl.store(shared_ptr + r, gate.to(dtype), mask=live)
+            tl.store(shared_ptr + token, gate.to(dtype))
 
 
 @triton.jit
 def _route_topk_kernel(
     logits_ptr, weights_ptr, ids_ptr, shared_ptr,
     num_experts, stride_logits,
-    ticket_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, max_padded, max_blocks, align_experts,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    ALIGN_M: tl.constexpr, ALIGN_PAIRS: tl.constexpr, ALIGN_E: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """One program per token. ALIGN_M > 0: the program drawing the last ticket also sorts all tokens' pairs into
-    ALIGN_M-row expert blocks (``_align_pairs``) and resets the ticket."""
     pdl_trigger(PDL)
     pdl_wait(PDL)
-    _route_rows(logits_ptr, stride_logits, tl.program_id(0), tl.num_programs(0), weights_ptr, ids_ptr, shared_ptr,
-                num_experts, logits_ptr.dtype.element_ty, 1, TOP_K, OUT_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE,
-                HAS_SHARED, SHARED_AS_EXPERT)
-    if ALIGN_M > 0:
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) - 1:
-            _align_pairs(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr,
-                         tl.num_programs(0) * OUT_K, align_experts, max_padded, max_blocks, ALIGN_M, ALIGN_PAIRS,
-                         ALIGN_E, 1024)
-            tl.atomic_xchg(ticket_ptr, 0)
+    token = tl.program_id(0).to(tl.int64)
+    _route_token(logits_ptr + token * stride_logits, token, weights_ptr, ids_ptr, shared_ptr, num_experts,
+                 logits_ptr.dtype.element_ty, TOP_K, OUT_K, BLOCK_E, BLOCK_K, SOFTMAX, RENORMALIZE, HAS_SHARED,
+                 SHARED_AS_EXPERT)
 
 
 @triton.jit
 def _router_gemv_topk_kernel(
     x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr, shared_ptr,
     res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps,
-    sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, max_padded, max_blocks, align_experts,
     num_tokens, num_rows, num_experts, stride_x, stride_w,
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TOP_K: tl.constexpr, OUT_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TK: tl.constexpr,
     SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_AS_EXPERT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUTE: tl.constexpr,
-    ALIGN_M: tl.constexpr, ALIGN_PAIRS: tl.constexpr, ALIGN_E: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     """Router logits and top-k in one launch for a few tokens: every program computes BLOCK_N logit columns
     of all tokens (a matrix-vector product, like kernels.triton.gemv), and the program that finishes last --
@@ -227,76 +203,39 @@ def _router_gemv_topk_kernel(
     have stored), then an acq_rel atomic, which releases those stores to the program that later acquires the
     same counter.
 
-    NORM (``BLOCK_K >= HIDDEN``): the input rows are ``gemma_rms_norm(x + residual)``, computed by every program
-    from x, a row at a time against its weight tile loaded before the PDL wait (as
-    kernels.triton.gemv.rms_norm_linear does for one row); program 0 writes the new residual and the normed
-    rows, which the experts read.
-
-    ALIGN_M > 0: the last program also sorts the routed (token, expert) pairs into ALIGN_M-row expert blocks
-    for the grouped expert GEMMs, as ``moe_align_block_size`` does (``_align_pairs``), saving that launch.
-
-    Not ROUTE: only the logits (rounded, in the logits' dtype); ``_route_topk_kernel`` routes them, a token per
-    program, where one program routing all the tokens would take longer."""
+    NORM (one token, ``BLOCK_K >= HIDDEN``): the input is ``gemma_rms_norm(x + residual)``, computed by every
+    program from x (as kernels.triton.gemv.rms_norm_linear does); program 0 writes the new residual and the
+    normed row, which the experts read."""
     col0 = tl.program_id(0) * BLOCK_N
-    rows = tl.arange(0, ROWS)
     if NORM:
         pdl_trigger(PDL)
-        w = load_weight_tile(w_ptr, col0, num_rows, stride_w, HIDDEN, BLOCK_N, BLOCK_K).to(tl.float32)
+        w = load_weight_tile(w_ptr, col0, num_rows, stride_w, HIDDEN, BLOCK_N, BLOCK_K)
         pdl_wait(PDL)
-        y = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        for r in tl.static_range(ROWS):
-            # Rows past the last token read the last one again (valid addresses, no branch that would keep
-            # the rows' loads apart) and write nothing.
-            row = tl.minimum(r, num_tokens - 1).to(tl.int64)
-            h = rms_norm_row(x_ptr + row * stride_x, res_ptr + row * HIDDEN, norm_w_ptr, new_res_ptr + row * HIDDEN,
-                             normed_ptr + row * HIDDEN, eps, (tl.program_id(0) == 0) & (r < num_tokens),
-                             HIDDEN, BLOCK_K, HAS_RESIDUAL, True)
-            y = tl.where(rows[:, None] == r, tl.sum(h[None, :] * w, axis=1)[None, :], y)
+        h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
+                         HIDDEN, BLOCK_K, HAS_RESIDUAL, True)
+        y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)[None, :]
     else:
         y = gemv_tile(x_ptr, w_ptr, col0, num_tokens, num_rows, stride_x, stride_w, HIDDEN, ROWS, BLOCK_N, BLOCK_K,
                       PDL)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < num_rows
+    rows = tl.arange(0, ROWS)
     row_mask = rows < num_tokens
     dtype = x_ptr.dtype.element_ty
     # The reference's F.linear returns the logits in the activation dtype: round them so.
     logits = round_to(y, dtype)
-    tl.store(logits_ptr + rows[:, None] * num_rows + offs_n[None, :], logits.to(logits_ptr.dtype.element_ty),
+    tl.store(logits_ptr + rows[:, None] * num_rows + offs_n[None, :], logits,
              mask=row_mask[:, None] & n_mask[None, :])
-    if not ROUTE:
-        return
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
-        _route_rows(logits_ptr, num_rows, 0, num_tokens, weights_ptr, ids_ptr, shared_ptr, num_experts, dtype,
-                    ROWS, TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED, SHARED_AS_EXPERT)
-        if ALIGN_M > 0:
-            tl.debug_barrier()  # the ids this program's threads stored are visible to all of them from here
-            _align_pairs(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, num_tokens * OUT_K,
-                         align_experts, max_padded, max_blocks, ALIGN_M, ALIGN_PAIRS, ALIGN_E, 1024)
+        token = 0
+        while token < num_tokens:  # (a while loop: the interpreter cannot take a runtime range bound)
+            _route_token(logits_ptr + token * num_rows, token, weights_ptr, ids_ptr, shared_ptr, num_experts,
+                         dtype, TOP_K, OUT_K, BLOCK_E, BLOCK_TK, SOFTMAX, RENORMALIZE, HAS_SHARED,
+                         SHARED_AS_EXPERT)
+            token += 1
         tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
-
-
-class ExpertBlocks(NamedTuple):
-    """(token, expert) pairs sorted into ``block_m``-row blocks of one expert each: ``moe_align_block_size``'s
-    result, which ``fused_experts`` takes instead of sorting the pairs itself."""
-
-    sorted_ids: torch.Tensor
-    expert_ids: torch.Tensor
-    num_post: torch.Tensor
-    block_m: int
-
-
-class Routing(NamedTuple):
-    """``norm_route_topk``'s result: the routing, the normed rows and the new residual the experts and the next
-    layer read, and the expert blocks when asked for."""
-
-    weights: torch.Tensor
-    ids: torch.Tensor
-    shared_gate: torch.Tensor | None
-    normed: torch.Tensor
-    residual: torch.Tensor
-    blocks: ExpertBlocks | None
 
 
 def route_topk(
@@ -310,6 +249,7 @@ def route_topk(
     shared_as_expert: bool = False,
     scoring: str = "softmax",
     ticket: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None,
     router_tile: gemv_tk.GemvTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router GEMM + top-k: returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k], shared_gate [T, 1])``.
@@ -335,43 +275,15 @@ def route_topk(
     ``ticket``: an int32 ``[1]`` tensor holding 0, owned by the caller and used by one stream at a time. With
     it, up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens are routed by one kernel (logits and top-k,
     ``_router_gemv_topk_kernel``), which leaves the ticket at 0 again; otherwise cuBLAS computes the logits and
-    a second kernel routes. ``norm_route_topk`` adds the post-attention norm to that kernel.
+    a second kernel routes.
+
+    ``norm=(residual, norm_weight, eps)`` (with a ticket, one token, hidden <= 8192): ``hidden`` is the
+    un-normed layer output and the kernel routes ``gemma_rms_norm(hidden + residual)``; use
+    ``norm_route_topk``, which also returns the normed row and the new residual.
 
     ``router_tile``: the single-launch router's rows per program and warps (its ``block_k`` is not used; by
     default ``_ROUTER_BLOCK_N`` rows and ``default_tile``'s warps).
     """
-    weight, num_experts = _router_weight(hidden, router_weight, shared_gate_weight, top_k, fused_shared_gate,
-                                         shared_as_expert, scoring)
-    _check_ticket(ticket, hidden)
-    tokens = hidden.shape[0]
-    if ticket is not None and 0 < tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
-        routing = _route_gemv(hidden, weight, num_experts, top_k, renormalize, shared_as_expert, scoring,
-                                       ticket, None, router_tile, None)
-        return routing.weights, routing.ids, routing.shared_gate
-    topk_weights, topk_ids, shared = _routing_outputs(hidden, weight, num_experts, top_k, shared_as_expert)
-    if tokens == 0:
-        return topk_weights, topk_ids, shared
-    # [T, E(+1)] in hidden's dtype, like the reference's F.linear, through the padded weight when there is one.
-    # (cuBLAS runs an align-1 sm75 kernel for 35B-A3B's 257 rows, 5-12 us per layer on the H200; writing into
-    # output rows padded to 8 did not change that, 8.3 -> 8.1 us at 8 tokens: kernels/bench_moe_parts.py,
-    # loadtest/results/moe_parts_h200.json; a weight of 264 rows is not measured yet.)
-    logits = F.linear(hidden, padded_router_rows(weight))[:, : weight.shape[0]]
-    block_e = triton.next_power_of_2(num_experts)
-    _route_topk_kernel[(tokens,)](
-        # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
-        logits, topk_weights, topk_ids, shared if shared is not None else logits,
-        num_experts, logits.stride(0), topk_ids, *_blocks_for(topk_ids, 0, None)[1],  # (no ticket, no blocks)
-        TOP_K=top_k, OUT_K=topk_ids.shape[1], BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-        SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=weight.shape[0] > num_experts,
-        SHARED_AS_EXPERT=shared_as_expert, ALIGN_M=0, ALIGN_PAIRS=1, ALIGN_E=1,
-        num_warps=_route_warps(block_e), **pdl_launch_args(hidden.device),
-    )
-    return topk_weights, topk_ids, shared
-
-
-def _router_weight(hidden, router_weight, shared_gate_weight, top_k, fused_shared_gate, shared_as_expert,
-                   scoring) -> tuple[torch.Tensor, int]:
-    """The checked ``[E(+1), H]`` weight of one GEMM (see route_topk) and the number of routed experts E."""
     if hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden must be a float [T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
     if scoring not in ("softmax", "sigmoid"):
@@ -391,7 +303,8 @@ def _router_weight(hidden, router_weight, shared_gate_weight, top_k, fused_share
     else:
         weight = router_weight
         num_experts = router_weight.shape[0]
-    if shared_as_expert and weight.shape[0] == num_experts:
+    has_shared = weight.shape[0] > num_experts
+    if shared_as_expert and not has_shared:
         raise ValueError("shared_as_expert=True needs the shared-expert gate (fused_shared_gate or shared_gate_weight)")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
@@ -399,128 +312,85 @@ def _router_weight(hidden, router_weight, shared_gate_weight, top_k, fused_share
         raise ValueError(f"at most {_MAX_EXPERTS} experts (one register tile per token), got {num_experts}")
     if weight.device != hidden.device:
         raise ValueError(f"router weight is on {weight.device}, hidden on {hidden.device}")
-    return weight, num_experts
 
-
-def _check_ticket(ticket: torch.Tensor | None, hidden: torch.Tensor) -> None:
     if ticket is not None and (ticket.shape != (1,) or ticket.dtype != torch.int32 or ticket.device != hidden.device):
         raise ValueError(f"ticket must be an int32 [1] tensor on {hidden.device}")
 
-
-def _routing_outputs(hidden, weight, num_experts, top_k, shared_as_expert
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Empty ``(topk_weights, topk_ids, shared_gate or None)`` for route_topk's result."""
     tokens = hidden.shape[0]
     out_k = top_k + int(shared_as_expert)
     topk_weights = torch.empty(tokens, out_k, dtype=torch.float32, device=hidden.device)
     topk_ids = torch.empty(tokens, out_k, dtype=torch.int32, device=hidden.device)
     shared = None
-    if weight.shape[0] > num_experts and not shared_as_expert:
+    if has_shared and not shared_as_expert:
         shared = torch.empty(tokens, 1, dtype=hidden.dtype, device=hidden.device)
-    return topk_weights, topk_ids, shared
-
-
-def _blocks_for(topk_ids: torch.Tensor, align_experts: int, block_m: int | None
-                ) -> tuple[ExpertBlocks | None, tuple, dict]:
-    """The expert blocks a routing kernel's last program fills (None without ``block_m``), the kernel's
-    alignment arguments and its ALIGN_* constexprs."""
-    if block_m is None:
-        return None, (topk_ids, topk_ids, topk_ids, topk_ids, 0, 0, 0), dict(ALIGN_M=0, ALIGN_PAIRS=1, ALIGN_E=1)
-    device = topk_ids.device
-    num_pairs = topk_ids.numel()
-    max_padded, max_blocks = _padded_sizes(num_pairs, align_experts, block_m)
-    blocks = ExpertBlocks(torch.empty(max_padded, dtype=torch.int32, device=device),
-                          torch.empty(max_blocks, dtype=torch.int32, device=device),
-                          torch.empty(1, dtype=torch.int32, device=device), block_m)
-    shift = torch.empty(align_experts, dtype=torch.int32, device=device)  # scratch
-    args = (blocks.sorted_ids, blocks.expert_ids, blocks.num_post, shift, max_padded, max_blocks, align_experts)
-    return blocks, args, dict(ALIGN_M=block_m, ALIGN_PAIRS=max(16, triton.next_power_of_2(num_pairs)),
-                              ALIGN_E=triton.next_power_of_2(align_experts))
-
-
-def _route_gemv(hidden, weight, num_experts, top_k, renormalize, shared_as_expert, scoring, ticket,
-                norm, router_tile, align_block_m) -> Routing:
-    """``_router_gemv_topk_kernel``: the logits, with ``norm=(residual, norm_weight, eps)`` the norm before them,
-    and up to ``_ROUTER_GEMV_MAX_TOKENS`` tokens the top-k in the last program (with ``align_block_m``, the
-    expert blocks after it); more tokens are routed (and aligned) by ``_route_topk_kernel``, a program per
-    token: on the H200 one program routing 8 tokens of 35B-A3B took ~8 us more than one token
-    (``kernels/bench_moe_parts.py``)."""
-    topk_weights, topk_ids, shared = _routing_outputs(hidden, weight, num_experts, top_k, shared_as_expert)
-    tokens = hidden.shape[0]
-    num_rows = weight.shape[0]
-    route_here = tokens <= _ROUTER_GEMV_MAX_TOKENS
-    # Routed here: fp32 (its values rounded to the activation dtype); else in that dtype, whose pointer tells
-    # _route_topk_kernel the shared gate's dtype.
-    logits = torch.empty(tokens, num_rows, dtype=torch.float32 if route_here else hidden.dtype, device=hidden.device)
-    residual, norm_weight, eps = norm if norm is not None else (None, hidden, 0.0)
-    normed = torch.empty_like(hidden) if norm is not None else hidden
-    new_res = torch.empty_like(hidden) if residual is not None else hidden
-    tile = router_tile or gemv_tk.default_tile(hidden.shape[1])
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    block_n = tile.block_n if router_tile is not None or interpret else _ROUTER_BLOCK_N
-    blocks, align_args, align_consts = _blocks_for(topk_ids, num_experts + int(shared_as_expert), align_block_m)
-    route_consts = dict(TOP_K=top_k, OUT_K=topk_ids.shape[1], SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize,
-                        HAS_SHARED=weight.shape[0] > num_experts, SHARED_AS_EXPERT=shared_as_expert)
+    if tokens == 0:
+        return topk_weights, topk_ids, shared
     block_e = triton.next_power_of_2(num_experts)
-    shared_out = shared if shared is not None else hidden
-    _router_gemv_topk_kernel[(triton.cdiv(num_rows, block_n),)](
-        hidden, weight, logits, ticket, topk_weights, topk_ids, shared_out,
-        residual if residual is not None else hidden, norm_weight, new_res, normed, float(eps),
-        *align_args,
-        tokens, num_rows, num_experts, hidden.stride(0), weight.stride(0),
-        HIDDEN=hidden.shape[1], ROWS=triton.next_power_of_2(tokens), BLOCK_N=block_n,
-        BLOCK_K=triton.next_power_of_2(hidden.shape[1]) if norm is not None else gemv_tk.block_k_for(
-            tile, hidden.shape[1]),
-        NORM=norm is not None, HAS_RESIDUAL=residual is not None, ROUTE=route_here, BLOCK_E=block_e,
-        BLOCK_TK=triton.next_power_of_2(top_k), **route_consts, **(align_consts if route_here else dict(
-            ALIGN_M=0, ALIGN_PAIRS=1, ALIGN_E=1)),
-        num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
-    )
-    if not route_here:
-        _route_topk_kernel[(tokens,)](
-            logits, topk_weights, topk_ids, shared_out, num_experts, logits.stride(0), ticket, *align_args,
-            BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), **route_consts, **align_consts,
-            # The last program's alignment (a histogram over the experts, a sort of the pairs) wants a few warps.
-            num_warps=4 if align_block_m else _route_warps(block_e), **pdl_launch_args(hidden.device),
+    if norm is not None and (ticket is None or tokens != 1 or hidden.shape[1] > gemv_tk.MAX_SINGLE_TILE_K):
+        raise ValueError("norm needs a ticket, one token and hidden <= "
+                         f"{gemv_tk.MAX_SINGLE_TILE_K}, got {tokens} tokens of {hidden.shape[1]}")
+    if ticket is not None and tokens <= _ROUTER_GEMV_MAX_TOKENS and hidden.stride(1) == 1:
+        num_rows = weight.shape[0]
+        logits = torch.empty(tokens, num_rows, dtype=torch.float32, device=hidden.device)
+        residual, norm_weight, eps = norm if norm is not None else (None, hidden, 0.0)
+        normed = torch.empty_like(hidden) if norm is not None else hidden
+        new_res = torch.empty_like(hidden) if residual is not None else hidden
+        tile = router_tile or gemv_tk.default_tile(hidden.shape[1])
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        block_n = tile.block_n if router_tile is not None or interpret else _ROUTER_BLOCK_N
+        _router_gemv_topk_kernel[(triton.cdiv(num_rows, block_n),)](
+            hidden, weight, logits, ticket, topk_weights, topk_ids, shared if shared is not None else hidden,
+            residual if residual is not None else hidden, norm_weight, new_res, normed, float(eps),
+            tokens, num_rows, num_experts, hidden.stride(0), weight.stride(0),
+            HIDDEN=hidden.shape[1], ROWS=triton.next_power_of_2(tokens), BLOCK_N=block_n,
+            BLOCK_K=triton.next_power_of_2(hidden.shape[1]) if norm is not None else gemv_tk.block_k_for(
+                tile, hidden.shape[1]),
+            NORM=norm is not None, HAS_RESIDUAL=residual is not None,
+            TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_TK=triton.next_power_of_2(top_k),
+            SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
+            SHARED_AS_EXPERT=shared_as_expert, num_warps=tile.num_warps, **pdl_launch_args(hidden.device),
         )
-    return Routing(topk_weights, topk_ids, shared, normed, new_res if residual is not None else hidden, blocks)
+        if norm is not None:
+            return topk_weights, topk_ids, shared, normed, new_res
+        return topk_weights, topk_ids, shared
 
-
-def _route_warps(block_e: int) -> int:
-    return 1 if block_e <= 256 else 2 if block_e <= 512 else 4
+    # [T, E(+1)] in hidden's dtype, like the reference's F.linear, through the padded weight when there is one.
+    # (cuBLAS runs an align-1 sm75 kernel for 35B-A3B's 257 rows, 5-12 us per layer on the H200; writing into
+    # output rows padded to 8 did not change that, 8.3 -> 8.1 us at 8 tokens: kernels/bench_moe_parts.py,
+    # loadtest/results/moe_parts_h200.json; a weight of 264 rows is not measured yet.)
+    logits = F.linear(hidden, padded_router_rows(weight))[:, : weight.shape[0]]
+    _route_topk_kernel[(tokens,)](
+        # The gate's dtype comes from the pointer: with shared_as_expert, logits stand in (hidden's dtype).
+        logits, topk_weights, topk_ids, shared if shared is not None else logits,
+        num_experts, logits.stride(0),
+        TOP_K=top_k, OUT_K=out_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        SOFTMAX=scoring == "softmax", RENORMALIZE=renormalize, HAS_SHARED=has_shared,
+        SHARED_AS_EXPERT=shared_as_expert,
+        num_warps=1 if block_e <= 256 else 2 if block_e <= 512 else 4, **pdl_launch_args(hidden.device),
+    )
+    return topk_weights, topk_ids, shared
 
 
 def norm_route_topk(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
     router_weight: torch.Tensor, top_k: int, renormalize: bool, ticket: torch.Tensor, *,
-    shared_as_expert: bool = True, router_tile: gemv_tk.GemvTile | None = None, align_block_m: int | None = None,
-) -> Routing:
-    """The post-attention norm and the routing of up to ``ROUTER_NORM_MAX_TOKENS`` tokens in one kernel:
-    ``h, s = gemma_rms_norm_residual(x, residual)``, then ``route_topk(h, router_weight, ...)`` with the fused
-    shared gate and the ticket (the residual ``s`` is x itself without a residual).
-
-    ``align_block_m``: the kernel's last program also sorts the routed pairs (the shared expert's among them)
-    into expert blocks of that many rows for ``fused_experts(..., blocks=...)``, which then launches no
-    alignment kernel. ``Routing.blocks`` holds them."""
-    tokens = x.shape[0] if x.dim() == 2 else 0
-    if x.dim() != 2 or not 1 <= tokens <= ROUTER_NORM_MAX_TOKENS or not x.is_contiguous():
-        raise ValueError(f"norm_route_topk routes 1 to {ROUTER_NORM_MAX_TOKENS} contiguous tokens [T, H], got "
-                         f"{tuple(x.shape)}")
-    if x.shape[1] > gemv_tk.MAX_SINGLE_TILE_K:
-        raise ValueError(f"norm_route_topk takes hidden sizes up to {gemv_tk.MAX_SINGLE_TILE_K}, got {x.shape[1]}")
+    shared_as_expert: bool = True, router_tile: gemv_tk.GemvTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The post-attention norm and the routing of one token in one kernel: ``h, s =
+    gemma_rms_norm_residual(x, residual)``, then ``route_topk(h, router_weight, ...)`` with the fused shared
+    gate. Returns ``(topk_weights, topk_ids, shared_gate, h, s)`` (``s`` is x itself without a residual)."""
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError(f"norm_route_topk routes one contiguous token [1, H], got {tuple(x.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or not residual.is_contiguous()):
         raise ValueError(f"residual must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
     if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
         raise ValueError(f"norm_weight must be a contiguous [{x.shape[1]}] tensor")
-    if align_block_m is not None and (align_block_m < 1 or align_block_m & (align_block_m - 1)):
-        raise ValueError(f"align_block_m must be a power of two, got {align_block_m}")
-    weight, num_experts = _router_weight(x, router_weight, None, top_k, True, shared_as_expert, "softmax")
-    _check_ticket(ticket, x)
-    if ticket is None:
-        raise ValueError("norm_route_topk needs a ticket")
-    return _route_gemv(x, weight, num_experts, top_k, renormalize, shared_as_expert, "softmax", ticket,
-                                (residual, norm_weight, eps), router_tile, align_block_m)
+    weights, ids, shared, normed, new_res = route_topk(
+        x, router_weight, None, top_k, renormalize, fused_shared_gate=True, shared_as_expert=shared_as_expert,
+        ticket=ticket, norm=(residual, norm_weight, eps), router_tile=router_tile,
+    )
+    return weights, ids, shared, normed, (new_res if residual is not None else x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -541,21 +411,10 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_FILL: tl.constexpr,
 ):
     """One program: every pair's slot in the expert-sorted, block-padded order."""
-    _align_pairs(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr, num_pairs, num_experts,
-                 max_padded, max_blocks, BLOCK_M, BLOCK_PAIRS, BLOCK_E, BLOCK_FILL)
-
-
-@triton.jit
-def _align_pairs(
-    ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, shift_ptr,
-    num_pairs, num_experts, max_padded, max_blocks,
-    BLOCK_M: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_FILL: tl.constexpr,
-):
-    """The alignment by one program (``_moe_align_kernel``, and the routing kernel's last program)."""
     i = tl.arange(0, BLOCK_PAIRS)
     valid = i < num_pairs
-    # .cg: in the routing kernels other programs of the same launch stored the ids (see _route_rows).
-    ids = tl.load(ids_ptr + i, mask=valid, other=0, cache_modifier=".cg").to(tl.int32)
+    ids = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
+
     counts = tl.histogram(ids, BLOCK_E, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
@@ -674,8 +533,7 @@ def _moe_align_scatter_kernel(
     local = tl.arange(0, BLOCK)
     i = pid * BLOCK + local
     valid = i < num_pairs
-    # .cg: in the routing kernels other programs of the same launch stored the ids (see _route_rows).
-    ids = tl.load(ids_ptr + i, mask=valid, other=0, cache_modifier=".cg").to(tl.int32)
+    ids = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
     counts = tl.histogram(ids, BLOCK_E, mask=valid)
     block_start = tl.cumsum(counts, axis=0) - counts  # where each expert's run begins in the sorted block
     keys = tl.sort(tl.where(valid, ids, num_experts) * BLOCK + local)  # invalid lanes sort last
@@ -880,16 +738,6 @@ def default_gemv_config(inter: int, tokens: int = 1) -> GemvConfig:
     return GemvConfig(block_n=2, block_k=0, num_warps=4, down_block_n=1 if inter <= 512 else 2, down_num_warps=1)
 
 
-def grouped_block_m(num_tokens: int, top_k: int, num_experts: int) -> int | None:
-    """The expert block rows ``fused_experts`` sorts ``num_tokens`` tokens' pairs into with its default config, or
-    None where it takes no grouped path of its own blocks (the matrix-vector path; the prefill path, which sorts
-    its pairs with slots for the grouped_mm down)."""
-    pairs = num_tokens * top_k
-    if pairs <= _GEMV_MAX_PAIRS or pairs > _ALIGN_TRITON_MAX_PAIRS:
-        return None
-    return default_moe_config(num_tokens, top_k, num_experts).block_m
-
-
 def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """Heuristic configuration by pairs per active expert; the starting point for per-GPU tuning (NOTES_fused.md).
 
@@ -945,14 +793,10 @@ def _moe_gate_up_kernel(
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, SORTED_OUT: tl.constexpr,
-    WEIGHT_TMA: tl.constexpr, PDL: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr,
 ):
     """SORTED_OUT: act rows are the sorted slots (padding rows written as zeros), else the pairs. WEIGHT_TMA: the
-    weight tiles come through ``w13_desc`` (block ``[1, BLOCK_N, BLOCK_K]``; K past the end reads zeros). PDL:
-    nothing is loaded before the wait (which weights a block reads is known only from the alignment), but the
-    launch and the programs' start overlap the kernel before."""
-    pdl_trigger(PDL)
-    pdl_wait(PDL)
+    weight tiles come through ``w13_desc`` (block ``[1, BLOCK_N, BLOCK_K]``; K past the end reads zeros)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(INTER, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return  # past the last live block (the grid is sized for the worst case)
@@ -1016,10 +860,8 @@ def _moe_down_kernel(
     stride_act, stride_we, stride_wn, stride_y,
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    pdl_trigger(PDL)
-    pdl_wait(PDL)
     pid_m, pid_n = _block_coords(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(HIDDEN, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
@@ -1181,11 +1023,9 @@ def _moe_down_sum_gemv_kernel(
 
 @triton.jit
 def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                    SLOTS: tl.constexpr, PDL: tl.constexpr):
+                    SLOTS: tl.constexpr):
     """out[t] = sum_j y[t*k + j] in fp32, rounded once to the dtype. SLOTS: pair t*k + j's row of y is
     ``slots[t*k + j]`` and its routing weight is applied here, rounded as ``_moe_down_kernel`` rounds it."""
-    pdl_trigger(PDL)
-    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
@@ -1212,7 +1052,6 @@ def fused_experts(
     *,
     config: MoeConfig | GemvConfig | None = None,
     shared_last: bool = False,
-    blocks: ExpertBlocks | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` with SwiGLU experts; new ``[T, H]``.
 
@@ -1225,10 +1064,6 @@ def fused_experts(
     ``shared_last``: every token's last column is the shared expert, the last of the stacks (``E - 1``), as
     ``route_topk(..., shared_as_expert=True)`` returns it; the matrix-vector path then loads its weights
     before waiting for the router (PDL), and takes the expert id of that column as ``E - 1`` without reading it.
-
-    ``blocks``: these pairs already sorted into expert blocks (``norm_route_topk(..., align_block_m=...)``); the
-    grouped path then runs no alignment of its own. Their ``block_m`` must be the config's (by default
-    ``default_moe_config``'s); the matrix-vector path does not read them.
     """
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a float [T, H] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -1261,11 +1096,11 @@ def fused_experts(
         _experts_gemv(x, w13, w2, topk_weights, topk_ids, config or default_gemv_config(inter, tokens), out,
                       shared_last)
         return out
-    y, slots = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config, blocks)
+    y, slots = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
         y, out, y if slots is None else slots, topk_weights.contiguous(), hidden, TOP_K=top_k, BLOCK_H=block_h,
-        SLOTS=slots is not None, num_warps=4, **pdl_launch_args(x.device),
+        SLOTS=slots is not None, num_warps=4,
     )
     return out
 
@@ -1316,7 +1151,7 @@ def _gate_up_tma_supported(x: torch.Tensor, w13: torch.Tensor, tile: GemmTile) -
             and (w13.shape[2] * w13.element_size()) % 16 == 0 and w13.is_contiguous() and w13.data_ptr() % 16 == 0)
 
 
-def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None, blocks: ExpertBlocks | None
+def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-pair expert outputs from the expert-sorted grouped GEMMs: ``(y [T*k, H] with the routing weights
     applied, None)``, or with the grouped_mm down ``(y [max_padded, H] in sorted order without them, slots)``."""
@@ -1343,12 +1178,8 @@ def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | Non
         raise ValueError(f"MoeConfig.down_grouped_mm: torch's grouped GEMM needs bf16 on sm90/sm100, H and I "
                          f"multiples of 8 and fewer than {_GROUPED_MM_MAX_GROUPS} experts; got {x.dtype} on "
                          f"{torch.cuda.get_device_name(x.device)}, w2 {tuple(w2.shape)}")
-    if blocks is not None and (grouped_mm or blocks.block_m != cfg.block_m):
-        raise ValueError(f"expert blocks of {blocks.block_m} rows given, but this call's grouped path sorts its own "
-                         f"{cfg.block_m}-row blocks{' with slots for the grouped_mm down' if grouped_mm else ''}")
     if not grouped_mm:
-        sorted_ids, expert_ids, num_post, _ = blocks or ExpertBlocks(
-            *moe_align_block_size(topk_ids, cfg.block_m, num_experts), cfg.block_m)
+        sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
         act = _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg, top_k)
         return _grouped_down(act, w2, topk_weights, sorted_ids, expert_ids, num_post, cfg), None
     max_padded, max_blocks = _padded_sizes(num_pairs, num_experts, cfg.block_m)
@@ -1389,7 +1220,7 @@ def _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg: MoeConfig, t
         TOP_K=top_k, HIDDEN=hidden, INTER=inter,
         BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=hidden % t.block_k == 0,
         SORTED_OUT=sorted_out, WEIGHT_TMA=t.tma, num_warps=t.num_warps, num_stages=t.num_stages,
-        **_dot_args(x.dtype), **pdl_launch_args(x.device),
+        **_dot_args(x.dtype),
     )
     return act
 
@@ -1407,6 +1238,6 @@ def _grouped_down(act, w2, topk_weights, sorted_ids, expert_ids, num_post, cfg: 
         act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         HIDDEN=hidden, INTER=inter,
         BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=inter % t.block_k == 0,
-        num_warps=t.num_warps, num_stages=t.num_stages, **_dot_args(act.dtype), **pdl_launch_args(act.device),
+        num_warps=t.num_warps, num_stages=t.num_stages, **_dot_args(act.dtype),
     )
     return y

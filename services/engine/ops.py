@@ -271,17 +271,12 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
                                     ticket):
-        # A decode batch of up to 8 tokens: the norm runs inside the routing kernel, which also writes the normed
-        # rows for the experts and, where the experts take the grouped path, sorts the pairs into their blocks.
-        tokens = x.shape[0]
-        if (x.dim() == 2 and 1 <= tokens <= triton_moe.ROUTER_NORM_MAX_TOKENS
-                and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
+        # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
+        if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
                 and (residual is None or residual.is_contiguous())):
-            block_m = triton_moe.grouped_block_m(tokens, top_k + 1, w13.shape[0])
-            routing = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight, top_k, renormalize,
-                                                 ticket, align_block_m=block_m)
-            return triton_moe.fused_experts(routing.normed, w13, w2, routing.weights, routing.ids, shared_last=True,
-                                            blocks=routing.blocks), routing.residual
+            weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
+                                                                      top_k, renormalize, ticket)
+            return triton_moe.fused_experts(h, w13, w2, weights, ids, shared_last=True), residual
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
         return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
 

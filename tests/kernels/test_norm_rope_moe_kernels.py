@@ -394,100 +394,34 @@ def test_route_topk_single_launch(dtype, tokens, hidden, experts, top_k, scoring
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,hidden,experts,top_k,with_residual,router_tile,align_block_m", [
-    (1, 2048, 256, 8, True, None, None),
-    (1, 72, 61, 7, False, None, None),
-    (1, 2048, 256, 8, True, GemvTile(block_n=4, block_k=0, num_warps=1), None),  # one warp per program
-    (1, 72, 61, 7, False, GemvTile(block_n=8, block_k=0, num_warps=2), None),
-    (8, 2048, 256, 8, True, None, 16),  # 35B-A3B batched decode, as the engine routes batch 8
-    (3, 72, 61, 7, True, GemvTile(block_n=8, block_k=0, num_warps=2), None),  # rows past the tokens
-    (5, 72, 20, 4, False, None, 32),  # few experts: blocks of several pairs
+@pytest.mark.parametrize("hidden,experts,top_k,with_residual,router_tile", [
+    (2048, 256, 8, True, None),
+    (72, 61, 7, False, None),
+    (2048, 256, 8, True, GemvTile(block_n=4, block_k=0, num_warps=1)),  # one warp per program: a sweep point
+    (72, 61, 7, False, GemvTile(block_n=8, block_k=0, num_warps=2)),
 ])
-def test_norm_route_topk(dtype, tokens, hidden, experts, top_k, with_residual, router_tile, align_block_m):
-    """Post-attention norm + routing of up to 8 tokens in one kernel: the normed rows and the new residual come
-    out as the norm kernel writes them, the routing as route_topk of the normed rows, and the expert blocks its
-    last program sorts as moe_align_block_size sorts the ids it returned (three calls, new inputs each: the
-    ticket is back at 0 after each)."""
-    gen = _gen(hidden + experts + tokens)
+def test_norm_route_topk(dtype, hidden, experts, top_k, with_residual, router_tile):
+    """Post-attention norm + routing of one token in one kernel: the normed row and the new residual come out
+    as the norm kernel writes them, the routing as route_topk of the normed row."""
+    gen = _gen(hidden + experts)
+    x = _randn(1, hidden, gen=gen, dtype=dtype)
+    residual = _randn(1, hidden, gen=gen, dtype=dtype) if with_residual else None
     norm_weight = _randn(hidden, gen=gen, dtype=dtype, scale=0.1)
     router = _randn(experts + 1, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5)
     ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    for _ in range(3):
-        x = _randn(tokens, hidden, gen=gen, dtype=dtype)
-        residual = _randn(tokens, hidden, gen=gen, dtype=dtype) if with_residual else None
-        with poisoned_outputs():
-            weights, ids, gate, h, new_res, blocks = moe_tk.norm_route_topk(
-                x, residual, norm_weight, EPS, router, top_k, True, ticket, router_tile=router_tile,
-                align_block_m=align_block_m)
-        assert int(ticket.item()) == 0 and gate is None
-        want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, EPS)
-        assert torch.equal(new_res, want_res)
-        _close(h, want_h, dtype)
-        logits = F.linear(want_h, router)
-        ref_w, _, scores = _reference_route(logits[:, :experts], top_k, True, "softmax")
-        tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
-        _check_route(weights[:, :top_k], ids[:, :top_k], ref_w, scores, top_k, True, tol)
-        assert (ids[:, top_k] == experts).all()
-        _close(weights[:, top_k:], torch.sigmoid(logits[:, experts:]).float(), dtype)
-        if align_block_m is None:
-            assert blocks is None
-            continue
-        want = moe_tk.moe_align_block_size(ids, align_block_m, experts + 1)
-        assert blocks.block_m == align_block_m
-        for got, expected in zip(blocks[:3], want, strict=True):
-            assert torch.equal(got, expected)
-
-
-def test_fused_experts_takes_the_routers_expert_blocks():
-    """fused_experts on the blocks norm_route_topk sorted gives what it gives sorting them itself, bit for bit;
-    blocks of another size than its config's are refused."""
-    tokens, hidden, inter, experts, top_k = 6, 64, 32, 12, 3
-    gen = _gen(23)
-    x = _randn(tokens, hidden, gen=gen, dtype=torch.bfloat16)
-    norm_weight = _randn(hidden, gen=gen, dtype=torch.bfloat16, scale=0.1)
-    router = _randn(experts + 1, hidden, gen=gen, dtype=torch.bfloat16, scale=hidden**-0.5)
-    w13 = _randn(experts + 1, 2 * inter, hidden, gen=gen, dtype=torch.bfloat16, scale=hidden**-0.5)
-    w2 = _randn(experts + 1, hidden, inter, gen=gen, dtype=torch.bfloat16, scale=inter**-0.5)
-    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    config = moe_tk.default_moe_config(tokens, top_k + 1, experts + 1)
-    routing = moe_tk.norm_route_topk(x, None, norm_weight, EPS, router, top_k, True, ticket,
-                                     align_block_m=config.block_m)
-    args = (routing.normed, w13, w2, routing.weights, routing.ids)
     with poisoned_outputs():
-        out = moe_tk.fused_experts(*args, config=config, blocks=routing.blocks)
-    assert torch.equal(out, moe_tk.fused_experts(*args, config=config))
-    with pytest.raises(ValueError, match="expert blocks of 16 rows"):
-        moe_tk.fused_experts(*args, config=dataclasses.replace(config, block_m=32), blocks=routing.blocks)
-
-
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9])
-def test_norm_moe_op_matches_the_torch_op(tokens):
-    """The engine's MoE block (post-attention norm, routing with the shared expert as expert E, the experts) on
-    the Triton kernels against the torch op, fp32: one token, a few (matrix-vector experts), 8 (the router sorts
-    the 56 pairs into expert blocks) and 9 (the norm kernel, cuBLAS logits and the experts' own alignment)."""
-    from services.engine.ops import gpu_ops, norm_moe_with_shared_expert_torch
-
-    hidden, inter, experts, top_k = 64, 32, 16, 6
-    gen = _gen(tokens + 100)
-    x, residual = _randn(tokens, hidden, gen=gen), _randn(tokens, hidden, gen=gen)
-    norm_weight = _randn(hidden, gen=gen, scale=0.1)
-    router = _randn(experts + 1, hidden, gen=gen, scale=hidden**-0.5)
-    w13 = _randn(experts + 1, 2 * inter, hidden, gen=gen, scale=hidden**-0.5)
-    w2 = _randn(experts + 1, hidden, inter, gen=gen, scale=inter**-0.5)
-    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    args = (x, residual, norm_weight, EPS, router, w13, w2, top_k, True, ticket)
-    with poisoned_outputs():
-        out, new_res = gpu_ops(flashinfer=False).norm_moe_with_shared_expert(*args)
-    want, want_res = norm_moe_with_shared_expert_torch(*args)
-    assert torch.equal(new_res, want_res) and int(ticket.item()) == 0
-    _close(out, want, torch.float32)
-
-
-def test_grouped_block_m_follows_the_path_fused_experts_takes():
-    """The engine asks the router for blocks only where fused_experts sorts pairs into blocks itself."""
-    assert moe_tk.grouped_block_m(1, 9, 257) is None and moe_tk.grouped_block_m(4, 9, 257) is None  # gemv path
-    assert moe_tk.grouped_block_m(8, 9, 257) == moe_tk.default_moe_config(8, 9, 257).block_m
-    assert moe_tk.grouped_block_m(8192, 9, 257) is None  # prefill: its own alignment with slots
+        weights, ids, gate, h, new_res = moe_tk.norm_route_topk(x, residual, norm_weight, EPS, router, top_k, True,
+                                                                 ticket, router_tile=router_tile)
+    assert int(ticket.item()) == 0 and gate is None
+    want_h, want_res = norm_ref.gemma_rms_norm_residual(x, residual, norm_weight, EPS)
+    assert torch.equal(new_res, want_res)
+    _close(h, want_h, dtype)
+    logits = F.linear(want_h, router)
+    ref_w, _, scores = _reference_route(logits[:, :experts], top_k, True, "softmax")
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    _check_route(weights[:, :top_k], ids[:, :top_k], ref_w, scores, top_k, True, tol)
+    assert (ids[:, top_k] == experts).all()
+    _close(weights[:, top_k:], torch.sigmoid(logits[:, experts:]).float(), dtype)
 
 
 @pytest.mark.parametrize("ticket", [False, True])
@@ -537,18 +471,9 @@ def test_route_topk_argument_checks():
         moe_tk.route_topk(x, router, None, 2, True, scoring="relu")
     with pytest.raises(ValueError, match="ticket"):
         moe_tk.route_topk(x, router, None, 2, True, ticket=torch.zeros(1, device=DEVICE))
-    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="1 to 8 contiguous tokens"):
-        moe_tk.norm_route_topk(torch.randn(9, 16, device=DEVICE), None, torch.zeros(16, device=DEVICE), EPS, router,
-                               2, True, ticket)
-    with pytest.raises(ValueError, match="1 to 8 contiguous tokens"):
-        moe_tk.norm_route_topk(torch.randn(16, 2, device=DEVICE).T, None, torch.zeros(16, device=DEVICE), EPS,
-                               router, 2, True, ticket)
-    with pytest.raises(ValueError, match="align_block_m must be a power of two"):
-        moe_tk.norm_route_topk(x, None, torch.zeros(16, device=DEVICE), EPS, router, 2, True, ticket,
-                               align_block_m=24)
-    with pytest.raises(ValueError, match="needs a ticket"):
-        moe_tk.norm_route_topk(x, None, torch.zeros(16, device=DEVICE), EPS, router, 2, True, None)
+    with pytest.raises(ValueError, match="one contiguous token"):
+        moe_tk.norm_route_topk(x, None, torch.zeros(16, device=DEVICE), EPS, router, 2, True,
+                               torch.zeros(1, dtype=torch.int32, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------- block alignment
