@@ -334,6 +334,97 @@ def gated_norm_row(core_ptr, z_ptr, norm_w_ptr, eps, stride_core_h, stride_z_h, 
     return round_to(scaled * (z / (1.0 + tl.exp(-z))), core.dtype)
 
 
+@triton.jit
+def _mma_rows_kernel(
+    x_ptr, w_ptr, y_ptr, num_rows, num_cols, stride_x, stride_w, stride_y,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
+):
+    """``y = x @ W^T`` for a few rows (up to BLOCK_M) on tensor cores: each program owns BLOCK_N columns and walks
+    K in BLOCK_K steps (a pipelined loop). PREFETCH: before the PDL wait the program asks L2 for its whole
+    ``[BLOCK_N, K]`` weight slice (one prefetch per 128-byte line), so the stream starts under the previous
+    kernel."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < num_cols
+    pdl_trigger(PDL)
+    if PREFETCH:
+        lines = tl.arange(0, K // 64) * 64
+        rows_n = tl.minimum(offs_n, num_cols - 1)  # valid addresses only
+        prefetch_l2(w_ptr + rows_n[:, None].to(tl.int64) * stride_w + lines[None, :])
+    pdl_wait(PDL)
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # constexpr bounds: a pipelined loop
+        k_mask = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True)
+class MmaTile:
+    """``mma_rows``' tile: ``block_n`` columns per program, ``block_k`` per step of its pipelined K loop;
+    ``prefetch``: the program's weight slice asked of L2 before the PDL wait."""
+
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+    prefetch: bool = False
+
+
+# Most rows mma_rows takes: tl.dot's smallest M tile.
+MMA_MAX_ROWS = 16
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether to feed tl.dot fp32 copies of the operands: only under Triton's CPU interpreter with bf16.
+
+    Triton 3.6's interpreter keeps bf16 values as raw uint16 bits and its tl.dot multiplies those bits as
+    integers. Upcasting first gives exact bf16 products accumulated in fp32 -- what the GPU's bf16 MMA computes
+    (up to summation order). The compiled GPU kernels never take this path.
+    """
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def mma_rows(x: torch.Tensor, weight: torch.Tensor, *, tile: MmaTile | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight [N, K]^T`` -> new ``[M, N]`` for ``M <= MMA_MAX_ROWS`` on tensor cores (fp32 inputs in
+    full fp32), one kernel: no split-K partials and no reduction kernel (cuBLAS picks split-K for the decode
+    batches' tall-K projections). Unit last strides, one dtype, one device."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype or x.device != weight.device:
+        raise ValueError(f"x and weight must share a float dtype and a device, got {x.dtype} on {x.device} and "
+                         f"{weight.dtype} on {weight.device}")
+    if x.stride(1) != 1 or weight.stride(1) != 1 or not 1 <= x.shape[0] <= MMA_MAX_ROWS:
+        raise ValueError(f"mma_rows takes 1 to {MMA_MAX_ROWS} rows with unit last strides, got {tuple(x.shape)} "
+                         f"strides {x.stride()} and weight strides {weight.stride()}")
+    tile = tile or MmaTile()
+    rows, k = x.shape
+    cols = weight.shape[0]
+    y = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    prefetch = tile.prefetch and k % 64 == 0 and x.dtype != torch.float32 and os.environ.get(
+        "TRITON_INTERPRET", "0") != "1"
+    _mma_rows_kernel[(triton.cdiv(cols, tile.block_n),)](
+        x, weight, y, rows, cols, x.stride(0), weight.stride(0), y.stride(0),
+        K=k, BLOCK_M=MMA_MAX_ROWS, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PREFETCH=prefetch,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_dot(x.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_launch_args(x.device),
+    )
+    return y
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so grid-stride loops take several tiles each
