@@ -196,40 +196,6 @@ def best_fused_tiles(cases: list[dict]) -> dict[str, dict[int, dict]]:
     return best
 
 
-_MMA_SWEEP = [gemv_tk.MmaTile(block_n=n, block_k=k, num_stages=4, prefetch=p)
-              for n, k, p in itertools.product((16, 32, 64), (128, 256), (False, True))]
-_MMA_PROJECTIONS = ("gdn in_proj", "attn qkv_proj", "gdn out_proj")  # (o_proj has out_proj's shape)
-
-
-def bench_mma(model: str, token_counts: list[int]) -> list[dict]:
-    """``mma_rows`` (tensor cores, a few rows) against cuBLAS on the decode batches' projections: every tile of
-    ``_MMA_SWEEP`` at the first token count, the three fastest at the others."""
-    cases = []
-    for name in _MMA_PROJECTIONS:
-        n, k = projections(model)[name]
-        weights = rotating_weights(n, k)
-        best: list[gemv_tk.MmaTile] = []
-        for tokens in token_counts:
-            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-            want = F.linear(x, weights[0])
-            case = {"model": model, "projection": name, "N": n, "K": k, "tokens": tokens, "weight_bytes": n * k * 2,
-                    "cublas_us": time_calls(lambda w, x=x: F.linear(x, w), weights), "tiles": []}
-            for tile in best or _MMA_SWEEP:
-                torch.testing.assert_close(gemv_tk.mma_rows(x, weights[0], tile=tile), want, rtol=2e-2, atol=2e-2)
-                us = time_calls(lambda w, x=x, tile=tile: gemv_tk.mma_rows(x, w, tile=tile), weights)
-                case["tiles"].append({"tile": dataclasses.asdict(tile), "us": us})
-            ranked = sorted(case["tiles"], key=lambda t: t["us"])
-            best = best or [gemv_tk.MmaTile(**t["tile"]) for t in ranked[:3]]
-            case["best_us"], case["best_tile"] = ranked[0]["us"], ranked[0]["tile"]
-            cases.append(case)
-            print(f"{model} {name} [{n}x{k}] T={tokens}: cuBLAS {case['cublas_us']:.1f} us, mma_rows best "
-                  f"{case['best_us']:.1f} us {case['best_tile']} -> {case['cublas_us'] / case['best_us']:.2f}x",
-                  flush=True)
-        del weights
-        torch.cuda.empty_cache()
-    return cases
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="35b-a3b,397b")
@@ -237,8 +203,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile only")
     parser.add_argument("--out", type=Path, default=Path("gemv.json"))
     parser.add_argument("--sections", default="plain,normed,fused",
-                        help="plain: gemv vs cuBLAS; normed: rms_norm_linear grid caps; fused: fused launchers' "
-                             "tiles; mma: the tensor-core kernel for a few rows vs cuBLAS (--tokens: e.g. 8,2,4,16)")
+                        help="plain: gemv vs cuBLAS; normed: rms_norm_linear grid caps; fused: fused launchers' tiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     models = args.models.split(",")
@@ -301,19 +266,8 @@ def main() -> None:
     if results["fused"]:
         results["fused_best"] = best_fused_tiles(results["fused"])
         print("best fused tiles:", json.dumps(results["fused_best"]), flush=True)
-    results["mma"] = [case for model in models for case in bench_mma(model, token_counts)] if "mma" in sections else []
     args.out.write_text(json.dumps(results, indent=2))
     runs = results["runs"]
-    if results["mma"] and not runs:
-        mma = results["mma"]
-        grouped_bar_chart(
-            args.out.with_suffix(".png"), [f"{r['projection']} T={r['tokens']}" for r in mma],
-            [("cuBLAS (F.linear)", [r["weight_bytes"] / r["cublas_us"] / 1e3 for r in mma]),
-             ("Triton mma_rows, best tile", [r["weight_bytes"] / r["best_us"] / 1e3 for r in mma])],
-            xlabel="projection", ylabel="weight GB/s",
-            title=f"decode-batch projections, tensor-core Triton vs cuBLAS on {results['gpu']}",
-            hline=("copy bandwidth (read + write)", results["copy_bandwidth_GBps"]),
-        )
     if not runs:
         return
     grouped_bar_chart(

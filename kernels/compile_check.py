@@ -260,19 +260,7 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
     return case
 
 
-def mma_rows_35b() -> None:
-    """The tensor-core projection for a few decode rows on 35B-A3B's out_proj and in_proj, with and without the
-    L2 prefetch of the weight slice."""
-    from kernels.triton import gemv
-
-    w = _bf16
-    for tile in (gemv.MmaTile(block_n=16, block_k=256), gemv.MmaTile(block_n=64, block_k=128, prefetch=True)):
-        gemv.mma_rows(w(8, 4096), w(2048, 4096), tile=tile)
-        gemv.mma_rows(w(8, 2048), w(12352, 2048), tile=tile)
-
-
 CASES: dict[str, Callable[[], None]] = {
-    "mma_rows_35b": mma_rows_35b,
     "moe_prefill_35b_8k": moe_prefill_35b(8192),
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,

@@ -37,26 +37,6 @@ def test_gemv_matches_linear(dtype, rows, cols, k, tile):
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,cols,k,tile", [
-    (8, 2048, 4096, gemv_tk.MmaTile(block_n=16, block_k=256)),  # 35B-A3B out_proj at batch 8
-    (2, 40, 72, gemv_tk.MmaTile(block_n=16, block_k=32)),  # partial N tile, K not a multiple of the step
-    (16, 64, 128, gemv_tk.MmaTile(block_n=32, block_k=64, prefetch=True)),  # every row of the tile
-    (5, 48, 256, gemv_tk.MmaTile(block_n=64, block_k=128, num_warps=8, num_stages=2, prefetch=True)),
-])
-def test_mma_rows_matches_linear(dtype, rows, cols, k, tile):
-    """The tensor-core kernel for a few rows against F.linear in fp32 (a weight with a row stride above K; rows
-    past M in the tile are masked off, columns past N too)."""
-    if DEVICE == "cpu" and k > 1024:
-        pytest.skip("35B shapes take minutes under the interpreter; the GPU runs them")
-    gen = torch.Generator().manual_seed(rows * cols + k)
-    weight = (torch.randn(cols, k + 8, generator=gen)[:, 3:3 + k] * k**-0.5).to(dtype).to(DEVICE)
-    x = torch.randn(rows, k, generator=gen).to(dtype).to(DEVICE)
-    got = gemv_tk.mma_rows(x, weight, tile=tile)
-    assert got.shape == (rows, cols) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), F.linear(x.float(), weight.float()), **TOL[dtype])
-
-
 def test_linear_dispatch():
     """Decode-sized inputs take the kernel, everything else F.linear; both agree with F.linear."""
     gen = torch.Generator().manual_seed(0)
