@@ -193,6 +193,21 @@ def run_phase(engine: Engine, batch: int, context: int, warmup: int, steps: int,
     }
 
 
+def profile_phase(engine: Engine, batch: int, context: int, max_new: int) -> list[dict]:
+    """The per-kernel table (``profile_decode.kernel_table``) of eager decode steps of ``batch`` handed-over
+    requests, which are then aborted. ``max_new``: the new tokens the engine was sized for."""
+    from loadtest.profile_decode import kernel_table
+
+    ids = admit_handed_over(engine, batch, context, max_new, seed=7)
+    try:
+        engine.step()
+        return kernel_table(engine, 3)
+    finally:
+        drain(engine)
+        for request_id in ids:
+            engine.abort_request(request_id)
+
+
 def add_roofline(run: dict, engine: Engine, bandwidth: float, gemm_flops: float, warmup: int, steps: int) -> None:
     """The phase's roofline: its mid-run contexts, the experts its eager step touched."""
     model = engine.runner.model
@@ -260,7 +275,6 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     from kernels.bench_util import measure_copy_bandwidth, measure_gemm_flops
-    from loadtest.profile_decode import kernel_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3.5-35b-a3b")
@@ -318,13 +332,8 @@ def main() -> None:
                      batch, context, run["step_ms_median"], run["graph_replay_ms"] or 0, run["tokens_per_s"],
                      run["per_user_tokens_per_s"], run["fraction_of_roofline"])
             if ci == 0 and batch in profile_batches:
-                ids = admit_handed_over(engine, batch, context, 64, seed=7)
-                engine.step()
                 results["profiles"].append({"batch": batch, "context": context,
-                                            "kernels": kernel_table(engine, 3)[:40]})
-                drain(engine)
-                for request_id in ids:
-                    engine.abort_request(request_id)
+                                            "kernels": profile_phase(engine, batch, context, max_new)[:40]})
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))

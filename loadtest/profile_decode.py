@@ -91,17 +91,23 @@ def kernel_table(engine: Engine, steps: int) -> list[dict]:
     """GPU time per kernel name over ``steps`` eager decode steps, per step, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs = engine.runner.graphs
-    graphs.enabled = False
+    graphs = engine.runner.graphs  # None without CUDA graphs (and on CPU)
+    cuda = engine.runner.device.type == "cuda"
+    if graphs is not None:
+        graphs.enabled = False
     try:
         engine.step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
             for _ in range(steps):
                 engine.step()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
     finally:
-        graphs.enabled = True
+        if graphs is not None:
+            graphs.enabled = True
     rows = []
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", None)

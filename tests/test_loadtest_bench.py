@@ -8,7 +8,14 @@ import dataclasses
 
 import torch
 
-from loadtest.bench_batch_decode import add_roofline, decode_engine_config, fill_caches, kv_fit, run_phase
+from loadtest.bench_batch_decode import (
+    add_roofline,
+    decode_engine_config,
+    fill_caches,
+    kv_fit,
+    profile_phase,
+    run_phase,
+)
 from loadtest.model_costs import decode_step_bytes, decode_step_flops, expert_bytes
 from services.engine.engine import Engine
 
@@ -64,3 +71,15 @@ def test_one_phase_with_an_fp8_kv_cache():
     run = run_phase(engine, 3, 40, warmup=1, steps=3, seed=1)
     add_roofline(run, engine, bandwidth=1e12, gemm_flops=1e14, warmup=1, steps=3)
     assert run["bytes_per_step"]["kv"] == 3 * (40 + 1 + 2) * 2 * engine.runner.kv_cache.buffer[:, 0, 0, 0].numel()
+
+
+def test_a_profile_phase_admits_what_the_engine_was_sized_for_and_leaves_nothing():
+    """The per-kernel profile of a batch (``--profile-batches``) admits requests of the new tokens the engine was
+    sized for (it once asked for more and was refused), runs eager steps and aborts them all. On CPU the table
+    has no device times, so it is empty; the GPU run fills it."""
+    engine = _engine()
+    fill_caches(engine, seed=0)
+    rows = profile_phase(engine, 3, 40, max_new=16)
+    assert isinstance(rows, list) and all(r["us_per_step"] > 0 for r in rows)
+    assert engine.resource_usage()["pages_used"] == 0 and engine.resource_usage()["running"] == 0
+    assert engine.runner.graphs is None or engine.runner.graphs.enabled
