@@ -260,7 +260,19 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
     return case
 
 
+def decode_attention_35b() -> None:
+    """The split-KV paged decode attention at 35B-A3B's shape (GQA 8, head_dim 256), bf16 and fp8 pages."""
+    from kernels.triton.decode_attention import DecodeAttentionScratch, decode_attention
+
+    scratch = DecodeAttentionScratch.new(8, 2, 8, 256, 32, torch.device("cpu"))
+    indptr, indices = torch.zeros(9, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
+    last = torch.ones(8, dtype=torch.int32)
+    for kv in (_bf16(64, 2, 16, 2, 256), torch.empty(64, 2, 16, 2, 256, dtype=torch.float8_e4m3fn)):
+        decode_attention(_bf16(8, 16, 256), kv, indptr, indices, last, 0.0625, scratch)
+
+
 CASES: dict[str, Callable[[], None]] = {
+    "decode_attention_35b": decode_attention_35b,
     "moe_prefill_35b_8k": moe_prefill_35b(8192),
     "batched_decode_35b_B256": batched_decode_35b(256),
     "decode_chain_35b": decode_chain_35b,

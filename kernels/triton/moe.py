@@ -664,7 +664,7 @@ def moe_align_block_size(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
+def upcast_dot(dtype: torch.dtype) -> bool:
     """Whether to feed tl.dot fp32 copies of the operands: only under Triton's CPU interpreter with bf16.
 
     Triton 3.6's interpreter keeps bf16 values as raw uint16 bits and its tl.dot multiplies those bits as
@@ -832,7 +832,7 @@ def _moe_gate_up_kernel(
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST_DOT:  # interpreter only, see _upcast_dot
+        if UPCAST_DOT:  # interpreter only, see upcast_dot
             a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
         acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
         acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
@@ -1191,8 +1191,8 @@ def _experts_grouped(x, w13, w2, topk_weights, topk_ids, config: MoeConfig | Non
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    # tf32 only ever applies to fp32 operands; the interpreter upcasts (see _upcast_dot).
-    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST_DOT": _upcast_dot(dtype)}
+    # tf32 only ever applies to fp32 operands; the interpreter upcasts (see upcast_dot).
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST_DOT": upcast_dot(dtype)}
 
 
 def _grouped_gate_up(x, w13, sorted_ids, expert_ids, num_post, cfg: MoeConfig, top_k: int,

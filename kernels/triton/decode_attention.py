@@ -1,0 +1,238 @@
+"""Paged decode attention (one query token per sequence) as one PDL-chained Triton launch, split over the KV.
+
+flashinfer's decode path runs two kernels per layer (its tensor-core decode, then a merge of the KV splits), both
+launched without programmatic dependent launch: at 1K context on the H200 they took 10.5 + 3.6 us a layer for 2 MB
+of KV, where streaming those bytes takes ~1 us (``loadtest/bench_decode_floor.py``). Here the grid is
+(split, KV head, sequence): each program owns a run of its sequence's pages, attends the GROUP query heads of its
+KV head over them with an online softmax (``tl.dot`` on 16-row tiles: a GQA group of 8 padded), and writes its
+partial output, max and sum; the program drawing the last ticket of its (sequence, KV head) merges the splits'
+partials and writes the output. A sequence whose pages fit one split writes its output directly.
+
+The split size adapts per sequence on the device: at least ``min_pages`` pages a split, at most ``max_splits``
+splits, so a graph captured at one batch size serves every context (programs past a sequence's last split only
+wait and exit). Reads: the page table (written by host copies before the step) may be read before the PDL wait;
+the queries and the new token's K/V (written by the QK-norm/RoPE kernel just before) only after it.
+
+fp8 KV: the pages are converted to the query dtype (exact for e4m3 into bf16), ``k_scale`` folds into the
+softmax scale and ``v_scale`` multiplies the output, as flashinfer does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.gemv import prefetch_l2
+from kernels.triton.moe import upcast_dot
+from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, kv_ptr, indptr_ptr, indices_ptr, last_len_ptr, out_ptr, part_o_ptr, part_ml_ptr, ticket_ptr,
+    sm_scale, v_scale,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_page, stride_kv, stride_tok, stride_head,
+    num_kv_heads,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, TILE_PAGES: tl.constexpr, PREFETCH_PAGES: tl.constexpr, LINE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2).to(tl.int64)
+    pdl_trigger(PDL)
+    first_page = tl.load(indptr_ptr + seq)
+    num_pages = tl.load(indptr_ptr + seq + 1) - first_page
+    per_split = tl.maximum(MIN_PAGES, tl.cdiv(num_pages, MAX_SPLITS))
+    live = tl.cdiv(num_pages, per_split)
+    begin = split * per_split
+    end = tl.minimum(num_pages, begin + per_split)
+    if PREFETCH_PAGES > 0 and split < live:
+        # Ask L2 for the split's first pages under the previous kernel: the page table is written before the
+        # step, and a line prefetched before the new token's K/V is stored into it stays coherent (L2 is where
+        # the store lands). The loop below asks for one page further on at each page it reads.
+        ahead = tl.arange(0, PREFETCH_PAGES)
+        _prefetch_pages(kv_ptr, indices_ptr + first_page, tl.minimum(begin + ahead, num_pages - 1),
+                        kv_head, stride_page, stride_kv, stride_tok, stride_head, HEAD_DIM, PAGE, LINE)
+    # Every program waits, so that the kernel completes only after its predecessor (see kernels/triton/pdl.py).
+    pdl_wait(PDL)
+    if split < live:
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        heads = kv_head * GROUP + g
+        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        dtype = q.dtype
+        kv_len = (num_pages - 1) * PAGE + tl.load(last_len_ptr + seq)
+        tok = tl.arange(0, TILE_PAGES * PAGE)  # the tile's tokens: TILE_PAGES pages, gathered
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        kv_cols = kv_head * stride_head + d[None, :]
+        i = begin
+        while i < end:  # (a while loop: the interpreter cannot take a runtime range bound)
+            if PREFETCH_PAGES > 0:
+                ahead = tl.minimum(i + TILE_PAGES + tl.arange(0, TILE_PAGES), end - 1)
+                _prefetch_pages(kv_ptr, indices_ptr + first_page, ahead, kv_head, stride_page, stride_kv,
+                                stride_tok, stride_head, HEAD_DIM, PAGE, LINE)
+            page_pos = i + tok // PAGE
+            t_mask = (page_pos < end) & (page_pos * PAGE + tok % PAGE < kv_len)
+            page = tl.load(indices_ptr + first_page + page_pos, mask=page_pos < end, other=0).to(tl.int64)
+            rows = kv_ptr + page[:, None] * stride_page + (tok % PAGE)[:, None] * stride_tok + kv_cols
+            k = tl.load(rows, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(dtype)
+            v = tl.load(rows + stride_kv, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(dtype)
+            if UPCAST_DOT:  # interpreter only, see kernels.triton.moe.upcast_dot
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = tl.where(t_mask[None, :], s * sm_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            if UPCAST_DOT:
+                pv = tl.dot(p.to(dtype).to(tl.float32), v.to(tl.float32))
+            else:
+                pv = tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+            i += TILE_PAGES
+        out_rows = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        if live == 1:
+            tl.store(out_rows, (acc / l_sum[:, None] * v_scale).to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            pair = seq * num_kv_heads + kv_head
+            part = pair * MAX_SPLITS + split
+            tl.store(part_o_ptr + (part * BLOCK_G + g[:, None]) * BLOCK_D + d[None, :], acc)
+            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2, m)
+            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2 + 1, l_sum)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
+            if ticket == live - 1:
+                _merge_splits(part_o_ptr, part_ml_ptr, pair, live, out_rows, out_mask, v_scale,
+                              out_ptr.dtype.element_ty, BLOCK_G, BLOCK_D, MAX_SPLITS)
+                tl.atomic_xchg(ticket_ptr + pair, 0)  # ready for the next launch
+
+
+@triton.jit
+def _prefetch_pages(kv_ptr, seq_indices_ptr, page_numbers, kv_head, stride_page, stride_kv, stride_tok, stride_head,
+                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetches of the K and V rows of one KV head in the sequence's pages ``page_numbers`` (a 1-D tensor
+    of positions in its page list, all valid): one per LINE elements (128 bytes) of a row."""
+    pages = tl.load(seq_indices_ptr + page_numbers).to(tl.int64)
+    t = tl.arange(0, PAGE)
+    kv = tl.arange(0, 2)
+    lines = tl.arange(0, (HEAD_DIM + LINE - 1) // LINE) * LINE
+    rows = (pages[:, None, None] * stride_page + kv[None, :, None] * stride_kv + t[None, None, :] * stride_tok
+            + kv_head * stride_head)
+    prefetch_l2(kv_ptr + rows[:, :, :, None] + lines[None, None, None, :])
+
+
+@triton.jit
+def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, out_rows, out_mask, v_scale, dtype: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """The output of one (sequence, KV head) from its ``live`` splits' partials: weights exp(m_s - max m), the
+    sums and outputs added up with them. The partials were written by other programs of the launch: read
+    through L2 (.cg)."""
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for j in tl.static_range(MAX_SPLITS):  # unrolled, the loads masked (no branches): issued together
+        m_j = tl.load(part_ml_ptr + ((pair * MAX_SPLITS + j) * BLOCK_G + g) * 2, mask=j < live, other=float("-inf"),
+                      cache_modifier=".cg")
+        m_all = tl.maximum(m_all, m_j)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    o = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(MAX_SPLITS):
+        part = (pair * MAX_SPLITS + j) * BLOCK_G + g
+        m_j = tl.load(part_ml_ptr + part * 2, mask=j < live, other=float("-inf"), cache_modifier=".cg")
+        l_j = tl.load(part_ml_ptr + part * 2 + 1, mask=j < live, other=0.0, cache_modifier=".cg")
+        w_j = tl.exp(m_j - m_all)  # 0 for splits past the live ones
+        total += w_j * l_j
+        o += w_j[:, None] * tl.load(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], mask=j < live, other=0.0,
+                                    cache_modifier=".cg")
+    tl.store(out_rows, (o / total[:, None] * v_scale).to(dtype), mask=out_mask)
+
+
+@dataclass
+class DecodeAttentionScratch:
+    """The kernel's split partials and per-(sequence, KV head) tickets for up to ``max_batch`` sequences; owned by
+    one attention backend (one stream) and reused by every layer and step (the tickets return to 0)."""
+
+    part_o: torch.Tensor
+    part_ml: torch.Tensor
+    tickets: torch.Tensor
+    max_splits: int
+
+    @classmethod
+    def new(cls, max_batch: int, num_kv_heads: int, group: int, head_dim: int, max_splits: int,
+            device: torch.device) -> DecodeAttentionScratch:
+        if max_splits < 1 or max_splits & (max_splits - 1):
+            raise ValueError(f"max_splits must be a power of two, got {max_splits}")
+        block_g, block_d = _block_g(group), triton.next_power_of_2(head_dim)
+        pairs = max_batch * num_kv_heads
+        return cls(torch.empty(pairs * max_splits * block_g * block_d, dtype=torch.float32, device=device),
+                   torch.empty(pairs * max_splits * block_g * 2, dtype=torch.float32, device=device),
+                   torch.zeros(pairs, dtype=torch.int32, device=device), max_splits)
+
+
+def _block_g(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
+
+
+def decode_attention(
+    q: torch.Tensor, kv_cache_layer: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+    last_page_len: torch.Tensor, scale: float, scratch: DecodeAttentionScratch, *, k_scale: float = 1.0,
+    v_scale: float = 1.0, min_pages: int = 4, tile_pages: int = 4, num_warps: int = 8, prefetch_pages: int = 4,
+) -> torch.Tensor:
+    """``q [B, heads, head_dim]`` (one token per sequence, at the end of its keys) over the pages of each
+    sequence: ``indptr [B+1]``, ``indices`` (page ids, sequence after sequence) and ``last_page_len [B]`` as
+    flashinfer takes them (int32, on the device). ``kv_cache_layer [pages, 2, page_size, kv_heads, head_dim]``.
+    Returns a new ``[B, heads, head_dim]`` in q's dtype. No host synchronisation: capturable in a CUDA graph.
+    ``tile_pages`` (a power of two): pages gathered into one tile of the attention loop; ``prefetch_pages``
+    (non-zero: on, not under Triton's interpreter, which has no prefetch): each program asks L2 for its first
+    pages before the PDL wait and for the next tile's pages at each tile."""
+    if q.dim() != 3 or kv_cache_layer.dim() != 5 or kv_cache_layer.shape[1] != 2:
+        raise ValueError(f"expected q [B, heads, D] and a KV layer [pages, 2, page, kv_heads, D], got "
+                         f"{tuple(q.shape)} and {tuple(kv_cache_layer.shape)}")
+    batch, heads, head_dim = q.shape
+    num_kv_heads = kv_cache_layer.shape[3]
+    if kv_cache_layer.shape[4] != head_dim or heads % num_kv_heads or q.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the KV layer {tuple(kv_cache_layer.shape)} (or its last "
+                         "stride is not 1)")
+    if indptr.shape != (batch + 1,) or last_page_len.shape != (batch,):
+        raise ValueError(f"indptr must be [{batch + 1}] and last_page_len [{batch}]")
+    page_size = kv_cache_layer.shape[2]
+    if page_size < 16 or page_size & (page_size - 1):
+        raise ValueError(f"pages of a power of two >= 16 tokens (a tl.dot tile), got {page_size}")
+    group = heads // num_kv_heads
+    block_g, block_d = _block_g(group), triton.next_power_of_2(head_dim)
+    if scratch.tickets.numel() < batch * num_kv_heads or scratch.part_ml.numel() < (
+            batch * num_kv_heads * scratch.max_splits * block_g * 2):
+        raise ValueError(f"the scratch holds fewer than {batch} sequences of {num_kv_heads} KV heads")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    _decode_attention_kernel[(scratch.max_splits, num_kv_heads, batch)](
+        q, kv_cache_layer, indptr, indices, last_page_len, out, scratch.part_o, scratch.part_ml, scratch.tickets,
+        float(scale * k_scale), float(v_scale),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *kv_cache_layer.stride()[:4],
+        num_kv_heads,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page_size,
+        MAX_SPLITS=scratch.max_splits, MIN_PAGES=min_pages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_dot(q.dtype),
+        TILE_PAGES=tile_pages, PREFETCH_PAGES=0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else prefetch_pages,
+        LINE=128 // kv_cache_layer.element_size(),
+        num_warps=num_warps, **pdl_launch_args(q.device),
+    )
+    return out

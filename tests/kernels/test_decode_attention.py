@@ -1,0 +1,91 @@
+"""The Triton paged decode attention (kernels.triton.decode_attention) against the torch reference
+(kernels.attention.paged_attention): one query token per sequence at the end of its keys, pages scattered through
+the pool, sequences whose pages take one split or several (the merge by the last program), fp8 pages with scales,
+and the tickets back at 0 after every launch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention import paged_attention, quantize_fp8
+from kernels.triton.decode_attention import DecodeAttentionScratch, decode_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
+
+
+def _case(kv_lens: list[int], heads: int, kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
+          seed: int, fp8: bool = False):
+    """Random pages for sequences of ``kv_lens`` tokens, each sequence's pages drawn at random from the pool;
+    returns the reference's and the kernel's inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-n // page_size) for n in kv_lens]
+    num_pages = sum(pages) + 3
+    order = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    tables, start = [], 0
+    for count in pages:
+        tables.append(order[start:start + count])
+        start += count
+    cache = torch.randn(num_pages, 2, page_size, kv_heads, head_dim, generator=gen)
+    q = torch.randn(len(kv_lens), heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    if fp8:
+        cache = quantize_fp8(cache, 0.5)
+    else:
+        cache = cache.to(dtype)
+    cache = cache.to(DEVICE)
+    indptr = torch.tensor([0] + pages, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    indices = torch.cat(tables).to(DEVICE)
+    last = torch.tensor([(n - 1) % page_size + 1 for n in kv_lens], dtype=torch.int32).to(DEVICE)
+    return q, cache, [t.to(DEVICE).long() for t in tables], indptr, indices, last
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_lens,max_splits,min_pages,tile_pages", [
+    ([1, 17, 40], 4, 1, 1),  # a one-token sequence, a token into a second page, several splits of one page
+    ([33], 1, 4, 4),  # one split: the output written directly; a tile past the last page
+    ([200, 5, 64], 8, 2, 2),  # long and short sequences in one launch; a full last page
+    ([130, 129], 2, 1, 4),  # more pages than splits: the split size grows with the sequence
+])
+def test_decode_attention_matches_the_reference(dtype, kv_lens, max_splits, min_pages, tile_pages):
+    heads, kv_heads, head_dim, page_size = 8, 2, 32, 16
+    q, cache, tables, indptr, indices, last = _case(kv_lens, heads, kv_heads, head_dim, page_size, dtype,
+                                                    seed=sum(kv_lens) + max_splits)
+    scratch = DecodeAttentionScratch.new(len(kv_lens), kv_heads, heads // kv_heads, head_dim, max_splits, q.device)
+    scale = head_dim**-0.5
+    want = paged_attention(q.float(), cache.float(), tables, [1] * len(kv_lens), kv_lens, scale)
+    for _ in range(2):  # the tickets are back at 0 for the next launch
+        got = decode_attention(q, cache, indptr, indices, last, scale, scratch, min_pages=min_pages,
+                               tile_pages=tile_pages)
+        assert got.shape == q.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, **TOL[dtype])
+        assert int(scratch.tickets.abs().sum()) == 0
+
+
+def test_decode_attention_over_fp8_pages_with_scales():
+    """k_scale folds into the softmax scale and v_scale scales the output: the reference over the same fp8 pages
+    with the same scales (Qwen3.5's head_dim 256 and a GQA group of 8, as in 35B-A3B)."""
+    kv_lens, heads, kv_heads, head_dim = [50, 7], 16, 2, 256
+    q, cache, tables, indptr, indices, last = _case(kv_lens, heads, kv_heads, head_dim, 16, torch.bfloat16, seed=3,
+                                                    fp8=True)
+    scratch = DecodeAttentionScratch.new(2, kv_heads, heads // kv_heads, head_dim, 2, q.device)
+    scale = head_dim**-0.5
+    got = decode_attention(q, cache, indptr, indices, last, scale, scratch, k_scale=0.5, v_scale=0.25, min_pages=1)
+    want = paged_attention(q.float(), cache, tables, [1, 1], kv_lens, scale, k_scale=0.5, v_scale=0.25)
+    torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+
+
+def test_decode_attention_argument_checks():
+    q = torch.zeros(2, 8, 32, device=DEVICE)
+    cache = torch.zeros(4, 2, 16, 2, 32, device=DEVICE)
+    indptr = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    last = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    scratch = DecodeAttentionScratch.new(1, 2, 4, 32, 2, q.device)
+    with pytest.raises(ValueError, match="fewer than 2 sequences"):
+        decode_attention(q, cache, indptr, indptr[:2], last, 1.0, scratch)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        decode_attention(q, torch.zeros(4, 2, 8, 2, 32, device=DEVICE), indptr, indptr[:2], last, 1.0, scratch)
+    with pytest.raises(ValueError, match="indptr"):
+        decode_attention(q, cache, indptr[:2], indptr[:2], last, 1.0, scratch)
+    with pytest.raises(ValueError, match="max_splits"):
+        DecodeAttentionScratch.new(1, 2, 4, 32, 3, q.device)
