@@ -93,6 +93,7 @@ def kernel_table(engine: Engine, steps: int) -> list[dict]:
 
     graphs = engine.runner.graphs  # None without CUDA graphs (and on CPU)
     cuda = engine.runner.device.type == "cuda"
+    graphs_were_enabled = graphs is not None and graphs.enabled
     if graphs is not None:
         graphs.enabled = False
     try:
@@ -107,7 +108,7 @@ def kernel_table(engine: Engine, steps: int) -> list[dict]:
                 torch.cuda.synchronize()
     finally:
         if graphs is not None:
-            graphs.enabled = True
+            graphs.enabled = graphs_were_enabled  # (graphs that were off, e.g. not capturable, stay off)
     rows = []
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", None)

@@ -82,4 +82,3 @@ def test_a_profile_phase_admits_what_the_engine_was_sized_for_and_leaves_nothing
     rows = profile_phase(engine, 3, 40, max_new=16)
     assert isinstance(rows, list) and all(r["us_per_step"] > 0 for r in rows)
     assert engine.resource_usage()["pages_used"] == 0 and engine.resource_usage()["running"] == 0
-    assert engine.runner.graphs is None or engine.runner.graphs.enabled
