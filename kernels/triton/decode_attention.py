@@ -15,6 +15,11 @@ the queries and the new token's K/V (written by the QK-norm/RoPE kernel just bef
 
 fp8 KV: the pages are converted to the query dtype (exact for e4m3 into bf16), ``k_scale`` folds into the
 softmax scale and ``v_scale`` multiplies the output, as flashinfer does.
+
+Not used by the engine yet (planned): against flashinfer's decode + merge as the engine runs them
+(``kernels/bench_decode_attention.py``, ``kernels/results/decode_attention_h200.json``) it is faster up to 4K
+(7.0 / 10.2 us a layer at 1K, one request) and slower from 32K (34.4 / 32.9; 101 / 78 at 128K), where its page
+loop (a ``while`` loop, which Triton does not software-pipeline) is latency-bound.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def _decode_attention_kernel(
     if PREFETCH_PAGES > 0 and split < live:
         # Ask L2 for the split's first pages under the previous kernel: the page table is written before the
         # step, and a line prefetched before the new token's K/V is stored into it stays coherent (L2 is where
-        # the store lands). The loop below asks for one page further on at each page it reads.
+        # the store lands). The loop below asks for the next tile's pages at each tile it reads.
         ahead = tl.arange(0, PREFETCH_PAGES)
         _prefetch_pages(kv_ptr, indices_ptr + first_page, tl.minimum(begin + ahead, num_pages - 1),
                         kv_head, stride_page, stride_kv, stride_tok, stride_head, HEAD_DIM, PAGE, LINE)
@@ -196,7 +201,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """``q [B, heads, head_dim]`` (one token per sequence, at the end of its keys) over the pages of each
     sequence: ``indptr [B+1]``, ``indices`` (page ids, sequence after sequence) and ``last_page_len [B]`` as
-    flashinfer takes them (int32, on the device). ``kv_cache_layer [pages, 2, page_size, kv_heads, head_dim]``.
+    flashinfer takes them (int32, on the device; every sequence has at least one token, as a graph's padding rows
+    do). ``kv_cache_layer [pages, 2, page_size, kv_heads, head_dim]``.
     Returns a new ``[B, heads, head_dim]`` in q's dtype. No host synchronisation: capturable in a CUDA graph.
     ``tile_pages`` (a power of two): pages gathered into one tile of the attention loop; ``prefetch_pages``
     (non-zero: on, not under Triton's interpreter, which has no prefetch): each program asks L2 for its first
