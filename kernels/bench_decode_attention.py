@@ -27,9 +27,11 @@ from kernels.triton.decode_attention import DecodeAttentionScratch, decode_atten
 log = logging.getLogger("bench_decode_attention")
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, LAYERS = 16, 2, 256, 16, 10
-# (max_splits, min_pages, tile_pages, prefetch_pages, num_warps)
-SPLITS = [(16, 4, 4, 4, 8), (32, 4, 4, 4, 8), (32, 8, 4, 4, 8), (64, 8, 4, 4, 8), (16, 4, 2, 4, 4), (32, 4, 2, 4, 4),
-          (16, 4, 4, 0, 8), (32, 2, 2, 4, 8)]
+# (max_splits, min_pages, tile_pages, prefetch_pages, num_warps, num_stages): the page loop as a while loop with
+# L2 prefetches (stages 0), or software-pipelined (Triton gives the gathers stages - 3 buffers: the page ids take
+# a stage of their own).
+SPLITS = [(16, 4, 4, 0, 8, 0), (16, 4, 4, 4, 8, 0), (32, 4, 4, 4, 8, 0), (32, 4, 4, 0, 8, 5), (64, 8, 4, 0, 8, 5),
+          (64, 16, 4, 0, 8, 5), (128, 8, 4, 0, 8, 5), (128, 16, 2, 0, 8, 6)]
 
 
 def bench_case(batch: int, context: int, bandwidth: float) -> dict:
@@ -57,9 +59,10 @@ def bench_case(batch: int, context: int, bandwidth: float) -> dict:
             "flashinfer_us": graph_replay_us(lambda: [fi.run(q, pool) for pool in pools], LAYERS, replays=3,
                                              samples=7),
             "triton": []}
-    for max_splits, min_pages, tile, prefetch, warps in SPLITS:
+    for max_splits, min_pages, tile, prefetch, warps, stages in SPLITS:
         scratch = DecodeAttentionScratch.new(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM, max_splits, device)
-        shape = dict(min_pages=min_pages, tile_pages=tile, prefetch_pages=prefetch, num_warps=warps)
+        shape = dict(min_pages=min_pages, tile_pages=tile, prefetch_pages=prefetch, num_warps=warps,
+                     num_stages=stages)
 
         def run(pool, scratch=scratch, shape=shape):
             return decode_attention(q, pool, indptr, indices, last, scale, scratch, **shape)
@@ -77,7 +80,8 @@ def bench_case(batch: int, context: int, bandwidth: float) -> dict:
 
 
 def _label(t: dict) -> str:
-    return f"{t['max_splits']}x{t['min_pages']}t{t['tile_pages']}p{t['prefetch_pages']}w{t['num_warps']}"
+    return (f"{t['max_splits']}x{t['min_pages']}t{t['tile_pages']}p{t['prefetch_pages']}w{t['num_warps']}"
+            f"s{t.get('num_stages', 0)}")
 
 
 def main() -> None:
@@ -98,7 +102,7 @@ def main() -> None:
         print(f"B={batch} ctx={context}: flashinfer {case['flashinfer_us']:.1f} us/layer, Triton best "
               f"{case['triton_best_us']:.1f} ({case['triton_best']}) -> {speedup:.2f}x; KV at copy rate "
               f"{case['copy_us']:.1f}; splits: {splits}", flush=True)
-    args.out.write_text(json.dumps(results, indent=2))
+        args.out.write_text(json.dumps(results, indent=2))  # after each case: a cut-short run keeps what it had
     cases = results["cases"]
     grouped_bar_chart(
         args.out.with_suffix(".png"), [f"B={c['batch']} {c['context'] // 1024}K" for c in cases],

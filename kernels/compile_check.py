@@ -268,7 +268,9 @@ def decode_attention_35b() -> None:
     indptr, indices = torch.zeros(9, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
     last = torch.ones(8, dtype=torch.int32)
     for kv in (_bf16(64, 2, 16, 2, 256), torch.empty(64, 2, 16, 2, 256, dtype=torch.float8_e4m3fn)):
-        decode_attention(_bf16(8, 16, 256), kv, indptr, indices, last, 0.0625, scratch)
+        for stages in (0, 5):  # the while loop with L2 prefetches; the software-pipelined page loop
+            decode_attention(_bf16(8, 16, 256), kv, indptr, indices, last, 0.0625, scratch, num_stages=stages,
+                             prefetch_pages=0 if stages else 4)
 
 
 CASES: dict[str, Callable[[], None]] = {

@@ -35,6 +35,8 @@ from kernels.triton.gemv import prefetch_l2
 from kernels.triton.moe import upcast_dot
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
+MERGE_CHUNK = tl.constexpr(16)  # splits merged per unrolled step (see _merge_splits)
+
 
 @triton.jit
 def _decode_attention_kernel(
@@ -46,7 +48,7 @@ def _decode_attention_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, TILE_PAGES: tl.constexpr, PREFETCH_PAGES: tl.constexpr, LINE: tl.constexpr,
-    PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,41 +77,28 @@ def _decode_attention_kernel(
         heads = kv_head * GROUP + g
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-        dtype = q.dtype
         kv_len = (num_pages - 1) * PAGE + tl.load(last_len_ptr + seq)
         tok = tl.arange(0, TILE_PAGES * PAGE)  # the tile's tokens: TILE_PAGES pages, gathered
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         kv_cols = kv_head * stride_head + d[None, :]
-        i = begin
-        while i < end:  # (a while loop: the interpreter cannot take a runtime range bound)
-            if PREFETCH_PAGES > 0:
-                ahead = tl.minimum(i + TILE_PAGES + tl.arange(0, TILE_PAGES), end - 1)
-                _prefetch_pages(kv_ptr, indices_ptr + first_page, ahead, kv_head, stride_page, stride_kv,
-                                stride_tok, stride_head, HEAD_DIM, PAGE, LINE)
-            page_pos = i + tok // PAGE
-            t_mask = (page_pos < end) & (page_pos * PAGE + tok % PAGE < kv_len)
-            page = tl.load(indices_ptr + first_page + page_pos, mask=page_pos < end, other=0).to(tl.int64)
-            rows = kv_ptr + page[:, None] * stride_page + (tok % PAGE)[:, None] * stride_tok + kv_cols
-            k = tl.load(rows, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(dtype)
-            v = tl.load(rows + stride_kv, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(dtype)
-            if UPCAST_DOT:  # interpreter only, see kernels.triton.moe.upcast_dot
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = tl.where(t_mask[None, :], s * sm_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            if UPCAST_DOT:
-                pv = tl.dot(p.to(dtype).to(tl.float32), v.to(tl.float32))
-            else:
-                pv = tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-            i += TILE_PAGES
+        if NUM_STAGES > 0:  # software-pipelined: the next tiles' gathers in flight while this one is used
+            for i in tl.range(begin, end, TILE_PAGES, num_stages=NUM_STAGES):
+                m, l_sum, acc = _attend_tile(
+                    q, kv_ptr, indices_ptr + first_page, i, end, kv_len, kv_cols, tok, d_mask, m, l_sum, acc,
+                    sm_scale, stride_page, stride_kv, stride_tok, PAGE, TILE_PAGES, DOT_PRECISION, UPCAST_DOT)
+        else:
+            i = begin
+            while i < end:  # (a while loop: the interpreter cannot take a runtime range bound)
+                if PREFETCH_PAGES > 0:
+                    ahead = tl.minimum(i + TILE_PAGES + tl.arange(0, TILE_PAGES), end - 1)
+                    _prefetch_pages(kv_ptr, indices_ptr + first_page, ahead, kv_head, stride_page, stride_kv,
+                                    stride_tok, stride_head, HEAD_DIM, PAGE, LINE)
+                m, l_sum, acc = _attend_tile(
+                    q, kv_ptr, indices_ptr + first_page, i, end, kv_len, kv_cols, tok, d_mask, m, l_sum, acc,
+                    sm_scale, stride_page, stride_kv, stride_tok, PAGE, TILE_PAGES, DOT_PRECISION, UPCAST_DOT)
+                i += TILE_PAGES
         out_rows = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
         out_mask = g_mask[:, None] & d_mask[None, :]
         if live == 1:
@@ -117,15 +106,45 @@ def _decode_attention_kernel(
         else:
             pair = seq * num_kv_heads + kv_head
             part = pair * MAX_SPLITS + split
-            tl.store(part_o_ptr + (part * BLOCK_G + g[:, None]) * BLOCK_D + d[None, :], acc)
-            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2, m)
-            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2 + 1, l_sum)
+            # Only the group's rows (the tile's padding rows are never read: half the merge's bytes at 8 of 16).
+            tl.store(part_o_ptr + (part * BLOCK_G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
+            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2, m, mask=g_mask)
+            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2 + 1, l_sum, mask=g_mask)
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
             if ticket == live - 1:
-                _merge_splits(part_o_ptr, part_ml_ptr, pair, live, out_rows, out_mask, v_scale,
+                _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, out_rows, out_mask, v_scale,
                               out_ptr.dtype.element_ty, BLOCK_G, BLOCK_D, MAX_SPLITS)
                 tl.atomic_xchg(ticket_ptr + pair, 0)  # ready for the next launch
+
+
+@triton.jit
+def _attend_tile(q, kv_ptr, seq_indices_ptr, i, end, kv_len, kv_cols, tok, d_mask, m, l_sum, acc, sm_scale,
+                 stride_page, stride_kv, stride_tok, PAGE: tl.constexpr, TILE_PAGES: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One tile of the online softmax: the sequence's pages ``i .. i + TILE_PAGES`` (those before ``end``),
+    gathered; returns the updated running max, sum and output."""
+    dtype = q.dtype
+    page_pos = i + tok // PAGE
+    t_mask = (page_pos < end) & (page_pos * PAGE + tok % PAGE < kv_len)
+    page = tl.load(seq_indices_ptr + page_pos, mask=page_pos < end, other=0).to(tl.int64)
+    rows = kv_ptr + page[:, None] * stride_page + (tok % PAGE)[:, None] * stride_tok + kv_cols
+    k = tl.load(rows, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(dtype)
+    v = tl.load(rows + stride_kv, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(dtype)
+    if UPCAST_DOT:  # interpreter only, see kernels.triton.moe.upcast_dot
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = tl.where(t_mask[None, :], s * sm_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    if UPCAST_DOT:
+        pv = tl.dot(p.to(dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        pv = tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_sum, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -143,28 +162,44 @@ def _prefetch_pages(kv_ptr, seq_indices_ptr, page_numbers, kv_head, stride_page,
 
 
 @triton.jit
-def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, out_rows, out_mask, v_scale, dtype: tl.constexpr,
+def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, out_rows, out_mask, v_scale, dtype: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr):
     """The output of one (sequence, KV head) from its ``live`` splits' partials: weights exp(m_s - max m), the
     sums and outputs added up with them. The partials were written by other programs of the launch: read
-    through L2 (.cg)."""
+    through L2 (.cg). One pass, MERGE_CHUNK splits at a time: a chunk's loads are unrolled and masked (no
+    branches: issued together), and the running max rescales what earlier chunks added, so up to MERGE_CHUNK
+    splits cost one round of L2 latency. (All splits unrolled cost registers the attention loop needs -- 255
+    and spills against 211 at 64 -- and minutes of compilation at 128; a pass for the max and another for the
+    sums cost 3 us a layer at 16 splits.)"""
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for j in tl.static_range(MAX_SPLITS):  # unrolled, the loads masked (no branches): issued together
-        m_j = tl.load(part_ml_ptr + ((pair * MAX_SPLITS + j) * BLOCK_G + g) * 2, mask=j < live, other=float("-inf"),
-                      cache_modifier=".cg")
-        m_all = tl.maximum(m_all, m_j)
+    base = pair * MAX_SPLITS
+    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], dtype=tl.float32)
     o = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for j in tl.static_range(MAX_SPLITS):
-        part = (pair * MAX_SPLITS + j) * BLOCK_G + g
-        m_j = tl.load(part_ml_ptr + part * 2, mask=j < live, other=float("-inf"), cache_modifier=".cg")
-        l_j = tl.load(part_ml_ptr + part * 2 + 1, mask=j < live, other=0.0, cache_modifier=".cg")
-        w_j = tl.exp(m_j - m_all)  # 0 for splits past the live ones
-        total += w_j * l_j
-        o += w_j[:, None] * tl.load(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], mask=j < live, other=0.0,
-                                    cache_modifier=".cg")
+    c = 0
+    while c < live:
+        m_chunk = m_run
+        for j in tl.static_range(MERGE_CHUNK):
+            live_j = g_mask & (c + j < live)
+            m_j = tl.load(part_ml_ptr + ((base + c + j) * BLOCK_G + g) * 2, mask=live_j, other=float("-inf"),
+                          cache_modifier=".cg")
+            m_chunk = tl.maximum(m_chunk, m_j)
+        # What the earlier chunks added, rescaled to the new max (0 before the first; padding rows stay 0).
+        rescale = tl.where(m_chunk == float("-inf"), 0.0, tl.exp(m_run - m_chunk))
+        total *= rescale
+        o *= rescale[:, None]
+        for j in tl.static_range(MERGE_CHUNK):
+            part = (base + c + j) * BLOCK_G + g
+            live_j = g_mask & (c + j < live)
+            m_j = tl.load(part_ml_ptr + part * 2, mask=live_j, other=float("-inf"), cache_modifier=".cg")
+            l_j = tl.load(part_ml_ptr + part * 2 + 1, mask=live_j, other=0.0, cache_modifier=".cg")
+            w_j = tl.where(live_j, tl.exp(m_j - m_chunk), 0.0)  # 0 past the live splits and in padding rows
+            total += w_j * l_j
+            o += w_j[:, None] * tl.load(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], mask=live_j[:, None],
+                                        other=0.0, cache_modifier=".cg")
+        m_run = m_chunk
+        c += MERGE_CHUNK
     tl.store(out_rows, (o / total[:, None] * v_scale).to(dtype), mask=out_mask)
 
 
@@ -198,6 +233,7 @@ def decode_attention(
     q: torch.Tensor, kv_cache_layer: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
     last_page_len: torch.Tensor, scale: float, scratch: DecodeAttentionScratch, *, k_scale: float = 1.0,
     v_scale: float = 1.0, min_pages: int = 4, tile_pages: int = 4, num_warps: int = 8, prefetch_pages: int = 4,
+    num_stages: int = 0,
 ) -> torch.Tensor:
     """``q [B, heads, head_dim]`` (one token per sequence, at the end of its keys) over the pages of each
     sequence: ``indptr [B+1]``, ``indices`` (page ids, sequence after sequence) and ``last_page_len [B]`` as
@@ -206,7 +242,9 @@ def decode_attention(
     Returns a new ``[B, heads, head_dim]`` in q's dtype. No host synchronisation: capturable in a CUDA graph.
     ``tile_pages`` (a power of two): pages gathered into one tile of the attention loop; ``prefetch_pages``
     (non-zero: on, not under Triton's interpreter, which has no prefetch): each program asks L2 for its first
-    pages before the PDL wait and for the next tile's pages at each tile."""
+    pages before the PDL wait and for the next tile's pages at each tile. ``num_stages`` (non-zero: on, not under
+    the interpreter): the page loop software-pipelined that deep (Triton's ``tl.range``), its gathers in flight
+    ahead of their use instead of the loop-ahead L2 prefetches."""
     if q.dim() != 3 or kv_cache_layer.dim() != 5 or kv_cache_layer.shape[1] != 2:
         raise ValueError(f"expected q [B, heads, D] and a KV layer [pages, 2, page, kv_heads, D], got "
                          f"{tuple(q.shape)} and {tuple(kv_cache_layer.shape)}")
@@ -228,6 +266,7 @@ def decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _decode_attention_kernel[(scratch.max_splits, num_kv_heads, batch)](
         q, kv_cache_layer, indptr, indices, last_page_len, out, scratch.part_o, scratch.part_ml, scratch.tickets,
         float(scale * k_scale), float(v_scale),
@@ -237,8 +276,8 @@ def decode_attention(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page_size,
         MAX_SPLITS=scratch.max_splits, MIN_PAGES=min_pages,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_dot(q.dtype),
-        TILE_PAGES=tile_pages, PREFETCH_PAGES=0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else prefetch_pages,
-        LINE=128 // kv_cache_layer.element_size(),
+        TILE_PAGES=tile_pages, PREFETCH_PAGES=0 if interpreted else prefetch_pages,
+        LINE=128 // kv_cache_layer.element_size(), NUM_STAGES=0 if interpreted else num_stages,
         num_warps=num_warps, **pdl_launch_args(q.device),
     )
     return out

@@ -40,14 +40,17 @@ def _case(kv_lens: list[int], heads: int, kv_heads: int, head_dim: int, page_siz
     return q, cache, [t.to(DEVICE).long() for t in tables], indptr, indices, last
 
 
+# The software-pipelined page loop on the GPU (the interpreter runs every loop unpipelined).
+@pytest.mark.parametrize("num_stages", [0, 5] if DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_lens,max_splits,min_pages,tile_pages", [
     ([1, 17, 40], 4, 1, 1),  # a one-token sequence, a token into a second page, several splits of one page
     ([33], 1, 4, 4),  # one split: the output written directly; a tile past the last page
     ([200, 5, 64], 8, 2, 2),  # long and short sequences in one launch; a full last page
     ([130, 129], 2, 1, 4),  # more pages than splits: the split size grows with the sequence
+    ([600, 20], 32, 1, 1),  # 19 splits: the merge runs past its first chunk of 16, rescaling it
 ])
-def test_decode_attention_matches_the_reference(dtype, kv_lens, max_splits, min_pages, tile_pages):
+def test_decode_attention_matches_the_reference(dtype, kv_lens, max_splits, min_pages, tile_pages, num_stages):
     heads, kv_heads, head_dim, page_size = 8, 2, 32, 16
     q, cache, tables, indptr, indices, last = _case(kv_lens, heads, kv_heads, head_dim, page_size, dtype,
                                                     seed=sum(kv_lens) + max_splits)
@@ -56,10 +59,27 @@ def test_decode_attention_matches_the_reference(dtype, kv_lens, max_splits, min_
     want = paged_attention(q.float(), cache.float(), tables, [1] * len(kv_lens), kv_lens, scale)
     for _ in range(2):  # the tickets are back at 0 for the next launch
         got = decode_attention(q, cache, indptr, indices, last, scale, scratch, min_pages=min_pages,
-                               tile_pages=tile_pages)
+                               tile_pages=tile_pages, num_stages=num_stages)
         assert got.shape == q.shape and got.dtype == dtype
         torch.testing.assert_close(got.float(), want, **TOL[dtype])
         assert int(scratch.tickets.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("hot_token", [599, 0])
+def test_merge_rescales_what_earlier_chunks_added(hot_token):
+    """19 splits, merged 16 at a time: a key matching every query of its group at the last token (the second
+    chunk raises the running max, so the first chunk's sums must be rescaled) or at the first (it does not)."""
+    kv_lens, heads, kv_heads, head_dim, page_size = [600], 8, 2, 32, 16
+    q, cache, tables, indptr, indices, last = _case(kv_lens, heads, kv_heads, head_dim, page_size, torch.float32,
+                                                    seed=11)
+    group = heads // kv_heads
+    page = int(tables[0][hot_token // page_size])
+    cache[page, 0, hot_token % page_size] = 2 * q[0].unflatten(0, (kv_heads, group)).sum(1)
+    scratch = DecodeAttentionScratch.new(1, kv_heads, group, head_dim, 32, q.device)
+    scale = head_dim**-0.5
+    got = decode_attention(q, cache, indptr, indices, last, scale, scratch, min_pages=2, tile_pages=1)
+    want = paged_attention(q, cache, tables, [1], kv_lens, scale)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 def test_decode_attention_over_fp8_pages_with_scales():
