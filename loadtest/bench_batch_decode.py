@@ -146,7 +146,7 @@ def experts_touched(engine: Engine) -> list[int]:
     counts: list[int] = []
 
     def count(module: SparseMoE, args) -> None:
-        x, residual, norm = args
+        x, residual, norm = args[:3]  # (then_norm, the fourth, is not applied by these torch ops)
         h, _ = gemma_rms_norm_residual(x, residual, norm.weight, norm.eps)
         logits = F.linear(h, module.router)[:, :-1].float()
         counts.append(int(torch.topk(logits, module.top_k, dim=-1).indices.unique().numel()))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.conv1d import conv_update_channels
-from kernels.triton.norm import _TL_DTYPES, round_to
+from kernels.triton.norm import _TL_DTYPES, gemma_norm_row, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -175,9 +175,7 @@ def rms_norm_row(
         tl.store(new_res_ptr + offs_k, x32.to(dtype), mask=k_mask & write)
     else:
         x32 = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / K + eps)
-    nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    h = round_to((x32 * rstd) * (1.0 + nw), dtype)
+    h = gemma_norm_row(x32, norm_w_ptr, offs_k, k_mask, K, eps, dtype)
     if WRITE_NORMED:
         tl.store(normed_ptr + offs_k, h.to(dtype), mask=k_mask & write)
     return h

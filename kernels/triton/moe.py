@@ -63,7 +63,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton import gemv as gemv_tk
 from kernels.triton.gemv import gemv_tile, load_weight_tile, rms_norm_row
-from kernels.triton.norm import round_to
+from kernels.triton.norm import gemma_norm_row, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1022,10 +1022,13 @@ def _moe_down_sum_gemv_kernel(
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                    SLOTS: tl.constexpr):
+def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, res_ptr, norm_w_ptr, new_res_ptr, hidden, eps,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, SLOTS: tl.constexpr, NORM: tl.constexpr):
     """out[t] = sum_j y[t*k + j] in fp32, rounded once to the dtype. SLOTS: pair t*k + j's row of y is
-    ``slots[t*k + j]`` and its routing weight is applied here, rounded as ``_moe_down_kernel`` rounds it."""
+    ``slots[t*k + j]`` and its routing weight is applied here, rounded as ``_moe_down_kernel`` rounds it.
+    NORM (one program holds the whole row): then the residual add and the Gemma RMSNorm that follow the
+    experts, rounded as ``kernels.triton.norm``'s kernel rounds them: ``new_res = out + res`` and
+    ``out = norm(new_res)``."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
@@ -1040,7 +1043,23 @@ def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, hidden, TOP_K: tl.con
             acc += round_to(y * routing, dtype)
         else:
             acc += tl.load(y_ptr + pair * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * hidden + cols, round_to(acc, dtype).to(dtype), mask=mask)
+    summed = round_to(acc, dtype)
+    if NORM:
+        res = tl.load(res_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        summed = round_to(summed + res, dtype)
+        tl.store(new_res_ptr + token * hidden + cols, summed.to(dtype), mask=mask)
+        summed = gemma_norm_row(summed, norm_w_ptr, cols, mask, hidden, eps, dtype)
+    tl.store(out_ptr + token * hidden + cols, summed.to(dtype), mask=mask)
+
+
+@dataclass(frozen=True)
+class ResidualNorm:
+    """The residual add and Gemma RMSNorm that follow the experts (the next layer's input norm, or the model's
+    final one), for ``fused_experts`` to apply in its k-sum: ``(norm(out + residual), out + residual)``."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
 
 
 def fused_experts(
@@ -1052,7 +1071,8 @@ def fused_experts(
     *,
     config: MoeConfig | GemvConfig | None = None,
     shared_last: bool = False,
-) -> torch.Tensor:
+    then_norm: ResidualNorm | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` with SwiGLU experts; new ``[T, H]``.
 
     x: ``[T, H]`` (unit last stride); w13: ``[E, 2I, H]`` gate rows then up rows; w2: ``[E, H, I]`` (both with
@@ -1064,6 +1084,11 @@ def fused_experts(
     ``shared_last``: every token's last column is the shared expert, the last of the stacks (``E - 1``), as
     ``route_topk(..., shared_as_expert=True)`` returns it; the matrix-vector path then loads its weights
     before waiting for the router (PDL), and takes the expert id of that column as ``E - 1`` without reading it.
+
+    ``then_norm``: where the grouped path runs (more than ``_GEMV_MAX_PAIRS`` pairs, or a ``MoeConfig``), its
+    k-sum also applies this residual add and norm and ``(norm(out + residual), out + residual)`` is returned
+    (one kernel less: the norm would be a launch of its own); elsewhere it is ignored and ``out`` returned (the
+    one-row projections take the norm in their prologue). Callers tell the two apart by the type.
     """
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a float [T, H] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -1097,12 +1122,26 @@ def fused_experts(
                       shared_last)
         return out
     y, slots = _experts_grouped(x, w13, w2, topk_weights, topk_ids, config)
-    block_h = min(1024, triton.next_power_of_2(hidden))
-    _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
-        y, out, y if slots is None else slots, topk_weights.contiguous(), hidden, TOP_K=top_k, BLOCK_H=block_h,
-        SLOTS=slots is not None, num_warps=4,
+    if then_norm is None:
+        block_h = min(1024, triton.next_power_of_2(hidden))
+        _moe_sum_kernel[(tokens, triton.cdiv(hidden, block_h))](
+            y, out, y if slots is None else slots, topk_weights.contiguous(), y, y, y, hidden, 0.0, TOP_K=top_k,
+            BLOCK_H=block_h, SLOTS=slots is not None, NORM=False, num_warps=4,
+        )
+        return out
+    residual = then_norm.residual
+    if residual.shape != out.shape or residual.dtype != x.dtype or not residual.is_contiguous():
+        raise ValueError(f"the residual must be a contiguous {x.dtype} {tuple(out.shape)}, got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    if then_norm.weight.shape != (hidden,):
+        raise ValueError(f"the norm weight must be [{hidden}], got {tuple(then_norm.weight.shape)}")
+    new_residual = torch.empty_like(out)
+    _moe_sum_kernel[(tokens, 1)](
+        y, out, y if slots is None else slots, topk_weights.contiguous(), residual, then_norm.weight, new_residual,
+        hidden, float(then_norm.eps), TOP_K=top_k, BLOCK_H=triton.next_power_of_2(hidden), SLOTS=slots is not None,
+        NORM=True, num_warps=8 if hidden > 2048 else 4,
     )
-    return out
+    return out, new_residual
 
 
 def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor, shared_last: bool) -> None:

@@ -92,6 +92,15 @@ def _launch_geometry(num_rows: int, dim: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def gemma_norm_row(x32, w_ptr, cols, mask, dim, eps, dtype: tl.constexpr):
+    """Gemma RMSNorm of one fp32 row held in registers (its masked lanes 0): ``(x * rstd) * (1 + w)`` in fp32,
+    rounded once to ``dtype``, as ``_gemma_rms_norm_kernel`` computes it."""
+    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / dim + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return round_to((x32 * rstd) * (1.0 + w), dtype)
+
+
+@triton.jit
 def _gemma_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
     num_rows, dim, stride_x, stride_res, stride_out, stride_new_res, eps,

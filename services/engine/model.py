@@ -34,6 +34,14 @@ class GemmaRMSNorm(nn.Module):
         return gemma_rms_norm(x, self.weight, self.eps)
 
 
+def _weight(norm: GemmaRMSNorm | None) -> torch.Tensor | None:
+    return None if norm is None else norm.weight
+
+
+def _eps(norm: GemmaRMSNorm | None) -> float:
+    return 0.0 if norm is None else norm.eps
+
+
 class GatedAttention(nn.Module):
     """Full attention with QK RMSNorm, partial RoPE, GQA and a sigmoid output gate."""
 
@@ -56,12 +64,14 @@ class GatedAttention(nn.Module):
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm, batch: ForwardBatch,
-                kv_cache: KVCache, cos_sin: torch.Tensor, attention) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's input norm (with the residual add) and attention; returns ``(output, residual)``.
-        ``attention``: the step's planned attention backend (see Ops.make_attention)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm | None,
+                batch: ForwardBatch, kv_cache: KVCache, cos_sin: torch.Tensor, attention
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input norm (with the residual add; ``norm`` None: x is already normed) and attention;
+        returns ``(output, residual)``. ``attention``: the step's planned attention backend (see
+        Ops.make_attention)."""
         num_tokens = x.shape[0]
-        qkv, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj, self.qkv_bias)
+        qkv, residual = self.ops.norm_linear(x, residual, _weight(norm), _eps(norm), self.qkv_proj, self.qkv_bias)
         # QK RMSNorm, partial RoPE, the output gate split off (already passed through a sigmoid), and the
         # new K/V stored in the layer's pages (an fp8 cache: quantized with the layer's scales).
         layer_kv = kv_cache.layer(self.attn_index)
@@ -99,16 +109,17 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = _param(self.v_dim, dtype=dtype, device=device)
         self.out_proj = _param(cfg.hidden_size, self.value_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm, batch: ForwardBatch,
-                state_cache: StateCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's input norm (with the residual add) and the GDN mixer; returns ``(output, residual)``."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm | None,
+                batch: ForwardBatch, state_cache: StateCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input norm (with the residual add; ``norm`` None: x is already normed) and the GDN mixer;
+        returns ``(output, residual)``."""
         num_tokens = x.shape[0]
         conv_states = state_cache.conv_layer(self.gdn_index)
         if batch.is_decode:  # the conv update runs with in_proj (in its epilogue on the GPU)
-            projected, residual = self.ops.norm_linear_conv(x, residual, norm.weight, norm.eps, self.in_proj,
+            projected, residual = self.ops.norm_linear_conv(x, residual, _weight(norm), _eps(norm), self.in_proj,
                                                             self.conv_weight, conv_states, batch.state_slots)
         else:
-            projected, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.in_proj)
+            projected, residual = self.ops.norm_linear(x, residual, _weight(norm), _eps(norm), self.in_proj)
         mixed_qkv, z, b, a = projected.split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
@@ -166,17 +177,20 @@ class SparseMoE(nn.Module):
         # Scratch of the single-launch router kernel (kept at 0 between launches; see Ops.route_topk).
         self.register_buffer("route_ticket", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The post-attention norm (with the residual add) and the experts; returns ``(output, residual)``."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: GemmaRMSNorm,
+                then_norm: GemmaRMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The post-attention norm (with the residual add) and the experts; returns ``(output, residual,
+        normed)``: where the kernels applied ``then_norm`` (the next norm, see Ops.norm_moe_with_shared_expert)
+        ``normed`` is True and the output is already through it and its residual add."""
         if self.shared_expert is None:
             return self.ops.norm_moe_with_shared_expert(x, residual, norm.weight, norm.eps, self.router, self.w13,
-                                                        self.w2, self.top_k, self.renormalize, self.route_ticket)
+                                                        self.w2, self.top_k, self.renormalize, self.route_ticket,
+                                                        then_norm)
         h, residual = self.ops.rms_norm_residual(x, residual, norm.weight, norm.eps)
         weights, expert_ids, shared_gate = self.ops.route_topk(h, self.router, self.top_k, self.renormalize,
                                                                self.route_ticket)
         routed = self.ops.fused_experts(h, self.w13, self.w2, weights, expert_ids)
-        return routed + shared_gate.to(h.dtype) * self.shared_expert(h), residual
+        return routed + shared_gate.to(h.dtype) * self.shared_expert(h), residual, False
 
 
 class DecoderLayer(nn.Module):
@@ -200,21 +214,27 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
+        normed: bool,
         batch: ForwardBatch,
         kv_cache: KVCache,
         state_cache: StateCache,
         cos_sin: torch.Tensor,
         attention,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        next_norm: GemmaRMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``normed``: the previous layer already applied this layer's input norm and its residual add to x.
+        ``next_norm``: the norm after this layer (the next one's input norm, or the final norm), which the
+        experts' kernels may apply; returns ``(x, residual, normed)`` for the next layer."""
+        input_norm = None if normed else self.input_layernorm
         if self.is_attention:
-            h, residual = self.mixer(x, residual, self.input_layernorm, batch, kv_cache, cos_sin, attention)
+            h, residual = self.mixer(x, residual, input_norm, batch, kv_cache, cos_sin, attention)
         else:
-            h, residual = self.mixer(x, residual, self.input_layernorm, batch, state_cache)
+            h, residual = self.mixer(x, residual, input_norm, batch, state_cache)
         norm = self.post_attention_layernorm
         if self.is_moe:
-            return self.mlp(h, residual, norm)
+            return self.mlp(h, residual, norm, next_norm)
         h, residual = self.ops.rms_norm_residual(h, residual, norm.weight, norm.eps)
-        return self.mlp(h), residual
+        return self.mlp(h), residual, False
 
 
 class Qwen35ForCausalLM(nn.Module):
@@ -255,9 +275,12 @@ class Qwen35ForCausalLM(nn.Module):
                 attention.plan(batch.query_lens, batch.kv_lens, batch.page_tables, self.attention_scale)
         if self.config.gdn_layers:
             batch.gdn_plan = self.ops.plan_gdn(batch)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, batch, kv_cache, state_cache, self.cos_sin, attention)
-        x, _ = self.ops.rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
+        residual, normed = None, False
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, residual, normed = layer(x, residual, normed, batch, kv_cache, state_cache, self.cos_sin, attention,
+                                        next_norm)
+        if not normed:
+            x, _ = self.ops.rms_norm_residual(x, residual, self.norm.weight, self.norm.eps)
         x = x.index_select(0, batch.logits_indices)
         return self.ops.linear(x, self.lm_head).float()

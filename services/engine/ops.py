@@ -45,7 +45,11 @@ def qk_norm_rope_store_kv_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache
 
 
 def norm_linear_torch(x, residual, norm_weight, eps, weight, bias=None):
-    """The input norm of a mixer (with the residual add) and its first projection: ``(y, residual)``."""
+    """The input norm of a mixer (with the residual add) and its first projection: ``(y, residual)``.
+    ``norm_weight`` None: x is already normed (the previous layer's experts applied this norm) and the residual
+    passes through."""
+    if norm_weight is None:
+        return F.linear(x, weight, bias), residual
     h, residual = torch_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
     return F.linear(h, weight, bias), residual
 
@@ -53,7 +57,7 @@ def norm_linear_torch(x, residual, norm_weight, eps, weight, bias=None):
 def norm_linear_conv_torch(x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots):
     """The GDN input norm and in_proj of a decode step (one token per sequence), with the causal conv update
     applied to the first ``D = conv_weight.shape[0]`` columns (the q|k|v part) and the conv states of
-    ``state_slots`` updated in place: ``(y, residual)``."""
+    ``state_slots`` updated in place: ``(y, residual)``. ``norm_weight`` None: as in ``norm_linear_torch``."""
     y, residual = norm_linear_torch(x, residual, norm_weight, eps, weight)
     conv_dim = conv_weight.shape[0]
     conv_in = conv_states[state_slots]
@@ -90,11 +94,12 @@ def moe_with_shared_expert_torch(x, router_weight, w13, w2, top_k, renormalize):
 
 
 def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
-                                      ticket=None):
+                                      ticket=None, then_norm=None):
     """The post-attention norm (with the residual add), then ``moe_with_shared_expert_torch``:
-    ``(output, residual)``."""
+    ``(output, residual, False)``: the reference never applies ``then_norm`` (the next layer's input norm, which
+    the GPU kernels may; see Ops)."""
     h, residual = torch_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
-    return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual
+    return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual, False
 
 
 def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
@@ -165,7 +170,9 @@ class Ops:
     name: str
     linear: Callable  # F.linear's signature
     rms_norm_residual: Callable
-    norm_linear: Callable  # (x, residual, norm_weight, eps, weight, bias=None) -> (y, residual)
+    # (x, residual, norm_weight, eps, weight, bias=None) -> (y, residual); norm_weight None: x is already normed
+    # and the residual passes through (as for norm_linear_conv)
+    norm_linear: Callable
     # (x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots) -> (y, residual): decode
     # steps' GDN in_proj with the conv update on its q|k|v columns
     norm_linear_conv: Callable
@@ -178,8 +185,11 @@ class Ops:
     # layer, the scratch of the single-launch router kernel (the torch references ignore it).
     route_topk: Callable  # (x, router [E+1, H], k, renorm, ticket) -> (weights, ids, shared gate)
     fused_experts: Callable
-    # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket)
-    # -> (output, residual): the post-attention norm, then the experts with the shared one stored as expert E
+    # (x, residual, norm_weight, eps, router [E+1, H], w13 [E+1, 2I, H], w2 [E+1, H, I], k, renorm, ticket,
+    # then_norm=None) -> (output, residual, normed): the post-attention norm, then the experts with the shared one
+    # stored as expert E; ``then_norm`` (a GemmaRMSNorm: the next layer's input norm or the final one) may be
+    # applied with its residual add by the experts' last kernel: then ``normed`` is True, ``output`` is
+    # norm(experts + residual) and ``residual`` is experts + residual
     norm_moe_with_shared_expert: Callable
     # (num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype) -> backend with plan(query_lens,
     # kv_lens, page_tables, scale) and run(q, kv_cache_layer, k_scale, v_scale)
@@ -222,6 +232,8 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     from kernels.triton.qk_norm_rope import qk_norm_rope
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
+        if norm_weight is None:  # normed by the previous layer's k-sum
+            return triton_gemv.linear(x, weight, bias), residual
         # One row (a single decode request): the norm runs inside the projection kernel.
         if bias is None and x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
             y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight)
@@ -231,7 +243,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
 
     def norm_linear_conv(x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots):
         # One request: the conv runs in the projection's epilogue (each program owns its columns' conv state).
-        if x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
+        if norm_weight is not None and x.dim() == 2 and triton_gemv.can_fuse_prologue(x, weight):
             y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight,
                                                          conv_weight=conv_weight, conv_states=conv_states,
                                                          state_slot=state_slots)
@@ -262,23 +274,29 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         return triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
                                      ticket=ticket)
 
-    def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize, ticket):
+    def moe_with_shared_expert(x, router_weight, w13, w2, top_k, renormalize, ticket, then_norm=None):
         # The shared expert rides along as a (k+1)-th expert of every token: one routing kernel and one grouped
         # GEMM pair compute it with the routed experts, and the fp32 sum adds it.
         weights, ids, _ = triton_moe.route_topk(x, router_weight, None, top_k, renormalize, fused_shared_gate=True,
                                                 shared_as_expert=True, ticket=ticket)
-        return triton_moe.fused_experts(x, w13, w2, weights, ids, shared_last=True)
+        return triton_moe.fused_experts(x, w13, w2, weights, ids, shared_last=True, then_norm=then_norm)
 
     def norm_moe_with_shared_expert(x, residual, norm_weight, eps, router_weight, w13, w2, top_k, renormalize,
-                                    ticket):
-        # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts.
+                                    ticket, then_norm=None):
+        # One token: the norm runs inside the routing kernel, which also writes the normed row for the experts
+        # (and the next layer's norm runs in its projection's prologue: then_norm is not applied here).
         if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= triton_gemv.MAX_SINGLE_TILE_K and x.is_contiguous()
                 and (residual is None or residual.is_contiguous())):
             weights, ids, _, h, residual = triton_moe.norm_route_topk(x, residual, norm_weight, eps, router_weight,
                                                                       top_k, renormalize, ticket)
-            return triton_moe.fused_experts(h, w13, w2, weights, ids, shared_last=True), residual
+            return triton_moe.fused_experts(h, w13, w2, weights, ids, shared_last=True), residual, False
         h, residual = triton_norm.gemma_rms_norm_residual(x, residual, norm_weight, eps)
-        return moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket), residual
+        # Batches: the experts' k-sum applies the next norm where it runs (the grouped path), one launch less.
+        then = None if then_norm is None else triton_moe.ResidualNorm(residual, then_norm.weight, then_norm.eps)
+        out = moe_with_shared_expert(h, router_weight, w13, w2, top_k, renormalize, ticket, then)
+        if isinstance(out, tuple):
+            return out[0], out[1], True
+        return out, residual, False
 
     def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype=None):
         # flashinfer has no fp32 kernels (fp32 is for exactness tests) and only the usual head sizes.

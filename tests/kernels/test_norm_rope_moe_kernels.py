@@ -643,6 +643,39 @@ def test_fused_experts_down_as_grouped_mm(tokens, hidden, inter, experts, top_k,
 
 
 @pytest.mark.parametrize(
+    "dtype,tokens,hidden,inter,experts,top_k,config",
+    [
+        (torch.float32, 13, 72, 40, 6, 3, None),  # grouped (39 pairs): the k-sum takes the norm; partial lanes
+        (torch.bfloat16, 13, 72, 40, 6, 3, None),
+        (torch.bfloat16, 40, 64, 48, 4, 2, _grouped_mm_config(_SMALL_TILES)),  # the k-sum through the slots
+        (torch.bfloat16, 3, 72, 40, 6, 3, None),  # matrix-vector (9 pairs): no norm, the plain output
+    ],
+)
+def test_fused_experts_then_norm(dtype, tokens, hidden, inter, experts, top_k, config):
+    """``then_norm``: the grouped path's k-sum applies the residual add and the next Gemma RMSNorm, bit for bit
+    what the norm kernel does to the plain output (and close to the torch reference); the matrix-vector path
+    returns the plain output."""
+    x, w13, w2, weights, ids = _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=7 * tokens)
+    gen = _gen(tokens)
+    residual = _randn(tokens, hidden, gen=gen, dtype=dtype)
+    norm_weight = _randn(hidden, gen=gen, dtype=dtype, scale=0.1)
+    plain = moe_tk.fused_experts(x, w13, w2, weights, ids, config=config)
+    with poisoned_outputs():
+        got = moe_tk.fused_experts(x, w13, w2, weights, ids, config=config,
+                                   then_norm=moe_tk.ResidualNorm(residual, norm_weight, 1e-6))
+    if tokens * top_k <= moe_tk._GEMV_MAX_PAIRS:
+        assert isinstance(got, torch.Tensor) and torch.equal(got, plain)
+        return
+    h, new_residual = got
+    want_h, want_residual = norm_tk.gemma_rms_norm_residual(plain, residual, norm_weight, 1e-6)
+    assert torch.equal(new_residual, want_residual)
+    assert torch.equal(h, want_h)
+    ref_h, ref_residual = norm_ref.gemma_rms_norm_residual(plain, residual, norm_weight, 1e-6)
+    _close(h, ref_h, dtype)
+    _close(new_residual, ref_residual, dtype)
+
+
+@pytest.mark.parametrize(
     "dtype,tokens,hidden,inter,config",
     [
         (torch.bfloat16, 1, 2048, 512, _GEMV_BIG),  # 35B-A3B's expert shape
