@@ -16,10 +16,18 @@ the queries and the new token's K/V (written by the QK-norm/RoPE kernel just bef
 fp8 KV: the pages are converted to the query dtype (exact for e4m3 into bf16), ``k_scale`` folds into the
 softmax scale and ``v_scale`` multiplies the output, as flashinfer does.
 
-Not used by the engine yet (planned): against flashinfer's decode + merge as the engine runs them
-(``kernels/bench_decode_attention.py``, ``kernels/results/decode_attention_h200.json``) it is faster up to 4K
-(7.0 / 10.2 us a layer at 1K, one request) and slower from 32K (34.4 / 32.9; 101 / 78 at 128K), where its page
-loop (a ``while`` loop, which Triton does not software-pipeline) is latency-bound.
+The page loop runs as a ``while`` loop with L2 prefetches of the next tile (``num_stages=0``, and always under
+the interpreter) or software-pipelined by Triton (``num_stages``: the gathers of later tiles in flight into
+shared memory while one is used; Triton gives them ``num_stages - 3`` buffers, the page ids taking a stage of
+their own).
+
+Not used by the engine yet (planned). Against flashinfer's decode + merge as the engine runs them
+(``kernels/bench_decode_attention.py``, ``kernels/results/decode_attention_h200.json``, us a layer, one request):
+the unpipelined loop with 16-32 splits of 4 pages wins at short contexts (7.7 / 10.3 at 1K, 13.2 / 16.2 at 4K)
+and loses from 32K (49 / 33); the pipelined loop with 64 splits of at least 8 pages is at parity from 32K up
+(33.8 / 33.2 at 32K, 79.7 / 79.6 at 128K) but loses its edge at 1K (10.0). A decode graph serves every context
+with one compiled kernel, so the gain of that one configuration is 1.6 us a layer at 4K and 0.3 at 1K; what remains is
+to fold the QK-norm/RoPE kernel in (one launch less per attention layer).
 """
 
 from __future__ import annotations

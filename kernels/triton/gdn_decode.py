@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.norm import _TL_DTYPES, gated_rms_norm_rows
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 
@@ -70,11 +71,14 @@ def _gdn_decode_kernel(
     stride_s_slot, stride_s_head, stride_s_k,
     stride_ob, stride_ot, stride_oh,
     stride_step_b, stride_step_t, stride_step_h, stride_step_k,
+    z_ptr, norm_w_ptr, stride_zb, stride_zt, stride_zh, norm_eps,
     num_tokens, scale,
     GROUP: tl.constexpr,  # value heads per key head
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STEP_STATES: tl.constexpr,  # write the state after each token to step_ptr, leave the pool slot as it is
     STATE_EVICT: tl.constexpr,  # L2 eviction policy of the state's load and store ("" or "evict_first")
+    GATED_NORM: tl.constexpr,  # the output through the gated RMSNorm with z (BV covers the whole value head)
+    PROD_DTYPE: tl.constexpr,  # the norm's weight * normed product dtype (see gated_rms_norm_rows)
     PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
@@ -132,6 +136,13 @@ def _gdn_decode_kernel(
         delta = (v - predicted) * beta
         state = state + k[:, None] * delta[None, :]
         o = s_q + tl.sum(k * q) * delta
+        if GATED_NORM:
+            # The model's core output (rounded to the activation dtype), then its gated RMSNorm over the head.
+            core = o.to(out_ptr.dtype.element_ty)
+            z = tl.load(z_ptr + i_b * stride_zb + t * stride_zt + i_h * stride_zh + offs_v, mask=mask_v, other=0.0)
+            norm_w = tl.load(norm_w_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            o = tl.reshape(gated_rms_norm_rows(core[None, :], z.to(tl.float32)[None, :], norm_w[None, :], DV,
+                                               norm_eps, PROD_DTYPE, out_ptr.dtype.element_ty), [BV])
         tl.store(p_o + t * stride_ot, o.to(out_ptr.dtype.element_ty), mask=mask_v)
         if STEP_STATES:
             tl.store(p_step + t * stride_step_t, state, mask=mask_s)
@@ -162,6 +173,7 @@ def gdn_decode(
     block_v: int | None = None,
     num_warps: int | None = None,
     evict_state: bool | None = None,
+    gated_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """One decode (or short speculative) step of a GDN layer for a batch of requests.
 
@@ -176,6 +188,10 @@ def gdn_decode(
     ``step_states [B, T, Hv, Dk, Dv]`` fp32 (speculative verification; each ``[Hv, Dk, Dv]`` contiguous): the
     state after token t of request b goes to ``step_states[b, t]`` and the pool slots are only read; commit
     the accepted prefix with :func:`commit_step_states`.
+
+    ``gated_norm = (z [B, T, Hv, Dv], weight [Dv], eps)``: the output is ``gated_rms_norm(o, z, weight, eps)``
+    (as kernels.triton.norm.gated_rms_norm, rounding for rounding, on o rounded to v's dtype) instead of o: one
+    program then holds a whole value head (BV = Dv), which the norm reduces over.
     """
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv], got {q.shape}, {k.shape}, {v.shape}")
@@ -217,6 +233,21 @@ def gdn_decode(
         return out
 
     default_bv, default_warps, default_evict = decode_config(batch, num_v_heads, v_dim)
+    if gated_norm is not None:
+        z, norm_weight, norm_eps = gated_norm
+        if z.shape != v.shape or z.dtype != v.dtype or z.stride(-1) != 1 or z.device != v.device:
+            raise ValueError(f"z must be {v.dtype} {tuple(v.shape)} with a contiguous last dim, got {z.dtype} "
+                             f"{tuple(z.shape)}")
+        if norm_weight.shape != (v_dim,) or not norm_weight.is_contiguous():
+            raise ValueError(f"the gated norm's weight must be a contiguous [{v_dim}], got {tuple(norm_weight.shape)}")
+        if block_v not in (None, triton.next_power_of_2(v_dim)):
+            raise ValueError("with gated_norm a program holds a whole value head: block_v must be left default")
+        # One head per program: 4 warps, from the sweep's BV=128 column (kernels/results/gdn_decode_sweep_*).
+        default_bv, default_warps = triton.next_power_of_2(v_dim), 4
+        z_strides = z.stride()[:3]
+        prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, v.dtype)]
+    else:
+        z, norm_weight, norm_eps, z_strides, prod_dtype = v, A_log, 0.0, (0, 0, 0), _TL_DTYPES[v.dtype]
     block_v = block_v or default_bv
     num_warps = num_warps or default_warps
     evict_state = default_evict if evict_state is None else evict_state
@@ -233,10 +264,11 @@ def gdn_decode(
         ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *step_strides,
+        z, norm_weight, *z_strides, float(norm_eps),
         num_tokens, k_dim**-0.5,
         GROUP=num_v_heads // num_k_heads,
         DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v, STEP_STATES=step_states is not None,
-        STATE_EVICT="evict_first" if evict_state else "",
+        STATE_EVICT="evict_first" if evict_state else "", GATED_NORM=gated_norm is not None, PROD_DTYPE=prod_dtype,
         num_warps=num_warps, **pdl_launch_args(q.device),
     )
     return out

@@ -185,6 +185,19 @@ def gemma_rms_norm_residual(
 
 
 @triton.jit
+def gated_rms_norm_rows(x, g32, w32, dim, eps, PROD_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """``gated_rms_norm`` of the rows of ``x [R, D]`` (the model dtype, masked lanes 0) with the fp32 gate
+    ``g32 [R, D]`` and weight ``w32 [1, D]``: fp32 values rounded to OUT_DTYPE. As the reference: the normed row
+    rounded to x's dtype, times the weight rounded to the promoted dtype, times silu(gate) in fp32."""
+    x32 = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=1) / dim + eps)
+    normed = round_to(x32 * rstd[:, None], x.dtype)
+    scaled = round_to(normed * w32, PROD_DTYPE)
+    silu = g32 / (1.0 + tl.exp(-g32))  # torch's silu formula
+    return round_to(scaled * silu, OUT_DTYPE)
+
+
+@triton.jit
 def _gated_rms_norm_kernel(
     x_ptr, g_ptr, w_ptr, out_ptr,
     num_rows, heads, dim,
@@ -204,14 +217,8 @@ def _gated_rms_norm_kernel(
     g = tl.load(g_ptr + (tok * stride_gt + head * stride_gh)[:, None] + cols[None, :], mask=mask, other=0.0)
     w = tl.load(w_ptr + cols, mask=cols < dim, other=0.0)
 
-    x32 = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=1) / dim + eps)
-    # Reference: normed.to(x.dtype); weight * normed (rounded to the promoted dtype); * silu(gate) in fp32.
-    normed = round_to(x32 * rstd[:, None], x.dtype)
-    scaled = round_to(normed * w.to(tl.float32)[None, :], PROD_DTYPE)
-    g32 = g.to(tl.float32)
-    silu = g32 / (1.0 + tl.exp(-g32))  # torch's silu formula
-    out = round_to(scaled * silu, out_ptr.dtype.element_ty)
+    out = gated_rms_norm_rows(x, g.to(tl.float32), w.to(tl.float32)[None, :], dim, eps, PROD_DTYPE,
+                              out_ptr.dtype.element_ty)
     out_rows = rows.to(tl.int64) * dim
     tl.store(out_ptr + out_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 

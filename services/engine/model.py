@@ -123,10 +123,13 @@ class GatedDeltaNet(nn.Module):
         mixed_qkv, z, b, a = projected.split(
             [self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1
         )
-        core = self.ops.gdn(self, mixed_qkv, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index))
-        # Gated RMSNorm per head, then out_proj.
         z = z.reshape(num_tokens, self.num_v_heads, self.v_dim)
-        return self.ops.gated_norm_linear(core, z, self.norm_weight, self.eps, self.out_proj), residual
+        out, gated = self.ops.gdn(self, mixed_qkv, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index),
+                                  z)
+        if gated:  # the kernel applied the gated RMSNorm with z
+            return self.ops.linear(out.flatten(1), self.out_proj), residual
+        # Gated RMSNorm per head, then out_proj.
+        return self.ops.gated_norm_linear(out, z, self.norm_weight, self.eps, self.out_proj), residual
 
     def split_heads(self, mixed: torch.Tensor, num_tokens: int):
         q, k, v = mixed.split([self.key_size, self.key_size, self.value_size], dim=-1)

@@ -34,6 +34,12 @@ def qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positio
     return q, k, v.reshape(num_tokens, num_kv_heads, head_dim), torch.sigmoid(gate.reshape(num_tokens, -1))
 
 
+# Decode batches whose GDN decode kernel applies the output's gated RMSNorm (one program per value head, BV = Dv).
+# On the H200 at 35B-A3B, batch 8: the kernel 12.5 us a layer against 11.9 with its tuned BV, where the separate
+# norm kernel it replaces took 3.3 (kernels/results/gdn_decode_sweep_h200_35b.json, the batch profiles); at 64 it
+# lost (85 against 77 us); one request keeps the norm in the out_proj's prologue.
+_GATED_NORM_DECODE_BATCHES = range(2, 17)
+
 def qk_norm_rope_store_kv_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
                                 head_dim, eps, kv_cache_layer, kv_slot_ids, k_scale=1.0, v_scale=1.0):
     """Reference for kernels.triton.qk_norm_rope with a KV cache: ``(q, sigmoid(gate))``, k and v stored at
@@ -102,7 +108,12 @@ def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weig
     return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual, False
 
 
-def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
+def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None) -> tuple[torch.Tensor, bool]:
+    """``(core, False)``: the reference never applies the gated norm with ``z`` (see Ops.gdn)."""
+    return _gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states), False
+
+
+def _gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> torch.Tensor:
     """The GDN layer's conv + gated delta rule on the state slots, plain torch: batched recurrent form for
     decode steps (whose conv ran in ``norm_linear_conv``: ``mixed_qkv`` is its output), per sequence
     otherwise, split at checkpoint offsets so the state exists there (decode snapshots, the state after the
@@ -195,8 +206,10 @@ class Ops:
     # kv_lens, page_tables, scale) and run(q, kv_cache_layer, k_scale, v_scale)
     make_attention: Callable
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
-    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states) -> core [T, v_heads, v_dim]; on decode steps
-    # mixed_qkv is already through the conv (norm_linear_conv)
+    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None) -> (out [T, v_heads, v_dim], gated): on
+    # decode steps mixed_qkv is already through the conv (norm_linear_conv); given z, the kernels may apply the
+    # output's gated RMSNorm (layer.norm_weight, layer.eps) themselves: then ``gated`` is True and ``out`` is
+    # through it, else ``out`` is the core output
     gdn: Callable
 
 
@@ -310,19 +323,24 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
         return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device,
                                 batch.splits)
 
-    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states):
+    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None):
         num_tokens = mixed_qkv.shape[0]
         slots = batch.state_slots
         if batch.is_decode:
             q, k, v = layer.split_heads(mixed_qkv, num_tokens)
-            return gdn_decode(q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], layer.A_log,
-                              layer.dt_bias, ssm_states, slots)[:, 0]
+            # Small batches: the decode kernel applies the output's gated norm itself, one launch less (one
+            # request: the out_proj's one-row prologue takes it instead).
+            gated = z is not None and num_tokens in _GATED_NORM_DECODE_BATCHES
+            norm = (z[:, None], layer.norm_weight, layer.eps) if gated else None
+            out = gdn_decode(q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], layer.A_log, layer.dt_bias,
+                             ssm_states, slots, gated_norm=norm)
+            return out[:, 0], gated
         plan = batch.gdn_plan  # the batch's tables, on the device once per forward pass
         mixed = triton_conv.conv1d_prefill(mixed_qkv, layer.conv_weight, conv_states, slots, plan.cu_seqlens_dev,
                                            plan.has_init_dev, plan.checkpoints_dev)
         q, k, v = layer.split_heads(mixed, num_tokens)
         return gdn_prefill(q, k, v, a, b, layer.A_log, layer.dt_bias, ssm_states, slots, batch.cu_seqlens,
-                           batch.has_initial_state, batch.checkpoints, plan=batch.gdn_plan)
+                           batch.has_initial_state, batch.checkpoints, plan=batch.gdn_plan), False
 
     return Ops(
         name="triton+flashinfer" if flashinfer else "triton",

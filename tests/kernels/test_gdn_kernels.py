@@ -17,9 +17,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from triton import next_power_of_2 as triton_next_power_of_2
 
 from kernels import conv1d as conv_ref
 from kernels import gdn as gdn_ref
+from kernels import norm as norm_ref
+from kernels.triton import norm as norm_tk
 from kernels.triton.conv1d import conv1d_prefill, conv1d_update
 from kernels.triton.gdn_chunk import CHUNK, _plan_chunks, gdn_prefill
 from kernels.triton.gdn_decode import commit_step_states, gdn_decode
@@ -139,6 +142,34 @@ def test_gdn_decode_matches_recurrent_reference(dtype, batch, tokens, hk, hv, dk
     assert rel_err(out, ref_out) < TOL[dtype]
     assert rel_err(pool[slots, LAYER], ref_state) < TOL[dtype]
     assert_only_slots_changed(pool, before, slots.tolist())
+
+
+@pytest.mark.parametrize("dtype,batch,tokens,hk,hv,dk,dv", [
+    (torch.float32, 2, 1, 2, 4, 32, 32),
+    (torch.bfloat16, 3, 2, 1, 2, 64, 64),  # two tokens a step: the norm applies to each
+    (torch.float32, 2, 1, 1, 2, 16, 48),  # non-power-of-2 Dv: masked lanes out of the norm's sum
+])
+def test_gdn_decode_with_the_gated_norm(dtype, batch, tokens, hk, hv, dk, dv):
+    """``gated_norm``: the output through the gated RMSNorm with z, bit for bit the norm kernel's on the plain
+    output of the same launch shape (one head per program), with the same state update; close to the torch
+    reference."""
+    q, k, v, a, b, A_log, dt_bias, pool, slots = decode_inputs(batch, tokens, hk, hv, dk, dv, dtype, 31 * dv + hv)
+    gen = torch.Generator().manual_seed(dv)
+    z = torch.randn(batch, tokens, hv, dv, generator=gen).to(dtype).to(DEVICE)
+    norm_weight = (1 + 0.1 * torch.randn(dv, generator=gen)).to(dtype).to(DEVICE)
+    slots = slots.to(DEVICE)
+    plain_pool = pool.clone()
+    plain = gdn_decode(q, k, v, a, b, A_log, dt_bias, plain_pool[:, LAYER], slots,
+                       block_v=triton_next_power_of_2(dv), num_warps=4)
+    gated = gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, gated_norm=(z, norm_weight, 1e-6))
+    want = norm_tk.gated_rms_norm(plain.flatten(0, 1), z.flatten(0, 1), norm_weight, 1e-6).unflatten(0, (batch,
+                                                                                                         tokens))
+    assert torch.equal(gated, want)
+    assert torch.equal(pool, plain_pool)
+    ref = norm_ref.gated_rms_norm(plain, z, norm_weight, 1e-6)
+    assert rel_err(gated, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="z must be"):
+        gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, gated_norm=(z[:, :, :1], norm_weight, 1e-6))
 
 
 def test_gdn_decode_qwen35_397b_head_shape():
