@@ -84,6 +84,10 @@ _MAX_EXPERTS = 4096  # route_topk and the alignment keep one [next_pow2(E)] tile
 # beat the best grouped tiles at 1, 2 and 4 tokens of 35B-A3B (9 pairs each with the shared expert; 26.5 vs
 # 31.6, 43.1 vs 49.6, 74.2 vs 80.5 us: kernels/results/moe_tune_gemv_h100.json).
 _GEMV_MAX_PAIRS = 36
+# Warps of the k-sum that also applies the next norm: one program holds a token's whole row, so a decode batch has
+# few programs. H200, 35B-A3B, batch 8 at 4K: 6.86 / 6.80 / 6.78 / 6.78 ms a step at 4 / 8 / 16 / 32 warps
+# (loadtest/results/norm_sum_warps/).
+_NORM_SUM_WARPS = 16
 # Tokens routed by the single-launch router (logits and top-k in one kernel); its register tile grows with them.
 _ROUTER_GEMV_MAX_TOKENS = 4
 # Router rows per program: 65 programs of 4 x 4 KB for 35B-A3B's 257 rows. On the H200 in the MoE block
@@ -1139,7 +1143,7 @@ def fused_experts(
     _moe_sum_kernel[(tokens, 1)](
         y, out, y if slots is None else slots, topk_weights.contiguous(), residual, then_norm.weight, new_residual,
         hidden, float(then_norm.eps), TOP_K=top_k, BLOCK_H=triton.next_power_of_2(hidden), SLOTS=slots is not None,
-        NORM=True, num_warps=8 if hidden > 2048 else 4,
+        NORM=True, num_warps=_NORM_SUM_WARPS,
     )
     return out, new_residual
 
