@@ -261,17 +261,27 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
 
 
 def decode_attention_35b() -> None:
-    """The split-KV paged decode attention at 35B-A3B's shape (GQA 8, head_dim 256), bf16 and fp8 pages."""
-    from kernels.triton.decode_attention import DecodeAttentionScratch, decode_attention
+    """The split-KV paged decode attention at 35B-A3B's shape (GQA 8, head_dim 256), bf16 and fp8 pages; and the
+    fused layer block (QK-norm, RoPE with 64 of 256 dims rotating, the K/V store, the gate)."""
+    from kernels.triton.decode_attention import (
+        DecodeAttentionScratch,
+        DecodeShape,
+        FusedInputs,
+        decode_attention,
+        decode_attention_fused,
+    )
 
     scratch = DecodeAttentionScratch.new(8, 2, 8, 256, 32, torch.device("cpu"))
     indptr, indices = torch.zeros(9, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
     last = torch.ones(8, dtype=torch.int32)
+    inputs = FusedInputs(_bf16(8, 9216), _bf16(256), _bf16(256), torch.empty(64, 64), torch.zeros(8, dtype=torch.long),
+                         torch.zeros(8, dtype=torch.long), 1e-6)
     for kv in (_bf16(64, 2, 16, 2, 256), torch.empty(64, 2, 16, 2, 256, dtype=torch.float8_e4m3fn)):
         for stages in (0, 5):  # the while loop with L2 prefetches; the software-pipelined page loop
             decode_attention(_bf16(8, 16, 256), kv, indptr, indices, last, 0.0625, scratch, num_stages=stages,
                              prefetch_pages=0 if stages else 4)
-
+            decode_attention_fused(inputs, 16, kv, indptr, indices, last, 0.0625, scratch,
+                                   shape=DecodeShape(num_stages=stages, prefetch_pages=0 if stages else 4))
 
 CASES: dict[str, Callable[[], None]] = {
     "decode_attention_35b": decode_attention_35b,

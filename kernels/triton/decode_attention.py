@@ -39,9 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import fp8_multiplier, is_fp8
 from kernels.triton.gemv import prefetch_l2
 from kernels.triton.moe import upcast_dot
+from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
+from kernels.triton.qk_norm_rope import _norm_rope_heads, _store
 
 MERGE_CHUNK = tl.constexpr(16)  # splits merged per unrolled step (see _merge_splits)
 
@@ -49,14 +52,17 @@ MERGE_CHUNK = tl.constexpr(16)  # splits merged per unrolled step (see _merge_sp
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, kv_ptr, indptr_ptr, indices_ptr, last_len_ptr, out_ptr, part_o_ptr, part_ml_ptr, ticket_ptr,
-    sm_scale, v_scale,
-    stride_qb, stride_qh, stride_ob, stride_oh,
+    qkv_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, slot_ptr,
+    sm_scale, v_scale, eps, k_multiplier, v_multiplier,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_qkv, stride_cos_sin,
     stride_page, stride_kv, stride_tok, stride_head,
     num_kv_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, TILE_PAGES: tl.constexpr, PREFETCH_PAGES: tl.constexpr, LINE: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    FUSED: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -83,6 +89,12 @@ def _decode_attention_kernel(
         g_mask = g < GROUP
         d_mask = d < HEAD_DIM
         heads = kv_head * GROUP + g
+        if FUSED:  # the layer's QK-norm, RoPE and K/V store, from the qkv projection row (see decode_attention_fused)
+            _prepare_fused(qkv_ptr + seq * stride_qkv, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, slot_ptr, seq, heads,
+                           q_ptr + seq * stride_qb + heads * stride_qh, g_mask, kv_head, num_kv_heads,
+                           split == live - 1, kv_ptr, stride_cos_sin, stride_page, stride_kv, stride_tok, stride_head,
+                           eps, k_multiplier, v_multiplier, GROUP, HEAD_DIM, BLOCK_D, PAGE, HALF, BLOCK_HALF,
+                           BLOCK_PASS, KV_FP8)
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         kv_len = (num_pages - 1) * PAGE + tl.load(last_len_ptr + seq)
@@ -109,8 +121,10 @@ def _decode_attention_kernel(
                 i += TILE_PAGES
         out_rows = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
         out_mask = g_mask[:, None] & d_mask[None, :]
+        # FUSED: the output gate, per head after its query in the projection row.
+        gate_rows = qkv_ptr + seq * stride_qkv + (heads * 2 * HEAD_DIM + HEAD_DIM)[:, None] + d[None, :]
         if live == 1:
-            tl.store(out_rows, (acc / l_sum[:, None] * v_scale).to(out_ptr.dtype.element_ty), mask=out_mask)
+            _store_output(out_rows, acc / l_sum[:, None] * v_scale, out_mask, gate_rows, FUSED)
         else:
             pair = seq * num_kv_heads + kv_head
             part = pair * MAX_SPLITS + split
@@ -121,9 +135,60 @@ def _decode_attention_kernel(
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
             if ticket == live - 1:
-                _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, out_rows, out_mask, v_scale,
-                              out_ptr.dtype.element_ty, BLOCK_G, BLOCK_D, MAX_SPLITS)
+                merged = _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, BLOCK_G, BLOCK_D,
+                                       MAX_SPLITS)
+                _store_output(out_rows, merged, out_mask, gate_rows, FUSED)
                 tl.atomic_xchg(ticket_ptr + pair, 0)  # ready for the next launch
+
+
+@triton.jit
+def _store_output(out_rows, o, out_mask, gate_rows, GATE: tl.constexpr):
+    """The attention output rounded to the output dtype; GATE: then times sigmoid(gate) as the model computes
+    it (the sigmoid rounded to the dtype, the product rounded once: ``out * torch.sigmoid(gate)``)."""
+    dtype = out_rows.dtype.element_ty
+    o = o.to(dtype)
+    if GATE:
+        g32 = tl.load(gate_rows, mask=out_mask, other=0.0).to(tl.float32)
+        gate = round_to(1.0 / (1.0 + tl.exp(-g32)), dtype)
+        o = round_to(o.to(tl.float32) * gate, dtype).to(dtype)
+    tl.store(out_rows, o, mask=out_mask)
+
+
+@triton.jit
+def _prepare_fused(row, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, slot_ptr, seq, heads, q_rows, g_mask, kv_head,
+                   num_kv_heads,
+                   stores_kv, kv_ptr, stride_cos_sin, stride_page, stride_kv, stride_tok, stride_head, eps,
+                   k_multiplier, v_multiplier, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+                   KV_FP8: tl.constexpr):
+    """QK-norm and RoPE of the group's query heads from the projection ``row`` into ``q_rows`` (every split of
+    the (sequence, KV head) writes the same values), and where ``stores_kv`` (the split that owns the last page:
+    the only one that reads the new token) the new token's K (normed, roped) and V into its cache slot, all as
+    ``kernels.triton.qk_norm_rope`` computes and stores them; then a barrier, so the program reads them back."""
+    dtype = row.dtype.element_ty
+    pos = tl.load(pos_ptr + seq).to(tl.int64)
+    r = tl.arange(0, BLOCK_HALF)
+    cos = round_to(tl.load(cos_sin_ptr + pos * stride_cos_sin + r, mask=r < HALF, other=0.0).to(tl.float32),
+                   dtype)[None, :]
+    sin = round_to(tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + r, mask=r < HALF, other=0.0).to(tl.float32),
+                   dtype)[None, :]
+    _norm_rope_heads(row + heads * (2 * HEAD_DIM), q_rows, q_w_ptr, g_mask, cos, sin, eps, 1.0, HEAD_DIM, HALF,
+                     BLOCK_HALF, BLOCK_PASS, False)
+    if stores_kv:
+        num_heads = num_kv_heads * GROUP
+        kh = kv_head + tl.arange(0, 1)
+        k_in = row + num_heads * 2 * HEAD_DIM + kh * HEAD_DIM
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        page = slot // PAGE
+        k_dst = kv_ptr + page * stride_page + (slot - page * PAGE) * stride_tok + kh * stride_head
+        one = kh < num_kv_heads
+        _norm_rope_heads(k_in, k_dst, k_w_ptr, one, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
+                         BLOCK_PASS, KV_FP8)
+        d = tl.arange(0, BLOCK_D)
+        v_mask = one[:, None] & (d < HEAD_DIM)[None, :]
+        v = tl.load(k_in[:, None] + num_kv_heads * HEAD_DIM + d[None, :], mask=v_mask, other=0.0)
+        _store(k_dst[:, None] + stride_kv + d[None, :], v.to(tl.float32), v_mask, v_multiplier, KV_FP8)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -170,9 +235,9 @@ def _prefetch_pages(kv_ptr, seq_indices_ptr, page_numbers, kv_head, stride_page,
 
 
 @triton.jit
-def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, out_rows, out_mask, v_scale, dtype: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr):
-    """The output of one (sequence, KV head) from its ``live`` splits' partials: weights exp(m_s - max m), the
+def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MAX_SPLITS: tl.constexpr):
+    """The output of one (sequence, KV head), fp32, from its ``live`` splits' partials: weights exp(m_s - max m), the
     sums and outputs added up with them. The partials were written by other programs of the launch: read
     through L2 (.cg). One pass, MERGE_CHUNK splits at a time: a chunk's loads are unrolled and masked (no
     branches: issued together), and the running max rescales what earlier chunks added, so up to MERGE_CHUNK
@@ -208,7 +273,7 @@ def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, out_rows, out_mas
                                         other=0.0, cache_modifier=".cg")
         m_run = m_chunk
         c += MERGE_CHUNK
-    tl.store(out_rows, (o / total[:, None] * v_scale).to(dtype), mask=out_mask)
+    return o / total[:, None] * v_scale
 
 
 @dataclass
@@ -237,6 +302,18 @@ def _block_g(group: int) -> int:
     return max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
 
 
+@dataclass(frozen=True)
+class DecodeShape:
+    """How the kernel splits and walks the pages (see decode_attention): at least ``min_pages`` pages a split,
+    ``tile_pages`` pages a loop step, L2 prefetches ``prefetch_pages`` ahead or a ``num_stages``-deep pipeline."""
+
+    min_pages: int = 4
+    tile_pages: int = 4
+    num_warps: int = 8
+    prefetch_pages: int = 4
+    num_stages: int = 0
+
+
 def decode_attention(
     q: torch.Tensor, kv_cache_layer: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
     last_page_len: torch.Tensor, scale: float, scratch: DecodeAttentionScratch, *, k_scale: float = 1.0,
@@ -253,14 +330,71 @@ def decode_attention(
     pages before the PDL wait and for the next tile's pages at each tile. ``num_stages`` (non-zero: on, not under
     the interpreter): the page loop software-pipelined that deep (Triton's ``tl.range``), its gathers in flight
     ahead of their use instead of the loop-ahead L2 prefetches."""
-    if q.dim() != 3 or kv_cache_layer.dim() != 5 or kv_cache_layer.shape[1] != 2:
-        raise ValueError(f"expected q [B, heads, D] and a KV layer [pages, 2, page, kv_heads, D], got "
-                         f"{tuple(q.shape)} and {tuple(kv_cache_layer.shape)}")
+    if q.dim() != 3 or q.stride(2) != 1:
+        raise ValueError(f"expected q [B, heads, D] with unit last stride, got {tuple(q.shape)}")
+    shape = DecodeShape(min_pages, tile_pages, num_warps, prefetch_pages, num_stages)
+    return _launch(q, q, None, kv_cache_layer, indptr, indices, last_page_len, scale, scratch, k_scale, v_scale,
+                   shape)
+
+
+@dataclass(frozen=True)
+class FusedInputs:
+    """What the layer's QK-norm/RoPE kernel would take (kernels.triton.qk_norm_rope): the qkv projection rows
+    ``[B, heads*2*D + 2*kv_heads*D]`` (per head [q | gate], then k, then v; unit last stride), the q/k norm weights
+    ``[D]``, the cos/sin cache ``[max_pos, rotary_dim]``, the tokens' positions ``[B]``, their KV slots ``[B]``
+    (page * page_size + offset) and the norm's eps."""
+
+    qkv: torch.Tensor
+    q_norm_weight: torch.Tensor
+    k_norm_weight: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    positions: torch.Tensor
+    kv_slot_ids: torch.Tensor
+    eps: float
+
+
+def decode_attention_fused(
+    inputs: FusedInputs, num_heads: int, kv_cache_layer: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+    last_page_len: torch.Tensor, scale: float, scratch: DecodeAttentionScratch, *, k_scale: float = 1.0,
+    v_scale: float = 1.0, shape: DecodeShape = DecodeShape(),
+) -> torch.Tensor:
+    """A gated attention layer's decode step from its qkv projection in one launch: QK-norm, RoPE, the new
+    token's K/V stored in its slot (an fp8 cache: divided by the scales), as ``qk_norm_rope(...,
+    kv_cache=...)`` does, then the attention of ``decode_attention``, then the output gate. Returns the gated
+    output ``[B, heads, D]`` (``attention * sigmoid(gate)``, each rounded as the model rounds them), ready for
+    o_proj. The page tables already include the new token (its slot is the last of its sequence's keys)."""
+    qkv = inputs.qkv
+    if qkv.dim() != 2 or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [B, features] with unit last stride, got {tuple(qkv.shape)}")
+    batch = qkv.shape[0]
+    num_kv_heads, head_dim = kv_cache_layer.shape[3], kv_cache_layer.shape[4]
+    if qkv.shape[1] != (2 * num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv has {qkv.shape[1]} features; {num_heads} heads and {num_kv_heads} KV heads of "
+                         f"{head_dim} take {(2 * num_heads + 2 * num_kv_heads) * head_dim}")
+    rotary_dim = inputs.cos_sin_cache.shape[1]
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim or inputs.cos_sin_cache.stride(1) != 1:
+        raise ValueError(f"the cos/sin cache must be [max_pos, rotary_dim <= {head_dim}], even, unit last stride")
+    for name, t in (("positions", inputs.positions), ("kv_slot_ids", inputs.kv_slot_ids)):
+        if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32/int64 [{batch}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("q_norm_weight", inputs.q_norm_weight), ("k_norm_weight", inputs.k_norm_weight)):
+        if t.shape != (head_dim,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{head_dim}], got {tuple(t.shape)}")
+    q = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)  # written by the kernel
+    return _launch(q, qkv, inputs, kv_cache_layer, indptr, indices, last_page_len, scale, scratch, k_scale, v_scale,
+                   shape)
+
+
+def _launch(q: torch.Tensor, like: torch.Tensor, fused: FusedInputs | None, kv_cache_layer: torch.Tensor,
+            indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, scale: float,
+            scratch: DecodeAttentionScratch, k_scale: float, v_scale: float, shape: DecodeShape) -> torch.Tensor:
+    """The checks both entry points share, and the launch; ``like``: what q is read from (q, or qkv)."""
+    if kv_cache_layer.dim() != 5 or kv_cache_layer.shape[1] != 2:
+        raise ValueError(f"expected a KV layer [pages, 2, page, kv_heads, D], got {tuple(kv_cache_layer.shape)}")
     batch, heads, head_dim = q.shape
     num_kv_heads = kv_cache_layer.shape[3]
-    if kv_cache_layer.shape[4] != head_dim or heads % num_kv_heads or q.stride(2) != 1:
-        raise ValueError(f"q {tuple(q.shape)} does not fit the KV layer {tuple(kv_cache_layer.shape)} (or its last "
-                         "stride is not 1)")
+    if kv_cache_layer.shape[4] != head_dim or heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the KV layer {tuple(kv_cache_layer.shape)}")
     if indptr.shape != (batch + 1,) or last_page_len.shape != (batch,):
         raise ValueError(f"indptr must be [{batch + 1}] and last_page_len [{batch}]")
     page_size = kv_cache_layer.shape[2]
@@ -275,17 +409,30 @@ def decode_attention(
     if batch == 0:
         return out
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    kv_fp8 = is_fp8(kv_cache_layer.dtype)
+    if fused is not None:
+        inputs = (fused.qkv, fused.q_norm_weight, fused.k_norm_weight, fused.cos_sin_cache, fused.positions,
+                  fused.kv_slot_ids)
+        multipliers = (fp8_multiplier(k_scale), fp8_multiplier(v_scale)) if kv_fp8 else (1.0, 1.0)
+        half = fused.cos_sin_cache.shape[1] // 2
+        strides = (fused.qkv.stride(0), fused.cos_sin_cache.stride(0))
+        eps = float(fused.eps)
+    else:
+        inputs, multipliers, half, strides, eps = (like,) * 4 + (indptr, indptr), (1.0, 1.0), 1, (0, 0), 0.0
     _decode_attention_kernel[(scratch.max_splits, num_kv_heads, batch)](
         q, kv_cache_layer, indptr, indices, last_page_len, out, scratch.part_o, scratch.part_ml, scratch.tickets,
-        float(scale * k_scale), float(v_scale),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *inputs,
+        float(scale * k_scale), float(v_scale), eps, *multipliers,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
         *kv_cache_layer.stride()[:4],
         num_kv_heads,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page_size,
-        MAX_SPLITS=scratch.max_splits, MIN_PAGES=min_pages,
+        MAX_SPLITS=scratch.max_splits, MIN_PAGES=shape.min_pages,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_dot(q.dtype),
-        TILE_PAGES=tile_pages, PREFETCH_PAGES=0 if interpreted else prefetch_pages,
-        LINE=128 // kv_cache_layer.element_size(), NUM_STAGES=0 if interpreted else num_stages,
-        num_warps=num_warps, **pdl_launch_args(q.device),
+        TILE_PAGES=shape.tile_pages, PREFETCH_PAGES=0 if interpreted else shape.prefetch_pages,
+        LINE=128 // kv_cache_layer.element_size(), NUM_STAGES=0 if interpreted else shape.num_stages,
+        FUSED=fused is not None, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_PASS=triton.next_power_of_2(max(head_dim - 2 * half, 1)), KV_FP8=kv_fp8 and fused is not None,
+        num_warps=shape.num_warps, **pdl_launch_args(q.device),
     )
     return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.attention import paged_attention, quantize_fp8
-from kernels.triton.decode_attention import DecodeAttentionScratch, decode_attention
+from kernels.triton.decode_attention import DecodeAttentionScratch, DecodeShape, decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
@@ -109,3 +109,56 @@ def test_decode_attention_argument_checks():
         decode_attention(q, cache, indptr[:2], indptr[:2], last, 1.0, scratch)
     with pytest.raises(ValueError, match="max_splits"):
         DecodeAttentionScratch.new(1, 2, 4, 32, 3, q.device)
+
+
+@pytest.mark.parametrize("dtype,fp8,kv_lens,max_splits", [
+    (torch.float32, False, [1, 40, 200], 8),  # a first token; a new token starting a page; several splits
+    (torch.bfloat16, False, [33, 16], 4),  # a new token on a full last page; one split
+    (torch.bfloat16, True, [70, 9], 4),  # an fp8 cache: K/V quantized with the scales on the way in
+])
+def test_fused_decode_attention_equals_the_three_kernels(dtype, fp8, kv_lens, max_splits):
+    """QK-norm, RoPE, the K/V store, the attention and the output gate in one launch: the same cache bytes and
+    the same output as the QK-norm/RoPE kernel, then the attention kernel, then ``out * sigmoid(gate)``; and
+    close to the torch path (ops.qk_norm_rope_store_kv_torch, paged_attention, the gate)."""
+    from kernels.rope import rope_cos_sin_cache
+    from kernels.triton.decode_attention import FusedInputs, decode_attention_fused
+    from kernels.triton.qk_norm_rope import qk_norm_rope
+    from services.engine.ops import qk_norm_rope_store_kv_torch
+
+    heads, kv_heads, head_dim, page_size = 8, 2, 32, 16
+    _, cache, tables, indptr, indices, last = _case(kv_lens, heads, kv_heads, head_dim, page_size, dtype, seed=5,
+                                                    fp8=fp8)
+    gen = torch.Generator().manual_seed(len(kv_lens))
+    batch = len(kv_lens)
+    qkv = torch.randn(batch, (2 * heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q_w, k_w = ((0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2))
+    cos_sin = rope_cos_sin_cache(head_dim // 2, 512, 10000.0, DEVICE)  # partial RoPE: a quarter of each head
+    positions = torch.tensor([n - 1 for n in kv_lens], device=DEVICE)
+    slots = torch.stack([t[(n - 1) // page_size] * page_size + (n - 1) % page_size
+                         for t, n in zip(tables, kv_lens, strict=True)])
+    k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)
+    scale = head_dim**-0.5
+
+    three_cache = cache.clone()
+    q, _, _, gate = qk_norm_rope(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, 1e-6,
+                                 kv_cache=three_cache, kv_slot_ids=slots, k_scale=k_scale, v_scale=v_scale)
+    scratch = DecodeAttentionScratch.new(batch, kv_heads, heads // kv_heads, head_dim, max_splits, q.device)
+    attn = decode_attention(q, three_cache, indptr, indices, last, scale, scratch, k_scale=k_scale, v_scale=v_scale,
+                            min_pages=1)
+    want = attn * gate.view(batch, heads, head_dim)
+
+    fused_cache = cache.clone()
+    inputs = FusedInputs(qkv, q_w, k_w, cos_sin, positions, slots, 1e-6)
+    for _ in range(2):  # the tickets back at 0; storing the same K/V again changes nothing
+        got = decode_attention_fused(inputs, heads, fused_cache, indptr, indices, last, scale, scratch,
+                                     k_scale=k_scale, v_scale=v_scale, shape=DecodeShape(min_pages=1))
+        assert torch.equal(fused_cache.view(torch.uint8), three_cache.view(torch.uint8))
+        assert torch.equal(got, want)
+        assert int(scratch.tickets.abs().sum()) == 0
+
+    torch_cache = cache.clone()
+    q_ref, gate_ref = qk_norm_rope_store_kv_torch(qkv, q_w, k_w, cos_sin, positions, heads, kv_heads, head_dim, 1e-6,
+                                                  torch_cache, slots, k_scale, v_scale)
+    ref = paged_attention(q_ref.float(), torch_cache if fp8 else torch_cache.float(), tables, [1] * batch, kv_lens,
+                          scale, k_scale=k_scale, v_scale=v_scale) * gate_ref.view(batch, heads, head_dim).float()
+    torch.testing.assert_close(got.float(), ref, **TOL[dtype])
