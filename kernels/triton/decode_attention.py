@@ -13,6 +13,12 @@ splits, so a graph captured at one batch size serves every context (programs pas
 wait and exit). Reads: the page table (written by host copies before the step) may be read before the PDL wait;
 the queries and the new token's K/V (written by the QK-norm/RoPE kernel just before) only after it.
 
+``decode_attention_fused`` starts from the qkv projection's row instead of q: each program normalises and rotates
+its group's queries (as ``kernels.triton.qk_norm_rope`` does, into a scratch q it reads back after a barrier), the
+split owning the last page stores the new token's K/V in its slot first (no other split reads that page), and the
+output leaves multiplied by the sigmoid of its gate: the attention layer's block between its projections in one
+launch.
+
 fp8 KV: the pages are converted to the query dtype (exact for e4m3 into bf16), ``k_scale`` folds into the
 softmax scale and ``v_scale`` multiplies the output, as flashinfer does.
 

@@ -14,6 +14,9 @@ Speculative decoding verifies T tokens per request in one step (the last accepte
 keeps the state after only the accepted prefix. With ``step_states`` the kernel writes the state after every
 token there instead of into the pool slot, and ``commit_step_states`` then copies the accepted one into the
 slot (as SGLang's and vLLM's intermediate-state buffers do): a rejected draft never touches the pool.
+
+With ``gated_norm`` the kernel also applies the layer's output norm (gated RMSNorm with z) to each head's output,
+one program a whole value head; the engine does so for decode batches of 2-16 rows (``services.engine.ops``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Experts (``fused_experts``), the approach of vLLM's / SGLang's ``fused_moe`` Tri
 2. ``_moe_gate_up_kernel``: for each block, ``x[tokens] @ w13[e, :I]^T`` and ``x[tokens] @ w13[e, I:]^T`` as two
    accumulators of the same N columns, with the SwiGLU epilogue ``silu(gate) * up``, written per pair.
 3. ``_moe_down_kernel``: ``act @ w2[e]^T`` times the pair's routing weight, written per pair.
-4. ``_moe_sum_kernel``: sum over the k pairs of each token in fp32 (deterministic, no atomics).
+4. ``_moe_sum_kernel``: sum over the k pairs of each token in fp32 (deterministic, no atomics); given
+   ``then_norm``, also the residual add and the next Gemma RMSNorm (one program a token: a norm launch less).
 
 Prefill chunks in bf16 on sm90/sm100 (more than ``_ALIGN_TRITON_MAX_PAIRS`` pairs): gate/up writes each pair's
 activations at its slot of the expert-sorted, block-padded order (padding rows as zeros), so that the down
