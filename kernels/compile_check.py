@@ -255,8 +255,13 @@ def moe_prefill_35b(tokens: int) -> Callable[[], None]:
         moe._moe_align_blocked(ids.flatten(), cfg.block_m, 257, max_padded, max_blocks)
         moe._grouped_gate_up(w(tokens, 2048), w(257, 1024, 2048), sorted_ids, expert_ids, num_post, cfg, 9,
                              sorted_out=True)
-        moe._moe_sum_kernel[(tokens, 2)](w(max_padded, 2048), w(tokens, 2048), slots, torch.rand(tokens, 9), 2048,
-                                         TOP_K=9, BLOCK_H=1024, SLOTS=True, num_warps=4)
+        y, out, res = w(max_padded, 2048), w(tokens, 2048), w(tokens, 2048)
+        moe._moe_sum_kernel[(tokens, 2)](y, out, slots, torch.rand(tokens, 9), y, y, y, 2048, 0.0, TOP_K=9,
+                                         BLOCK_H=1024, SLOTS=True, NORM=False, num_warps=4)
+        # With the next layer's norm: one program a token.
+        moe._moe_sum_kernel[(tokens, 1)](y, out, slots, torch.rand(tokens, 9), res, w(2048), w(tokens, 2048), 2048,
+                                         1e-6, TOP_K=9, BLOCK_H=2048, SLOTS=True, NORM=True,
+                                         num_warps=moe._NORM_SUM_WARPS)
     return case
 
 
@@ -282,6 +287,7 @@ def decode_attention_35b() -> None:
                              prefetch_pages=0 if stages else 4)
             decode_attention_fused(inputs, 16, kv, indptr, indices, last, 0.0625, scratch,
                                    shape=DecodeShape(num_stages=stages, prefetch_pages=0 if stages else 4))
+
 
 CASES: dict[str, Callable[[], None]] = {
     "decode_attention_35b": decode_attention_35b,

@@ -52,18 +52,12 @@ class FlashInferAttention:
         self.kv_fp8 = is_fp8(self.kv_dtype)
         self.workspace = workspace if workspace is not None else new_workspace(device)
         if graph_batch_size:
-            # The graph reads these device buffers; each step fills them with one async copy apiece from
-            # pinned host staging (reused only once the last step's copies ran: see DecodeGraphs.run).
-            self._indptr = torch.zeros(graph_batch_size + 1, dtype=torch.int32, device=device)
-            self._indices = torch.zeros(graph_max_pages, dtype=torch.int32, device=device)
-            self._last_page_len = torch.zeros(graph_batch_size, dtype=torch.int32, device=device)
-            self._indptr_host = torch.zeros(graph_batch_size + 1, dtype=torch.int32, pin_memory=True)
-            self._indices_host = torch.zeros(graph_max_pages, dtype=torch.int32, pin_memory=True)
-            self._last_page_len_host = torch.zeros(graph_batch_size, dtype=torch.int32, pin_memory=True)
+            self.graph_tables = GraphPageTables(graph_batch_size, graph_max_pages, page_size, device)
+            tables = self.graph_tables
             self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=self._indptr, paged_kv_indices_buffer=self._indices,
-                paged_kv_last_page_len_buffer=self._last_page_len,
+                paged_kv_indptr_buffer=tables.indptr, paged_kv_indices_buffer=tables.indices,
+                paged_kv_last_page_len_buffer=tables.last_page_len,
             )
             self.prefill = self.ragged = None
             self._graph_planned = False
@@ -145,17 +139,7 @@ class FlashInferAttention:
         After the first plan, replans use flashinfer's ``fast_decode_plan`` (as SGLang does): the same
         scheduling call on the host, without re-validating everything or copying into the buffers, which we
         fill ourselves. On the long-context single-request step this is most of the host time."""
-        counts = [t.numel() for t in page_tables]
-        total = sum(counts)
-        indptr = self._indptr_host
-        indptr[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
-        last_page_len = self._last_page_len_host
-        last_page_len.copy_(torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32))
-        indices = self._indices_host[:total]
-        torch.cat(page_tables, out=indices)
-        self._indptr.copy_(indptr, non_blocking=True)
-        self._last_page_len.copy_(last_page_len, non_blocking=True)
-        self._indices[:total].copy_(indices, non_blocking=True)
+        indptr, indices, last_page_len = self.graph_tables.fill(kv_lens, page_tables)
         args = (indptr, indices, last_page_len, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
         kwargs = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=scale)
         if self._graph_planned and self._fast_plan is not None:
@@ -179,6 +163,38 @@ class FlashInferAttention:
         if not self.kv_fp8:
             return self._wrapper.run(q, kv_cache_layer)
         return self._wrapper.run(q, kv_cache_layer, k_scale=float(k_scale), v_scale=float(v_scale))
+
+
+class GraphPageTables:
+    """A decode graph's page tables in flashinfer's form (``indptr``, ``indices``, ``last_page_len``, int32), in
+    device buffers the graph reads; ``fill`` writes each step's into them with one async copy apiece from pinned
+    host staging (reused only once the last step's copies ran: see DecodeGraphs.run)."""
+
+    def __init__(self, batch_size: int, max_pages: int, page_size: int, device: torch.device) -> None:
+        self.page_size = page_size
+        self.indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
+        self.last_page_len = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._indptr_host = torch.zeros(batch_size + 1, dtype=torch.int32, pin_memory=True)
+        self._indices_host = torch.zeros(max_pages, dtype=torch.int32, pin_memory=True)
+        self._last_page_len_host = torch.zeros(batch_size, dtype=torch.int32, pin_memory=True)
+
+    def fill(self, kv_lens: list[int], page_tables: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``page_tables``: int32 CPU tensors, one per row (padding rows included); returns the host staging
+        (indptr, indices, last_page_len) whose copies to the device buffers are queued."""
+        counts = [t.numel() for t in page_tables]
+        total = sum(counts)
+        indptr = self._indptr_host
+        indptr[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
+        last_page_len = self._last_page_len_host
+        last_page_len.copy_(torch.tensor([(n - 1) % self.page_size + 1 for n in kv_lens], dtype=torch.int32))
+        indices = self._indices_host[:total]
+        torch.cat(page_tables, out=indices)
+        self.indptr.copy_(indptr, non_blocking=True)
+        self.last_page_len.copy_(last_page_len, non_blocking=True)
+        self.indices[:total].copy_(indices, non_blocking=True)
+        return indptr, indices, last_page_len
 
 
 def _indptr(lengths: list[int]) -> torch.Tensor:

@@ -11,7 +11,8 @@ partials and writes the output. A sequence whose pages fit one split writes its 
 The split size adapts per sequence on the device: at least ``min_pages`` pages a split, at most ``max_splits``
 splits, so a graph captured at one batch size serves every context (programs past a sequence's last split only
 wait and exit). Reads: the page table (written by host copies before the step) may be read before the PDL wait;
-the queries and the new token's K/V (written by the QK-norm/RoPE kernel just before) only after it.
+the queries and the new token's K/V (written by the QK-norm/RoPE kernel just before, or by the fused kernel
+itself) only after it.
 
 ``decode_attention_fused`` starts from the qkv projection's row instead of q: each program normalises and rotates
 its group's queries (as ``kernels.triton.qk_norm_rope`` does, into a scratch q it reads back after a barrier), the
@@ -32,8 +33,8 @@ Not used by the engine yet (planned). Against flashinfer's decode + merge as the
 the unpipelined loop with 16-32 splits of 4 pages wins at short contexts (7.7 / 10.3 at 1K, 13.2 / 16.2 at 4K)
 and loses from 32K (49 / 33); the pipelined loop with 64 splits of at least 8 pages is at parity from 32K up
 (33.8 / 33.2 at 32K, 79.7 / 79.6 at 128K) but loses its edge at 1K (10.0). A decode graph serves every context
-with one compiled kernel, so the gain of that one configuration is 1.6 us a layer at 4K and 0.3 at 1K; what remains is
-to fold the QK-norm/RoPE kernel in (one launch less per attention layer).
+with one compiled kernel, so the gain of that one configuration is 1.6 us a layer at 4K and 0.3 at 1K; the fused
+block (below) also saves the QK-norm/RoPE launch, flashinfer's merge and the gate multiply.
 """
 
 from __future__ import annotations
@@ -135,13 +136,13 @@ def _decode_attention_kernel(
             pair = seq * num_kv_heads + kv_head
             part = pair * MAX_SPLITS + split
             # Only the group's rows (the tile's padding rows are never read: half the merge's bytes at 8 of 16).
-            tl.store(part_o_ptr + (part * BLOCK_G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
-            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2, m, mask=g_mask)
-            tl.store(part_ml_ptr + (part * BLOCK_G + g) * 2 + 1, l_sum, mask=g_mask)
+            tl.store(part_o_ptr + (part * GROUP + g[:, None]) * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
+            tl.store(part_ml_ptr + (part * GROUP + g) * 2, m, mask=g_mask)
+            tl.store(part_ml_ptr + (part * GROUP + g) * 2 + 1, l_sum, mask=g_mask)
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
             if ticket == live - 1:
-                merged = _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, BLOCK_G, BLOCK_D,
+                merged = _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, GROUP, BLOCK_G, BLOCK_D,
                                        MAX_SPLITS)
                 _store_output(out_rows, merged, out_mask, gate_rows, FUSED)
                 tl.atomic_xchg(ticket_ptr + pair, 0)  # ready for the next launch
@@ -152,12 +153,12 @@ def _store_output(out_rows, o, out_mask, gate_rows, GATE: tl.constexpr):
     """The attention output rounded to the output dtype; GATE: then times sigmoid(gate) as the model computes
     it (the sigmoid rounded to the dtype, the product rounded once: ``out * torch.sigmoid(gate)``)."""
     dtype = out_rows.dtype.element_ty
-    o = o.to(dtype)
+    o = round_to(o, dtype)  # (round_to, not the cast: Triton's interpreter truncates on a cast to bf16)
     if GATE:
         g32 = tl.load(gate_rows, mask=out_mask, other=0.0).to(tl.float32)
         gate = round_to(1.0 / (1.0 + tl.exp(-g32)), dtype)
-        o = round_to(o.to(tl.float32) * gate, dtype).to(dtype)
-    tl.store(out_rows, o, mask=out_mask)
+        o = round_to(o * gate, dtype)
+    tl.store(out_rows, o.to(dtype), mask=out_mask)
 
 
 @triton.jit
@@ -241,8 +242,8 @@ def _prefetch_pages(kv_ptr, seq_indices_ptr, page_numbers, kv_head, stride_page,
 
 
 @triton.jit
-def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MAX_SPLITS: tl.constexpr):
+def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr):
     """The output of one (sequence, KV head), fp32, from its ``live`` splits' partials: weights exp(m_s - max m), the
     sums and outputs added up with them. The partials were written by other programs of the launch: read
     through L2 (.cg). One pass, MERGE_CHUNK splits at a time: a chunk's loads are unrolled and masked (no
@@ -261,7 +262,7 @@ def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, BLOCK_G:
         m_chunk = m_run
         for j in tl.static_range(MERGE_CHUNK):
             live_j = g_mask & (c + j < live)
-            m_j = tl.load(part_ml_ptr + ((base + c + j) * BLOCK_G + g) * 2, mask=live_j, other=float("-inf"),
+            m_j = tl.load(part_ml_ptr + ((base + c + j) * GROUP + g) * 2, mask=live_j, other=float("-inf"),
                           cache_modifier=".cg")
             m_chunk = tl.maximum(m_chunk, m_j)
         # What the earlier chunks added, rescaled to the new max (0 before the first; padding rows stay 0).
@@ -269,7 +270,7 @@ def _merge_splits(part_o_ptr, part_ml_ptr, pair, live, g_mask, v_scale, BLOCK_G:
         total *= rescale
         o *= rescale[:, None]
         for j in tl.static_range(MERGE_CHUNK):
-            part = (base + c + j) * BLOCK_G + g
+            part = (base + c + j) * GROUP + g
             live_j = g_mask & (c + j < live)
             m_j = tl.load(part_ml_ptr + part * 2, mask=live_j, other=float("-inf"), cache_modifier=".cg")
             l_j = tl.load(part_ml_ptr + part * 2 + 1, mask=live_j, other=0.0, cache_modifier=".cg")
@@ -297,11 +298,10 @@ class DecodeAttentionScratch:
             device: torch.device) -> DecodeAttentionScratch:
         if max_splits < 1 or max_splits & (max_splits - 1):
             raise ValueError(f"max_splits must be a power of two, got {max_splits}")
-        block_g, block_d = _block_g(group), triton.next_power_of_2(head_dim)
-        pairs = max_batch * num_kv_heads
-        return cls(torch.empty(pairs * max_splits * block_g * block_d, dtype=torch.float32, device=device),
-                   torch.empty(pairs * max_splits * block_g * 2, dtype=torch.float32, device=device),
-                   torch.zeros(pairs, dtype=torch.int32, device=device), max_splits)
+        rows = max_batch * num_kv_heads * max_splits * group  # the group's rows of each split (not the tile's)
+        return cls(torch.empty(rows * triton.next_power_of_2(head_dim), dtype=torch.float32, device=device),
+                   torch.empty(rows * 2, dtype=torch.float32, device=device),
+                   torch.zeros(max_batch * num_kv_heads, dtype=torch.int32, device=device), max_splits)
 
 
 def _block_g(group: int) -> int:
@@ -377,9 +377,21 @@ def decode_attention_fused(
     if qkv.shape[1] != (2 * num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv has {qkv.shape[1]} features; {num_heads} heads and {num_kv_heads} KV heads of "
                          f"{head_dim} take {(2 * num_heads + 2 * num_kv_heads) * head_dim}")
-    rotary_dim = inputs.cos_sin_cache.shape[1]
-    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim or inputs.cos_sin_cache.stride(1) != 1:
-        raise ValueError(f"the cos/sin cache must be [max_pos, rotary_dim <= {head_dim}], even, unit last stride")
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
+    if kv_cache_layer.dtype != qkv.dtype and not is_fp8(kv_cache_layer.dtype):
+        raise ValueError(f"the KV cache must hold qkv's {qkv.dtype} or fp8, got {kv_cache_layer.dtype}")
+    if kv_cache_layer.stride(4) != 1 or (is_fp8(kv_cache_layer.dtype) and not (k_scale > 0 and v_scale > 0)):
+        raise ValueError("the KV cache needs a unit last stride, and an fp8 one positive scales")
+    cos_sin = inputs.cos_sin_cache
+    rotary_dim = cos_sin.shape[1] if cos_sin.dim() == 2 else 0
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim or cos_sin.stride(1) != 1 or not cos_sin.is_floating_point():
+        raise ValueError(f"the cos/sin cache must be a float [max_pos, rotary_dim <= {head_dim}], rotary_dim even, "
+                         f"unit last stride; got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    tensors = (qkv, inputs.q_norm_weight, inputs.k_norm_weight, cos_sin, inputs.positions, inputs.kv_slot_ids,
+               kv_cache_layer, indptr, indices, last_page_len)
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError("all tensors must be on one device")
     for name, t in (("positions", inputs.positions), ("kv_slot_ids", inputs.kv_slot_ids)):
         if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64) or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous int32/int64 [{batch}], got {t.dtype} {tuple(t.shape)}")
@@ -409,7 +421,7 @@ def _launch(q: torch.Tensor, like: torch.Tensor, fused: FusedInputs | None, kv_c
     group = heads // num_kv_heads
     block_g, block_d = _block_g(group), triton.next_power_of_2(head_dim)
     if scratch.tickets.numel() < batch * num_kv_heads or scratch.part_ml.numel() < (
-            batch * num_kv_heads * scratch.max_splits * block_g * 2):
+            batch * num_kv_heads * scratch.max_splits * group * 2):
         raise ValueError(f"the scratch holds fewer than {batch} sequences of {num_kv_heads} KV heads")
     out = torch.empty_like(q)
     if batch == 0:

@@ -1118,6 +1118,15 @@ def fused_experts(
     if not topk_weights.is_floating_point():
         raise ValueError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
     top_k = topk_ids.shape[1]
+    if then_norm is not None:
+        residual, norm_weight = then_norm.residual, then_norm.weight
+        if (residual.shape != (tokens, hidden) or residual.dtype != x.dtype or not residual.is_contiguous()
+                or residual.device != x.device):
+            raise ValueError(f"the residual must be a contiguous {x.dtype} {(tokens, hidden)} on {x.device}, got "
+                             f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+        if norm_weight.shape != (hidden,) or not norm_weight.is_contiguous() or norm_weight.device != x.device:
+            raise ValueError(f"the norm weight must be a contiguous [{hidden}] on {x.device}, got "
+                             f"{tuple(norm_weight.shape)} on {norm_weight.device}")
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     if tokens == 0 or top_k == 0:
         return out.zero_()
@@ -1135,11 +1144,6 @@ def fused_experts(
         )
         return out
     residual = then_norm.residual
-    if residual.shape != out.shape or residual.dtype != x.dtype or not residual.is_contiguous():
-        raise ValueError(f"the residual must be a contiguous {x.dtype} {tuple(out.shape)}, got {residual.dtype} "
-                         f"{tuple(residual.shape)}")
-    if then_norm.weight.shape != (hidden,):
-        raise ValueError(f"the norm weight must be [{hidden}], got {tuple(then_norm.weight.shape)}")
     new_residual = torch.empty_like(out)
     _moe_sum_kernel[(tokens, 1)](
         y, out, y if slots is None else slots, topk_weights.contiguous(), residual, then_norm.weight, new_residual,

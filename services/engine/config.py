@@ -36,6 +36,11 @@ class EngineConfig:
         default="auto",
         metadata={"help": "auto (gpu on CUDA, else torch), torch (reference ops), gpu (Triton + flashinfer)"},
     )
+    decode_attention: str = field(
+        default="auto",
+        metadata={"help": "auto (the kernel set's attention: flashinfer on the GPU) or triton (decode steps run the "
+                          "attention layer's QK-norm/RoPE, K/V store, attention and gate as one Triton launch)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed for dummy weights and unseeded sampling"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
     max_num_seqs: int = field(default=64, metadata={"help": "requests running at once"})

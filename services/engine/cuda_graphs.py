@@ -26,9 +26,11 @@ _SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192
 class DecodeGraphs:
     def __init__(self, runner, max_batch: int) -> None:
         from kernels.flashinfer_attention import FlashInferAttention, new_workspace
+        from kernels.triton_attention import TritonDecodeAttention
 
         self.runner = runner
-        self.enabled = isinstance(runner.model.attention, FlashInferAttention)
+        triton_decode = isinstance(runner.model.attention, TritonDecodeAttention)
+        self.enabled = triton_decode or isinstance(runner.model.attention, FlashInferAttention)
         if not self.enabled:  # the torch attention plans per sequence on the host: not capturable
             log.info("CUDA graphs off: the %s kernels have no graph-capturable attention", runner.ops.name)
             return
@@ -47,15 +49,21 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.kv_slot_ids, self.state_slots = self.inputs.unbind(0)
         self.logits_indices = torch.arange(max_bs, device=device)
         self.scratch_table = torch.tensor([runner.scratch_page], dtype=torch.int32)
-        # One flashinfer workspace for all the graphs: one graph replays at a time, on one stream, right after
-        # its plan rewrote the workspace (20 graphs with a workspace each took 5 GiB from the KV pool).
-        workspace = new_workspace(device)
-        self.attention = {
-            bs: FlashInferAttention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.page_size,
-                                    runner.dtype, device, kv_dtype=runner.kv_dtype, graph_batch_size=bs,
-                                    graph_max_pages=max_pages + bs, workspace=workspace)
-            for bs in self.sizes
-        }
+        # One flashinfer workspace (or one Triton scratch) for all the graphs: one graph replays at a time, on one
+        # stream, right after its plan rewrote the workspace (20 graphs with a workspace each took 5 GiB from the
+        # KV pool).
+        heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.page_size)
+        if triton_decode:
+            scratch = runner.model.attention.new_scratch(max_bs)
+            self.attention = {bs: TritonDecodeAttention(None, *heads, device, graph_batch_size=bs,
+                                                        graph_max_pages=max_pages + bs, scratch=scratch)
+                              for bs in self.sizes}
+        else:
+            workspace = new_workspace(device)
+            self.attention = {bs: FlashInferAttention(*heads, runner.dtype, device, kv_dtype=runner.kv_dtype,
+                                                      graph_batch_size=bs, graph_max_pages=max_pages + bs,
+                                                      workspace=workspace)
+                              for bs in self.sizes}
         # Recorded once a step's host staging (ours and flashinfer's plan buffers) has been copied to the
         # device: with steps launched ahead of the host, the next step must not overwrite pinned memory
         # whose copy has not run yet.

@@ -76,6 +76,12 @@ class GatedAttention(nn.Module):
         # new K/V stored in the layer's pages (an fp8 cache: quantized with the layer's scales).
         layer_kv = kv_cache.layer(self.attn_index)
         k_scale, v_scale = kv_cache.scales(self.attn_index)
+        if getattr(attention, "fused_decode", False):
+            # A decode step on the Triton backend: QK-norm, RoPE, the K/V store, the attention and the gate in
+            # one launch from the qkv rows (kernels/triton_attention.py).
+            out = attention.run_fused(qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, batch.positions,
+                                      batch.kv_slot_ids, self.eps, layer_kv, k_scale, v_scale)
+            return self.ops.linear(out.reshape(num_tokens, -1), self.o_proj, self.o_bias), residual
         q, gate = self.ops.qk_norm_rope_store_kv(
             qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, batch.positions, self.num_heads,
             self.num_kv_heads, self.head_dim, self.eps, layer_kv, batch.kv_slot_ids, k_scale, v_scale,

@@ -66,15 +66,15 @@ class ModelRunner:
         self.page_size = config.page_size
 
         started = time.monotonic()
-        self.ops = select_ops(config.kernels, self.device)
+        self.ops = select_ops(config.kernels, self.device, config.decode_attention)
         self.model = Qwen35ForCausalLM(model_config, self.dtype, self.device, self.ops, config.page_size,
                                        self.kv_dtype)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, Path(config.model))
-        log.info("model ready in %.1fs (%s, %s, %s, %s kernels)", time.monotonic() - started, model_config.family,
-                 self.dtype, self.device, self.ops.name)
+        log.info("model ready in %.1fs (%s, %s, %s, %s kernels, %s decode attention)", time.monotonic() - started,
+                 model_config.family, self.dtype, self.device, self.ops.name, config.decode_attention)
         k_scales, v_scales = self._kv_scales()
 
         # State slots: one working slot per running request, then the prefix cache's checkpoint slots.

@@ -40,6 +40,7 @@ def qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positio
 # lost (85 against 77 us); one request keeps the norm in the out_proj's prologue.
 _GATED_NORM_DECODE_BATCHES = range(2, 17)
 
+
 def qk_norm_rope_store_kv_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
                                 head_dim, eps, kv_cache_layer, kv_slot_ids, k_scale=1.0, v_scale=1.0):
     """Reference for kernels.triton.qk_norm_rope with a KV cache: ``(q, sigmoid(gate))``, k and v stored at
@@ -182,10 +183,10 @@ class Ops:
     linear: Callable  # F.linear's signature
     rms_norm_residual: Callable
     # (x, residual, norm_weight, eps, weight, bias=None) -> (y, residual); norm_weight None: x is already normed
-    # and the residual passes through (as for norm_linear_conv)
+    # and the residual passes through
     norm_linear: Callable
     # (x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots) -> (y, residual): decode
-    # steps' GDN in_proj with the conv update on its q|k|v columns
+    # steps' GDN in_proj with the conv update on its q|k|v columns; norm_weight None as for norm_linear
     norm_linear_conv: Callable
     gated_linear: Callable  # (x, gate, weight, bias=None) -> linear(x * gate, weight, bias)
     gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
@@ -232,9 +233,10 @@ def torch_ops() -> Ops:
     )
 
 
-def gpu_ops(flashinfer: bool = True) -> Ops:
+def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> Ops:
     """The Triton kernels, with flashinfer attention (``flashinfer``) or the torch one (the ``triton`` set,
-    which runs under Triton's interpreter on CPU, so CI exercises this glue)."""
+    which runs under Triton's interpreter on CPU, so CI exercises this glue); ``triton_decode_attention``: decode
+    steps on the fused Triton attention block instead (kernels/triton_attention.py)."""
     from kernels.flashinfer_attention import FlashInferAttention
     from kernels.triton import conv1d as triton_conv
     from kernels.triton import gemv as triton_gemv
@@ -243,6 +245,7 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
     from kernels.triton.gdn_decode import gdn_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
+    from kernels.triton_attention import TritonDecodeAttention
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         if norm_weight is None:  # normed by the previous layer's k-sum
@@ -314,8 +317,12 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     def make_attention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype=None):
         # flashinfer has no fp32 kernels (fp32 is for exactness tests) and only the usual head sizes.
         if not flashinfer or dtype == torch.float32 or head_dim not in (64, 128, 256):
-            return TorchAttention(device)
-        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype)
+            inner = TorchAttention(device)
+        else:
+            inner = FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, kv_dtype)
+        if not triton_decode_attention:
+            return inner
+        return TritonDecodeAttention(inner, num_qo_heads, num_kv_heads, head_dim, page_size, device)
 
     def plan_gdn(batch):
         if batch.is_decode:
@@ -360,17 +367,23 @@ def gpu_ops(flashinfer: bool = True) -> Ops:
     )
 
 
-def select_ops(kernels: str, device: torch.device) -> Ops:
+def select_ops(kernels: str, device: torch.device, decode_attention: str = "auto") -> Ops:
     """``auto``: the GPU kernels on CUDA, the torch references elsewhere. ``triton``: the Triton kernels with
-    torch attention (on CPU only under TRITON_INTERPRET=1, for tests)."""
+    torch attention (on CPU only under TRITON_INTERPRET=1, for tests). ``decode_attention``: ``auto`` (the set's
+    own attention) or ``triton`` (decode steps on the fused Triton attention block; the gpu and triton sets)."""
+    if decode_attention not in ("auto", "triton"):
+        raise ValueError(f"decode_attention must be auto or triton, got {decode_attention!r}")
     if kernels == "auto":
         kernels = "gpu" if device.type == "cuda" else "torch"
     if kernels == "torch":
+        if decode_attention == "triton":
+            raise ValueError("decode_attention=triton needs the gpu or triton kernel set, not the torch references")
         return torch_ops()
+    triton_decode = decode_attention == "triton"
     if kernels == "gpu":
         if device.type != "cuda":
             raise ValueError("the gpu kernel set needs a CUDA device")
-        return gpu_ops()
+        return gpu_ops(triton_decode_attention=triton_decode)
     if kernels == "triton":
-        return gpu_ops(flashinfer=False)
+        return gpu_ops(flashinfer=False, triton_decode_attention=triton_decode)
     raise ValueError(f"kernels must be auto, torch, gpu or triton, got {kernels!r}")

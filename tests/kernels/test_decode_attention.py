@@ -111,12 +111,15 @@ def test_decode_attention_argument_checks():
         DecodeAttentionScratch.new(1, 2, 4, 32, 3, q.device)
 
 
+# On the GPU also the engine's pipelined shape (the interpreter runs every loop unpipelined).
+@pytest.mark.parametrize("num_stages", [0, 5] if DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("dtype,fp8,kv_lens,max_splits", [
     (torch.float32, False, [1, 40, 200], 8),  # a first token; a new token starting a page; several splits
     (torch.bfloat16, False, [33, 16], 4),  # a new token on a full last page; one split
     (torch.bfloat16, True, [70, 9], 4),  # an fp8 cache: K/V quantized with the scales on the way in
+    (torch.bfloat16, False, [900, 300], 32),  # up to 29 splits: the merge past its first chunk
 ])
-def test_fused_decode_attention_equals_the_three_kernels(dtype, fp8, kv_lens, max_splits):
+def test_fused_decode_attention_equals_the_three_kernels(dtype, fp8, kv_lens, max_splits, num_stages):
     """QK-norm, RoPE, the K/V store, the attention and the output gate in one launch: the same cache bytes and
     the same output as the QK-norm/RoPE kernel, then the attention kernel, then ``out * sigmoid(gate)``; and
     close to the torch path (ops.qk_norm_rope_store_kv_torch, paged_attention, the gate)."""
@@ -132,7 +135,7 @@ def test_fused_decode_attention_equals_the_three_kernels(dtype, fp8, kv_lens, ma
     batch = len(kv_lens)
     qkv = torch.randn(batch, (2 * heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
     q_w, k_w = ((0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2))
-    cos_sin = rope_cos_sin_cache(head_dim // 2, 512, 10000.0, DEVICE)  # partial RoPE: a quarter of each head
+    cos_sin = rope_cos_sin_cache(head_dim // 2, 1024, 10000.0, DEVICE)  # partial RoPE: half of each head rotates
     positions = torch.tensor([n - 1 for n in kv_lens], device=DEVICE)
     slots = torch.stack([t[(n - 1) // page_size] * page_size + (n - 1) % page_size
                          for t, n in zip(tables, kv_lens, strict=True)])
@@ -144,14 +147,16 @@ def test_fused_decode_attention_equals_the_three_kernels(dtype, fp8, kv_lens, ma
                                  kv_cache=three_cache, kv_slot_ids=slots, k_scale=k_scale, v_scale=v_scale)
     scratch = DecodeAttentionScratch.new(batch, kv_heads, heads // kv_heads, head_dim, max_splits, q.device)
     attn = decode_attention(q, three_cache, indptr, indices, last, scale, scratch, k_scale=k_scale, v_scale=v_scale,
-                            min_pages=1)
+                            min_pages=1, num_stages=num_stages, prefetch_pages=0 if num_stages else 4)
     want = attn * gate.view(batch, heads, head_dim)
 
     fused_cache = cache.clone()
     inputs = FusedInputs(qkv, q_w, k_w, cos_sin, positions, slots, 1e-6)
     for _ in range(2):  # the tickets back at 0; storing the same K/V again changes nothing
         got = decode_attention_fused(inputs, heads, fused_cache, indptr, indices, last, scale, scratch,
-                                     k_scale=k_scale, v_scale=v_scale, shape=DecodeShape(min_pages=1))
+                                     k_scale=k_scale, v_scale=v_scale,
+                                     shape=DecodeShape(min_pages=1, num_stages=num_stages,
+                                                       prefetch_pages=0 if num_stages else 4))
         assert torch.equal(fused_cache.view(torch.uint8), three_cache.view(torch.uint8))
         assert torch.equal(got, want)
         assert int(scratch.tickets.abs().sum()) == 0

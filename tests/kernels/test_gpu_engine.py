@@ -306,3 +306,24 @@ def test_fp8_graphs_match_eager(fp8_checkpoint):
                                       f"fp8 KV, {num_prompts} requests")
     for engine in (graphed, eager):
         assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_fused_triton_decode_attention_on_the_gpu(checkpoint, kv_cache_dtype):
+    """``decode_attention=triton`` on the GPU: the fast path's logits as close to the fp32 torch path as the bf16
+    torch path's (the usual yardstick), and its decode steps through CUDA graphs (the Triton graph backend, one
+    shared scratch) equal to the same engine's eager steps, with 6 requests replaying the graph of 8."""
+    settings = dict(kv_cache_dtype=kv_cache_dtype)
+    reference = cuda_engine(checkpoint, dtype="float32", kernels="torch", cuda_graph_max_batch=0, **settings)
+    torch16 = cuda_engine(checkpoint, kernels="torch", cuda_graph_max_batch=0, **settings)
+    fused = cuda_engine(checkpoint, kernels="gpu", decode_attention="triton", cuda_graph_max_batch=16, **settings)
+    assert fused.runner.graphs.enabled
+    assert type(fused.runner.graphs.attention[8]).__name__ == "TritonDecodeAttention"
+    _assert_fast_path_as_close_as_torch_path(reference, torch16, fused, seed=3, what=f"fused attention, {settings}")
+    eager = cuda_engine(checkpoint, kernels="gpu", decode_attention="triton", cuda_graph_max_batch=0, **settings)
+    prompts = _prompts(6, 40, seed=6)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=True)
+    _assert_graphed_matches_eager(fused.generate(prompts, params), eager.generate(prompts, params),
+                                  f"fused attention, 6 requests, {kv_cache_dtype}")
+    for engine in (fused, eager):
+        assert_no_leaks(engine)
