@@ -285,6 +285,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--profile-batches", default="", help="batch sizes (first context) to profile per kernel")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
+    parser.add_argument("--decode-attention", default="auto",
+                        help="auto (flashinfer) or triton (the fused Triton attention block on decode steps)")
     parser.add_argument("--out", default="batch_decode.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -298,7 +300,7 @@ def main() -> None:
     max_new = args.warmup + args.steps + 16
     config = decode_engine_config(args.model, max(batches), max(contexts), max_new,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
-                                  kv_cache_dtype=args.kv_cache_dtype)
+                                  kv_cache_dtype=args.kv_cache_dtype, decode_attention=args.decode_attention)
     started = time.monotonic()
     engine = Engine(config, remote_prefill=True)
     log.info("engine ready in %.0fs", time.monotonic() - started)
@@ -307,7 +309,8 @@ def main() -> None:
     results = {
         "benchmark": "batched decode", "model": args.model,
         "backend": f"{runner.ops.name}, CUDA graphs up to {max(runner.graphs.sizes) if runner.graphs else 0}, "
-                   f"overlap {'on' if config.overlap_schedule else 'off'}, KV {config.kv_cache_dtype}",
+                   f"overlap {'on' if config.overlap_schedule else 'off'}, KV {config.kv_cache_dtype}, "
+                   f"decode attention {config.decode_attention}",
         "kv_cache_dtype": config.kv_cache_dtype,
         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9, "gemm_bf16_TFLOPs": gemm_flops / 1e12,

@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", type=int, default=64, help="CUDA graphs up to this batch size (0: off)")
     parser.add_argument("--overlap", type=int, default=1, help="1: launch each step before processing the last")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
+    parser.add_argument("--decode-attention", default="auto",
+                        help="auto (flashinfer) or triton (the fused Triton attention block on decode steps)")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -113,7 +115,7 @@ def main() -> None:
     config = single_request_config(
         args.model, max(contexts) + args.warmup + args.decode_tokens + 16, args.prefill_chunk_size,
         kernels=args.kernels, cuda_graph_max_batch=args.cuda_graphs, overlap_schedule=bool(args.overlap),
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, decode_attention=args.decode_attention,
     )
     device = config.torch_device
     bandwidth = measure_copy_bandwidth(device)
@@ -124,7 +126,8 @@ def main() -> None:
         "benchmark": "single-request decode",
         "model": args.model,
         "backend": f"{engine.runner.ops.name}, CUDA graphs {'on' if graphs_on else 'off'}, "
-                   f"overlap {'on' if args.overlap else 'off'}, KV {args.kv_cache_dtype}",
+                   f"overlap {'on' if args.overlap else 'off'}, KV {args.kv_cache_dtype}, "
+                   f"decode attention {args.decode_attention}",
         "kv_cache_dtype": args.kv_cache_dtype,
         "kv_pages": engine.runner.num_pages,
         "gpu": torch.cuda.get_device_name(device),
