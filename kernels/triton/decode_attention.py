@@ -51,7 +51,7 @@ from kernels.triton.gemv import prefetch_l2
 from kernels.triton.moe import upcast_dot
 from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
-from kernels.triton.qk_norm_rope import _norm_rope_heads, _store
+from kernels.triton.qk_norm_rope import _norm_rope_heads, store_new_kv
 
 MERGE_CHUNK = tl.constexpr(16)  # splits merged per unrolled step (see _merge_splits)
 
@@ -188,13 +188,8 @@ def _prepare_fused(row, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, slot_ptr, seq, h
         slot = tl.load(slot_ptr + seq).to(tl.int64)
         page = slot // PAGE
         k_dst = kv_ptr + page * stride_page + (slot - page * PAGE) * stride_tok + kh * stride_head
-        one = kh < num_kv_heads
-        _norm_rope_heads(k_in, k_dst, k_w_ptr, one, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
-                         BLOCK_PASS, KV_FP8)
-        d = tl.arange(0, BLOCK_D)
-        v_mask = one[:, None] & (d < HEAD_DIM)[None, :]
-        v = tl.load(k_in[:, None] + num_kv_heads * HEAD_DIM + d[None, :], mask=v_mask, other=0.0)
-        _store(k_dst[:, None] + stride_kv + d[None, :], v.to(tl.float32), v_mask, v_multiplier, KV_FP8)
+        store_new_kv(k_in, k_dst, k_w_ptr, kh < num_kv_heads, cos, sin, eps, k_multiplier, v_multiplier,
+                     num_kv_heads * HEAD_DIM, stride_kv, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS, BLOCK_D, KV_FP8)
     tl.debug_barrier()
 
 

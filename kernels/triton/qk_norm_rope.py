@@ -95,6 +95,21 @@ def _norm_rope_heads(
 
 
 @triton.jit
+def store_new_kv(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, v_multiplier, v_offset, stride_kv_kind,
+                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+                 BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr):
+    """A block of KV heads of one token into its cache slot: K (rows ``k_in`` of the projection) normed and
+    rotated to ``k_dst``, V (``v_offset`` elements after each K row) copied ``stride_kv_kind`` after it; an fp8
+    cache gets them times the multipliers (see ``_store``)."""
+    _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
+                     BLOCK_PASS, KV_FP8)
+    d = tl.arange(0, BLOCK_D)
+    v_mask = k_mask[:, None] & (d < HEAD_DIM)[None, :]
+    v = tl.load(k_in[:, None] + v_offset + d[None, :], mask=v_mask, other=0.0)
+    _store(k_dst[:, None] + stride_kv_kind + d[None, :], v.to(tl.float32), v_mask, v_multiplier, KV_FP8)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr, kv_ptr, slot_ptr,
     num_heads, num_kv_heads, stride_qkv, stride_cos_sin, eps,
@@ -147,12 +162,9 @@ def _qk_norm_rope_kernel(
             slot = tl.load(slot_ptr + token).to(tl.int64)
             page = slot // page_size
             k_dst = kv_ptr + page * stride_kv_page + (slot - page * page_size) * stride_kv_token + k_heads * HEAD_DIM
-            _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
-                             BLOCK_PASS, KV_FP8)
-            d = tl.arange(0, BLOCK_D)
-            v_mask = k_mask[:, None] & (d < HEAD_DIM)[None, :]
-            v = tl.load(k_in[:, None] + num_kv_heads * HEAD_DIM + d[None, :], mask=v_mask, other=0.0)
-            _store(k_dst[:, None] + stride_kv_kind + d[None, :], v.to(tl.float32), v_mask, v_multiplier, KV_FP8)
+            store_new_kv(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, v_multiplier,
+                         num_kv_heads * HEAD_DIM, stride_kv_kind, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS, BLOCK_D,
+                         KV_FP8)
         else:
             k_out = k_ptr + (token * num_kv_heads + k_heads) * HEAD_DIM
             _norm_rope_heads(k_in, k_out, k_w_ptr, k_mask, cos, sin, eps, 1.0, HEAD_DIM, HALF, BLOCK_HALF,
