@@ -11,13 +11,15 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR qkrope            # QK-norm + RoPE tiles at prefill sizes
 #     bash loadtest/run_serving_gpu.sh OUT_DIR cputransfer       # issue 23's hand-over efficiency, host memory
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
+#     bash loadtest/run_serving_gpu.sh OUT_DIR attntests,attnblock,attnab  # the fused Triton decode attention: GPU
+#                                                                 # tests, its block vs the engine's, engine A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
-moeprefill batch gdntests gdndecode floor profile qkrope cputransfer jitsave)}
+moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -77,6 +79,19 @@ for step in ${stage//,/ }; do
     gdndecode)  # GDN decode against the copy of the same state bytes, tiles and L2 policy swept (35B-A3B)
         timeout 240 python3 -m kernels.bench_gdn --only decode --shapes 35b --batches 1,8,64,256 --sweep \
             --out "$out/gdn_decode_h200_35b.json" ;;
+    attntests)  # the fused decode attention against the three kernels and the torch path; the engine with it
+        timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
+            tests/kernels/test_gpu_engine.py -k "decode_attention or merge or fused_triton" ;;
+    attnblock)  # the attention layer's block: QK-norm/RoPE + flashinfer + gate (the engine's) vs the fused kernel
+        timeout 150 python3 -m kernels.bench_decode_attention --no-splits \
+            --cases 1x1024,1x4096,8x4096,1x32768,1x131072 --out "$out/decode_attention_block_h200.json" ;;
+    attnab)  # batched decode with flashinfer and with the fused Triton block, alternating on this machine
+        for round in a b; do for attn in auto triton; do
+            timeout "$(( $(left) / 4 ))" python3 -m loadtest.bench_batch_decode --model qwen3.5-35b-a3b \
+                --batches "${BATCHES:-1,8}" --contexts 4096 --steps 30 --warmup 5 --decode-attention "$attn" \
+                --out "$out/attn_ab_${attn}_${round}.json"
+        done; done
+        rm -f "$out"/attn_ab_*.png ;;  # (8 files come back from a call: the JSONs hold the figures)
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;
