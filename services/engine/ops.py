@@ -34,13 +34,6 @@ def qk_norm_rope_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positio
     return q, k, v.reshape(num_tokens, num_kv_heads, head_dim), torch.sigmoid(gate.reshape(num_tokens, -1))
 
 
-# Decode batches whose GDN decode kernel applies the output's gated RMSNorm (one program per value head, BV = Dv).
-# On the H200 at 35B-A3B, batch 8: the kernel 12.5 us a layer against 11.9 with its tuned BV, where the separate
-# norm kernel it replaces took 3.3 (kernels/results/gdn_decode_sweep_h200_35b.json, the batch profiles); at 64 it
-# lost (85 against 77 us); one request keeps the norm in the out_proj's prologue.
-_GATED_NORM_DECODE_BATCHES = range(2, 17)
-
-
 def qk_norm_rope_store_kv_torch(qkv, q_norm_weight, k_norm_weight, cos_sin_cache, positions, num_heads, num_kv_heads,
                                 head_dim, eps, kv_cache_layer, kv_slot_ids, k_scale=1.0, v_scale=1.0):
     """Reference for kernels.triton.qk_norm_rope with a KV cache: ``(q, sigmoid(gate))``, k and v stored at
@@ -231,6 +224,14 @@ def torch_ops() -> Ops:
         plan_gdn=lambda batch: None,
         gdn=gdn_torch,
     )
+
+
+# Decode batches whose GDN decode kernel applies the output's gated RMSNorm (one program per value head, BV = Dv).
+# On the H200 at 35B-A3B, batch 8: the kernel 12.5 us a layer against 11.9 with its tuned BV, where the separate
+# norm kernel it replaces took 3.3 (kernels/results/gdn_decode_sweep_h200_35b.json, the batch profiles); a step
+# 6.86 against 6.95 ms, and faster at 2, 4 and 16 too (loadtest/results/gated_norm_ab/); at 64 the one-head
+# programs lost (85 against 77 us). One request keeps the norm in the out_proj's prologue.
+_GATED_NORM_DECODE_BATCHES = range(2, 17)
 
 
 def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> Ops:
