@@ -28,13 +28,14 @@ the interpreter) or software-pipelined by Triton (``num_stages``: the gathers of
 shared memory while one is used; Triton gives them ``num_stages - 3`` buffers, the page ids taking a stage of
 their own).
 
-Not used by the engine yet (planned). Against flashinfer's decode + merge as the engine runs them
+In the engine only as an opt-in (``decode_attention=triton``: ``kernels/triton_attention.py`` runs the fused
+block), not yet measured there (planned). Against flashinfer's decode + merge as the engine runs them
 (``kernels/bench_decode_attention.py``, ``kernels/results/decode_attention_h200.json``, us a layer, one request):
 the unpipelined loop with 16-32 splits of 4 pages wins at short contexts (7.7 / 10.3 at 1K, 13.2 / 16.2 at 4K)
 and loses from 32K (49 / 33); the pipelined loop with 64 splits of at least 8 pages is at parity from 32K up
 (33.8 / 33.2 at 32K, 79.7 / 79.6 at 128K) but loses its edge at 1K (10.0). A decode graph serves every context
 with one compiled kernel, so the gain of that one configuration is 1.6 us a layer at 4K and 0.3 at 1K; the fused
-block (below) also saves the QK-norm/RoPE launch, flashinfer's merge and the gate multiply.
+block (above) also saves the QK-norm/RoPE launch, flashinfer's merge and the gate multiply.
 """
 
 from __future__ import annotations
