@@ -111,6 +111,35 @@ def test_decode_attention_argument_checks():
         DecodeAttentionScratch.new(1, 2, 4, 32, 3, q.device)
 
 
+def test_decode_attention_fused_argument_checks():
+    """The fused entry refuses, before any launch, what the QK-norm/RoPE kernel would refuse."""
+    from kernels.triton.decode_attention import FusedInputs, decode_attention_fused
+
+    heads, kv_heads, d = 8, 2, 32
+    cache = torch.zeros(4, 2, 16, kv_heads, d, device=DEVICE)
+    indptr = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    last = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    scratch = DecodeAttentionScratch.new(2, kv_heads, heads // kv_heads, d, 2, cache.device)
+    w, ids = torch.zeros(d, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE)
+    qkv = torch.zeros(2, (2 * heads + 2 * kv_heads) * d, device=DEVICE)
+    cos_sin = torch.zeros(8, 16, device=DEVICE)
+
+    def call(qkv=qkv, cache=cache, cos_sin=cos_sin, positions=ids, k_scale=1.0):
+        decode_attention_fused(FusedInputs(qkv, w, w, cos_sin, positions, ids, 1e-6), heads, cache, indptr,
+                               indptr[:2], last, 1.0, scratch, k_scale=k_scale)
+
+    with pytest.raises(ValueError, match="features"):
+        call(qkv=qkv[:, :-d])
+    with pytest.raises(ValueError, match="qkv's torch.float32 or fp8"):
+        call(cache=cache.bfloat16())
+    with pytest.raises(ValueError, match="positive scales"):
+        call(cache=cache.to(torch.float8_e4m3fn), k_scale=0.0)
+    with pytest.raises(ValueError, match="cos/sin cache"):
+        call(cos_sin=torch.zeros(8, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=ids[:1])
+
+
 # On the GPU also the engine's pipelined shape (the interpreter runs every loop unpipelined).
 @pytest.mark.parametrize("num_stages", [0, 5] if DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("dtype,fp8,kv_lens,max_splits", [
