@@ -141,13 +141,12 @@ def _gdn_decode_kernel(
         o = s_q + tl.sum(k * q) * delta
         if GATED_NORM:
             # The model's core output (rounded to the activation dtype), then its gated RMSNorm over the head.
-            core = round_to(o, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)  # (the cast truncates in the
-            # interpreter: round_to rounds as the GPU does)
+            core = round_to(o, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
             z = tl.load(z_ptr + i_b * stride_zb + t * stride_zt + i_h * stride_zh + offs_v, mask=mask_v, other=0.0)
             norm_w = tl.load(norm_w_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
             o = tl.reshape(gated_rms_norm_rows(core[None, :], z.to(tl.float32)[None, :], norm_w[None, :], DV,
                                                norm_eps, PROD_DTYPE, out_ptr.dtype.element_ty), [BV])
-        # (round_to: the GPU's rounding under the interpreter too, whose cast to bf16 truncates)
+        # (round_to here and above: the GPU's rounding under the interpreter too, whose cast to bf16 truncates)
         tl.store(p_o + t * stride_ot, round_to(o, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask_v)
         if STEP_STATES:
             tl.store(p_step + t * stride_step_t, state, mask=mask_s)
