@@ -13,13 +13,16 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
 #     bash loadtest/run_serving_gpu.sh OUT_DIR attntests,attnblock,attnab  # the fused Triton decode attention: GPU
 #                                                                 # tests, its block vs the engine's, engine A/B
+#     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
+#                                                                 # engine A/B at batches 2-16 (and 4 vs 8 warps)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
-moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab jitsave)}
+moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab convtests convab
+jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -92,6 +95,25 @@ for step in ${stage//,/ }; do
                 --out "$out/attn_ab_${attn}_${round}.json"
         done; done
         rm -f "$out"/attn_ab_*.png ;;  # (8 files come back from a call: the JSONs hold the figures)
+    convtests)  # GDN decode with the conv update against the conv kernel apart; the engine with it, graphs too
+        timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
+            tests/kernels/test_gpu_engine.py -k "conv" ;;
+    convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), alternating
+        for round in ${ROUNDS:-a b}; do for arm in off on4 on8; do
+            timeout 150 python3 - "$arm" "${BATCHES:-2,4,8,16}" "$out/conv_ab_${arm}_${round}.json" <<'PY'
+import runpy, sys
+import kernels.triton.gdn_decode as gdn_decode
+import services.engine.ops as ops
+arm, batches, path = sys.argv[1:]
+if arm != "off":
+    ops._CONV_IN_GDN_DECODE_BATCHES = range(2, 17)
+    gdn_decode._GATED_NORM_WARPS = int(arm[2:])
+sys.argv = ["bench_batch_decode", "--model", "qwen3.5-35b-a3b", "--batches", batches, "--contexts", "4096",
+            "--steps", "30", "--warmup", "5", "--out", path]
+runpy.run_module("loadtest.bench_batch_decode", run_name="__main__")
+PY
+        done; done
+        rm -f "$out"/conv_ab_*.png ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;

@@ -25,7 +25,7 @@ from kernels import norm as norm_ref
 from kernels.triton import norm as norm_tk
 from kernels.triton.conv1d import conv1d_prefill, conv1d_update
 from kernels.triton.gdn_chunk import CHUNK, _plan_chunks, gdn_prefill
-from kernels.triton.gdn_decode import commit_step_states, gdn_decode
+from kernels.triton.gdn_decode import DecodeConv, commit_step_states, gdn_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -221,6 +221,87 @@ def test_gdn_decode_step_states_for_speculative_verification(dtype, hk, hv, dk, 
     for i, (slot, n) in enumerate(zip(slots.tolist(), accepted.tolist(), strict=True)):
         assert torch.equal(pool[slot, LAYER], steps[i, n - 1])
     assert_only_slots_changed(pool, before, slots.tolist())
+
+
+@pytest.mark.parametrize("dtype,batch,hk,hv,dk,dv,block_v,gated", [
+    (torch.bfloat16, 3, 2, 4, 32, 32, None, True),  # the engine's shape: one program a value head, the norm
+    (torch.float32, 2, 1, 3, 16, 40, 16, False),  # 9 readers of the q/k state: 3 heads x 3 V-blocks, masked
+    (torch.bfloat16, 2, 2, 8, 16, 16, None, False),  # 4 value heads a key head (as 397B)
+])
+def test_gdn_decode_runs_the_conv_update(dtype, batch, hk, hv, dk, dv, block_v, gated):
+    """``conv``: the kernel takes the conv's raw inputs and gives, bit for bit, what the conv kernel and then the
+    decode kernel give: the output, the SSM states and the conv states (only the requests' slots change), and
+    leaves its tickets at 0. The raw projection is left as it is."""
+    gen = torch.Generator().manual_seed(1000 * hv + dv)
+    key_size, dim, taps = hk * dk, 2 * hk * dk + hv * dv, 4
+    projected = torch.randn(batch, dim + 7, generator=gen).to(DEVICE, dtype)  # conv channels, then other columns
+    a, b = raw_gates((batch, 1), hv, dtype, gen)
+    A_log, dt_bias = gdn_params(hv, gen)
+    ssm = ssm_pool(2 * batch + 1, hv, dk, dv, gen)
+    conv_states = conv_pool(2 * batch + 1, dim, taps, dtype, gen)
+    weight = torch.randn(dim, taps, generator=gen).to(DEVICE, dtype)
+    slots = torch.randperm(ssm.shape[0], generator=gen)[:batch].to(DEVICE)
+    z = torch.randn(batch, 1, hv, dv, generator=gen).to(DEVICE, dtype)
+    norm = (z, (1 + 0.1 * torch.randn(dv, generator=gen)).to(DEVICE, dtype), 1e-6) if gated else None
+    tickets = torch.zeros(ssm.shape[0], hk, dtype=torch.int32, device=DEVICE)
+
+    def heads(x):
+        q, k, v = x[:, None, :dim].split([key_size, key_size, hv * dv], dim=-1)
+        return q.unflatten(-1, (hk, dk)), k.unflatten(-1, (hk, dk)), v.unflatten(-1, (hv, dv))
+
+    # The unfused path: the conv kernel in place on the projection, then the decode kernel.
+    plain_in, plain_ssm, plain_conv = projected.clone(), ssm.clone(), conv_states.clone()
+    conv1d_update(plain_in[:, :dim], weight, plain_conv[:, LAYER], slots, out=plain_in[:, :dim])
+    want = gdn_decode(*heads(plain_in), a, b, A_log, dt_bias, plain_ssm[:, LAYER], slots, block_v=block_v,
+                      gated_norm=norm)
+
+    raw = projected.clone()
+    ssm_before, conv_before = ssm.clone(), conv_states.clone()
+    got = gdn_decode(*heads(raw), a, b, A_log, dt_bias, ssm[:, LAYER], slots, block_v=block_v, gated_norm=norm,
+                     conv=DecodeConv(weight, conv_states[:, LAYER], tickets))
+
+    assert torch.equal(got, want)
+    assert torch.equal(ssm, plain_ssm)
+    assert torch.equal(conv_states, plain_conv)
+    assert torch.equal(raw, projected)
+    assert not tickets.any()
+    assert_only_slots_changed(conv_states, conv_before, slots.tolist())
+    assert_only_slots_changed(ssm, ssm_before, slots.tolist())
+    # and close to the torch references (conv, then the recurrence)
+    ref_in = projected.clone()
+    ref_in[:, :dim] = conv_ref.causal_conv1d_update(projected[:, :dim], weight, conv_before[slots, LAYER].clone())
+    q, k, v = heads(ref_in)
+    g, beta = gating(a, b, A_log, dt_bias)
+    ref_out, ref_state = gdn_ref.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_before[slots.cpu(), LAYER])
+    if gated:
+        ref_out = norm_ref.gated_rms_norm(ref_out, z, norm[1], 1e-6)
+    assert rel_err(got, ref_out) < TOL[dtype]
+    assert rel_err(ssm[slots, LAYER], ref_state) < TOL[dtype]
+
+
+def test_gdn_decode_conv_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(5)
+    hk, hv, d = 1, 2, 16
+    dim = 2 * hk * d + hv * d
+    q, k, v = mixed_qkv((2, 2), hk, hv, d, d, torch.float32, gen)
+    a, b = raw_gates((2, 2), hv, torch.float32, gen)
+    A_log, dt_bias = gdn_params(hv, gen)
+    pool = ssm_pool(4, hv, d, d, gen)
+    slots = torch.tensor([0, 1], device=DEVICE)
+    weight = torch.randn(dim, 4, generator=gen).to(DEVICE)
+    states = conv_pool(4, dim, 4, torch.float32, gen)[:, LAYER]
+    tickets = torch.zeros(4, hk, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="one token a request"):
+        gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, conv=DecodeConv(weight, states, tickets))
+    one = [x[:, :1] for x in (q, k, v, a, b)]
+    with pytest.raises(ValueError, match="conv weight must be"):
+        gdn_decode(*one, A_log, dt_bias, pool[:, LAYER], slots, conv=DecodeConv(weight[1:], states, tickets))
+    with pytest.raises(ValueError, match="conv states must be"):
+        gdn_decode(*one, A_log, dt_bias, pool[:, LAYER], slots,
+                   conv=DecodeConv(weight, states.bfloat16(), tickets))
+    with pytest.raises(ValueError, match="conv tickets must be"):
+        gdn_decode(*one, A_log, dt_bias, pool[:, LAYER], slots,
+                   conv=DecodeConv(weight, states, tickets.to(torch.int64)))
 
 
 def test_gdn_decode_rejects_bad_inputs():
