@@ -155,7 +155,7 @@ def _gdn_decode_kernel(
         # The value channels have one reader, this program: it shifts their state itself. The key head's q/k
         # state is read by CONV_READERS programs: each draws a ticket once its reads are done (a barrier, then
         # an acq_rel atomic), and the one drawing the last stores the new state (which every reader holds) and
-        # resets the ticket, as the router's "last block" does.
+        # takes the tickets back, as the router's "last block" does.
         tl.debug_barrier()
         store_conv_state(v_state, v_ch, mask_v, p_conv, stride_cs_d, CONV_K, CONV_KP)
         p_ticket = ticket_ptr + slot * stride_ticket_slot + i_hk
@@ -204,10 +204,13 @@ def _gdn_decode_kernel(
         tl.store(p_state, state, mask=mask_s, eviction_policy=STATE_EVICT)
     # (at the end: the atomic's round trip overlaps the recurrence; two ifs: ticket exists only where CONV_K > 0)
     if CONV_K > 0:  # noqa: SIM102
-        if ticket == CONV_READERS - 1:
+        # The last of each CONV_READERS tickets stores, and takes them back. Rows sharing a slot (a CUDA graph's
+        # padding rows all rest on the scratch slot) draw k x CONV_READERS tickets: k stores race there, and the
+        # count still returns to 0 (the subtractions keep each ticket's residue).
+        if ticket % CONV_READERS == CONV_READERS - 1:
             store_conv_state(q_state, q_ch, mask_k, p_conv, stride_cs_d, CONV_K, CONV_KP)
             store_conv_state(k_state, k_ch, mask_k, p_conv, stride_cs_d, CONV_K, CONV_KP)
-            tl.atomic_xchg(p_ticket, 0)  # ready for the next launch
+            tl.atomic_add(p_ticket, -CONV_READERS)  # ready for the next launch
 
 
 # One head per program (gated_norm): 4 warps, from the sweep's BV=128 column (kernels/results/gdn_decode_sweep_*).

@@ -279,6 +279,36 @@ def test_gdn_decode_runs_the_conv_update(dtype, batch, hk, hv, dk, dv, block_v, 
     assert rel_err(ssm[slots, LAYER], ref_state) < TOL[dtype]
 
 
+def test_gdn_decode_conv_with_rows_sharing_a_slot():
+    """A CUDA graph's padding rows all rest on one scratch slot: their tickets still return to 0 (each key head
+    drew two rows' worth), and the other rows are as if alone. (The interpreter runs the programs one after
+    another; the GPU test of the engine's graphs, whose padding rows run at once, checks the same on the GPU.)"""
+    gen = torch.Generator().manual_seed(11)
+    hk, hv, d, taps = 2, 4, 16, 4
+    key_size, dim = hk * d, 2 * hk * d + hv * d
+    projected = torch.randn(4, dim, generator=gen).to(DEVICE)
+    a, b = raw_gates((4, 1), hv, torch.float32, gen)
+    A_log, dt_bias = gdn_params(hv, gen)
+    ssm = ssm_pool(5, hv, d, d, gen)
+    conv_states = conv_pool(5, dim, taps, torch.float32, gen)
+    weight = torch.randn(dim, taps, generator=gen).to(DEVICE)
+    tickets = torch.zeros(5, hk, dtype=torch.int32, device=DEVICE)
+
+    def heads(x):
+        q, k, v = x[:, None].split([key_size, key_size, hv * d], dim=-1)
+        return q.unflatten(-1, (hk, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hv, d))
+
+    alone_ssm, alone_conv = ssm.clone(), conv_states.clone()
+    alone = gdn_decode(*heads(projected[:2]), a[:2], b[:2], A_log, dt_bias, alone_ssm[:, LAYER],
+                       torch.tensor([3, 1], device=DEVICE), conv=DecodeConv(weight, alone_conv[:, LAYER], tickets))
+    padded = gdn_decode(*heads(projected), a, b, A_log, dt_bias, ssm[:, LAYER],
+                        torch.tensor([3, 1, 0, 0], device=DEVICE), block_v=8,
+                        conv=DecodeConv(weight, conv_states[:, LAYER], tickets))
+    assert not tickets.any()
+    assert torch.equal(padded[:2], alone)
+    assert torch.equal(ssm[[3, 1]], alone_ssm[[3, 1]]) and torch.equal(conv_states[[3, 1]], alone_conv[[3, 1]])
+
+
 def test_gdn_decode_conv_rejects_bad_inputs():
     gen = torch.Generator().manual_seed(5)
     hk, hv, d = 1, 2, 16
