@@ -261,6 +261,8 @@ def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> O
     from kernels.triton.qk_norm_rope import qk_norm_rope
     from kernels.triton_attention import TritonDecodeAttention
 
+    conv_in_gdn_batches = _CONV_IN_GDN_DECODE_BATCHES  # read once: an engine keeps the setting it was built with
+
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         if norm_weight is None:  # normed by the previous layer's k-sum
             return triton_gemv.linear(x, weight, bias), residual
@@ -279,7 +281,7 @@ def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> O
                                                          state_slot=state_slots)
             return y, residual, True
         y, residual = norm_linear(x, residual, norm_weight, eps, weight)
-        if x.shape[0] in _CONV_IN_GDN_DECODE_BATCHES:  # the GDN decode kernel runs it
+        if x.shape[0] in conv_in_gdn_batches:  # the GDN decode kernel runs it
             return y, residual, False
         conv_qkv = y[:, :conv_weight.shape[0]]
         triton_conv.conv1d_update(conv_qkv, conv_weight, conv_states, state_slots, out=conv_qkv)

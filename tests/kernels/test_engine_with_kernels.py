@@ -106,11 +106,10 @@ def test_conv_update_in_the_gdn_decode_kernel_matches_torch_path(tiny_checkpoint
     prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (20, 9, 17)]
     params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (5, 2, 4)]
     reference, apart = _engine(tiny_checkpoint, "torch"), _engine(tiny_checkpoint, "triton")
-    want_tokens = [c.token_ids for c in reference.generate(prompts, params)]
-    want = apart.generate(prompts, params)
-    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", range(2, 17))
+    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", range(2, 17))  # for engines built from here on
     fused = _engine(tiny_checkpoint, "triton")
-    got = fused.generate(prompts, params)
+    want_tokens = [c.token_ids for c in reference.generate(prompts, params)]
+    want, got = apart.generate(prompts, params), fused.generate(prompts, params)
     assert [c.token_ids for c in got] == want_tokens
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids and g.logprobs == w.logprobs

@@ -340,7 +340,7 @@ def test_conv_update_in_the_gdn_decode_kernel_on_the_gpu(checkpoint, monkeypatch
     settings = dict(max_num_seqs=128, num_pages=128 * 5 + 64, max_num_batched_tokens=8192, prefill_chunk_size=512,
                     enable_prefix_cache=False)
     apart = cuda_engine(checkpoint, kernels="gpu", cuda_graph_max_batch=0, **settings)
-    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", range(2, 257))
+    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", range(2, 257))  # for engines built from here on
     eager = cuda_engine(checkpoint, kernels="gpu", cuda_graph_max_batch=0, **settings)
     graphed = cuda_engine(checkpoint, kernels="gpu", cuda_graph_max_batch=128, **settings)
     params = SamplingParams(max_tokens=10, temperature=0, logprobs=True, ignore_eos=True)
