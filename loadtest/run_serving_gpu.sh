@@ -98,15 +98,16 @@ for step in ${stage//,/ }; do
     convtests)  # GDN decode with the conv update against the conv kernel apart; the engine with it, graphs too
         timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
             tests/kernels/test_gpu_engine.py -k "conv" ;;
-    convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), alternating
-        for round in ${ROUNDS:-a b}; do for arm in off on4 on8; do
+    convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), alternating;
+        # large batches too: BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm)
+        for round in ${ROUNDS:-a b}; do for arm in ${ARMS:-off on4 on8}; do
             timeout 150 python3 - "$arm" "${BATCHES:-2,4,8,16}" "$out/conv_ab_${arm}_${round}.json" <<'PY'
-import runpy, sys
+import os, runpy, sys
 import kernels.triton.gdn_decode as gdn_decode
 import services.engine.ops as ops
 arm, batches, path = sys.argv[1:]
 if arm != "off":
-    ops._CONV_IN_GDN_DECODE_BATCHES = range(2, 17)
+    ops._CONV_IN_GDN_DECODE_BATCHES = range(2, int(os.environ.get("CONV_MAX", "16")) + 1)
     gdn_decode._GATED_NORM_WARPS = int(arm[2:])
 sys.argv = ["bench_batch_decode", "--model", "qwen3.5-35b-a3b", "--batches", batches, "--contexts", "4096",
             "--steps", "30", "--warmup", "5", "--out", path]
