@@ -14,7 +14,7 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR attntests,attnblock,attnab  # the fused Triton decode attention: GPU
 #                                                                 # tests, its block vs the engine's, engine A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
-#                                                                 # engine A/B at batches 2-16 (and 4 vs 8 warps)
+#                                                                 # engine A/B at batches 2-16, 4 vs 8 warps (a round)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
@@ -98,10 +98,13 @@ for step in ${stage//,/ }; do
     convtests)  # GDN decode with the conv update against the conv kernel apart; the engine with it, graphs too
         timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
             tests/kernels/test_gpu_engine.py -k "conv" ;;
-    convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), alternating;
-        # large batches too: BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm)
-        for round in ${ROUNDS:-a b}; do for arm in ${ARMS:-off on4 on8}; do
-            timeout 150 python3 - "$arm" "${BATCHES:-2,4,8,16}" "$out/conv_ab_${arm}_${round}.json" <<'PY'
+    convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), each run ~120 s:
+        # one round fits a call after convtests (ROUNDS="b" ARMS="on8 off on4" for a second call); large batches:
+        # CONV_BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm, up to 16)
+        arms=(${ARMS:-off on4 on8}); rounds=(${ROUNDS:-a}); runs=$(( ${#arms[@]} * ${#rounds[@]} ))
+        for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
+            timeout "$(( $(left) / runs ))" python3 - "$arm" "${CONV_BATCHES:-2,4,8,16}" \
+                "$out/conv_ab_${arm}_${round}.json" <<'PY'
 import os, runpy, sys
 import kernels.triton.gdn_decode as gdn_decode
 import services.engine.ops as ops
@@ -113,6 +116,7 @@ sys.argv = ["bench_batch_decode", "--model", "qwen3.5-35b-a3b", "--batches", bat
             "--steps", "30", "--warmup", "5", "--out", path]
 runpy.run_module("loadtest.bench_batch_decode", run_name="__main__")
 PY
+            runs=$(( runs - 1 ))
         done; done
         rm -f "$out"/conv_ab_*.png ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)

@@ -219,7 +219,7 @@ def _gdn_decode_kernel(
 _GATED_NORM_WARPS = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DecodeConv:
     """The causal conv's decode update, for :func:`gdn_decode` to run on raw q, k, v.
 
@@ -242,6 +242,9 @@ class DecodeConv:
         dim = 2 * key_size + v.shape[2] * v.shape[3]
         if num_tokens != 1 or step_states is not None:
             raise ValueError(f"conv runs one token a request without step_states, got {num_tokens} tokens")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"with conv, q, k and v must share a dtype (the conv's), got {q.dtype}, {k.dtype}, "
+                             f"{v.dtype}")
         if self.weight.dim() != 2 or self.weight.shape[0] != dim or self.weight.shape[1] < 2:
             raise ValueError(f"the conv weight must be [{dim}, K >= 2] (q | k | v), got {tuple(self.weight.shape)}")
         taps = self.weight.shape[1]
@@ -290,7 +293,8 @@ def gdn_decode(
     ``q, k [B, T, Hk, Dk]`` and ``v [B, T, Hv, Dv]`` (post-conv, not normalised; any strides with the last dim
     contiguous), ``a, b [B, T, Hv]`` raw projections, ``A_log, dt_bias [Hv]`` fp32, ``ssm_states`` the pool view
     of one layer ``[num_slots, Hv, Dk, Dv]`` fp32 (any slot stride; each slot's ``[Hv, Dk, Dv]`` contiguous),
-    ``state_slots [B]`` int slot per request (distinct). Updates the states in place and returns
+    ``state_slots [B]`` int slot per request (distinct, but for rows whose result is discarded, as a CUDA graph's
+    padding rows that share a scratch slot). Updates the states in place and returns
     ``o [B, T, Hv, Dv]`` in v's dtype (written into ``out`` if given). ``block_v``/``num_warps``/``evict_state``
     (the state's loads and stores marked evict-first in L2) override the tuning heuristic. No host
     synchronisation: safe to capture in a CUDA graph.

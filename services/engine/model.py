@@ -122,7 +122,7 @@ class GatedDeltaNet(nn.Module):
         num_tokens = x.shape[0]
         conv_states = state_cache.conv_layer(self.gdn_index)
         conv_tickets = None
-        if batch.is_decode:  # the conv update runs with in_proj (in its epilogue on the GPU)
+        if batch.is_decode:  # the conv update runs with in_proj (one request on the GPU: in its epilogue), or
             projected, residual, conv_done = self.ops.norm_linear_conv(
                 x, residual, _weight(norm), _eps(norm), self.in_proj, self.conv_weight, conv_states,
                 batch.state_slots)

@@ -331,10 +331,11 @@ def test_fused_triton_decode_attention_on_the_gpu(checkpoint, kv_cache_dtype):
 
 def test_conv_update_in_the_gdn_decode_kernel_on_the_gpu(checkpoint, monkeypatch):
     """The GDN decode kernel running the conv update (``_CONV_IN_GDN_DECODE_BATCHES``, here every batch from 2)
-    against the conv kernel apart, on batches of 6 (one program a value head, the gated norm) and 100 (V-blocks:
-    more readers of each key head's q/k conv state, all running at once): the same tokens and logprobs eager,
-    graphs equal to eager, the tickets back at 0 and nothing leaked. A reader that saw its conv state after the
-    last one stored it would change the outputs."""
+    against the conv kernel apart, on batches of 6 (one program a value head, the gated norm) and 100 (this
+    model's value heads of 16 are one V-block either way: two readers of each key head's q/k conv state, 100 rows
+    of them at once; test_gdn_kernels.py has 16 readers a key head): the same tokens and logprobs eager, graphs
+    (whose padding rows share the scratch slot) equal to eager, the tickets back at 0 and nothing leaked. A reader
+    that saw its conv state after the last one stored it would change the outputs."""
     from services.engine import ops
 
     settings = dict(max_num_seqs=128, num_pages=128 * 5 + 64, max_num_batched_tokens=8192, prefill_chunk_size=512,
