@@ -90,9 +90,14 @@ def bench_case(batch: int, context: int, bandwidth: float, splits: list[tuple] =
     return case
 
 
-# The fused kernel's shapes: (max_splits, DecodeShape); the first wins at 1K-4K, the second is at parity from 32K.
+# The fused kernel's shapes: (max_splits, DecodeShape); the first won at 1K-4K and the second was at parity from 32K
+# (attention alone, run 12), the second is the engine's (kernels/triton_attention.py). The last two are candidates
+# for it: the pipelined loop with 4-page splits (at 1K, 16 splits of one tile: 9.0 us against 10.0 at 32 x 4
+# pipelined in run 12) and the same with the first pages asked of L2 before the PDL wait.
 FUSED_SHAPES = [(16, DecodeShape(min_pages=4, tile_pages=4, prefetch_pages=4)),
-                (64, DecodeShape(min_pages=8, tile_pages=4, prefetch_pages=0, num_stages=5))]
+                (64, DecodeShape(min_pages=8, tile_pages=4, prefetch_pages=0, num_stages=5)),
+                (64, DecodeShape(min_pages=4, tile_pages=4, prefetch_pages=0, num_stages=5)),
+                (64, DecodeShape(min_pages=4, tile_pages=4, prefetch_pages=4, num_stages=5))]
 ROTARY_DIM = 64  # 35B-A3B: a quarter of each head rotates
 
 
@@ -155,7 +160,7 @@ def main() -> None:
         case = bench_case(batch, context, bandwidth, [] if args.no_splits else SPLITS)
         results["cases"].append(case)
         block = case["block"]
-        fused = ", ".join(f"{t['max_splits']}x{t['min_pages']}s{t['num_stages']} {t['us']:.1f}" for t in block["fused"])
+        fused = ", ".join(f"{_label(t)} {t['us']:.1f}" for t in block["fused"])
         print(f"B={batch} ctx={context}: layer block (QK-norm/RoPE + attention + gate) engine "
               f"{block['engine_us']:.1f} us/layer, fused {fused}", flush=True)
         if case["triton"]:

@@ -86,7 +86,7 @@ for step in ${stage//,/ }; do
         timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
             tests/kernels/test_gpu_engine.py -k "decode_attention or merge or fused_triton" ;;
     attnblock)  # the attention layer's block: QK-norm/RoPE + flashinfer + gate (the engine's) vs the fused kernel
-        timeout 150 python3 -m kernels.bench_decode_attention --no-splits \
+        timeout 240 python3 -m kernels.bench_decode_attention --no-splits \
             --cases 1x1024,1x4096,8x4096,1x32768,1x131072 --out "$out/decode_attention_block_h200.json" ;;
     attnab)  # batched decode with flashinfer and with the fused Triton block, alternating on this machine
         for round in a b; do for attn in auto triton; do
