@@ -15,6 +15,7 @@
 #                                                                 # tests, its block vs the engine's, engine A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
 #                                                                 # engine A/B at batches 2-16, 4 vs 8 warps (a round)
+#     bash loadtest/run_serving_gpu.sh OUT_DIR gated1ab          # one request: the gated norm in GDN decode, A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
@@ -22,7 +23,7 @@
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
 moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab convtests convab
-jitsave)}
+gated1ab jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -103,22 +104,27 @@ for step in ${stage//,/ }; do
         # CONV_BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm, up to 16)
         arms=(${ARMS:-off on4 on8}); rounds=(${ROUNDS:-a}); runs=$(( ${#arms[@]} * ${#rounds[@]} ))
         for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
-            timeout "$(( $(left) / runs ))" python3 - "$arm" "${CONV_BATCHES:-2,4,8,16}" \
-                "$out/conv_ab_${arm}_${round}.json" <<'PY'
-import os, runpy, sys
-import kernels.triton.gdn_decode as gdn_decode
-import services.engine.ops as ops
-arm, batches, path = sys.argv[1:]
-if arm != "off":
-    ops._CONV_IN_GDN_DECODE_BATCHES = range(2, int(os.environ.get("CONV_MAX", "16")) + 1)
-    gdn_decode._GATED_NORM_WARPS = int(arm[2:])
-sys.argv = ["bench_batch_decode", "--model", "qwen3.5-35b-a3b", "--batches", batches, "--contexts", "4096",
-            "--steps", "30", "--warmup", "5", "--out", path]
-runpy.run_module("loadtest.bench_batch_decode", run_name="__main__")
-PY
+            sets=()
+            [ "$arm" = off ] || sets=(--set "services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, $(( ${CONV_MAX:-16} + 1 )))"
+                                     --set "kernels.triton.gdn_decode._GATED_NORM_WARPS=${arm#on}")
+            timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
+                loadtest.bench_batch_decode --model qwen3.5-35b-a3b --batches "${CONV_BATCHES:-2,4,8,16}" \
+                --contexts 4096 --steps 30 --warmup 5 --out "$out/conv_ab_${arm}_${round}.json"
             runs=$(( runs - 1 ))
         done; done
         rm -f "$out"/conv_ab_*.png ;;
+    gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
+        # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
+        arms=(${ARMS:-off on}); rounds=(${ROUNDS:-a b}); runs=$(( ${#arms[@]} * ${#rounds[@]} ))
+        for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
+            sets=()
+            [ "$arm" = off ] || sets=(--set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)")
+            timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
+                loadtest.bench_batch_decode --model qwen3.5-35b-a3b --batches 1 --contexts 1024,32768 --steps 30 \
+                --warmup 5 --out "$out/gated1_ab_${arm}_${round}.json"
+            runs=$(( runs - 1 ))
+        done; done
+        rm -f "$out"/gated1_ab_*.png ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;
