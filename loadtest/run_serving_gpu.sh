@@ -30,6 +30,33 @@ exec > >(tee -a "$out/run.log") 2>&1
 source deploy/offline_gpu_env.sh
 left() { echo $(( ${BUDGET_S:-575} - SECONDS )); }
 
+# The settings of each A/B arm (off: none), as `--set` and its value, a line each.
+conv_settings() {
+    [ "$1" = off ] && return
+    printf '%s\n' --set "services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, $(( ${CONV_MAX:-16} + 1 )))" \
+        --set "kernels.triton.gdn_decode._GATED_NORM_WARPS=${1#on}"
+}
+gated1_settings() {
+    [ "$1" = off ] && return
+    printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
+}
+# ab_runs NAME ARMS ROUNDS BENCH_ARGS...: bench_batch_decode (30 steps after 5 warm-up) for every round and arm
+# (ARMS / ROUNDS override them), each arm's settings from NAME_settings, each run given what is left of the call
+# divided by the runs still to go; results NAME_ab_ARM_ROUND.json (the PNGs dropped: 8 files come back).
+ab_runs() {
+    local name=$1 arms=(${ARMS:-$2}) rounds=(${ROUNDS:-$3}) round arm sets
+    shift 3
+    local runs=$(( ${#arms[@]} * ${#rounds[@]} ))
+    for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
+        mapfile -t sets < <("${name}_settings" "$arm")
+        timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
+            loadtest.bench_batch_decode --model qwen3.5-35b-a3b "$@" --steps 30 --warmup 5 \
+            --out "$out/${name}_ab_${arm}_${round}.json"
+        runs=$(( runs - 1 ))
+    done; done
+    rm -f "$out/${name}"_ab_*.png
+}
+
 for step in ${stage//,/ }; do
     echo "=== $step ($(left) s left)"
     case $step in
@@ -102,29 +129,10 @@ for step in ${stage//,/ }; do
     convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), each run ~120 s:
         # one round fits a call after convtests (ROUNDS="b" ARMS="on8 off on4" for a second call); large batches:
         # CONV_BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm, up to 16)
-        arms=(${ARMS:-off on4 on8}); rounds=(${ROUNDS:-a}); runs=$(( ${#arms[@]} * ${#rounds[@]} ))
-        for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
-            sets=()
-            [ "$arm" = off ] || sets=(--set "services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, $(( ${CONV_MAX:-16} + 1 )))"
-                                     --set "kernels.triton.gdn_decode._GATED_NORM_WARPS=${arm#on}")
-            timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
-                loadtest.bench_batch_decode --model qwen3.5-35b-a3b --batches "${CONV_BATCHES:-2,4,8,16}" \
-                --contexts 4096 --steps 30 --warmup 5 --out "$out/conv_ab_${arm}_${round}.json"
-            runs=$(( runs - 1 ))
-        done; done
-        rm -f "$out"/conv_ab_*.png ;;
+        ab_runs conv "off on4 on8" a --batches "${CONV_BATCHES:-2,4,8,16}" --contexts 4096 ;;
     gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
         # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
-        arms=(${ARMS:-off on}); rounds=(${ROUNDS:-a b}); runs=$(( ${#arms[@]} * ${#rounds[@]} ))
-        for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
-            sets=()
-            [ "$arm" = off ] || sets=(--set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)")
-            timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
-                loadtest.bench_batch_decode --model qwen3.5-35b-a3b --batches 1 --contexts 1024,32768 --steps 30 \
-                --warmup 5 --out "$out/gated1_ab_${arm}_${round}.json"
-            runs=$(( runs - 1 ))
-        done; done
-        rm -f "$out"/gated1_ab_*.png ;;
+        ab_runs gated1 "off on" "a b" --batches 1 --contexts 1024,32768 ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;
