@@ -16,6 +16,10 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
 #                                                                 # engine A/B at batches 2-16, 4 vs 8 warps (a round)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gated1ab          # one request: the gated norm in GDN decode, A/B
+#     bash loadtest/run_serving_gpu.sh OUT_DIR preloadtests,preloadab  # the routed down weights before the PDL
+#                                                                 # wait at 1-4 requests: GPU tests, engine A/B
+#     bash loadtest/run_serving_gpu.sh OUT_DIR gdnoverlap,overlapab  # the GDN prefill's state pass beside its prep:
+#                                                                 # tests, kernels vs in order and fla, prefill A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
@@ -23,7 +27,7 @@
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
 moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab convtests convab
-gated1ab jitsave)}
+gated1ab preloadtests preloadab gdnoverlap overlapab jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -40,9 +44,17 @@ gated1_settings() {
     [ "$1" = off ] && return
     printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
 }
-# ab_runs NAME ARMS ROUNDS BENCH_ARGS...: bench_batch_decode (30 steps after 5 warm-up) for every round and arm
-# (ARMS / ROUNDS override them), each arm's settings from NAME_settings, each run given what is left of the call
-# divided by the runs still to go; results NAME_ab_ARM_ROUND.json (the PNGs dropped: 8 files come back).
+preload_settings() {
+    [ "$1" = off ] && return
+    printf '%s\n' --set "kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=${1#on}"
+}
+overlap_settings() {
+    [ "$1" = off ] && return
+    printf '%s\n' --set "kernels.triton.gdn_chunk.OVERLAP_SEGMENT_CHUNKS=${1#on}"
+}
+# ab_runs NAME ARMS ROUNDS BENCH_MODULE BENCH_ARGS...: the benchmark for every round and arm (ARMS / ROUNDS
+# override them), each arm's settings from NAME_settings, each run given what is left of the call divided by
+# the runs still to go; results NAME_ab_ARM_ROUND.json (the PNGs dropped: 8 files come back).
 ab_runs() {
     local name=$1 arms=(${ARMS:-$2}) rounds=(${ROUNDS:-$3}) round arm sets
     shift 3
@@ -50,12 +62,12 @@ ab_runs() {
     for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
         mapfile -t sets < <("${name}_settings" "$arm")
         timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
-            loadtest.bench_batch_decode --model qwen3.5-35b-a3b "$@" --steps 30 --warmup 5 \
-            --out "$out/${name}_ab_${arm}_${round}.json"
+            "$@" --out "$out/${name}_ab_${arm}_${round}.json"
         runs=$(( runs - 1 ))
     done; done
     rm -f "$out/${name}"_ab_*.png
 }
+batch_decode=(loadtest.bench_batch_decode --model qwen3.5-35b-a3b --steps 30 --warmup 5)
 
 for step in ${stage//,/ }; do
     echo "=== $step ($(left) s left)"
@@ -129,10 +141,29 @@ for step in ${stage//,/ }; do
     convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), each run ~120 s:
         # one round fits a call after convtests (ROUNDS="b" ARMS="on8 off on4" for a second call); large batches:
         # CONV_BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm, up to 16)
-        ab_runs conv "off on4 on8" a --batches "${CONV_BATCHES:-2,4,8,16}" --contexts 4096 ;;
+        ab_runs conv "off on4 on8" a "${batch_decode[@]}" --batches "${CONV_BATCHES:-2,4,8,16}" --contexts 4096 ;;
     gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
         # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
-        ab_runs gated1 "off on" "a b" --batches 1 --contexts 1024,32768 ;;
+        ab_runs gated1 "off on" "a b" "${batch_decode[@]}" --batches 1 --contexts 1024,32768 ;;
+    preloadtests)  # the experts with the routed down tiles loaded before the PDL wait; the engine's fast path and
+        # graphs against eager with it (DOWN_PRELOAD_PER_THREAD set through the environment of the test session)
+        timeout "$(( $(left) / 3 ))" python3 -m loadtest.run_with_settings \
+            --set kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=128 -- pytest -q -p no:cacheprovider \
+            tests/kernels/test_norm_rope_moe_kernels.py tests/kernels/test_gpu_engine.py \
+            -k "fused_experts or graph_decode_logits or fast_path_matches_torch_path" ;;
+    preloadab)  # one to four requests with the routed down tiles loaded after the wait (off) and before it (on128),
+        # alternating, two rounds (~120 s a run)
+        ab_runs preload "off on128" "a b" "${batch_decode[@]}" --batches 1,2,4 --contexts 1024,32768 ;;
+    gdnoverlap)  # the overlapped GDN prefill: the prefill tests (on the GPU also 35B-A3B's heads, bit-equal to the
+        # launches in order five times), then the kernels against in order and fla, segments of 8, 4, 16 chunks
+        timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
+            -k prefill
+        timeout "$(( $(left) - 20 ))" python3 -m kernels.bench_gdn --only prefill --quick --shapes 35b,397b \
+            --overlap "${OVERLAP_ARMS:-8,4,16}" --out "$out/gdn_prefill_overlap_h200.json" ;;
+    overlapab)  # one-pass prefill (40 layers) with the GDN prefill in order (off) and overlapped (on8: segments
+        # of 8 chunks), alternating, two rounds
+        ab_runs overlap "off on8" "a b" loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000 \
+            --chunk-sizes 131072 ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;

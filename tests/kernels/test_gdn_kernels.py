@@ -521,6 +521,81 @@ def test_gdn_prefill_chunk_plan_splits_without_storing():
         _plan_chunks([10], [], CHUNK, splits=[(0, 11)])
 
 
+def prefill_both_ways(dtype, lens, hk, hv, dk, dv, checkpoints, seed, **overlapped):
+    """The same batch through the two launches in order and through the overlapped form: (outputs, pools)."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    q, k, v = mixed_qkv((cu[-1],), hk, hv, dk, dv, dtype, gen)
+    a, b = raw_gates((cu[-1],), hv, dtype, gen)
+    A_log, dt_bias = gdn_params(hv, gen)
+    num_slots = len(lens) + len(checkpoints) + 1
+    pool = ssm_pool(num_slots, hv, dk, dv, gen)
+    slots = torch.arange(len(lens), device=DEVICE)
+    ckpts = [(seq, offset, len(lens) + i) for i, (seq, offset) in enumerate(checkpoints)]
+    results = []
+    for launch in ({"overlap_segment": 0}, overlapped):
+        run_pool = pool.clone()
+        out = gdn_prefill(q, k, v, a, b, A_log, dt_bias, run_pool[:, LAYER], slots, cu, [True] * len(lens), ckpts,
+                          **launch)
+        results.append((out, run_pool))
+    return results
+
+
+@pytest.mark.timeout(120)  # a skipped item would leave the state pass waiting: fail, do not hang
+@pytest.mark.parametrize("segment,programs", [(1, 1), (2, 3), (3, None), (64, 2)])
+def test_gdn_prefill_overlapped_equals_in_order(segment, programs):
+    """The overlapped prefill (a persistent prep counting finished chunks per segment, the state pass waiting on
+    the counts) does the same arithmetic as the two launches in order: bit-equal outputs, final states and
+    checkpoint states, whatever the segment size (one chunk; segments spanning two sequences; one segment for
+    the whole batch) and the number of prep programs (one program doing every item; more than there are items).
+    A (chunk, head) item the prep skipped would leave its segment's count short and the state pass waiting."""
+    (ref_out, ref_pool), (out, pool) = prefill_both_ways(
+        torch.float32, lens=[70, 1, 0, 130], hk=2, hv=4, dk=16, dv=32,
+        checkpoints=[(0, 16), (3, 64), (3, 130)], seed=11,
+        overlap_segment=segment, prep_programs=programs,
+    )
+    assert torch.equal(out, ref_out)
+    assert torch.equal(pool, ref_pool)
+
+
+def test_gdn_prefill_overlapped_bf16_matches_the_reference():
+    """The overlapped form through the bf16 path against the torch reference (pads, masks and checkpoints as
+    the in-order form is tested)."""
+    run_prefill_case(
+        torch.bfloat16, lens=[150, 37], hk=1, hv=3, dk=64, dv=32, has_init=[True, False],
+        checkpoints=[(0, 48), (1, 32)], seed=2, overlap_segment=2, prep_programs=2,
+    )
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="real concurrency of the prep and the state pass needs a GPU")
+@pytest.mark.parametrize("lens,segment", [([8192], 8), ([2048] * 4, 4), ([8192], 1)])
+def test_gdn_prefill_overlapped_on_the_gpu_35b_shape(lens, segment):
+    """35B-A3B heads (16 key, 32 value heads of 128), thousands of (chunk, head) items: the state pass runs while
+    the prep is still writing, so a missing acquire or release shows as a difference; five runs each."""
+    for attempt in range(5):
+        (ref_out, ref_pool), (out, pool) = prefill_both_ways(
+            torch.bfloat16, lens=lens, hk=16, hv=32, dk=128, dv=128, checkpoints=[(0, 1000)], seed=20 + attempt,
+            overlap_segment=segment,
+        )
+        assert torch.equal(out, ref_out), f"run {attempt}"
+        assert torch.equal(pool, ref_pool), f"run {attempt}"
+
+
+def test_gdn_prefill_refuses_a_negative_overlap_segment():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = mixed_qkv((8,), 1, 2, 16, 16, torch.float32, gen)
+    a, b = raw_gates((8,), 2, torch.float32, gen)
+    A_log, dt_bias = gdn_params(2, gen)
+    pool = ssm_pool(2, 2, 16, 16, gen)
+    before = pool.clone()
+    with pytest.raises(ValueError, match="overlap_segment must be >= 0"):
+        gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], torch.tensor([1], device=DEVICE), [0, 8], [True],
+                    overlap_segment=-1)
+    assert torch.equal(pool, before)
+
+
 def test_gdn_prefill_refuses_narrow_single_stage_state_pass():
     """BV=32 with one pipeline stage faulted on the H100 (illegal address): refused with a clear error, and
     nothing is written to the pool before the check."""
