@@ -44,9 +44,12 @@ gated1_settings() {
     [ "$1" = off ] && return
     printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
 }
-preload_settings() {
+preload_settings() {  # on128: the routed down tiles before the wait; on128pf: and the conv state asked of L2
     [ "$1" = off ] && return
-    printf '%s\n' --set "kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=${1#on}"
+    local budget=${1#on}
+    printf '%s\n' --set "kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=${budget%pf}"
+    [ "${1%pf}" != "$1" ] && printf '%s\n' --set kernels.triton.gemv.PREFETCH_CONV_STATE=True
+    return 0
 }
 overlap_settings() {
     [ "$1" = off ] && return
@@ -145,15 +148,16 @@ for step in ${stage//,/ }; do
     gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
         # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
         ab_runs gated1 "off on" "a b" "${batch_decode[@]}" --batches 1 --contexts 1024,32768 ;;
-    preloadtests)  # the experts with the routed down tiles loaded before the PDL wait; the engine's fast path and
-        # graphs against eager with it (DOWN_PRELOAD_PER_THREAD set through the environment of the test session)
+    preloadtests)  # the experts with the routed down tiles loaded before the PDL wait, the in_proj with its conv
+        # state asked of L2 before it; the engine's fast path and graphs against eager with both (one pytest
+        # session under both settings)
         timeout "$(( $(left) / 3 ))" python3 -m loadtest.run_with_settings \
-            --set kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=128 -- pytest -q -p no:cacheprovider \
-            tests/kernels/test_norm_rope_moe_kernels.py tests/kernels/test_gpu_engine.py \
-            -k "fused_experts or graph_decode_logits or fast_path_matches_torch_path" ;;
-    preloadab)  # one to four requests with the routed down tiles loaded after the wait (off) and before it (on128),
-        # alternating, two rounds (~120 s a run)
-        ab_runs preload "off on128" "a b" "${batch_decode[@]}" --batches 1,2,4 --contexts 1024,32768 ;;
+            --set kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=128 --set kernels.triton.gemv.PREFETCH_CONV_STATE=True \
+            -- pytest -q -p no:cacheprovider tests/kernels/test_norm_rope_moe_kernels.py tests/kernels/test_gemv.py \
+            tests/kernels/test_gpu_engine.py -k "fused_experts or conv or graph_decode_logits or fast_path_matches" ;;
+    preloadab)  # one to four requests: off, the routed down tiles before the wait (on128), and with the conv
+        # state prefetch too (on128pf); one round a call (~120 s a run), ROUNDS=b ARMS="on128pf off on128" next
+        ab_runs preload "off on128 on128pf" a "${batch_decode[@]}" --batches 1,2,4 --contexts 1024,32768 ;;
     gdnoverlap)  # the overlapped GDN prefill: the prefill tests (on the GPU also 35B-A3B's heads, bit-equal to the
         # launches in order five times), then the kernels against in order and fla, segments of 8, 4, 16 chunks
         timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \

@@ -47,6 +47,9 @@ class GemvTile:
     num_stages: int = 3
 
 
+# The GDN in_proj's conv epilogue (one row): ask L2 for the tile's conv state and weights before the PDL wait, so
+# that the epilogue's loads after the dot find them there. Off until measured on a GPU (NOTES_fused.md, 0e).
+PREFETCH_CONV_STATE = False
 # Widest K loaded as one tile: [block_n, K] weights in registers.
 MAX_SINGLE_TILE_K = 8192
 
@@ -188,7 +191,7 @@ def _rms_norm_gemv_kernel(
     stride_w, stride_cw, stride_s_slot, stride_s_d,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, CONV_K: tl.constexpr, CONV_KP: tl.constexpr,
-    ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+    ONE_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH_CONV: tl.constexpr,
 ):
     """One row: ``s = x + residual`` (rounded), ``h = gemma_rms_norm(s)``, ``y = h @ W^T``, BLOCK_N columns per
     tile. Every program normalises the row itself (K elements from L2, next to its BLOCK_N*K weights) and, unless
@@ -200,6 +203,16 @@ def _rms_norm_gemv_kernel(
     num_programs = tl.num_programs(0)
     pdl_trigger(PDL)
     w = load_weight_tile(w_ptr, pid * BLOCK_N, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
+    if PREFETCH_CONV:  # noqa: SIM102 - a compile-time branch around a run-time one
+        if pid * BLOCK_N < conv_dim:
+            # The first tile's conv state and weights, asked of L2 before the wait, so that the epilogue's loads
+            # after the dot wait on L2 rather than HBM: this layer wrote that state in an earlier step and the slot
+            # id is the step's input (kernels.triton.pdl). Lines of the tile's first and last channels; a prefetch
+            # holds no registers (loading the window here took 36 more a thread, and so resident programs).
+            ends = tl.minimum(pid * BLOCK_N + tl.arange(0, 2) * (BLOCK_N - 1), conv_dim - 1)
+            slot = tl.load(slot_ptr).to(tl.int64)
+            prefetch_l2(conv_state_ptr + slot * stride_s_slot + ends * stride_s_d)
+            prefetch_l2(conv_w_ptr + ends * stride_cw)
     pdl_wait(PDL)
     h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, pid == 0,
                      K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED)
@@ -402,6 +415,7 @@ def rms_norm_linear(
         K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k),
         HAS_RESIDUAL=residual is not None, WRITE_NORMED=write_normed, CONV_K=conv_taps,
         CONV_KP=triton.next_power_of_2(max(conv_taps - 1, 1)), ONE_TILE=programs == tiles,
+        PREFETCH_CONV=bool(conv_dim) and PREFETCH_CONV_STATE and os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=tile.num_warps, **pdl_launch_args(x.device),
     )
     return y, new_res, normed
