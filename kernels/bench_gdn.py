@@ -407,22 +407,26 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
                          torch.cuda.get_device_properties(device).multi_processor_count if timer.cuda else 132)
 
     def ours(**launch):
+        launch = {"overlap_segment": 0, **launch}  # in order unless an arm says otherwise, whatever the default
         return lambda: gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, None, None, plan=plan, out=out,
                                    **launch)
 
     fla_call = fla_prefill_call(shape, fla, q, k, v, g, beta, init, cu) if fla else None
     timed = {"ours": ours()}
+    overlap_unequal = []
     for segment, programs in overlaps:
         key = f"overlap_s{segment}_p{programs or 'sm'}"
         launch = dict(overlap_segment=segment, prep_programs=programs)
         outputs = []
-        for arm in ({"overlap_segment": 0}, launch):  # same initial states for both
+        for arm in ({}, launch):  # the same initial states for both; the whole pool, checkpoint slots included
             states[slots] = init
-            gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, None, None, plan=plan, out=out, **arm)
-            outputs.append((out.clone(), states[slots].clone()))
-        if not all(torch.equal(x, y) for x, y in zip(*outputs, strict=True)):
-            raise SystemExit(f"prefill {shape.name} {lens} {key}: not bit-equal to the two launches in order")
-        timed[key] = ours(**launch)
+            ours(**arm)()
+            outputs.append((out.clone(), states.clone()))
+        if all(torch.equal(x, y) for x, y in zip(*outputs, strict=True)):
+            timed[key] = ours(**launch)
+        else:  # recorded, not timed; the other arms still run
+            overlap_unequal.append(key)
+            print(f"prefill {shape.name} {lens} {key}: NOT bit-equal to the launches in order", file=sys.stderr)
     if fla_call is not None and fla_call[0] is not None:
         timed["fla"] = fla_call[0]
     times = timer.alternating_us(timed)
@@ -438,6 +442,8 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         **{f"err_{name}": err for name, err in errs.items()},
     }
     overlap_times = {key: t for key, t in times.items() if key.startswith("overlap_")}
+    if overlaps:
+        result["overlap_not_bit_equal"] = overlap_unequal
     if overlap_times:
         best = min(overlap_times, key=overlap_times.get)
         result["overlap_us"] = overlap_times
@@ -647,15 +653,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--batches", default="", help="decode batch sizes (default 1,8,64,256; --quick 1,64)")
     parser.add_argument("--only", default="decode,prefill,conv1d", help="which of decode, prefill, conv1d to run")
-    parser.add_argument("--overlap", default="8",
-                        help="overlapped prefill arms timed beside the default: SEGMENT[xPROGRAMS],... "
-                             "(chunks per segment, prep programs; default one per SM); empty: none")
+    parser.add_argument("--overlap", default="",
+                        help="overlapped prefill arms to time beside the launches in order: SEGMENT[xPROGRAMS],... "
+                             "(chunks per segment, prep programs; default one per SM)")
     args = parser.parse_args(argv)
     try:
         overlaps = tuple((int(seg), int(progs[0]) if progs else None)
                          for seg, *progs in (arm.split("x") for arm in args.overlap.split(",") if arm))
     except ValueError:
-        parser.error(f"--overlap takes SEGMENT[xPROGRAMS],...; got {args.overlap!r}")
+        overlaps = None
+    if overlaps is None or any(seg < 1 or (progs is not None and progs < 1) for seg, progs in overlaps):
+        parser.error(f"--overlap takes SEGMENT[xPROGRAMS],... of positive integers; got {args.overlap!r}")
     only = set(args.only.split(","))
     if not only <= {"decode", "prefill", "conv1d"}:
         parser.error(f"--only takes decode, prefill, conv1d; got {args.only}")

@@ -18,8 +18,9 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gated1ab          # one request: the gated norm in GDN decode, A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR preloadtests,preloadab  # the routed down weights before the PDL
 #                                                                 # wait at 1-4 requests: GPU tests, engine A/B
-#     bash loadtest/run_serving_gpu.sh OUT_DIR gdnoverlap,overlapab  # the GDN prefill's state pass beside its prep:
-#                                                                 # tests, kernels vs in order and fla, prefill A/B
+#     bash loadtest/run_serving_gpu.sh OUT_DIR gdnoverlap        # the GDN prefill's state pass beside its prep:
+#                                                                 # tests, kernels vs in order and fla
+#     bash loadtest/run_serving_gpu.sh OUT_DIR overlapab         # then one-pass prefill A/B, in another call
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
@@ -64,8 +65,13 @@ ab_runs() {
     local runs=$(( ${#arms[@]} * ${#rounds[@]} ))
     for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
         mapfile -t sets < <("${name}_settings" "$arm")
-        timeout "$(( $(left) / runs ))" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
-            "$@" --out "$out/${name}_ab_${arm}_${round}.json"
+        local share=$(( $(left) / runs ))
+        if (( share > 0 )); then  # (timeout 0 would mean no limit)
+            timeout "$share" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
+                "$@" --out "$out/${name}_ab_${arm}_${round}.json"
+        else
+            echo "no time left for ${name} ${arm} ${round}"
+        fi
         runs=$(( runs - 1 ))
     done; done
     rm -f "$out/${name}"_ab_*.png
@@ -162,7 +168,7 @@ for step in ${stage//,/ }; do
         # launches in order five times), then the kernels against in order and fla, segments of 8, 4, 16 chunks
         timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
             -k prefill
-        timeout "$(( $(left) - 20 ))" python3 -m kernels.bench_gdn --only prefill --quick --shapes 35b,397b \
+        timeout 240 python3 -m kernels.bench_gdn --only prefill --quick --shapes 35b,397b \
             --overlap "${OVERLAP_ARMS:-8,4,16}" --out "$out/gdn_prefill_overlap_h200.json" ;;
     overlapab)  # one-pass prefill (40 layers) with the GDN prefill in order (off) and overlapped (on8: segments
         # of 8 chunks), alternating, two rounds

@@ -31,10 +31,10 @@ S <- exp(gc_last) S + k_raw^T (v_new * kscale)).
 3. Optionally (``overlap_segment`` > 0; off by default until measured on a GPU) the state pass runs beside the
    prep rather than after it. The state pass has one program per (sequence, head, V-block) stepping through
    chunks one after another, so it leaves most of each SM idle (35B-A3B at 8K tokens: 128 programs, 299 us on the
-   H200 after a 209 us prep). ``_gdn_chunk_prep_persistent_kernel`` (about one program per SM) takes the (chunk,
-   head) items in chunk order and counts each one done per segment of chunks; the state pass, launched with PDL
-   behind it, waits for a segment's count before running the segment. The prep triggers it at once and never
-   waits, so the waits cannot starve it.
+   H200 after a 209 us prep). ``_gdn_chunk_prep_kernel`` with ``READY_SEG`` > 0 (about one program per SM)
+   takes the (chunk, head) items in chunk order and counts each one done per segment of chunks; the state pass,
+   launched with PDL behind it, waits for a segment's count before running the segment. The prep triggers it at
+   once and never waits, so the waits cannot starve it.
 
 Varlen and checkpoints: chunks are laid out per sequence on the host. A chunk never crosses a sequence end
 or a checkpoint offset: each checkpoint offset restarts the 64-token tiling, so any offset (not only
@@ -195,30 +195,8 @@ def _gdn_chunk_prep(
     tl.store(u_ptr + srow[:, None] * DV + offs_v[None, :], u.to(u_ptr.dtype.element_ty), mask=mask_tv)
 
 
-@triton.jit
-def _gdn_chunk_prep_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
-    w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_at, stride_ah, stride_bt, stride_bh,
-    total_tokens, scale,
-    GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    _gdn_chunk_prep(
-        tl.program_id(0), tl.program_id(1),
-        q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
-        w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_at, stride_ah, stride_bt, stride_bh,
-        total_tokens, scale,
-        GROUP, DK, DV, BK, BVF, C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH,
-    )
-
-
 @triton.jit(do_not_specialize=["num_items"])
-def _gdn_chunk_prep_persistent_kernel(
+def _gdn_chunk_prep_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
     w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, ready_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -228,22 +206,16 @@ def _gdn_chunk_prep_persistent_kernel(
     BVF: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
     SOLVE_PREC: tl.constexpr, PREFETCH: tl.constexpr, READY_SEG: tl.constexpr, PDL: tl.constexpr,
 ):
-    """The prep of the overlapped prefill: a grid of about one program per SM works through the (chunk, head)
-    items in chunk order and counts each one done in ``ready[(chunk // READY_SEG) * HV + head]`` (release), so
-    that the state pass, launched behind it with PDL, starts on a sequence's first chunks while the later ones
-    are still being prepared.
-
-    It triggers the state pass at once: all its programs are resident by then and none of them waits on
-    anything, so the state pass's programs, which wait on the counts, can never starve them (with more programs
-    than fit, the state pass launches only once the last have started: no overlap, but no deadlock)."""
-    pdl_trigger(PDL)
-    item = tl.program_id(0)
-    step = tl.num_programs(0)
-    while item < num_items:  # a while loop: the interpreter takes no runtime range bounds, and nothing to pipeline
-        i_c = item // HV
-        i_h = item % HV
+    """``READY_SEG`` 0: grid (chunk, value head), one item a program, before the state pass. > 0: the prep of the
+    overlapped prefill; a grid of about one program per SM works through the ``num_items`` (chunk, head) items
+    in chunk order and counts each one done in ``ready[(chunk // READY_SEG) * HV + head]`` (release), so that
+    the state pass, launched behind it with PDL, starts on a sequence's first chunks while the later ones are
+    still being prepared. It triggers the state pass at once: all its programs are resident by then and none of
+    them waits on anything, so the state pass's programs, which wait on the counts, can never starve them (with
+    more programs than fit, the state pass launches only once the last have started: no overlap, no deadlock)."""
+    if READY_SEG == 0:
         _gdn_chunk_prep(
-            i_c, i_h,
+            tl.program_id(0), tl.program_id(1),
             q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
             w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -251,11 +223,27 @@ def _gdn_chunk_prep_persistent_kernel(
             total_tokens, scale,
             GROUP, DK, DV, BK, BVF, C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH,
         )
-        # Every thread's stores of this item happen before the count: a barrier, then one release (the router's
-        # pattern; the state pass acquires the count before it loads the segment's scratch).
-        tl.debug_barrier()
-        tl.atomic_add(ready_ptr + (i_c // READY_SEG) * HV + i_h, 1, sem="release")
-        item += step
+    else:
+        pdl_trigger(PDL)
+        item = tl.program_id(0)
+        step = tl.num_programs(0)
+        while item < num_items:  # a while loop: the interpreter takes no runtime range bounds; nothing to pipeline
+            i_c = item // HV
+            i_h = item % HV
+            _gdn_chunk_prep(
+                i_c, i_h,
+                q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
+                w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_at, stride_ah, stride_bt, stride_bh,
+                total_tokens, scale,
+                GROUP, DK, DV, BK, BVF, C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH,
+            )
+            # Every thread's stores of this item happen before the count: a barrier, then one release (the
+            # router's pattern; the state pass acquires the count before it loads the segment's scratch).
+            tl.debug_barrier()
+            tl.atomic_add(ready_ptr + (i_c // READY_SEG) * HV + i_h, 1, sem="release")
+            item += step
 
 
 @triton.jit
@@ -399,8 +387,15 @@ def _gdn_chunk_state_kernel(
             # sequence that share it included (waiting for them costs a little; the prep never waits).
             expected = tl.minimum(seg_end, num_chunks) - seg * READY_SEG
             p_ready = ready_ptr + seg * HV + i_h
-            while tl.atomic_add(p_ready, 0, sem="acquire") < expected:
-                pass
+            # (Triton makes this atomic add of 0 an acquire load by one thread, broadcast through shared memory.)
+            done = tl.atomic_add(p_ready, 0, sem="acquire")
+            while done < expected:
+                done = tl.atomic_add(p_ready, 0, sem="acquire")
+            if INTERPRET:
+                # The interpreter has finished the prep before this pass starts, so every count is final here: it
+                # must be exactly what the wait expects, or on a GPU the wait would end early (or never). A
+                # difference poisons the state, which the tests then see (the interpreter skips device_assert).
+                state = tl.where(done == expected, state, float("nan"))
             s1 = tl.minimum(seg_end, c_end)
             state = _gdn_chunk_run(
                 state, s0, s1, i_h, i_hk, offs_k, offs_v, mask_k, mask_v,
@@ -717,18 +712,19 @@ def gdn_prefill(
             PREFETCH=v.dtype == torch.bfloat16 and v_dim % 64 == 0 and not is_interpreting(),
             num_warps=prep_warps or cfg["prep_warps"], maxnreg=prep_maxnreg,
         )
+        items = plan.num_chunks * num_v_heads
         if overlap:
-            items = plan.num_chunks * num_v_heads
             ready = torch.zeros(triton.cdiv(plan.num_chunks, segment) * num_v_heads, dtype=torch.int32,
                                 device=v.device)
-            # Launched in stream order (it reads what the kernels before it wrote); PDL only for its trigger.
-            _gdn_chunk_prep_persistent_kernel[(min(prep_programs or num_sms, items),)](
-                *prep_args, ready, *prep_strides, items,
-                HV=num_v_heads, READY_SEG=segment, PDL=state_pdl["PDL"], **prep_consts,
-            )
+            grid = (min(prep_programs or num_sms, items),)
         else:
             ready = plan.chunk_len  # not read
-            _gdn_chunk_prep_kernel[(plan.num_chunks, num_v_heads)](*prep_args, *prep_strides, **prep_consts)
+            grid = (plan.num_chunks, num_v_heads)
+        # Launched in stream order (it reads what the kernels before it wrote); PDL only for its trigger.
+        _gdn_chunk_prep_kernel[grid](
+            *prep_args, ready, *prep_strides, items,
+            HV=num_v_heads, READY_SEG=segment if overlap else 0, PDL=state_pdl["PDL"], **prep_consts,
+        )
     else:  # only empty sequences: the state pass still moves initial states (or zeros) into the slots
         w = u = aqk = out
         gc = q_scale = k_scale = ssm_states

@@ -23,6 +23,9 @@ The rules every kernel here follows, which make the chain safe:
   triggers only after its own wait (``TRIGGER_AFTER_WAIT``): the down kernel starts only once every gate/up
   program has seen the router complete. Those loads bypass L1 (``.cg``), which may hold a line of the same buffer
   from an earlier layer.
+* A second, opt-in (``gdn_chunk.OVERLAP_SEGMENT_CHUNKS``): the overlapped GDN prefill's state pass reads the
+  prep's output and writes its own before its wait, each segment of chunks only once it has acquired the count
+  that the prep releases when the segment is done; it waits at its end, so it completes only after the prep.
 Kernels launched without the attribute (cuBLAS, flashinfer, torch) keep full stream order on both sides.
 
 ``BATON_PDL=0`` turns it off (for measuring with and without, and as an escape hatch); it is off under

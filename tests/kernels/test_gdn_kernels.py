@@ -402,15 +402,20 @@ def reference_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, cu, has_init
     return out, expected
 
 
-def run_prefill_case(dtype, lens, hk, hv, dk, dv, has_init, checkpoints, seed, **launch):
-    """checkpoints: (sequence, offset) pairs; each gets its own destination slot."""
-    gen = torch.Generator().manual_seed(seed)
+def prefill_inputs(dtype, lens, hk, hv, dk, dv, gen):
+    """cu_seqlens of ``lens`` and random ``q, k, v, a, b, A_log, dt_bias`` for that many tokens."""
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
     q, k, v = mixed_qkv((cu[-1],), hk, hv, dk, dv, dtype, gen)
     a, b = raw_gates((cu[-1],), hv, dtype, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
+    return cu, q, k, v, a, b, *gdn_params(hv, gen)
+
+
+def run_prefill_case(dtype, lens, hk, hv, dk, dv, has_init, checkpoints, seed, **launch):
+    """checkpoints: (sequence, offset) pairs; each gets its own destination slot."""
+    gen = torch.Generator().manual_seed(seed)
+    cu, q, k, v, a, b, A_log, dt_bias = prefill_inputs(dtype, lens, hk, hv, dk, dv, gen)
     num_slots = 2 * len(lens) + len(checkpoints) + 1
     pool = ssm_pool(num_slots, hv, dk, dv, gen)
     perm = torch.randperm(num_slots, generator=gen).tolist()
@@ -524,12 +529,7 @@ def test_gdn_prefill_chunk_plan_splits_without_storing():
 def prefill_both_ways(dtype, lens, hk, hv, dk, dv, checkpoints, seed, **overlapped):
     """The same batch through the two launches in order and through the overlapped form: (outputs, pools)."""
     gen = torch.Generator().manual_seed(seed)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    q, k, v = mixed_qkv((cu[-1],), hk, hv, dk, dv, dtype, gen)
-    a, b = raw_gates((cu[-1],), hv, dtype, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
+    cu, q, k, v, a, b, A_log, dt_bias = prefill_inputs(dtype, lens, hk, hv, dk, dv, gen)
     num_slots = len(lens) + len(checkpoints) + 1
     pool = ssm_pool(num_slots, hv, dk, dv, gen)
     slots = torch.arange(len(lens), device=DEVICE)
@@ -550,7 +550,9 @@ def test_gdn_prefill_overlapped_equals_in_order(segment, programs):
     the counts) does the same arithmetic as the two launches in order: bit-equal outputs, final states and
     checkpoint states, whatever the segment size (one chunk; segments spanning two sequences; one segment for
     the whole batch) and the number of prep programs (one program doing every item; more than there are items).
-    A (chunk, head) item the prep skipped would leave its segment's count short and the state pass waiting."""
+    Under the interpreter the state pass also checks that each count it waits for is exactly the one the prep
+    left (a wait expecting too little would end early on a GPU), poisoning its state otherwise; an item the prep
+    skipped would leave the state pass waiting (the timeout)."""
     (ref_out, ref_pool), (out, pool) = prefill_both_ways(
         torch.float32, lens=[70, 1, 0, 130], hk=2, hv=4, dk=16, dv=32,
         checkpoints=[(0, 16), (3, 64), (3, 130)], seed=11,
@@ -570,6 +572,7 @@ def test_gdn_prefill_overlapped_bf16_matches_the_reference():
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="real concurrency of the prep and the state pass needs a GPU")
+@pytest.mark.timeout(300, method="thread")  # a wait that never ends blocks in CUDA: only a thread can end it
 @pytest.mark.parametrize("lens,segment", [([8192], 8), ([2048] * 4, 4), ([8192], 1)])
 def test_gdn_prefill_overlapped_on_the_gpu_35b_shape(lens, segment):
     """35B-A3B heads (16 key, 32 value heads of 128), thousands of (chunk, head) items: the state pass runs while

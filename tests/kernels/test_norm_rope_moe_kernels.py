@@ -727,7 +727,7 @@ def test_fused_experts_down_preload(dtype, tokens, top_k, per_thread, shared_las
     weights and weight tiles before its PDL wait (the gate/up kernel then triggers it only after its own wait).
     The same result as the reference, the experts nobody picked (NaN weights) unread; for ``shared_last`` the
     shared column's id is never read."""
-    hidden, inter, experts = 72, 40, 7
+    hidden, inter, experts = 72, 40, 16  # more experts than the tokens pick: some stay unused (NaN)
     config = moe_tk.GemvConfig(4, 0, down_block_n=1, down_num_warps=1)
     monkeypatch.setattr(moe_tk, "DOWN_PRELOAD_PER_THREAD", per_thread)
     routed = top_k - shared_last
@@ -739,6 +739,7 @@ def test_fused_experts_down_preload(dtype, tokens, top_k, per_thread, shared_las
         ids = torch.cat([picked, torch.full((tokens, 1), shared)], dim=1).to(torch.int32).to(DEVICE)
     unused = torch.ones(experts, dtype=torch.bool, device=DEVICE)
     unused[ids.flatten().long()] = False
+    assert unused.any()
     w13[unused] = float("nan")
     w2[unused] = float("nan")
     ref = moe_ref.fused_experts(x, w13, w2, weights, ids.long())
