@@ -588,13 +588,11 @@ def test_gdn_prefill_overlapped_on_the_gpu_35b_shape(lens, segment):
 
 def test_gdn_prefill_refuses_a_negative_overlap_segment():
     gen = torch.Generator().manual_seed(7)
-    q, k, v = mixed_qkv((8,), 1, 2, 16, 16, torch.float32, gen)
-    a, b = raw_gates((8,), 2, torch.float32, gen)
-    A_log, dt_bias = gdn_params(2, gen)
+    cu, q, k, v, a, b, A_log, dt_bias = prefill_inputs(torch.float32, [8], 1, 2, 16, 16, gen)
     pool = ssm_pool(2, 2, 16, 16, gen)
     before = pool.clone()
     with pytest.raises(ValueError, match="overlap_segment must be >= 0"):
-        gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], torch.tensor([1], device=DEVICE), [0, 8], [True],
+        gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], torch.tensor([1], device=DEVICE), cu, [True],
                     overlap_segment=-1)
     assert torch.equal(pool, before)
 
@@ -603,9 +601,7 @@ def test_gdn_prefill_refuses_narrow_single_stage_state_pass():
     """BV=32 with one pipeline stage faulted on the H100 (illegal address): refused with a clear error, and
     nothing is written to the pool before the check."""
     gen = torch.Generator().manual_seed(6)
-    q, k, v = mixed_qkv((64,), 1, 2, 64, 64, torch.bfloat16, gen)
-    a, b = raw_gates((64,), 2, torch.bfloat16, gen)
-    A_log, dt_bias = gdn_params(2, gen)
+    _, q, k, v, a, b, A_log, dt_bias = prefill_inputs(torch.bfloat16, [64], 1, 2, 64, 64, gen)
     pool = ssm_pool(2, 2, 64, 64, gen)
     before = pool.clone()
     slots = torch.tensor([1], device=DEVICE)
