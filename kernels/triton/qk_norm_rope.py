@@ -120,18 +120,20 @@ def _qk_norm_rope_kernel(
     KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
 
-    # cos/sin of this token's position, rounded to the model dtype like the reference's .to(x.dtype).
+    # cos/sin of this token's position, rounded to the model dtype like the reference's .to(x.dtype). Before the
+    # wait: the position is the step's input and the table is constant (kernels.triton.pdl), and the table's
+    # load depends on the position's, two trips that would otherwise follow the wait.
     pos = tl.load(pos_ptr + token).to(tl.int64)
     r = tl.arange(0, BLOCK_HALF)
     cos = tl.load(cos_sin_ptr + pos * stride_cos_sin + r, mask=r < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + r, mask=r < HALF, other=0.0).to(tl.float32)
     cos = round_to(cos, dtype)[None, :]
     sin = round_to(sin, dtype)[None, :]
+    pdl_wait(PDL)
 
     row = qkv_ptr + token * stride_qkv
     num_q_blocks = tl.cdiv(num_heads, BLOCK_HQ)
