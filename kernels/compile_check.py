@@ -203,17 +203,19 @@ def moe_down_preload_case(hidden: int, inter: int, experts: int, top_k: int, tok
     return case
 
 
-def rms_norm_linear_conv_prefetch_35b() -> None:
-    """The GDN in_proj with its conv epilogue's state and weights asked of L2 before the PDL wait."""
+def rms_norm_linear_prefetch_35b() -> None:
+    """The GDN in_proj and the attention qkv_proj with the norm's weight (and the conv epilogue's state and
+    weights) asked of L2 before the PDL wait."""
     from kernels.triton import gemv
 
-    saved, gemv.PREFETCH_CONV_STATE = gemv.PREFETCH_CONV_STATE, True
+    saved, gemv.PREFETCH_BEFORE_WAIT = gemv.PREFETCH_BEFORE_WAIT, True
     try:
         w = _bf16
         gemv.rms_norm_linear(w(1, 2048), w(1, 2048), w(2048), 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
                              conv_states=w(4, 8192, 3), state_slot=torch.tensor([1]))
+        gemv.rms_norm_linear(w(1, 2048), w(1, 2048), w(2048), 1e-6, w(9216, 2048))
     finally:
-        gemv.PREFETCH_CONV_STATE = saved
+        gemv.PREFETCH_BEFORE_WAIT = saved
 
 
 def decode_chain_35b() -> None:
@@ -342,7 +344,7 @@ CASES: dict[str, Callable[[], None]] = {
     "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,
     "rms_norm_linear_capped_35b": rms_norm_linear_capped_35b,
-    "rms_norm_linear_conv_prefetch_35b": rms_norm_linear_conv_prefetch_35b,
+    "rms_norm_linear_prefetch_35b": rms_norm_linear_prefetch_35b,
     "moe_shared_last_35b": moe_shared_last_case(2048, 512, 256, 8),
     "moe_shared_last_397b": moe_shared_last_case(4096, 1024, 512, 10),
     "moe_down_preload_35b": moe_down_preload_case(2048, 512, 256, 8),

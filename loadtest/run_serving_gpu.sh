@@ -45,11 +45,11 @@ gated1_settings() {
     [ "$1" = off ] && return
     printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
 }
-preload_settings() {  # on128: the routed down tiles before the wait; on128pf: and the conv state asked of L2
+preload_settings() {  # on128: the routed down tiles before the wait; on128pf: and the prologue lines asked of L2
     [ "$1" = off ] && return
     local budget=${1#on}
     printf '%s\n' --set "kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=${budget%pf}"
-    [ "${1%pf}" != "$1" ] && printf '%s\n' --set kernels.triton.gemv.PREFETCH_CONV_STATE=True
+    [ "${1%pf}" != "$1" ] && printf '%s\n' --set kernels.triton.gemv.PREFETCH_BEFORE_WAIT=True
     return 0
 }
 overlap_settings() {
@@ -154,15 +154,17 @@ for step in ${stage//,/ }; do
     gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
         # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
         ab_runs gated1 "off on" "a b" "${batch_decode[@]}" --batches 1 --contexts 1024,32768 ;;
-    preloadtests)  # the experts with the routed down tiles loaded before the PDL wait, the in_proj with its conv
-        # state asked of L2 before it; the engine's fast path and graphs against eager with both (one pytest
-        # session under both settings)
+    preloadtests)  # the experts with the routed down tiles loaded before the PDL wait, the one-row projections
+        # with their norm weight and conv state asked of L2 before it (and the router and QK-norm/RoPE, whose loads
+        # moved before it by default); the engine's fast path and graphs against eager (one pytest session under
+        # both settings)
         timeout "$(( $(left) / 3 ))" python3 -m loadtest.run_with_settings \
-            --set kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=128 --set kernels.triton.gemv.PREFETCH_CONV_STATE=True \
+            --set kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=128 --set kernels.triton.gemv.PREFETCH_BEFORE_WAIT=True \
             -- pytest -q -p no:cacheprovider tests/kernels/test_norm_rope_moe_kernels.py tests/kernels/test_gemv.py \
-            tests/kernels/test_gpu_engine.py -k "fused_experts or conv or graph_decode_logits or fast_path_matches" ;;
-    preloadab)  # one to four requests: off, the routed down tiles before the wait (on128), and with the conv
-        # state prefetch too (on128pf); one round a call (~120 s a run), ROUNDS=b ARMS="on128pf off on128" next
+            tests/kernels/test_gpu_engine.py \
+            -k "experts or route or rope or rms_norm or conv or graph_decode_logits or fast_path_matches" ;;
+    preloadab)  # one to four requests: off, the routed down tiles before the wait (on128), and with the L2
+        # prefetches too (on128pf); one round a call (~120 s a run), ROUNDS=b ARMS="on128pf off on128" next
         ab_runs preload "off on128 on128pf" a "${batch_decode[@]}" --batches 1,2,4 --contexts 1024,32768 ;;
     gdnoverlap)  # the overlapped GDN prefill: the prefill tests (on the GPU also 35B-A3B's heads, bit-equal to the
         # launches in order five times), then the kernels against in order and fla, segments of 8, 4, 16 chunks

@@ -134,6 +134,11 @@ def _route_token(
     # .cg: in the fused router the logits were written by other programs of the same launch; read them from
     # L2, never from a line this SM's L1 might hold.
     logits = tl.load(row + e, mask=valid, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+    if HAS_SHARED:
+        # The shared gate's logit, issued with the others: loaded after the top-k's stores (which, for all the
+        # compiler knows, may alias the row), it was one more L2 trip at the router's end, on the MoE layer's
+        # critical path (sm_90 PTX).
+        g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
     if SOFTMAX:
         # kernels.moe.topk_softmax: softmax in fp32 over all experts, top-k on the probabilities.
         p = tl.exp(logits - tl.max(logits, axis=0))
@@ -165,7 +170,6 @@ def _route_token(
 
     if HAS_SHARED:
         # Shared-expert gate: torch.sigmoid of the logit in the activation dtype (fp32 math, one rounding).
-        g = tl.load(row + num_experts, cache_modifier=".cg").to(tl.float32)
         gate = round_to(1.0 / (1.0 + tl.exp(-g)), dtype)
         if SHARED_AS_EXPERT:  # column k: expert id E (the shared expert) with its gate as the weight
             tl.store(weights_ptr + token * OUT_K + TOP_K, gate)
@@ -215,9 +219,13 @@ def _router_gemv_topk_kernel(
     if NORM:
         pdl_trigger(PDL)
         w = load_weight_tile(w_ptr, col0, num_rows, stride_w, HIDDEN, BLOCK_N, BLOCK_K)
+        # The norm's weight too: loaded after the wait, it came after the residual's store, a second trip to
+        # memory behind x's (sm_90 PTX) on the MoE layer's critical path.
+        offs_h = tl.arange(0, BLOCK_K)
+        norm_w = tl.load(norm_w_ptr + offs_h, mask=offs_h < HIDDEN, other=0.0)
         pdl_wait(PDL)
-        h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
-                         HIDDEN, BLOCK_K, HAS_RESIDUAL, True)
+        h = rms_norm_row(x_ptr, res_ptr, norm_w, new_res_ptr, normed_ptr, eps, tl.program_id(0) == 0,
+                         HIDDEN, BLOCK_K, HAS_RESIDUAL, True, True)
         y = tl.sum(h[None, :] * w.to(tl.float32), axis=1)[None, :]
     else:
         y = gemv_tile(x_ptr, w_ptr, col0, num_tokens, num_rows, stride_x, stride_w, HIDDEN, ROWS, BLOCK_N, BLOCK_K,
