@@ -101,11 +101,13 @@ def store_new_kv(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, v_mu
     """A block of KV heads of one token into its cache slot: K (rows ``k_in`` of the projection) normed and
     rotated to ``k_dst``, V (``v_offset`` elements after each K row) copied ``stride_kv_kind`` after it; an fp8
     cache gets them times the multipliers (see ``_store``)."""
-    _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
-                     BLOCK_PASS, KV_FP8)
+    # V loads with K: after K's stores (which may alias it, for all the compiler knows) it was a second trip to
+    # memory (sm_90 PTX).
     d = tl.arange(0, BLOCK_D)
     v_mask = k_mask[:, None] & (d < HEAD_DIM)[None, :]
     v = tl.load(k_in[:, None] + v_offset + d[None, :], mask=v_mask, other=0.0)
+    _norm_rope_heads(k_in, k_dst, k_w_ptr, k_mask, cos, sin, eps, k_multiplier, HEAD_DIM, HALF, BLOCK_HALF,
+                     BLOCK_PASS, KV_FP8)
     _store(k_dst[:, None] + stride_kv_kind + d[None, :], v.to(tl.float32), v_mask, v_multiplier, KV_FP8)
 
 
@@ -144,12 +146,14 @@ def _qk_norm_rope_kernel(
         q_mask = q_heads < num_heads
         q_in = row + q_heads * (2 * HEAD_DIM)  # q of head h starts at h * 2D, its gate at h * 2D + D
         q_out = q_ptr + (token * num_heads + q_heads) * HEAD_DIM
-        _norm_rope_heads(q_in, q_out, q_w_ptr, q_mask, cos, sin, eps, 1.0, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS,
-                         False)
-        # The gate: copied out contiguous, with the sigmoid applied (fp32, rounded once) if asked.
+        # The gate loads with q: after q's stores (which may alias it, for all the compiler knows) it was a second
+        # trip to memory (sm_90 PTX).
         d = tl.arange(0, BLOCK_D)
         gate_mask = q_mask[:, None] & (d < HEAD_DIM)[None, :]
         gate = tl.load(q_in[:, None] + HEAD_DIM + d[None, :], mask=gate_mask, other=0.0)
+        _norm_rope_heads(q_in, q_out, q_w_ptr, q_mask, cos, sin, eps, 1.0, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_PASS,
+                         False)
+        # The gate: copied out contiguous, with the sigmoid applied (fp32, rounded once) if asked.
         if SIGMOID_GATE:
             g32 = gate.to(tl.float32)
             gate = round_to(1.0 / (1.0 + tl.exp(-g32)), dtype).to(dtype)
