@@ -114,11 +114,14 @@ def _gemma_rms_norm_kernel(
     PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rows64 = rows.to(tl.int64)  # rows * stride can exceed 2^31 for long prefill batches
     mask = (rows < num_rows)[:, None] & (cols < dim)[None, :]
+    # The weight before the wait: loaded after the residual's store (which may alias it, for all the compiler
+    # knows), it was a second trip to memory after x's (sm_90 PTX).
+    w = tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+    pdl_wait(PDL)
 
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -129,7 +132,6 @@ def _gemma_rms_norm_kernel(
         x = summed
     x32 = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=1) / dim + eps)
-    w = tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
     out = round_to((x32 * rstd[:, None]) * (1.0 + w[None, :]), out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
