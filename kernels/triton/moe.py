@@ -64,7 +64,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton import gemv as gemv_tk
 from kernels.triton.gemv import gemv_tile, load_weight_tile, rms_norm_row
-from kernels.triton.norm import gemma_norm_row, round_to
+from kernels.triton.norm import gemma_norm_row_with, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1076,6 +1076,11 @@ def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, res_ptr, norm_w_ptr, 
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
     dtype = out_ptr.dtype.element_ty
+    if NORM:
+        # The residual and the norm's weight with the pairs' rows: the weight's load after the residual's store
+        # (which may alias it, for all the compiler knows) would be one more trip to memory at the end.
+        res = tl.load(res_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        norm_w = tl.load(norm_w_ptr + cols, mask=mask, other=0.0)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
@@ -1088,10 +1093,9 @@ def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, res_ptr, norm_w_ptr, 
             acc += tl.load(y_ptr + pair * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     summed = round_to(acc, dtype)
     if NORM:
-        res = tl.load(res_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
         summed = round_to(summed + res, dtype)
         tl.store(new_res_ptr + token * hidden + cols, summed.to(dtype), mask=mask)
-        summed = gemma_norm_row(summed, norm_w_ptr, cols, mask, hidden, eps, dtype)
+        summed = gemma_norm_row_with(summed, norm_w, hidden, eps, dtype)
     tl.store(out_ptr + token * hidden + cols, summed.to(dtype), mask=mask)
 
 
