@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.conv1d import conv_update_channels
-from kernels.triton.norm import _TL_DTYPES, gemma_norm_row_with, round_to
+from kernels.triton.norm import _TL_DTYPES, gemma_norm_row, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -182,12 +182,12 @@ def rms_norm_row(
     else:
         x32 = x.to(tl.float32)
     if NORM_W_LOADED:
-        h = gemma_norm_row_with(x32, norm_w, K, eps, dtype)
+        h = gemma_norm_row(x32, norm_w, K, eps, dtype)
     else:
         # Loaded here, after the residual's store (which, for all the compiler knows, may alias it): a second
         # trip to memory after x's. Loading it with x instead cost ~33 registers a thread in the projections
         # (121-124 -> 157), whose weight tiles already fill them; they ask L2 for it before their wait instead.
-        h = gemma_norm_row_with(x32, tl.load(norm_w + offs_k, mask=k_mask, other=0.0), K, eps, dtype)
+        h = gemma_norm_row(x32, tl.load(norm_w + offs_k, mask=k_mask, other=0.0), K, eps, dtype)
     if WRITE_NORMED:
         tl.store(normed_ptr + offs_k, h.to(dtype), mask=k_mask & write)
     return h

@@ -64,7 +64,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton import gemv as gemv_tk
 from kernels.triton.gemv import gemv_tile, load_weight_tile, rms_norm_row
-from kernels.triton.norm import gemma_norm_row_with, round_to
+from kernels.triton.norm import gemma_norm_row, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1095,7 +1095,7 @@ def _moe_sum_kernel(y_ptr, out_ptr, slots_ptr, topk_w_ptr, res_ptr, norm_w_ptr, 
     if NORM:
         summed = round_to(summed + res, dtype)
         tl.store(new_res_ptr + token * hidden + cols, summed.to(dtype), mask=mask)
-        summed = gemma_norm_row_with(summed, norm_w, hidden, eps, dtype)
+        summed = gemma_norm_row(summed, norm_w, hidden, eps, dtype)
     tl.store(out_ptr + token * hidden + cols, summed.to(dtype), mask=mask)
 
 

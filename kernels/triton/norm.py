@@ -92,16 +92,10 @@ def _launch_geometry(num_rows: int, dim: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def gemma_norm_row(x32, w_ptr, cols, mask, dim, eps, dtype: tl.constexpr):
+def gemma_norm_row(x32, w, dim, eps, dtype: tl.constexpr):
     """Gemma RMSNorm of one fp32 row held in registers (its masked lanes 0): ``(x * rstd) * (1 + w)`` in fp32,
-    rounded once to ``dtype``, as ``_gemma_rms_norm_kernel`` computes it."""
-    return gemma_norm_row_with(x32, tl.load(w_ptr + cols, mask=mask, other=0.0), dim, eps, dtype)
-
-
-@triton.jit
-def gemma_norm_row_with(x32, w, dim, eps, dtype: tl.constexpr):
-    """:func:`gemma_norm_row` with its weight ``w`` already loaded (masked lanes 0), so that a caller can issue
-    that load with its others."""
+    rounded once to ``dtype``, as ``_gemma_rms_norm_kernel`` computes it. The weight row ``w`` comes loaded
+    (masked lanes 0), so that callers issue its load with their others."""
     rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / dim + eps)
     return round_to((x32 * rstd) * (1.0 + w.to(tl.float32)), dtype)
 
