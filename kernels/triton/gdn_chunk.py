@@ -686,6 +686,8 @@ def gdn_prefill(
             ssm_states[dest].zero_()
 
     overlap = segment > 0 and plan.num_chunks > 0
+    ready_seg = segment if overlap else 0  # both kernels' READY_SEG
+    ready = plan.chunk_len  # the segment counts where they overlap (below); otherwise any pointer, never read
     # The state pass of the overlapped form is the one PDL launch here; the prep only triggers it.
     state_pdl = pdl_launch_args(v.device) if overlap else {"PDL": False}
     if plan.num_chunks:
@@ -718,17 +720,15 @@ def gdn_prefill(
                                 device=v.device)
             grid = (min(prep_programs or num_sms, items),)
         else:
-            ready = plan.chunk_len  # not read
             grid = (plan.num_chunks, num_v_heads)
         # Launched in stream order (it reads what the kernels before it wrote); PDL only for its trigger.
         _gdn_chunk_prep_kernel[grid](
             *prep_args, ready, *prep_strides, items,
-            HV=num_v_heads, READY_SEG=segment if overlap else 0, PDL=state_pdl["PDL"], **prep_consts,
+            HV=num_v_heads, READY_SEG=ready_seg, PDL=state_pdl["PDL"], **prep_consts,
         )
     else:  # only empty sequences: the state pass still moves initial states (or zeros) into the slots
         w = u = aqk = out
         gc = q_scale = k_scale = ssm_states
-        ready = plan.chunk_len  # not read
     _gdn_chunk_state_kernel[(triton.cdiv(v_dim, block_v), num_seqs * num_v_heads)](
         q, k, w, u, aqk, gc, q_scale, k_scale, out, ssm_states, state_slots, plan.has_init_dev,
         plan.seq_chunk_ptr, plan.chunk_start, plan.chunk_len, plan.chunk_ckpt, ready,
@@ -736,7 +736,7 @@ def gdn_prefill(
         ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
         total, plan.num_chunks,
         HV=num_v_heads, GROUP=group, DK=k_dim, DV=v_dim, BK=bk, BV=block_v, C=CHUNK,
-        DOT_DT=dot_dt, DOT_PREC=dot_prec, INTERPRET=is_interpreting(), READY_SEG=segment if overlap else 0,
+        DOT_DT=dot_dt, DOT_PREC=dot_prec, INTERPRET=is_interpreting(), READY_SEG=ready_seg,
         **state_pdl,
         num_warps=state_warps or cfg["state_warps"], num_stages=state_stages or cfg["state_stages"],
         maxnreg=state_maxnreg,
