@@ -361,9 +361,7 @@ def reference_prefill(q, k, v, g, beta, init_states, cu):
 
 
 def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: dict, sweep: bool, seed: int,
-                  checkpoint_every: int | None = None, overlaps: tuple[tuple[int, int | None], ...] = ()) -> dict:
-    """``overlaps``: (segment, prep programs) of the overlapped form to time beside the default, each first
-    checked bit-equal to it."""
+                  checkpoint_every: int | None = None) -> dict:
     gen = torch.Generator().manual_seed(seed)
     cu = [0]
     for n in lens:
@@ -407,26 +405,11 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
                          torch.cuda.get_device_properties(device).multi_processor_count if timer.cuda else 132)
 
     def ours(**launch):
-        launch = {"overlap_segment": 0, **launch}  # in order unless an arm says otherwise, whatever the default
         return lambda: gdn_prefill(q, k, v, a, b, A_log, dt_bias, states, slots, None, None, plan=plan, out=out,
                                    **launch)
 
     fla_call = fla_prefill_call(shape, fla, q, k, v, g, beta, init, cu) if fla else None
     timed = {"ours": ours()}
-    overlap_unequal = []
-    for segment, programs in overlaps:
-        key = f"overlap_s{segment}_p{programs or 'sm'}"
-        launch = dict(overlap_segment=segment, prep_programs=programs)
-        outputs = []
-        for arm in ({}, launch):  # the same initial states for both; the whole pool, checkpoint slots included
-            states[slots] = init
-            ours(**arm)()
-            outputs.append((out.clone(), states.clone()))
-        if all(torch.equal(x, y) for x, y in zip(*outputs, strict=True)):
-            timed[key] = ours(**launch)
-        else:  # recorded, not timed; the other arms still run
-            overlap_unequal.append(key)
-            print(f"prefill {shape.name} {lens} {key}: NOT bit-equal to the launches in order", file=sys.stderr)
     if fla_call is not None and fla_call[0] is not None:
         timed["fla"] = fla_call[0]
     times = timer.alternating_us(timed)
@@ -441,15 +424,6 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
         "ours_Mtok_per_s": total / t_ours, "kernels_us": timer.kernels_us(ours()),
         **{f"err_{name}": err for name, err in errs.items()},
     }
-    overlap_times = {key: t for key, t in times.items() if key.startswith("overlap_")}
-    if overlaps:
-        result["overlap_not_bit_equal"] = overlap_unequal
-    if overlap_times:
-        best = min(overlap_times, key=overlap_times.get)
-        result["overlap_us"] = overlap_times
-        result["overlap_best"], result["overlap_best_us"] = best, overlap_times[best]
-        result["overlap_speedup_vs_in_order"] = t_ours / overlap_times[best]
-        result["overlap_kernels_us"] = timer.kernels_us(timed[best])
     if sweep:
         # state-pass configs with the default prep kernel, then prep configs with the best state pass
         grid: dict[str, float | None] = {}
@@ -492,8 +466,6 @@ def bench_prefill(shape: GdnShape, lens: list[int], timer: Timer, device, fla: d
             result["speedup_vs_fla"] = result["fla_us"] / t_ours
             if "best_us" in result:
                 result["best_speedup_vs_fla"] = result["fla_us"] / result["best_us"]
-            if "overlap_best_us" in result:
-                result["overlap_speedup_vs_fla"] = result["fla_us"] / result["overlap_best_us"]
         else:
             result["fla_us"] = None
     return result
@@ -624,10 +596,8 @@ def plot(results: dict, path: Path) -> str | None:
     labels = [f"{r['model']}\n{r['total_tokens'] / 1024:g}K/{len(r['seq_lens'])}seq"
               + (f"\n+{r['checkpoints']}ck" if r["checkpoints"] else "") for r in rows]
     xs = range(len(rows))
-    ax.bar([x - 0.27 for x in xs], [r["ours_Mtok_per_s"] for r in rows], 0.27, label="ours, in order")
-    ax.bar(list(xs), [r["total_tokens"] / r["overlap_best_us"] if "overlap_best_us" in r else 0 for r in rows], 0.27,
-           label="ours, overlapped (best arm)")
-    ax.bar([x + 0.27 for x in xs], [r.get("fla_Mtok_per_s") or 0 for r in rows], 0.27, label="fla")
+    ax.bar([x - 0.2 for x in xs], [r["ours_Mtok_per_s"] for r in rows], 0.4, label="ours")
+    ax.bar([x + 0.2 for x in xs], [r.get("fla_Mtok_per_s") or 0 for r in rows], 0.4, label="fla")
     ax.set_xticks(list(xs), labels, fontsize=6)
     ax.set(ylabel="Mtok/s per layer", title="GDN chunked prefill")
     ax.legend(fontsize=7)
@@ -653,17 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--batches", default="", help="decode batch sizes (default 1,8,64,256; --quick 1,64)")
     parser.add_argument("--only", default="decode,prefill,conv1d", help="which of decode, prefill, conv1d to run")
-    parser.add_argument("--overlap", default="",
-                        help="overlapped prefill arms to time beside the launches in order: SEGMENT[xPROGRAMS],... "
-                             "(chunks per segment, prep programs; default one per SM)")
     args = parser.parse_args(argv)
-    try:
-        overlaps = tuple((int(seg), int(progs[0]) if progs else None)
-                         for seg, *progs in (arm.split("x") for arm in args.overlap.split(",") if arm))
-    except ValueError:
-        overlaps = None
-    if overlaps is None or any(seg < 1 or (progs is not None and progs < 1) for seg, progs in overlaps):
-        parser.error(f"--overlap takes SEGMENT[xPROGRAMS],... of positive integers; got {args.overlap!r}")
     only = set(args.only.split(","))
     if not only <= {"decode", "prefill", "conv1d"}:
         parser.error(f"--only takes decode, prefill, conv1d; got {args.only}")
@@ -712,16 +672,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"  frac {row['frac_of_copy']:.2f}  fla {row.get('fla_us') or float('nan'):8.2f} us")
         for lens, every in prefill_cases:
             seed += 1
-            row = bench_prefill(shape, lens, timer, device, fla, args.sweep, seed, every, overlaps)
+            row = bench_prefill(shape, lens, timer, device, fla, args.sweep, seed, every)
             results["prefill"].append(row)
             print(f"prefill {shape.name:16s} {len(lens)} seqs {row['total_tokens']:6d} tok ck={row['checkpoints']:<3d}"
                   f" ours {row['ours_Mtok_per_s']:6.2f} Mtok/s  fla {row.get('fla_Mtok_per_s') or float('nan'):6.2f}"
                   f" Mtok/s  kernels {row['kernels_us']}")
-            if "overlap_us" in row:
-                print(f"        overlapped {row['overlap_us']} us:"
-                      f" x{row['overlap_speedup_vs_in_order']:.3f} of in order,"
-                      f" x{row.get('overlap_speedup_vs_fla') or float('nan'):.3f} of fla;"
-                      f" kernels {row['overlap_kernels_us']}")
         for lens, batch in conv_cases:
             seed += 1
             for row in bench_conv(shape, lens, batch, timer, device, seed):

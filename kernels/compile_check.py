@@ -185,39 +185,6 @@ def moe_shared_last_case(hidden: int, inter: int, experts: int, top_k: int) -> C
     return case
 
 
-def moe_down_preload_case(hidden: int, inter: int, experts: int, top_k: int, tokens: int = 1) -> Callable[[], None]:
-    """The decode experts with the routed down tiles loaded before the PDL wait (``DOWN_PRELOAD_PER_THREAD``
-    128: 35B-A3B's 8 routed experts at one token, 4 at 2-4 tokens, 2 at 397B)."""
-
-    def case() -> None:
-        from kernels.triton import moe
-
-        saved, moe.DOWN_PRELOAD_PER_THREAD = moe.DOWN_PRELOAD_PER_THREAD, 128
-        try:
-            moe_shared_last_case(hidden, inter, experts, top_k)() if tokens == 1 else moe.fused_experts(
-                _bf16(tokens, hidden), _bf16(experts + 1, 2 * inter, hidden), _bf16(experts + 1, hidden, inter),
-                torch.rand(tokens, top_k + 1), torch.zeros(tokens, top_k + 1, dtype=torch.int32), shared_last=True)
-        finally:
-            moe.DOWN_PRELOAD_PER_THREAD = saved
-
-    return case
-
-
-def rms_norm_linear_prefetch_35b() -> None:
-    """The GDN in_proj and the attention qkv_proj with the norm's weight (and the conv epilogue's state and
-    weights) asked of L2 before the PDL wait."""
-    from kernels.triton import gemv
-
-    saved, gemv.PREFETCH_BEFORE_WAIT = gemv.PREFETCH_BEFORE_WAIT, True
-    try:
-        w = _bf16
-        gemv.rms_norm_linear(w(1, 2048), w(1, 2048), w(2048), 1e-6, w(12352, 2048), conv_weight=w(8192, 4),
-                             conv_states=w(4, 8192, 3), state_slot=torch.tensor([1]))
-        gemv.rms_norm_linear(w(1, 2048), w(1, 2048), w(2048), 1e-6, w(9216, 2048))
-    finally:
-        gemv.PREFETCH_BEFORE_WAIT = saved
-
-
 def decode_chain_35b() -> None:
     """The kernels of one Qwen3.5-35B-A3B decode step (one request) other than GDN and the MoE block above:
     fused norm + projections (with the conv epilogue), out_proj with the gated norm, o_proj with the gate,
@@ -344,19 +311,13 @@ CASES: dict[str, Callable[[], None]] = {
     "qk_norm_rope_fp8_kv_35b": qk_norm_rope_fp8_kv_35b,
     "gated_norm_linear_397b": gated_norm_linear_397b,
     "rms_norm_linear_capped_35b": rms_norm_linear_capped_35b,
-    "rms_norm_linear_prefetch_35b": rms_norm_linear_prefetch_35b,
     "moe_shared_last_35b": moe_shared_last_case(2048, 512, 256, 8),
     "moe_shared_last_397b": moe_shared_last_case(4096, 1024, 512, 10),
-    "moe_down_preload_35b": moe_down_preload_case(2048, 512, 256, 8),
-    "moe_down_preload_35b_T4": moe_down_preload_case(2048, 512, 256, 8, tokens=4),
-    "moe_down_preload_397b": moe_down_preload_case(4096, 1024, 512, 10),
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
     "gdn_decode_conv_35b_B8_gated": gdn_decode_conv_35b(8, True),
     "gdn_decode_conv_35b_B64": gdn_decode_conv_35b(64, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
     "gdn_prefill_35b_8k": gdn_prefill_case(16, 32, 8192),
-    "gdn_prefill_35b_8k_overlapped": gdn_prefill_case(16, 32, 8192, overlap_segment=8),
-    "gdn_prefill_397b_8k_overlapped": gdn_prefill_case(16, 64, 8192, overlap_segment=8),
 }
 
 

@@ -16,11 +16,6 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
 #                                                                 # engine A/B at batches 2-16, 4 vs 8 warps (a round)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gated1ab          # one request: the gated norm in GDN decode, A/B
-#     bash loadtest/run_serving_gpu.sh OUT_DIR preloadtests,preloadab  # the routed down weights before the PDL
-#                                                                 # wait at 1-4 requests: GPU tests, engine A/B
-#     bash loadtest/run_serving_gpu.sh OUT_DIR gdnoverlap        # the GDN prefill's state pass beside its prep:
-#                                                                 # tests, kernels vs in order and fla
-#     bash loadtest/run_serving_gpu.sh OUT_DIR overlapab         # then one-pass prefill A/B, in another call
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
@@ -28,7 +23,7 @@
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
 moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab convtests convab
-gated1ab preloadtests preloadab gdnoverlap overlapab jitsave)}
+gated1ab jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -44,17 +39,6 @@ conv_settings() {
 gated1_settings() {
     [ "$1" = off ] && return
     printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
-}
-preload_settings() {  # on128: the routed down tiles before the wait; on128pf: and the prologue lines asked of L2
-    [ "$1" = off ] && return
-    local budget=${1#on}
-    printf '%s\n' --set "kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=${budget%pf}"
-    [ "${1%pf}" != "$1" ] && printf '%s\n' --set kernels.triton.gemv.PREFETCH_BEFORE_WAIT=True
-    return 0
-}
-overlap_settings() {
-    [ "$1" = off ] && return
-    printf '%s\n' --set "kernels.triton.gdn_chunk.OVERLAP_SEGMENT_CHUNKS=${1#on}"
 }
 # ab_runs NAME ARMS ROUNDS BENCH_MODULE BENCH_ARGS...: the benchmark for every round and arm (ARMS / ROUNDS
 # override them), each arm's settings from NAME_settings, each run given what is left of the call divided by
@@ -154,28 +138,6 @@ for step in ${stage//,/ }; do
     gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
         # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
         ab_runs gated1 "off on" "a b" "${batch_decode[@]}" --batches 1 --contexts 1024,32768 ;;
-    preloadtests)  # the experts with the routed down tiles loaded before the PDL wait, the one-row projections
-        # with their norm weight and conv state asked of L2 before it (and the router and QK-norm/RoPE, whose loads
-        # moved before it by default); the engine's fast path and graphs against eager (one pytest session under
-        # both settings)
-        timeout "$(( $(left) / 3 ))" python3 -m loadtest.run_with_settings \
-            --set kernels.triton.moe.DOWN_PRELOAD_PER_THREAD=128 --set kernels.triton.gemv.PREFETCH_BEFORE_WAIT=True \
-            -- pytest -q -p no:cacheprovider tests/kernels/test_norm_rope_moe_kernels.py tests/kernels/test_gemv.py \
-            tests/kernels/test_gpu_engine.py \
-            -k "experts or route or rope or rms_norm or conv or graph_decode_logits or fast_path_matches" ;;
-    preloadab)  # one to four requests: off, the routed down tiles before the wait (on128), and with the L2
-        # prefetches too (on128pf); one round a call (~120 s a run), ROUNDS=b ARMS="on128pf off on128" next
-        ab_runs preload "off on128 on128pf" a "${batch_decode[@]}" --batches 1,2,4 --contexts 1024,32768 ;;
-    gdnoverlap)  # the overlapped GDN prefill: the prefill tests (on the GPU also 35B-A3B's heads, bit-equal to the
-        # launches in order five times), then the kernels against in order and fla, segments of 8, 4, 16 chunks
-        timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
-            -k prefill
-        timeout 240 python3 -m kernels.bench_gdn --only prefill --quick --shapes 35b,397b \
-            --overlap "${OVERLAP_ARMS:-8,4,16}" --out "$out/gdn_prefill_overlap_h200.json" ;;
-    overlapab)  # one-pass prefill (40 layers) with the GDN prefill in order (off) and overlapped (on8: segments
-        # of 8 chunks), alternating, two rounds
-        ab_runs overlap "off on8" "a b" loadtest.bench_prefill --model qwen3.5-35b-a3b --lengths 8192,32768,50000 \
-            --chunk-sizes 131072 ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;

@@ -28,14 +28,6 @@ S <- exp(gc_last) S + k_raw^T (v_new * kscale)).
    theirs). The output is produced here, so the per-chunk states are never written to memory (fla writes
    them, 32 KiB per chunk and head, and reads them back in a separate output kernel).
 
-3. Optionally (``overlap_segment`` > 0; off by default until measured on a GPU) the state pass runs beside the
-   prep rather than after it. The state pass has one program per (sequence, head, V-block) stepping through
-   chunks one after another, so it leaves most of each SM idle (35B-A3B at 8K tokens: 128 programs, 299 us on the
-   H200 after a 209 us prep). ``_gdn_chunk_prep_kernel`` with ``READY_SEG`` > 0 (about one program per SM)
-   takes the (chunk, head) items in chunk order and counts each one done per segment of chunks; the state pass,
-   launched with PDL behind it, waits for a segment's count before running the segment. The prep triggers it at
-   once and never waits, so the waits cannot starve it.
-
 Varlen and checkpoints: chunks are laid out per sequence on the host. A chunk never crosses a sequence end
 or a checkpoint offset: each checkpoint offset restarts the 64-token tiling, so any offset (not only
 multiples of 64) gets its exact state at the cost of one partial chunk. This needs ``cu_seqlens`` and the
@@ -58,7 +50,6 @@ import triton.language as tl
 
 from .gdn_decode import is_interpreting, softplus
 from .gemv import prefetch_l2
-from .pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
 CHUNK = 64  # tokens per chunk; the blocked inverse below assumes a multiple of 16
 SUB = 16  # diagonal block size of the blocked inverse
@@ -69,10 +60,6 @@ _MIN_PREP_N = 64  # prep kernel: w = T k (N = BK) and u = T v (N = BVF)
 # H100; 64 passed every prefill test there.
 _MIN_STATE_BV = 32
 _MIN_STATE_BV_NARROW_HEADS = 64
-# The overlapped prefill (``gdn_prefill(overlap_segment=...)``): chunks per segment that the state pass waits for
-# at once; 0 runs the prep and the state pass one after the other. Off until measured on a GPU: at 35B-A3B
-# 8K tokens the state pass (128 programs, one an SM, latency-bound) takes 299 us after a 209 us prep.
-OVERLAP_SEGMENT_CHUNKS = 0
 
 
 def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str, str]:
@@ -113,8 +100,7 @@ def _diag_block_inverse(m, C: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _gdn_chunk_prep(
-    i_c, i_h,
+def _gdn_chunk_prep_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
     w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -124,7 +110,8 @@ def _gdn_chunk_prep(
     C: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
-    """Chunk ``i_c`` of value head ``i_h``: gating, norms, Aqk, the inverse, w and u, stored to scratch."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
     i_hk = i_h // GROUP
     tok0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
     length = tl.load(chunk_len_ptr + i_c)
@@ -195,57 +182,6 @@ def _gdn_chunk_prep(
     tl.store(u_ptr + srow[:, None] * DV + offs_v[None, :], u.to(u_ptr.dtype.element_ty), mask=mask_tv)
 
 
-@triton.jit(do_not_specialize=["num_items"])
-def _gdn_chunk_prep_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
-    w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, ready_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_at, stride_ah, stride_bt, stride_bh,
-    total_tokens, scale, num_items,
-    HV: tl.constexpr, GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-    BVF: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOLVE_PREC: tl.constexpr, PREFETCH: tl.constexpr, READY_SEG: tl.constexpr, PDL: tl.constexpr,
-):
-    """``READY_SEG`` 0: grid (chunk, value head), one item a program, before the state pass. > 0: the prep of the
-    overlapped prefill; a grid of about one program per SM works through the ``num_items`` (chunk, head) items
-    in chunk order and counts each one done in ``ready[(chunk // READY_SEG) * HV + head]`` (release), so that
-    the state pass, launched behind it with PDL, starts on a sequence's first chunks while the later ones are
-    still being prepared. It triggers the state pass at once: all its programs are resident by then and none of
-    them waits on anything, so the state pass's programs, which wait on the counts, can never starve them (with
-    more programs than fit, the state pass launches only once the last have started: no overlap, no deadlock)."""
-    if READY_SEG == 0:
-        _gdn_chunk_prep(
-            tl.program_id(0), tl.program_id(1),
-            q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
-            w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
-            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-            stride_at, stride_ah, stride_bt, stride_bh,
-            total_tokens, scale,
-            GROUP, DK, DV, BK, BVF, C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH,
-        )
-    else:
-        pdl_trigger(PDL)
-        item = tl.program_id(0)
-        step = tl.num_programs(0)
-        while item < num_items:  # a while loop: the interpreter takes no runtime range bounds; nothing to pipeline
-            i_c = item // HV
-            i_h = item % HV
-            _gdn_chunk_prep(
-                i_c, i_h,
-                q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr,
-                w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_at, stride_ah, stride_bt, stride_bh,
-                total_tokens, scale,
-                GROUP, DK, DV, BK, BVF, C, S, DOT_DT, DOT_PREC, SOLVE_PREC, PREFETCH,
-            )
-            # Every thread's stores of this item happen before the count: a barrier, then one release (the
-            # router's pattern; the state pass acquires the count before it loads the segment's scratch).
-            tl.debug_barrier()
-            tl.atomic_add(ready_ptr + (i_c // READY_SEG) * HV + i_h, 1, sem="release")
-            item += step
-
-
 @triton.jit
 def _gdn_chunk_step(
     state, i_c, i_h, i_hk, offs_k, offs_v, mask_k, mask_v,
@@ -298,16 +234,32 @@ def _gdn_chunk_step(
 
 
 @triton.jit
-def _gdn_chunk_run(
-    state, c_begin, c_end, i_h, i_hk, offs_k, offs_v, mask_k, mask_v,
-    q_ptr, k_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, out_ptr, ssm_ptr,
-    chunk_start_ptr, chunk_len_ptr, chunk_ckpt_ptr,
+def _gdn_chunk_state_kernel(
+    q_ptr, k_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, out_ptr, ssm_ptr, slots_ptr, has_init_ptr,
+    seq_chunk_ptr, chunk_start_ptr, chunk_len_ptr, chunk_ckpt_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_s_slot, stride_s_head, stride_s_k,
     total_tokens,
-    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    HV: tl.constexpr, GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, C: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Chunks ``[c_begin, c_end)`` of one head's state slice, in order: returns the state after them."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_h = i_nh % HV
+    i_hk = i_h // GROUP
+    slot = tl.load(slots_ptr + i_n).to(tl.int64)
+    has_init = tl.load(has_init_ptr + i_n) != 0
+
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    mask_s = mask_k[:, None] & mask_v[None, :]
+    p_state = ssm_ptr + slot * stride_s_slot + i_h * stride_s_head + offs_k[:, None] * stride_s_k + offs_v[None, :]
+    state = tl.load(p_state, mask=mask_s & has_init, other=0.0)
+
+    c_begin = tl.load(seq_chunk_ptr + i_n)
+    c_end = tl.load(seq_chunk_ptr + i_n + 1)
     if INTERPRET:
         # The interpreter cannot take a runtime range bound (numpy >= 2.4); same steps as the loop below.
         i_c = c_begin
@@ -333,83 +285,6 @@ def _gdn_chunk_run(
                 stride_s_slot, stride_s_head, stride_s_k, total_tokens,
                 DK, DV, C, DOT_DT, DOT_PREC,
             )
-    return state
-
-
-@triton.jit(do_not_specialize=["num_chunks"])  # one compiled variant whatever the batch's chunk count
-def _gdn_chunk_state_kernel(
-    q_ptr, k_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, out_ptr, ssm_ptr, slots_ptr, has_init_ptr,
-    seq_chunk_ptr, chunk_start_ptr, chunk_len_ptr, chunk_ckpt_ptr, ready_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_s_slot, stride_s_head, stride_s_k,
-    total_tokens, num_chunks,
-    HV: tl.constexpr, GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, C: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-    READY_SEG: tl.constexpr, PDL: tl.constexpr,
-):
-    """``READY_SEG`` 0: the prep kernel has completed (stream order). > 0: the overlapped prefill; the prep
-    runs beside this pass and counts the chunks it finished in ``ready[segment * HV + head]``, a segment being
-    ``READY_SEG`` consecutive chunks of the batch (``chunk // READY_SEG``). Each segment is waited for as a
-    whole, then run as one pipelined loop: a wait inside the loop would stop Triton from pipelining it, and
-    the pipeliner would load the next chunk before the wait that guards it."""
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    i_hk = i_h // GROUP
-    slot = tl.load(slots_ptr + i_n).to(tl.int64)
-    has_init = tl.load(has_init_ptr + i_n) != 0
-
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    mask_s = mask_k[:, None] & mask_v[None, :]
-    p_state = ssm_ptr + slot * stride_s_slot + i_h * stride_s_head + offs_k[:, None] * stride_s_k + offs_v[None, :]
-    state = tl.load(p_state, mask=mask_s & has_init, other=0.0)
-
-    c_begin = tl.load(seq_chunk_ptr + i_n)
-    c_end = tl.load(seq_chunk_ptr + i_n + 1)
-    if READY_SEG == 0:
-        state = _gdn_chunk_run(
-            state, c_begin, c_end, i_h, i_hk, offs_k, offs_v, mask_k, mask_v,
-            q_ptr, k_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, out_ptr, ssm_ptr,
-            chunk_start_ptr, chunk_len_ptr, chunk_ckpt_ptr,
-            stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
-            stride_s_slot, stride_s_head, stride_s_k, total_tokens,
-            DK, DV, C, DOT_DT, DOT_PREC, INTERPRET,
-        )
-    else:
-        seg = c_begin // READY_SEG
-        s0 = c_begin
-        while s0 < c_end:
-            seg_end = (seg + 1) * READY_SEG
-            # The segment's count is complete once the prep has done all of its chunks, those of a neighbouring
-            # sequence that share it included (waiting for them costs a little; the prep never waits).
-            expected = tl.minimum(seg_end, num_chunks) - seg * READY_SEG
-            p_ready = ready_ptr + seg * HV + i_h
-            # (Triton makes this atomic add of 0 an acquire load by one thread, broadcast through shared memory.)
-            done = tl.atomic_add(p_ready, 0, sem="acquire")
-            while done < expected:
-                done = tl.atomic_add(p_ready, 0, sem="acquire")
-            if INTERPRET:
-                # The interpreter has finished the prep before this pass starts, so every count is final here: it
-                # must be exactly what the wait expects, or on a GPU the wait would end early (or never). A
-                # difference poisons the state, which the tests then see (the interpreter skips device_assert).
-                state = tl.where(done == expected, state, float("nan"))
-            s1 = tl.minimum(seg_end, c_end)
-            state = _gdn_chunk_run(
-                state, s0, s1, i_h, i_hk, offs_k, offs_v, mask_k, mask_v,
-                q_ptr, k_ptr, w_ptr, u_ptr, aqk_ptr, gc_ptr, qs_ptr, ks_ptr, out_ptr, ssm_ptr,
-                chunk_start_ptr, chunk_len_ptr, chunk_ckpt_ptr,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
-                stride_s_slot, stride_s_head, stride_s_k, total_tokens,
-                DK, DV, C, DOT_DT, DOT_PREC, INTERPRET,
-            )
-            s0 = s1
-            seg += 1
-        # Complete only after the prep has (launched with PDL, this pass would otherwise not order the prep's
-        # completion before the kernels behind it).
-        pdl_wait(PDL)
     tl.store(p_state, state, mask=mask_s)
 
 
@@ -585,8 +460,6 @@ def gdn_prefill(
     state_maxnreg: int | None = None,
     prep_warps: int | None = None,
     prep_maxnreg: int | None = None,
-    overlap_segment: int | None = None,
-    prep_programs: int | None = None,
 ) -> torch.Tensor:
     """Chunked GDN over packed variable-length sequences, states read from and written to pool slots.
 
@@ -604,11 +477,6 @@ def gdn_prefill(
     to avoid a sync); or pass ``plan=plan_gdn_prefill(...)`` built once for all layers (then those three
     arguments are ignored and may be None). The other keyword-only arguments override :func:`prefill_config`
     (``*_maxnreg`` caps registers per thread, trading spills for more resident programs per SM).
-
-    ``overlap_segment`` > 0 (default ``OVERLAP_SEGMENT_CHUNKS``) runs the state pass beside the prep instead of
-    after it: a persistent prep of ``prep_programs`` programs (default one per SM) counts the chunks it has
-    done per segment of that many chunks, and the state pass, launched with PDL, waits for each segment's
-    count before running it. Same arithmetic, so the same bits as the two launches in order.
     """
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[0] != q.shape[0]:
         raise ValueError(f"expected q, k [T, Hk, Dk] and v [T, Hv, Dv], got {q.shape}, {k.shape}, {v.shape}")
@@ -641,9 +509,6 @@ def gdn_prefill(
         raise ValueError("head dims must be >= 16 (tensor-core tile)")
     if len({t.device for t in (q, k, v, a, b, A_log, dt_bias, ssm_states, state_slots)}) != 1:
         raise ValueError("all tensors must be on the same device")
-    segment = OVERLAP_SEGMENT_CHUNKS if overlap_segment is None else overlap_segment
-    if segment < 0 or (prep_programs is not None and prep_programs < 1):
-        raise ValueError(f"overlap_segment must be >= 0 and prep_programs >= 1, got {segment}, {prep_programs}")
     if plan is None:
         plan = plan_gdn_prefill(cu_seqlens, has_initial_state, checkpoints, v.device)
     if plan.total_tokens != total:
@@ -685,11 +550,6 @@ def gdn_prefill(
         else:
             ssm_states[dest].zero_()
 
-    overlap = segment > 0 and plan.num_chunks > 0
-    ready_seg = segment if overlap else 0  # both kernels' READY_SEG
-    ready = plan.chunk_len  # the segment counts where they overlap (below); otherwise any pointer, never read
-    # The state pass of the overlapped form is the one PDL launch here; the prep only triggers it.
-    state_pdl = pdl_launch_args(v.device) if overlap else {"PDL": False}
     if plan.num_chunks:
         # Scratch in the activation dtype (16-bit operands of the state pass's dots). The interpreter rounds
         # fp32 -> bf16 by truncation (biased, unlike the GPU's round-to-nearest), so it keeps fp32 scratch.
@@ -699,45 +559,28 @@ def gdn_prefill(
         aqk = torch.empty(num_v_heads, total, CHUNK, dtype=scratch_dtype, device=v.device)
         # per (head, token) fp32 row data: cumulative log-decay, q and k row scales
         gc, q_scale, k_scale = torch.empty(3, num_v_heads, total, dtype=torch.float32, device=v.device)
-        prep_args = (
+        _gdn_chunk_prep_kernel[(plan.num_chunks, num_v_heads)](
             q, k, v, a, b, A_log, dt_bias, plan.chunk_start, plan.chunk_len,
             w, u, aqk, gc, q_scale, k_scale,
-        )
-        prep_strides = (
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             total, k_dim**-0.5,
-        )
-        prep_consts = dict(
             GROUP=group, DK=k_dim, DV=v_dim, BK=prep_bk, BVF=bvf,
             C=CHUNK, S=SUB, DOT_DT=dot_dt, DOT_PREC=dot_prec, SOLVE_PREC=solve_prec,
             PREFETCH=v.dtype == torch.bfloat16 and v_dim % 64 == 0 and not is_interpreting(),
             num_warps=prep_warps or cfg["prep_warps"], maxnreg=prep_maxnreg,
-        )
-        items = plan.num_chunks * num_v_heads
-        if overlap:
-            ready = torch.zeros(triton.cdiv(plan.num_chunks, segment) * num_v_heads, dtype=torch.int32,
-                                device=v.device)
-            grid = (min(prep_programs or num_sms, items),)
-        else:
-            grid = (plan.num_chunks, num_v_heads)
-        # Launched in stream order (it reads what the kernels before it wrote); PDL only for its trigger.
-        _gdn_chunk_prep_kernel[grid](
-            *prep_args, ready, *prep_strides, items,
-            HV=num_v_heads, READY_SEG=ready_seg, PDL=state_pdl["PDL"], **prep_consts,
         )
     else:  # only empty sequences: the state pass still moves initial states (or zeros) into the slots
         w = u = aqk = out
         gc = q_scale = k_scale = ssm_states
     _gdn_chunk_state_kernel[(triton.cdiv(v_dim, block_v), num_seqs * num_v_heads)](
         q, k, w, u, aqk, gc, q_scale, k_scale, out, ssm_states, state_slots, plan.has_init_dev,
-        plan.seq_chunk_ptr, plan.chunk_start, plan.chunk_len, plan.chunk_ckpt, ready,
+        plan.seq_chunk_ptr, plan.chunk_start, plan.chunk_len, plan.chunk_ckpt,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
-        total, plan.num_chunks,
+        total,
         HV=num_v_heads, GROUP=group, DK=k_dim, DV=v_dim, BK=bk, BV=block_v, C=CHUNK,
-        DOT_DT=dot_dt, DOT_PREC=dot_prec, INTERPRET=is_interpreting(), READY_SEG=ready_seg,
-        **state_pdl,
+        DOT_DT=dot_dt, DOT_PREC=dot_prec, INTERPRET=is_interpreting(),
         num_warps=state_warps or cfg["state_warps"], num_stages=state_stages or cfg["state_stages"],
         maxnreg=state_maxnreg,
     )

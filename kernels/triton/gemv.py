@@ -47,10 +47,6 @@ class GemvTile:
     num_stages: int = 3
 
 
-# One-row projections with the norm in front (GDN in_proj, attention qkv_proj): ask L2 before the PDL wait for
-# what they load after it behind a dependent step, the norm's weight (after the residual's store) and the GDN
-# in_proj's conv state and weights (after the dot). Off until measured on a GPU (NOTES_fused.md, 0e).
-PREFETCH_BEFORE_WAIT = False
 # Widest K loaded as one tile: [block_n, K] weights in registers.
 MAX_SINGLE_TILE_K = 8192
 
@@ -186,7 +182,8 @@ def rms_norm_row(
     else:
         # Loaded here, after the residual's store (which, for all the compiler knows, may alias it): a second
         # trip to memory after x's. Loading it with x instead cost ~33 registers a thread in the projections
-        # (121-124 -> 157), whose weight tiles already fill them; they ask L2 for it before their wait instead.
+        # (121-124 -> 157), whose weight tiles already fill them; an L2 prefetch of it before the wait (with the
+        # conv epilogue's state and weights) changed nothing on the H200 (run 15, NOTES_serving_speed.md).
         h = gemma_norm_row(x32, tl.load(norm_w + offs_k, mask=k_mask, other=0.0), K, eps, dtype)
     if WRITE_NORMED:
         tl.store(normed_ptr + offs_k, h.to(dtype), mask=k_mask & write)
@@ -200,7 +197,7 @@ def _rms_norm_gemv_kernel(
     stride_w, stride_cw, stride_s_slot, stride_s_d,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, CONV_K: tl.constexpr, CONV_KP: tl.constexpr,
-    ONE_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    ONE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row: ``s = x + residual`` (rounded), ``h = gemma_rms_norm(s)``, ``y = h @ W^T``, BLOCK_N columns per
     tile. Every program normalises the row itself (K elements from L2, next to its BLOCK_N*K weights) and, unless
@@ -212,18 +209,6 @@ def _rms_norm_gemv_kernel(
     num_programs = tl.num_programs(0)
     pdl_trigger(PDL)
     w = load_weight_tile(w_ptr, pid * BLOCK_N, num_cols, stride_w, K, BLOCK_N, BLOCK_K)
-    if PREFETCH:
-        # What the prologue and the conv epilogue load after the wait behind a dependent step, asked of L2 now; a
-        # prefetch holds no registers (loading these here took 33-36 more a thread, and so resident programs).
-        # The norm's weight: one of its 128-byte lines a program, every line by many programs.
-        prefetch_l2(norm_w_ptr + (pid % ((K + 63) // 64)) * 64)
-        if CONV_K > 0 and pid * BLOCK_N < conv_dim:
-            # The first tile's conv state and weights (the lines of its first and last channels): this layer wrote
-            # that state in an earlier step and the slot id is the step's input (kernels.triton.pdl).
-            ends = tl.minimum(pid * BLOCK_N + tl.arange(0, 2) * (BLOCK_N - 1), conv_dim - 1)
-            slot = tl.load(slot_ptr).to(tl.int64)
-            prefetch_l2(conv_state_ptr + slot * stride_s_slot + ends * stride_s_d)
-            prefetch_l2(conv_w_ptr + ends * stride_cw)
     pdl_wait(PDL)
     h = rms_norm_row(x_ptr, res_ptr, norm_w_ptr, new_res_ptr, normed_ptr, eps, pid == 0,
                      K, BLOCK_K, HAS_RESIDUAL, WRITE_NORMED, False)
@@ -426,8 +411,6 @@ def rms_norm_linear(
         K=k, BLOCK_N=tile.block_n, BLOCK_K=triton.next_power_of_2(k),
         HAS_RESIDUAL=residual is not None, WRITE_NORMED=write_normed, CONV_K=conv_taps,
         CONV_KP=triton.next_power_of_2(max(conv_taps - 1, 1)), ONE_TILE=programs == tiles,
-        PREFETCH=PREFETCH_BEFORE_WAIT and norm_weight.dtype == torch.bfloat16 and k % 64 == 0
-        and os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=tile.num_warps, **pdl_launch_args(x.device),
     )
     return y, new_res, normed

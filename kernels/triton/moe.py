@@ -918,18 +918,14 @@ def _moe_gate_up_gemv_kernel(
     x_ptr, w13_ptr, act_ptr, ids_ptr, shared_expert,
     stride_x, stride_we, stride_wn, stride_act,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SHARED_LAST: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr, TRIGGER_AFTER_WAIT: tl.constexpr,
+    SHARED_LAST: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[pair, n] = silu(x[token] . w13[e, n]) * (x[token] . w13[e, I + n]) for one pair and BLOCK_N columns.
 
     SHARED_LAST: every token's last pair is expert ``shared_expert`` (the shared expert, whatever ``ids``
     says), so its programs need no routing: they load their whole ``[2, BLOCK_N, HIDDEN]`` weight tile
-    before the PDL wait, while the router still runs.
-
-    TRIGGER_AFTER_WAIT: the down kernel behind this one may start only once every program here has passed its
-    wait, i.e. once the routing is complete and visible: it then reads the routing before its own wait."""
-    if not TRIGGER_AFTER_WAIT:
-        pdl_trigger(PDL)
+    before the PDL wait, while the router still runs."""
+    pdl_trigger(PDL)
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOP_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -947,15 +943,11 @@ def _moe_gate_up_gemv_kernel(
         shared_g = tl.load(shared_ptrs, mask=h_mask, other=0.0, eviction_policy="evict_first")
         shared_u = tl.load(shared_ptrs + INTER * stride_wn, mask=h_mask, other=0.0, eviction_policy="evict_first")
         pdl_wait(PDL)
-        if TRIGGER_AFTER_WAIT:
-            pdl_trigger(PDL)
         x_row = tl.load(x_ptr + token * stride_x + offs_h, mask=offs_h < HIDDEN, other=0.0).to(tl.float32)
         gate_sum = tl.sum(shared_g.to(tl.float32) * x_row[None, :], axis=1)
         up_sum = tl.sum(shared_u.to(tl.float32) * x_row[None, :], axis=1)
     else:
         pdl_wait(PDL)
-        if TRIGGER_AFTER_WAIT:
-            pdl_trigger(PDL)
         expert = tl.load(ids_ptr + pair).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + token * stride_x + offs_k
@@ -1007,52 +999,30 @@ def _moe_down_sum_gemv_kernel(
     act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, shared_expert,
     stride_act, stride_we, stride_wn, stride_out,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SHARED_LAST: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
+    SHARED_LAST: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[t, n] = sum_j weight[t, j] * (act[t*k + j] . w2[e_j, n]) for one token and BLOCK_N columns: the down
     projection of all of the token's pairs and their k-sum in one program (no per-pair y in memory).
 
     SHARED_LAST: the last pair is expert ``shared_expert``, whose ``[BLOCK_N, INTER]`` weight tile is loaded
-    before the PDL wait.
-
-    PRELOAD (a power of two, or 0): the first PRELOAD pairs' expert ids, routing weights and ``[BLOCK_N, INTER]``
-    weight tiles are loaded before the PDL wait too, so that their HBM trips overlap the gate/up kernel in front.
-    The routing comes from the router, two kernels back: this is safe only behind a gate/up kernel launched with
-    ``TRIGGER_AFTER_WAIT`` (it lets this kernel start once each of its programs has waited for the router), and
-    the loads bypass L1 (``.cg``), which could hold a line of the buffer from an earlier layer."""
+    before the PDL wait."""
     pdl_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < HIDDEN
     offs_k = tl.arange(0, BLOCK_K)
-    offs_i = tl.arange(0, BLOCK_I)
-    i_mask = offs_i < INTER
     w_cols = w2_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     if SHARED_LAST:
+        offs_i = tl.arange(0, BLOCK_I)
         w_shared = tl.load(w_cols + shared_expert.to(tl.int64) * stride_we + offs_i[None, :],
-                           mask=n_mask[:, None] & i_mask[None, :], other=0.0, eviction_policy="evict_first")
-    if PRELOAD > 0:
-        pre = tl.arange(0, PRELOAD)
-        pre_pairs = token * TOP_K + pre
-        pre_experts = tl.load(ids_ptr + pre_pairs, cache_modifier=".cg").to(tl.int64)
-        pre_routing = tl.load(topk_w_ptr + pre_pairs, cache_modifier=".cg").to(tl.float32)
-        pre_w = tl.load(w2_ptr + pre_experts[:, None, None] * stride_we
-                        + offs_n[None, :, None].to(tl.int64) * stride_wn + offs_i[None, None, :],
-                        mask=n_mask[None, :, None] & i_mask[None, None, :], other=0.0, eviction_policy="evict_first")
+                           mask=n_mask[:, None] & (offs_i < INTER)[None, :], other=0.0, eviction_policy="evict_first")
     pdl_wait(PDL)
     dtype = out_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PRELOAD > 0:
-        pre_act = tl.load(act_ptr + pre_pairs[:, None] * stride_act + offs_i[None, :], mask=i_mask[None, :],
-                          other=0.0).to(tl.float32)
-        pre_y = round_to(tl.sum(pre_w.to(tl.float32) * pre_act[:, None, :], axis=2), dtype)  # [PRELOAD, BLOCK_N]
-        pre_terms = round_to(pre_y * round_to(pre_routing, dtype)[:, None], dtype)
-        for j in tl.static_range(PRELOAD):  # in pair order, as below (picking a row out by a masked sum is exact)
-            total += tl.sum(tl.where(pre[:, None] == j, pre_terms, 0.0), axis=0)
-    for j in tl.static_range(PRELOAD, TOP_K):
+    for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
         if SHARED_LAST and j == TOP_K - 1:
-            a = tl.load(act_ptr + pair * stride_act + offs_i, mask=i_mask, other=0.0).to(tl.float32)
+            a = tl.load(act_ptr + pair * stride_act + offs_i, mask=offs_i < INTER, other=0.0).to(tl.float32)
             y = tl.sum(w_shared.to(tl.float32) * a[None, :], axis=1)
         else:
             expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -1195,27 +1165,6 @@ def fused_experts(
     return out, new_residual
 
 
-# Routed down-projection weights a thread of the one-token down kernel may hold before its PDL wait (elements;
-# 0: none, the routed tiles load after the wait). At 35B-A3B's one-token tiles (1 column x 512, one warp) 128 is
-# all 8 routed experts in 64 registers. Off until measured on a GPU (NOTES_fused.md); the stream floor of
-# loadtest.bench_decode_floor already counts these bytes as loadable before the wait.
-DOWN_PRELOAD_PER_THREAD = 0
-
-
-def down_preload_pairs(routed: int, block_n: int, block_i: int, warps: int,
-                       per_thread: int | None = None) -> int:
-    """How many of a token's routed pairs the down kernel loads before its PDL wait: the largest power of two
-    up to ``routed`` whose ``[block_n, block_i]`` tiles fit ``per_thread`` elements a thread (default
-    ``DOWN_PRELOAD_PER_THREAD``), or 0."""
-    budget = (DOWN_PRELOAD_PER_THREAD if per_thread is None else per_thread) * 32 * warps
-    if routed < 1 or block_n * block_i > budget:
-        return 0
-    pairs = 1
-    while 2 * pairs <= routed and 2 * pairs * block_n * block_i <= budget:
-        pairs *= 2
-    return pairs
-
-
 def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torch.Tensor, shared_last: bool) -> None:
     """``out [T, H]`` = the k-sum of the routed expert outputs: one program per (pair, N tile) for gate/up, then
     one per (token, N tile) for the down projection and the sum."""
@@ -1230,13 +1179,11 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torc
     ids = topk_ids.contiguous().view(-1)
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     shared_expert = w13.shape[0] - 1
-    down_warps = cfg.down_num_warps or cfg.num_warps
-    preload = down_preload_pairs(top_k - shared_last, down_block_n, triton.next_power_of_2(inter), down_warps)
     _moe_gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, cfg.block_n))](
         x, w13, act, ids, shared_expert, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k or triton.next_power_of_2(hidden), SHARED_LAST=shared_last,
-        BLOCK_H=triton.next_power_of_2(hidden), TRIGGER_AFTER_WAIT=preload > 0,
+        BLOCK_H=triton.next_power_of_2(hidden),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
     _moe_down_sum_gemv_kernel[(tokens, triton.cdiv(hidden, down_block_n))](
@@ -1244,8 +1191,8 @@ def _experts_gemv(x, w13, w2, topk_weights, topk_ids, cfg: GemvConfig, out: torc
         w2.stride(1), out.stride(0),
         TOP_K=top_k, HIDDEN=hidden, INTER=inter, BLOCK_N=down_block_n,
         BLOCK_K=cfg.block_k or triton.next_power_of_2(inter), SHARED_LAST=shared_last,
-        BLOCK_I=triton.next_power_of_2(inter), PRELOAD=preload,
-        num_warps=down_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
+        BLOCK_I=triton.next_power_of_2(inter),
+        num_warps=cfg.down_num_warps or cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(x.device),
     )
 
 

@@ -18,14 +18,6 @@ The rules every kernel here follows, which make the chain safe:
   the chain began -- host copies into the step's input buffers and the recurrent state a layer wrote in an
   earlier step (a chain starts behind a kernel launched without the attribute, such as the step's first, the
   embedding, which starts only once all earlier work of the stream has finished).
-* One exception, opt-in (``moe.DOWN_PRELOAD_PER_THREAD``): the one-token experts' down kernel reads the routing,
-  written by the router two kernels back, before its wait. That is safe because the gate/up kernel between them
-  triggers only after its own wait (``TRIGGER_AFTER_WAIT``): the down kernel starts only once every gate/up
-  program has seen the router complete. Those loads bypass L1 (``.cg``), which may hold a line of the same buffer
-  from an earlier layer.
-* A second, opt-in (``gdn_chunk.OVERLAP_SEGMENT_CHUNKS``): the overlapped GDN prefill's state pass reads the
-  prep's output and writes its own before its wait, each segment of chunks only once it has acquired the count
-  that the prep releases when the segment is done; it waits at its end, so it completes only after the prep.
 Kernels launched without the attribute (cuBLAS, flashinfer, torch) keep full stream order on both sides.
 
 ``BATON_PDL=0`` turns it off (for measuring with and without, and as an escape hatch); it is off under

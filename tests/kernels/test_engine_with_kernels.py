@@ -115,36 +115,3 @@ def test_conv_update_in_the_gdn_decode_kernel_matches_torch_path(tiny_checkpoint
         assert g.token_ids == w.token_ids and g.logprobs == w.logprobs
     assert not fused.runner.state_cache.conv_tickets.any()
     assert_no_leaks(fused)
-
-
-def test_overlapped_gdn_prefill_matches_in_order(tiny_checkpoint, monkeypatch):
-    """The GDN prefill's state pass running beside its prep (``gdn_chunk.OVERLAP_SEGMENT_CHUNKS``, read at each
-    call): prompts longer than a prefill chunk, checkpoints taken inside the kernels, and a follow-up that
-    starts from one of them give the same tokens and logprobs as the two launches in order."""
-    from kernels.triton import gdn_chunk
-
-    prompt = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(3)).tolist()
-    params = SamplingParams(max_tokens=2, temperature=0, logprobs=True)
-    in_order = _engine(tiny_checkpoint, "triton")
-    [want] = in_order.generate([prompt], params)
-    follow = prompt + want.token_ids + [5, 6, 7]
-    [want_follow] = in_order.generate([follow], params)
-
-    monkeypatch.setattr(gdn_chunk, "OVERLAP_SEGMENT_CHUNKS", 1)
-    grids = []
-    prep = gdn_chunk._gdn_chunk_prep_kernel
-
-    class RecordedGrids:  # the overlapped form must be what ran: the persistent prep has a 1-D grid
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return prep[grid]
-
-    monkeypatch.setattr(gdn_chunk, "_gdn_chunk_prep_kernel", RecordedGrids())
-    overlapped = _engine(tiny_checkpoint, "triton")
-    [got] = overlapped.generate([prompt], params)
-    [got_follow] = overlapped.generate([follow], params)
-    for g, w in zip([got, got_follow], [want, want_follow], strict=True):
-        assert g.token_ids == w.token_ids and g.logprobs == w.logprobs
-    assert got_follow.num_cached_tokens >= 64 and got_follow.num_cached_tokens == want_follow.num_cached_tokens
-    assert grids and all(len(grid) == 1 for grid in grids)
-    assert_no_leaks(overlapped)

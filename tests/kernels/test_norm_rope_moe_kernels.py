@@ -705,52 +705,6 @@ def test_fused_experts_shared_last(dtype, tokens, hidden, inter, config):
     _close(out, ref, dtype)
 
 
-def test_down_preload_pairs_fit_the_register_budget():
-    """Routed pairs whose down tiles are loaded before the PDL wait: a power of two, at most the routed pairs,
-    within the per-thread budget; none when off."""
-    assert moe_tk.down_preload_pairs(8, 1, 512, 1, per_thread=128) == 8  # 35B-A3B, one token: all eight
-    assert moe_tk.down_preload_pairs(8, 2, 512, 1, per_thread=128) == 4  # two columns a program (2-4 tokens)
-    assert moe_tk.down_preload_pairs(10, 2, 1024, 1, per_thread=128) == 2  # 397B
-    assert moe_tk.down_preload_pairs(3, 1, 64, 1, per_thread=128) == 2
-    assert moe_tk.down_preload_pairs(8, 1, 512, 1, per_thread=0) == 0
-    assert moe_tk.down_preload_pairs(8, 8, 1024, 1, per_thread=128) == 0  # one tile is over the budget
-    assert moe_tk.down_preload_pairs(0, 1, 64, 1, per_thread=128) == 0
-
-
-@pytest.mark.parametrize("dtype,tokens,top_k,per_thread,shared_last,preloaded", [
-    (torch.bfloat16, 1, 5, 1024, True, 4),  # all 4 routed pairs before the wait, the shared one from its own tile
-    (torch.float32, 2, 4, 4, False, 2),  # 2 of 4 before the wait, 2 after
-    (torch.bfloat16, 3, 4, 2, True, 1),  # one of 3 routed pairs before the wait
-])
-def test_fused_experts_down_preload(dtype, tokens, top_k, per_thread, shared_last, preloaded, monkeypatch):
-    """``DOWN_PRELOAD_PER_THREAD``: the one-token-tile down kernel loads the first routed pairs' ids, routing
-    weights and weight tiles before its PDL wait (the gate/up kernel then triggers it only after its own wait).
-    The same result as the reference, the experts nobody picked (NaN weights) unread; for ``shared_last`` the
-    shared column's id is never read."""
-    hidden, inter, experts = 72, 40, 16  # more experts than the tokens pick: some stay unused (NaN)
-    config = moe_tk.GemvConfig(4, 0, down_block_n=1, down_num_warps=1)
-    monkeypatch.setattr(moe_tk, "DOWN_PRELOAD_PER_THREAD", per_thread)
-    routed = top_k - shared_last
-    assert moe_tk.down_preload_pairs(routed, 1, 64, 1) == preloaded  # 40 columns: 64-wide tiles
-    x, w13, w2, weights, ids = _expert_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=top_k + tokens)
-    if shared_last:
-        shared = experts - 1
-        picked = torch.stack([torch.randperm(shared, generator=_gen(t))[:routed] for t in range(tokens)])
-        ids = torch.cat([picked, torch.full((tokens, 1), shared)], dim=1).to(torch.int32).to(DEVICE)
-    unused = torch.ones(experts, dtype=torch.bool, device=DEVICE)
-    unused[ids.flatten().long()] = False
-    assert unused.any()
-    w13[unused] = float("nan")
-    w2[unused] = float("nan")
-    ref = moe_ref.fused_experts(x, w13, w2, weights, ids.long())
-    given = ids.clone()
-    if shared_last:
-        given[:, -1] = int(unused.nonzero()[0])  # the shared column's id, never to be read
-    with poisoned_outputs():
-        out = moe_tk.fused_experts(x, w13, w2, weights, given, config=config, shared_last=shared_last)
-    _close(out, ref, dtype)
-
-
 def test_fused_experts_after_route_topk_bf16():
     """The serving path end to end on one layer: fused router GEMM + top-k, then the experts."""
     tokens, hidden, inter, experts, top_k = 4, 128, 64, 16, 4
