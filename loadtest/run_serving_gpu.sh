@@ -16,6 +16,8 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
 #                                                                 # engine A/B at batches 2-16, 4 vs 8 warps (a round)
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gated1ab          # one request: the gated norm in GDN decode, A/B
+#     bash loadtest/run_serving_gpu.sh OUT_DIR enginetests,attnprof  # the engine's GPU tests; the fused attention
+#                                                                 # block's per-kernel profile in the engine
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
 #
 # Each step has its own time limit so that one that hangs leaves the rest of the 10-minute call to the others;
@@ -23,7 +25,7 @@
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
 moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab convtests convab
-gated1ab jitsave)}
+gated1ab enginetests attnprof jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
@@ -128,6 +130,20 @@ for step in ${stage//,/ }; do
                 --out "$out/attn_ab_${attn}_${round}.json"
         done; done
         rm -f "$out"/attn_ab_*.png ;;  # (8 files come back from a call: the JSONs hold the figures)
+    enginetests)  # the engine's GPU tests the other steps' time limits cut on a machine without JIT caches: the
+        # fast path and graphs against the torch path (bf16 and fp8 KV), the fused attention block's kernel and
+        # engine tests, with their failures' messages
+        timeout "$(( $(left) - 30 ))" python3 -m pytest -q -p no:cacheprovider --tb=short -rfE \
+            tests/kernels/test_decode_attention.py tests/kernels/test_gpu_engine.py \
+            -k "fused_decode_attention_equals or fast_path_matches or graph_decode_logits or fused_triton" ;;
+    attnprof)  # where the fused attention block's step time goes in the engine: per-kernel profiles of batch 1
+        # and 8 at 4K with flashinfer and with the fused block
+        for attn in auto triton; do
+            timeout "$(( $(left) / 2 ))" python3 -m loadtest.bench_batch_decode --model qwen3.5-35b-a3b \
+                --batches 1,8 --contexts 4096 --steps 30 --warmup 5 --decode-attention "$attn" \
+                --profile-batches 1,8 --out "$out/attn_prof_${attn}.json"
+        done
+        rm -f "$out"/attn_prof_*.png ;;
     convtests)  # GDN decode with the conv update against the conv kernel apart; the engine with it, graphs too
         timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
             tests/kernels/test_gpu_engine.py -k "conv" ;;
