@@ -186,8 +186,16 @@ def test_fused_decode_attention_equals_the_three_kernels(dtype, fp8, kv_lens, ma
                                      k_scale=k_scale, v_scale=v_scale,
                                      shape=DecodeShape(min_pages=1, num_stages=num_stages,
                                                        prefetch_pages=0 if num_stages else 4))
-        assert torch.equal(fused_cache.view(torch.uint8), three_cache.view(torch.uint8))
-        assert torch.equal(got, want)
+        if DEVICE == "cuda" and dtype == torch.float32:
+            # On a GPU each kernel reduces a head's sum of squares in the order of its own thread layout (the
+            # QK-norm/RoPE kernel's head blocks, the fused kernel's GQA group), and fp32 keeps the last bits
+            # that a bf16 rounding of the normed values would absorb: equal to a few ulps, not bit for bit.
+            # (The interpreter sums in one order: bit-equal there, as the bf16 and fp8 cases are everywhere.)
+            torch.testing.assert_close(fused_cache, three_cache, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(fused_cache.view(torch.uint8), three_cache.view(torch.uint8))
+            assert torch.equal(got, want)
         assert int(scratch.tickets.abs().sum()) == 0
 
     torch_cache = cache.clone()
