@@ -42,9 +42,11 @@ gated1_settings() {
     [ "$1" = off ] && return
     printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
 }
-# ab_runs NAME ARMS ROUNDS BENCH_MODULE BENCH_ARGS...: the benchmark for every round and arm (ARMS / ROUNDS
-# override them), each arm's settings from NAME_settings, each run given what is left of the call divided by
-# the runs still to go; results NAME_ab_ARM_ROUND.json (the PNGs dropped: 8 files come back).
+# bench_batch_decode on 35B-A3B dims, 30 steps after 5 warm-up (the A/B runs and profiles below).
+batch_decode=(loadtest.bench_batch_decode --model qwen3.5-35b-a3b --steps 30 --warmup 5)
+# ab_runs NAME ARMS ROUNDS BENCH_ARGS...: batch_decode for every round and arm (ARMS / ROUNDS override them), each
+# arm's settings from NAME_settings, each run given what is left of the call divided by the runs still to go;
+# results NAME_ab_ARM_ROUND.json (the PNGs dropped: 8 files come back).
 ab_runs() {
     local name=$1 arms=(${ARMS:-$2}) rounds=(${ROUNDS:-$3}) round arm sets
     shift 3
@@ -54,7 +56,7 @@ ab_runs() {
         local share=$(( $(left) / runs ))
         if (( share > 0 )); then  # (timeout 0 would mean no limit)
             timeout "$share" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
-                "$@" --out "$out/${name}_ab_${arm}_${round}.json"
+                "${batch_decode[@]}" "$@" --out "$out/${name}_ab_${arm}_${round}.json"
         else
             echo "no time left for ${name} ${arm} ${round}"
         fi
@@ -62,7 +64,6 @@ ab_runs() {
     done; done
     rm -f "$out/${name}"_ab_*.png
 }
-batch_decode=(loadtest.bench_batch_decode --model qwen3.5-35b-a3b --steps 30 --warmup 5)
 
 for step in ${stage//,/ }; do
     echo "=== $step ($(left) s left)"
@@ -139,9 +140,8 @@ for step in ${stage//,/ }; do
     attnprof)  # where the fused attention block's step time goes in the engine: per-kernel profiles of batch 1
         # and 8 at 4K with flashinfer and with the fused block
         for attn in auto triton; do
-            timeout "$(( $(left) / 2 ))" python3 -m loadtest.bench_batch_decode --model qwen3.5-35b-a3b \
-                --batches 1,8 --contexts 4096 --steps 30 --warmup 5 --decode-attention "$attn" \
-                --profile-batches 1,8 --out "$out/attn_prof_${attn}.json"
+            timeout "$(( $(left) / 2 ))" python3 -m "${batch_decode[@]}" --batches 1,8 --contexts 4096 \
+                --decode-attention "$attn" --profile-batches 1,8 --out "$out/attn_prof_${attn}.json"
         done
         rm -f "$out"/attn_prof_*.png ;;
     convtests)  # GDN decode with the conv update against the conv kernel apart; the engine with it, graphs too
@@ -150,10 +150,10 @@ for step in ${stage//,/ }; do
     convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), each run ~120 s:
         # one round fits a call after convtests (ROUNDS="b" ARMS="on8 off on4" for a second call); large batches:
         # CONV_BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm, up to 16)
-        ab_runs conv "off on4 on8" a "${batch_decode[@]}" --batches "${CONV_BATCHES:-2,4,8,16}" --contexts 4096 ;;
+        ab_runs conv "off on4 on8" a --batches "${CONV_BATCHES:-2,4,8,16}" --contexts 4096 ;;
     gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
         # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
-        ab_runs gated1 "off on" "a b" "${batch_decode[@]}" --batches 1 --contexts 1024,32768 ;;
+        ab_runs gated1 "off on" "a b" --batches 1 --contexts 1024,32768 ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;
