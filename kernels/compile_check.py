@@ -239,20 +239,6 @@ def batched_decode_35b(tokens: int) -> Callable[[], None]:
     return case
 
 
-def gdn_decode_conv_35b(tokens: int, gated: bool) -> Callable[[], None]:
-    """GDN decode of Qwen3.5-35B-A3B running the conv update on the raw projection (with the gated norm: one
-    program a value head, as small batches run it; without: the tuned V-blocks)."""
-    def case() -> None:
-        from kernels.triton.gdn_decode import DecodeConv, gdn_decode
-
-        q, k, v, a, b, a_log, dt_bias = _gdn_inputs((tokens, 1), 16, 32, 128)
-        norm = (_bf16(tokens, 1, 32, 128), _bf16(128), 1e-6) if gated else None
-        conv = DecodeConv(_bf16(8192, 4), _bf16(tokens + 1, 8192, 3), torch.zeros(tokens + 1, 16, dtype=torch.int32))
-        gdn_decode(q, k, v, a, b, a_log, dt_bias, torch.empty(tokens + 1, 32, 128, 128), torch.arange(tokens),
-                   gated_norm=norm, conv=conv)
-    return case
-
-
 def moe_prefill_35b(tokens: int) -> Callable[[], None]:
     """The prefill MoE's Triton kernels at a chunk of ``tokens``: the blocked alignment, gate/up with TMA weight
     tiles storing in the sorted order (the down projection is torch's grouped GEMM there), the k-sum through the
@@ -314,8 +300,6 @@ CASES: dict[str, Callable[[], None]] = {
     "moe_shared_last_35b": moe_shared_last_case(2048, 512, 256, 8),
     "moe_shared_last_397b": moe_shared_last_case(4096, 1024, 512, 10),
     "gdn_decode_397b_B1": gdn_decode_case(16, 64, 1, False),
-    "gdn_decode_conv_35b_B8_gated": gdn_decode_conv_35b(8, True),
-    "gdn_decode_conv_35b_B64": gdn_decode_conv_35b(64, False),
     "gdn_decode_397b_T3_step_states": gdn_decode_case(16, 64, 3, True),
     "gdn_prefill_35b_8k": gdn_prefill_case(16, 32, 8192),
 }

@@ -13,9 +13,6 @@
 #     bash loadtest/run_serving_gpu.sh OUT_DIR gdntests,gdndecode  # GDN decode: tests, then against the copy
 #     bash loadtest/run_serving_gpu.sh OUT_DIR attntests,attnblock,attnab  # the fused Triton decode attention: GPU
 #                                                                 # tests, its block vs the engine's, engine A/B
-#     bash loadtest/run_serving_gpu.sh OUT_DIR convtests,convab  # the conv update inside GDN decode: GPU tests,
-#                                                                 # engine A/B at batches 2-16, 4 vs 8 warps (a round)
-#     bash loadtest/run_serving_gpu.sh OUT_DIR gated1ab          # one request: the gated norm in GDN decode, A/B
 #     bash loadtest/run_serving_gpu.sh OUT_DIR enginetests,attnprof  # the engine's GPU tests; the fused attention
 #                                                                 # block's per-kernel profile in the engine
 #     bash loadtest/run_serving_gpu.sh OUT_DIR jitsave           # the JIT caches as .whl/jit.txz, .whl/triton.txz
@@ -24,46 +21,16 @@
 # run from the same directory each time (flashinfer's JIT cache names absolute paths).
 set -u
 out=${1:?usage: run_serving_gpu.sh OUT_DIR STEP[,STEP...]  (gputests fp8tests fp8acc decode prefill fp8prefill onepass
-moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab convtests convab
-gated1ab enginetests attnprof jitsave)}
+moeprefill batch gdntests gdndecode floor profile qkrope cputransfer attntests attnblock attnab
+enginetests attnprof jitsave)}
 stage=${2:-fp8tests,fp8acc}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
 source deploy/offline_gpu_env.sh
 left() { echo $(( ${BUDGET_S:-575} - SECONDS )); }
 
-# The settings of each A/B arm (off: none), as `--set` and its value, a line each.
-conv_settings() {
-    [ "$1" = off ] && return
-    printf '%s\n' --set "services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, $(( ${CONV_MAX:-16} + 1 )))" \
-        --set "kernels.triton.gdn_decode._GATED_NORM_WARPS=${1#on}"
-}
-gated1_settings() {
-    [ "$1" = off ] && return
-    printf '%s\n' --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)"
-}
-# bench_batch_decode on 35B-A3B dims, 30 steps after 5 warm-up (the A/B runs and profiles below).
+# bench_batch_decode on 35B-A3B dims, 30 steps after 5 warm-up (the profiles below).
 batch_decode=(loadtest.bench_batch_decode --model qwen3.5-35b-a3b --steps 30 --warmup 5)
-# ab_runs NAME ARMS ROUNDS BENCH_ARGS...: batch_decode for every round and arm (ARMS / ROUNDS override them), each
-# arm's settings from NAME_settings, each run given what is left of the call divided by the runs still to go;
-# results NAME_ab_ARM_ROUND.json (the PNGs dropped: 8 files come back).
-ab_runs() {
-    local name=$1 arms=(${ARMS:-$2}) rounds=(${ROUNDS:-$3}) round arm sets
-    shift 3
-    local runs=$(( ${#arms[@]} * ${#rounds[@]} ))
-    for round in "${rounds[@]}"; do for arm in "${arms[@]}"; do
-        mapfile -t sets < <("${name}_settings" "$arm")
-        local share=$(( $(left) / runs ))
-        if (( share > 0 )); then  # (timeout 0 would mean no limit)
-            timeout "$share" python3 -m loadtest.run_with_settings ${sets[@]+"${sets[@]}"} -- \
-                "${batch_decode[@]}" "$@" --out "$out/${name}_ab_${arm}_${round}.json"
-        else
-            echo "no time left for ${name} ${arm} ${round}"
-        fi
-        runs=$(( runs - 1 ))
-    done; done
-    rm -f "$out/${name}"_ab_*.png
-}
 
 for step in ${stage//,/ }; do
     echo "=== $step ($(left) s left)"
@@ -144,16 +111,6 @@ for step in ${stage//,/ }; do
                 --decode-attention "$attn" --profile-batches 1,8 --out "$out/attn_prof_${attn}.json"
         done
         rm -f "$out"/attn_prof_*.png ;;
-    convtests)  # GDN decode with the conv update against the conv kernel apart; the engine with it, graphs too
-        timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_kernels.py \
-            tests/kernels/test_gpu_engine.py -k "conv" ;;
-    convab)  # batched decode with the conv kernel apart (off) and inside GDN decode (4 or 8 warps), each run ~120 s:
-        # one round fits a call after convtests (ROUNDS="b" ARMS="on8 off on4" for a second call); large batches:
-        # CONV_BATCHES=64,256 CONV_MAX=256 ARMS="off on4" (the warps only matter with the gated norm, up to 16)
-        ab_runs conv "off on4 on8" a --batches "${CONV_BATCHES:-2,4,8,16}" --contexts 4096 ;;
-    gated1ab)  # one request: the GDN output's gated norm in GDN decode (one program a value head; out_proj a plain
-        # projection) against the norm in out_proj's one-row prologue, as today; alternating, ~90 s a run
-        ab_runs gated1 "off on" "a b" --batches 1 --contexts 1024,32768 ;;
     jitsave)  # what this machine compiled, for the next one (offline_gpu_env.sh unpacks them)
         XZ_OPT=-T0 tar cJf "$out/jit.txz" .jitcache/.cache && XZ_OPT=-T0 tar cJf "$out/triton.txz" .jitcache/triton
         ls -la "$out"/*.txz ;;

@@ -1,9 +1,8 @@
 """Run a benchmark module with module-level settings overridden, for A/B runs on the GPU machine.
 
     python -m loadtest.run_with_settings \
-        --set "services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, 17)" \
-        --set kernels.triton.gdn_decode._GATED_NORM_WARPS=8 \
-        -- loadtest.bench_batch_decode --batches 2,8 --contexts 4096 --out ab_on.json
+        --set "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)" \
+        -- loadtest.bench_batch_decode --batches 1,8 --contexts 4096 --out ab_on.json
 
 Each ``--set module.NAME=VALUE`` imports the module and assigns VALUE (a Python literal or ``range(...)``) to its
 attribute NAME, which must exist, before the benchmark module runs as ``__main__`` with the arguments after ``--``.

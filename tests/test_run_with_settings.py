@@ -26,24 +26,24 @@ def test_values_are_literals_or_ranges():
 def test_settings_must_exist(monkeypatch):
     from services.engine import ops
 
-    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", ops._CONV_IN_GDN_DECODE_BATCHES)
-    apply_setting("services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, 17)")
-    assert list(ops._CONV_IN_GDN_DECODE_BATCHES) == list(range(2, 17))
+    monkeypatch.setattr(ops, "_GATED_NORM_DECODE_BATCHES", ops._GATED_NORM_DECODE_BATCHES)
+    apply_setting("services.engine.ops._GATED_NORM_DECODE_BATCHES=range(1, 17)")
+    assert list(ops._GATED_NORM_DECODE_BATCHES) == list(range(1, 17))
     with pytest.raises(SystemExit, match="has no setting"):
-        apply_setting("services.engine.ops._CONV_IN_GDN_BATCHES=range(2, 17)")
+        apply_setting("services.engine.ops._GATED_NORM_BATCHES=range(1, 17)")
     with pytest.raises(SystemExit, match="module.NAME=VALUE"):
-        apply_setting("range(2, 17)")
+        apply_setting("range(1, 17)")
 
 
 def test_runs_the_module_with_the_settings(tmp_path):
     """A tiny module stands in for the benchmark: it sees the setting and its own arguments."""
     (tmp_path / "fake_bench.py").write_text(
         "import sys\nfrom services.engine import ops\n"
-        "print('batches', list(ops._CONV_IN_GDN_DECODE_BATCHES), 'argv', sys.argv[1:])\n")
+        "print('batches', list(ops._GATED_NORM_DECODE_BATCHES), 'argv', sys.argv[1:])\n")
     env = {"PYTHONPATH": f"{ROOT}:{tmp_path}", "PATH": "/usr/bin:/bin"}
     run = subprocess.run(
         [sys.executable, "-m", "loadtest.run_with_settings", "--set",
-         "services.engine.ops._CONV_IN_GDN_DECODE_BATCHES=range(2, 5)", "--", "fake_bench", "--batches", "8"],
+         "services.engine.ops._GATED_NORM_DECODE_BATCHES=range(2, 5)", "--", "fake_bench", "--batches", "8"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert "batches [2, 3, 4] argv ['--batches', '8']" in run.stdout

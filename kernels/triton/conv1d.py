@@ -17,42 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.norm import round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
-
-
-@triton.jit
-def load_conv_window(
-    offs_d, mask_d, w_ptr, stride_wd, state_ptr, stride_s_d, K: tl.constexpr, KP: tl.constexpr,
-):
-    """What one decode step of channels ``offs_d`` reads besides their new input, for one slot (``state_ptr``):
-    ``(state, shifted, w_state, w_x)``, the ``[len(offs_d), KP]`` state, the state shifted left by one column
-    (the new state but its last column), the weight's taps over the state, and its tap over the new input."""
-    cols = tl.arange(0, KP)  # state columns, padded to a power of two
-    mask_c = mask_d[:, None] & (cols < K - 1)[None, :]
-    p_state = state_ptr + offs_d[:, None] * stride_s_d + cols[None, :]
-    state = tl.load(p_state, mask=mask_c, other=0.0)
-    shifted = tl.load(p_state + 1, mask=mask_c & (cols < K - 2)[None, :], other=0.0)
-    w_state = tl.load(w_ptr + offs_d[:, None] * stride_wd + cols[None, :], mask=mask_c, other=0.0)
-    w_x = tl.load(w_ptr + offs_d * stride_wd + (K - 1), mask=mask_d, other=0.0)
-    return state, shifted, w_state, w_x
-
-
-@triton.jit
-def conv_window_step(x, state, shifted, w_state, w_x, K: tl.constexpr, KP: tl.constexpr):
-    """``(silu(conv) as fp32, new state)`` of one token from its inputs ``x`` (activation dtype) and what
-    :func:`load_conv_window` read; the new state is in the state's dtype, ready to store."""
-    cols = tl.arange(0, KP)
-    acc = tl.sum(state.to(tl.float32) * w_state.to(tl.float32), axis=1) + x.to(tl.float32) * w_x.to(tl.float32)
-    new_state = tl.where((cols == K - 2)[None, :], x.to(state.dtype)[:, None], shifted)
-    return acc / (1.0 + tl.exp(-acc)), new_state
-
-
-@triton.jit
-def store_conv_state(new_state, offs_d, mask_d, state_ptr, stride_s_d, K: tl.constexpr, KP: tl.constexpr):
-    cols = tl.arange(0, KP)
-    tl.store(state_ptr + offs_d[:, None] * stride_s_d + cols[None, :], new_state,
-             mask=mask_d[:, None] & (cols < K - 1)[None, :])
 
 
 @triton.jit
@@ -62,11 +27,20 @@ def conv_update_channels(
     """One decode step of channels ``offs_d`` of one token: ``silu(conv)`` as fp32 from their inputs ``x``
     (``[len(offs_d)]``, in the activation dtype); shifts x into the state rows at ``state_ptr`` (one slot).
     Shared by the conv update kernel and the in_proj epilogue (kernels.triton.gemv.rms_norm_linear)."""
-    state, shifted, w_state, w_x = load_conv_window(offs_d, mask_d, w_ptr, stride_wd, state_ptr, stride_s_d, K, KP)
-    out, new_state = conv_window_step(x, state, shifted, w_state, w_x, K, KP)
+    cols = tl.arange(0, KP)  # state columns, padded to a power of two
+    mask_c = mask_d[:, None] & (cols < K - 1)[None, :]
+    p_state = state_ptr + offs_d[:, None] * stride_s_d + cols[None, :]
+    state = tl.load(p_state, mask=mask_c, other=0.0)
+    # The new state is the old one shifted by one column with x appended: read the shifted view now, before
+    # any thread of the program stores.
+    shifted = tl.load(p_state + 1, mask=mask_c & (cols < K - 2)[None, :], other=0.0)
+    w_state = tl.load(w_ptr + offs_d[:, None] * stride_wd + cols[None, :], mask=mask_c, other=0.0)
+    w_x = tl.load(w_ptr + offs_d * stride_wd + (K - 1), mask=mask_d, other=0.0)
+    acc = tl.sum(state.to(tl.float32) * w_state.to(tl.float32), axis=1) + x.to(tl.float32) * w_x.to(tl.float32)
+    new_state = tl.where((cols == K - 2)[None, :], x.to(state_ptr.dtype.element_ty)[:, None], shifted)
     tl.debug_barrier()  # all reads of this slot's state happen before the first write
-    store_conv_state(new_state, offs_d, mask_d, state_ptr, stride_s_d, K, KP)
-    return out
+    tl.store(p_state, new_state, mask=mask_c)
+    return acc / (1.0 + tl.exp(-acc))
 
 
 @triton.jit
@@ -87,10 +61,7 @@ def _conv1d_update_kernel(
     x = tl.load(x_ptr + i_b * stride_xb + offs_d, mask=mask_d, other=0.0)
     out = conv_update_channels(x, offs_d, mask_d, w_ptr, stride_wd, state_ptr + slot * stride_s_slot, stride_s_d,
                                K, KP)
-    # round_to: the GPU's rounding under the interpreter too (whose cast truncates), so that tests can compare
-    # this kernel bit for bit with the GDN decode kernel's own conv
-    tl.store(out_ptr + i_b * stride_ob + offs_d, round_to(out, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty),
-             mask=mask_d)
+    tl.store(out_ptr + i_b * stride_ob + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit

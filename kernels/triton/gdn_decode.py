@@ -17,23 +17,16 @@ slot (as SGLang's and vLLM's intermediate-state buffers do): a rejected draft ne
 
 With ``gated_norm`` the kernel also applies the layer's output norm (gated RMSNorm with z) to each head's output,
 one program a whole value head; the engine does so for decode batches of 2-16 rows (``services.engine.ops``).
-
-With ``conv`` the kernel also runs the causal conv's decode update on raw q, k, v, one launch less than the conv
-kernel in front. The value channels' conv state has one reader, the program of its V-block, which shifts it; the
-q/k channels' state of a key head is read by the programs of all its value heads (GROUP x V-blocks), so each of
-them draws a ticket after its reads, and the last one stores the new state ("last block", as the router does).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.conv1d import conv_window_step, load_conv_window, store_conv_state
 from kernels.triton.norm import _TL_DTYPES, gated_rms_norm_rows, round_to
 from kernels.triton.pdl import pdl_launch_args, pdl_trigger, pdl_wait
 
@@ -82,8 +75,6 @@ def _gdn_decode_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_step_b, stride_step_t, stride_step_h, stride_step_k,
     z_ptr, norm_w_ptr, stride_zb, stride_zt, stride_zh, norm_eps,
-    conv_w_ptr, conv_state_ptr, ticket_ptr, stride_cw, stride_cs_slot, stride_cs_d, stride_ticket_slot,
-    q_channel, k_channel, v_channel,
     num_tokens, scale,
     GROUP: tl.constexpr,  # value heads per key head
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -91,9 +82,6 @@ def _gdn_decode_kernel(
     STATE_EVICT: tl.constexpr,  # L2 eviction policy of the state's load and store ("" or "evict_first")
     GATED_NORM: tl.constexpr,  # the output through the gated RMSNorm with z (BV covers the whole value head)
     PROD_DTYPE: tl.constexpr,  # the norm's weight * normed product dtype (see gated_rms_norm_rows)
-    CONV_K: tl.constexpr,  # > 0: q, k, v are the conv's raw inputs and the kernel runs its update (one token)
-    CONV_KP: tl.constexpr,
-    CONV_READERS: tl.constexpr,  # programs reading one key head's q/k conv state: GROUP x V-blocks
     PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
@@ -117,19 +105,6 @@ def _gdn_decode_kernel(
 
     neg_a = -tl.exp(tl.load(a_log_ptr + i_h).to(tl.float32))
     dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
-    if CONV_K > 0:
-        # The conv's weights and state, before the wait as the SSM state: on this path only this kernel writes
-        # the conv state, in an earlier step. Channels: the key head's q and k, the value head's V-block.
-        p_conv = conv_state_ptr + slot * stride_cs_slot
-        q_ch = q_channel + i_hk * DK + offs_k
-        k_ch = k_channel + i_hk * DK + offs_k
-        v_ch = v_channel + i_h * DV + offs_v
-        q_old, q_shifted, q_w, q_wx = load_conv_window(q_ch, mask_k, conv_w_ptr, stride_cw, p_conv, stride_cs_d,
-                                                       CONV_K, CONV_KP)
-        k_old, k_shifted, k_w, k_wx = load_conv_window(k_ch, mask_k, conv_w_ptr, stride_cw, p_conv, stride_cs_d,
-                                                       CONV_K, CONV_KP)
-        v_old, v_shifted, v_w, v_wx = load_conv_window(v_ch, mask_v, conv_w_ptr, stride_cw, p_conv, stride_cs_d,
-                                                       CONV_K, CONV_KP)
     pdl_wait(PDL)
 
     p_q = q_ptr + i_b * stride_qb + i_hk * stride_qh + offs_k
@@ -140,36 +115,13 @@ def _gdn_decode_kernel(
     p_o = out_ptr + i_b * stride_ob + i_h * stride_oh + offs_v
     p_step = (step_ptr + i_b * stride_step_b + i_h * stride_step_h + offs_k[:, None] * stride_step_k
               + offs_v[None, :])
-    if CONV_K > 0:
-        # silu(conv) of the token's raw inputs, rounded as the conv kernel stores them (in q's dtype).
-        dtype = q_ptr.dtype.element_ty
-        q_conv, q_state = conv_window_step(tl.load(p_q, mask=mask_k, other=0.0), q_old, q_shifted, q_w, q_wx,
-                                           CONV_K, CONV_KP)
-        k_conv, k_state = conv_window_step(tl.load(p_k, mask=mask_k, other=0.0), k_old, k_shifted, k_w, k_wx,
-                                           CONV_K, CONV_KP)
-        v_conv, v_state = conv_window_step(tl.load(p_v, mask=mask_v, other=0.0), v_old, v_shifted, v_w, v_wx,
-                                           CONV_K, CONV_KP)
-        q_conv = round_to(q_conv, dtype)
-        k_conv = round_to(k_conv, dtype)
-        v_conv = round_to(v_conv, dtype)
-        # The value channels have one reader, this program: it shifts their state itself. The key head's q/k
-        # state is read by CONV_READERS programs: each draws a ticket once its reads are done (a barrier, then
-        # an acq_rel atomic), and the one drawing the last stores the new state (which every reader holds) and
-        # takes the tickets back, as the router's "last block" does.
-        tl.debug_barrier()
-        store_conv_state(v_state, v_ch, mask_v, p_conv, stride_cs_d, CONV_K, CONV_KP)
-        p_ticket = ticket_ptr + slot * stride_ticket_slot + i_hk
-        ticket = tl.atomic_add(p_ticket, 1, sem="acq_rel")
     # A while loop rather than range(num_tokens): Triton's interpreter (CPU tests) cannot take a runtime
     # range bound with numpy >= 2.4, and pipelining across a handful of tokens would not help anyway.
     t = 0
     while t < num_tokens:
-        if CONV_K > 0:  # (one token)
-            q, k, v = q_conv, k_conv, v_conv
-        else:
-            q = tl.load(p_q + t * stride_qt, mask=mask_k, other=0.0).to(tl.float32)
-            k = tl.load(p_k + t * stride_kt, mask=mask_k, other=0.0).to(tl.float32)
-            v = tl.load(p_v + t * stride_vt, mask=mask_v, other=0.0).to(tl.float32)
+        q = tl.load(p_q + t * stride_qt, mask=mask_k, other=0.0).to(tl.float32)
+        k = tl.load(p_k + t * stride_kt, mask=mask_k, other=0.0).to(tl.float32)
+        v = tl.load(p_v + t * stride_vt, mask=mask_v, other=0.0).to(tl.float32)
         a = tl.load(p_a + t * stride_at).to(tl.float32)
         b = tl.load(p_b + t * stride_bt)
         decay = tl.exp(neg_a * softplus(a + dt_bias))
@@ -202,66 +154,6 @@ def _gdn_decode_kernel(
 
     if not STEP_STATES:
         tl.store(p_state, state, mask=mask_s, eviction_policy=STATE_EVICT)
-    # (at the end: the atomic's round trip overlaps the recurrence; two ifs: ticket exists only where CONV_K > 0)
-    if CONV_K > 0:  # noqa: SIM102
-        # The last of each CONV_READERS tickets stores, and takes them back. Rows sharing a slot (a CUDA graph's
-        # padding rows all rest on the scratch slot) draw k x CONV_READERS tickets: k stores race there, and the
-        # count still returns to 0 (the subtractions keep each ticket's residue).
-        if ticket % CONV_READERS == CONV_READERS - 1:
-            store_conv_state(q_state, q_ch, mask_k, p_conv, stride_cs_d, CONV_K, CONV_KP)
-            store_conv_state(k_state, k_ch, mask_k, p_conv, stride_cs_d, CONV_K, CONV_KP)
-            tl.atomic_add(p_ticket, -CONV_READERS)  # ready for the next launch
-
-
-# One head per program (gated_norm): 4 warps, from the sweep's BV=128 column (kernels/results/gdn_decode_sweep_*).
-# With the conv too, 4 warps spill a little (kernels.compile_check: 255 registers and a 216-byte stack, 64 without
-# the conv), 8 do not: loadtest/run_serving_gpu.sh's convab measures both.
-_GATED_NORM_WARPS = 4
-
-
-@dataclass(frozen=True, eq=False)
-class DecodeConv:
-    """The causal conv's decode update, for :func:`gdn_decode` to run on raw q, k, v.
-
-    ``weight [D, K]`` over the conv's channels, which are q | k | v in the model's order (D = 2 Hk Dk + Hv Dv);
-    ``states [slots, D, K-1]``, the layer's conv state pool (unit last stride), updated in place at the
-    requests' state slots; ``tickets``, int32 ``[slots, Hk]`` at 0, the kernel's scratch: the q/k state of a key
-    head is read by the programs of all its value heads, and the last of them to finish reading stores it.
-    The kernel leaves the tickets at 0 again; one stream at a time may use them.
-    """
-
-    weight: torch.Tensor
-    states: torch.Tensor
-    tickets: torch.Tensor
-
-    def launch_args(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    step_states: torch.Tensor | None) -> tuple:
-        """The kernel's conv arguments, after checking them against the step's q, k, v."""
-        batch, num_tokens, num_k_heads, k_dim = q.shape
-        key_size = num_k_heads * k_dim
-        dim = 2 * key_size + v.shape[2] * v.shape[3]
-        if num_tokens != 1 or step_states is not None:
-            raise ValueError(f"conv runs one token a request without step_states, got {num_tokens} tokens")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError(f"with conv, q, k and v must share a dtype (the conv's), got {q.dtype}, {k.dtype}, "
-                             f"{v.dtype}")
-        if self.weight.dim() != 2 or self.weight.shape[0] != dim or self.weight.shape[1] < 2:
-            raise ValueError(f"the conv weight must be [{dim}, K >= 2] (q | k | v), got {tuple(self.weight.shape)}")
-        taps = self.weight.shape[1]
-        if self.weight.stride(1) != 1 or self.weight.dtype != q.dtype:
-            raise ValueError(f"the conv weight must be {q.dtype} with a unit last stride")
-        if (self.states.dim() != 3 or self.states.shape[1:] != (dim, taps - 1) or self.states.stride(2) != 1
-                or self.states.dtype != q.dtype):
-            raise ValueError(f"the conv states must be {q.dtype} [slots, {dim}, {taps - 1}] with a unit last stride, "
-                             f"got {self.states.dtype} {tuple(self.states.shape)}")
-        if (self.tickets.dtype != torch.int32 or self.tickets.shape != (self.states.shape[0], num_k_heads)
-                or self.tickets.stride(1) != 1):
-            raise ValueError(f"the conv tickets must be int32 [{self.states.shape[0]}, {num_k_heads}] with a unit "
-                             f"last stride, got {self.tickets.dtype} {tuple(self.tickets.shape)}")
-        if not (self.weight.device == self.states.device == self.tickets.device == q.device):
-            raise ValueError("the conv's tensors must be on q's device")
-        return (self.weight, self.states, self.tickets, self.weight.stride(0), self.states.stride(0),
-                self.states.stride(1), self.tickets.stride(0), 0, key_size, 2 * key_size)
 
 
 def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
@@ -286,15 +178,13 @@ def gdn_decode(
     num_warps: int | None = None,
     evict_state: bool | None = None,
     gated_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    conv: DecodeConv | None = None,
 ) -> torch.Tensor:
     """One decode (or short speculative) step of a GDN layer for a batch of requests.
 
     ``q, k [B, T, Hk, Dk]`` and ``v [B, T, Hv, Dv]`` (post-conv, not normalised; any strides with the last dim
     contiguous), ``a, b [B, T, Hv]`` raw projections, ``A_log, dt_bias [Hv]`` fp32, ``ssm_states`` the pool view
     of one layer ``[num_slots, Hv, Dk, Dv]`` fp32 (any slot stride; each slot's ``[Hv, Dk, Dv]`` contiguous),
-    ``state_slots [B]`` int slot per request (distinct, but for rows whose result is discarded, as a CUDA graph's
-    padding rows that share a scratch slot). Updates the states in place and returns
+    ``state_slots [B]`` int slot per request (distinct). Updates the states in place and returns
     ``o [B, T, Hv, Dv]`` in v's dtype (written into ``out`` if given). ``block_v``/``num_warps``/``evict_state``
     (the state's loads and stores marked evict-first in L2) override the tuning heuristic. No host
     synchronisation: safe to capture in a CUDA graph.
@@ -306,10 +196,6 @@ def gdn_decode(
     ``gated_norm = (z [B, T, Hv, Dv], weight [Dv], eps)``: the output is ``gated_rms_norm(o, z, weight, eps)``
     (as kernels.triton.norm.gated_rms_norm, rounding for rounding, on o rounded to v's dtype) instead of o: one
     program then holds a whole value head (BV = Dv), which the norm reduces over.
-
-    ``conv`` (:class:`DecodeConv`, one token a request): q, k and v are the causal conv's raw inputs, and the
-    kernel runs the conv's decode update itself (as kernels.triton.conv1d.conv1d_update, rounding for rounding)
-    on its key head's q/k channels and its value channels.
     """
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv], got {q.shape}, {k.shape}, {v.shape}")
@@ -350,10 +236,6 @@ def gdn_decode(
     if batch == 0 or num_tokens == 0:
         return out
 
-    if conv is not None:
-        conv_args = conv.launch_args(q, k, v, step_states)
-    else:
-        conv_args = (q, q, q, 0, 0, 0, 0, 0, 0, 0)
     default_bv, default_warps, default_evict = decode_config(batch, num_v_heads, v_dim)
     if gated_norm is not None:
         z, norm_weight, norm_eps = gated_norm
@@ -364,7 +246,8 @@ def gdn_decode(
             raise ValueError(f"the gated norm's weight must be a contiguous [{v_dim}], got {tuple(norm_weight.shape)}")
         if block_v not in (None, triton.next_power_of_2(v_dim)):
             raise ValueError("with gated_norm a program holds a whole value head: block_v must be left default")
-        default_bv, default_warps = triton.next_power_of_2(v_dim), _GATED_NORM_WARPS
+        # One head per program: 4 warps, from the sweep's BV=128 column (kernels/results/gdn_decode_sweep_*).
+        default_bv, default_warps = triton.next_power_of_2(v_dim), 4
         z_strides = z.stride()[:3]
         prod_dtype = _TL_DTYPES[torch.promote_types(norm_weight.dtype, v.dtype)]
     else:
@@ -386,14 +269,10 @@ def gdn_decode(
         out.stride(0), out.stride(1), out.stride(2),
         *step_strides,
         z, norm_weight, *z_strides, float(norm_eps),
-        *conv_args,
         num_tokens, k_dim**-0.5,
         GROUP=num_v_heads // num_k_heads,
         DK=k_dim, DV=v_dim, BK=triton.next_power_of_2(k_dim), BV=block_v, STEP_STATES=step_states is not None,
         STATE_EVICT="evict_first" if evict_state else "", GATED_NORM=gated_norm is not None, PROD_DTYPE=prod_dtype,
-        CONV_K=0 if conv is None else conv.weight.shape[1],
-        CONV_KP=1 if conv is None else triton.next_power_of_2(conv.weight.shape[1] - 1),
-        CONV_READERS=(num_v_heads // num_k_heads) * grid[0] if conv is not None else 1,
         num_warps=num_warps, **pdl_launch_args(q.device),
     )
     return out

@@ -121,13 +121,9 @@ class GatedDeltaNet(nn.Module):
         returns ``(output, residual)``."""
         num_tokens = x.shape[0]
         conv_states = state_cache.conv_layer(self.gdn_index)
-        conv_tickets = None
-        if batch.is_decode:  # the conv update runs with in_proj (one request on the GPU: in its epilogue), or
-            projected, residual, conv_done = self.ops.norm_linear_conv(
-                x, residual, _weight(norm), _eps(norm), self.in_proj, self.conv_weight, conv_states,
-                batch.state_slots)
-            if not conv_done:  # or in the GDN decode kernel, which needs the tickets of its conv state's readers
-                conv_tickets = state_cache.conv_ticket_layer(self.gdn_index)
+        if batch.is_decode:  # the conv update runs with in_proj (in its epilogue on the GPU)
+            projected, residual = self.ops.norm_linear_conv(x, residual, _weight(norm), _eps(norm), self.in_proj,
+                                                            self.conv_weight, conv_states, batch.state_slots)
         else:
             projected, residual = self.ops.norm_linear(x, residual, _weight(norm), _eps(norm), self.in_proj)
         mixed_qkv, z, b, a = projected.split(
@@ -135,7 +131,7 @@ class GatedDeltaNet(nn.Module):
         )
         z = z.reshape(num_tokens, self.num_v_heads, self.v_dim)
         out, gated = self.ops.gdn(self, mixed_qkv, a, b, batch, conv_states, state_cache.ssm_layer(self.gdn_index),
-                                  z, conv_tickets)
+                                  z)
         if gated:  # the kernel applied the gated RMSNorm with z
             return self.ops.linear(out.flatten(1), self.out_proj), residual
         # Gated RMSNorm per head, then out_proj.

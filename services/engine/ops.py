@@ -57,14 +57,13 @@ def norm_linear_torch(x, residual, norm_weight, eps, weight, bias=None):
 def norm_linear_conv_torch(x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots):
     """The GDN input norm and in_proj of a decode step (one token per sequence), with the causal conv update
     applied to the first ``D = conv_weight.shape[0]`` columns (the q|k|v part) and the conv states of
-    ``state_slots`` updated in place: ``(y, residual, True)`` (the conv is done). ``norm_weight`` None: as in
-    ``norm_linear_torch``."""
+    ``state_slots`` updated in place: ``(y, residual)``. ``norm_weight`` None: as in ``norm_linear_torch``."""
     y, residual = norm_linear_torch(x, residual, norm_weight, eps, weight)
     conv_dim = conv_weight.shape[0]
     conv_in = conv_states[state_slots]
     y[:, :conv_dim] = torch_conv.causal_conv1d_update(y[:, :conv_dim], conv_weight, conv_in)
     conv_states[state_slots] = conv_in
-    return y, residual, True
+    return y, residual
 
 
 def gated_linear_torch(x, gate, weight, bias=None):
@@ -103,12 +102,8 @@ def norm_moe_with_shared_expert_torch(x, residual, norm_weight, eps, router_weig
     return moe_with_shared_expert_torch(h, router_weight, w13, w2, top_k, renormalize), residual, False
 
 
-def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None, conv_tickets=None
-              ) -> tuple[torch.Tensor, bool]:
-    """``(core, False)``: the reference never applies the gated norm with ``z`` (see Ops.gdn), and its decode
-    steps get mixed_qkv through the conv (norm_linear_conv_torch does it)."""
-    if conv_tickets is not None:
-        raise ValueError("the torch reference runs the decode conv in norm_linear_conv, not in gdn")
+def gdn_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None) -> tuple[torch.Tensor, bool]:
+    """``(core, False)``: the reference never applies the gated norm with ``z`` (see Ops.gdn)."""
     return _gdn_core_torch(layer, mixed_qkv, a, b, batch, conv_states, ssm_states), False
 
 
@@ -183,9 +178,8 @@ class Ops:
     # (x, residual, norm_weight, eps, weight, bias=None) -> (y, residual); norm_weight None: x is already normed
     # and the residual passes through
     norm_linear: Callable
-    # (x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots) -> (y, residual, conv_done):
-    # decode steps' GDN in_proj with the conv update on its q|k|v columns, or (conv_done False) without it: then
-    # ``gdn`` runs the update; norm_weight None as for norm_linear
+    # (x, residual, norm_weight, eps, weight, conv_weight, conv_states, state_slots) -> (y, residual): decode
+    # steps' GDN in_proj with the conv update on its q|k|v columns; norm_weight None as for norm_linear
     norm_linear_conv: Callable
     gated_linear: Callable  # (x, gate, weight, bias=None) -> linear(x * gate, weight, bias)
     gated_norm_linear: Callable  # (core, z, norm_weight, eps, weight) -> y
@@ -206,12 +200,10 @@ class Ops:
     # kv_lens, page_tables, scale) and run(q, kv_cache_layer, k_scale, v_scale)
     make_attention: Callable
     plan_gdn: Callable  # (batch) -> per-step plan for ``gdn``, or None
-    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None, conv_tickets=None) -> (out [T, v_heads,
-    # v_dim], gated): on decode steps mixed_qkv is already through the conv (norm_linear_conv) unless
-    # ``conv_tickets`` (int32 [slots, key heads] at 0, StateCache.conv_ticket_layer) is given, where
-    # norm_linear_conv left the conv to this op; given z, the kernels may apply the output's gated RMSNorm
-    # (layer.norm_weight, layer.eps) themselves: then ``gated`` is True and ``out`` is through it, else ``out``
-    # is the core output
+    # (layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None) -> (out [T, v_heads, v_dim], gated): on
+    # decode steps mixed_qkv is already through the conv (norm_linear_conv); given z, the kernels may apply the
+    # output's gated RMSNorm (layer.norm_weight, layer.eps) themselves: then ``gated`` is True and ``out`` is
+    # through it, else ``out`` is the core output
     gdn: Callable
 
 
@@ -238,13 +230,9 @@ def torch_ops() -> Ops:
 # On the H200 at 35B-A3B, batch 8: the kernel 12.5 us a layer against 11.9 with its tuned BV, where the separate
 # norm kernel it replaces took 3.3 (kernels/results/gdn_decode_sweep_h200_35b.json, the batch profiles); a step
 # 6.86 against 6.95 ms, and faster at 2, 4 and 16 too (loadtest/results/gated_norm_ab/); at 64 the one-head
-# programs lost (85 against 77 us). One request keeps the norm in the out_proj's prologue.
+# programs lost (85 against 77 us). One request keeps the norm in the out_proj's prologue: with it in the kernel
+# a step took 2.32 / 2.50 ms against 2.29 / 2.47 at 1K / 32K, two alternating rounds (run16_gated1_ab/).
 _GATED_NORM_DECODE_BATCHES = range(2, 17)
-
-# Decode batches whose GDN decode kernel runs the causal conv's update on the raw in_proj output (one conv launch
-# less per GDN layer; kernels.triton.gdn_decode.DecodeConv). Off until it is measured on the GPU: the A/B sets it
-# (loadtest/run_serving_gpu.sh, convab). One request keeps the conv in the in_proj's epilogue.
-_CONV_IN_GDN_DECODE_BATCHES = range(0)
 
 
 def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> Ops:
@@ -257,11 +245,9 @@ def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> O
     from kernels.triton import moe as triton_moe
     from kernels.triton import norm as triton_norm
     from kernels.triton.gdn_chunk import gdn_prefill, plan_gdn_prefill
-    from kernels.triton.gdn_decode import DecodeConv, gdn_decode
+    from kernels.triton.gdn_decode import gdn_decode
     from kernels.triton.qk_norm_rope import qk_norm_rope
     from kernels.triton_attention import TritonDecodeAttention
-
-    conv_in_gdn_batches = _CONV_IN_GDN_DECODE_BATCHES  # read once: an engine keeps the setting it was built with
 
     def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         if norm_weight is None:  # normed by the previous layer's k-sum
@@ -279,13 +265,11 @@ def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> O
             y, residual, _ = triton_gemv.rms_norm_linear(x, residual, norm_weight, eps, weight,
                                                          conv_weight=conv_weight, conv_states=conv_states,
                                                          state_slot=state_slots)
-            return y, residual, True
+            return y, residual
         y, residual = norm_linear(x, residual, norm_weight, eps, weight)
-        if x.shape[0] in conv_in_gdn_batches:  # the GDN decode kernel runs it
-            return y, residual, False
         conv_qkv = y[:, :conv_weight.shape[0]]
         triton_conv.conv1d_update(conv_qkv, conv_weight, conv_states, state_slots, out=conv_qkv)
-        return y, residual, True
+        return y, residual
 
     def gated_linear(x, gate, weight, bias=None):
         if bias is None and triton_gemv.can_fuse_prologue(x, weight) and x.is_contiguous() and gate.is_contiguous():
@@ -348,18 +332,17 @@ def gpu_ops(flashinfer: bool = True, triton_decode_attention: bool = False) -> O
         return plan_gdn_prefill(batch.cu_seqlens, batch.has_initial_state, batch.checkpoints, batch.input_ids.device,
                                 batch.splits)
 
-    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None, conv_tickets=None):
+    def gdn(layer, mixed_qkv, a, b, batch, conv_states, ssm_states, z=None):
         num_tokens = mixed_qkv.shape[0]
         slots = batch.state_slots
         if batch.is_decode:
-            conv = None if conv_tickets is None else DecodeConv(layer.conv_weight, conv_states, conv_tickets)
             q, k, v = layer.split_heads(mixed_qkv, num_tokens)
             # Small batches: the decode kernel applies the output's gated norm itself, one launch less (one
             # request: the out_proj's one-row prologue takes it instead).
             gated = z is not None and num_tokens in _GATED_NORM_DECODE_BATCHES
             norm = (z[:, None], layer.norm_weight, layer.eps) if gated else None
             out = gdn_decode(q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], layer.A_log, layer.dt_bias,
-                             ssm_states, slots, gated_norm=norm, conv=conv)
+                             ssm_states, slots, gated_norm=norm)
             return out[:, 0], gated
         plan = batch.gdn_plan  # the batch's tables, on the device once per forward pass
         mixed = triton_conv.conv1d_prefill(mixed_qkv, layer.conv_weight, conv_states, slots, plan.cu_seqlens_dev,

@@ -54,9 +54,7 @@ class KVCache:
 
 class StateCache:
     """GDN states by slot: conv ``[slots, gdn_layers, conv_dim, kernel-1]`` in the model dtype and SSM
-    ``[slots, gdn_layers, v_heads, k_dim, v_dim]`` in fp32 (the recurrence accumulates in fp32); and, not part of
-    any state (never copied or transferred), the conv tickets ``[slots, gdn_layers, k_heads]`` int32, scratch of
-    the GDN decode kernel (``conv_ticket_layer``)."""
+    ``[slots, gdn_layers, v_heads, k_dim, v_dim]`` in fp32 (the recurrence accumulates in fp32)."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device) -> None:
         self.num_slots = num_slots
@@ -73,13 +71,6 @@ class StateCache:
             dtype=torch.float32,
             device=device,
         )
-        self.conv_tickets = torch.zeros(num_slots, num_gdn, cfg.linear_num_key_heads, dtype=torch.int32,
-                                        device=device)
-
-    def conv_ticket_layer(self, gdn_index: int) -> torch.Tensor:
-        """int32 ``[slots, key heads]`` at 0: the scratch of a GDN decode kernel that runs the conv update (see
-        kernels.triton.gdn_decode.DecodeConv), which leaves it at 0. Not part of a slot's state."""
-        return self.conv_tickets[:, gdn_index]
 
     def conv_layer(self, gdn_index: int) -> torch.Tensor:
         return self.conv[:, gdn_index]
@@ -96,5 +87,4 @@ class StateCache:
         num_gdn = len(cfg.gdn_layers)
         conv = cfg.gdn_conv_dim * (cfg.linear_conv_kernel_dim - 1) * dtype.itemsize
         ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-        tickets = cfg.linear_num_key_heads * 4
-        return num_gdn * (conv + ssm + tickets)
+        return num_gdn * (conv + ssm)

@@ -94,24 +94,3 @@ def test_fused_triton_decode_attention_needs_triton_kernels(tiny_checkpoint):
         _engine(tiny_checkpoint, "torch", decode_attention="triton", page_size=16)
     with pytest.raises(ValueError, match="decode_attention must be auto or triton"):
         _engine(tiny_checkpoint, "triton", decode_attention="fast", page_size=16)
-
-
-def test_conv_update_in_the_gdn_decode_kernel_matches_torch_path(tiny_checkpoint, monkeypatch):
-    """Decode batches in ``_CONV_IN_GDN_DECODE_BATCHES``: the in_proj leaves the conv to the GDN decode kernel,
-    which runs it on the raw projection. Three requests (one stopping early, so batches of 3 and 2 run it, and
-    the last steps fall back to one request's in_proj epilogue): the same tokens as the torch path, and the same
-    tokens and logprobs as the Triton set with the conv kernel apart; the tickets are back at 0."""
-    from services.engine import ops
-
-    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (20, 9, 17)]
-    params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (5, 2, 4)]
-    reference, apart = _engine(tiny_checkpoint, "torch"), _engine(tiny_checkpoint, "triton")
-    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", range(2, 17))  # for engines built from here on
-    fused = _engine(tiny_checkpoint, "triton")
-    want_tokens = [c.token_ids for c in reference.generate(prompts, params)]
-    want, got = apart.generate(prompts, params), fused.generate(prompts, params)
-    assert [c.token_ids for c in got] == want_tokens
-    for g, w in zip(got, want, strict=True):
-        assert g.token_ids == w.token_ids and g.logprobs == w.logprobs
-    assert not fused.runner.state_cache.conv_tickets.any()
-    assert_no_leaks(fused)

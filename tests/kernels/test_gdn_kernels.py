@@ -25,7 +25,7 @@ from kernels import norm as norm_ref
 from kernels.triton import norm as norm_tk
 from kernels.triton.conv1d import conv1d_prefill, conv1d_update
 from kernels.triton.gdn_chunk import CHUNK, _plan_chunks, gdn_prefill
-from kernels.triton.gdn_decode import DecodeConv, commit_step_states, gdn_decode
+from kernels.triton.gdn_decode import commit_step_states, gdn_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -221,134 +221,6 @@ def test_gdn_decode_step_states_for_speculative_verification(dtype, hk, hv, dk, 
     for i, (slot, n) in enumerate(zip(slots.tolist(), accepted.tolist(), strict=True)):
         assert torch.equal(pool[slot, LAYER], steps[i, n - 1])
     assert_only_slots_changed(pool, before, slots.tolist())
-
-
-def conv_heads(projected: torch.Tensor, hk: int, hv: int, dk: int, dv: int):
-    """q, k, v ``[B, 1, heads, dim]`` as views of the conv channels ``q | k | v`` at the start of each row."""
-    q, k, v = projected[:, None, :2 * hk * dk + hv * dv].split([hk * dk, hk * dk, hv * dv], dim=-1)
-    return q.unflatten(-1, (hk, dk)), k.unflatten(-1, (hk, dk)), v.unflatten(-1, (hv, dv))
-
-
-@pytest.mark.parametrize("dtype,batch,hk,hv,dk,dv,block_v,gated,taps", [
-    (torch.bfloat16, 3, 2, 4, 32, 32, None, True, 4),  # the engine's shape: one program a value head, the norm
-    (torch.float32, 2, 1, 3, 16, 40, 16, False, 4),  # 9 readers of the q/k state: 3 heads x 3 V-blocks, masked
-    (torch.bfloat16, 2, 2, 8, 16, 16, None, False, 4),  # 4 value heads a key head (as 397B)
-    (torch.float16, 2, 1, 2, 16, 16, None, False, 3),  # another kernel width and dtype
-    # 16 readers a key head and 48 rows: many readers of one state at once on a GPU (a minute in the interpreter)
-    pytest.param(torch.bfloat16, 48, 2, 8, 16, 64, 16, False, 4,
-                 marks=pytest.mark.skipif(DEVICE == "cpu", reason="a GPU case: the interpreter runs it serially")),
-])
-def test_gdn_decode_runs_the_conv_update(dtype, batch, hk, hv, dk, dv, block_v, gated, taps):
-    """``conv``: the kernel takes the conv's raw inputs and gives, bit for bit, what the conv kernel and then the
-    decode kernel give: the output, the SSM states and the conv states (only the requests' slots change), and
-    leaves its tickets at 0. The raw projection is left as it is."""
-    gen = torch.Generator().manual_seed(1000 * hv + dv + batch)
-    dim = 2 * hk * dk + hv * dv
-    projected = torch.randn(batch, dim + 7, generator=gen).to(DEVICE, dtype)  # conv channels, then other columns
-    a, b = raw_gates((batch, 1), hv, dtype, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
-    ssm = ssm_pool(2 * batch + 1, hv, dk, dv, gen)
-    conv_states = conv_pool(2 * batch + 1, dim, taps, dtype, gen)
-    weight = torch.randn(dim, taps, generator=gen).to(DEVICE, dtype)
-    slots = torch.randperm(ssm.shape[0], generator=gen)[:batch].to(DEVICE)
-    z = torch.randn(batch, 1, hv, dv, generator=gen).to(DEVICE, dtype)
-    norm = (z, (1 + 0.1 * torch.randn(dv, generator=gen)).to(DEVICE, dtype), 1e-6) if gated else None
-    tickets = torch.zeros(ssm.shape[0], hk, dtype=torch.int32, device=DEVICE)
-
-    # The unfused path: the conv kernel in place on the projection, then the decode kernel.
-    plain_in, plain_ssm, plain_conv = projected.clone(), ssm.clone(), conv_states.clone()
-    conv1d_update(plain_in[:, :dim], weight, plain_conv[:, LAYER], slots, out=plain_in[:, :dim])
-    want = gdn_decode(*conv_heads(plain_in, hk, hv, dk, dv), a, b, A_log, dt_bias, plain_ssm[:, LAYER], slots,
-                      block_v=block_v, gated_norm=norm)
-
-    raw = projected.clone()
-    ssm_before, conv_before = ssm.clone(), conv_states.clone()
-    got = gdn_decode(*conv_heads(raw, hk, hv, dk, dv), a, b, A_log, dt_bias, ssm[:, LAYER], slots,
-                     block_v=block_v, gated_norm=norm, conv=DecodeConv(weight, conv_states[:, LAYER], tickets))
-
-    assert torch.equal(got, want)
-    assert torch.equal(ssm, plain_ssm)
-    assert torch.equal(conv_states, plain_conv)
-    assert torch.equal(raw, projected)
-    assert not tickets.any()
-    assert_only_slots_changed(conv_states, conv_before, slots.tolist())
-    assert_only_slots_changed(ssm, ssm_before, slots.tolist())
-    # and close to the torch references (conv, then the recurrence)
-    ref_in = projected.clone()
-    ref_in[:, :dim] = conv_ref.causal_conv1d_update(projected[:, :dim], weight, conv_before[slots, LAYER].clone())
-    q, k, v = conv_heads(ref_in, hk, hv, dk, dv)
-    g, beta = gating(a, b, A_log, dt_bias)
-    ref_out, ref_state = gdn_ref.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_before[slots.cpu(), LAYER])
-    if gated:
-        ref_out = norm_ref.gated_rms_norm(ref_out, z, norm[1], 1e-6)
-    tol = TOL.get(dtype, 1e-2)
-    assert rel_err(got, ref_out) < tol
-    assert rel_err(ssm[slots, LAYER], ref_state) < tol
-
-
-def test_gdn_decode_conv_with_rows_sharing_a_slot():
-    """A CUDA graph's padding rows all rest on one scratch slot: each key head draws two rows' worth of tickets
-    there, and they return to 0; the other rows are as if alone. On a GPU the two rows' draws interleave with
-    the last readers' returns; Triton's interpreter runs one program after another, so a second launch starts
-    the requests' counters where an interleaving leaves them, at a multiple of the readers: the last reader of
-    each group must still be found by its residue (a count compared with readers - 1 would find none)."""
-    gen = torch.Generator().manual_seed(11)
-    hk, hv, d, taps = 2, 4, 16, 4
-    dim = 2 * hk * d + hv * d
-    projected = torch.randn(4, dim, generator=gen).to(DEVICE)
-    a, b = raw_gates((4, 1), hv, torch.float32, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
-    ssm = ssm_pool(5, hv, d, d, gen)
-    conv_states = conv_pool(5, dim, taps, torch.float32, gen)
-    weight = torch.randn(dim, taps, generator=gen).to(DEVICE)
-    tickets = torch.zeros(5, hk, dtype=torch.int32, device=DEVICE)
-    heads = conv_heads(projected, hk, hv, d, d)
-
-    alone_ssm, alone_conv = ssm.clone(), conv_states.clone()
-    alone = gdn_decode(*(x[:2] for x in heads), a[:2], b[:2], A_log, dt_bias, alone_ssm[:, LAYER],
-                       torch.tensor([3, 1], device=DEVICE), conv=DecodeConv(weight, alone_conv[:, LAYER], tickets))
-    padded = gdn_decode(*heads, a, b, A_log, dt_bias, ssm[:, LAYER], torch.tensor([3, 1, 0, 0], device=DEVICE),
-                        block_v=8, conv=DecodeConv(weight, conv_states[:, LAYER], tickets))
-    assert not tickets.any()
-    assert torch.equal(padded[:2], alone)
-    assert torch.equal(ssm[[3, 1]], alone_ssm[[3, 1]]) and torch.equal(conv_states[[3, 1]], alone_conv[[3, 1]])
-
-    readers = 2 * hv // hk  # 2 V-blocks of 8 x 2 value heads a key head
-    tickets[[3, 1]] = 2 * readers
-    again = gdn_decode(*heads, a, b, A_log, dt_bias, alone_ssm[:, LAYER], torch.tensor([3, 1, 0, 0], device=DEVICE),
-                       block_v=8, conv=DecodeConv(weight, alone_conv[:, LAYER], tickets))
-    assert torch.equal(tickets[[3, 1]], torch.full((2, hk), 2 * readers, dtype=torch.int32, device=DEVICE))
-    assert not tickets[[0, 2, 4]].any()
-    twice = gdn_decode(*(x[:2] for x in heads), a[:2], b[:2], A_log, dt_bias, ssm[:, LAYER],
-                       torch.tensor([3, 1], device=DEVICE), conv=DecodeConv(weight, conv_states[:, LAYER],
-                                                                            torch.zeros_like(tickets)))
-    assert torch.equal(again[:2], twice)
-    assert torch.equal(alone_conv[[3, 1]], conv_states[[3, 1]])
-
-
-def test_gdn_decode_conv_rejects_bad_inputs():
-    gen = torch.Generator().manual_seed(5)
-    hk, hv, d = 1, 2, 16
-    dim = 2 * hk * d + hv * d
-    q, k, v = mixed_qkv((2, 2), hk, hv, d, d, torch.float32, gen)
-    a, b = raw_gates((2, 2), hv, torch.float32, gen)
-    A_log, dt_bias = gdn_params(hv, gen)
-    pool = ssm_pool(4, hv, d, d, gen)
-    slots = torch.tensor([0, 1], device=DEVICE)
-    weight = torch.randn(dim, 4, generator=gen).to(DEVICE)
-    states = conv_pool(4, dim, 4, torch.float32, gen)[:, LAYER]
-    tickets = torch.zeros(4, hk, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="one token a request"):
-        gdn_decode(q, k, v, a, b, A_log, dt_bias, pool[:, LAYER], slots, conv=DecodeConv(weight, states, tickets))
-    one = [x[:, :1] for x in (q, k, v, a, b)]
-    with pytest.raises(ValueError, match="conv weight must be"):
-        gdn_decode(*one, A_log, dt_bias, pool[:, LAYER], slots, conv=DecodeConv(weight[1:], states, tickets))
-    with pytest.raises(ValueError, match="conv states must be"):
-        gdn_decode(*one, A_log, dt_bias, pool[:, LAYER], slots,
-                   conv=DecodeConv(weight, states.bfloat16(), tickets))
-    with pytest.raises(ValueError, match="conv tickets must be"):
-        gdn_decode(*one, A_log, dt_bias, pool[:, LAYER], slots,
-                   conv=DecodeConv(weight, states, tickets.to(torch.int64)))
 
 
 def test_gdn_decode_rejects_bad_inputs():

@@ -327,35 +327,3 @@ def test_fused_triton_decode_attention_on_the_gpu(checkpoint, kv_cache_dtype):
                                   f"fused attention, 6 requests, {kv_cache_dtype}")
     for engine in (fused, eager):
         assert_no_leaks(engine)
-
-
-def test_conv_update_in_the_gdn_decode_kernel_on_the_gpu(checkpoint, monkeypatch):
-    """The GDN decode kernel running the conv update (``_CONV_IN_GDN_DECODE_BATCHES``, here every batch from 2)
-    against the conv kernel apart, on batches of 6 (one program a value head, the gated norm) and 100 (this
-    model's value heads of 16 are one V-block either way: two readers of each key head's q/k conv state, 100 rows
-    of them at once; test_gdn_kernels.py has 16 readers a key head): the same tokens and logprobs eager, graphs
-    (whose padding rows share the scratch slot) equal to eager, the tickets back at 0 and nothing leaked. A reader
-    that saw its conv state after the last one stored it would change the outputs."""
-    from services.engine import ops
-
-    settings = dict(max_num_seqs=128, num_pages=128 * 5 + 64, max_num_batched_tokens=8192, prefill_chunk_size=512,
-                    enable_prefix_cache=False)
-    apart = cuda_engine(checkpoint, kernels="gpu", cuda_graph_max_batch=0, **settings)
-    monkeypatch.setattr(ops, "_CONV_IN_GDN_DECODE_BATCHES", range(2, 257))  # for engines built from here on
-    eager = cuda_engine(checkpoint, kernels="gpu", cuda_graph_max_batch=0, **settings)
-    graphed = cuda_engine(checkpoint, kernels="gpu", cuda_graph_max_batch=128, **settings)
-    params = SamplingParams(max_tokens=10, temperature=0, logprobs=True, ignore_eos=True)
-    for batch in (6, 100):
-        gen = torch.Generator().manual_seed(batch)
-        prompts = [torch.randint(0, 512, (24 + i % 5,), generator=gen).tolist() for i in range(batch)]
-        want, got = apart.generate(prompts, params), eager.generate(prompts, params)
-        worst = 0.0
-        for g, w in zip(got, want, strict=True):
-            assert g.token_ids == w.token_ids
-            worst = max(worst, max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs, strict=True)))
-        print(f"\nconv in GDN decode against apart, batch {batch}: worst logprob difference {worst:.2e}")
-        assert worst < 1e-3
-        _assert_graphed_matches_eager(graphed.generate(prompts, params), got, f"conv in GDN decode, batch {batch}")
-    for engine in (apart, eager, graphed):
-        assert not engine.runner.state_cache.conv_tickets.any()
-        assert_no_leaks(engine)
